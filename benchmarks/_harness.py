@@ -1,0 +1,147 @@
+"""Shared benchmark harness: timing, the copy-bandwidth ceiling, the ratio table, the results file.
+
+Import it before anything that imports triton: without a GPU it switches the Triton interpreter on, and
+the bench scripts then run one tiny shape end to end as a smoke check instead of timing anything.
+
+Timing is `triton.testing.do_bench` (median of its repetitions, L2 flushed between them) after one
+warm-up call that compiles and autotunes. Every provider of a case is timed in the same process on the
+same inputs (random, never zeros), so the ratios printed are like for like.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as `python benchmarks/bench_x.py` from a checkout, installed or not
+    sys.path.insert(0, REPO)
+
+DEFAULT_RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a few representative shapes instead of the full grid")
+    p.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where <op>.csv is appended to")
+    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the results file")
+    return p.parse_args(argv)
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if HAS_GPU else "cpu"
+
+
+def git_sha() -> str:
+    """LWT_GIT_SHA if set (copies of the tree without .git), else the checkout's HEAD, '+dirty' if modified."""
+    if os.environ.get("LWT_GIT_SHA"):
+        return os.environ["LWT_GIT_SHA"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of fn() on the GPU, after a warm-up call (compilation, autotuning)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_ms(t: torch.Tensor) -> float:
+    """Time of a device-to-device copy of `t` (reads and writes t's bytes once): the bandwidth ceiling
+    a memory-bound kernel over a tensor of this size is measured against, in the same run."""
+    dst = torch.empty_like(t)
+    return bench_ms(lambda: dst.copy_(t))
+
+
+@dataclass
+class Row:
+    case: str          # e.g. "16384x4096"
+    mode: str          # "fwd" or "fwd+bwd"
+    provider: str      # "lwt", "F.rms_norm", ...
+    ms: float
+    metric: str        # "GB/s" or "TFLOP/s"
+    value: float       # the metric: bytes (or FLOPs) counted by the bench's formula / time
+
+
+@dataclass
+class Report:
+    """Collects rows, prints the per-case ratio table and appends the rows to <results_dir>/<op>.csv."""
+    op: str
+    dtype: str
+    rows: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def add(self, case, mode, provider, ms, metric, amount):
+        """amount: bytes moved (metric GB/s) or FLOPs (TFLOP/s) by the bench's explicit formula."""
+        scale = 1e-9 if metric == "GB/s" else 1e-12
+        row = Row(case, mode, provider, ms, metric, amount * scale / (ms * 1e-3))
+        self.rows.append(row)
+        return row
+
+    def ms(self, case, mode, provider):
+        for r in self.rows:
+            if (r.case, r.mode, r.provider) == (case, mode, provider):
+                return r.ms
+        return None
+
+    def print_table(self, lwt="lwt"):
+        """One line per provider; 'lwt speedup' = provider ms / lwt ms (above 1: lwt is faster)."""
+        print(f"\n{self.op} ({self.dtype}) on {gpu_name()}, torch {torch.__version__}, commit {git_sha()}")
+        head = f"{'case':>12} {'mode':>8} {'provider':>22} {'ms':>9} {'metric':>14} {'lwt speedup':>12}"
+        print(head)
+        print("-" * len(head))
+        for r in self.rows:
+            base = self.ms(r.case, r.mode, lwt)
+            ratio = f"{r.ms / base:.2f}x" if base else "-"
+            print(f"{r.case:>12} {r.mode:>8} {r.provider:>22} {r.ms:9.4f} {r.value:9.1f} {r.metric:<4} {ratio:>12}")
+        for n in self.notes:
+            print(n)
+
+    def save(self, results_dir):
+        os.makedirs(results_dir, exist_ok=True)
+        path = os.path.join(results_dir, f"{self.op}.csv")
+        fields = ["timestamp", "op", "case", "dtype", "mode", "provider", "ms", "metric", "value", "gpu",
+                  "torch", "triton", "git_sha"]
+        import triton
+
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                w.writeheader()
+            for r in self.rows:
+                w.writerow(dict(timestamp=stamp, op=self.op, case=r.case, dtype=self.dtype, mode=r.mode,
+                                provider=r.provider, ms=f"{r.ms:.5f}", metric=r.metric, value=f"{r.value:.2f}",
+                                gpu=gpu_name(), torch=torch.__version__, triton=triton.__version__,
+                                git_sha=git_sha()))
+        print(f"appended {len(self.rows)} rows to {path}")
+
+
+def no_gpu_smoke(op: str, check) -> int:
+    """Without a GPU: say so in one line, run `check()` (a tiny shape through the interpreter against
+    the reference; it raises on a mismatch) and return the exit code 0."""
+    print(f"{op}: no CUDA GPU here, so no timings; smoke check of a tiny shape through the Triton interpreter ...",
+          end=" ", flush=True)
+    check()
+    print("ok")
+    return 0

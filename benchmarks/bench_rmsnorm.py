@@ -1,0 +1,150 @@
+"""RMSNorm: lwt vs F.rms_norm, the eager reference, torch.compile of it, Liger-Kernel (when importable),
+and a device-to-device copy of the same bytes (the ceiling of a memory-bound op), forward and
+forward+backward, bf16, plain and with the fused residual add.
+
+    python benchmarks/bench_rmsnorm.py [--quick]
+
+Bytes counted per (tokens M, hidden N), e = element size (the weight and the fp32 per-row statistics are
+below 0.1% and left out):
+    plain     fwd: read x, write y = 2·M·N·e          bwd: read dy, x, write dx = 3·M·N·e
+    residual  fwd: read x, r, write y, s = 4·M·N·e    bwd: read dy, ds, s, write dx = 4·M·N·e
+Goals (issue #2), measured in this run at 16384x4096: forward >= 90% of the copy's bandwidth, i.e.
+lwt fwd time <= copy time / 0.9; forward+backward >= 1.6x faster than F.rms_norm.
+"""
+from __future__ import annotations
+
+import sys
+
+import _harness as H  # first: sets up the interpreter on CPU-only machines  # isort: skip
+import torch
+import torch.nn.functional as F
+
+import lwt.functional as lwtF
+from kernels import reference
+
+TOKENS = (4096, 16384, 32768)
+HIDDEN = (2048, 4096, 8192, 16384)
+QUICK = ((16384, 4096), (16384, 8192), (4096, 16384))
+RESIDUAL_CASES = ((16384, 4096), (16384, 8192))
+EPS = 1e-6
+GOAL_CASE = (16384, 4096)
+
+
+def _liger():
+    """A Liger-Kernel RMSNorm callable (x, w) -> y, or None with the reason."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except Exception as e:  # not installed, or an incompatible version
+        return None, f"{type(e).__name__}: {e}"
+    return (lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)), None
+
+
+def providers(residual: bool):
+    """name -> fn(x, w, r) with the op's outputs: y, or (y, s) with a residual."""
+    if residual:
+        def torch_add_norm(x, w, r):
+            s = x + r
+            return F.rms_norm(s, (s.shape[-1],), w, EPS), s
+        out = {
+            "lwt": lambda x, w, r: lwtF.rms_norm(x, w, EPS, r),
+            "F.rms_norm(x + r)": torch_add_norm,
+            "eager reference": lambda x, w, r: reference.rms_norm(x, w, EPS, r),
+            "torch.compile(reference)": torch.compile(lambda x, w, r: reference.rms_norm(x, w, EPS, r), dynamic=False),
+        }
+    else:
+        out = {
+            "lwt": lambda x, w, r: lwtF.rms_norm(x, w, EPS),
+            "F.rms_norm": lambda x, w, r: F.rms_norm(x, (x.shape[-1],), w, EPS),
+            "eager reference": lambda x, w, r: reference.rms_norm(x, w, EPS),
+            "torch.compile(reference)": torch.compile(lambda x, w, r: reference.rms_norm(x, w, EPS), dynamic=False),
+        }
+        liger, _ = _liger()
+        if liger is not None:
+            out["Liger-Kernel"] = lambda x, w, r: liger(x, w)
+    return out
+
+
+def _step(fn, x, w, r, cotangents, backward):
+    if not backward:
+        return lambda: fn(x, w, r)
+    inputs = [t for t in (x, w, r) if t is not None]
+
+    def step():
+        outs = fn(x, w, r)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, inputs, cotangents)
+    return step
+
+
+def run_case(report, M, N, residual, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=gen)  # noqa: E731
+    x, w = randn(M, N), randn(N) * 0.1 + 1
+    r = randn(M, N) if residual else None
+    cotangents = [randn(M, N)] + ([randn(M, N)] if residual else [])
+    e = x.element_size()
+    fwd_bytes = (4 if residual else 2) * M * N * e
+    bwd_bytes = (4 if residual else 3) * M * N * e
+    case = f"{M}x{N}" + ("+res" if residual else "")
+    if not residual:
+        report.add(case, "fwd", "copy (ceiling)", H.copy_ms(x), "GB/s", 2 * M * N * e)
+    for name, fn in providers(residual).items():
+        report.add(case, "fwd", name, H.bench_ms(_step(fn, x, w, r, None, False)), "GB/s", fwd_bytes)
+    for t in (x, w, r):
+        if t is not None:
+            t.requires_grad_(True)
+    for name, fn in providers(residual).items():
+        ms = H.bench_ms(_step(fn, x, w, r, cotangents, True))
+        report.add(case, "fwd+bwd", name, ms, "GB/s", fwd_bytes + bwd_bytes)
+
+
+def smoke():
+    """CPU: one tiny shape through the kernels (interpreter) against the float64 reference."""
+    from kernels.rmsnorm import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x, r, dy = (torch.randn(3, 5, 64, generator=gen) for _ in range(3))
+    w = torch.randn(64, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w, r)]
+    y, s = rms_norm(leaves[0], leaves[1], EPS, leaves[2])
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.double().requires_grad_() for t in (x, w, r)]
+    y64, s64 = reference.rms_norm(leaves64[0], leaves64[1], EPS, leaves64[2])
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    for a, b in zip([y, s, *grads], [y64, s64, *grads64]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def main(argv=None) -> list[str]:
+    """Runs the benchmark; returns the summary lines (run_all prints them last)."""
+    args = H.parse_args(__doc__.splitlines()[0], argv)
+    if not H.HAS_GPU:
+        H.no_gpu_smoke("bench_rmsnorm", smoke)
+        return ["rmsnorm: no GPU, smoke check only"]
+    dtype = torch.bfloat16
+    report = H.Report("rmsnorm", "bfloat16")
+    shapes = QUICK if args.quick else [(m, n) for m in TOKENS for n in HIDDEN]
+    for M, N in shapes:
+        run_case(report, M, N, residual=False, dtype=dtype)
+    for M, N in RESIDUAL_CASES:
+        run_case(report, M, N, residual=True, dtype=dtype)
+    _, why = _liger()
+    if why:
+        report.notes.append(f"Liger-Kernel not measured ({why})")
+    case = f"{GOAL_CASE[0]}x{GOAL_CASE[1]}"
+    fwd_pct = 100 * report.ms(case, "fwd", "copy (ceiling)") / report.ms(case, "fwd", "lwt")
+    speedup = report.ms(case, "fwd+bwd", "F.rms_norm") / report.ms(case, "fwd+bwd", "lwt")
+    summary = [
+        f"rmsnorm {case} bf16 fwd: {fwd_pct:.0f}% of copy bandwidth in the same run (goal >= 90%)",
+        f"rmsnorm {case} bf16 fwd+bwd: {speedup:.2f}x F.rms_norm (goal >= 1.6x)",
+    ]
+    report.notes.extend(summary)
+    report.print_table()
+    if not args.no_save:
+        report.save(args.results_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

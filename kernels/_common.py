@@ -1,0 +1,96 @@
+"""Pieces every kernel file shares: output allocation, the interpreter switch, row tiling, launch configs.
+
+Row-wise ops (RMSNorm now; the loss and MLP epilogues later) view their input as (rows, hidden) with
+unit stride along hidden and any row stride, so slices of a wider buffer need no copy.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Tests set this to True: every buffer a launcher allocates then starts as NaN, so an element the
+# kernel forgot to write fails the comparison instead of passing on whatever memory held.
+POISON_OUTPUTS = False
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled buffer when POISON_OUTPUTS is on."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
+
+
+def interpreting() -> bool:
+    """True when kernels run through the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of `device`. On the interpreter a small fixed count, so that persistent kernels
+    still run several programs, each looping over several row blocks, as they do on a GPU."""
+    if device.type != "cuda":
+        return 3
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View `t` (..., N) as (rows, N) with unit stride along N; copies only when no such view exists
+    (a transposed last dim, or leading dims that cannot be merged into one row stride)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1 and t2.shape[-1] > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64, rows: int | None = None):
+    """Tile sizes for a row-wise kernel over (rows, n).
+
+    Returns (BLOCK_M, BLOCK_N, SINGLE_PASS). SINGLE_PASS: a whole row fits in one BLOCK_N (at most
+    `max_block_n`, what stays in registers without spilling) and is read once; otherwise the kernel
+    loops over BLOCK_N chunks. Narrow rows are packed BLOCK_M to a program so that each program still
+    moves about `tile_elements` elements. The tile never depends on the autotuned launch config: it
+    fixes the order of the fp32 reductions, so results do not change with the config that wins.
+    """
+    # At least 16 columns: tiles of one or two columns give degenerate layouts for no gain.
+    block_n = max(16, triton.next_power_of_2(n))
+    single = block_n <= max_block_n
+    if not single:
+        block_n = max_block_n
+    block_m = max(1, min(max_block_m, tile_elements // block_n))
+    if rows is not None:
+        block_m = min(block_m, triton.next_power_of_2(max(rows, 1)))
+    return block_m, block_n, single
+
+
+# Launch configs for row-wise kernels: the warp count is the only knob that matters for these
+# memory-bound loops (stages only pipeline the persistent backward's row loop). The list is pruned per
+# tile so that each thread holds 4..32 elements of a row tile; the autotune key is the hidden size and
+# the tile flags, never the row count (flash-linear-attention#533: keying on batch retunes every step).
+_ROW_WARPS = (1, 2, 4, 8, 16)
+
+
+def row_configs(stages=(1,)) -> list[triton.Config]:
+    if interpreting():
+        # One config: the interpreter would otherwise "benchmark" each one on the CPU.
+        return [triton.Config({}, num_warps=1, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in _ROW_WARPS for s in stages]
+
+
+def prune_row_configs(configs, nargs, **kwargs):
+    """early_config_prune for row kernels: keep warp counts giving 4..32 tile elements per thread."""
+    meta = {**nargs, **kwargs}
+    tile = meta["BLOCK_M"] * meta["BLOCK_N"]
+    kept = [c for c in configs if 4 <= tile // (32 * c.num_warps) <= 32]
+    if not kept:  # tiny tiles: the fewest warps; huge tiles: the most
+        target = min(_ROW_WARPS) if tile < 4 * 32 else max(_ROW_WARPS)
+        kept = [c for c in configs if c.num_warps == target]
+    return kept

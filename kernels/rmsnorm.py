@@ -1,0 +1,289 @@
+"""Fused RMSNorm with an optional pre-norm residual add: Triton forward and backward.
+
+Forward, per row of N elements, in fp32 whatever the storage dtype:
+    s    = x + residual                (with a residual: rounded to x's dtype, stored and returned)
+    rstd = 1 / sqrt(mean(s²) + eps)    (stored per row, fp32, for the backward)
+    y    = s · rstd · w
+
+Backward. With ŝ = s·rstd and g = dy·w, and d(rstd)/ds = -rstd³·s/N:
+    ds = rstd · (g - ŝ · mean(g·ŝ))    (+ ds_out, the gradient reaching the returned s)
+    dw = Σ_rows dy·ŝ
+    dx = dresidual = ds
+dw is reduced deterministically: each program of a persistent grid accumulates its own rows in fp32
+and writes one partial row; one torch sum over the (programs, N) partials follows. No atomics, so two
+runs on the same GPU give bit-identical gradients.
+
+Limits and paths: any N >= 1 (tested to 65536) and any row count (0 rows returns empty tensors). A row
+of up to 16384 elements (forward) / 8192 (backward) is held in registers and read once; wider rows are
+processed in 4096-wide chunks, which costs the forward a second read of the row (mostly from L2) and the
+backward a separate pass for mean(g·ŝ). Rows narrower than 4096 are packed several to a program.
+Inputs need unit stride along N only; any row stride is read in place.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_rms_norm_args
+from ._common import as_rows, empty, num_sms, prune_row_configs, row_configs, row_tile
+
+# Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
+# against the forward's two, hence the lower limit.
+FWD_MAX_BLOCK_N = 16384
+BWD_MAX_BLOCK_N = 8192
+CHUNK_N = 4096
+# Elements of a row tile per program; rows narrower than this are packed several to a program.
+FWD_TILE_ELEMENTS = 4096
+BWD_TILE_ELEMENTS = 4096
+# Persistent backward programs per multiprocessor: enough resident warps to hide load latency; more
+# programs only make the (programs, N) dw partial buffer larger.
+BWD_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _row_ptrs(PTR, rows, stride_row, cols):
+    # int64 row offsets: rows × stride passes 2^31 for (32768 × 65536) inputs.
+    return PTR + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+
+
+@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "HAS_RESIDUAL", "SINGLE_PASS"],
+                 prune_configs_by={"early_config_prune": prune_row_configs})
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, S, Rstd,
+    stride_x_row, stride_r_row, stride_y_row, stride_s_row,
+    M, N, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    # A Python float argument may be specialised to fp64, which would promote the whole row to fp64
+    # (Liger-Kernel PR #1350): pin it to fp32.
+    eps = tl.cast(eps, tl.float32)
+    if SINGLE_PASS:
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        s = tl.load(_row_ptrs(X, rows, stride_x_row, cols), mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(_row_ptrs(R, rows, stride_r_row, cols), mask=mask, other=0.0).to(tl.float32)
+            # Normalise the rounded s that is returned (and that the backward reads), not the fp32 sum.
+            s = s.to(S.dtype.element_ty)
+            tl.store(_row_ptrs(S, rows, stride_s_row, cols), s, mask=mask)
+            s = s.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + eps)
+        tl.store(Rstd + rows, rstd, mask=row_mask)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = s * rstd[:, None] * w[None, :]
+        tl.store(_row_ptrs(Y, rows, stride_y_row, cols), y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: the sum of squares (and s, written out), chunk by chunk.
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for off in range(0, N, BLOCK_N):
+            c = off + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            s = tl.load(_row_ptrs(X, rows, stride_x_row, c), mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                s += tl.load(_row_ptrs(R, rows, stride_r_row, c), mask=mask, other=0.0).to(tl.float32)
+                s = s.to(S.dtype.element_ty)
+                tl.store(_row_ptrs(S, rows, stride_s_row, c), s, mask=mask)
+                s = s.to(tl.float32)
+            sum_sq += tl.sum(s * s, axis=1)
+        rstd = tl.math.rsqrt(sum_sq / N + eps)
+        tl.store(Rstd + rows, rstd, mask=row_mask)
+        # Pass 2: normalise; the row was just read by this program, so this re-read mostly hits L2.
+        for off in range(0, N, BLOCK_N):
+            c = off + cols
+            mask = row_mask[:, None] & (c < N)[None, :]
+            if HAS_RESIDUAL:
+                s = tl.load(_row_ptrs(S, rows, stride_s_row, c), mask=mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(_row_ptrs(X, rows, stride_x_row, c), mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
+            y = s * rstd[:, None] * w[None, :]
+            tl.store(_row_ptrs(Y, rows, stride_y_row, c), y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N"],
+                 prune_configs_by={"early_config_prune": prune_row_configs})
+@triton.jit
+def _rms_norm_bwd_row_dot_kernel(
+    DY, S, W, Rstd, RowDot,
+    stride_dy_row, stride_s_row,
+    M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """mean(g·ŝ) per row, for rows too wide for the backward kernel to hold whole."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for off in range(0, N, BLOCK_N):
+        c = off + cols
+        mask = row_mask[:, None] & (c < N)[None, :]
+        dy = tl.load(_row_ptrs(DY, rows, stride_dy_row, c), mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(_row_ptrs(S, rows, stride_s_row, c), mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
+        acc += tl.sum(dy * w[None, :] * s, axis=1)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    tl.store(RowDot + rows, acc * rstd / N, mask=row_mask)
+
+
+@triton.autotune(configs=row_configs(stages=(1, 2)), key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "COMPUTE_DW"],
+                 prune_configs_by={"early_config_prune": prune_row_configs})
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, S, W, Rstd, RowDot, DS_OUT, DX, DW_partial,
+    stride_dy_row, stride_s_row, stride_dso_row, stride_dx_row,
+    M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_PASS: tl.constexpr, HAS_DS_OUT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    """Persistent over rows: program (i, j) takes row blocks i, i + num_programs(0), ... for the
+    columns of block j (one block, the whole row, when SINGLE_PASS). Writes dx and, with COMPUTE_DW,
+    the program's fp32 partial sum of dy·ŝ into row i of DW_partial."""
+    pid_m = tl.program_id(0)
+    n_progs_m = tl.num_programs(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if COMPUTE_DW:
+        dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for blk in tl.range(pid_m, tl.cdiv(M, BLOCK_M), n_progs_m):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(_row_ptrs(DY, rows, stride_dy_row, cols), mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(_row_ptrs(S, rows, stride_s_row, cols), mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        s_hat = s * rstd[:, None]
+        g = dy * w[None, :]
+        if SINGLE_PASS:
+            row_dot = tl.sum(g * s_hat, axis=1) / N
+        else:
+            row_dot = tl.load(RowDot + rows, mask=row_mask, other=0.0)
+        dx = (g - s_hat * row_dot[:, None]) * rstd[:, None]
+        if HAS_DS_OUT:
+            dx += tl.load(_row_ptrs(DS_OUT, rows, stride_dso_row, cols), mask=mask, other=0.0).to(tl.float32)
+        tl.store(_row_ptrs(DX, rows, stride_dx_row, cols), dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * s_hat
+    if COMPUTE_DW:
+        tl.store(DW_partial + pid_m.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """Launch the forward on row views. x, residual: (M, N) with unit stride along N; weight: (N,),
+    contiguous. Returns (y, s, rstd): y (M, N) of x's dtype; s the normalised input (x itself without a
+    residual, else a new (M, N) tensor); rstd (M,) fp32."""
+    M, N = x.shape
+    y = empty((M, N), x.dtype, x.device)
+    s = x if residual is None else empty((M, N), x.dtype, x.device)
+    rstd = empty((M,), torch.float32, x.device)
+    if M == 0:
+        return y, s, rstd
+    block_m, block_n, single = row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M)
+    if not single:
+        block_m, block_n = 1, CHUNK_N
+    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, residual, weight, y, s, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0),
+        M, N, eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, SINGLE_PASS=single,
+    )
+    return y, s, rstd
+
+
+def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 ds_out: torch.Tensor | None = None, compute_dw: bool = True):
+    """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous;
+    rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's dtype (it is also the residual's
+    gradient); dw (N,) of weight's dtype, or None without compute_dw."""
+    M, N = s.shape
+    dx = empty((M, N), s.dtype, s.device)
+    if M == 0:
+        return dx, (torch.zeros_like(weight) if compute_dw else None)
+    block_m, block_n, single = row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M)
+    row_dot = None
+    if not single:
+        block_m, block_n = 1, CHUNK_N
+        row_dot = empty((M,), torch.float32, s.device)
+        _rms_norm_bwd_row_dot_kernel[(M,)](
+            dy, s, weight, rstd, row_dot, dy.stride(0), s.stride(0), M, N,
+            BLOCK_M=block_m, BLOCK_N=block_n,
+        )
+    n_col_blocks = triton.cdiv(N, block_n)
+    n_row_progs = max(1, min(triton.cdiv(M, block_m), num_sms(s.device) * BWD_PROGRAMS_PER_SM // n_col_blocks))
+    dw_partial = empty((n_row_progs, N), torch.float32, s.device) if compute_dw else None
+    _rms_norm_bwd_kernel[(n_row_progs, n_col_blocks)](
+        dy, s, weight, rstd, row_dot, ds_out, dx, dw_partial,
+        dy.stride(0), s.stride(0), ds_out.stride(0) if ds_out is not None else 0, dx.stride(0),
+        M, N,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        SINGLE_PASS=single, HAS_DS_OUT=ds_out is not None, COMPUTE_DW=compute_dw,
+    )
+    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """Gradients may arrive as expanded views (stride 0 along N, from a .sum()): copy only then."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd over (M, N) row views; `rms_norm` does the reshaping before `.apply`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps, separate_dresidual=False):
+        w = weight.contiguous()
+        y, s, rstd = rms_norm_fwd(x, w, eps, residual)
+        ctx.save_for_backward(s, w, rstd)
+        ctx.has_residual = residual is not None
+        ctx.separate_dresidual = separate_dresidual
+        # Unused outputs (s, when only y is used) arrive as None instead of a zero-filled tensor.
+        ctx.set_materialize_grads(False)
+        return (y, s) if residual is not None else y
+
+    @staticmethod
+    def backward(ctx, dy, ds_out=None):
+        s, w, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(s)
+        dx, dw = rms_norm_bwd(_unit_stride(dy), s, w, rstd,
+                              ds_out=_unit_stride(ds_out) if ds_out is not None else None,
+                              compute_dw=ctx.needs_input_grad[1])
+        dres = None
+        if ctx.has_residual:
+            # dx is also the residual's gradient. Shared, it costs nothing: autograd never accumulates in
+            # place into storage that another gradient references. But two leaves would each store a
+            # view of it as their .grad, and an in-place update of one (gradient clipping) would change
+            # both, so then the residual gets its own copy.
+            dres = dx.clone() if ctx.separate_dresidual else dx
+        return dx, dw, dres, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """Fused RMSNorm (Triton), with the optional pre-norm residual add.
+
+    Args:
+        x: (..., N), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
+            Any strides; only a non-unit stride along N, or leading dims that do not merge, costs a copy.
+        weight: (N,), any of those dtypes, on x's device.
+        eps: float >= 0.
+        residual: optional (..., N), x's shape, dtype and device.
+    Returns:
+        y: (..., N) in x's dtype, y = s · rsqrt(mean(s², -1) + eps) · weight with s = x; or, with a
+        residual, (y, s) where s = x + residual in x's dtype (the new residual stream).
+    Raises:
+        ValueError: naming the argument, for a wrong shape, dtype or device, before any launch.
+    """
+    check_rms_norm_args(x, weight, residual, eps)
+    shape = x.shape
+    x2 = as_rows(x)  # (M, N)
+    if residual is None:
+        return RMSNormFunction.apply(x2, weight, None, float(eps)).view(shape)
+    both_leaves = x.is_leaf and residual.is_leaf and x.requires_grad and residual.requires_grad
+    y, s = RMSNormFunction.apply(x2, weight, as_rows(residual), float(eps), both_leaves)
+    return y.view(shape), s.view(shape)

@@ -1,0 +1,68 @@
+"""One function per op. Each validates its arguments, then runs the Triton kernel (CUDA tensors) or the
+plain PyTorch reference in `kernels.reference` (anything else).
+
+`LWT_BACKEND` overrides the choice, read at every call: `reference` always runs the reference;
+`triton` always runs the kernel and raises if this machine cannot (no Triton, or CPU tensors without
+the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from kernels import reference
+from kernels._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_rms_norm_args
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' or 'reference': the path an op given `x` takes now (see the module docstring)."""
+    choice = os.environ.get("LWT_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"LWT_BACKEND: expected one of {', '.join(_BACKENDS)}, got {choice!r}")
+    if choice == "reference":
+        return "reference"
+    on_cuda = isinstance(x, torch.Tensor) and x.is_cuda  # a non-tensor fails validation on either path
+    if choice == "auto":
+        return "triton" if on_cuda and _triton_importable() else "reference"
+    if not _triton_importable():
+        raise RuntimeError("LWT_BACKEND=triton, but triton cannot be imported on this machine; "
+                           "install triton, or unset LWT_BACKEND to run the PyTorch reference")
+    if isinstance(x, torch.Tensor) and not on_cuda and not _interpreter_on():
+        raise RuntimeError(f"LWT_BACKEND=triton needs CUDA tensors (got a tensor on {x.device}); to run the "
+                           "kernels on the CPU set TRITON_INTERPRET=1 before triton is imported, or unset "
+                           "LWT_BACKEND to run the PyTorch reference")
+    return "triton"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim, with the optional fused pre-norm residual add.
+
+    Args:
+        x: (..., N), float32/float16/bfloat16 (float64 too on the reference path).
+        weight: (N,), on x's device.
+        eps: float >= 0, added to mean(x²).
+        residual: optional, x's shape, dtype and device.
+    Returns:
+        y (..., N) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.
+        Statistics are computed in fp32; gradients flow to x, weight and residual.
+    """
+    if backend_for(x) == "triton":
+        from kernels.rmsnorm import rms_norm as rms_norm_triton  # validates before launching
+        return rms_norm_triton(x, weight, eps, residual)
+    check_rms_norm_args(x, weight, residual, eps, dtypes=REFERENCE_DTYPES)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+__all__ = ["rms_norm", "backend_for", "KERNEL_DTYPES"]

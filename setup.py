@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="lwt",
+    version="0.1.0",
+    description="Fused Triton kernels for training transformer blocks layer by layer",
+    packages=["lwt", "kernels"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        # Kernels are written for and tested with triton 3.6 (the GPU image's version); newer releases
+        # are allowed so that installing lwt never fights the triton a CUDA build of torch pins.
+        "triton>=3.6",
+        # Without a GPU the kernels run through triton's interpreter, whose 3.6 release converts
+        # one-element arrays to Python ints with int(array); numpy 2.4 made that a TypeError ("only
+        # 0-dimensional arrays can be converted to Python scalars"), so every CPU kernel call fails.
+        "numpy<2.4",
+        "einops",
+        "pyyaml",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+)

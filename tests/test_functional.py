@@ -1,0 +1,114 @@
+"""lwt.functional dispatch (Triton kernel vs reference, LWT_BACKEND) and the bad-input contract."""
+import pytest
+import torch
+
+import lwt.functional as F
+from kernels import reference
+from kernels import rmsnorm as rmsnorm_kernels
+from tests.tolerances import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def _inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=gen).to(DEVICE, dtype)
+    return x, torch.randn(48, generator=gen).to(DEVICE, dtype), torch.randn(3, 5, 48, generator=gen).to(DEVICE, dtype)
+
+
+def test_auto_backend_picks_by_device(monkeypatch):
+    ref_calls = _spy(monkeypatch, reference, "rms_norm")
+    kernel_calls = _spy(monkeypatch, rmsnorm_kernels, "rms_norm_fwd")
+    x, w, r = _inputs()
+    F.rms_norm(x, w, 1e-6, r)
+    if x.is_cuda:
+        assert kernel_calls and not ref_calls
+    else:
+        assert ref_calls and not kernel_calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forced_backend_runs_that_path_and_agrees(monkeypatch, backend):
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    ref_calls = _spy(monkeypatch, reference, "rms_norm")
+    kernel_calls = _spy(monkeypatch, rmsnorm_kernels, "rms_norm_fwd")
+    x, w, r = _inputs()
+    y, s = F.rms_norm(x, w, 1e-6, r)
+    assert (kernel_calls if backend == "triton" else ref_calls) and not (ref_calls if backend == "triton" else kernel_calls)
+    y64, s64 = reference.rms_norm(x.double(), w.double(), 1e-6, r.double())
+    assert_close("y", y, y64)
+    assert_close("s", s, s64)
+
+
+def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="LWT_BACKEND=triton needs CUDA tensors.*TRITON_INTERPRET=1"):
+        F.rms_norm(x, torch.ones(8))
+    monkeypatch.setattr(F, "_triton_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="triton cannot be imported"):
+        F.rms_norm(x, torch.ones(8))
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    monkeypatch.setenv("LWT_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="LWT_BACKEND: expected one of auto, triton, reference, got 'cudnn'"):
+        F.rms_norm(torch.randn(2, 8), torch.ones(8))
+
+
+def test_reference_path_takes_float64_and_kernel_path_refuses_it(monkeypatch):
+    x, w = torch.randn(4, 16, dtype=torch.float64, device=DEVICE), torch.ones(16, dtype=torch.float64, device=DEVICE)
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    assert F.rms_norm(x, w).dtype == torch.float64
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"^x: expected dtype float32, float16 or bfloat16, got torch.float64"):
+        F.rms_norm(x, w)
+
+
+def _bad_inputs():
+    x, w, r = _inputs()
+    other = torch.device("meta")  # a second device exists on every machine
+    return [
+        pytest.param(dict(x=x, weight=w[:47]), r"^weight: expected shape \(48,\) \(the last dim of x\), got \(47,\)", id="weight-short"),
+        pytest.param(dict(x=x, weight=w[None]), r"^weight: expected shape \(48,\)", id="weight-2d"),
+        pytest.param(dict(x=x, weight=w.to(other)), r"^weight: expected a tensor on .* \(the device of x\), got meta", id="weight-device"),
+        pytest.param(dict(x=x.long(), weight=w), r"^x: expected dtype float32, float16,? .*bfloat16.*, got torch.int64", id="x-int"),
+        pytest.param(dict(x=x, weight=w.int()), r"^weight: expected dtype .*, got torch.int32", id="weight-int"),
+        pytest.param(dict(x=x.sum(), weight=w), r"^x: expected at least 1 dims, got shape \(\)", id="x-0d"),
+        pytest.param(dict(x=x[..., :0], weight=w[:0]), r"^x: expected a last \(hidden\) dim of at least 1", id="x-hidden-0"),
+        pytest.param(dict(x=x.tolist(), weight=w), r"^x: expected a torch.Tensor, got list", id="x-list"),
+        pytest.param(dict(x=x, weight=w, residual=r[:, :4]), r"^residual: expected the shape of x \(3, 5, 48\), got \(3, 4, 48\)", id="residual-shape"),
+        pytest.param(dict(x=x, weight=w, residual=r.half()), r"^residual: expected the dtype of x \(torch.float32\), got torch.float16", id="residual-dtype"),
+        pytest.param(dict(x=x, weight=w, residual=r.to(other)), r"^residual: expected a tensor on .*, got meta", id="residual-device"),
+        pytest.param(dict(x=x, weight=w, eps=-1e-6), r"^eps: expected a real number >= 0, got -1e-06", id="eps-negative"),
+        pytest.param(dict(x=x, weight=w, eps=None), r"^eps: expected a real number >= 0, got None", id="eps-none"),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("kwargs,message", _bad_inputs())
+def test_bad_input_raises_value_error_before_launch(monkeypatch, kwargs, message, entry):
+    def no_launch(*args, **kw):
+        raise AssertionError("a kernel was launched on bad input")
+
+    monkeypatch.setattr(rmsnorm_kernels, "rms_norm_fwd", no_launch)
+    if entry == "kernel":
+        fn = rmsnorm_kernels.rms_norm
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = F.rms_norm
+    with pytest.raises(ValueError, match=message):
+        fn(**kwargs)

@@ -1,0 +1,28 @@
+"""The project's promises outside the kernels: CI runs the README's test command, and the benchmarks
+run (as a smoke check) on a machine without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ci_runs_the_readme_test_command():
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        commands = [line.strip() for line in f if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert commands and any("pytest" in c for c in commands)
+    assert "\n".join(commands) in readme, "README.md must show exactly the commands .ci/run runs"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU run_all.py times the real shapes; run it directly")
+def test_benchmarks_smoke_check_without_gpu():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_all.py"), "--no-save"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "bench_rmsnorm: no CUDA GPU here" in out.stdout and "... ok" in out.stdout
