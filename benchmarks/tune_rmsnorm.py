@@ -1,15 +1,19 @@
 """Sweep the launch constants of kernels/rmsnorm.py on the GPU at hand (not part of run_all).
 
-    python benchmarks/tune_rmsnorm.py
+    python benchmarks/tune_rmsnorm.py [--apply [bench_rmsnorm args...]]
 
-Prints, at 16384x4096 and 16384x16384 bf16, the forward time per forward tile size, and the
-forward+backward time per (backward programs per SM, backward tile size, widest backward row held in
-registers), beside F.rms_norm and a copy of the same bytes measured in the same run, plus the launch
-config the autotuner picked. The constants in kernels/rmsnorm.py are set from what this shows.
+At 16384x4096 (plain and with the residual) and 16384x16384, bf16, prints the forward+backward time
+per (backward programs per SM, backward tile, widest backward row held in registers) beside F.rms_norm
+and a copy of the same bytes measured in the same run, and the warp count the autotuner picked. Also
+prints the host (CPU) cost of one lwt forward+backward, which bounds small shapes. With --apply, the
+fastest setting is kept for the rest of the process and bench_rmsnorm runs with it (its remaining
+arguments are passed on), so the table it prints is for exactly those constants.
 """
 from __future__ import annotations
 
 import itertools
+import sys
+import time
 
 import _harness as H  # noqa: F401  # isort: skip
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from kernels import rmsnorm as K
 
 EPS = 1e-6
+KNOBS = ("BWD_PROGRAMS_PER_SM", "BWD_TILE_ELEMENTS", "BWD_MAX_BLOCK_N")
 
 
 def _reset_autotune():
@@ -25,41 +30,81 @@ def _reset_autotune():
         kernel.cache.clear()
 
 
-def _fwd_bwd(fn, x, w, dy):
-    return lambda: torch.autograd.grad(fn(x, w), [x, w], dy)
+def _fwd_bwd(fn, inputs, cotangents):
+    def step():
+        outs = fn(*inputs)
+        torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), inputs, cotangents)
+    return step
+
+
+def _host_us(step, n=200):
+    """Host time per call with the GPU never waited on: what a step costs the CPU."""
+    step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    return host * 1e6
+
+
+def sweep(M, N, residual, settings):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    x, w = randn(M, N).requires_grad_(), (randn(N) * 0.1 + 1).requires_grad_()
+    r = randn(M, N).requires_grad_() if residual else None
+    inputs = [x, w] + ([r] if residual else [])
+    cots = [randn(M, N)] + ([randn(M, N)] if residual else [])
+    if residual:
+        def ref(a, b, c):
+            s = a + c
+            return F.rms_norm(s, (N,), b, EPS), s
+        lwt = lambda a, b, c: K.rms_norm(a, b, EPS, c)  # noqa: E731
+    else:
+        ref = lambda a, b: F.rms_norm(a, (N,), b, EPS)  # noqa: E731
+        lwt = lambda a, b: K.rms_norm(a, b, EPS)  # noqa: E731
+    torch_ms = H.bench_ms(_fwd_bwd(ref, inputs, cots))
+    print(f"\n{M}x{N}{' +res' if residual else ''}: copy {H.copy_ms(x.detach()):.4f} ms, torch fwd+bwd {torch_ms:.4f} ms")
+    results = {}
+    for setting in settings:
+        for k, v in zip(KNOBS, setting):
+            setattr(K, k, v)
+        _reset_autotune()
+        ms = H.bench_ms(_fwd_bwd(lwt, inputs, cots))
+        results[setting] = ms
+        print(f"  {dict(zip(KNOBS, setting))}: {ms:.4f} ms = {torch_ms / ms:.2f}x torch  "
+              f"[bwd {K._rms_norm_bwd_kernel.best_config}]", flush=True)
+    print(f"  host cost of one lwt fwd+bwd: {_host_us(_fwd_bwd(lwt, inputs, cots)):.0f} us "
+          f"(torch: {_host_us(_fwd_bwd(ref, inputs, cots)):.0f} us)")
+    return results
 
 
 def main():
     if not H.HAS_GPU:
         print("tune_rmsnorm: no CUDA GPU here; nothing to tune")
         return
-    defaults = {k: getattr(K, k) for k in ("FWD_TILE_ELEMENTS", "BWD_TILE_ELEMENTS", "BWD_PROGRAMS_PER_SM", "BWD_MAX_BLOCK_N")}
-    print(f"tune_rmsnorm on {H.gpu_name()}; current constants {defaults}")
-    for M, N in ((16384, 4096), (16384, 16384)):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=gen)
-        w = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=gen)
-        dy = torch.randn_like(x)
-        copy = H.copy_ms(x)
-        torch_fwd = H.bench_ms(lambda: F.rms_norm(x, (N,), w, EPS))
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        torch_fb = H.bench_ms(_fwd_bwd(lambda a, b: F.rms_norm(a, (N,), b, EPS), xg, wg, dy))
-        print(f"\n{M}x{N}: copy {copy:.4f} ms, F.rms_norm fwd {torch_fwd:.4f} ms, fwd+bwd {torch_fb:.4f} ms")
-        for tile in (4096, 8192, 16384):
-            K.FWD_TILE_ELEMENTS = tile
-            _reset_autotune()
-            ms = H.bench_ms(lambda: K.rms_norm(x, w, EPS))
-            print(f"  fwd tile {tile:6d}: {ms:.4f} ms = {100 * copy / ms:5.1f}% of copy  "
-                  f"[{K._rms_norm_fwd_kernel.best_config}]")
-        K.FWD_TILE_ELEMENTS = defaults["FWD_TILE_ELEMENTS"]
-        max_blocks = (8192, 16384) if N > 8192 else (defaults["BWD_MAX_BLOCK_N"],)
-        for per_sm, tile, max_block in itertools.product((1, 2, 4, 8), (4096, 8192), max_blocks):
-            K.BWD_PROGRAMS_PER_SM, K.BWD_TILE_ELEMENTS, K.BWD_MAX_BLOCK_N = per_sm, tile, max_block
-            _reset_autotune()
-            ms = H.bench_ms(_fwd_bwd(lambda a, b: K.rms_norm(a, b, EPS), xg, wg, dy))
-            print(f"  fwd+bwd programs/SM {per_sm} tile {tile:5d} max row {max_block:5d}: {ms:.4f} ms = "
-                  f"{torch_fb / ms:.2f}x F.rms_norm  [{K._rms_norm_bwd_kernel.best_config}]")
-        for k, v in defaults.items():
+    apply = len(sys.argv) > 1 and sys.argv[1] == "--apply"
+    defaults = tuple(getattr(K, k) for k in KNOBS)
+    print(f"tune_rmsnorm on {H.gpu_name()}; current {dict(zip(KNOBS, defaults))}")
+    narrow = list(itertools.product((1, 2, 4), (4096, 8192), (defaults[2],)))
+    plain = sweep(16384, 4096, False, narrow)
+    res = sweep(16384, 4096, True, narrow)
+    wide = sweep(16384, 16384, False, list(itertools.product((1, 2), (4096,), (8192, 16384))))
+    # Narrow rows: the setting with the least total time over the plain and residual cases.
+    best = min(narrow, key=lambda s: plain[s] + res[s])
+    best_wide = min(wide, key=wide.get)
+    chosen = (best[0], best[1], best_wide[2])
+    print(f"\nfastest: {dict(zip(KNOBS, chosen))} (wide rows alone: {dict(zip(KNOBS, best_wide))})")
+    if apply:
+        for k, v in zip(KNOBS, chosen):
+            setattr(K, k, v)
+        _reset_autotune()
+        import bench_rmsnorm
+
+        bench_rmsnorm.main(sys.argv[2:])
+    else:
+        for k, v in zip(KNOBS, defaults):
             setattr(K, k, v)
 
 

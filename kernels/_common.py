@@ -51,6 +51,16 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). (triton.cdiv and triton.next_power_of_2 are constexpr functions in
+    triton 3.6: called from Python they cost several microseconds each, on every launch.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64, rows: int | None = None):
     """Tile sizes for a row-wise kernel over (rows, n).
 
@@ -61,28 +71,28 @@ def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64
     fixes the order of the fp32 reductions, so results do not change with the config that wins.
     """
     # At least 16 columns: tiles of one or two columns give degenerate layouts for no gain.
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, next_power_of_2(n))
     single = block_n <= max_block_n
     if not single:
         block_n = max_block_n
     block_m = max(1, min(max_block_m, tile_elements // block_n))
     if rows is not None:
-        block_m = min(block_m, triton.next_power_of_2(max(rows, 1)))
+        block_m = min(block_m, next_power_of_2(rows))
     return block_m, block_n, single
 
 
 # Launch configs for row-wise kernels: the warp count is the only knob that matters for these
-# memory-bound loops (stages only pipeline the persistent backward's row loop). The list is pruned per
+# memory-bound loops (the persistent backward pipelines its row loop by hand). The list is pruned per
 # tile so that each thread holds 4..32 elements of a row tile; the autotune key is the hidden size and
 # the tile flags, never the row count (flash-linear-attention#533: keying on batch retunes every step).
-_ROW_WARPS = (1, 2, 4, 8, 16)
+_ROW_WARPS = (1, 2, 4, 8, 16, 32)
 
 
-def row_configs(stages=(1,)) -> list[triton.Config]:
+def row_configs() -> list[triton.Config]:
     if interpreting():
         # One config: the interpreter would otherwise "benchmark" each one on the CPU.
-        return [triton.Config({}, num_warps=1, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in _ROW_WARPS for s in stages]
+        return [triton.Config({}, num_warps=1)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in _ROW_WARPS]
 
 
 def prune_row_configs(configs, nargs, **kwargs):

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import as_rows, empty, num_sms, prune_row_configs, row_configs, row_tile
+from ._common import as_rows, cdiv, empty, num_sms, prune_row_configs, row_configs, row_tile
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -130,7 +130,7 @@ def _rms_norm_bwd_row_dot_kernel(
     tl.store(RowDot + rows, acc * rstd / N, mask=row_mask)
 
 
-@triton.autotune(configs=row_configs(stages=(1, 2)), key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "COMPUTE_DW"],
+@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "COMPUTE_DW"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _rms_norm_bwd_kernel(
@@ -144,28 +144,48 @@ def _rms_norm_bwd_kernel(
     columns of block j (one block, the whole row, when SINGLE_PASS). Writes dx and, with COMPUTE_DW,
     the program's fp32 partial sum of dy·ŝ into row i of DW_partial."""
     pid_m = tl.program_id(0)
-    n_progs_m = tl.num_programs(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     if COMPUTE_DW:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for blk in tl.range(pid_m, tl.cdiv(M, BLOCK_M), n_progs_m):
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(_row_ptrs(DY, rows, stride_dy_row, cols), mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(_row_ptrs(S, rows, stride_s_row, cols), mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    # Software-pipelined by hand: the next row block's loads are issued before this block's reduction,
+    # arithmetic and stores, so each program keeps two blocks in flight. Loading only at the top of each
+    # iteration left one block in flight and the loop waiting a full memory latency per row block.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    dy_next = tl.load(_row_ptrs(DY, rows, stride_dy_row, cols), mask=mask, other=0.0)
+    s_next = tl.load(_row_ptrs(S, rows, stride_s_row, cols), mask=mask, other=0.0)
+    rstd_next = tl.load(Rstd + rows, mask=rows < M, other=0.0)
+    if HAS_DS_OUT:
+        dso_next = tl.load(_row_ptrs(DS_OUT, rows, stride_dso_row, cols), mask=mask, other=0.0)
+    for start in tl.range(pid_m * BLOCK_M, M, step):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        dy = dy_next.to(tl.float32)
+        s = s_next.to(tl.float32)
+        rstd = rstd_next
+        if HAS_DS_OUT:
+            dso = dso_next.to(tl.float32)
+        # Past the last block the masks are all false: nothing is read.
+        rows_n = rows + step
+        mask_n = (rows_n < M)[:, None] & col_mask[None, :]
+        dy_next = tl.load(_row_ptrs(DY, rows_n, stride_dy_row, cols), mask=mask_n, other=0.0)
+        s_next = tl.load(_row_ptrs(S, rows_n, stride_s_row, cols), mask=mask_n, other=0.0)
+        rstd_next = tl.load(Rstd + rows_n, mask=rows_n < M, other=0.0)
+        if HAS_DS_OUT:
+            dso_next = tl.load(_row_ptrs(DS_OUT, rows_n, stride_dso_row, cols), mask=mask_n, other=0.0)
+
         s_hat = s * rstd[:, None]
         g = dy * w[None, :]
         if SINGLE_PASS:
             row_dot = tl.sum(g * s_hat, axis=1) / N
         else:
-            row_dot = tl.load(RowDot + rows, mask=row_mask, other=0.0)
+            row_dot = tl.load(RowDot + rows, mask=rows < M, other=0.0)
         dx = (g - s_hat * row_dot[:, None]) * rstd[:, None]
         if HAS_DS_OUT:
-            dx += tl.load(_row_ptrs(DS_OUT, rows, stride_dso_row, cols), mask=mask, other=0.0).to(tl.float32)
+            dx += dso
         tl.store(_row_ptrs(DX, rows, stride_dx_row, cols), dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * s_hat
@@ -186,7 +206,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     block_m, block_n, single = row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M)
     if not single:
         block_m, block_n = 1, CHUNK_N
-    _rms_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _rms_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual, weight, y, s, rstd,
         x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0),
         M, N, eps,
@@ -213,8 +233,8 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
             dy, s, weight, rstd, row_dot, dy.stride(0), s.stride(0), M, N,
             BLOCK_M=block_m, BLOCK_N=block_n,
         )
-    n_col_blocks = triton.cdiv(N, block_n)
-    n_row_progs = max(1, min(triton.cdiv(M, block_m), num_sms(s.device) * BWD_PROGRAMS_PER_SM // n_col_blocks))
+    n_col_blocks = cdiv(N, block_n)
+    n_row_progs = max(1, min(cdiv(M, block_m), num_sms(s.device) * BWD_PROGRAMS_PER_SM // n_col_blocks))
     dw_partial = empty((n_row_progs, N), torch.float32, s.device) if compute_dw else None
     _rms_norm_bwd_kernel[(n_row_progs, n_col_blocks)](
         dy, s, weight, rstd, row_dot, ds_out, dx, dw_partial,
