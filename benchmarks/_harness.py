@@ -65,6 +65,22 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def bench_graph_ms(fn):
+    """Median milliseconds per fn() replayed from a CUDA graph (triton.testing.do_bench_cudagraph):
+    GPU time alone, with the Python/launch cost of the host taken out and no L2 flush between calls.
+    None when fn cannot be captured (it synchronises, say)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception as e:  # report the provider as not measured, keep the run going
+        print(f"  (not capturable in a CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        return None
+
+
 def copy_ms(t: torch.Tensor) -> float:
     """Time of a device-to-device copy of `t` (reads and writes t's bytes once): the bandwidth ceiling
     a memory-bound kernel over a tensor of this size is measured against, in the same run."""
@@ -75,7 +91,7 @@ def copy_ms(t: torch.Tensor) -> float:
 @dataclass
 class Row:
     case: str          # e.g. "16384x4096"
-    mode: str          # "fwd" or "fwd+bwd"
+    mode: str          # "fwd", "fwd+bwd", or "fwd+bwd graph" (CUDA-graph replay: GPU time only)
     provider: str      # "lwt", "F.rms_norm", ...
     ms: float
     metric: str        # "GB/s" or "TFLOP/s"
@@ -91,7 +107,10 @@ class Report:
     notes: list = field(default_factory=list)
 
     def add(self, case, mode, provider, ms, metric, amount):
-        """amount: bytes moved (metric GB/s) or FLOPs (TFLOP/s) by the bench's explicit formula."""
+        """amount: bytes moved (metric GB/s) or FLOPs (TFLOP/s) by the bench's explicit formula.
+        ms None (the provider could not be measured this way) adds no row."""
+        if ms is None:
+            return None
         scale = 1e-9 if metric == "GB/s" else 1e-12
         row = Row(case, mode, provider, ms, metric, amount * scale / (ms * 1e-3))
         self.rows.append(row)

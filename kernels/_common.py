@@ -88,6 +88,28 @@ def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64
 _ROW_WARPS = (1, 2, 4, 8, 16, 32)
 
 
+class TunedKernel:
+    """Launches an autotuned kernel, skipping the autotuner's per-call bookkeeping once a key is tuned.
+
+    triton.autotune rebuilds a dict of every argument on each call to look up its cache; on the slow
+    host CPUs of GPU servers that is a visible share of a small op's launch cost. After the first call
+    for `key` (which autotunes), the winning config is kept here and the jitted kernel is launched
+    with it directly: the same config, arguments and compiled binary the autotuner would use.
+    """
+
+    def __init__(self, autotuned):
+        self.autotuned = autotuned
+        self.best = {}
+
+    def launch(self, grid, key, *args, **meta):
+        config = self.best.get(key)
+        if config is None:
+            self.autotuned[grid](*args, **meta)
+            self.best[key] = self.autotuned.best_config
+        else:
+            self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+
+
 def row_configs() -> list[triton.Config]:
     if interpreting():
         # One config: the interpreter would otherwise "benchmark" each one on the CPU.

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import as_rows, cdiv, empty, num_sms, prune_row_configs, row_configs, row_tile
+from ._common import TunedKernel, as_rows, cdiv, empty, num_sms, prune_row_configs, row_configs, row_tile
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -193,6 +193,13 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_partial + pid_m.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
+# Launch through the tuned-config cache; each key holds what the autotuner keys on (its key list and
+# the argument dtypes) for these launches.
+_fwd = TunedKernel(_rms_norm_fwd_kernel)
+_row_dot = TunedKernel(_rms_norm_bwd_row_dot_kernel)
+_bwd = TunedKernel(_rms_norm_bwd_kernel)
+
+
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """Launch the forward on row views. x, residual: (M, N) with unit stride along N; weight: (N,),
     contiguous. Returns (y, s, rstd): y (M, N) of x's dtype; s the normalised input (x itself without a
@@ -206,11 +213,13 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     block_m, block_n, single = row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M)
     if not single:
         block_m, block_n = 1, CHUNK_N
-    _rms_norm_fwd_kernel[(cdiv(M, block_m),)](
+    has_res = residual is not None
+    _fwd.launch(
+        (cdiv(M, block_m),), (x.dtype, weight.dtype, N, block_m, block_n, has_res, single),
         x, residual, weight, y, s, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), s.stride(0),
+        x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0),
         M, N, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, SINGLE_PASS=single,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=has_res, SINGLE_PASS=single,
     )
     return y, s, rstd
 
@@ -229,19 +238,22 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
     if not single:
         block_m, block_n = 1, CHUNK_N
         row_dot = empty((M,), torch.float32, s.device)
-        _rms_norm_bwd_row_dot_kernel[(M,)](
+        _row_dot.launch(
+            (M,), (dy.dtype, s.dtype, weight.dtype, N, block_m, block_n),
             dy, s, weight, rstd, row_dot, dy.stride(0), s.stride(0), M, N,
             BLOCK_M=block_m, BLOCK_N=block_n,
         )
     n_col_blocks = cdiv(N, block_n)
     n_row_progs = max(1, min(cdiv(M, block_m), num_sms(s.device) * BWD_PROGRAMS_PER_SM // n_col_blocks))
     dw_partial = empty((n_row_progs, N), torch.float32, s.device) if compute_dw else None
-    _rms_norm_bwd_kernel[(n_row_progs, n_col_blocks)](
+    has_dso = ds_out is not None
+    _bwd.launch(
+        (n_row_progs, n_col_blocks), (dy.dtype, s.dtype, weight.dtype, N, block_m, block_n, single, has_dso, compute_dw),
         dy, s, weight, rstd, row_dot, ds_out, dx, dw_partial,
         dy.stride(0), s.stride(0), ds_out.stride(0) if ds_out is not None else 0, dx.stride(0),
         M, N,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        SINGLE_PASS=single, HAS_DS_OUT=ds_out is not None, COMPUTE_DW=compute_dw,
+        SINGLE_PASS=single, HAS_DS_OUT=has_dso, COMPUTE_DW=compute_dw,
     )
     dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else None
     return dx, dw

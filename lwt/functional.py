@@ -7,6 +7,7 @@ the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -18,6 +19,7 @@ from kernels._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_rms_norm_args
 _BACKENDS = ("auto", "triton", "reference")
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
