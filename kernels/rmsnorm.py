@@ -52,6 +52,19 @@ def _row_ptrs(PTR, rows, stride_row, cols):
     return PTR + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
 
 
+@triton.jit
+def _load_s(X, R, S, rows, cols, mask, stride_x_row, stride_r_row, stride_s_row, HAS_RESIDUAL: tl.constexpr):
+    """One tile of s = x (+ residual: then rounded to the storage dtype and written to S), in fp32."""
+    s = tl.load(_row_ptrs(X, rows, stride_x_row, cols), mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(_row_ptrs(R, rows, stride_r_row, cols), mask=mask, other=0.0).to(tl.float32)
+        # Normalise the rounded s that is returned (and that the backward reads), not the fp32 sum.
+        s = s.to(S.dtype.element_ty)
+        tl.store(_row_ptrs(S, rows, stride_s_row, cols), s, mask=mask)
+        s = s.to(tl.float32)
+    return s
+
+
 @triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "HAS_RESIDUAL", "SINGLE_PASS"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
@@ -70,13 +83,7 @@ def _rms_norm_fwd_kernel(
     eps = tl.cast(eps, tl.float32)
     if SINGLE_PASS:
         mask = row_mask[:, None] & (cols < N)[None, :]
-        s = tl.load(_row_ptrs(X, rows, stride_x_row, cols), mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            s += tl.load(_row_ptrs(R, rows, stride_r_row, cols), mask=mask, other=0.0).to(tl.float32)
-            # Normalise the rounded s that is returned (and that the backward reads), not the fp32 sum.
-            s = s.to(S.dtype.element_ty)
-            tl.store(_row_ptrs(S, rows, stride_s_row, cols), s, mask=mask)
-            s = s.to(tl.float32)
+        s = _load_s(X, R, S, rows, cols, mask, stride_x_row, stride_r_row, stride_s_row, HAS_RESIDUAL)
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + eps)
         tl.store(Rstd + rows, rstd, mask=row_mask)
         w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -88,12 +95,7 @@ def _rms_norm_fwd_kernel(
         for off in range(0, N, BLOCK_N):
             c = off + cols
             mask = row_mask[:, None] & (c < N)[None, :]
-            s = tl.load(_row_ptrs(X, rows, stride_x_row, c), mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                s += tl.load(_row_ptrs(R, rows, stride_r_row, c), mask=mask, other=0.0).to(tl.float32)
-                s = s.to(S.dtype.element_ty)
-                tl.store(_row_ptrs(S, rows, stride_s_row, c), s, mask=mask)
-                s = s.to(tl.float32)
+            s = _load_s(X, R, S, rows, c, mask, stride_x_row, stride_r_row, stride_s_row, HAS_RESIDUAL)
             sum_sq += tl.sum(s * s, axis=1)
         rstd = tl.math.rsqrt(sum_sq / N + eps)
         tl.store(Rstd + rows, rstd, mask=row_mask)
@@ -135,6 +137,22 @@ def _rms_norm_bwd_row_dot_kernel(
     tl.store(RowDot + rows, acc * rstd / N, mask=row_mask)
 
 
+@triton.jit
+def _load_bwd_block(DY, S, Rstd, DS_OUT, rows, cols, col_mask, M, stride_dy_row, stride_s_row, stride_dso_row,
+                    HAS_DS_OUT: tl.constexpr):
+    """The loads of one backward row block, left in their storage dtypes (half the registers while
+    in flight). Without DS_OUT, dso is dy again: a placeholder the caller never reads."""
+    mask = (rows < M)[:, None] & col_mask[None, :]
+    dy = tl.load(_row_ptrs(DY, rows, stride_dy_row, cols), mask=mask, other=0.0)
+    s = tl.load(_row_ptrs(S, rows, stride_s_row, cols), mask=mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=rows < M, other=0.0)
+    if HAS_DS_OUT:
+        dso = tl.load(_row_ptrs(DS_OUT, rows, stride_dso_row, cols), mask=mask, other=0.0)
+    else:
+        dso = dy
+    return dy, s, rstd, dso
+
+
 @triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "COMPUTE_DW"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
@@ -158,13 +176,9 @@ def _rms_norm_bwd_kernel(
     # Software-pipelined by hand: the next row block's loads are issued before this block's reduction,
     # arithmetic and stores, so each program keeps two blocks in flight. Loading only at the top of each
     # iteration left one block in flight and the loop waiting a full memory latency per row block.
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (rows < M)[:, None] & col_mask[None, :]
-    dy_next = tl.load(_row_ptrs(DY, rows, stride_dy_row, cols), mask=mask, other=0.0)
-    s_next = tl.load(_row_ptrs(S, rows, stride_s_row, cols), mask=mask, other=0.0)
-    rstd_next = tl.load(Rstd + rows, mask=rows < M, other=0.0)
-    if HAS_DS_OUT:
-        dso_next = tl.load(_row_ptrs(DS_OUT, rows, stride_dso_row, cols), mask=mask, other=0.0)
+    dy_next, s_next, rstd_next, dso_next = _load_bwd_block(
+        DY, S, Rstd, DS_OUT, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cols, col_mask, M,
+        stride_dy_row, stride_s_row, stride_dso_row, HAS_DS_OUT)
     for start in tl.range(pid_m * BLOCK_M, M, step):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
@@ -174,13 +188,9 @@ def _rms_norm_bwd_kernel(
         if HAS_DS_OUT:
             dso = dso_next.to(tl.float32)
         # Past the last block the masks are all false: nothing is read.
-        rows_n = rows + step
-        mask_n = (rows_n < M)[:, None] & col_mask[None, :]
-        dy_next = tl.load(_row_ptrs(DY, rows_n, stride_dy_row, cols), mask=mask_n, other=0.0)
-        s_next = tl.load(_row_ptrs(S, rows_n, stride_s_row, cols), mask=mask_n, other=0.0)
-        rstd_next = tl.load(Rstd + rows_n, mask=rows_n < M, other=0.0)
-        if HAS_DS_OUT:
-            dso_next = tl.load(_row_ptrs(DS_OUT, rows_n, stride_dso_row, cols), mask=mask_n, other=0.0)
+        dy_next, s_next, rstd_next, dso_next = _load_bwd_block(
+            DY, S, Rstd, DS_OUT, rows + step, cols, col_mask, M,
+            stride_dy_row, stride_s_row, stride_dso_row, HAS_DS_OUT)
 
         s_hat = s * rstd[:, None]
         g = dy * w[None, :]
