@@ -5,6 +5,7 @@ the reference path runs. Every failure is a `ValueError` that names the argument
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -23,6 +24,8 @@ def check_tensor(t, name: str, *, dtypes=KERNEL_DTYPES, min_ndim: int = 0, ndim:
     """Raise ValueError unless `t` is a tensor of one of `dtypes` with the required rank."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
@@ -53,5 +56,15 @@ def check_rms_norm_args(x, weight, residual, eps, *, dtypes=KERNEL_DTYPES) -> No
         if residual.dtype != x.dtype:
             raise ValueError(f"residual: expected the dtype of x ({x.dtype}), got {residual.dtype}")
         check_same_device(residual, "residual", x, "x")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps: expected a real number >= 0, got {eps!r}")
+    check_eps(eps)
+
+
+def check_eps(eps) -> None:
+    """eps: a finite real number >= 0 (a Python or NumPy scalar)."""
+    ok = not isinstance(eps, bool) and isinstance(eps, numbers.Real)
+    try:
+        ok = ok and math.isfinite(float(eps)) and eps >= 0
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
+        raise ValueError(f"eps: expected a finite real number >= 0, got {eps!r}")

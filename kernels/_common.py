@@ -67,8 +67,9 @@ def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64
     Returns (BLOCK_M, BLOCK_N, SINGLE_PASS). SINGLE_PASS: a whole row fits in one BLOCK_N (at most
     `max_block_n`, what stays in registers without spilling) and is read once; otherwise the kernel
     loops over BLOCK_N chunks. Narrow rows are packed BLOCK_M to a program so that each program still
-    moves about `tile_elements` elements. The tile never depends on the autotuned launch config: it
-    fixes the order of the fp32 reductions, so results do not change with the config that wins.
+    moves about `tile_elements` elements. The tile is chosen here, not autotuned, because it fixes how
+    rows are grouped in the fp32 accumulations across rows (dw); the autotuned warp count still sets the
+    order of the sums within a row, so another process may differ in the last bit.
     """
     # At least 16 columns: tiles of one or two columns give degenerate layouts for no gain.
     block_n = max(16, next_power_of_2(n))

@@ -304,11 +304,18 @@ class RMSNormFunction(torch.autograd.Function):
         dres = None
         if ctx.has_residual:
             # dx is also the residual's gradient. Shared, it costs nothing: autograd never accumulates in
-            # place into storage that another gradient references. But two leaves would each store a
-            # view of it as their .grad, and an in-place update of one (gradient clipping) would change
-            # both, so then the residual gets its own copy.
+            # place into storage that another gradient references. But when both gradients end up as
+            # leaves' .grad (x and residual leaves, or views of leaves), each leaf would store a view of
+            # the one buffer and an in-place update of one (gradient clipping) would change both, so
+            # then the residual gets its own copy.
             dres = dx.clone() if ctx.separate_dresidual else dx
         return dx, dw, dres, None, None
+
+
+def _grad_lands_in_leaf(t: torch.Tensor) -> bool:
+    """Whether t's gradient is stored as some leaf's .grad without passing through a copying op: t is a
+    leaf, or a view of one (its view-backward hands on a view of the same gradient storage)."""
+    return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -331,6 +338,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     x2 = as_rows(x)  # (M, N)
     if residual is None:
         return RMSNormFunction.apply(x2, weight, None, float(eps)).view(shape)
-    both_leaves = x.is_leaf and residual.is_leaf and x.requires_grad and residual.requires_grad
+    both_leaves = _grad_lands_in_leaf(x) and _grad_lands_in_leaf(residual)
     y, s = RMSNormFunction.apply(x2, weight, as_rows(residual), float(eps), both_leaves)
     return y.view(shape), s.view(shape)

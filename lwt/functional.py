@@ -54,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     Args:
         x: (..., N), float32/float16/bfloat16 (float64 too on the reference path).
         weight: (N,), on x's device.
-        eps: float >= 0, added to mean(x²).
+        eps: float >= 0, added to the mean square of the normalised input (x, or x + residual).
         residual: optional, x's shape, dtype and device.
     Returns:
         y (..., N) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.

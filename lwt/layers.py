@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels._checks import check_eps
+
 from . import functional as F
 
 
@@ -23,8 +25,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim: expected a positive int, got {dim!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"eps: expected a real number >= 0, got {eps!r}")
+        check_eps(eps)
         self.dim = dim
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
@@ -34,6 +35,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected a last dim of {self.dim} (RMSNorm({self.dim})), got shape {tuple(x.shape)}")
         return F.rms_norm(x, self.weight, self.eps, residual)
 
     def extra_repr(self) -> str:

@@ -48,8 +48,9 @@ def test_forced_backend_runs_that_path_and_agrees(monkeypatch, backend):
     y, s = F.rms_norm(x, w, 1e-6, r)
     assert (kernel_calls if backend == "triton" else ref_calls) and not (ref_calls if backend == "triton" else kernel_calls)
     y64, s64 = reference.rms_norm(x.double(), w.double(), 1e-6, r.double())
-    assert_close("y", y, y64)
-    assert_close("s", s, s64)
+    y32, s32 = reference.rms_norm(x, w, 1e-6, r)
+    assert_close("y", y, y64, y32)
+    assert_close("s", s, s64, s32)
 
 
 def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
@@ -93,8 +94,11 @@ def _bad_inputs():
         pytest.param(dict(x=x, weight=w, residual=r[:, :4]), r"^residual: expected the shape of x \(3, 5, 48\), got \(3, 4, 48\)", id="residual-shape"),
         pytest.param(dict(x=x, weight=w, residual=r.half()), r"^residual: expected the dtype of x \(torch.float32\), got torch.float16", id="residual-dtype"),
         pytest.param(dict(x=x, weight=w, residual=r.to(other)), r"^residual: expected a tensor on .*, got meta", id="residual-device"),
-        pytest.param(dict(x=x, weight=w, eps=-1e-6), r"^eps: expected a real number >= 0, got -1e-06", id="eps-negative"),
-        pytest.param(dict(x=x, weight=w, eps=None), r"^eps: expected a real number >= 0, got None", id="eps-none"),
+        pytest.param(dict(x=x, weight=w, eps=-1e-6), r"^eps: expected a finite real number >= 0, got -1e-06", id="eps-negative"),
+        pytest.param(dict(x=x, weight=w, eps=None), r"^eps: expected a finite real number >= 0, got None", id="eps-none"),
+        pytest.param(dict(x=x, weight=w, eps=float("nan")), r"^eps: expected a finite real number >= 0, got nan", id="eps-nan"),
+        pytest.param(dict(x=x, weight=w, eps=10**400), r"^eps: expected a finite real number >= 0, got 1000", id="eps-huge-int"),
+        pytest.param(dict(x=x.to_sparse(), weight=w), r"^x: expected a dense \(strided\) tensor, got layout torch.sparse_coo", id="x-sparse"),
     ]
 
 
