@@ -42,7 +42,7 @@ BWD_TILE_ELEMENTS = 8192
 # Persistent backward programs per multiprocessor. The backward kernel needs ~100-128 registers per
 # thread, so one 16-warp program fills an SM; with two row blocks in flight per program (8192-element
 # tiles plus the prefetch) one program per SM was the fastest setting measured on an H200
-# (benchmarks/tune_rmsnorm.py: 0.175 ms fwd+bwd at 16384x4096 bf16, vs 0.177-0.195 ms for the others).
+# (benchmarks/tune_rmsnorm.py, GPU time of fwd+bwd at 16384x4096 bf16: 0.175 ms, others 0.177-0.195).
 BWD_PROGRAMS_PER_SM = 1
 
 
@@ -174,8 +174,8 @@ def _rms_norm_bwd_kernel(
     if COMPUTE_DW:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Software-pipelined by hand: the next row block's loads are issued before this block's reduction,
-    # arithmetic and stores, so each program keeps two blocks in flight. Loading only at the top of each
-    # iteration left one block in flight and the loop waiting a full memory latency per row block.
+    # arithmetic and stores, so each program keeps two blocks in flight instead of waiting a full memory
+    # latency per block. (num_stages does not pipeline these loads: they feed no tl.dot.)
     dy_next, s_next, rstd_next, dso_next = _load_bwd_block(
         DY, S, Rstd, DS_OUT, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cols, col_mask, M,
         stride_dy_row, stride_s_row, stride_dso_row, HAS_DS_OUT)
