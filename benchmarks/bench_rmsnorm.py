@@ -7,9 +7,9 @@ forward+backward, bf16, plain and with the fused residual add.
 Bytes counted per (tokens M, hidden N), e = element size (the weight and the fp32 per-row statistics are
 below 0.1% and left out):
     plain     fwd: read x, write y = 2·M·N·e          bwd: read dy, x, write dx = 3·M·N·e
+    residual  fwd: read x, r, write y, s = 4·M·N·e    bwd: read dy, ds, s, write dx = 4·M·N·e
 Forward+backward is timed twice: eagerly (do_bench, what a training loop without graphs sees, host
 overhead included) and replayed from a CUDA graph (GPU time alone).
-    residual  fwd: read x, r, write y, s = 4·M·N·e    bwd: read dy, ds, s, write dx = 4·M·N·e
 Goals (issue #2), measured in this run at 16384x4096: forward >= 90% of the copy's bandwidth, i.e.
 lwt fwd time <= copy time / 0.9; forward+backward >= 1.6x faster than F.rms_norm.
 """

@@ -93,18 +93,25 @@ class TunedKernel:
     """Launches an autotuned kernel, skipping the autotuner's per-call bookkeeping once a key is tuned.
 
     triton.autotune rebuilds a dict of every argument on each call to look up its cache; on the slow
-    host CPUs of GPU servers that is a visible share of a small op's launch cost. After the first call
-    for `key` (which autotunes), the winning config is kept here and the jitted kernel is launched
-    with it directly: the same config, arguments and compiled binary the autotuner would use.
+    host CPUs of GPU servers that is a visible share of a small op's launch cost. The cache key here is
+    the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
+    After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
+    is launched with it directly: the config, arguments and compiled binary the autotuner would use.
     """
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
         self.best = {}
+        self._key_slots = [autotuned.arg_names.index(k) for k in autotuned.keys]
 
-    def launch(self, grid, key, *args, **meta):
+    def launch(self, grid, *args, **meta):
+        values = args + tuple(meta.values())  # launches pass every argument in declaration order
+        key = tuple(values[i] for i in self._key_slots) + tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
         config = self.best.get(key)
         if config is None:
+            names = self.autotuned.arg_names
+            if list(meta) != names[len(args):len(args) + len(meta)]:
+                raise TypeError(f"TunedKernel: pass {names[len(args):]} in declaration order, got {list(meta)}")
             self.autotuned[grid](*args, **meta)
             self.best[key] = self.autotuned.best_config
         else:

@@ -208,8 +208,7 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_partial + pid_m.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
-# Launch through the tuned-config cache; each key holds what the autotuner keys on (its key list and
-# the argument dtypes) for these launches.
+# Launched through the tuned-config cache (kernels/_common.py), with every argument in declaration order.
 _fwd = TunedKernel(_rms_norm_fwd_kernel)
 _row_dot = TunedKernel(_rms_norm_bwd_row_dot_kernel)
 _bwd = TunedKernel(_rms_norm_bwd_kernel)
@@ -230,7 +229,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         block_m, block_n = 1, CHUNK_N
     has_res = residual is not None
     _fwd.launch(
-        (cdiv(M, block_m),), (x.dtype, weight.dtype, N, block_m, block_n, has_res, single),
+        (cdiv(M, block_m),),
         x, residual, weight, y, s, rstd,
         x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0),
         M, N, eps,
@@ -254,7 +253,7 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
         block_m, block_n = 1, CHUNK_N
         row_dot = empty((M,), torch.float32, s.device)
         _row_dot.launch(
-            (M,), (dy.dtype, s.dtype, weight.dtype, N, block_m, block_n),
+            (M,),
             dy, s, weight, rstd, row_dot, dy.stride(0), s.stride(0), M, N,
             BLOCK_M=block_m, BLOCK_N=block_n,
         )
@@ -263,9 +262,9 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
     dw_partial = empty((n_row_progs, N), torch.float32, s.device) if compute_dw else None
     has_dso = ds_out is not None
     _bwd.launch(
-        (n_row_progs, n_col_blocks), (dy.dtype, s.dtype, weight.dtype, N, block_m, block_n, single, has_dso, compute_dw),
+        (n_row_progs, n_col_blocks),
         dy, s, weight, rstd, row_dot, ds_out, dx, dw_partial,
-        dy.stride(0), s.stride(0), ds_out.stride(0) if ds_out is not None else 0, dx.stride(0),
+        dy.stride(0), s.stride(0), ds_out.stride(0) if has_dso else 0, dx.stride(0),
         M, N,
         BLOCK_M=block_m, BLOCK_N=block_n,
         SINGLE_PASS=single, HAS_DS_OUT=has_dso, COMPUTE_DW=compute_dw,

@@ -24,10 +24,6 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def backend_for(x: torch.Tensor) -> str:
     """'triton' or 'reference': the path an op given `x` takes now (see the module docstring)."""
     choice = os.environ.get("LWT_BACKEND", "auto").strip().lower() or "auto"
@@ -41,7 +37,9 @@ def backend_for(x: torch.Tensor) -> str:
     if not _triton_importable():
         raise RuntimeError("LWT_BACKEND=triton, but triton cannot be imported on this machine; "
                            "install triton, or unset LWT_BACKEND to run the PyTorch reference")
-    if isinstance(x, torch.Tensor) and not on_cuda and not _interpreter_on():
+    from kernels._common import interpreting  # imports triton, which is importable here
+
+    if isinstance(x, torch.Tensor) and not on_cuda and not interpreting():
         raise RuntimeError(f"LWT_BACKEND=triton needs CUDA tensors (got a tensor on {x.device}); to run the "
                            "kernels on the CPU set TRITON_INTERPRET=1 before triton is imported, or unset "
                            "LWT_BACKEND to run the PyTorch reference")
