@@ -30,11 +30,15 @@ if REPO not in sys.path:  # run as `python benchmarks/bench_x.py` from a checkou
 DEFAULT_RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, extra=None) -> argparse.Namespace:
+    """The options every bench takes (run_all passes its own arguments to each bench); extra(parser)
+    adds options of one bench, for running it directly."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a few representative shapes instead of the full grid")
     p.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where <op>.csv is appended to")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing to the results file")
+    if extra is not None:
+        extra(p)
     return p.parse_args(argv)
 
 
@@ -125,13 +129,16 @@ class Report:
     def print_table(self, lwt="lwt"):
         """One line per provider; 'lwt speedup' = provider ms / lwt ms (above 1: lwt is faster)."""
         print(f"\n{self.op} ({self.dtype}) on {gpu_name()}, torch {torch.__version__}, commit {git_sha()}")
-        head = f"{'case':>12} {'mode':>8} {'provider':>22} {'ms':>9} {'metric':>14} {'lwt speedup':>12}"
+        wc = max([12] + [len(r.case) for r in self.rows])
+        wm = max([8] + [len(r.mode) for r in self.rows])
+        wp = max([22] + [len(r.provider) for r in self.rows])
+        head = f"{'case':>{wc}} {'mode':>{wm}} {'provider':>{wp}} {'ms':>9} {'metric':>15} {'lwt speedup':>12}"
         print(head)
         print("-" * len(head))
         for r in self.rows:
             base = self.ms(r.case, r.mode, lwt)
             ratio = f"{r.ms / base:.2f}x" if base else "-"
-            print(f"{r.case:>12} {r.mode:>8} {r.provider:>22} {r.ms:9.4f} {r.value:9.1f} {r.metric:<4} {ratio:>12}")
+            print(f"{r.case:>{wc}} {r.mode:>{wm}} {r.provider:>{wp}} {r.ms:9.4f} {r.value:9.1f} {r.metric:<7} {ratio:>12}")
         for n in self.notes:
             print(n)
 

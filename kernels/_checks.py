@@ -59,12 +59,46 @@ def check_rms_norm_args(x, weight, residual, eps, *, dtypes=KERNEL_DTYPES) -> No
     check_eps(eps)
 
 
-def check_eps(eps) -> None:
-    """eps: a finite real number >= 0 (a Python or NumPy scalar)."""
-    ok = not isinstance(eps, bool) and isinstance(eps, numbers.Real)
+def _is_finite_real(x) -> bool:
+    """A Python or NumPy real scalar (not a bool) with a finite float value."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
     try:
-        ok = ok and math.isfinite(float(eps)) and eps >= 0
+        return math.isfinite(float(x))
     except OverflowError:  # an int too large for a float
-        ok = False
-    if not ok:
+        return False
+
+
+def check_eps(eps) -> None:
+    """eps: a finite real number >= 0."""
+    if not (_is_finite_real(eps) and eps >= 0):
         raise ValueError(f"eps: expected a finite real number >= 0, got {eps!r}")
+
+
+# Largest attention head dim: the kernels keep a (BLOCK, D) fp32 accumulator per program in registers.
+MAX_HEAD_DIM = 256
+
+
+def check_attention_args(q, k, v, causal, softmax_scale, *, dtypes=KERNEL_DTYPES) -> None:
+    """The contract of `attention(q, k, v, causal, softmax_scale)`; see kernels/attention.py."""
+    check_tensor(q, "q", dtypes=dtypes, ndim=4)
+    B, S, H, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(t, name, dtypes=dtypes, ndim=4)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+        check_same_device(t, name, q, "q")
+        Hkv = t.shape[2]
+        if (t.shape[0], t.shape[1], t.shape[3]) != (B, S, D) or Hkv < 1:
+            raise ValueError(f"{name}: expected shape ({B}, {S}, Hkv, {D}) (batch, seq, K/V heads >= 1, head dim "
+                             f"of q {tuple(q.shape)}), got {tuple(t.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"k: expected a number of heads dividing the {H} query heads of q, got {k.shape[2]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q: expected a head dim (last dim) in 1..{MAX_HEAD_DIM}, got shape {tuple(q.shape)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal: expected a bool, got {causal!r}")
+    if softmax_scale is not None and not (_is_finite_real(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale: expected None or a finite real number > 0, got {softmax_scale!r}")

@@ -31,3 +31,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     rstd = torch.rsqrt(sc.pow(2).mean(dim=-1, keepdim=True) + eps)
     y = (sc * rstd * weight.to(c)).to(x.dtype)
     return y if residual is None else (y, s)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                       softmax_scale: float | None = None, upcast: bool = True):
+    """Softmax attention with its log-sum-exp, K/V heads expanded explicitly to the query heads.
+
+    Args:
+        q: (B, S, H, D); k, v: (B, S, Hkv, D) with H % Hkv == 0 (query head h uses K/V head h // (H/Hkv)).
+        causal: query i attends keys j <= i only.
+        softmax_scale: D ** -0.5 when None.
+        upcast: True (the specification): everything in fp32 (float64 for float64 inputs), rounded once
+            at the end. False: plain PyTorch attention in the input dtype, as a user would write it for
+            16-bit tensors: both matmuls take the input dtype (so the probabilities are rounded to it
+            before P·V, and autograd rounds dS likewise), the softmax runs in fp32. The tests use it as
+            the "same dtype" baseline of their error bound, as flash-attention's tests do.
+    Returns:
+        o (B, S, H, D) in q's dtype, o = softmax(scale · q kᵀ) v per head; lse (B, H, S) in the compute
+        dtype (fp32, or float64 for float64 inputs): the natural-log normaliser log Σ_j exp(scale · q·k_j).
+    """
+    c = _compute_dtype(q.dtype)
+    mm = c if upcast else q.dtype  # the dtype the matmuls take
+    B, S, H, D = q.shape
+    group = H // k.shape[2]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    k = k.to(mm).repeat_interleave(group, dim=2)  # (B, S, H, D)
+    v = v.to(mm).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", q.to(mm), k).to(c) * scale  # (B, H, S, S)
+    if causal:
+        above = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
+    p = torch.exp(scores - lse[..., None])
+    o = torch.einsum("bhst,bthd->bshd", p.to(mm), v)
+    return o.to(q.dtype), lse
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Softmax attention, (B, S, H, D) in q's dtype: see attention_with_lse."""
+    return attention_with_lse(q, k, v, causal, softmax_scale)[0]

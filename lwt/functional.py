@@ -14,7 +14,7 @@ import os
 import torch
 
 from kernels import reference
-from kernels._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_rms_norm_args
+from kernels._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_attention_args, check_rms_norm_args
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -65,4 +65,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     return reference.rms_norm(x, weight, eps, residual)
 
 
-__all__ = ["rms_norm", "backend_for", "KERNEL_DTYPES"]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Softmax attention for MHA, GQA and MQA in the (batch, seq, heads, head_dim) layout.
+
+    Args:
+        q: (B, S, H, D), float32/float16/bfloat16 (float64 too on the reference path), D in 1..256.
+        k, v: (B, S, Hkv, D), q's dtype and device, H % Hkv == 0; query head h reads K/V head
+            h // (H / Hkv), and K/V are never copied per query head on the Triton path.
+        causal: query i attends keys j <= i only; False (default) attends every key.
+        softmax_scale: > 0, D ** -0.5 when None.
+    Returns:
+        (B, S, H, D) in q's dtype; softmax in fp32; gradients flow to q, k and v.
+    """
+    if backend_for(q) == "triton":
+        from kernels.attention import attention as attention_triton  # validates before launching
+        return attention_triton(q, k, v, causal, softmax_scale)
+    check_attention_args(q, k, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
+    return reference.attention(q, k, v, causal, softmax_scale)
+
+
+__all__ = ["rms_norm", "attention", "backend_for", "KERNEL_DTYPES"]

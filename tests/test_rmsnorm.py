@@ -4,6 +4,7 @@ import torch
 
 from kernels import reference
 from kernels import rmsnorm as rmsnorm_kernels
+from tests.helpers import grads as _grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -52,26 +53,6 @@ def _make(shape, dtype, layout, gen, scale=1.0):
         wide = torch.randn(*shape[:-1], shape[-1] + 5, generator=gen, dtype=torch.float32) * scale
         return wide.to(dtype=dtype, device=DEVICE)[..., 2:2 + shape[-1]]
     return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype=dtype, device=DEVICE)
-
-
-def _fresh_copy(c):
-    """A copy of c with c's strides: clone() would make a sliced or expanded tensor contiguous, and
-    the kernels' strided paths would go untested."""
-    if 0 in c.stride():  # expanded: copy one slice, expand it again
-        return c[tuple(slice(0, 1) if st == 0 else slice(None) for st in c.stride())].clone().expand_as(c)
-    return torch.empty_strided(c.size(), c.stride(), dtype=c.dtype, device=c.device).copy_(c)
-
-
-def _grads(fn, inputs, cotangents):
-    """Output(s) of fn(*inputs) and the gradients of Σ out·cotangent w.r.t. every input. Inputs enter
-    as they are laid out (detached views); each cotangent is a fresh copy, so a backward that wrote
-    into its gradient could not affect another call."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    used = [(o, _fresh_copy(c)) for o, c in zip(outs, cotangents) if c is not None]
-    grads = torch.autograd.grad([o for o, _ in used], leaves, [c for _, c in used], allow_unused=False)
-    return [o.detach() for o in outs], list(grads)
 
 
 def _compare(eps, inputs, cotangents):

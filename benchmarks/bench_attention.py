@@ -1,0 +1,198 @@
+"""Attention: lwt vs PyTorch SDPA with the FLASH (FlashAttention-2) and cuDNN backends forced, GQA through
+`repeat_interleave` + default SDPA (what a user without `enable_gqa` writes), and the eager reference,
+forward and forward+backward, bf16.
+
+    python benchmarks/bench_attention.py [--quick] [--plot PNG]
+
+Cases: head dim 64 and 128; H32/Hkv32 (MHA), H32/Hkv8 (GQA), H32/Hkv1 (MQA); S 1024..16384 at 16384
+tokens per batch (B = 16384 / S); causal and bidirectional. FLOPs counted (the FlashAttention papers'
+convention): forward 4·B·H·S²·D (two matmuls of 2·S²·D per head), halved when causal; forward+backward
+3.5× the forward (the backward's five matmuls = 2.5× the forward). SDPA takes (B, H, S, D): the
+providers pass transposed views of the same BSHD tensors, as a user of this layout would.
+Goals (issue #3), bf16, head dim 128, S 2048..8192, MHA and GQA, both masks, measured in this run:
+forward >= 1.0x SDPA-cuDNN, forward+backward >= 0.9x SDPA-cuDNN, and >= 1.5x SDPA-FLASH (FA2).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+
+import _harness as H  # first: sets up the interpreter on CPU-only machines  # isort: skip
+import torch
+import torch.nn.functional as F
+
+import lwt.functional as lwtF
+from kernels import reference
+
+HEAD_DIMS = (64, 128)
+HEADS = ((32, 32), (32, 8), (32, 1))
+SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
+TOKENS = 16384
+QUICK = [(128, (32, 32), 2048), (128, (32, 8), 2048), (128, (32, 8), 8192), (128, (32, 1), 4096)]
+GOAL_SEQ = (2048, 8192)
+EAGER_MAX_BYTES = 4 << 30  # the eager reference materialises B·H·S² fp32 scores (and more): skip above this
+
+
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name))
+
+
+def providers(H_, Hkv):
+    """name -> (fn(q, k, v, causal) -> o in BSHD, context manager factory to time it under)."""
+    gqa = H_ != Hkv
+
+    def sdpa(q, k, v, causal, enable_gqa=gqa):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=causal, enable_gqa=enable_gqa)
+        return o.transpose(1, 2)  # (B, S, H, D)
+
+    def repeat_sdpa(q, k, v, causal):
+        g = H_ // Hkv
+        return sdpa(q, k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2), causal, enable_gqa=False)
+
+    out = {
+        "lwt": (lambda q, k, v, causal: lwtF.attention(q, k, v, causal), contextlib.nullcontext),
+        "SDPA flash (FA2)": (sdpa, lambda: _sdpa_backend("FLASH_ATTENTION")),
+        "SDPA cuDNN": (sdpa, lambda: _sdpa_backend("CUDNN_ATTENTION")),
+    }
+    if gqa:
+        out["repeat_interleave+SDPA"] = (repeat_sdpa, contextlib.nullcontext)
+    out["eager reference"] = (lambda q, k, v, causal: reference.attention(q, k, v, causal), contextlib.nullcontext)
+    return out
+
+
+def _step(fn, q, k, v, causal, do):
+    if do is None:
+        return lambda: fn(q, k, v, causal)
+    return lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+
+
+def run_case(report, D, heads, S, causal, notes):
+    H_, Hkv = heads
+    B = max(1, TOKENS // S)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, k, v, do = randn(B, S, H_, D), randn(B, S, Hkv, D), randn(B, S, Hkv, D), randn(B, S, H_, D)
+    flops = 4 * B * H_ * S * S * D / (2 if causal else 1)
+    case = f"H{H_}/{Hkv} D{D} S{S} B{B} {'causal' if causal else 'bidir'}"
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        for t in (q, k, v):
+            t.requires_grad_(backward)
+        for name, (fn, ctx) in providers(H_, Hkv).items():
+            if name == "eager reference" and B * H_ * S * S * 4 * 3 > EAGER_MAX_BYTES:
+                continue
+            try:
+                with ctx():
+                    ms = H.bench_ms(_step(fn, q, k, v, causal, do if backward else None))
+            except RuntimeError as e:  # no kernel for this case (a backend's own limits), or out of memory
+                notes.append(f"{case} {mode} {name}: not measured ({str(e).splitlines()[0][:100]})")
+                torch.cuda.synchronize()
+                continue
+            report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
+    return case
+
+
+def _ratio(report, case, mode, other):
+    a, b = report.ms(case, mode, "lwt"), report.ms(case, mode, other)
+    return None if a is None or b is None else b / a
+
+
+def summarize(report, goal_cases):
+    lines = []
+    for case in goal_cases:
+        cudnn_f, cudnn_fb = _ratio(report, case, "fwd", "SDPA cuDNN"), _ratio(report, case, "fwd+bwd", "SDPA cuDNN")
+        fa_f, fa_fb = _ratio(report, case, "fwd", "SDPA flash (FA2)"), _ratio(report, case, "fwd+bwd", "SDPA flash (FA2)")
+        fmt = lambda r: "n/a" if r is None else f"{r:.2f}x"  # noqa: E731
+        ok = (cudnn_f is not None and cudnn_fb is not None and cudnn_f >= 1.0 and cudnn_fb >= 0.9
+              and fa_f is not None and fa_fb is not None and min(fa_f, fa_fb) >= 1.5)
+        lines.append(f"attention {case}: vs cuDNN fwd {fmt(cudnn_f)} (goal 1.0), fwd+bwd {fmt(cudnn_fb)} (goal 0.9); "
+                     f"vs FA2 fwd {fmt(fa_f)}, fwd+bwd {fmt(fa_fb)} (goal 1.5) -> {'met' if ok else 'NOT met'}")
+    return lines
+
+
+def plot(report, path):
+    """TFLOP/s against S, one panel per (heads, head dim, mask, mode), one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {}
+    for r in report.rows:
+        heads, dim, seq, _, mask = r.case.split()
+        panels.setdefault((heads, dim, mask, r.mode), {}).setdefault(r.provider, []).append((int(seq[1:]), r.value))
+    keys = sorted(panels)
+    cols = 4
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for provider, points in sorted(panels[key].items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(" ".join(key), fontsize=9)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"attention bf16 on {H.gpu_name()} (commit {H.git_sha()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def smoke():
+    """CPU: one tiny GQA shape through the kernels (interpreter) against the float64 reference."""
+    from kernels.attention import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 19, h, 32, generator=gen) for h in (4, 2, 2, 4))
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attention(*leaves, causal=causal)
+        grads = torch.autograd.grad(o, leaves, do)
+        leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+        o64 = reference.attention(*leaves64, causal)
+        grads64 = torch.autograd.grad(o64, leaves64, do.double())
+        for a, b in zip([o, *grads], [o64, *grads64]):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def _add_args(p):
+    p.add_argument("--plot", metavar="PNG", help="also write TFLOP/s against sequence length to this PNG (matplotlib)")
+
+
+def main(argv=None) -> list[str]:
+    """Runs the benchmark; returns the summary lines (run_all prints them last)."""
+    args = H.parse_args(__doc__.splitlines()[0], argv, extra=_add_args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        sys.exit("--plot needs matplotlib: pip install matplotlib (nothing was run)")
+    if not H.HAS_GPU:
+        H.no_gpu_smoke("bench_attention", smoke)
+        return ["attention: no GPU, smoke check only"]
+    report = H.Report("attention", "bfloat16")
+    notes = []
+    cases = QUICK if args.quick else [(d, h, s) for d in HEAD_DIMS for h in HEADS for s in SEQ_LENS]
+    goal_cases = []
+    for D, heads, S in cases:
+        for causal in (False, True):
+            case = run_case(report, D, heads, S, causal, notes)
+            if D == 128 and heads[1] > 1 and GOAL_SEQ[0] <= S <= GOAL_SEQ[1]:
+                goal_cases.append(case)
+    summary = summarize(report, goal_cases)
+    report.notes.extend(notes + summary)
+    report.print_table()
+    if not args.no_save:
+        report.save(args.results_dir)
+    if args.plot:
+        plot(report, args.plot)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,132 @@
+"""Compile the Triton kernels for an NVIDIA target on any machine (no GPU needed) and report registers,
+spills and shared memory per launch config.
+
+    python benchmarks/compile_check.py [--quick] [--arch 90] [--kernels attention,rmsnorm]
+
+The Triton interpreter runs kernels as Python, so it accepts code the compiler rejects (a jit helper
+returning different types from two branches, say) and says nothing about register pressure. This
+compiles each autotune config through triton's own ptxas (shipped in the wheel) for `--arch` (90 =
+H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
+spills, which cost bandwidth) and `SMEM`. --quick compiles one config per kernel variant (what the
+test suite runs); the default compiles every config of every list. Exit code 1 if any compile failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real: import the kernels as JITFunctions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs):
+    """Triton signature and divisibility hints of `fn`: arguments named in `ints` are i32 (strides are
+    marked divisible by 16, as a real launch of aligned tensors would specialise them), `floats` fp32,
+    `fp32_ptrs` fp32 pointers, every other argument a pointer to `dtype`."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in ints or name.startswith("stride"):
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _usage(compiled):
+    """(registers, stack bytes) from the cubin, read with the cuobjdump triton ships."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def _attention_jobs(quick):
+    from kernels import attention as A
+
+    ints = {"H", "GROUP", "S", "seq_bucket"}
+    kernels = [("attention fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("attention dK/dV", A._attn_bwd_dkdv_kernel,
+               A._DKDV_CONFIGS), ("attention dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
+    variants = [("bf16", 128, 128), ("bf16", 64, 64), ("bf16", 256, 256), ("fp16", 96, 128), ("fp32", 64, 64)]
+    for label, kernel, table in kernels:
+        for dtype, d, head_dim in (variants[:2] + variants[3:4] if quick else variants):
+            configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]
+            for causal in (False, True):
+                for bm, bn, warps, stages in (configs[:1] if quick else configs):
+                    const = dict(D=d, HEAD_DIM=head_dim, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                    yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
+    pre = A._bwd_preprocess_kernel
+    for head_dim in (64, 128, 256):
+        const = dict(D=head_dim, HEAD_DIM=head_dim, BLOCK_M=A._PREPROCESS_TILE // head_dim)
+        yield ("attention δ", pre, "bf16", const, 4, 3, {"H", "S"}, set(), {"Delta"})
+
+
+def _rmsnorm_jobs(quick):
+    from kernels import rmsnorm as R
+
+    ints, floats, fp32 = {"M", "N"}, {"eps"}, {"Rstd", "RowDot", "DW_partial"}
+    tiles = [(2, 4096, True), (1, 8192, True), (1, 4096, False)]
+    for block_m, block_n, single in (tiles[:1] if quick else tiles):
+        for warps in ((8,) if quick else (4, 8, 16)):
+            yield ("rmsnorm fwd", R._rms_norm_fwd_kernel.fn, "bf16",
+                   dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, SINGLE_PASS=single), warps, 1, ints, floats, fp32)
+            yield ("rmsnorm bwd", R._rms_norm_bwd_kernel.fn, "bf16",
+                   dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, COMPUTE_DW=True),
+                   warps, 1, ints, floats, fp32)
+
+
+JOBS = {"attention": _attention_jobs, "rmsnorm": _rmsnorm_jobs}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one config per kernel variant")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
+    p.add_argument("--kernels", default=",".join(JOBS), help=f"comma-separated subset of {', '.join(JOBS)}")
+    args = p.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for group in args.kernels.split(","):
+        for label, fn, dtype, const, warps, stages, ints, floats, fp32 in JOBS[group](args.quick):
+            sig, attrs = _signature(fn, const, dtype, ints, floats, fp32)
+            shown = " ".join(f"{k}={v}" for k, v in const.items())
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
+                                          options=dict(num_warps=warps, num_stages=stages))
+            except Exception as e:  # report and go on: every failing config is listed
+                failed += 1
+                msg = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())[-300:]
+                print(f"FAILED {label} {dtype} {shown} w{warps} s{stages}: {type(e).__name__}: {msg}", flush=True)
+                continue
+            regs, stack = _usage(compiled)
+            print(f"ok {label} {dtype} {shown} w{warps} s{stages}: REG {regs} SPILL {stack} "
+                  f"SMEM {compiled.metadata.shared}", flush=True)
+    print(f"{failed} failed" if failed else "all compiled")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

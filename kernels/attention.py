@@ -1,0 +1,540 @@
+"""Flash attention for MHA, GQA and MQA, causal or bidirectional: Triton forward and backward.
+
+Layout BSHD: q (B, S, H, D); k, v (B, S, Hkv, D) with H = GROUP · Hkv. Query head h reads K/V head
+h // GROUP by index, in every pass: K and V are never expanded per query head.
+
+Forward (FlashAttention-2, Dao 2023, arXiv:2307.08691, Algorithm 1). A program owns BLOCK_M query rows
+of one head and streams BLOCK_N-row tiles of K and V through an online softmax held in fp32:
+    t  = (Q Kᵀ) · scale · log2(e)           logits in base 2: exp2 is the hardware instruction
+    m' = max(m, rowmax(t));  p = 2^(t - m');  l = l · 2^(m - m') + rowsum(p)
+    acc = acc · 2^(m - m') + p V
+    O = acc / l;  LSE = (m + log2 l) · ln 2   (natural log, fp32, kept for the backward)
+No S × S matrix exists in memory. p is rounded to the input dtype for the tensor-core dot, as in FA2.
+
+Backward (FA2 Algorithm 2). With P = exp(scale · Q Kᵀ - LSE) recomputed tile by tile:
+    δ  = rowsum(dO ∘ O)                      (a small preprocess kernel, fp32)
+    dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - δ);  dK = scale · dSᵀ Q;  dQ = scale · dS K
+Two kernels, so that no gradient needs atomics: one program per (key block, K/V head) accumulates dK and
+dV in registers over the query blocks of all GROUP query heads that read that K/V head (the GQA sum over
+the group, with no per-query-head copy in memory); one program per (query block, query head)
+accumulates dQ over the key blocks. Every sum has a fixed order: two runs give bit-identical gradients.
+
+Masks. Causal means query i sees keys j <= i (q and k share positions: self-attention). Tiles wholly
+above the diagonal are never visited, tiles wholly below it run without a mask, and only the tiles on
+the diagonal, or (forward and dQ) holding keys past the sequence end, build one. Block sizes are chosen
+so that a query block starts on a key-block boundary (and vice versa in the dK/dV pass), which makes
+that split exact. Rows past the sequence end load as zeros and are never stored.
+
+Precision. Statistics, accumulators and dS are fp32; for fp32 inputs the dots are IEEE fp32 (no TF32),
+so fp32 gets fp32 accuracy at a lower speed. Limits: head dim 1..256 (a non-power-of-two D is padded
+to the next power of two, at least 16, in registers only); any S >= 1, B, H; any strides with a unit
+stride along D (anything else is copied first).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import MAX_HEAD_DIM, check_attention_args
+from ._common import TunedKernel, cdiv, empty, interpreting, next_power_of_2
+
+# Module constants read inside kernels must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared @triton.jit pieces
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(BASE, rows, stride_row, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr):
+    """A (len(rows), HEAD_DIM) tile of one head's (S, D) slice; zeros past S (ROW_MASK) and past D."""
+    cols = tl.arange(0, HEAD_DIM)
+    ptrs = BASE + rows[:, None] * stride_row + cols[None, :]
+    if ROW_MASK:
+        if D < HEAD_DIM:
+            return tl.load(ptrs, mask=(rows < S)[:, None] & (cols < D)[None, :], other=0.0)
+        return tl.load(ptrs, mask=(rows < S)[:, None], other=0.0)
+    if D < HEAD_DIM:
+        return tl.load(ptrs, mask=(cols < D)[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(BASE, rows, stride_row, S, value, D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = tl.arange(0, HEAD_DIM)
+    ptrs = BASE + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, value.to(BASE.dtype.element_ty), mask=(rows < S)[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _visible(q_rows, k_cols, S, IS_CAUSAL: tl.constexpr):
+    """Mask (broadcastable to len(q_rows) × len(k_cols)) of the logits that exist: key inside the
+    sequence and, causal, not after the query. Query rows past S stay unmasked: they see key 0, so their
+    running max stays finite (no inf - inf), and they are never stored."""
+    keep = (k_cols < S)[None, :]
+    if IS_CAUSAL:
+        keep = keep & (q_rows[:, None] >= k_cols[None, :])
+    return keep
+
+
+@triton.jit
+def _program_coords(S, BLOCK: tl.constexpr, heads, REVERSE: tl.constexpr):
+    """(row block, batch, head) of this program in a 1-D grid of cdiv(S, BLOCK) · B · heads programs
+    (no 65535 limit on B·heads). Row blocks vary fastest, so the programs running at once share K/V
+    heads in L2. REVERSE hands out the costliest causal query blocks (the last ones) first, which evens
+    out the tail of the grid; in the dK/dV pass the costliest key blocks come first anyway."""
+    num_blocks = tl.cdiv(S, BLOCK)
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    if REVERSE:
+        block = num_blocks - 1 - block
+    bh = pid // num_blocks
+    return block, bh // heads, bh % heads
+
+
+@triton.jit
+def _key_ranges(q_start, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For the query block starting at q_start: keys [0, split) are visible to all of its queries (no
+    mask), keys [split, end) need the mask. Causal: everything before the block, then its diagonal
+    (q_start is a multiple of BLOCK_N because BLOCK_N divides BLOCK_M). Bidirectional: the whole key
+    tiles, then the ragged last one."""
+    if IS_CAUSAL:
+        return q_start, tl.minimum(q_start + BLOCK_M, S)
+    return (S // BLOCK_N) * BLOCK_N, S
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch configurations
+# ---------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (16 and 32 use the 64 list), and one
+# list for fp32 inputs; BLOCK_M is the query tile, BLOCK_N the key tile in every kernel. Short lists,
+# keyed on the head dim, the mask, the dtype and a power-of-two bucket of S (never on B or the raw S:
+# flash-linear-attention#533). Every 16-bit config here compiles for sm_90 (triton 3.6) without register
+# spills, or with at most a few dozen bytes in the causal variant (checked with ptxas, not yet timed on
+# a GPU); fp32 tiles (IEEE dots, no tensor cores) spill at head dims >= 128 and are a correctness path.
+_FWD_CONFIGS = {
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    "fp32": [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+_DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows stream through
+    64: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2), (16, 128, 8, 2)],
+    128: [(32, 64, 8, 2), (32, 64, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (64, 64, 8, 1)],
+    256: [(16, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 1), (16, 64, 8, 2)],
+    "fp32": [(16, 32, 4, 2), (16, 32, 8, 2)],
+}
+_DQ_CONFIGS = {
+    64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)],
+    256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+    "fp32": [(64, 32, 8, 2), (32, 32, 4, 2)],
+}
+# The interpreter runs one small config that still has BLOCK_M != BLOCK_N, so the diagonal tiles span
+# several inner tiles there too.
+_INTERPRETER_FWD = (32, 16)
+_INTERPRETER_DKDV = (16, 32)
+_INTERPRETER_DQ = (32, 16)
+_SMEM_BYTES = 220 * 1024  # H100/H200 allow 227 KiB per block; keep a margin for the compiler's scratch
+
+
+def _configs(table, interpreter_blocks):
+    """Every distinct config of `table` (pruned per head dim at launch), or the one interpreter config."""
+    if interpreting():
+        bm, bn = interpreter_blocks
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
+    seen, out = set(), []
+    for dim_configs in table.values():
+        for bm, bn, w, s in dim_configs:
+            if (bm, bn, w, s) not in seen:
+                seen.add((bm, bn, w, s))
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+def _make_prune(table, streamed_rows, resident_rows, streamed_tiles, divides):
+    """early_config_prune: the configs listed for this head dim, whose shared memory fits.
+    streamed_rows(BM, BN): rows of each tile loaded in the pipelined loop (num_stages copies of
+    `streamed_tiles` such tiles); resident_rows: rows of the tiles loaded once per program;
+    divides(BM, BN): the block-alignment the mask split needs."""
+    def prune(configs, nargs, **kwargs):
+        meta = {**nargs, **kwargs}
+        if interpreting():
+            return configs
+        head_dim = meta["HEAD_DIM"]
+        fp32 = meta["INPUT_PRECISION"] == "ieee"
+        elem = 4 if fp32 else 2
+        wanted = set(table["fp32" if fp32 else max(64, head_dim)])
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if (bm, bn, c.num_warps, c.num_stages) not in wanted or not divides(bm, bn):
+                continue
+            smem = (c.num_stages * streamed_tiles * streamed_rows(bm, bn) + resident_rows(bm, bn)) * head_dim * elem
+            if smem <= _SMEM_BYTES:
+                kept.append(c)
+        # Never nothing: the smallest config if none fits (cannot happen with the lists above).
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+    return prune
+
+
+_prune_fwd = _make_prune(_FWD_CONFIGS, lambda bm, bn: bn, lambda bm, bn: bm, 2, lambda bm, bn: bm % bn == 0)
+_prune_dkdv = _make_prune(_DKDV_CONFIGS, lambda bm, bn: bm, lambda bm, bn: 2 * bn, 2, lambda bm, bn: bn % bm == 0)
+_prune_dq = _make_prune(_DQ_CONFIGS, lambda bm, bn: bn, lambda bm, bn: 2 * bm, 2, lambda bm, bn: bm % bn == 0)
+_KEY = ["HEAD_DIM", "D", "IS_CAUSAL", "INPUT_PRECISION", "seq_bucket"]
+
+
+def _seq_bucket(s: int) -> int:
+    """The autotuning bucket of a sequence length: the next power of two, within [64, 16384]."""
+    return min(16384, max(64, next_power_of_2(s)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, qk_scale,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi). MASKED tiles may hold keys past S or (causal) after
+    some query; the others are fully visible and skip the mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, k_cols, stride_ks, S, D, HEAD_DIM, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if MASKED:
+            qk = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), qk, float("-inf"))
+        # The scale is folded into the exponent's subtraction (one FMA per logit); it is > 0, so the
+        # max of the scaled logits is the scaled max.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V, k_cols, stride_vs, S, D, HEAD_DIM, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    H, GROUP, S, sm_scale, seq_bucket,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """O and LSE for BLOCK_M query rows of one (batch, head). LSE: (B, H, S) fp32, natural log."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
+    hk = h // GROUP
+    # Batch offsets in int64 (B·S·H·D passes 2^31); offsets inside one batch entry stay int32.
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    # A Python float may be specialised to fp64 (Liger-Kernel PR #1350): pin the scale to fp32.
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+
+    q_start = block_m * BLOCK_M
+    q_rows = q_start + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    split, end = _key_ranges(q_start, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, 0, split, S, qk_scale,
+                               D, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, split, end, S, qk_scale,
+                               D, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, INPUT_PRECISION)
+    # Every row saw key 0 in its first tile, so m_i is finite and l_i >= 1 here (rows past S included).
+    _store_tile(O, q_rows, stride_os, S, acc / l_i[:, None], D, HEAD_DIM)
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, lse, mask=q_rows < S)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, Delta, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+                           H, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """δ = rowsum(dO ∘ O) in fp32, (B, H, S)."""
+    block_m, b, h = _program_coords(S, BLOCK_M, H, False)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_tile(O + b.to(tl.int64) * stride_ob + h * stride_oh, rows, stride_os, S, D, HEAD_DIM, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, stride_dos, S, D, HEAD_DIM, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + (b * H + h).to(tl.int64) * S + rows, delta, mask=rows < S)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, lo, hi, S, qk_scale,
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of one query head, working in
+    the transposed orientation (keys along rows) so that dK and dV come out without a transpose.
+    Query rows past S load as zeros (q, dO, LSE, δ), and a zero q and dO row adds exactly nothing to
+    dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; only the causal DIAGONAL tiles
+    mask P."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        q_rows = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+        do = _load_tile(DO, q_rows, stride_dos, S, D, HEAD_DIM, True)
+        lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0) * LOG2E
+        delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if DIAGONAL:
+            p_t = tl.where(k_cols[:, None] <= q_rows[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dkdv})
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    H, GROUP, S, sm_scale, seq_bucket,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one (batch, K/V head), summed over the GROUP query heads reading it."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    block_n, b, hk = _program_coords(S, BLOCK_N, H // GROUP, False)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+    k_start = block_n * BLOCK_N
+    k_cols = k_start + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk * stride_kh, k_cols, stride_ks, S, D, HEAD_DIM, True)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk * stride_vh, k_cols, stride_vs, S, D, HEAD_DIM, True)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DOh = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        LSEh = LSE + (b * H + h).to(tl.int64) * S
+        Deltah = Delta + (b * H + h).to(tl.int64) * S
+        if IS_CAUSAL:
+            # Queries before k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal;
+            # later queries see all of them. k_start + BLOCK_N is a multiple of BLOCK_M.
+            diag_end = k_start + BLOCK_N
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
+                                 k_start, tl.minimum(diag_end, S), S, qk_scale, D, HEAD_DIM, BLOCK_M, True,
+                                 INPUT_PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
+                                 diag_end, S, S, qk_scale, D, HEAD_DIM, BLOCK_M, False, INPUT_PRECISION)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
+                                 0, S, S, qk_scale, D, HEAD_DIM, BLOCK_M, False, INPUT_PRECISION)
+    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh, k_cols, stride_dks, S,
+                dk * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
+    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh, k_cols, stride_dvs, S, dv, D, HEAD_DIM)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, qk_scale,
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K, k_cols, stride_ks, S, D, HEAD_DIM, MASKED)
+        v = _load_tile(V, k_cols, stride_vs, S, D, HEAD_DIM, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_dq})
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    H, GROUP, S, sm_scale, seq_bucket,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for BLOCK_M query rows of one (batch, head)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
+    hk = h // GROUP
+    K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+    q_start = block_m * BLOCK_M
+    q_rows = q_start + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, q_rows, stride_qs, S, D, HEAD_DIM, True)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, q_rows, stride_dos, S, D, HEAD_DIM, True)
+    bh = (b * H + h).to(tl.int64)
+    lse2 = tl.load(LSE + bh * S + q_rows, mask=q_rows < S, other=0.0) * LOG2E
+    delta = tl.load(Delta + bh * S + q_rows, mask=q_rows < S, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    split, end = _key_ranges(q_start, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, 0, split, S, qk_scale,
+                   D, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, INPUT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, split, end, S, qk_scale,
+                   D, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, INPUT_PRECISION)
+    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh, q_rows, stride_dqs, S,
+                dq * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
+
+
+# Launched through the tuned-config cache (kernels/_common.py), every argument in declaration order.
+_fwd = TunedKernel(_attn_fwd_kernel)
+_dkdv = TunedKernel(_attn_bwd_dkdv_kernel)
+_dq = TunedKernel(_attn_bwd_dq_kernel)
+# δ preprocess: rows per program so that each of its two (rows, HEAD_DIM) tiles holds 4096 elements
+# (32 fp32 registers per thread at 4 warps).
+_PREPROCESS_TILE = 4096
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers (no autograd)
+# ---------------------------------------------------------------------------------------------------
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need unit stride along D; any other stride (including 0) is read in place."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_offsets(**tensors) -> None:
+    """Offsets inside one batch entry are int32 in the kernels (only the batch offset is int64)."""
+    for name, t in tensors.items():
+        span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+        if span >= 2**31:
+            raise ValueError(f"{name}: one batch entry spans {span + 1} elements through its strides; the "
+                             f"kernels address at most 2^31 per entry (split the sequence or the heads)")
+
+
+def _meta(q: torch.Tensor, causal: bool) -> dict:
+    D = q.shape[-1]
+    return dict(D=D, HEAD_DIM=max(16, next_power_of_2(D)), IS_CAUSAL=bool(causal),
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
+    """Launch the forward. q (B, S, H, D); k, v (B, S, Hkv, D); unit stride along D. Returns
+    (o, lse): o (B, S, H, D) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
+    B, S, H, _ = q.shape
+    Hkv = k.shape[2]
+    o = empty(q.shape, q.dtype, q.device)
+    lse = empty((B, H, S), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    _check_offsets(q=q, k=k, v=v)
+    meta = _meta(q, causal)
+    _fwd.launch(
+        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
+        q, k, v, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, H // Hkv, S, sm_scale, _seq_bucket(S),
+        **meta,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+    """Launch the backward: δ, then dK/dV, then dQ. Shapes as in attention_fwd; do like o. Returns
+    (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    B, S, H, _ = q.shape
+    Hkv = k.shape[2]
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    _check_offsets(do=do)
+    meta = _meta(q, causal)
+    delta = empty((B, H, S), torch.float32, q.device)
+    pre_rows = _PREPROCESS_TILE // meta["HEAD_DIM"]
+    _bwd_preprocess_kernel[(cdiv(S, pre_rows) * B * H,)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, S, D=meta["D"], HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=pre_rows, num_warps=4,
+    )
+    group = H // Hkv
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    _dkdv.launch(
+        lambda m: (cdiv(S, m["BLOCK_N"]) * B * Hkv,),
+        q, k, v, do, lse, delta, dk, dv,
+        *common, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, group, S, sm_scale, _seq_bucket(S),
+        **meta,
+    )
+    _dq.launch(
+        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
+        q, k, v, do, lse, delta, dq,
+        *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, group, S, sm_scale, _seq_bucket(S),
+        **meta,
+    )
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd over the launchers; `attention` validates and fixes the scale before `.apply`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale):
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        o, lse = attention_fwd(q, k, v, causal, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Flash attention (Triton) for MHA, GQA and MQA.
+
+    Args:
+        q: (B, S, H, D), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
+        k, v: (B, S, Hkv, D), q's dtype and device, with H % Hkv == 0. Any strides; only a non-unit
+            stride along D costs a copy.
+        causal: query i attends keys j <= i; False (the default) attends all S keys.
+        softmax_scale: > 0; D ** -0.5 when None.
+    Returns:
+        (B, S, H, D) in q's dtype, softmax(scale · q kᵀ) v per head with K/V head h // (H / Hkv).
+        Gradients flow to q, k and v.
+    Raises:
+        ValueError: naming the argument, for a wrong rank, shape, dtype, device, head dim (1..256),
+            causal flag or scale, before any launch.
+    """
+    check_attention_args(q, k, v, causal, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return AttentionFunction.apply(q, k, v, causal, scale)
+
+
+__all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction", "MAX_HEAD_DIM"]

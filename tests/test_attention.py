@@ -1,0 +1,273 @@
+"""Attention kernel (kernels/attention.py) against the float64 reference: output, LSE, dQ, dK, dV."""
+import pytest
+import torch
+
+import lwt.functional as lwtF
+from kernels import attention as attn
+from kernels import reference
+from tests.helpers import grads
+from tests.tolerances import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# The interpreter computes tl.dot of bf16 wrongly (triton#11584), so bf16 runs on a GPU only.
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+
+# (B, S, H, Hkv, D, softmax_scale). On the interpreter the query tile is 32 rows and the key tile 16 (16
+# and 32 in the dK/dV pass), so S = 1, 17, 64, 130 cover a lone token, ragged last tiles, exact tiles and
+# several diagonal tiles per block. H/Hkv 4/4, 4/2, 4/1 are MHA, GQA and MQA. D 48 and 8 are padded in
+# registers. softmax_scale 0.5 at D 32 gives logits of std ~3: peaked rows, where the running max matters.
+SHAPES = [
+    pytest.param((2, 1, 4, 4, 32, None), id="B2-S1-H4/4-D32"),
+    pytest.param((1, 17, 4, 2, 64, None), id="B1-S17-H4/2-D64"),
+    pytest.param((2, 64, 4, 1, 32, 0.5), id="B2-S64-H4/1-D32-scale0.5"),
+    pytest.param((1, 130, 4, 2, 32, None), id="B1-S130-H4/2-D32"),
+    pytest.param((1, 130, 4, 4, 64, None), id="B1-S130-H4/4-D64"),
+    pytest.param((1, 47, 4, 1, 64, None), id="B1-S47-H4/1-D64"),
+    pytest.param((2, 33, 2, 1, 48, None), id="B2-S33-H2/1-D48"),
+    pytest.param((1, 20, 3, 3, 8, 1.0), id="B1-S20-H3/3-D8"),
+]
+# Larger shapes for the compiled kernels (every autotuned block size sees ragged and exact tiles).
+CUDA_SHAPES = [
+    pytest.param((2, 1000, 8, 2, 128, None), id="B2-S1000-H8/2-D128", marks=pytest.mark.cuda),
+    pytest.param((1, 2049, 4, 4, 64, None), id="B1-S2049-H4/4-D64", marks=pytest.mark.cuda),
+    pytest.param((2, 511, 8, 1, 256, None), id="B2-S511-H8/1-D256", marks=pytest.mark.cuda),
+    pytest.param((1, 777, 6, 3, 96, None), id="B1-S777-H6/3-D96", marks=pytest.mark.cuda),
+    pytest.param((3, 4096, 4, 2, 128, None), id="B3-S4096-H4/2-D128", marks=pytest.mark.cuda),
+]
+
+
+def _make(B, S, H, Hkv, D, dtype, layout, gen):
+    """q (B, S, H, D), k, v (B, S, Hkv, D), random, in one of three layouts:
+    contiguous; 'fused': slices of one (B, S, (H + 2·Hkv)·D) projection output, as GQAAttention passes
+    them (rows S apart by (H + 2·Hkv)·D); 'bhsd': transposed views of (B, heads, S, D) buffers."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    if layout == "fused":
+        qkv = randn(B, S, (H + 2 * Hkv) * D)
+        return (qkv[..., :H * D].unflatten(-1, (H, D)), qkv[..., H * D:(H + Hkv) * D].unflatten(-1, (Hkv, D)),
+                qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D)))
+    if layout == "bhsd":
+        return randn(B, H, S, D).transpose(1, 2), randn(B, Hkv, S, D).transpose(1, 2), randn(B, Hkv, S, D).transpose(1, 2)
+    return randn(B, S, H, D), randn(B, S, Hkv, D), randn(B, S, Hkv, D)
+
+
+def _dq_terms(q, k, v, do, sm_scale):
+    """Size of the terms of dQ when S = 1: dQ = scale·(dO·V − dO·O)·K is exactly 0 (O = V), and what a
+    kernel returns is the roundoff of that difference: measure it against max|dO·V|·max|K|·scale."""
+    group = q.shape[2] // k.shape[2]
+    dp = (do.double() * v.double().repeat_interleave(group, dim=2)).sum(-1)
+    return dp.abs().max().item() * k.double().abs().max().item() * sm_scale
+
+
+def _check(shape, dtype, causal, layout="contiguous", seed=0):
+    B, S, H, Hkv, D, scale = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _make(B, S, H, Hkv, D, dtype, layout, gen)
+    do = torch.randn(B, S, H, D, generator=gen).to(DEVICE, dtype)
+
+    def kernel(q, k, v):
+        return attn.attention(q, k, v, causal=causal, softmax_scale=scale)
+
+    def ref(q, k, v, upcast=True):
+        return reference.attention_with_lse(q, k, v, causal, scale, upcast)[0]
+
+    (o,), g = grads(kernel, [q, k, v], [do])
+    (o64,), g64 = grads(ref, [q.double(), k.double(), v.double()], [do.double()])
+    (o_ref,), g_ref = grads(lambda *a: ref(*a, upcast=False), [q, k, v], [do])
+    sm_scale = D ** -0.5 if scale is None else scale
+    # Each element of o and dq is an fp32 sum over keys, of dk and dv over the queries of the group.
+    assert_close("o", o, o64, o_ref, reduced_over=S)
+    for name, a, e, r, n in zip(["dq", "dk", "dv"], g, g64, g_ref, [S, S * H // Hkv, S * H // Hkv]):
+        assert a.dtype == dtype and a.shape == e.shape
+        assert_close(name, a, e, r, reduced_over=n, scale=_dq_terms(q, k, v, do, sm_scale) if name == "dq" and S == 1 else None)
+
+    # The saved log-sum-exp, through the launcher (the public op returns o only).
+    with torch.no_grad():
+        _, lse = attn.attention_fwd(q, k, v, causal, sm_scale)
+        _, lse64 = reference.attention_with_lse(q.double(), k.double(), v.double(), causal, scale)
+        _, lse_ref = reference.attention_with_lse(q, k, v, causal, scale, upcast=False)
+    assert lse.dtype == torch.float32
+    assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", SHAPES + CUDA_SHAPES)
+def test_attention_matches_float64_reference(shape, causal, dtype):
+    _check(shape, dtype, causal)
+
+
+@pytest.mark.parametrize("layout", ["fused", "bhsd"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", [pytest.param((2, 37, 4, 2, 32, None), id="B2-S37-H4/2-D32"),
+                                   pytest.param((1, 600, 8, 2, 128, None), id="B1-S600-H8/2-D128",
+                                                marks=pytest.mark.cuda)])
+def test_strided_layouts(shape, causal, layout):
+    """Inputs as a fused QKV projection hands them over, and as transposed (B, H, S, D) buffers: read in
+    place through their strides."""
+    _check(shape, torch.float16, causal, layout, seed=1)
+
+
+def test_cotangent_layouts():
+    """dO arriving expanded (stride 0, from a broadcast) and transposed."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _make(1, 19, 2, 1, 32, torch.float32, "contiguous", gen)
+    for do in (torch.randn(32, generator=gen).to(DEVICE).expand(1, 19, 2, 32),
+               torch.randn(1, 2, 19, 32, generator=gen).to(DEVICE).transpose(1, 2)):
+        (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, True), [q, k, v], [do])
+        (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
+                            [do.double()])
+        (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
+        for name, a, e, r in zip(["dq", "dk", "dv"], g, g64, g_ref):
+            assert_close(name, a, e, r, reduced_over=19 * 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 1, 16), (2, 0, 2, 2, 16), (1, 4, 0, 1, 16)],
+                         ids=["B0", "S0", "H0"])
+def test_empty_inputs(shape):
+    B, S, H, Hkv, D = shape
+    q = torch.randn(B, S, H, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, S, Hkv, D, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, S, Hkv, D, device=DEVICE, requires_grad=True)
+    o = attn.attention(q, k, v)
+    assert o.shape == (B, S, H, D)
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and (k.grad == 0).all() and (v.grad == 0).all()
+
+
+def test_padded_head_dim_reads_and_writes_only_d():
+    """D = 40 is padded to 64 in registers: elements of a wider buffer next to each head must be neither
+    read (NaN there would spread) nor written."""
+    gen = torch.Generator().manual_seed(3)
+    B, S, H, D = 1, 21, 2, 40
+    buf = torch.full((B, S, H, D + 8), float("nan"), device=DEVICE)
+    q = buf[..., :D].copy_(torch.randn(B, S, H, D, generator=gen))
+    k, v = (torch.randn(B, S, H, D, generator=gen).to(DEVICE) for _ in range(2))
+    o = attn.attention(q, k, v)
+    assert torch.isnan(buf[..., D:]).all() and torch.isfinite(o).all()
+    assert_close("o", o, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v), 21)
+
+
+@pytest.mark.cuda
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give bit-identical dQ, dK, dV (GQA: dK/dV summed over groups)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _make(2, 1537, 16, 2, 128, torch.bfloat16, "contiguous", gen)
+    do = torch.randn(2, 1537, 16, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    for causal in (False, True):
+        runs = [grads(lambda a, b, c: attn.attention(a, b, c, causal), [q, k, v], [do])[1] for _ in range(2)]
+        for g1, g2 in zip(*runs):
+            assert torch.equal(g1, g2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a ValueError naming the argument, before any launch
+# ---------------------------------------------------------------------------------------------------
+
+def _ok():
+    return (torch.randn(2, 8, 4, 16, device=DEVICE), torch.randn(2, 8, 2, 16, device=DEVICE),
+            torch.randn(2, 8, 2, 16, device=DEVICE))
+
+
+def _bad_cases():
+    q, k, v = _ok()
+    meta = torch.randn(2, 8, 2, 16, device="meta")
+    return [
+        ("q", "expected a torch.Tensor", (q.tolist(), k, v), {}),
+        ("q", "expected 4 dims", (q[0], k, v), {}),
+        ("k", "expected 4 dims", (q, k[0], v), {}),
+        ("q", "expected dtype", (q.to(torch.int32), k, v), {}),
+        ("k", "expected the dtype of q", (q, k.half(), v), {}),
+        ("v", "expected the dtype of q", (q, k, v.half()), {}),
+        ("k", "expected a tensor on", (q, meta, v), {}),
+        ("k", "expected shape", (q, k[:1], v), {}),
+        ("k", "expected shape", (q, k[:, :5], v), {}),
+        ("v", "expected shape", (q, k, v[..., :8]), {}),
+        ("v", "expected the shape of k", (q, k, v[:, :, :1]), {}),
+        ("k", "dividing the 4 query heads", (q, torch.randn(2, 8, 3, 16, device=DEVICE), torch.randn(2, 8, 3, 16, device=DEVICE)), {}),
+        ("k", "expected shape", (q, k[:, :, :0], v[:, :, :0]), {}),
+        ("q", "head dim", (torch.randn(1, 2, 1, 300, device=DEVICE), torch.randn(1, 2, 1, 300, device=DEVICE),
+                           torch.randn(1, 2, 1, 300, device=DEVICE)), {}),
+        ("q", "head dim", (q[..., :0], k[..., :0], v[..., :0]), {}),
+        ("causal", "expected a bool", (q, k, v), {"causal": 1}),
+        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": 0.0}),
+        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": -0.1}),
+        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": float("nan")}),
+        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": True}),
+        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": torch.tensor(0.1)}),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
+    name, message, args, kwargs = _bad_cases()[case]
+
+    def no_launch(*a, **k):
+        raise AssertionError("a kernel (or the reference) ran on invalid input")
+
+    monkeypatch.setattr(attn, "attention_fwd", no_launch)
+    monkeypatch.setattr(reference, "attention", no_launch)
+    if entry == "kernel":
+        fn = attn.attention
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = lwtF.attention
+    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
+        fn(*args, **kwargs)
+
+
+def test_functional_dispatch(monkeypatch):
+    """auto: the kernel for CUDA tensors, the reference otherwise; both forced paths agree, and the
+    reference path alone takes float64."""
+    calls = []
+    real_fwd, real_ref = attn.attention_fwd, reference.attention
+    monkeypatch.setattr(attn, "attention_fwd", lambda *a: calls.append("kernel") or real_fwd(*a))
+    monkeypatch.setattr(reference, "attention", lambda *a: calls.append("reference") or real_ref(*a))
+    q, k, v = _ok()
+    lwtF.attention(q, k, v)
+    assert calls == ["kernel" if CUDA else "reference"]
+    outs = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LWT_BACKEND", backend)
+        calls.clear()
+        outs[backend] = lwtF.attention(q, k, v, causal=True)
+        assert calls == ["kernel" if backend == "triton" else "reference"]
+    o64 = real_ref(q.double(), k.double(), v.double(), True)
+    assert_close("o", outs["triton"], o64, outs["reference"], reduced_over=8)
+    assert lwtF.attention(q.double(), k.double(), v.double()).dtype == torch.float64
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"^q: expected dtype float32, float16 or bfloat16, got torch.float64"):
+        lwtF.attention(q.double(), k.double(), v.double())
+
+
+
+def test_offsets_past_int32_within_a_batch_entry_are_refused():
+    """Offsets inside one batch entry are int32 in the kernels: a layout whose entry spans 2^31 elements
+    or more is a ValueError (the buffer is only reserved, never touched)."""
+    buf = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    q = buf.as_strided((1, 3, 1, 16), (0, 2**30, 16, 1))
+    k = torch.randn(1, 3, 1, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^q: one batch entry spans 2147483664 elements"):
+        attn.attention(q, k, k)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee"], ids=["16-bit", "fp32"])
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, precision):
+    """The GPU autotune lists: every listed config has the block alignment its mask split relies on
+    (otherwise only a tl.static_assert at compile time would say so), and pruning per head dim and
+    dtype never leaves nothing."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    for name, table, prune, aligned in [
+        ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
+        ("dkdv", attn._DKDV_CONFIGS, attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
+        ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
+    ]:
+        for bm, bn, warps, stages in table["fp32" if precision == "ieee" else max(64, head_dim)]:
+            assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
+        assert prune(attn._configs(table, None), {"HEAD_DIM": head_dim, "INPUT_PRECISION": precision}), name
