@@ -75,13 +75,33 @@ def _attention_jobs(quick):
             configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]
             for causal in (False, True):
                 for bm, bn, warps, stages in (configs[:1] if quick else configs):
-                    const = dict(D=d, HEAD_DIM=head_dim, IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
-                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                    const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim, IS_CAUSAL=causal,
+                                 BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
     pre = A._bwd_preprocess_kernel
     for head_dim in (64, 128, 256):
         const = dict(D=head_dim, HEAD_DIM=head_dim, BLOCK_M=A._PREPROCESS_TILE // head_dim)
         yield ("attention δ", pre, "bf16", const, 4, 3, {"H", "S"}, set(), {"Delta"})
+
+
+def _mla_jobs(quick):
+    from kernels import attention as A
+    from kernels import mla as M
+
+    ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "seq_bucket"}
+    kernels = [("mla fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("mla dK/dV", M._mla_bwd_dkdv_kernel,
+               A._DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
+    # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr
+    variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192)]
+    for label, kernel, table in kernels:
+        for dtype, dn, dr, dv in (variants[:1] if quick else variants):
+            meta = A.head_meta(dn, dr, dv, None, False)
+            configs = table[A._table_key(meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"])]
+            for causal in (False, True):
+                for bm, bn, warps, stages in (configs[:1] if quick else configs):
+                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn}
+                    yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
+                           {"LSE", "Delta", "DKR_partial"})
 
 
 def _rmsnorm_jobs(quick):
@@ -98,7 +118,7 @@ def _rmsnorm_jobs(quick):
                    warps, 1, ints, floats, fp32)
 
 
-JOBS = {"attention": _attention_jobs, "rmsnorm": _rmsnorm_jobs}
+JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "rmsnorm": _rmsnorm_jobs}
 
 
 def main(argv=None) -> int:

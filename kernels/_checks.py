@@ -98,7 +98,45 @@ def check_attention_args(q, k, v, causal, softmax_scale, *, dtypes=KERNEL_DTYPES
         raise ValueError(f"k: expected a number of heads dividing the {H} query heads of q, got {k.shape[2]}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim (last dim) in 1..{MAX_HEAD_DIM}, got shape {tuple(q.shape)}")
+    _check_causal_and_scale(causal, softmax_scale)
+
+
+def _check_causal_and_scale(causal, softmax_scale) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal: expected a bool, got {causal!r}")
     if softmax_scale is not None and not (_is_finite_real(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale: expected None or a finite real number > 0, got {softmax_scale!r}")
+
+
+# Largest MLA rope dim: its q and k tiles sit in registers beside the Dn-wide ones.
+MAX_ROPE_DIM = 128
+
+
+def check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, *, dtypes=KERNEL_DTYPES) -> None:
+    """The contract of `mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)`; see kernels/mla.py."""
+    check_tensor(q, "q", dtypes=dtypes, ndim=4)
+    B, S, H, dq = q.shape
+    for name, t, ndim in (("k_nope", k_nope, 4), ("k_rope", k_rope, 3), ("v", v, 4)):
+        check_tensor(t, name, dtypes=dtypes, ndim=ndim)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+        check_same_device(t, name, q, "q")
+    if tuple(k_nope.shape[:3]) != (B, S, H):
+        raise ValueError(f"k_nope: expected shape ({B}, {S}, {H}, Dn) (batch, seq, heads of q {tuple(q.shape)}), "
+                         f"got {tuple(k_nope.shape)}")
+    if tuple(k_rope.shape[:2]) != (B, S):
+        raise ValueError(f"k_rope: expected shape ({B}, {S}, Dr) (one rope key per token, shared by the heads), "
+                         f"got {tuple(k_rope.shape)}")
+    if tuple(v.shape[:3]) != (B, S, H):
+        raise ValueError(f"v: expected shape ({B}, {S}, {H}, Dv) (batch, seq, heads of q), got {tuple(v.shape)}")
+    dn, dr, dv = k_nope.shape[3], k_rope.shape[2], v.shape[3]
+    if not 1 <= dn <= MAX_HEAD_DIM:
+        raise ValueError(f"k_nope: expected a head dim (Dn, last dim) in 1..{MAX_HEAD_DIM}, got shape {tuple(k_nope.shape)}")
+    if not 1 <= dr <= MAX_ROPE_DIM:
+        raise ValueError(f"k_rope: expected a rope dim (Dr, last dim) in 1..{MAX_ROPE_DIM}, got shape {tuple(k_rope.shape)}")
+    if not 1 <= dv <= MAX_HEAD_DIM:
+        raise ValueError(f"v: expected a head dim (Dv, last dim) in 1..{MAX_HEAD_DIM}, got shape {tuple(v.shape)}")
+    if dq != dn + dr:
+        raise ValueError(f"q: expected a last dim of Dn + Dr = {dn} + {dr} = {dn + dr} (k_nope's and k_rope's), "
+                         f"got shape {tuple(q.shape)}")
+    _check_causal_and_scale(causal, softmax_scale)

@@ -155,36 +155,45 @@ def _configs(table, interpreter_blocks):
     return out
 
 
-def _make_prune(table, streamed_rows, resident_rows, streamed_tiles, divides):
-    """early_config_prune: the configs listed for this head dim, whose shared memory fits.
-    streamed_rows(BM, BN): rows of each tile loaded in the pipelined loop (num_stages copies of
-    `streamed_tiles` such tiles); resident_rows: rows of the tiles loaded once per program;
-    divides(BM, BN): the block-alignment the mask split needs."""
+def _table_key(qk_dim: int, v_dim: int) -> int:
+    """Which config list a head takes: by its widest padded operand (q·k with any rope part, or v)."""
+    width = max(qk_dim, v_dim)
+    return 64 if width <= 64 else 128 if width <= 128 else 256
+
+
+def _make_prune(table, smem_elements, divides):
+    """early_config_prune: the configs listed for these head dims whose shared memory fits.
+    smem_elements(BM, BN, stages, QK, V): elements a config holds in shared memory, with QK and V the
+    padded widths of q·k (rope part included) and of v; divides(BM, BN): the block alignment the mask
+    split needs."""
     def prune(configs, nargs, **kwargs):
         meta = {**nargs, **kwargs}
         if interpreting():
             return configs
-        head_dim = meta["HEAD_DIM"]
+        qk, vd = meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"]
         fp32 = meta["INPUT_PRECISION"] == "ieee"
-        elem = 4 if fp32 else 2
-        wanted = set(table["fp32" if fp32 else max(64, head_dim)])
+        wanted = set(table["fp32" if fp32 else _table_key(qk, vd)])
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             if (bm, bn, c.num_warps, c.num_stages) not in wanted or not divides(bm, bn):
                 continue
-            smem = (c.num_stages * streamed_tiles * streamed_rows(bm, bn) + resident_rows(bm, bn)) * head_dim * elem
-            if smem <= _SMEM_BYTES:
+            if smem_elements(bm, bn, c.num_stages, qk, vd) * (4 if fp32 else 2) <= _SMEM_BYTES:
                 kept.append(c)
         # Never nothing: the smallest config if none fits (cannot happen with the lists above).
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
     return prune
 
 
-_prune_fwd = _make_prune(_FWD_CONFIGS, lambda bm, bn: bn, lambda bm, bn: bm, 2, lambda bm, bn: bm % bn == 0)
-_prune_dkdv = _make_prune(_DKDV_CONFIGS, lambda bm, bn: bm, lambda bm, bn: 2 * bn, 2, lambda bm, bn: bn % bm == 0)
-_prune_dq = _make_prune(_DQ_CONFIGS, lambda bm, bn: bn, lambda bm, bn: 2 * bm, 2, lambda bm, bn: bm % bn == 0)
-_KEY = ["HEAD_DIM", "D", "IS_CAUSAL", "INPUT_PRECISION", "seq_bucket"]
+# Streamed tiles (K and V in the forward and dQ, q and dO in dK/dV) have `stages` copies in flight; the
+# resident ones (q; k and v; q and dO) one.
+_prune_fwd = _make_prune(_FWD_CONFIGS, lambda bm, bn, st, qk, vd: st * bn * (qk + vd) + bm * qk,
+                         lambda bm, bn: bm % bn == 0)
+_prune_dkdv = _make_prune(_DKDV_CONFIGS, lambda bm, bn, st, qk, vd: (st * bm + bn) * (qk + vd),
+                          lambda bm, bn: bn % bm == 0)
+_prune_dq = _make_prune(_DQ_CONFIGS, lambda bm, bn, st, qk, vd: (st * bn + bm) * (qk + vd),
+                        lambda bm, bn: bm % bn == 0)
+_KEY = ["D", "HEAD_DIM", "D_R", "ROPE_DIM", "D_V", "V_DIM", "IS_CAUSAL", "INPUT_PRECISION", "seq_bucket"]
 
 
 def _seq_bucket(s: int) -> int:
@@ -195,18 +204,37 @@ def _seq_bucket(s: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------
+# The inner loops and the forward and dQ kernels also serve MLA (kernels/mla.py): a score may have a
+# second part, q_rope·k_rope, whose keys KR (B, S, D_R) are one per token, shared by every head (read
+# with no head stride, never broadcast in memory), and V may have its own head dim D_V. Each tensor dim
+# comes as (real size, the power of two >= 16 it is padded to in registers): D/HEAD_DIM for q·k,
+# D_R/ROPE_DIM for the rope part (ROPE_DIM = 0: none, plain attention), D_V/V_DIM for v.
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, qk_scale,
-               D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _scores(q, qr, K, KR, k_cols, stride_ks, stride_krs, S, D: tl.constexpr, HEAD_DIM: tl.constexpr,
+            D_R: tl.constexpr, ROPE_DIM: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """q·kᵀ (+ q_rope·k_ropeᵀ) for one key tile, fp32 (BLOCK_M, BLOCK_N); also the tiles loaded."""
+    k = _load_tile(K, k_cols, stride_ks, S, D, HEAD_DIM, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    kr = k
+    if ROPE_DIM > 0:
+        kr = _load_tile(KR, k_cols, stride_krs, S, D_R, ROPE_DIM, MASKED)
+        qk = tl.dot(qr, tl.trans(kr), qk, input_precision=INPUT_PRECISION)
+    return qk, k, kr
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, lo, hi, S, qk_scale,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+               D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Online softmax over the key tiles [lo, hi). MASKED tiles may hold keys past S or (causal) after
     some query; the others are fully visible and skip the mask."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, k_cols, stride_ks, S, D, HEAD_DIM, MASKED)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        qk, k, kr = _scores(q, qr, K, KR, k_cols, stride_ks, stride_krs, S, D, HEAD_DIM, D_R, ROPE_DIM,
+                            MASKED, INPUT_PRECISION)
         if MASKED:
             qk = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), qk, float("-inf"))
         # The scale is folded into the exponent's subtraction (one FMA per logit); it is > 0, so the
@@ -215,7 +243,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, 
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, k_cols, stride_vs, S, D, HEAD_DIM, MASKED)
+        v = _load_tile(V, k_cols, stride_vs, S, D_V, V_DIM, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -225,20 +253,23 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, 
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    Q, K, KR, V, O, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     H, GROUP, S, sm_scale, seq_bucket,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O and LSE for BLOCK_M query rows of one (batch, head). LSE: (B, H, S) fp32, natural log."""
+    """O and LSE for BLOCK_M query rows of one (batch, head). Q (B, S, H, D + D_R): the rope part of a
+    query follows its first D dims. LSE: (B, H, S) fp32, natural log."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
     hk = h // GROUP
     # Batch offsets in int64 (B·S·H·D passes 2^31); offsets inside one batch entry stay int32.
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    KR += b.to(tl.int64) * stride_krb
     V += b.to(tl.int64) * stride_vb + hk * stride_vh
     O += b.to(tl.int64) * stride_ob + h * stride_oh
     # A Python float may be specialised to fp64 (Liger-Kernel PR #1350): pin the scale to fp32.
@@ -247,16 +278,21 @@ def _attn_fwd_kernel(
     q_start = block_m * BLOCK_M
     q_rows = q_start + tl.arange(0, BLOCK_M)
     q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+    qr = q
+    if ROPE_DIM > 0:
+        qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, V_DIM), tl.float32)
     split, end = _key_ranges(q_start, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, 0, split, S, qk_scale,
-                               D, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, INPUT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, q_rows, split, end, S, qk_scale,
-                               D, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, 0, split,
+                               S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, False,
+                               INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, split, end,
+                               S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, True,
+                               INPUT_PRECISION)
     # Every row saw key 0 in its first tile, so m_i is finite and l_i >= 1 here (rows past S included).
-    _store_tile(O, q_rows, stride_os, S, acc / l_i[:, None], D, HEAD_DIM)
+    _store_tile(O, q_rows, stride_os, S, acc / l_i[:, None], D_V, V_DIM)
     lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, lse, mask=q_rows < S)
 
@@ -278,11 +314,12 @@ def _bwd_preprocess_kernel(O, DO, Delta, stride_ob, stride_os, stride_oh, stride
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, lo, hi, S, qk_scale,
-                D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, lo, hi, S, qk_scale,
+                D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+                D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of one query head, working in
-    the transposed orientation (keys along rows) so that dK and dV come out without a transpose.
+    """Accumulate dK (and dK_rope), dV of one key tile over the query tiles [lo, hi) of one query head,
+    working in the transposed orientation (keys along rows) so that they come out without a transpose.
     Query rows past S load as zeros (q, dO, LSE, δ), and a zero q and dO row adds exactly nothing to
     dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; only the causal DIAGONAL tiles
     mask P."""
@@ -290,18 +327,46 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, 
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_rows = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
-        do = _load_tile(DO, q_rows, stride_dos, S, D, HEAD_DIM, True)
+        do = _load_tile(DO, q_rows, stride_dos, S, D_V, V_DIM, True)
         lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0) * LOG2E
         delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if ROPE_DIM > 0:
+            qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
+            qk_t = tl.dot(kr, tl.trans(qr), qk_t, input_precision=INPUT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if DIAGONAL:
             p_t = tl.where(k_cols[:, None] <= q_rows[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=INPUT_PRECISION)
+        if ROPE_DIM > 0:
+            dkr = tl.dot(ds_t, qr, dkr, input_precision=INPUT_PRECISION)
+    return dk, dkr, dv
+
+
+@triton.jit
+def _dkdv_head(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
+               D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+               D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """All the query tiles of one query head for the key tile starting at k_start. Causal: queries before
+    k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal (k_start + BLOCK_N is a
+    multiple of BLOCK_M); later queries see all of them."""
+    if IS_CAUSAL:
+        diag_end = k_start + BLOCK_N
+        dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
+                                  k_start, tl.minimum(diag_end, S), S, qk_scale,
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, True, INPUT_PRECISION)
+        dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
+                                  diag_end, S, S, qk_scale,
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, INPUT_PRECISION)
+    else:
+        dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
+                                  0, S, S, qk_scale,
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, INPUT_PRECISION)
+    return dk, dkr, dv
 
 
 @triton.autotune(configs=_configs(_DKDV_CONFIGS, _INTERPRETER_DKDV), key=_KEY,
@@ -312,95 +377,103 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     H, GROUP, S, sm_scale, seq_bucket,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV for BLOCK_N keys of one (batch, K/V head), summed over the GROUP query heads reading it."""
+    """dK, dV for BLOCK_N keys of one (batch, K/V head), summed over the GROUP query heads reading it.
+    (No rope part here: ROPE_DIM is 0, in the signature for the shared autotune key.)"""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tl.static_assert(ROPE_DIM == 0)
     block_n, b, hk = _program_coords(S, BLOCK_N, H // GROUP, False)
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     k_start = block_n * BLOCK_N
     k_cols = k_start + tl.arange(0, BLOCK_N)
     k = _load_tile(K + b.to(tl.int64) * stride_kb + hk * stride_kh, k_cols, stride_ks, S, D, HEAD_DIM, True)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk * stride_vh, k_cols, stride_vs, S, D, HEAD_DIM, True)
+    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk * stride_vh, k_cols, stride_vs, S, D_V, V_DIM, True)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, V_DIM), tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
-        Qh = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DOh = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        LSEh = LSE + (b * H + h).to(tl.int64) * S
-        Deltah = Delta + (b * H + h).to(tl.int64) * S
-        if IS_CAUSAL:
-            # Queries before k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal;
-            # later queries see all of them. k_start + BLOCK_N is a multiple of BLOCK_M.
-            diag_end = k_start + BLOCK_N
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
-                                 k_start, tl.minimum(diag_end, S), S, qk_scale, D, HEAD_DIM, BLOCK_M, True,
-                                 INPUT_PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
-                                 diag_end, S, S, qk_scale, D, HEAD_DIM, BLOCK_M, False, INPUT_PRECISION)
-        else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Deltah, stride_qs, stride_dos, k_cols,
-                                 0, S, S, qk_scale, D, HEAD_DIM, BLOCK_M, False, INPUT_PRECISION)
+        dk, _, dv = _dkdv_head(dk, dk, dv, k, k, v, Q + b.to(tl.int64) * stride_qb + h * stride_qh,
+                               DO + b.to(tl.int64) * stride_dob + h * stride_doh,
+                               LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
+                               stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
+                               D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, INPUT_PRECISION)
     _store_tile(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh, k_cols, stride_dks, S,
                 dk * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
-    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh, k_cols, stride_dvs, S, dv, D, HEAD_DIM)
+    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, lo, hi, S, qk_scale,
-              D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dq_inner(dq, dqr, q, qr, do, lse2, delta, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, lo, hi, S,
+              qk_scale, D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+              D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    """Accumulate dQ (and dQ_rope) of one query tile over the key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, k_cols, stride_ks, S, D, HEAD_DIM, MASKED)
-        v = _load_tile(V, k_cols, stride_vs, S, D, HEAD_DIM, MASKED)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        qk, k, kr = _scores(q, qr, K, KR, k_cols, stride_ks, stride_krs, S, D, HEAD_DIM, D_R, ROPE_DIM,
+                            MASKED, INPUT_PRECISION)
+        v = _load_tile(V, k_cols, stride_vs, S, D_V, V_DIM, MASKED)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             p = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
-    return dq
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=INPUT_PRECISION)
+        if ROPE_DIM > 0:
+            dqr = tl.dot(ds, kr, dqr, input_precision=INPUT_PRECISION)
+    return dq, dqr
 
 
 @triton.autotune(configs=_configs(_DQ_CONFIGS, _INTERPRETER_DQ), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_dq})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
+    Q, K, KR, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh,
     H, GROUP, S, sm_scale, seq_bucket,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ for BLOCK_M query rows of one (batch, head)."""
+    """dQ (B, S, H, D + D_R) for BLOCK_M query rows of one (batch, head)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
     hk = h // GROUP
     K += b.to(tl.int64) * stride_kb + hk * stride_kh
+    KR += b.to(tl.int64) * stride_krb
     V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    Q += b.to(tl.int64) * stride_qb + h * stride_qh
+    DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     q_start = block_m * BLOCK_M
     q_rows = q_start + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h * stride_qh, q_rows, stride_qs, S, D, HEAD_DIM, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, q_rows, stride_dos, S, D, HEAD_DIM, True)
+    q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+    qr = q
+    dqr = tl.zeros((1, 1), tl.float32)  # a placeholder unless there is a rope part
+    if ROPE_DIM > 0:
+        qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
+        dqr = tl.zeros((BLOCK_M, ROPE_DIM), tl.float32)
+    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, q_rows, stride_dos, S, D_V, V_DIM, True)
     bh = (b * H + h).to(tl.int64)
     lse2 = tl.load(LSE + bh * S + q_rows, mask=q_rows < S, other=0.0) * LOG2E
     delta = tl.load(Delta + bh * S + q_rows, mask=q_rows < S, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     split, end = _key_ranges(q_start, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, 0, split, S, qk_scale,
-                   D, HEAD_DIM, BLOCK_N, IS_CAUSAL, False, INPUT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, q_rows, split, end, S, qk_scale,
-                   D, HEAD_DIM, BLOCK_N, IS_CAUSAL, True, INPUT_PRECISION)
-    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh, q_rows, stride_dqs, S,
-                dq * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
+    dq, dqr = _dq_inner(dq, dqr, q, qr, do, lse2, delta, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, 0,
+                        split, S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, False,
+                        INPUT_PRECISION)
+    dq, dqr = _dq_inner(dq, dqr, q, qr, do, lse2, delta, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows,
+                        split, end, S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, True,
+                        INPUT_PRECISION)
+    scale = tl.cast(sm_scale, tl.float32)
+    _store_tile(DQ, q_rows, stride_dqs, S, dq * scale, D, HEAD_DIM)
+    if ROPE_DIM > 0:
+        _store_tile(DQ + D, q_rows, stride_dqs, S, dqr * scale, D_R, ROPE_DIM)
 
 
 # Launched through the tuned-config cache (kernels/_common.py), every argument in declaration order.
@@ -430,70 +503,98 @@ def _check_offsets(**tensors) -> None:
                              f"kernels address at most 2^31 per entry (split the sequence or the heads)")
 
 
-def _meta(q: torch.Tensor, causal: bool) -> dict:
-    D = q.shape[-1]
-    return dict(D=D, HEAD_DIM=max(16, next_power_of_2(D)), IS_CAUSAL=bool(causal),
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+def _padded(n: int) -> int:
+    """Register width of a head dim of n: the next power of two, at least 16 (tl.dot's minimum); 0 for 0."""
+    return max(16, next_power_of_2(n)) if n else 0
+
+
+def head_meta(d: int, d_rope: int, d_v: int, dtype: torch.dtype, causal: bool) -> dict:
+    """The constexpr arguments the kernels take for heads of q·k dim d (+ a rope part of d_rope) and v
+    dim d_v."""
+    return dict(D=d, HEAD_DIM=_padded(d), D_R=d_rope, ROPE_DIM=_padded(d_rope), D_V=d_v, V_DIM=_padded(d_v),
+                IS_CAUSAL=bool(causal), INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def launch_fwd(q, k, kr, v, causal: bool, sm_scale: float, d_rope: int = 0):
+    """The forward, for attention (kr None, d_rope 0) and MLA. q (B, S, H, D + d_rope); k (B, S, Hkv, D);
+    kr (B, S, d_rope): rope keys shared by all heads; v (B, S, Hkv, D_V); unit stride along the last dim.
+    Returns (o, lse): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
+    B, S, H, _ = q.shape
+    Hkv, d, d_v = k.shape[2], k.shape[3], v.shape[3]
+    o = empty((B, S, H, d_v), q.dtype, q.device)
+    lse = empty((B, H, S), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    _check_offsets(q=q, k=k, v=v, **({} if kr is None else {"k_rope": kr}))
+    kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
+    _fwd.launch(
+        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
+        q, k, k if kr is None else kr, v, o, lse,  # without a rope part, k stands in for the unread kr
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *kr_strides,
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, H // Hkv, S, sm_scale, _seq_bucket(S),
+        **head_meta(d, d_rope, d_v, q.dtype, causal),
+    )
+    return o, lse
+
+
+def launch_delta(o, do):
+    """δ = rowsum(dO ∘ O): (B, H, S) fp32, from o and do (B, S, H, D_V) with unit stride along D_V."""
+    B, S, H, d_v = o.shape
+    delta = empty((B, H, S), torch.float32, o.device)
+    rows = _PREPROCESS_TILE // _padded(d_v)
+    _bwd_preprocess_kernel[(cdiv(S, rows) * B * H,)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, S, D=d_v, HEAD_DIM=_padded(d_v), BLOCK_M=rows, num_warps=4,
+    )
+    return delta
+
+
+def launch_dq(do, q, k, kr, v, lse, delta, causal: bool, sm_scale: float, d_rope: int = 0):
+    """dQ, for attention and MLA (arguments as in launch_fwd): (B, S, H, D + d_rope) in q's dtype."""
+    B, S, H, _ = q.shape
+    Hkv, d, d_v = k.shape[2], k.shape[3], v.shape[3]
+    dq = empty(q.shape, q.dtype, q.device)
+    kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
+    _dq.launch(
+        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
+        q, k, k if kr is None else kr, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *kr_strides,
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, H // Hkv, S, sm_scale, _seq_bucket(S),
+        **head_meta(d, d_rope, d_v, q.dtype, causal),
+    )
+    return dq
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
     """Launch the forward. q (B, S, H, D); k, v (B, S, Hkv, D); unit stride along D. Returns
     (o, lse): o (B, S, H, D) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
-    B, S, H, _ = q.shape
-    Hkv = k.shape[2]
-    o = empty(q.shape, q.dtype, q.device)
-    lse = empty((B, H, S), torch.float32, q.device)
-    if o.numel() == 0:
-        return o, lse
-    _check_offsets(q=q, k=k, v=v)
-    meta = _meta(q, causal)
-    _fwd.launch(
-        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
-        q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, H // Hkv, S, sm_scale, _seq_bucket(S),
-        **meta,
-    )
-    return o, lse
+    return launch_fwd(q, k, None, v, causal, sm_scale)
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
     """Launch the backward: δ, then dK/dV, then dQ. Shapes as in attention_fwd; do like o. Returns
     (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
-    B, S, H, _ = q.shape
+    B, S, H, D = q.shape
     Hkv = k.shape[2]
-    dq = empty(q.shape, q.dtype, q.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check_offsets(do=do)
+    delta = launch_delta(o, do)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    if dq.numel() == 0:
-        return dq, dk.zero_(), dv.zero_()
-    _check_offsets(do=do)
-    meta = _meta(q, causal)
-    delta = empty((B, H, S), torch.float32, q.device)
-    pre_rows = _PREPROCESS_TILE // meta["HEAD_DIM"]
-    _bwd_preprocess_kernel[(cdiv(S, pre_rows) * B * H,)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, S, D=meta["D"], HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=pre_rows, num_warps=4,
-    )
-    group = H // Hkv
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     _dkdv.launch(
         lambda m: (cdiv(S, m["BLOCK_N"]) * B * Hkv,),
         q, k, v, do, lse, delta, dk, dv,
-        *common, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, group, S, sm_scale, _seq_bucket(S),
-        **meta,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, H // Hkv, S, sm_scale, _seq_bucket(S),
+        **head_meta(D, 0, D, q.dtype, causal),
     )
-    _dq.launch(
-        lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
-        q, k, v, do, lse, delta, dq,
-        *common, dq.stride(0), dq.stride(1), dq.stride(2),
-        H, group, S, sm_scale, _seq_bucket(S),
-        **meta,
-    )
-    return dq, dk, dv
+    return launch_dq(do, q, k, None, v, lse, delta, causal, sm_scale), dk, dv
 
 
 class AttentionFunction(torch.autograd.Function):

@@ -71,3 +71,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               softmax_scale: float | None = None) -> torch.Tensor:
     """Softmax attention, (B, S, H, D) in q's dtype: see attention_with_lse."""
     return attention_with_lse(q, k, v, causal, softmax_scale)[0]
+
+
+def mla_attention_with_lse(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
+                           causal: bool = False, softmax_scale: float | None = None, upcast: bool = True):
+    """The MLA attention core (DeepSeek-V2) with its log-sum-exp; the shared rope key broadcast over heads.
+
+    Args:
+        q: (B, S, H, Dn + Dr); k_nope: (B, S, H, Dn); k_rope: (B, S, Dr), one key per token for all
+            heads; v: (B, S, H, Dv).
+        causal, upcast: as in attention_with_lse. softmax_scale: (Dn + Dr) ** -0.5 when None.
+    Returns:
+        o (B, S, H, Dv) in q's dtype, o = softmax(scale · (q_nope·k_nopeᵀ + q_rope·k_ropeᵀ)) v per head;
+        lse (B, H, S) in the compute dtype.
+    """
+    c = _compute_dtype(q.dtype)
+    mm = c if upcast else q.dtype
+    S = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    q = q.to(mm)
+    k_rope = k_rope.to(mm)[:, :, None, :].expand(-1, -1, q.shape[2], -1)  # (B, S, H, Dr)
+    k = torch.cat([k_nope.to(mm), k_rope], dim=-1)  # (B, S, H, Dn + Dr): q·k = q_nope·k_nope + q_rope·k_rope
+    scores = torch.einsum("bshd,bthd->bhst", q, k).to(c) * scale  # (B, H, S, S)
+    if causal:
+        above = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
+    p = torch.exp(scores - lse[..., None])
+    o = torch.einsum("bhst,bthd->bshd", p.to(mm), v.to(mm))
+    return o.to(q.dtype), lse
+
+
+def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
+                  causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """The MLA attention core, (B, S, H, Dv) in q's dtype: see mla_attention_with_lse."""
+    return mla_attention_with_lse(q, k_nope, k_rope, v, causal, softmax_scale)[0]

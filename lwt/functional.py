@@ -14,7 +14,8 @@ import os
 import torch
 
 from kernels import reference
-from kernels._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_attention_args, check_rms_norm_args
+from kernels._checks import (KERNEL_DTYPES, REFERENCE_DTYPES, check_attention_args, check_mla_args,
+                             check_rms_norm_args)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -85,4 +86,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return reference.attention(q, k, v, causal, softmax_scale)
 
 
-__all__ = ["rms_norm", "attention", "backend_for", "KERNEL_DTYPES"]
+def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
+                  causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """The MLA attention core (DeepSeek-V2) with a RoPE key shared by all heads.
+
+    Args:
+        q: (B, S, H, Dn + Dr), float32/float16/bfloat16 (float64 too on the reference path).
+        k_nope: (B, S, H, Dn); k_rope: (B, S, Dr), one key per token, never broadcast over heads on the
+            Triton path; v: (B, S, H, Dv), Dv may differ from Dn + Dr. Dn, Dv in 1..256, Dr in 1..128.
+        causal: query i attends keys j <= i only; False (default) attends every key.
+        softmax_scale: > 0, (Dn + Dr) ** -0.5 when None.
+    Returns:
+        (B, S, H, Dv) in q's dtype, softmax(scale · (q_nope·k_nopeᵀ + q_rope·k_ropeᵀ)) v per head;
+        gradients flow to q, k_nope, k_rope and v.
+    """
+    if backend_for(q) == "triton":
+        from kernels.mla import mla_attention as mla_triton  # validates before launching
+        return mla_triton(q, k_nope, k_rope, v, causal, softmax_scale)
+    check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
+    return reference.mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)
+
+
+__all__ = ["rms_norm", "attention", "mla_attention", "backend_for", "KERNEL_DTYPES"]

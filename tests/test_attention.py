@@ -268,6 +268,7 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, precision):
         ("dkdv", attn._DKDV_CONFIGS, attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
-        for bm, bn, warps, stages in table["fp32" if precision == "ieee" else max(64, head_dim)]:
+        for bm, bn, warps, stages in table["fp32" if precision == "ieee" else attn._table_key(head_dim, head_dim)]:
             assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
-        assert prune(attn._configs(table, None), {"HEAD_DIM": head_dim, "INPUT_PRECISION": precision}), name
+        meta = {"HEAD_DIM": head_dim, "ROPE_DIM": 0, "V_DIM": head_dim, "INPUT_PRECISION": precision}
+        assert prune(attn._configs(table, None), meta), name

@@ -1,0 +1,164 @@
+"""MLA attention core (DeepSeek-V2, arXiv:2405.04434, §2.1): flash attention whose score has a per-head
+part and a part through one RoPE key per token shared by every head. Triton forward and backward.
+
+    score(i, j, h) = q_nope[i, h]·k_nope[j, h] + q_rope[i, h]·k_rope[j]        (times the scale)
+    o[i, h]        = Σ_j softmax_j(score(i, ·, h)) v[j, h]
+
+q is (B, S, H, Dn + Dr) with q_nope = q[..., :Dn] and q_rope = q[..., Dn:]; k_nope (B, S, H, Dn);
+k_rope (B, S, Dr), one key per token; v (B, S, H, Dv), where Dv may differ from Dn + Dr (DeepSeek-V2:
+Dn 128, Dr 64, Dv 128). The shared key is read once per key tile with no head stride: it is never
+broadcast into a per-head tensor, in the forward or the backward.
+
+The forward and dQ kernels are those of kernels/attention.py, whose inner loops add the rope part of
+the score when ROPE_DIM > 0 and take V's own head dim (GROUP = 1: one k_nope/v head per query head).
+The dK/dV pass is MLA's own: its gradients are per head for k_nope and v but summed over all H heads for
+k_rope, dk_rope = scale · Σ_h dS_hᵀ q_rope_h. One program takes a key tile of one batch entry and a chunk
+of heads; for each head it accumulates dk_nope and dv in registers and stores them, while dk_rope keeps
+accumulating over the chunk's heads. Each chunk writes one fp32 partial dk_rope tile, and one torch sum
+over the chunks follows (no atomics, no per-head intermediate; two runs give bit-identical gradients).
+There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
+
+Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H;
+any strides with a unit stride along the last dim. Precision as in kernels/attention.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import attention as A
+from ._checks import check_mla_args
+from ._common import TunedKernel, cdiv, empty, num_sms
+
+
+@triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
+                 prune_configs_by={"early_config_prune": A._prune_dkdv})
+@triton.jit
+def _mla_bwd_dkdv_kernel(
+    Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    H, HEADS_PER_PROGRAM, S, sm_scale, seq_bucket,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dk_nope, dv of BLOCK_N keys for each head of one chunk, and the chunk's partial dk_rope:
+    DKR_partial is (B, H / HEADS_PER_PROGRAM, S, D_R) fp32."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tl.static_assert(ROPE_DIM > 0)
+    n_chunks = H // HEADS_PER_PROGRAM
+    block_n, b, chunk = A._program_coords(S, BLOCK_N, n_chunks, False)
+    scale = tl.cast(sm_scale, tl.float32)
+    qk_scale = scale * A.LOG2E
+    k_start = block_n * BLOCK_N
+    k_cols = k_start + tl.arange(0, BLOCK_N)
+    kr = A._load_tile(KR + b.to(tl.int64) * stride_krb, k_cols, stride_krs, S, D_R, ROPE_DIM, True)
+    dkr = tl.zeros((BLOCK_N, ROPE_DIM), tl.float32)
+    for i in range(HEADS_PER_PROGRAM):
+        h = chunk * HEADS_PER_PROGRAM + i
+        k = A._load_tile(KN + b.to(tl.int64) * stride_kb + h * stride_kh, k_cols, stride_ks, S, D, HEAD_DIM, True)
+        v = A._load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, k_cols, stride_vs, S, D_V, V_DIM, True)
+        dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+        dv = tl.zeros((BLOCK_N, V_DIM), tl.float32)
+        dk, dkr, dv = A._dkdv_head(dk, dkr, dv, k, kr, v, Q + b.to(tl.int64) * stride_qb + h * stride_qh,
+                                   DO + b.to(tl.int64) * stride_dob + h * stride_doh,
+                                   LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
+                                   stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
+                                   D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                                   INPUT_PRECISION)
+        A._store_tile(DKN + b.to(tl.int64) * stride_dkb + h * stride_dkh, k_cols, stride_dks, S, dk * scale,
+                      D, HEAD_DIM)
+        A._store_tile(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)
+    A._store_tile(DKR_partial + (b * n_chunks + chunk).to(tl.int64) * S * D_R, k_cols, D_R, S, dkr * scale,
+                  D_R, ROPE_DIM)
+
+
+_dkdv = TunedKernel(_mla_bwd_dkdv_kernel)
+# Key tile assumed when sizing the head chunks (the autotuned tile is picked later, per launch).
+_CHUNK_SIZING_BLOCK_N = 64
+
+
+def _head_chunks(B: int, S: int, H: int, device) -> int:
+    """How many chunks to split the H heads into for the dK/dV pass: the fewest (each chunk adds one
+    (B, S, Dr) fp32 partial to sum) that still give two programs per multiprocessor; a divisor of H."""
+    tiles = cdiv(S, _CHUNK_SIZING_BLOCK_N) * B
+    for chunks in range(1, H + 1):
+        if H % chunks == 0 and tiles * chunks >= 2 * num_sms(device):
+            return chunks
+    return H
+
+
+def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float):
+    """Launch the backward: δ, the dK/dV pass, dQ. Shapes as in mla_attention, unit stride along the last
+    dims; do like o. Returns (dq, dk_nope, dk_rope, dv) in the inputs' dtypes."""
+    B, S, H, _ = q.shape
+    d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k_nope), torch.zeros_like(k_rope), torch.zeros_like(v)
+    A._check_offsets(do=do)
+    delta = A.launch_delta(o, do)
+    dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    chunks = _head_chunks(B, S, H, q.device)
+    dkr_partial = empty((B, chunks, S, d_rope), torch.float32, q.device)
+    _dkdv.launch(
+        lambda m: (cdiv(S, m["BLOCK_N"]) * B * chunks,),
+        q, k_nope, k_rope, v, do, lse, delta, dk_nope, dkr_partial, dv,
+        q.stride(0), q.stride(1), q.stride(2), k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
+        k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dk_nope.stride(0), dk_nope.stride(1), dk_nope.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H, H // chunks, S, sm_scale, A._seq_bucket(S),
+        **A.head_meta(d, d_rope, d_v, q.dtype, causal),
+    )
+    dk_rope = dkr_partial.sum(dim=1).to(k_rope.dtype)  # (B, S, Dr): the chunks in a fixed order
+    dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope)
+    return dq, dk_nope, dk_rope, dv
+
+
+class MLAFunction(torch.autograd.Function):
+    """Autograd over the launchers; `mla_attention` validates and fixes the scale before `.apply`."""
+
+    @staticmethod
+    def forward(ctx, q, k_nope, k_rope, v, causal, sm_scale):
+        q, k_nope, k_rope, v = (A._unit_last(t) for t in (q, k_nope, k_rope, v))
+        o, lse = A.launch_fwd(q, k_nope, k_rope, v, causal, sm_scale, d_rope=k_rope.shape[-1])
+        ctx.save_for_backward(q, k_nope, k_rope, v, o, lse)
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k_nope, k_rope, v, o, lse = ctx.saved_tensors
+        grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale)
+        return (*grads, None, None)
+
+
+def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
+                  causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """MLA attention core (Triton) with the decoupled, head-shared RoPE key.
+
+    Args:
+        q: (B, S, H, Dn + Dr), float32, float16 or bfloat16, on a CUDA device (or CPU under
+            TRITON_INTERPRET=1); q[..., :Dn] meets k_nope, q[..., Dn:] meets k_rope.
+        k_nope: (B, S, H, Dn). k_rope: (B, S, Dr), one key per token shared by all heads.
+        v: (B, S, H, Dv), Dv may differ from Dn + Dr. All of q's dtype and device; any strides, a
+            non-unit stride along the last dim costs a copy.
+        causal: query i attends keys j <= i; False (the default) attends all S keys.
+        softmax_scale: > 0; (Dn + Dr) ** -0.5 when None.
+    Returns:
+        (B, S, H, Dv) in q's dtype. Gradients flow to q, k_nope, k_rope (summed over heads) and v.
+    Raises:
+        ValueError: naming the argument, for a wrong rank, shape, dtype, device or head dim, a causal
+            flag that is not a bool or a scale that is not > 0, before any launch.
+    """
+    check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return MLAFunction.apply(q, k_nope, k_rope, v, causal, scale)
+
+
+__all__ = ["mla_attention", "mla_bwd", "MLAFunction"]

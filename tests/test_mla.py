@@ -1,0 +1,192 @@
+"""MLA attention core (kernels/mla.py) against the float64 reference: output, LSE and the gradients of
+q, k_nope, k_rope (summed over heads) and v."""
+import pytest
+import torch
+
+import lwt.functional as lwtF
+from kernels import attention as attn
+from kernels import mla
+from kernels import reference
+from tests.helpers import grads
+from tests.tolerances import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+
+# (B, S, H, Dn, Dr, Dv, softmax_scale). Interpreter tiles as in test_attention (32/16, 16/32 for dK/dV).
+# Dv below, equal to and above Dn + Dr; Dn/Dr/Dv of 24, 8, 40, 48 are padded in registers.
+SHAPES = [
+    pytest.param((2, 1, 2, 16, 16, 16, None), id="B2-S1-H2-Dn16-Dr16-Dv16"),
+    pytest.param((1, 17, 4, 32, 16, 32, None), id="B1-S17-H4-Dn32-Dr16-Dv32"),
+    pytest.param((2, 17, 2, 32, 16, 48, None), id="B2-S17-H2-Dn32-Dr16-Dv48"),
+    pytest.param((1, 64, 4, 32, 32, 64, 0.4), id="B1-S64-H4-Dn32-Dr32-Dv64-scale0.4"),
+    pytest.param((1, 130, 4, 32, 16, 32, None), id="B1-S130-H4-Dn32-Dr16-Dv32"),
+    pytest.param((1, 40, 3, 24, 8, 40, None), id="B1-S40-H3-Dn24-Dr8-Dv40"),
+]
+CUDA_SHAPES = [
+    pytest.param((2, 1000, 8, 128, 64, 128, None), id="B2-S1000-H8-Dn128-Dr64-Dv128", marks=pytest.mark.cuda),
+    pytest.param((1, 2049, 4, 64, 32, 64, None), id="B1-S2049-H4-Dn64-Dr32-Dv64", marks=pytest.mark.cuda),
+    pytest.param((2, 511, 4, 128, 64, 192, None), id="B2-S511-H4-Dn128-Dr64-Dv192", marks=pytest.mark.cuda),
+    pytest.param((1, 4096, 16, 128, 64, 128, None), id="B1-S4096-H16-Dn128-Dr64-Dv128", marks=pytest.mark.cuda),
+]
+
+
+def _make(B, S, H, dn, dr, dv, dtype, layout, gen):
+    """q, k_nope, k_rope, v, random. 'fused': views into one projection output per token, as
+    MLAAttention produces them (q and [k_nope | v] interleaved per head, k_rope a slice of a wider row)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    if layout == "fused":
+        q = randn(B, S, H, dn + dr + 3)[..., :dn + dr]
+        kv = randn(B, S, H, dn + dv)
+        k_rope = randn(B, S, dr + 5)[..., 2:2 + dr]
+        return q, kv[..., :dn], k_rope, kv[..., dn:]
+    return randn(B, S, H, dn + dr), randn(B, S, H, dn), randn(B, S, dr), randn(B, S, H, dv)
+
+
+def _check(shape, dtype, causal, layout="contiguous", seed=0):
+    B, S, H, dn, dr, dv, scale = shape
+    gen = torch.Generator().manual_seed(seed)
+    inputs = _make(B, S, H, dn, dr, dv, dtype, layout, gen)
+    do = torch.randn(B, S, H, dv, generator=gen).to(DEVICE, dtype)
+
+    def ref(*a, upcast=True):
+        return reference.mla_attention_with_lse(*a, causal, scale, upcast)[0]
+
+    (o,), g = grads(lambda *a: mla.mla_attention(*a, causal=causal, softmax_scale=scale), inputs, [do])
+    (o64,), g64 = grads(ref, [t.double() for t in inputs], [do.double()])
+    (o_ref,), g_ref = grads(lambda *a: ref(*a, upcast=False), inputs, [do])
+    sm_scale = (dn + dr) ** -0.5 if scale is None else scale
+    assert_close("o", o, o64, o_ref, reduced_over=S)
+    for name, a, e, r, n in zip(["dq", "dk_nope", "dk_rope", "dv"], g, g64, g_ref, [S, S, S * H, S]):
+        assert a.dtype == dtype and a.shape == e.shape
+        cancels = name == "dq" and S == 1  # see test_attention._dq_terms
+        assert_close(name, a, e, r, reduced_over=n, scale=_dq_terms(inputs, do, sm_scale) if cancels else None)
+    with torch.no_grad():
+        _, lse = attn.launch_fwd(*(attn._unit_last(t) for t in inputs[:2]), attn._unit_last(inputs[2]),
+                                 attn._unit_last(inputs[3]), causal, sm_scale, d_rope=dr)
+        _, lse64 = reference.mla_attention_with_lse(*(t.double() for t in inputs), causal, scale)
+        _, lse_ref = reference.mla_attention_with_lse(*inputs, causal, scale, upcast=False)
+    assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
+
+
+def _dq_terms(inputs, do, sm_scale):
+    """With S = 1, dQ = scale·(dO·V − dO·O)·K is exactly 0: measure its roundoff against the terms."""
+    q, k_nope, k_rope, v = (t.double() for t in inputs)
+    k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, q.shape[2], -1)], dim=-1)
+    return (do.double() * v).sum(-1).abs().max().item() * k.abs().max().item() * sm_scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", SHAPES + CUDA_SHAPES)
+def test_mla_matches_float64_reference(shape, causal, dtype):
+    _check(shape, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_mla_strided_layouts(causal):
+    _check((2, 37, 3, 32, 16, 32, None), torch.float16, causal, layout="fused", seed=1)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+def test_dk_rope_over_head_chunks(monkeypatch, chunks):
+    """dk_rope sums every head: all 4 heads in one program, two per program, or one program per head,
+    with the per-chunk partials summed after."""
+    monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: chunks)
+    _check((1, 40, 4, 32, 16, 32, None), torch.float32, True, seed=2)
+
+
+def test_head_chunks_fill_the_gpu():
+    """The fewest chunks (a divisor of H) giving two programs per multiprocessor, at most H."""
+    sms = mla.num_sms(torch.device(DEVICE))
+    for B, S, H in [(1, 40, 4), (8, 2048, 32), (1, 64, 128), (1, 100000, 6)]:
+        chunks = mla._head_chunks(B, S, H, torch.device(DEVICE))
+        programs = -(-S // mla._CHUNK_SIZING_BLOCK_N) * B
+        assert H % chunks == 0
+        assert programs * chunks >= 2 * sms or chunks == H
+        assert chunks == 1 or programs * max(c for c in range(1, chunks) if H % c == 0) < 2 * sms
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2), (2, 0, 2), (1, 4, 0)], ids=["B0", "S0", "H0"])
+def test_mla_empty_inputs(shape):
+    B, S, H = shape
+    q = torch.randn(B, S, H, 48, device=DEVICE, requires_grad=True)
+    kn = torch.randn(B, S, H, 32, device=DEVICE, requires_grad=True)
+    kr = torch.randn(B, S, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, S, H, 24, device=DEVICE, requires_grad=True)
+    o = mla.mla_attention(q, kn, kr, v)
+    assert o.shape == (B, S, H, 24)
+    o.sum().backward()
+    assert kr.grad.shape == kr.shape and (kr.grad == 0).all() and (v.grad == 0).all()
+
+
+@pytest.mark.cuda
+def test_mla_backward_is_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    inputs = _make(2, 1537, 16, 128, 64, 128, torch.bfloat16, "contiguous", gen)
+    do = torch.randn(2, 1537, 16, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    for causal in (False, True):
+        runs = [grads(lambda *a: mla.mla_attention(*a, causal=causal), inputs, [do])[1] for _ in range(2)]
+        for g1, g2 in zip(*runs):
+            assert torch.equal(g1, g2)
+
+
+def _ok():
+    return (torch.randn(2, 8, 4, 48, device=DEVICE), torch.randn(2, 8, 4, 32, device=DEVICE),
+            torch.randn(2, 8, 16, device=DEVICE), torch.randn(2, 8, 4, 24, device=DEVICE))
+
+
+def _bad_cases():
+    q, kn, kr, v = _ok()
+    return [
+        ("q", "expected 4 dims", (q[0], kn, kr, v), {}),
+        ("k_rope", "expected 3 dims", (q, kn, kr[..., None], v), {}),
+        ("k_nope", "expected dtype", (q, kn.int(), kr, v), {}),
+        ("k_rope", "expected the dtype of q", (q, kn, kr.half(), v), {}),
+        ("v", "expected a tensor on", (q, kn, kr, v.to("meta")), {}),
+        ("k_nope", "expected shape", (q, kn[:, :, :2], kr, v), {}),
+        ("k_rope", "expected shape", (q, kn, kr[:, :5], v), {}),
+        ("v", "expected shape", (q, kn, kr, v[:1]), {}),
+        ("q", "expected a last dim of Dn \\+ Dr", (q[..., :40], kn, kr, v), {}),
+        ("k_rope", "rope dim", (torch.randn(1, 2, 1, 32 + 200, device=DEVICE), torch.randn(1, 2, 1, 32, device=DEVICE),
+                                torch.randn(1, 2, 200, device=DEVICE), torch.randn(1, 2, 1, 8, device=DEVICE)), {}),
+        ("v", "head dim", (q, kn, kr, v[..., :0]), {}),
+        ("causal", "expected a bool", (q, kn, kr, v), {"causal": None}),
+        ("softmax_scale", "finite real number > 0", (q, kn, kr, v), {"softmax_scale": float("inf")}),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_mla_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
+    name, message, args, kwargs = _bad_cases()[case]
+
+    def no_launch(*a, **k):
+        raise AssertionError("a kernel (or the reference) ran on invalid input")
+
+    monkeypatch.setattr(attn, "launch_fwd", no_launch)
+    monkeypatch.setattr(reference, "mla_attention", no_launch)
+    if entry == "kernel":
+        fn = mla.mla_attention
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = lwtF.mla_attention
+    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
+        fn(*args, **kwargs)
+
+
+def test_mla_functional_dispatch(monkeypatch):
+    q, kn, kr, v = _ok()
+    outs = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LWT_BACKEND", backend)
+        outs[backend] = lwtF.mla_attention(q, kn, kr, v, causal=True)
+    o64 = reference.mla_attention(q.double(), kn.double(), kr.double(), v.double(), True)
+    assert_close("o", outs["triton"], o64, outs["reference"], reduced_over=8)
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    assert lwtF.mla_attention(q.double(), kn.double(), kr.double(), v.double()).dtype == torch.float64
