@@ -11,6 +11,13 @@ convention): forward 4·B·H·S²·D (two matmuls of 2·S²·D per head), halved
 providers pass transposed views of the same BSHD tensors, as a user of this layout would.
 Goals (issue #3), bf16, head dim 128, S 2048..8192, MHA and GQA, both masks, measured in this run:
 forward >= 1.0x SDPA-cuDNN, forward+backward >= 0.9x SDPA-cuDNN, and >= 1.5x SDPA-FLASH (FA2).
+
+MLA cases (issue #4): DeepSeek-V2 heads (Dn 128, Dr 64, Dv 128), H 32 and 128, S 2048..8192 at 16384
+tokens, both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V materialised as a user would
+(k_rope expanded to every head, concatenated to k_nope; SDPA's FLASH backend refuses Dv != Dqk).
+FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Also the peak memory a
+fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
+forward >= 1.0x cuDNN, fwd+bwd >= 1.3x, with less memory.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ TOKENS = 16384
 QUICK = [(128, (32, 32), 2048), (128, (32, 8), 2048), (128, (32, 8), 8192), (128, (32, 1), 4096)]
 GOAL_SEQ = (2048, 8192)
 EAGER_MAX_BYTES = 4 << 30  # the eager reference materialises B·H·S² fp32 scores (and more): skip above this
+DEVICE = "cuda"  # a module constant only so that a dry run can point the cases at the CPU
 
 
 def _sdpa_backend(name):
@@ -73,8 +81,8 @@ def _step(fn, q, k, v, causal, do):
 def run_case(report, D, heads, S, causal, notes):
     H_, Hkv = heads
     B = max(1, TOKENS // S)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    randn = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.bfloat16, generator=gen)  # noqa: E731
     q, k, v, do = randn(B, S, H_, D), randn(B, S, Hkv, D), randn(B, S, Hkv, D), randn(B, S, H_, D)
     flops = 4 * B * H_ * S * S * D / (2 if causal else 1)
     case = f"H{H_}/{Hkv} D{D} S{S} B{B} {'causal' if causal else 'bidir'}"
@@ -95,6 +103,79 @@ def run_case(report, D, heads, S, causal, notes):
     return case
 
 
+MLA_HEADS = (32, 128)
+MLA_SEQ_LENS = (2048, 4096, 8192)
+MLA_DIMS = (128, 64, 128)  # DeepSeek-V2: Dn, Dr, Dv
+MLA_QUICK = [(32, 2048)]
+
+
+def _peak_extra_mib(fn) -> float:
+    """Memory fn() allocates beyond what was allocated before it, at its peak (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_mla_case(report, H_, S, causal, notes):
+    """MLA core: lwt (k_rope read once per token) vs SDPA cuDNN and efficient on K/V materialised the way
+    a user would (k_rope expanded to every head and concatenated to k_nope). SDPA is timed on the
+    materialised tensors; the memory column counts the materialisation too (a full fwd+bwd step)."""
+    dn, dr, dv = MLA_DIMS
+    B = max(1, TOKENS // S)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q, k_nope, k_rope, v, do = randn(B, S, H_, dn + dr), randn(B, S, H_, dn), randn(B, S, dr), randn(B, S, H_, dv), \
+        randn(B, S, H_, dv)
+    flops = 2 * B * H_ * S * S * (dn + dr + dv) / (2 if causal else 1)
+    case = f"MLA H{H_} Dn{dn}/Dr{dr}/Dv{dv} S{S} B{B} {'causal' if causal else 'bidir'}"
+
+    def materialise(k_nope, k_rope):
+        return torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, H_, -1)], dim=-1)  # (B, S, H, Dn + Dr)
+
+    def sdpa(q, k, v):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return o.transpose(1, 2)
+
+    k_full = materialise(k_nope, k_rope)
+    providers = {
+        "lwt": (lambda: (q, k_nope, k_rope, v), lambda q, kn, kr, v: lwtF.mla_attention(q, kn, kr, v, causal),
+                contextlib.nullcontext),
+        "SDPA cuDNN": (lambda: (q, k_full, v), sdpa, lambda: _sdpa_backend("CUDNN_ATTENTION")),
+        "SDPA efficient": (lambda: (q, k_full, v), sdpa, lambda: _sdpa_backend("EFFICIENT_ATTENTION")),
+    }
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        for name, (inputs, fn, ctx) in providers.items():
+            args = inputs()
+            for t in args:
+                t.requires_grad_(backward)
+            step = (lambda: fn(*args)) if not backward else (lambda: torch.autograd.grad(fn(*args), args, do))
+            try:
+                with ctx():
+                    ms = H.bench_ms(step)
+            except RuntimeError as e:
+                notes.append(f"{case} {mode} {name}: not measured ({str(e).splitlines()[0][:100]})")
+                torch.cuda.synchronize()
+                continue
+            report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
+    # Memory of one fwd+bwd step from the unmaterialised inputs (what each path allocates on top).
+    leaves = [t.detach().requires_grad_() for t in (q, k_nope, k_rope, v)]
+    mem = {"lwt": _peak_extra_mib(lambda: torch.autograd.grad(lwtF.mla_attention(*leaves, causal), leaves, do))}
+    for name, backend in (("SDPA cuDNN", "CUDNN_ATTENTION"), ("SDPA efficient", "EFFICIENT_ATTENTION")):
+        def step():
+            return torch.autograd.grad(sdpa(leaves[0], materialise(leaves[1], leaves[2]), leaves[3]), leaves, do)
+        try:
+            with _sdpa_backend(backend):
+                mem[name] = _peak_extra_mib(step)
+        except RuntimeError:
+            pass
+    notes.append(f"{case}: peak extra memory of a fwd+bwd step (with K materialised for SDPA): "
+                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
+    return case, mem
+
+
 def _ratio(report, case, mode, other):
     a, b = report.ms(case, mode, "lwt"), report.ms(case, mode, other)
     return None if a is None or b is None else b / a
@@ -113,6 +194,19 @@ def summarize(report, goal_cases):
     return lines
 
 
+def summarize_mla(report, goal_cases):
+    lines = []
+    for case, mem in goal_cases:
+        fwd, fb = _ratio(report, case, "fwd", "SDPA cuDNN"), _ratio(report, case, "fwd+bwd", "SDPA cuDNN")
+        fmt = lambda r: "n/a" if r is None else f"{r:.2f}x"  # noqa: E731
+        less = "SDPA cuDNN" in mem and mem["lwt"] < mem["SDPA cuDNN"]
+        ok = fwd is not None and fb is not None and fwd >= 1.0 and fb >= 1.3 and less
+        lines.append(f"attention {case}: vs cuDNN (K/V materialised) fwd {fmt(fwd)} (goal 1.0), fwd+bwd {fmt(fb)} "
+                     f"(goal 1.3), memory {mem['lwt']:.0f} vs {mem.get('SDPA cuDNN', float('nan')):.0f} MiB "
+                     f"-> {'met' if ok else 'NOT met'}")
+    return lines
+
+
 def plot(report, path):
     """TFLOP/s against S, one panel per (heads, head dim, mask, mode), one line per provider."""
     import matplotlib
@@ -122,7 +216,8 @@ def plot(report, path):
 
     panels = {}
     for r in report.rows:
-        heads, dim, seq, _, mask = r.case.split()
+        words = r.case.split()
+        heads, dim, seq, mask = " ".join(words[:-4]), words[-4], words[-3], words[-1]
         panels.setdefault((heads, dim, mask, r.mode), {}).setdefault(r.provider, []).append((int(seq[1:]), r.value))
     keys = sorted(panels)
     cols = 4
@@ -146,8 +241,10 @@ def plot(report, path):
 
 
 def smoke():
-    """CPU: one tiny GQA shape through the kernels (interpreter) against the float64 reference."""
+    """CPU: one tiny GQA and one tiny MLA shape through the kernels (interpreter) against the float64
+    reference."""
     from kernels.attention import attention
+    from kernels.mla import mla_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, 19, h, 32, generator=gen) for h in (4, 2, 2, 4))
@@ -160,6 +257,15 @@ def smoke():
         grads64 = torch.autograd.grad(o64, leaves64, do.double())
         for a, b in zip([o, *grads], [o64, *grads64]):
             torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    mla_inputs = [torch.randn(1, 19, 2, 48, generator=gen), torch.randn(1, 19, 2, 32, generator=gen),
+                  torch.randn(1, 19, 16, generator=gen), torch.randn(1, 19, 2, 24, generator=gen)]
+    do = torch.randn(1, 19, 2, 24, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in mla_inputs]
+    got = torch.autograd.grad(mla_attention(*leaves, causal=True), leaves, do)
+    leaves64 = [t.double().requires_grad_() for t in mla_inputs]
+    want = torch.autograd.grad(reference.mla_attention(*leaves64, True), leaves64, do.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 def _add_args(p):
@@ -183,7 +289,13 @@ def main(argv=None) -> list[str]:
             case = run_case(report, D, heads, S, causal, notes)
             if D == 128 and heads[1] > 1 and GOAL_SEQ[0] <= S <= GOAL_SEQ[1]:
                 goal_cases.append(case)
-    summary = summarize(report, goal_cases)
+    mla_goal = []
+    for H_, S in (MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in MLA_SEQ_LENS]):
+        for causal in (False, True):
+            case, mem = run_mla_case(report, H_, S, causal, notes)
+            if H_ == 32 and S == 2048:
+                mla_goal.append((case, mem))
+    summary = summarize(report, goal_cases) + summarize_mla(report, mla_goal)
     report.notes.extend(notes + summary)
     report.print_table()
     if not args.no_save:

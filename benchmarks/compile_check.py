@@ -69,7 +69,8 @@ def _attention_jobs(quick):
     ints = {"H", "GROUP", "S", "seq_bucket"}
     kernels = [("attention fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("attention dK/dV", A._attn_bwd_dkdv_kernel,
                A._DKDV_CONFIGS), ("attention dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
-    variants = [("bf16", 128, 128), ("bf16", 64, 64), ("bf16", 256, 256), ("fp16", 96, 128), ("fp32", 64, 64)]
+    variants = [("bf16", 128, 128), ("bf16", 64, 64), ("bf16", 256, 256), ("fp16", 96, 128), ("fp32", 64, 64),
+                ("fp32", 128, 128)]
     for label, kernel, table in kernels:
         for dtype, d, head_dim in (variants[:2] + variants[3:4] if quick else variants):
             configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]

@@ -140,3 +140,25 @@ def check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, *, dtypes=KERNEL
         raise ValueError(f"q: expected a last dim of Dn + Dr = {dn} + {dr} = {dn + dr} (k_nope's and k_rope's), "
                          f"got shape {tuple(q.shape)}")
     _check_causal_and_scale(causal, softmax_scale)
+
+
+def check_latent_args(q, c, k_rope, causal, softmax_scale, *, dtypes=KERNEL_DTYPES, max_latent=MAX_HEAD_DIM) -> None:
+    """The contract of `latent_attention(q, c, k_rope, causal, softmax_scale)`; see kernels/mla.py.
+    max_latent: the widest latent accepted (None: any, the reference path)."""
+    check_tensor(q, "q", dtypes=dtypes, ndim=4)
+    B, S, H, dq = q.shape
+    for name, t in (("c", c), ("k_rope", k_rope)):
+        check_tensor(t, name, dtypes=dtypes, ndim=3)
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+        check_same_device(t, name, q, "q")
+        if tuple(t.shape[:2]) != (B, S):
+            raise ValueError(f"{name}: expected shape ({B}, {S}, ·) (batch and seq of q), got {tuple(t.shape)}")
+    r, dr = c.shape[2], k_rope.shape[2]
+    if r < 1 or (max_latent is not None and r > max_latent):
+        raise ValueError(f"c: expected a latent size in 1..{max_latent or 'any'}, got shape {tuple(c.shape)}")
+    if not 1 <= dr <= MAX_ROPE_DIM:
+        raise ValueError(f"k_rope: expected a rope dim in 1..{MAX_ROPE_DIM}, got shape {tuple(k_rope.shape)}")
+    if dq != r + dr:
+        raise ValueError(f"q: expected a last dim of R + Dr = {r} + {dr} = {r + dr}, got shape {tuple(q.shape)}")
+    _check_causal_and_scale(causal, softmax_scale)

@@ -42,6 +42,14 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def check_kernel_device(t: torch.Tensor, name: str) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU tensors through the interpreter."""
+    if not (t.is_cuda or interpreting()):
+        raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernel, got one on {t.device} (set "
+                         f"TRITON_INTERPRET=1 before triton is imported to run it on the CPU, or use lwt.functional, "
+                         f"which runs the PyTorch reference there)")
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """View `t` (..., N) as (rows, N) with unit stride along N; copies only when no such view exists
     (a transposed last dim, or leading dims that cannot be merged into one row stride)."""

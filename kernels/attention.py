@@ -17,7 +17,9 @@ Backward (FA2 Algorithm 2). With P = exp(scale · Q Kᵀ - LSE) recomputed tile 
 Two kernels, so that no gradient needs atomics: one program per (key block, K/V head) accumulates dK and
 dV in registers over the query blocks of all GROUP query heads that read that K/V head (the GQA sum over
 the group, with no per-query-head copy in memory); one program per (query block, query head)
-accumulates dQ over the key blocks. Every sum has a fixed order: two runs give bit-identical gradients.
+accumulates dQ over the key blocks. Every sum has a fixed order: two runs give bit-identical gradients
+(within one process: the block sizes the autotuner picks set that order, and another process may pick
+others). The backward is not itself differentiable (double backward raises).
 
 Masks. Causal means query i sees keys j <= i (q and k share positions: self-attention). Tiles wholly
 above the diagonal are never visited, tiles wholly below it run without a mask, and only the tiles on
@@ -32,12 +34,14 @@ stride along D (anything else is copied first).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
-from ._common import TunedKernel, cdiv, empty, interpreting, next_power_of_2
+from ._common import TunedKernel, cdiv, check_kernel_device, empty, interpreting, next_power_of_2
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -180,8 +184,10 @@ def _make_prune(table, smem_elements, divides):
                 continue
             if smem_elements(bm, bn, c.num_stages, qk, vd) * (4 if fp32 else 2) <= _SMEM_BYTES:
                 kept.append(c)
-        # Never nothing: the smallest config if none fits (cannot happen with the lists above).
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
+        if not kept:  # tests/test_attention.py checks that every head dim keeps some
+            raise RuntimeError(f"no listed launch config fits {_SMEM_BYTES} bytes of shared memory for q·k width "
+                               f"{qk}, v width {vd}, {meta['INPUT_PRECISION']} dots")
+        return kept
     return prune
 
 
@@ -490,14 +496,20 @@ _PREPROCESS_TILE = 4096
 # ---------------------------------------------------------------------------------------------------
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels need unit stride along D; any other stride (including 0) is read in place."""
+    """The kernels need unit stride along the last dim: a tensor without it is copied; the other dims'
+    strides (0 included) are read in place."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def _check_offsets(**tensors) -> None:
-    """Offsets inside one batch entry are int32 in the kernels (only the batch offset is int64)."""
+    """Offsets inside one batch entry are int32 in the kernels (only the batch offset is int64). Each
+    value: a tensor, or the shape of a contiguous output still to be allocated."""
     for name, t in tensors.items():
-        span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
+        if isinstance(t, torch.Tensor):
+            shape, strides = t.shape, t.stride()
+        else:
+            shape, strides = t, [math.prod(t[i + 1:]) for i in range(len(t))]
+        span = sum((n - 1) * abs(st) for n, st in zip(shape[1:], strides[1:]))
         if span >= 2**31:
             raise ValueError(f"{name}: one batch entry spans {span + 1} elements through its strides; the "
                              f"kernels address at most 2^31 per entry (split the sequence or the heads)")
@@ -525,7 +537,7 @@ def launch_fwd(q, k, kr, v, causal: bool, sm_scale: float, d_rope: int = 0):
     lse = empty((B, H, S), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    _check_offsets(q=q, k=k, v=v, **({} if kr is None else {"k_rope": kr}))
+    _check_offsets(q=q, k=k, v=v, o=o, **({} if kr is None else {"k_rope": kr}))
     kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
     _fwd.launch(
         lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
@@ -574,17 +586,22 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return launch_fwd(q, k, None, v, causal, sm_scale)
 
 
-def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
-    """Launch the backward: δ, then dK/dV, then dQ. Shapes as in attention_fwd; do like o. Returns
-    (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, need_dq: bool = True, need_dkdv: bool = True):
+    """Launch the backward: δ, then dQ and dK/dV (each pass only if needed, else its result is None).
+    Shapes as in attention_fwd; do like o. Returns (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    _check_offsets(do=do)
+    dq = None
+    dk = empty(k.shape, k.dtype, k.device) if need_dkdv else None
+    dv = empty(v.shape, v.dtype, v.device) if need_dkdv else None
+    _check_offsets(do=do, dq=q.shape, **({"dk": dk, "dv": dv} if need_dkdv else {}))
     delta = launch_delta(o, do)
-    dk = empty(k.shape, k.dtype, k.device)
-    dv = empty(v.shape, v.dtype, v.device)
+    if need_dq:
+        dq = launch_dq(do, q, k, None, v, lse, delta, causal, sm_scale)
+    if not need_dkdv:
+        return dq, None, None
     _dkdv.launch(
         lambda m: (cdiv(S, m["BLOCK_N"]) * B * Hkv,),
         q, k, v, do, lse, delta, dk, dv,
@@ -594,7 +611,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float):
         H, H // Hkv, S, sm_scale, _seq_bucket(S),
         **head_meta(D, 0, D, q.dtype, causal),
     )
-    return launch_dq(do, q, k, None, v, lse, delta, causal, sm_scale), dk, dv
+    return dq, dk, dv
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -610,9 +627,12 @@ class AttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+        need = ctx.needs_input_grad
+        dq, dk, dv = attention_bwd(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale,
+                                   need_dq=need[0], need_dkdv=need[1] or need[2])
         return dq, dk, dv, None, None
 
 
@@ -634,6 +654,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
             causal flag or scale, before any launch.
     """
     check_attention_args(q, k, v, causal, softmax_scale)
+    check_kernel_device(q, "q")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return AttentionFunction.apply(q, k, v, causal, scale)
 

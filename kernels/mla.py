@@ -15,7 +15,8 @@ The dK/dV pass is MLA's own: its gradients are per head for k_nope and v but sum
 k_rope, dk_rope = scale · Σ_h dS_hᵀ q_rope_h. One program takes a key tile of one batch entry and a chunk
 of heads; for each head it accumulates dk_nope and dv in registers and stores them, while dk_rope keeps
 accumulating over the chunk's heads. Each chunk writes one fp32 partial dk_rope tile, and one torch sum
-over the chunks follows (no atomics, no per-head intermediate; two runs give bit-identical gradients).
+over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
+bit-identical gradients). The backward is not itself differentiable (double backward raises).
 There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
 
 Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H;
@@ -28,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import attention as A
-from ._checks import check_mla_args
-from ._common import TunedKernel, cdiv, empty, num_sms
+from ._checks import check_latent_args, check_mla_args
+from ._common import TunedKernel, cdiv, check_kernel_device, empty, num_sms
 
 
 @triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
@@ -98,10 +99,10 @@ def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float):
     d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k_nope), torch.zeros_like(k_rope), torch.zeros_like(v)
-    A._check_offsets(do=do)
-    delta = A.launch_delta(o, do)
     dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device)
     dv = empty(v.shape, v.dtype, v.device)
+    A._check_offsets(do=do, dq=q.shape, dk_nope=dk_nope, dv=dv)
+    delta = A.launch_delta(o, do)
     chunks = _head_chunks(B, S, H, q.device)
     dkr_partial = empty((B, chunks, S, d_rope), torch.float32, q.device)
     _dkdv.launch(
@@ -132,6 +133,7 @@ class MLAFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k_nope, k_rope, v, o, lse = ctx.saved_tensors
         grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale)
@@ -157,8 +159,26 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
             flag that is not a bool or a scale that is not > 0, before any launch.
     """
     check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale)
+    check_kernel_device(q, "q")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return MLAFunction.apply(q, k_nope, k_rope, v, causal, scale)
 
 
-__all__ = ["mla_attention", "mla_bwd", "MLAFunction"]
+def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """MLA's absorbed inference form (Triton, forward only): H query heads attend over one latent per
+    token, c (B, S, R) as key and value, plus the shared rope key. The same forward kernel, as MQA
+    (one K/V head) with a rope part. Args and result as in kernels.reference.latent_attention; R at
+    most 256, Dr at most 128. Raises ValueError if autograd would need it (inputs requiring grad with
+    grad mode on): there is no backward."""
+    check_latent_args(q, c, k_rope, causal, softmax_scale)
+    check_kernel_device(q, "q")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, c, k_rope)):
+        raise ValueError("q: latent_attention is forward-only (inference); call it under torch.no_grad()")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    c4 = A._unit_last(c)[:, :, None, :]  # (B, S, 1, R): the one K/V head
+    o, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])
+    return o
+
+
+__all__ = ["mla_attention", "mla_bwd", "MLAFunction", "latent_attention"]

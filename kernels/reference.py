@@ -106,3 +106,27 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
                   causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
     """The MLA attention core, (B, S, H, Dv) in q's dtype: see mla_attention_with_lse."""
     return mla_attention_with_lse(q, k_nope, k_rope, v, causal, softmax_scale)[0]
+
+
+def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of H query heads over one latent per token (MLA's absorbed inference form, MQA-style):
+    the latent c is both the key (with the shared rope key beside it) and the value.
+
+    Args:
+        q: (B, S, H, R + Dr), the query already multiplied into the latent space, then its rope part;
+        c: (B, S, R); k_rope: (B, S, Dr). softmax_scale: (R + Dr) ** -0.5 when None.
+    Returns:
+        (B, S, H, R) in q's dtype: softmax(scale · (q[..., :R]·cᵀ + q[..., R:]·k_ropeᵀ)) c per head.
+    """
+    cd = _compute_dtype(q.dtype)
+    S, R = q.shape[1], c.shape[-1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out_dtype = q.dtype
+    q, c, k_rope = q.to(cd), c.to(cd), k_rope.to(cd)
+    scores = (torch.einsum("bshr,btr->bhst", q[..., :R], c)
+              + torch.einsum("bshd,btd->bhst", q[..., R:], k_rope)) * scale  # (B, H, S, S)
+    if causal:
+        above = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return torch.einsum("bhst,btr->bshr", torch.softmax(scores, dim=-1), c).to(out_dtype)

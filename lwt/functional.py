@@ -14,8 +14,8 @@ import os
 import torch
 
 from kernels import reference
-from kernels._checks import (KERNEL_DTYPES, REFERENCE_DTYPES, check_attention_args, check_mla_args,
-                             check_rms_norm_args)
+from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, check_attention_args, check_latent_args,
+                             check_mla_args, check_rms_norm_args)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -107,4 +107,24 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
     return reference.mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)
 
 
-__all__ = ["rms_norm", "attention", "mla_attention", "backend_for", "KERNEL_DTYPES"]
+def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """MLA's absorbed inference form, forward only: H query heads attend over one latent per token.
+
+    Args:
+        q: (B, S, H, R + Dr): W_ukᵀ q_nope (the query moved into the latent space), then q_rope.
+        c: (B, S, R), the K/V latent, key and value at once; k_rope: (B, S, Dr), the shared rope key.
+        causal, softmax_scale: as in mla_attention (pass the scale of the decompressed heads).
+    Returns:
+        (B, S, H, R) in q's dtype: softmax(scale · (q[..., :R]·cᵀ + q[..., R:]·k_ropeᵀ)) c per head.
+    The Triton path (R <= 256) has no backward: call it under torch.no_grad(). Wider latents (DeepSeek-V2's
+    R is 512) run the reference, which holds the (B, H, S, S) scores.
+    """
+    if backend_for(q) == "triton" and isinstance(c, torch.Tensor) and c.dim() == 3 and c.shape[-1] <= MAX_HEAD_DIM:
+        from kernels.mla import latent_attention as latent_triton  # validates before launching
+        return latent_triton(q, c, k_rope, causal, softmax_scale)
+    check_latent_args(q, c, k_rope, causal, softmax_scale, dtypes=REFERENCE_DTYPES, max_latent=None)
+    return reference.latent_attention(q, c, k_rope, causal, softmax_scale)
+
+
+__all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "backend_for", "KERNEL_DTYPES"]

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from kernels._checks import MAX_HEAD_DIM, check_eps
+from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
 
 from . import functional as F
 
@@ -82,29 +82,40 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("_cos", torch.empty(0, head_dim // 2, device=device), persistent=False)
         self.register_buffer("_sin", torch.empty(0, head_dim // 2, device=device), persistent=False)
 
+    def _angles(self, n: int, device) -> torch.Tensor:
+        """(n, head_dim/2) float64 angles pos · theta^(-2i/head_dim): fp32 products lose bits at long S."""
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim)
+        return torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
+
     def _table(self, length: int):
-        if self._cos.shape[0] < length:
-            n = max(length, 2 * self._cos.shape[0], 256)
-            device = self._cos.device
-            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim)
-            angles = torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (n, D/2)
-            # Angles in float64, then one rounding: fp32 positions times frequencies lose bits at long S.
-            self._cos = angles.cos().float()
-            self._sin = angles.sin().float()
+        """The fp32 cos/sin table, covering at least `length` positions. Rebuilt when too short, and when
+        something replaced it with a table that is not fp32 (module.half() casts float buffers) or an
+        inference tensor (built under torch.inference_mode, which training could not use)."""
+        cos = self._cos
+        if cos.shape[0] < length or cos.dtype != torch.float32 or cos.is_inference():
+            n = max(length, 2 * cos.shape[0], 256)
+            with torch.inference_mode(False):
+                angles = self._angles(n, cos.device)
+                self._cos, self._sin = angles.cos().float(), angles.sin().float()
         return self._cos, self._sin
 
     def rotate(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x (B, S, heads, head_dim) rotated for positions offset .. offset + S - 1."""
+        """x (B, S, heads, head_dim) rotated for positions offset .. offset + S - 1, in fp32 (float64 for
+        float64 x, with a table computed for the call), returned in x's dtype."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected (batch, seq, heads, {self.head_dim}), got {shape}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
         S = x.shape[1]
-        cos, sin = self._table(offset + S)
-        cos = cos[offset:offset + S, None, :]  # (S, 1, D/2): broadcast over batch and heads
-        sin = sin[offset:offset + S, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
+        if x.dtype == torch.float64:
+            angles = self._angles(offset + S, x.device)[offset:]
+            cos, sin = angles.cos(), angles.sin()
+        else:
+            cos, sin = self._table(offset + S)
+            cos, sin = cos[offset:offset + S], sin[offset:offset + S]
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, D/2): broadcast over batch and heads
+        x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
@@ -176,3 +187,98 @@ class GQAAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, causal={self.causal}")
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434 §2.1): queries and keys/values go
+    through low-rank latents, and the RoPE part of every key is one vector per token shared by the heads.
+
+    Args:
+        d_model: model width.
+        n_heads: attention heads.
+        q_rank: rank of the query latent (q = W_uq · RMSNorm(W_dq · x)); 0 for a plain W_q.
+        kv_rank: size of the K/V latent c = RMSNorm(W_dkv · x), from which [k_nope, v] = W_ukv · c.
+        nope_dim, rope_dim, v_dim: per-head sizes of the position-free q/k part, of the RoPE part and
+            of v (DeepSeek-V2: 128, 64, 128). rope_dim even.
+        causal, rope_theta: as in GQAAttention.
+        device, dtype: of the parameters.
+    forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model).
+        absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
+        absorb=True (inference, no gradients): never decompress K/V. W_uk is folded into the query
+            (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after attending over the latent, so
+            every head attends over the same (c, k_rope) per token, MQA-style.
+    Config keys mla_rq and mla_rkv (config.yaml) are q_rank and kv_rank.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, q_rank: int, kv_rank: int, nope_dim: int, rope_dim: int,
+                 v_dim: int, causal: bool = False, rope_theta: float = 10000.0, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kv_rank", kv_rank),
+                            ("nope_dim", nope_dim), ("rope_dim", rope_dim), ("v_dim", v_dim)):
+            _positive_int(value, name)
+        if isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank < 0:
+            raise ValueError(f"q_rank: expected an int >= 0 (0: no query latent), got {q_rank!r}")
+        if nope_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
+            raise ValueError(f"nope_dim, v_dim: expected at most {MAX_HEAD_DIM}, got {nope_dim}, {v_dim}")
+        if rope_dim % 2 or rope_dim > MAX_ROPE_DIM:
+            raise ValueError(f"rope_dim: expected an even number <= {MAX_ROPE_DIM}, got {rope_dim}")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal: expected a bool, got {causal!r}")
+        _check_theta(rope_theta, "rope_theta")
+        self.d_model, self.n_heads, self.q_rank, self.kv_rank = d_model, n_heads, q_rank, kv_rank
+        self.nope_dim, self.rope_dim, self.v_dim, self.causal = nope_dim, rope_dim, v_dim, causal
+        factory = dict(device=device, dtype=dtype)
+        qk_dim = nope_dim + rope_dim
+        if q_rank:
+            self.q_down = nn.Linear(d_model, q_rank, bias=False, **factory)
+            self.q_norm = RMSNorm(q_rank, **factory)
+            self.q_up = nn.Linear(q_rank, n_heads * qk_dim, bias=False, **factory)
+        else:
+            self.q_proj = nn.Linear(d_model, n_heads * qk_dim, bias=False, **factory)
+        # W_dkv and W_kr as one projection: the latent, then the shared rope key (as DeepSeek-V2 stores them).
+        self.kv_down = nn.Linear(d_model, kv_rank + rope_dim, bias=False, **factory)
+        self.kv_norm = RMSNorm(kv_rank, **factory)
+        self.kv_up = nn.Linear(kv_rank, n_heads * (nope_dim + v_dim), bias=False, **factory)
+        self.out = nn.Linear(n_heads * v_dim, d_model, bias=False, **factory)
+        self.rope = RotaryEmbedding(rope_dim, rope_theta, device=device)
+
+    def _queries_and_latent(self, x):
+        B, S, _ = x.shape
+        H, dn, dr = self.n_heads, self.nope_dim, self.rope_dim
+        q = self.q_up(self.q_norm(self.q_down(x))) if self.q_rank else self.q_proj(x)
+        q = q.view(B, S, H, dn + dr)
+        down = self.kv_down(x)  # (B, S, kv_rank + dr)
+        c = self.kv_norm(down[..., :self.kv_rank])  # (B, S, kv_rank)
+        q_rope, k_rope = self.rope(q[..., dn:], down[..., None, self.kv_rank:])  # (B, S, H, dr), (B, S, 1, dr)
+        return q[..., :dn], q_rope, c, k_rope[:, :, 0]
+
+    def forward(self, x: torch.Tensor, absorb: bool = False) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (batch, seq, {self.d_model}), got {shape}")
+        if absorb:
+            return self._absorbed(x)
+        B, S, _ = x.shape
+        H, dn, dv = self.n_heads, self.nope_dim, self.v_dim
+        q_nope, q_rope, c, k_rope = self._queries_and_latent(x)
+        kv = self.kv_up(c).view(B, S, H, dn + dv)  # the decompressed per-head k_nope and v
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, S, H, dn + dr)
+        o = F.mla_attention(q, kv[..., :dn], k_rope, kv[..., dn:], causal=self.causal)  # (B, S, H, dv)
+        return self.out(o.reshape(B, S, H * dv))
+
+    @torch.no_grad()
+    def _absorbed(self, x):
+        B, S, _ = x.shape
+        H, dn, dv, r = self.n_heads, self.nope_dim, self.v_dim, self.kv_rank
+        q_nope, q_rope, c, k_rope = self._queries_and_latent(x)
+        w_ukv = self.kv_up.weight.view(H, dn + dv, r)
+        w_uk, w_uv = w_ukv[:, :dn], w_ukv[:, dn:]  # (H, dn, r), (H, dv, r)
+        q_latent = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # (B, S, H, r): W_ukᵀ q_nope
+        o_latent = F.latent_attention(torch.cat([q_latent, q_rope], dim=-1), c, k_rope, causal=self.causal,
+                                      softmax_scale=(dn + self.rope_dim) ** -0.5)  # (B, S, H, r)
+        o = torch.einsum("bshr,hvr->bshv", o_latent, w_uv)  # (B, S, H, dv)
+        return self.out(o.reshape(B, S, H * dv))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, q_rank={self.q_rank}, kv_rank={self.kv_rank}, "
+                f"nope_dim={self.nope_dim}, rope_dim={self.rope_dim}, v_dim={self.v_dim}, causal={self.causal}")

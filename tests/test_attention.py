@@ -41,8 +41,9 @@ CUDA_SHAPES = [
 
 def _make(B, S, H, Hkv, D, dtype, layout, gen):
     """q (B, S, H, D), k, v (B, S, Hkv, D), random, in one of three layouts:
-    contiguous; 'fused': slices of one (B, S, (H + 2·Hkv)·D) projection output, as GQAAttention passes
-    them (rows S apart by (H + 2·Hkv)·D); 'bhsd': transposed views of (B, heads, S, D) buffers."""
+    contiguous; 'fused': slices of one (B, S, (H + 2·Hkv)·D) projection output (GQAAttention passes v
+    so; q and k leave RoPE as new tensors), rows (H + 2·Hkv)·D apart; 'bhsd': transposed views of
+    (B, heads, S, D) buffers."""
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
@@ -139,17 +140,65 @@ def test_empty_inputs(shape):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and (k.grad == 0).all() and (v.grad == 0).all()
 
 
-def test_padded_head_dim_reads_and_writes_only_d():
-    """D = 40 is padded to 64 in registers: elements of a wider buffer next to each head must be neither
-    read (NaN there would spread) nor written."""
+def test_padded_head_dim_reads_only_d():
+    """D = 40 is padded to 64 in registers: every input (q, k, v and dO) sits in a wider buffer whose
+    extra columns are NaN, which would spread into every result if the forward or backward read them."""
     gen = torch.Generator().manual_seed(3)
     B, S, H, D = 1, 21, 2, 40
-    buf = torch.full((B, S, H, D + 8), float("nan"), device=DEVICE)
-    q = buf[..., :D].copy_(torch.randn(B, S, H, D, generator=gen))
-    k, v = (torch.randn(B, S, H, D, generator=gen).to(DEVICE) for _ in range(2))
-    o = attn.attention(q, k, v)
-    assert torch.isnan(buf[..., D:]).all() and torch.isfinite(o).all()
-    assert_close("o", o, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v), 21)
+
+    def padded(*shape):
+        buf = torch.full((*shape[:-1], shape[-1] + 8), float("nan"), device=DEVICE)
+        return buf[..., :D].copy_(torch.randn(*shape, generator=gen))
+
+    q, k, v, do = (padded(B, S, H, D) for _ in range(4))
+    (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal=True), [q, k, v], [do])
+    (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
+                        [do.double()])
+    (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
+    for name, a, e, r in zip(["o", "dq", "dk", "dv"], [o, *g], [o64, *g64], [o_ref, *g_ref]):
+        assert_close(name, a, e, r, reduced_over=S * H)
+
+
+def test_backward_computes_only_what_is_needed(monkeypatch):
+    """Only v requires grad: no dQ pass; only q: no dK/dV pass. The gradients asked for still match."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _make(1, 23, 4, 2, 32, torch.float32, "contiguous", gen)
+    do = torch.randn(1, 23, 4, 32, generator=gen).to(DEVICE)
+    calls = []
+    real_dq, real_dkdv = attn.launch_dq, attn._dkdv.launch
+    monkeypatch.setattr(attn, "launch_dq", lambda *a: calls.append("dq") or real_dq(*a))
+    monkeypatch.setattr(attn._dkdv, "launch", lambda *a, **kw: calls.append("dkdv") or real_dkdv(*a, **kw))
+    for wanted, expected_calls in (([False, False, True], ["dkdv"]), ([True, False, False], ["dq"])):
+        calls.clear()
+        (g,) = _wanted_grads(lambda *a: attn.attention(*a, causal=True), (q, k, v), wanted, do)
+        assert calls == expected_calls
+        (g64,) = _wanted_grads(lambda *a: reference.attention(*a, True), [t.double() for t in (q, k, v)], wanted,
+                               do.double())
+        (g_ref,) = _wanted_grads(lambda *a: reference.attention(*a, True), (q, k, v), wanted, do)
+        assert_close("grad", g, g64, g_ref, reduced_over=23 * 2)
+
+
+def _wanted_grads(fn, inputs, wanted, do):
+    leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
+    return torch.autograd.grad(fn(*leaves), [t for t in leaves if t.requires_grad], do)
+
+
+def test_double_backward_raises():
+    """The backward is not differentiable: asking for a second derivative is an error, not a silent 0."""
+    q, k, v = (t.requires_grad_() for t in _make(1, 9, 2, 1, 16, torch.float32, "contiguous",
+                                                  torch.Generator().manual_seed(9)))
+    (dq,) = torch.autograd.grad(attn.attention(q, k, v).square().sum(), [q], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
+def test_kernel_entry_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    import kernels._common as common
+
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match=r"^q: expected a CUDA tensor for the Triton kernel, got one on cpu"):
+        attn.attention(q, q, q)
 
 
 @pytest.mark.cuda
@@ -261,14 +310,17 @@ def test_offsets_past_int32_within_a_batch_entry_are_refused():
 def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, precision):
     """The GPU autotune lists: every listed config has the block alignment its mask split relies on
     (otherwise only a tl.static_assert at compile time would say so), and pruning per head dim and
-    dtype never leaves nothing."""
+    dtype keeps some of the listed configs (it raises if none fits)."""
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for name, table, prune, aligned in [
         ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
         ("dkdv", attn._DKDV_CONFIGS, attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
-        for bm, bn, warps, stages in table["fp32" if precision == "ieee" else attn._table_key(head_dim, head_dim)]:
+        listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim, head_dim)]
+        for bm, bn, warps, stages in listed:
             assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
         meta = {"HEAD_DIM": head_dim, "ROPE_DIM": 0, "V_DIM": head_dim, "INPUT_PRECISION": precision}
-        assert prune(attn._configs(table, None), meta), name
+        kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in prune(attn._configs(table, None), meta)]
+        assert kept and set(kept) <= set(listed), (name, kept)

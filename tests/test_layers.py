@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kernels import reference
-from lwt.layers import GQAAttention, RMSNorm, RotaryEmbedding
+import lwt.functional as F
+from lwt.layers import GQAAttention, MLAAttention, RMSNorm, RotaryEmbedding
 from tests.helpers import grads
 from tests.tolerances import assert_close
 
@@ -213,3 +214,115 @@ def test_gqa_attention_bad_input_names_x():
         layer(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match=r"^x: expected \(batch, seq, 32\), got \(5, 32\)"):
         layer(torch.randn(5, 32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLAAttention
+# ---------------------------------------------------------------------------------------------------
+
+def _mla_layer(q_rank, causal, seed=5):
+    torch.manual_seed(seed)
+    return MLAAttention(48, 3, q_rank, 32, 16, 8, 24, causal=causal).to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("q_rank", [0, 24], ids=["plain-Wq", "q-latent"])
+def test_mla_layer_matches_float64(monkeypatch, q_rank, causal):
+    """Training path on the Triton kernels (interpreter on CPU): output and the gradients of x and of every
+    parameter against the same module in float64 on the reference path; fp32 reference as yardstick."""
+    layer = _mla_layer(q_rank, causal)
+    layer64 = _mla_layer(q_rank, causal).double()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 13, 48, generator=gen).to(DEVICE)
+    dy = torch.randn(2, 13, 48, generator=gen).to(DEVICE)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def run(module, backend, x):
+        monkeypatch.setenv("LWT_BACKEND", backend)
+        params = [p for _, p in module.named_parameters()]
+        leaves = [x.detach().requires_grad_()] + params
+        y = module(leaves[0])
+        return y.detach(), torch.autograd.grad(y, leaves, dy.to(y.dtype))
+
+    y, g = run(layer, "triton", x)
+    y_ref, g_ref = run(layer, "reference", x)
+    y64, g64 = run(layer64, "reference", x.double())
+    assert_close("y", y, y64, y_ref, reduced_over=13)
+    for name, a, e, r in zip(["dx"] + names, g, g64, g_ref):
+        assert_close(name, a, e, r, reduced_over=2 * 13 * 3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_mla_absorbed_inference_matches_training_path(monkeypatch, backend, causal):
+    """absorb=True never decompresses K/V (W_uk folded into the query, W_uv applied after attending
+    over the latent) and gives the training path's output to fp32 accuracy."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    layer = _mla_layer(24, causal)
+    layer64 = _mla_layer(24, causal).double()
+    x = torch.randn(2, 13, 48, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    with torch.no_grad():
+        y64 = layer64(x.double())
+        y_ref = layer(x)
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    calls = []
+    real = layer.kv_up.forward
+    layer.kv_up.forward = lambda c: calls.append(c.shape) or real(c)
+    y = layer(x, absorb=True)
+    assert not calls, "the absorbed path decompressed the latent through kv_up"
+    assert not y.requires_grad
+    assert_close("y", y, y64, y_ref, reduced_over=13 * 32)
+
+
+def test_latent_attention_is_forward_only(monkeypatch):
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    q = torch.randn(1, 5, 2, 40, device=DEVICE, requires_grad=True)
+    c, kr = torch.randn(1, 5, 32, device=DEVICE), torch.randn(1, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^q: latent_attention is forward-only"):
+        F.latent_attention(q, c, kr)
+    with torch.no_grad():
+        o = F.latent_attention(q, c, kr, causal=True)
+    assert_close("o", o, reference.latent_attention(q.double(), c.double(), kr.double(), True),
+                 reference.latent_attention(q, c, kr, True), reduced_over=5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(q_rank=-1), r"^q_rank: expected an int >= 0"),
+    (dict(kv_rank=0), r"^kv_rank: expected a positive int"),
+    (dict(rope_dim=7), r"^rope_dim: expected an even number <= 128"),
+    (dict(nope_dim=512), r"^nope_dim, v_dim: expected at most 256"),
+    (dict(causal=1), r"^causal: expected a bool"),
+    (dict(rope_theta=-5.0), r"^rope_theta: expected a finite number > 1"),
+])
+def test_mla_layer_bad_arguments(kwargs, message):
+    args = dict(d_model=48, n_heads=3, q_rank=0, kv_rank=32, nope_dim=16, rope_dim=8, v_dim=24) | kwargs
+    with pytest.raises(ValueError, match=message):
+        MLAAttention(**args)
+
+
+def test_mla_layer_shapes_and_bad_input():
+    layer = MLAAttention(48, 3, 0, 32, 16, 8, 24)
+    assert set(layer.state_dict()) == {"q_proj.weight", "kv_down.weight", "kv_norm.weight", "kv_up.weight",
+                                       "out.weight"}
+    assert tuple(layer.kv_down.weight.shape) == (32 + 8, 48) and tuple(layer.kv_up.weight.shape) == (3 * 40, 32)
+    with pytest.raises(ValueError, match=r"^x: expected \(batch, seq, 48\), got \(2, 5, 40\)"):
+        layer(torch.randn(2, 5, 40))
+
+
+def test_rope_table_stays_fp32_and_usable_for_training():
+    """module.half() casts float buffers: the table is rebuilt in fp32. A table first built under
+    torch.inference_mode is rebuilt as a normal tensor when training needs it. float64 inputs are
+    rotated in float64."""
+    rope = RotaryEmbedding(16).to(DEVICE)
+    x = torch.randn(1, 6, 2, 16, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    with torch.inference_mode():
+        rope.rotate(x)
+    leaf = x.clone().requires_grad_()
+    rope.rotate(leaf).sum().backward()
+    assert leaf.grad is not None and not rope._cos.is_inference()
+    rope.half()
+    want = _rope_complex(x, 0, 10000.0)
+    assert_close("rope fp32 after .half()", rope.rotate(x), want, want.float())
+    assert rope._cos.dtype == torch.float32
+    assert (rope.rotate(x.double()) - want).abs().max().item() < 1e-12

@@ -190,3 +190,11 @@ def test_mla_functional_dispatch(monkeypatch):
     assert_close("o", outs["triton"], o64, outs["reference"], reduced_over=8)
     monkeypatch.setenv("LWT_BACKEND", "reference")
     assert lwtF.mla_attention(q.double(), kn.double(), kr.double(), v.double()).dtype == torch.float64
+
+
+def test_mla_double_backward_raises():
+    inputs = [t.requires_grad_() for t in _make(1, 9, 2, 16, 16, 16, torch.float32, "contiguous",
+                                                 torch.Generator().manual_seed(3))]
+    (dq,) = torch.autograd.grad(mla.mla_attention(*inputs).square().sum(), inputs[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
