@@ -105,6 +105,23 @@ def _mla_jobs(quick):
                            {"LSE", "Delta", "DKR_partial"})
 
 
+def _swiglu_jobs(quick):
+    from kernels import swiglu as W
+
+    ints = {"M", "N", "K"}
+    for mode in (0, 1, 2):
+        for dtype in ("bf16", "fp32"):
+            use = "fp32" if dtype == "fp32" else ("bwd" if mode == 2 else "fwd")
+            for bm, bn, bk, warps, stages in (W._GEMM_CONFIGS[use][:1] if quick else W._GEMM_CONFIGS[use]):
+                const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", GROUP_M=W._GROUP_M,
+                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                yield ("swiglu dual GEMM", W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(),
+                       set())
+    bm, bn = W._ELEMENTWISE_BLOCK
+    yield ("swiglu bwd elementwise", W._swiglu_bwd_elementwise_kernel, "bf16", dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1,
+           ints, set(), set())
+
+
 def _rmsnorm_jobs(quick):
     from kernels import rmsnorm as R
 
@@ -119,7 +136,7 @@ def _rmsnorm_jobs(quick):
                    warps, 1, ints, floats, fp32)
 
 
-JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "rmsnorm": _rmsnorm_jobs}
+JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "swiglu": _swiglu_jobs, "rmsnorm": _rmsnorm_jobs}
 
 
 def main(argv=None) -> int:

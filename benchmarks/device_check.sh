@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU session, run from the repository root:  bash benchmarks/device_check.sh [pytest -k expr]
-# bench_attention, then the RMSNorm tuning sweep and bench_rmsnorm with the fastest constants (each the
+# bench_attention, bench_swiglu, then the RMSNorm tuning sweep and bench_rmsnorm with the fastest constants (each the
 # quick grid unless FULL=1; TUNE=0 skips the sweep), then the CUDA tests (optionally a -k selection).
 # Logs, the results CSVs and the attention plot (when matplotlib is there) go to $OUT.
 set -uo pipefail
@@ -11,6 +11,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/attention.png")
 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_attention.log"
+python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_swiglu.log"
 if [ "${TUNE:-1}" = 1 ]; then
   python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_rmsnorm.log"
 else
@@ -18,4 +19,4 @@ else
 fi
 # xdist spreads the many first-call compilations and autotunings over the CPU cores.
 python -m pytest -q -p no:warnings -n 8 --timeout 300 ${1:+-k "$1"} 2>&1 | tee "$OUT/pytest.log" | tail -n 8
-grep -h "goal\|attention H" "$OUT"/bench_*.log | grep -v "^ " | tail -n 30
+grep -h "goal" "$OUT"/bench_*.log | grep -v "^ " | tail -n 40

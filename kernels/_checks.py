@@ -162,3 +162,30 @@ def check_latent_args(q, c, k_rope, causal, softmax_scale, *, dtypes=KERNEL_DTYP
     if dq != r + dr:
         raise ValueError(f"q: expected a last dim of R + Dr = {r} + {dr} = {r + dr}, got shape {tuple(q.shape)}")
     _check_causal_and_scale(causal, softmax_scale)
+
+
+def check_swiglu_args(x, w_gate, w_up, w_down, recompute=False, *, dtypes=KERNEL_DTYPES) -> None:
+    """The contract of `frozen_swiglu(x, w_gate, w_up, w_down, recompute)`; see kernels/swiglu.py."""
+    check_tensor(x, "x", dtypes=dtypes, min_ndim=1)
+    D = x.shape[-1]
+    if D < 1:
+        raise ValueError(f"x: expected a last (model) dim of at least 1, got shape {tuple(x.shape)}")
+    for name, w in (("w_gate", w_gate), ("w_up", w_up)):
+        check_tensor(w, name, dtypes=dtypes, ndim=2)
+        check_same_device(w, name, x, "x")
+        if w.requires_grad:
+            raise ValueError(f"{name}: expected a frozen tensor (requires_grad=False): no gradient is computed "
+                             f"for the gate/up projections; detach it or register it as a buffer")
+    F = w_gate.shape[0]
+    if F < 1 or tuple(w_gate.shape) != (F, D):
+        raise ValueError(f"w_gate: expected shape (F, {D}) with F >= 1 (D: the last dim of x), got {tuple(w_gate.shape)}")
+    if tuple(w_up.shape) != (F, D):
+        raise ValueError(f"w_up: expected shape ({F}, {D}) (that of w_gate), got {tuple(w_up.shape)}")
+    check_tensor(w_down, "w_down", dtypes=dtypes, ndim=2)
+    check_same_device(w_down, "w_down", x, "x")
+    if tuple(w_down.shape) != (D, F):
+        raise ValueError(f"w_down: expected shape ({D}, {F}) (model dim, d_ff), got {tuple(w_down.shape)}")
+    if w_down.dtype != x.dtype:
+        raise ValueError(f"w_down: expected the dtype of x ({x.dtype}), got {w_down.dtype}")
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute: expected a bool, got {recompute!r}")

@@ -130,3 +130,17 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
         above = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(above, float("-inf"))
     return torch.einsum("bhst,btr->bshr", torch.softmax(scores, dim=-1), c).to(out_dtype)
+
+
+def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  recompute: bool = False) -> torch.Tensor:
+    """SwiGLU MLP: y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ, in the compute dtype, y in x's dtype.
+
+    Args:
+        x: (..., D); w_gate, w_up: (F, D), frozen (any float dtype, used in x's compute dtype);
+        w_down: (D, F). recompute: accepted for the kernel's signature; autograd here keeps what it keeps.
+    """
+    c = _compute_dtype(x.dtype)
+    xc = x.to(c)
+    h = torch.nn.functional.silu(xc @ w_gate.to(c).t()) * (xc @ w_up.to(c).t())  # (..., F)
+    return (h @ w_down.to(c).t()).to(x.dtype)

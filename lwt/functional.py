@@ -15,7 +15,7 @@ import torch
 
 from kernels import reference
 from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, check_attention_args, check_latent_args,
-                             check_mla_args, check_rms_norm_args)
+                             check_mla_args, check_rms_norm_args, check_swiglu_args)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -127,4 +127,26 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     return reference.latent_attention(q, c, k_rope, causal, softmax_scale)
 
 
-__all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "backend_for", "KERNEL_DTYPES"]
+def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  recompute: bool = False) -> torch.Tensor:
+    """SwiGLU MLP with frozen gate/up projections: y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ.
+
+    Args:
+        x: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
+        w_gate, w_up: (F, D), frozen (must not require grad; no gradient is computed for them), any of
+            those dtypes (the Triton path casts them to x's dtype tile by tile).
+        w_down: (D, F), x's dtype, trained.
+        recompute: True keeps only x for the backward (the gate/up GEMM runs again there); False (default)
+            also keeps the (tokens × F) gate and up outputs.
+    Returns:
+        y (..., D) in x's dtype; gradients flow to x and w_down.
+    """
+    if backend_for(x) == "triton":
+        from kernels.swiglu import frozen_swiglu as swiglu_triton  # validates before launching
+        return swiglu_triton(x, w_gate, w_up, w_down, recompute)
+    check_swiglu_args(x, w_gate, w_up, w_down, recompute, dtypes=REFERENCE_DTYPES)
+    return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute)
+
+
+__all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "frozen_swiglu", "backend_for",
+           "KERNEL_DTYPES"]

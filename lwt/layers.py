@@ -282,3 +282,51 @@ class MLAAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, q_rank={self.q_rank}, kv_rank={self.kv_rank}, "
                 f"nope_dim={self.nope_dim}, rope_dim={self.rope_dim}, v_dim={self.v_dim}, causal={self.causal}")
+
+
+class FrozenSwiGLU(nn.Module):
+    """SwiGLU MLP whose gate and up projections are fixed random matrices: y = (silu(x W_gateᵀ) ·
+    (x W_upᵀ)) W_downᵀ, with W_down trained.
+
+    Args:
+        d_model: model width; d_ff: hidden width F.
+        seed: W_gate and W_up are drawn, in that order, from a CPU torch.Generator seeded with it, as
+            N(0, 1/d_model) entries: the same seed gives the same matrices on every machine and rank.
+        recompute: the backward recomputes gate/up from x (True) instead of keeping them (False).
+        frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations.
+        device, dtype: of W_down (and of the frozen matrices unless frozen_dtype is given).
+    W_gate, W_up (d_ff, d_model) are buffers, not Parameters: optimizers, DDP and FSDP never see them and
+    they never get a .grad. They are saved in the state_dict. forward(x): x (..., d_model), W_down's dtype.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, seed: int, recompute: bool = False, frozen_dtype=None,
+                 device=None, dtype=None):
+        super().__init__()
+        _positive_int(d_model, "d_model")
+        _positive_int(d_ff, "d_ff")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute: expected a bool, got {recompute!r}")
+        if frozen_dtype is not None and (not isinstance(frozen_dtype, torch.dtype) or not frozen_dtype.is_floating_point):
+            raise ValueError(f"frozen_dtype: expected a floating torch.dtype or None, got {frozen_dtype!r}")
+        self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
+        gen = torch.Generator().manual_seed(seed)
+        frozen = dict(device=device, dtype=frozen_dtype or dtype or torch.get_default_dtype())
+        scale = d_model ** -0.5
+        self.register_buffer("w_gate", (torch.randn(d_ff, d_model, generator=gen) * scale).to(**frozen))
+        self.register_buffer("w_up", (torch.randn(d_ff, d_model, generator=gen) * scale).to(**frozen))
+        self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))  # as nn.Linear(d_ff, d_model) initialises it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected a last dim of {self.d_model} (d_model), got shape {tuple(x.shape)}")
+        return F.frozen_swiglu(x, self.w_gate, self.w_up, self.w_down, self.recompute)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, seed={self.seed}, recompute={self.recompute}, "
+                f"frozen_dtype={self.w_gate.dtype}")

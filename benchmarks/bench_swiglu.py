@@ -1,0 +1,125 @@
+"""Frozen SwiGLU MLP: lwt (both saving policies) vs the eager MLP with frozen gate/up and torch.compile of
+it, forward and forward+backward, bf16, with the peak memory each allocates.
+
+    python benchmarks/bench_swiglu.py [--quick]
+
+Cases: d_model 2048/4096/8192 with d_ff 7168/14336/28672 (3.5x), 4096..32768 tokens. FLOPs counted for
+tokens T, model dim D, hidden F: forward 6·T·D·F (gate, up, down GEMMs); backward 8·T·D·F (dh, the two
+GEMMs of dx, dW_down); lwt's recompute policy runs the gate/up GEMM again in the backward, which is not
+counted (its TFLOP/s shows the cost). Gradients go to x and W_down only, for every provider. Memory: the
+peak of torch.cuda.max_memory_allocated during one fwd+bwd step, above what was allocated before it.
+Goals (issue #5) at 16384 tokens x 4096 x 14336, against eager in this run: recompute=False fwd+bwd time
+<= 1.0x and memory <= 0.6x; recompute=True memory <= 0.25x with time <= 1.35x.
+"""
+from __future__ import annotations
+
+import sys
+
+import _harness as H  # first: sets up the interpreter on CPU-only machines  # isort: skip
+import torch
+
+import lwt.functional as lwtF
+from kernels import reference
+
+SHAPES = [(t, d, f) for d, f in ((2048, 7168), (4096, 14336), (8192, 28672)) for t in (4096, 16384, 32768)]
+QUICK = [(16384, 4096, 14336), (4096, 2048, 7168)]
+GOAL = (16384, 4096, 14336)
+DEVICE = "cuda"  # a module constant only so that a dry run can point the cases at the CPU
+
+
+def _eager(x, wg, wu, wd):
+    return torch.nn.functional.linear(torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()), wd)
+
+
+def providers():
+    compiled = torch.compile(_eager, dynamic=False)
+    return {
+        "lwt (keep gate/up)": lambda x, wg, wu, wd: lwtF.frozen_swiglu(x, wg, wu, wd, recompute=False),
+        "lwt (recompute)": lambda x, wg, wu, wd: lwtF.frozen_swiglu(x, wg, wu, wd, recompute=True),
+        "eager": _eager,
+        "torch.compile(eager)": compiled,
+    }
+
+
+def _peak_extra_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(report, T, D, F, memory):
+    torch._dynamo.reset()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    wg, wu = (torch.randn(F, D, device=DEVICE, dtype=torch.bfloat16, generator=gen) * D ** -0.5 for _ in range(2))
+    wd = torch.randn(D, F, device=DEVICE, dtype=torch.bfloat16, generator=gen) * F ** -0.5
+    dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    case = f"{T}x{D}x{F}"
+    provs = providers()
+    for name, fn in provs.items():
+        report.add(case, "fwd", name, H.bench_ms(lambda: fn(x, wg, wu, wd)), "TFLOP/s", 6 * T * D * F)
+    x.requires_grad_(True)
+    wd.requires_grad_(True)
+    for name, fn in provs.items():
+        def step():
+            return torch.autograd.grad(fn(x, wg, wu, wd), (x, wd), dy)
+        report.add(case, "fwd+bwd", name, H.bench_ms(step), "TFLOP/s", 14 * T * D * F)
+        memory[(case, name)] = _peak_extra_mib(step)
+    x.requires_grad_(False)
+    wd.requires_grad_(False)
+    return case
+
+
+def smoke():
+    """CPU: a tiny case through the kernels (interpreter), both policies, against the float64 reference."""
+    from kernels.swiglu import frozen_swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(7, 24, generator=gen), torch.randn(7, 24, generator=gen)
+    wg, wu = torch.randn(40, 24, generator=gen) / 5, torch.randn(40, 24, generator=gen) / 5
+    wd = torch.randn(24, 40, generator=gen) / 6
+    x64, wd64 = x.double().requires_grad_(), wd.double().requires_grad_()
+    want = torch.autograd.grad(reference.frozen_swiglu(x64, wg.double(), wu.double(), wd64), (x64, wd64), dy.double())
+    for recompute in (False, True):
+        xs, wds = x.clone().requires_grad_(), wd.clone().requires_grad_()
+        got = torch.autograd.grad(frozen_swiglu(xs, wg, wu, wds, recompute), (xs, wds), dy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def main(argv=None) -> list[str]:
+    """Runs the benchmark; returns the summary lines (run_all prints them last)."""
+    args = H.parse_args(__doc__.splitlines()[0], argv)
+    if not H.HAS_GPU:
+        H.no_gpu_smoke("bench_swiglu", smoke)
+        return ["swiglu: no GPU, smoke check only"]
+    report = H.Report("swiglu", "bfloat16")
+    memory = {}
+    for T, D, F in (QUICK if args.quick else SHAPES):
+        run_case(report, T, D, F, memory)
+    for (case, name), mib in memory.items():
+        report.notes.append(f"{case} {name}: peak extra memory of a fwd+bwd step {mib:.0f} MiB")
+    case = "x".join(map(str, GOAL))
+    summary = []
+    eager_ms, eager_mib = report.ms(case, "fwd+bwd", "eager"), memory.get((case, "eager"))
+    for name, t_goal, m_goal in (("lwt (keep gate/up)", 1.0, 0.6), ("lwt (recompute)", 1.35, 0.25)):
+        ms, mib = report.ms(case, "fwd+bwd", name), memory.get((case, name))
+        if None in (ms, mib, eager_ms, eager_mib):
+            continue
+        t, m = ms / eager_ms, mib / eager_mib
+        ok = t <= t_goal and m <= m_goal
+        summary.append(f"swiglu {case} {name}: fwd+bwd {t:.2f}x eager's time (goal <= {t_goal}), "
+                       f"{m:.2f}x its memory (goal <= {m_goal}) -> {'met' if ok else 'NOT met'}")
+    report.notes.extend(summary)
+    report.print_table(lwt="lwt (keep gate/up)")
+    if not args.no_save:
+        report.save(args.results_dir)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,331 @@
+"""SwiGLU MLP with frozen gate/up projections: a fused dual-GEMM Triton kernel, and a backward that
+computes nothing for the frozen weights.
+
+    g = x W_gateᵀ,  u = x W_upᵀ          (T, F): one pass over x feeds both, fp32 accumulators
+    h = silu(g) · u                      (the epilogue; g and u are never written in the forward)
+    y = h W_downᵀ                        (T, D): an ordinary matmul (cuBLAS)
+
+Backward (W_gate, W_up frozen: no gradient computed or allocated for them). With σ = sigmoid(g),
+silu(g) = g·σ and silu'(g) = σ·(1 + g·(1 - σ)):
+    dh = dy W_down;   dg = dh · u · silu'(g);   du = dh · silu(g)
+    dx = dg W_gate + du W_up;   dW_down = dyᵀ h
+Two saving policies. recompute=True saves x alone: the backward runs the dual GEMM again and applies the
+backward epilogue (h, dg, du from g, u and dh) before anything reaches memory. recompute=False makes the
+forward also store g and u (what the backward needs, h being derivable from them) and the backward only
+runs the elementwise epilogue. Both passes walk the tokens in chunks so that their (tokens × F)
+transients (h in the forward; dh, dg, du, h in the backward) stay bounded (CHUNK_ELEMENTS); dW_down
+accumulates over the chunks in fp32.
+
+The frozen weights may be stored in another dtype than x (`frozen_dtype` of FrozenSwiGLU): tiles are
+cast to x's dtype on load, so the dots run in x's dtype with fp32 accumulation. fp32 activations use
+IEEE fp32 dots (no TF32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_swiglu_args
+from ._common import TunedKernel, cdiv, check_kernel_device, empty, interpreting
+
+# Backward chunk: tokens per chunk × F stays under this many elements per (chunk × F) transient, so the
+# four transients of a chunk take at most 4 · CHUNK_ELEMENTS · element size (at 16384 × 14336 bf16:
+# 2048-token chunks, 4 × 59 MB).
+CHUNK_ELEMENTS = 2048 * 14336
+
+
+@triton.jit
+def _silu_parts(g):
+    """silu(g) and silu'(g) in fp32."""
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    return silu, sig * (1.0 + g * (1.0 - sig))
+
+
+@triton.jit
+def _tile_ptrs(BASE, rows, cols, stride_row):
+    return BASE + rows.to(tl.int64)[:, None] * stride_row + cols[None, :]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per use. Two fp32 accumulators of BLOCK_M × BLOCK_N
+# live in registers; these compile for sm_90 (triton 3.6) without spills (benchmarks/compile_check.py;
+# not yet timed on a GPU). The backward epilogue (mode 2) also holds dh and two more tiles, so it gets
+# the narrower tiles; fp32 (IEEE dots) one config that fits.
+_GEMM_CONFIGS = {
+    "fwd": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
+    "bwd": [(128, 64, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
+    "fp32": [(128, 64, 64, 8, 4)],
+}
+
+
+def _gemm_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    listed = sorted({c for cs in _GEMM_CONFIGS.values() for c in cs})
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in listed]
+
+
+def _prune_gemm(configs, nargs, **kwargs):
+    """early_config_prune: the list for this mode and dtype."""
+    if interpreting():
+        return configs
+    meta = {**nargs, **kwargs}
+    use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
+    wanted = set(_GEMM_CONFIGS[use])
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) in wanted]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "MODE", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _swiglu_dual_gemm_kernel(
+    X, WG, WU, H, G, U, DH, DG, DU,
+    M, N, K,
+    stride_x, stride_wg, stride_wu, stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du,
+    MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """g, u = x W_gateᵀ, x W_upᵀ for one (BLOCK_M tokens × BLOCK_N features) tile, then the epilogue:
+    MODE 0: h = silu(g)·u; MODE 1: also g and u (recompute=False's forward); MODE 2 (the recomputing
+    backward): h, dg, du from g, u and DH."""
+    # Grouped tile order (the Triton matmul tutorial's L2 swizzle): GROUP_M row tiles share each column
+    # tile of the weights while it is in L2.
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Loads past the last token or feature wrap around to valid rows (the matmul tutorial's trick) and
+    # only whole BLOCK_K steps run in the loop, so its loads carry no mask: masked loads there kept
+    # triton 3.6 from pipelining them (no async copies in the TTGIR). A partial last K step follows.
+    xp = _tile_ptrs(X, rows % M, ks, stride_x)
+    gp = _tile_ptrs(WG, cols % N, ks, stride_wg)
+    up = _tile_ptrs(WU, cols % N, ks, stride_wu)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        acc_g, acc_u = _dual_step(xp + k0, gp + k0, up + k0, acc_g, acc_u, ks, K - k0, False, INPUT_PRECISION)
+    if k_full < K:
+        acc_g, acc_u = _dual_step(xp + k_full, gp + k_full, up + k_full, acc_g, acc_u, ks, K - k_full, True,
+                                  INPUT_PRECISION)
+    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
+    _swiglu_epilogue(acc_g, acc_u, rows, cols, out_mask, H, G, U, DH, DG, DU,
+                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, MODE)
+
+
+@triton.jit
+def _dual_step(xp, gp, up, acc_g, acc_u, ks, k_left, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc_g += x·W_gateᵀ and acc_u += x·W_upᵀ over one BLOCK_K step (MASKED: only k_left columns)."""
+    if MASKED:
+        x = tl.load(xp, mask=(ks < k_left)[None, :], other=0.0)
+        wg = tl.load(gp, mask=(ks < k_left)[None, :], other=0.0)
+        wu = tl.load(up, mask=(ks < k_left)[None, :], other=0.0)
+    else:
+        x = tl.load(xp)
+        wg = tl.load(gp)
+        wu = tl.load(up)
+    acc_g = tl.dot(x, tl.trans(wg.to(x.dtype)), acc_g, input_precision=INPUT_PRECISION)
+    acc_u = tl.dot(x, tl.trans(wu.to(x.dtype)), acc_u, input_precision=INPUT_PRECISION)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _swiglu_epilogue(g, u, rows, cols, mask, H, G, U, DH, DG, DU,
+                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, MODE: tl.constexpr):
+    """From fp32 g and u: MODE 0 stores h; 1 stores h, g, u; 2 stores h, dg, du (reads DH)."""
+    silu, dsilu = _silu_parts(g)
+    h = silu * u
+    tl.store(_tile_ptrs(H, rows, cols, stride_h), h.to(H.dtype.element_ty), mask=mask)
+    if MODE == 1:
+        tl.store(_tile_ptrs(G, rows, cols, stride_g), g.to(G.dtype.element_ty), mask=mask)
+        tl.store(_tile_ptrs(U, rows, cols, stride_u), u.to(U.dtype.element_ty), mask=mask)
+    if MODE == 2:
+        dh = tl.load(_tile_ptrs(DH, rows, cols, stride_dh), mask=mask, other=0.0).to(tl.float32)
+        tl.store(_tile_ptrs(DG, rows, cols, stride_dg), (dh * u * dsilu).to(DG.dtype.element_ty), mask=mask)
+        tl.store(_tile_ptrs(DU, rows, cols, stride_du), (dh * silu).to(DU.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_elementwise_kernel(G, U, DH, H, DG, DU, M, N, stride_g, stride_u, stride_dh, stride_h,
+                                   stride_dg, stride_du, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward epilogue from stored g and u (recompute=False): h, dg, du."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    g = tl.load(_tile_ptrs(G, rows, cols, stride_g), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(_tile_ptrs(U, rows, cols, stride_u), mask=mask, other=0.0).to(tl.float32)
+    _swiglu_epilogue(g, u, rows, cols, mask, H, G, U, DH, DG, DU, stride_h, stride_g, stride_u, stride_dh,
+                     stride_dg, stride_du, 2)
+
+
+_dual_gemm = TunedKernel(_swiglu_dual_gemm_kernel)
+_GROUP_M = 8
+_ELEMENTWISE_BLOCK = (32, 128)
+
+
+def _precision(x: torch.Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None):
+    """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
+    mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into."""
+    T, D = x.shape
+    F = w_gate.shape[0]
+    h = empty((T, F), x.dtype, x.device)
+    if gu_out is not None:
+        a, b = gu_out
+    else:
+        a = empty((T, F), x.dtype, x.device) if mode else h  # g (mode 1) or dg (mode 2)
+        b = empty((T, F), x.dtype, x.device) if mode else h  # u or du
+    if T == 0:
+        return h, a, b
+    dh_ = dh if dh is not None else h  # read only in mode 2
+    g, u, dg, du = (a, b, h, h) if mode == 1 else (h, h, a, b)
+    _dual_gemm.launch(
+        lambda m: (cdiv(T, m["BLOCK_M"]) * cdiv(F, m["BLOCK_N"]),),
+        x, w_gate, w_up, h, g, u, dh_, dg, du,
+        T, F, D,
+        x.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0), g.stride(0), u.stride(0), dh_.stride(0),
+        dg.stride(0), du.stride(0),
+        MODE=mode, INPUT_PRECISION=_precision(x), GROUP_M=_GROUP_M,
+    )
+    return h, a, b
+
+
+def _launch_bwd_elementwise(g, u, dh):
+    T, F = g.shape
+    h, dg, du = (empty((T, F), g.dtype, g.device) for _ in range(3))
+    bm, bn = _ELEMENTWISE_BLOCK
+    _swiglu_bwd_elementwise_kernel[(cdiv(T, bm), cdiv(F, bn))](
+        g, u, dh, h, dg, du, T, F, g.stride(0), u.stride(0), dh.stride(0), h.stride(0), dg.stride(0), du.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+    )
+    return h, dg, du
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., n) as (rows, n) with unit stride along n (a copy only when no such view exists)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up: bool):
+    """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else None). Token chunks as in
+    the backward: h exists one chunk at a time."""
+    T, D = x.shape
+    F = w_gate.shape[0]
+    y = empty((T, w_down.shape[0]), x.dtype, x.device)
+    g = empty((T, F), x.dtype, x.device) if save_gate_up else None
+    u = empty((T, F), x.dtype, x.device) if save_gate_up else None
+    chunk = max(1, CHUNK_ELEMENTS // F)
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, min(T, t0 + chunk))
+        h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 1 if save_gate_up else 0,
+                                    gu_out=(g[sl], u[sl]) if save_gate_up else None)
+        torch.matmul(h, w_down.t(), out=y[sl])
+    return y, g, u
+
+
+_MM_OUT_DTYPE = None  # whether torch.mm(..., out_dtype=torch.float32) works here (probed once, CUDA only)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32. 16-bit operands stay 16-bit (tensor cores, fp32 accumulation): cuBLAS returns the
+    fp32 sum directly where torch offers mm's out_dtype; elsewhere the product is rounded to the operands'
+    dtype once before the conversion."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).float()
+
+
+def swiglu_bwd(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
+    """dx (T, D) and dW_down (D, F) from dy (T, D); g, u (T, F) if the forward kept them, else they are
+    recomputed. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
+    sums their products in fp32."""
+    T, D = x.shape
+    F = w_gate.shape[0]
+    if T == 0:
+        return torch.zeros_like(x), torch.zeros_like(w_down)
+    chunk = max(1, CHUNK_ELEMENTS // F)
+    dx = empty((T, D), x.dtype, x.device) if need_dx else None
+    dw = torch.zeros((D, F), dtype=torch.float32, device=x.device) if need_dw_down and T > chunk else None
+    wg, wu = w_gate.to(x.dtype), w_up.to(x.dtype)  # no copy when they already share x's dtype
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, min(T, t0 + chunk))
+        dh = dy[sl] @ w_down  # (C, F)
+        if g is None:
+            h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh)
+        else:
+            h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
+        if need_dx:
+            torch.matmul(dg, wg, out=dx[sl])
+            dx[sl].addmm_(du, wu)
+        if need_dw_down:
+            if dw is None:  # one chunk: one GEMM, rounded once, as an eager backward does
+                dw = dy.t() @ h
+            else:
+                dw += _mm_fp32(dy[sl].t(), h)
+    return dx, (dw.to(w_down.dtype) if need_dw_down else None)
+
+
+class FrozenSwiGLUFunction(torch.autograd.Function):
+    """Autograd over (T, D) rows; `frozen_swiglu` validates and reshapes before `.apply`. Gradients flow
+    to x and w_down only."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, recompute):
+        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up=not recompute)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, g, u)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        dx, dw = swiglu_bwd(dy, x, w_gate, w_up, w_down, g, u, need_dx=ctx.needs_input_grad[0],
+                            need_dw_down=ctx.needs_input_grad[3])
+        return dx, None, None, dw, None
+
+
+def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                  recompute: bool = False) -> torch.Tensor:
+    """SwiGLU MLP (Triton) whose gate/up projections are frozen.
+
+    Args:
+        x: (..., D), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
+        w_gate, w_up: (F, D), frozen: must not require grad; any of those dtypes (cast on load).
+        w_down: (D, F), x's dtype, trained.
+        recompute: True saves only x for the backward (recomputes gate/up); False also keeps g and u.
+    Returns:
+        y (..., D) in x's dtype, y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ. Gradients flow to x and w_down.
+    Raises:
+        ValueError: naming the argument, for a wrong shape, dtype or device, frozen weights that require
+            grad, or a recompute flag that is not a bool, before any launch.
+    """
+    check_swiglu_args(x, w_gate, w_up, w_down, recompute)
+    check_kernel_device(x, "x")
+    shape = x.shape
+    y = FrozenSwiGLUFunction.apply(_rows(x), _rows(w_gate), _rows(w_up), w_down, recompute)
+    return y.view(*shape[:-1], w_down.shape[0])
+
+
+__all__ = ["frozen_swiglu", "swiglu_fwd", "swiglu_bwd", "FrozenSwiGLUFunction"]

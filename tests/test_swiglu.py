@@ -1,0 +1,159 @@
+"""Frozen SwiGLU (kernels/swiglu.py) against the float64 reference: y, dx and dW_down, both saving
+policies; nothing is computed or stored for the frozen projections."""
+import pytest
+import torch
+
+import lwt.functional as lwtF
+from kernels import reference
+from kernels import swiglu
+from lwt.layers import FrozenSwiGLU
+from tests.helpers import grads
+from tests.tolerances import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+# (x shape, F). The interpreter's tile is 16 tokens × 32 features × 16 of the model dim, so every size
+# below leaves ragged tiles in all three.
+SHAPES = [
+    pytest.param((1, 48), 130, id="T1-D48-F130"),
+    pytest.param((37, 48), 130, id="T37-D48-F130"),
+    pytest.param((2, 5, 33), 70, id="B2-S5-D33-F70"),
+    pytest.param((0, 16), 40, id="T0-D16-F40"),
+]
+CUDA_SHAPES = [
+    pytest.param((1000, 1024), 3584, id="T1000-D1024-F3584", marks=pytest.mark.cuda),
+    pytest.param((4, 513, 512), 1400, id="B4-S513-D512-F1400", marks=pytest.mark.cuda),
+]
+
+
+def _weights(D, F, gen, dtype, frozen_dtype=None):
+    wg = (torch.randn(F, D, generator=gen) * D ** -0.5).to(DEVICE, frozen_dtype or dtype)
+    wu = (torch.randn(F, D, generator=gen) * D ** -0.5).to(DEVICE, frozen_dtype or dtype)
+    wd = (torch.randn(D, F, generator=gen) * F ** -0.5).to(DEVICE, dtype)
+    return wg, wu, wd
+
+
+def _check(shape, F, dtype, recompute, frozen_dtype=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    D = shape[-1]
+    x = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    wg, wu, wd = _weights(D, F, gen, dtype, frozen_dtype)
+    dy = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    def kernel(x, wd):
+        return swiglu.frozen_swiglu(x, wg, wu, wd, recompute)
+
+    def ref(x, wd):
+        return reference.frozen_swiglu(x, wg.to(x.dtype) if x.dtype == torch.float64 else wg,
+                                       wu.to(x.dtype) if x.dtype == torch.float64 else wu, wd)
+
+    (y,), (dx, dwd) = grads(kernel, [x, wd], [dy])
+    (y64,), (dx64, dwd64) = grads(ref, [x.double(), wd.double()], [dy.double()])
+    (y_ref,), (dx_ref, dwd_ref) = grads(ref, [x, wd], [dy])
+    tokens = x.numel() // D
+    assert_close("y", y, y64, y_ref, reduced_over=F)
+    assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
+    assert_close("dw_down", dwd, dwd64, dwd_ref, reduced_over=tokens)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,F", SHAPES + CUDA_SHAPES)
+def test_frozen_swiglu_matches_float64_reference(shape, F, dtype, recompute):
+    _check(shape, F, dtype, recompute)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+def test_frozen_weights_in_lower_precision(recompute):
+    """fp16 frozen matrices beside fp32 activations: cast tile by tile in the kernel."""
+    _check((9, 40), 72, torch.float32, recompute, frozen_dtype=torch.float16, seed=1)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+def test_backward_in_token_chunks(monkeypatch, recompute):
+    """A small CHUNK_ELEMENTS makes the backward walk 37 tokens in chunks of 2 (dW_down summed in fp32)."""
+    monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 2 * 130)
+    _check((37, 48), 130, torch.float32, recompute, seed=2)
+    _check((37, 48), 130, torch.float16, recompute, seed=3)
+
+
+def test_saving_policies():
+    """recompute=True keeps x alone for the backward; recompute=False also the gate and up outputs."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 32, generator=gen).to(DEVICE).requires_grad_()
+    wg, wu, wd = _weights(32, 48, gen, torch.float32)
+    for recompute, kept in ((True, None), (False, (7, 48))):
+        node = swiglu.frozen_swiglu(x, wg, wu, wd, recompute).grad_fn
+        while not isinstance(node, swiglu.FrozenSwiGLUFunction._backward_cls):  # past the reshape
+            node = node.next_functions[0][0]
+        saved = node.saved_tensors
+        assert saved[0] is x or saved[0].data_ptr() == x.data_ptr()
+        g, u = saved[-2:]
+        assert (g is None and u is None) if kept is None else (g.shape == kept and u.shape == kept)
+
+
+def test_layer_frozen_buffers_get_no_grad_and_are_seeded():
+    torch.manual_seed(0)
+    a, b, c = FrozenSwiGLU(32, 80, seed=7), FrozenSwiGLU(32, 80, seed=7), FrozenSwiGLU(32, 80, seed=8)
+    assert torch.equal(a.w_gate, b.w_gate) and torch.equal(a.w_up, b.w_up) and not torch.equal(a.w_gate, c.w_gate)
+    assert [n for n, _ in a.named_parameters()] == ["w_down"]
+    assert set(a.state_dict()) == {"w_gate", "w_up", "w_down"}
+    assert abs(a.w_gate.std().item() - 32 ** -0.5) < 0.1 * 32 ** -0.5
+    a = a.to(DEVICE)
+    y = a(torch.randn(3, 4, 32, device=DEVICE))
+    y.square().sum().backward()
+    assert a.w_gate.grad is None and a.w_up.grad is None and a.w_down.grad is not None
+    low = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.bfloat16)
+    assert low.w_gate.dtype == torch.bfloat16 and low.w_down.dtype == torch.float32
+    assert torch.equal(low.w_gate, b.w_gate.to(torch.bfloat16))
+
+
+def _bad_cases():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 16, generator=gen).to(DEVICE)
+    wg, wu, wd = _weights(16, 24, gen, torch.float32)
+    return [
+        ("w_gate", "expected a frozen tensor", (x, wg.clone().requires_grad_(), wu, wd), {}),
+        ("w_up", "expected a frozen tensor", (x, wg, wu.clone().requires_grad_(), wd), {}),
+        ("w_gate", "expected shape \\(F, 16\\)", (x, wg[:, :8], wu, wd), {}),
+        ("w_up", "expected shape \\(24, 16\\)", (x, wg, wu[:20], wd), {}),
+        ("w_down", "expected shape \\(16, 24\\)", (x, wg, wu, wd.t()), {}),
+        ("w_down", "expected the dtype of x", (x, wg, wu, wd.half()), {}),
+        ("x", "expected dtype", (x.int(), wg, wu, wd), {}),
+        ("w_gate", "expected 2 dims", (x, wg[None], wu, wd), {}),
+        ("w_down", "expected a tensor on", (x, wg, wu, wd.to("meta")), {}),
+        ("recompute", "expected a bool", (x, wg, wu, wd), {"recompute": "yes"}),
+    ]
+
+
+@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
+    name, message, args, kwargs = _bad_cases()[case]
+
+    def no_launch(*a, **k):
+        raise AssertionError("a kernel (or the reference) ran on invalid input")
+
+    monkeypatch.setattr(swiglu, "_launch_dual_gemm", no_launch)
+    monkeypatch.setattr(reference, "frozen_swiglu", no_launch)
+    if entry == "kernel":
+        fn = swiglu.frozen_swiglu
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = lwtF.frozen_swiglu
+    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
+        fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(d_model=0), r"^d_model: expected a positive int"),
+    (dict(seed=1.5), r"^seed: expected an int"),
+    (dict(recompute=1), r"^recompute: expected a bool"),
+    (dict(frozen_dtype=torch.int8), r"^frozen_dtype: expected a floating torch.dtype"),
+])
+def test_layer_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FrozenSwiGLU(**(dict(d_model=16, d_ff=24, seed=0) | kwargs))
