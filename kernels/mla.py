@@ -92,17 +92,22 @@ def _head_chunks(B: int, S: int, H: int, device) -> int:
     return H
 
 
-def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float):
-    """Launch the backward: δ, the dK/dV pass, dQ. Shapes as in mla_attention, unit stride along the last
-    dims; do like o. Returns (dq, dk_nope, dk_rope, dv) in the inputs' dtypes."""
+def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float, need_dq: bool = True,
+            need_dkv: bool = True):
+    """Launch the backward: δ, dQ, the dK/dV pass (each only if needed, else its results are None).
+    Shapes as in mla_attention, unit stride along the last dims; do like o. Returns (dq, dk_nope, dk_rope,
+    dv) in the inputs' dtypes."""
     B, S, H, _ = q.shape
     d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
     if q.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k_nope), torch.zeros_like(k_rope), torch.zeros_like(v)
-    dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device)
-    dv = empty(v.shape, v.dtype, v.device)
-    A._check_offsets(do=do, dq=q.shape, dk_nope=dk_nope, dv=dv)
+    dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device) if need_dkv else None
+    dv = empty(v.shape, v.dtype, v.device) if need_dkv else None
+    A._check_offsets(do=do, dq=q.shape, **({"dk_nope": dk_nope, "dv": dv} if need_dkv else {}))
     delta = A.launch_delta(o, do)
+    dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope) if need_dq else None
+    if not need_dkv:
+        return dq, None, None, None
     chunks = _head_chunks(B, S, H, q.device)
     dkr_partial = empty((B, chunks, S, d_rope), torch.float32, q.device)
     _dkdv.launch(
@@ -116,7 +121,6 @@ def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float):
         **A.head_meta(d, d_rope, d_v, q.dtype, causal),
     )
     dk_rope = dkr_partial.sum(dim=1).to(k_rope.dtype)  # (B, S, Dr): the chunks in a fixed order
-    dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope)
     return dq, dk_nope, dk_rope, dv
 
 
@@ -136,7 +140,9 @@ class MLAFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k_nope, k_rope, v, o, lse = ctx.saved_tensors
-        grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale)
+        need = ctx.needs_input_grad
+        grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale,
+                        need_dq=need[0], need_dkv=any(need[1:4]))
         return (*grads, None, None)
 
 

@@ -198,3 +198,26 @@ def test_mla_double_backward_raises():
     (dq,) = torch.autograd.grad(mla.mla_attention(*inputs).square().sum(), inputs[:1], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dq.sum().backward()
+
+
+def test_mla_backward_computes_only_what_is_needed(monkeypatch):
+    """Only q requires grad: no dK/dV pass; only k_rope: no dQ pass. The gradients asked for match."""
+    gen = torch.Generator().manual_seed(11)
+    inputs = _make(1, 21, 3, 16, 16, 24, torch.float32, "contiguous", gen)
+    do = torch.randn(1, 21, 3, 24, generator=gen).to(DEVICE)
+    calls = []
+    real_dq, real_dkdv = attn.launch_dq, mla._dkdv.launch
+    monkeypatch.setattr(attn, "launch_dq", lambda *a: calls.append("dq") or real_dq(*a))
+    monkeypatch.setattr(mla._dkdv, "launch", lambda *a, **kw: calls.append("dkdv") or real_dkdv(*a, **kw))
+    for wanted, expected in (([True, False, False, False], ["dq"]), ([False, False, True, False], ["dkdv"])):
+        calls.clear()
+        leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        (g,) = torch.autograd.grad(mla.mla_attention(*leaves, causal=True), [t for t in leaves if t.requires_grad], do)
+        assert calls == expected
+        leaves64 = [t.detach().double().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        (g64,) = torch.autograd.grad(reference.mla_attention(*leaves64, True), [t for t in leaves64 if t.requires_grad],
+                                     do.double())
+        leaves_ref = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        (g_ref,) = torch.autograd.grad(reference.mla_attention(*leaves_ref, True),
+                                       [t for t in leaves_ref if t.requires_grad], do)
+        assert_close("grad", g, g64, g_ref, reduced_over=21 * 3)
