@@ -29,10 +29,11 @@ import triton.language as tl
 from ._checks import check_swiglu_args
 from ._common import TunedKernel, cdiv, check_kernel_device, empty, interpreting
 
-# Backward chunk: tokens per chunk × F stays under this many elements per (chunk × F) transient, so the
-# four transients of a chunk take at most 4 · CHUNK_ELEMENTS · element size (at 16384 × 14336 bf16:
-# 2048-token chunks, 4 × 59 MB).
-CHUNK_ELEMENTS = 2048 * 14336
+# Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
+# the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
+# most half of it. At 16384 × 4096 × 14336 bf16: 1024-token chunks, 4 × 29 MB of transients, against the
+# 2.75 GiB an eager fwd+bwd allocates there (shared/anchors-h200.md), whose 0.25x is the recompute goal.
+CHUNK_ELEMENTS = 1024 * 14336
 
 
 @triton.jit
@@ -281,8 +282,10 @@ def swiglu_bwd(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_d
         if need_dw_down:
             if dw is None:  # one chunk: one GEMM, rounded once, as an eager backward does
                 dw = dy.t() @ h
-            else:
-                dw += _mm_fp32(dy[sl].t(), h)
+            else:  # column blocks, so that the fp32 product of one is at most CHUNK_ELEMENTS // 2 elements
+                cols = max(1, CHUNK_ELEMENTS // (2 * D))
+                for f0 in range(0, F, cols):
+                    dw[:, f0:f0 + cols] += _mm_fp32(dy[sl].t(), h[:, f0:f0 + cols])
     return dx, (dw.to(w_down.dtype) if need_dw_down else None)
 
 
