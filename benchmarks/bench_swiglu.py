@@ -6,8 +6,10 @@ it, forward and forward+backward, bf16, with the peak memory each allocates.
 Cases: d_model 2048/4096/8192 with d_ff 7168/14336/28672 (3.5x), 4096..32768 tokens. FLOPs counted for
 tokens T, model dim D, hidden F: forward 6·T·D·F (gate, up, down GEMMs); backward 8·T·D·F (dh, the two
 GEMMs of dx, dW_down); lwt's recompute policy runs the gate/up GEMM again in the backward, which is not
-counted (its TFLOP/s shows the cost). Gradients go to x and W_down only, for every provider. Memory: the
-peak of torch.cuda.max_memory_allocated during one fwd+bwd step, above what was allocated before it.
+counted (its TFLOP/s shows the cost). "fwd" is the inference forward (nothing requires grad, so lwt keeps
+nothing for a backward under either policy); "fwd+bwd" a training step, gradients to x and W_down only,
+for every provider. Memory: the peak of torch.cuda.max_memory_allocated during one fwd+bwd step, above
+what was allocated before it.
 Goals (issue #5) at 16384 tokens x 4096 x 14336, against eager in this run: recompute=False fwd+bwd time
 <= 1.0x and memory <= 0.6x; recompute=True memory <= 0.25x with time <= 1.35x.
 """

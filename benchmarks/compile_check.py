@@ -30,10 +30,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 
-def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs):
+def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs, ptr_dtypes=None):
     """Triton signature and divisibility hints of `fn`: arguments named in `ints` are i32 (strides are
     marked divisible by 16, as a real launch of aligned tensors would specialise them), `floats` fp32,
-    `fp32_ptrs` fp32 pointers, every other argument a pointer to `dtype`."""
+    `fp32_ptrs` fp32 pointers, `ptr_dtypes` {name: dtype} other pointer dtypes, every other argument a
+    pointer to `dtype`."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -45,7 +46,7 @@ def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs):
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "*fp32" if name in fp32_ptrs else f"*{dtype}"
+            sig[name] = "*fp32" if name in fp32_ptrs else f"*{(ptr_dtypes or {}).get(name, dtype)}"
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -109,14 +110,16 @@ def _swiglu_jobs(quick):
     from kernels import swiglu as W
 
     ints = {"M", "N", "K"}
+    # (x dtype, frozen weights' dtype): the mixed pair is FrozenSwiGLU's frozen_dtype use
     for mode in (0, 1, 2):
-        for dtype in ("bf16", "fp32"):
+        for dtype, wdtype in (("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16")):
             use = "fp32" if dtype == "fp32" else ("bwd" if mode == 2 else "fwd")
             for bm, bn, bk, warps, stages in (W._GEMM_CONFIGS[use][:1] if quick else W._GEMM_CONFIGS[use]):
                 const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", GROUP_M=W._GROUP_M,
                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                yield ("swiglu dual GEMM", W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(),
-                       set())
+                yield ("swiglu dual GEMM" + ("" if wdtype == dtype else f" ({wdtype} weights)"),
+                       W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(), set(),
+                       {"WG": wdtype, "WU": wdtype})
     bm, bn = W._ELEMENTWISE_BLOCK
     yield ("swiglu bwd elementwise", W._swiglu_bwd_elementwise_kernel, "bf16", dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1,
            ints, set(), set())
@@ -148,8 +151,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     for group in args.kernels.split(","):
-        for label, fn, dtype, const, warps, stages, ints, floats, fp32 in JOBS[group](args.quick):
-            sig, attrs = _signature(fn, const, dtype, ints, floats, fp32)
+        for label, fn, dtype, const, warps, stages, ints, floats, fp32, *ptr_dtypes in JOBS[group](args.quick):
+            sig, attrs = _signature(fn, const, dtype, ints, floats, fp32, *ptr_dtypes)
             shown = " ".join(f"{k}={v}" for k, v in const.items())
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,

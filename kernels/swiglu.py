@@ -50,13 +50,15 @@ def _tile_ptrs(BASE, rows, cols, stride_row):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per use. Two fp32 accumulators of BLOCK_M × BLOCK_N
-# live in registers; these compile for sm_90 (triton 3.6) without spills (benchmarks/compile_check.py;
-# not yet timed on a GPU). The backward epilogue (mode 2) also holds dh and two more tiles, so it gets
-# the narrower tiles; fp32 (IEEE dots) one config that fits.
+# live in registers; the 16-bit lists compile for sm_90 (triton 3.6) without spills (benchmarks/
+# compile_check.py; not yet timed on a GPU). The backward epilogue (mode 2) also holds dh and two more
+# tiles, so it gets the narrower tiles. fp32 (IEEE dots): with frozen weights in another dtype (cast per
+# tile) only the last, smallest config compiles without spills; the autotuner weighs them. A config
+# whose shared memory does not fit a GPU is dropped by the autotuner at its first launch there.
 _GEMM_CONFIGS = {
     "fwd": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
     "bwd": [(128, 64, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
-    "fp32": [(128, 64, 64, 8, 4)],
+    "fp32": [(128, 64, 64, 8, 4), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3)],
 }
 
 
@@ -222,7 +224,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up: bool):
     """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else None). Token chunks as in
-    the backward: h exists one chunk at a time."""
+    the backward: one chunk's h exists at a time."""
     T, D = x.shape
     F = w_gate.shape[0]
     y = empty((T, w_down.shape[0]), x.dtype, x.device)
@@ -234,10 +236,11 @@ def swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up: bool):
         h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 1 if save_gate_up else 0,
                                     gu_out=(g[sl], u[sl]) if save_gate_up else None)
         torch.matmul(h, w_down.t(), out=y[sl])
+        del h  # before the next chunk allocates its own
     return y, g, u
 
 
-_MM_OUT_DTYPE = None  # whether torch.mm(..., out_dtype=torch.float32) works here (probed once, CUDA only)
+_MM_OUT_DTYPE = None  # whether torch.mm(..., out_dtype=torch.float32) exists here (probed once, CUDA only)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -252,33 +255,45 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             out = torch.mm(a, b, out_dtype=torch.float32)
             _MM_OUT_DTYPE = True
             return out
-        except (TypeError, RuntimeError):
+        except TypeError:  # no out_dtype argument in this torch
+            _MM_OUT_DTYPE = False
+        except RuntimeError as e:  # the overload exists but not for these inputs (an OOM is raised as is)
+            if "out of memory" in str(e):
+                raise
             _MM_OUT_DTYPE = False
     return (a @ b).float()
 
 
-def swiglu_bwd(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
-    """dx (T, D) and dW_down (D, F) from dy (T, D); g, u (T, F) if the forward kept them, else they are
-    recomputed. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
-    sums their products in fp32."""
-    T, D = x.shape
+def swiglu_bwd(dy, x, x_meta, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
+    """dx (T, D) and dW_down (D, F) from dy (T, D). x: the input rows when the forward kept nothing else
+    (recompute), else None, with g and u (T, F) given; x_meta: (T, D, dtype, device) of x. Walks the tokens
+    in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down sums their products in fp32.
+    Frozen weights in another dtype than x are cast to it for the dx GEMMs (a transient (F, D) copy each)."""
+    T, D, dtype, device = x_meta
     F = w_gate.shape[0]
     if T == 0:
-        return torch.zeros_like(x), torch.zeros_like(w_down)
+        return (torch.zeros((T, D), dtype=dtype, device=device) if need_dx else None,
+                torch.zeros_like(w_down) if need_dw_down else None)
     chunk = max(1, CHUNK_ELEMENTS // F)
-    dx = empty((T, D), x.dtype, x.device) if need_dx else None
-    dw = torch.zeros((D, F), dtype=torch.float32, device=x.device) if need_dw_down and T > chunk else None
-    wg, wu = w_gate.to(x.dtype), w_up.to(x.dtype)  # no copy when they already share x's dtype
+    dx = empty((T, D), dtype, device) if need_dx else None
+    dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
+    if need_dx:
+        wg, wu = w_gate.to(dtype), w_up.to(dtype)  # no copy when they already share x's dtype
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
-        dh = dy[sl] @ w_down  # (C, F)
-        if g is None:
-            h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh)
-        else:
-            h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
         if need_dx:
+            dh = dy[sl] @ w_down  # (C, F)
+            if g is None:
+                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh)
+            else:
+                h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
             torch.matmul(dg, wg, out=dx[sl])
             dx[sl].addmm_(du, wu)
+            del dh, dg, du
+        elif g is None:  # dW_down alone needs only h
+            h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 0)
+        else:
+            h = (torch.nn.functional.silu(g[sl].float()) * u[sl].float()).to(dtype)
         if need_dw_down:
             if dw is None:  # one chunk: one GEMM, rounded once, as an eager backward does
                 dw = dy.t() @ h
@@ -286,27 +301,30 @@ def swiglu_bwd(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_d
                 cols = max(1, CHUNK_ELEMENTS // (2 * D))
                 for f0 in range(0, F, cols):
                     dw[:, f0:f0 + cols] += _mm_fp32(dy[sl].t(), h[:, f0:f0 + cols])
+        del h  # before the next chunk allocates its own
     return dx, (dw.to(w_down.dtype) if need_dw_down else None)
 
 
 class FrozenSwiGLUFunction(torch.autograd.Function):
-    """Autograd over (T, D) rows; `frozen_swiglu` validates and reshapes before `.apply`. Gradients flow
-    to x and w_down only."""
+    """Autograd over (T, D) rows; `frozen_swiglu` validates, reshapes and picks what to save before
+    `.apply`. Gradients flow to x and w_down only."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, recompute):
-        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up=not recompute)
-        ctx.save_for_backward(x, w_gate, w_up, w_down, g, u)
+    def forward(ctx, x, w_gate, w_up, w_down, recompute, training):
+        """training: a backward may follow (grad mode on and x or w_down requiring grad): only then does
+        recompute=False store g and u, and recompute=True keep x."""
+        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up=training and not recompute)
+        ctx.save_for_backward(x if training and recompute else None, w_gate, w_up, w_down, g, u)
+        ctx.x_meta = (x.shape[0], x.shape[1], x.dtype, x.device)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx, dw = swiglu_bwd(dy, x, w_gate, w_up, w_down, g, u, need_dx=ctx.needs_input_grad[0],
+        dx, dw = swiglu_bwd(dy, x, ctx.x_meta, w_gate, w_up, w_down, g, u, need_dx=ctx.needs_input_grad[0],
                             need_dw_down=ctx.needs_input_grad[3])
-        return dx, None, None, dw, None
+        return dx, None, None, dw, None, None
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -317,7 +335,10 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         x: (..., D), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
         w_gate, w_up: (F, D), frozen: must not require grad; any of those dtypes (cast on load).
         w_down: (D, F), x's dtype, trained.
-        recompute: True saves only x for the backward (recomputes gate/up); False also keeps g and u.
+        recompute: True saves only x for the backward (recomputes gate/up); False keeps g and u, stored in
+            x's dtype (in fp16, gate values beyond fp16's range overflow there, as they would in eager
+            fp16). Without a backward to come (no grad mode, or neither x nor w_down requiring grad)
+            nothing is kept either way.
     Returns:
         y (..., D) in x's dtype, y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ. Gradients flow to x and w_down.
     Raises:
@@ -327,7 +348,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     check_swiglu_args(x, w_gate, w_up, w_down, recompute)
     check_kernel_device(x, "x")
     shape = x.shape
-    y = FrozenSwiGLUFunction.apply(_rows(x), _rows(w_gate), _rows(w_up), w_down, recompute)
+    training = torch.is_grad_enabled() and (x.requires_grad or w_down.requires_grad)
+    y = FrozenSwiGLUFunction.apply(_rows(x), _rows(w_gate), _rows(w_up), w_down, recompute, training)
     return y.view(*shape[:-1], w_down.shape[0])
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
+from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
 
 from . import functional as F
 
@@ -204,9 +204,11 @@ class MLAAttention(nn.Module):
         device, dtype: of the parameters.
     forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model).
         absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
-        absorb=True (inference, no gradients): never decompress K/V. W_uk is folded into the query
-            (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after attending over the latent, so
-            every head attends over the same (c, k_rope) per token, MQA-style.
+        absorb=True (inference: runs under no_grad, the result carries no gradient): never decompress
+            K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after
+            attending over the latent, so every head attends over the same (c, k_rope) per token,
+            MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank (DeepSeek-V2's
+            512) runs the PyTorch reference, which holds the (B, H, S, S) scores.
     Config keys mla_rq and mla_rkv (config.yaml) are q_rank and kv_rank.
     """
 
@@ -308,8 +310,9 @@ class FrozenSwiGLU(nn.Module):
             raise ValueError(f"seed: expected an int, got {seed!r}")
         if not isinstance(recompute, bool):
             raise ValueError(f"recompute: expected a bool, got {recompute!r}")
-        if frozen_dtype is not None and (not isinstance(frozen_dtype, torch.dtype) or not frozen_dtype.is_floating_point):
-            raise ValueError(f"frozen_dtype: expected a floating torch.dtype or None, got {frozen_dtype!r}")
+        if frozen_dtype is not None and frozen_dtype not in KERNEL_DTYPES:
+            raise ValueError(f"frozen_dtype: expected float32, float16 or bfloat16 (what the kernel reads) or None, "
+                             f"got {frozen_dtype!r}")
         self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
         gen = torch.Generator().manual_seed(seed)
         frozen = dict(device=device, dtype=frozen_dtype or dtype or torch.get_default_dtype())

@@ -15,8 +15,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
-# (x shape, F). The interpreter's tile is 16 tokens × 32 features × 16 of the model dim, so every size
-# below leaves ragged tiles in all three.
+# (x shape, F). The interpreter's tile is 16 tokens × 32 features × 16 of the model dim: D 48 and 16
+# are whole K steps, D 33 ends in a partial one (the peeled, masked step); T and F leave ragged tiles.
 SHAPES = [
     pytest.param((1, 48), 130, id="T1-D48-F130"),
     pytest.param((37, 48), 130, id="T37-D48-F130"),
@@ -74,25 +74,72 @@ def test_frozen_weights_in_lower_precision(recompute):
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_backward_in_token_chunks(monkeypatch, recompute):
-    """A small CHUNK_ELEMENTS makes the backward walk 37 tokens in chunks of 2 (dW_down summed in fp32)."""
+    """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2 (dW_down summed in fp32, in
+    column blocks); D 50 ends each GEMM in a partial K step."""
     monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 2 * 130)
-    _check((37, 48), 130, torch.float32, recompute, seed=2)
-    _check((37, 48), 130, torch.float16, recompute, seed=3)
+    _check((37, 50), 130, torch.float32, recompute, seed=2)
+    _check((37, 50), 130, torch.float16, recompute, seed=3)
+
+
+def _saved(y):
+    node = y.grad_fn
+    while not isinstance(node, swiglu.FrozenSwiGLUFunction._backward_cls):  # past the reshape
+        node = node.next_functions[0][0]
+    return node.saved_tensors
 
 
 def test_saving_policies():
-    """recompute=True keeps x alone for the backward; recompute=False also the gate and up outputs."""
+    """recompute=True keeps x alone for the backward; recompute=False keeps the gate and up outputs
+    (and not x, which its backward does not read)."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(7, 32, generator=gen).to(DEVICE).requires_grad_()
     wg, wu, wd = _weights(32, 48, gen, torch.float32)
-    for recompute, kept in ((True, None), (False, (7, 48))):
-        node = swiglu.frozen_swiglu(x, wg, wu, wd, recompute).grad_fn
-        while not isinstance(node, swiglu.FrozenSwiGLUFunction._backward_cls):  # past the reshape
-            node = node.next_functions[0][0]
-        saved = node.saved_tensors
-        assert saved[0] is x or saved[0].data_ptr() == x.data_ptr()
-        g, u = saved[-2:]
-        assert (g is None and u is None) if kept is None else (g.shape == kept and u.shape == kept)
+    x_saved, *_, g, u = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=True))
+    assert x_saved.data_ptr() == x.data_ptr() and g is None and u is None
+    x_saved, *_, g, u = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=False))
+    assert x_saved is None and g.shape == (7, 48) and u.shape == (7, 48)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+def test_no_backward_to_come_keeps_nothing(monkeypatch, recompute):
+    """Under no_grad (or with nothing requiring grad) no (tokens × F) gate/up buffer is allocated."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 32, generator=gen).to(DEVICE)
+    wg, wu, wd = _weights(32, 40, gen, torch.float32)
+    shapes = []
+    real = swiglu.empty
+    monkeypatch.setattr(swiglu, "empty", lambda shape, *a: shapes.append(tuple(shape)) or real(shape, *a))
+    with torch.no_grad():
+        swiglu.frozen_swiglu(x, wg, wu, wd.requires_grad_(), recompute)
+    swiglu.frozen_swiglu(x, wg, wu, wd.detach(), recompute)
+    assert shapes.count((9, 40)) == 2, shapes  # h of each call, nothing else of that size
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+@pytest.mark.parametrize("wanted", ["x", "w_down"])
+def test_one_gradient_and_strided_inputs(monkeypatch, recompute, wanted):
+    """Only x or only w_down requiring grad (the other pass is skipped), on transposed / sliced inputs
+    and frozen weights, over several token chunks."""
+    monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 3 * 40)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(50, 11, generator=gen).to(DEVICE).t()[:, :33]  # (11, 33), strides (1, 11)
+    wg = torch.randn(33, 40, generator=gen).to(DEVICE).t() / 6  # (40, 33) transposed
+    wu = torch.randn(40, 40, generator=gen).to(DEVICE)[:, 3:36] / 6  # sliced
+    wd = torch.randn(33, 40, generator=gen).to(DEVICE) / 6
+    dy = torch.randn(11, 33, generator=gen).to(DEVICE)
+    leaf = [x, wd][wanted == "w_down"]
+    other = [wd, x][wanted == "w_down"]
+
+    def run(fn, leaf, other, cast=lambda t: t):
+        leaf = cast(leaf).detach().requires_grad_()
+        args = (leaf, cast(other)) if wanted == "x" else (cast(other), leaf)
+        y = fn(args[0], cast(wg), cast(wu), args[1])
+        return torch.autograd.grad(y, [leaf], cast(dy))[0]
+
+    got = run(lambda *a: swiglu.frozen_swiglu(*a, recompute=recompute), leaf, other)
+    want = run(reference.frozen_swiglu, leaf, other, cast=lambda t: t.double())
+    same = run(reference.frozen_swiglu, leaf, other)
+    assert_close(wanted, got, want, same, reduced_over=40 if wanted == "x" else 11)
 
 
 def test_layer_frozen_buffers_get_no_grad_and_are_seeded():
@@ -105,7 +152,7 @@ def test_layer_frozen_buffers_get_no_grad_and_are_seeded():
     a = a.to(DEVICE)
     y = a(torch.randn(3, 4, 32, device=DEVICE))
     y.square().sum().backward()
-    assert a.w_gate.grad is None and a.w_up.grad is None and a.w_down.grad is not None
+    assert a.w_down.grad is not None and not any(t.requires_grad for t in a.buffers())
     low = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.bfloat16)
     assert low.w_gate.dtype == torch.bfloat16 and low.w_down.dtype == torch.float32
     assert torch.equal(low.w_gate, b.w_gate.to(torch.bfloat16))
@@ -152,7 +199,8 @@ def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
     (dict(d_model=0), r"^d_model: expected a positive int"),
     (dict(seed=1.5), r"^seed: expected an int"),
     (dict(recompute=1), r"^recompute: expected a bool"),
-    (dict(frozen_dtype=torch.int8), r"^frozen_dtype: expected a floating torch.dtype"),
+    (dict(frozen_dtype=torch.int8), r"^frozen_dtype: expected float32, float16 or bfloat16"),
+    (dict(frozen_dtype=torch.float64), r"^frozen_dtype: expected float32, float16 or bfloat16"),
 ])
 def test_layer_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
