@@ -27,8 +27,9 @@ the diagonal, or (forward and dQ) holding keys past the sequence end, build one.
 so that a query block starts on a key-block boundary (and vice versa in the dK/dV pass), which makes
 that split exact. Rows past the sequence end load as zeros and are never stored.
 
-Precision. Statistics, accumulators and dS are fp32; for fp32 inputs the dots are IEEE fp32 (no TF32),
-so fp32 gets fp32 accuracy at a lower speed. Limits: head dim 1..256 (a non-power-of-two D is padded
+Precision. Statistics, accumulators, P and dS are computed in fp32; P and dS are rounded to the input
+dtype for their tensor-core dots (as in FA2). For fp32 inputs the dots are IEEE fp32 (no TF32), so fp32
+gets fp32 accuracy at a lower speed. Limits: head dim 1..256 (a non-power-of-two D is padded
 to the next power of two, at least 16, in registers only); any S >= 1, B, H; any strides with a unit
 stride along D (anything else is copied first).
 """
