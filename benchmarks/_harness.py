@@ -85,6 +85,16 @@ def bench_graph_ms(fn):
         return None
 
 
+def peak_extra_mib(fn) -> float:
+    """Memory fn() allocates on the GPU beyond what was allocated before it, at its peak (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def copy_ms(t: torch.Tensor) -> float:
     """Time of a device-to-device copy of `t` (reads and writes t's bytes once): the bandwidth ceiling
     a memory-bound kernel over a tensor of this size is measured against, in the same run."""
@@ -161,6 +171,19 @@ class Report:
                                 gpu=gpu_name(), torch=torch.__version__, triton=triton.__version__,
                                 git_sha=git_sha()))
         print(f"appended {len(self.rows)} rows to {path}")
+
+
+def assert_matches_float64(fn, ref, inputs, cotangent):
+    """Smoke check: the outputs of fn(*inputs) and the gradients of its first output w.r.t. every input,
+    against ref on float64 copies (loose: a tiny shape through the interpreter, not the test suite)."""
+    def run(f, xs, dy):
+        leaves = [t.detach().clone().requires_grad_() for t in xs]
+        outs = f(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return [*outs, *torch.autograd.grad(outs[0], leaves, dy)]
+
+    for a, b in zip(run(fn, inputs, cotangent), run(ref, [t.double() for t in inputs], cotangent.double())):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-5)
 
 
 def no_gpu_smoke(op: str, check) -> int:

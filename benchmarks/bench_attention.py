@@ -109,16 +109,6 @@ MLA_DIMS = (128, 64, 128)  # DeepSeek-V2: Dn, Dr, Dv
 MLA_QUICK = [(32, 2048)]
 
 
-def _peak_extra_mib(fn) -> float:
-    """Memory fn() allocates beyond what was allocated before it, at its peak (MiB)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run_mla_case(report, H_, S, causal, notes):
     """MLA core: lwt (k_rope read once per token) vs SDPA cuDNN and efficient on K/V materialised the way
     a user would (k_rope expanded to every head and concatenated to k_nope). SDPA is timed on the
@@ -162,13 +152,13 @@ def run_mla_case(report, H_, S, causal, notes):
             report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
     # Memory of one fwd+bwd step from the unmaterialised inputs (what each path allocates on top).
     leaves = [t.detach().requires_grad_() for t in (q, k_nope, k_rope, v)]
-    mem = {"lwt": _peak_extra_mib(lambda: torch.autograd.grad(lwtF.mla_attention(*leaves, causal), leaves, do))}
+    mem = {"lwt": H.peak_extra_mib(lambda: torch.autograd.grad(lwtF.mla_attention(*leaves, causal), leaves, do))}
     for name, backend in (("SDPA cuDNN", "CUDNN_ATTENTION"), ("SDPA efficient", "EFFICIENT_ATTENTION")):
         def step():
             return torch.autograd.grad(sdpa(leaves[0], materialise(leaves[1], leaves[2]), leaves[3]), leaves, do)
         try:
             with _sdpa_backend(backend):
-                mem[name] = _peak_extra_mib(step)
+                mem[name] = H.peak_extra_mib(step)
         except RuntimeError:
             pass
     notes.append(f"{case}: peak extra memory of a fwd+bwd step (with K materialised for SDPA): "
@@ -249,23 +239,12 @@ def smoke():
     gen = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, 19, h, 32, generator=gen) for h in (4, 2, 2, 4))
     for causal in (False, True):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o = attention(*leaves, causal=causal)
-        grads = torch.autograd.grad(o, leaves, do)
-        leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-        o64 = reference.attention(*leaves64, causal)
-        grads64 = torch.autograd.grad(o64, leaves64, do.double())
-        for a, b in zip([o, *grads], [o64, *grads64]):
-            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+        H.assert_matches_float64(lambda q, k, v: attention(q, k, v, causal=causal),
+                                 lambda q, k, v: reference.attention(q, k, v, causal), [q, k, v], do)
     mla_inputs = [torch.randn(1, 19, 2, 48, generator=gen), torch.randn(1, 19, 2, 32, generator=gen),
                   torch.randn(1, 19, 16, generator=gen), torch.randn(1, 19, 2, 24, generator=gen)]
-    do = torch.randn(1, 19, 2, 24, generator=gen)
-    leaves = [t.clone().requires_grad_() for t in mla_inputs]
-    got = torch.autograd.grad(mla_attention(*leaves, causal=True), leaves, do)
-    leaves64 = [t.double().requires_grad_() for t in mla_inputs]
-    want = torch.autograd.grad(reference.mla_attention(*leaves64, True), leaves64, do.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    H.assert_matches_float64(lambda *a: mla_attention(*a, causal=True), lambda *a: reference.mla_attention(*a, True),
+                             mla_inputs, torch.randn(1, 19, 2, 24, generator=gen))
 
 
 def _add_args(p):

@@ -43,15 +43,6 @@ def providers():
     }
 
 
-def _peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run_case(report, T, D, F, memory):
     torch._dynamo.reset()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -69,7 +60,7 @@ def run_case(report, T, D, F, memory):
         def step():
             return torch.autograd.grad(fn(x, wg, wu, wd), (x, wd), dy)
         report.add(case, "fwd+bwd", name, H.bench_ms(step), "TFLOP/s", 14 * T * D * F)
-        memory[(case, name)] = _peak_extra_mib(step)
+        memory[(case, name)] = H.peak_extra_mib(step)
     x.requires_grad_(False)
     wd.requires_grad_(False)
     return case
@@ -83,13 +74,9 @@ def smoke():
     x, dy = torch.randn(7, 24, generator=gen), torch.randn(7, 24, generator=gen)
     wg, wu = torch.randn(40, 24, generator=gen) / 5, torch.randn(40, 24, generator=gen) / 5
     wd = torch.randn(24, 40, generator=gen) / 6
-    x64, wd64 = x.double().requires_grad_(), wd.double().requires_grad_()
-    want = torch.autograd.grad(reference.frozen_swiglu(x64, wg.double(), wu.double(), wd64), (x64, wd64), dy.double())
     for recompute in (False, True):
-        xs, wds = x.clone().requires_grad_(), wd.clone().requires_grad_()
-        got = torch.autograd.grad(frozen_swiglu(xs, wg, wu, wds, recompute), (xs, wds), dy)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+        H.assert_matches_float64(lambda x, wd: frozen_swiglu(x, wg, wu, wd, recompute),
+                                 lambda x, wd: reference.frozen_swiglu(x, wg.double(), wu.double(), wd), [x, wd], dy)
 
 
 def main(argv=None) -> list[str]:

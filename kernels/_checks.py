@@ -75,6 +75,14 @@ def check_eps(eps) -> None:
         raise ValueError(f"eps: expected a finite real number >= 0, got {eps!r}")
 
 
+def _check_companion(t, name: str, q, dtypes, ndim: int) -> None:
+    """t: a tensor of `ndim` dims with q's dtype and device."""
+    check_tensor(t, name, dtypes=dtypes, ndim=ndim)
+    if t.dtype != q.dtype:
+        raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
+    check_same_device(t, name, q, "q")
+
+
 # Largest attention head dim: the kernels keep a (BLOCK, D) fp32 accumulator per program in registers.
 MAX_HEAD_DIM = 256
 
@@ -84,10 +92,7 @@ def check_attention_args(q, k, v, causal, softmax_scale, *, dtypes=KERNEL_DTYPES
     check_tensor(q, "q", dtypes=dtypes, ndim=4)
     B, S, H, D = q.shape
     for name, t in (("k", k), ("v", v)):
-        check_tensor(t, name, dtypes=dtypes, ndim=4)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
-        check_same_device(t, name, q, "q")
+        _check_companion(t, name, q, dtypes, 4)
         Hkv = t.shape[2]
         if (t.shape[0], t.shape[1], t.shape[3]) != (B, S, D) or Hkv < 1:
             raise ValueError(f"{name}: expected shape ({B}, {S}, Hkv, {D}) (batch, seq, K/V heads >= 1, head dim "
@@ -117,10 +122,7 @@ def check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, *, dtypes=KERNEL
     check_tensor(q, "q", dtypes=dtypes, ndim=4)
     B, S, H, dq = q.shape
     for name, t, ndim in (("k_nope", k_nope, 4), ("k_rope", k_rope, 3), ("v", v, 4)):
-        check_tensor(t, name, dtypes=dtypes, ndim=ndim)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
-        check_same_device(t, name, q, "q")
+        _check_companion(t, name, q, dtypes, ndim)
     if tuple(k_nope.shape[:3]) != (B, S, H):
         raise ValueError(f"k_nope: expected shape ({B}, {S}, {H}, Dn) (batch, seq, heads of q {tuple(q.shape)}), "
                          f"got {tuple(k_nope.shape)}")
@@ -148,10 +150,7 @@ def check_latent_args(q, c, k_rope, causal, softmax_scale, *, dtypes=KERNEL_DTYP
     check_tensor(q, "q", dtypes=dtypes, ndim=4)
     B, S, H, dq = q.shape
     for name, t in (("c", c), ("k_rope", k_rope)):
-        check_tensor(t, name, dtypes=dtypes, ndim=3)
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
-        check_same_device(t, name, q, "q")
+        _check_companion(t, name, q, dtypes, 3)
         if tuple(t.shape[:2]) != (B, S):
             raise ValueError(f"{name}: expected shape ({B}, {S}, ·) (batch and seq of q), got {tuple(t.shape)}")
     r, dr = c.shape[2], k_rope.shape[2]

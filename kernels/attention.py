@@ -68,6 +68,18 @@ def _load_tile(BASE, rows, stride_row, S, D: tl.constexpr, HEAD_DIM: tl.constexp
 
 
 @triton.jit
+def _load_query(Q, q_rows, stride_qs, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr,
+                ROPE_DIM: tl.constexpr):
+    """A query tile and its rope part (the D_R dims after the first D of each row); without a rope part
+    (ROPE_DIM 0) the second value is the first again, a placeholder never read."""
+    q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+    qr = q
+    if ROPE_DIM > 0:
+        qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
+    return q, qr
+
+
+@triton.jit
 def _store_tile(BASE, rows, stride_row, S, value, D: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = tl.arange(0, HEAD_DIM)
     ptrs = BASE + rows[:, None] * stride_row + cols[None, :]
@@ -284,10 +296,7 @@ def _attn_fwd_kernel(
 
     q_start = block_m * BLOCK_M
     q_rows = q_start + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
-    qr = q
-    if ROPE_DIM > 0:
-        qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
+    q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, V_DIM), tl.float32)
@@ -333,13 +342,12 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
+        q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
         do = _load_tile(DO, q_rows, stride_dos, S, D_V, V_DIM, True)
         lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0) * LOG2E
         delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if ROPE_DIM > 0:
-            qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
             qk_t = tl.dot(kr, tl.trans(qr), qk_t, input_precision=INPUT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if DIAGONAL:
@@ -459,11 +467,9 @@ def _attn_bwd_dq_kernel(
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     q_start = block_m * BLOCK_M
     q_rows = q_start + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q, q_rows, stride_qs, S, D, HEAD_DIM, True)
-    qr = q
+    q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
     dqr = tl.zeros((1, 1), tl.float32)  # a placeholder unless there is a rope part
     if ROPE_DIM > 0:
-        qr = _load_tile(Q + D, q_rows, stride_qs, S, D_R, ROPE_DIM, True)
         dqr = tl.zeros((BLOCK_M, ROPE_DIM), tl.float32)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, q_rows, stride_dos, S, D_V, V_DIM, True)
     bh = (b * H + h).to(tl.int64)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import TunedKernel, cdiv, check_kernel_device, empty, interpreting
+from ._common import TunedKernel, as_rows, cdiv, check_kernel_device, empty, interpreting
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
@@ -216,12 +216,6 @@ def _launch_bwd_elementwise(g, u, dh):
     return h, dg, du
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., n) as (rows, n) with unit stride along n (a copy only when no such view exists)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
-
-
 def swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up: bool):
     """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else None). Token chunks as in
     the backward: one chunk's h exists at a time."""
@@ -349,7 +343,7 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     check_kernel_device(x, "x")
     shape = x.shape
     training = torch.is_grad_enabled() and (x.requires_grad or w_down.requires_grad)
-    y = FrozenSwiGLUFunction.apply(_rows(x), _rows(w_gate), _rows(w_up), w_down, recompute, training)
+    y = FrozenSwiGLUFunction.apply(as_rows(x), as_rows(w_gate), as_rows(w_up), w_down, recompute, training)
     return y.view(*shape[:-1], w_down.shape[0])
 
 

@@ -20,3 +20,27 @@ def grads(fn, inputs, cotangents):
     used = [(o, fresh_copy(c)) for o, c in zip(outs, cotangents) if c is not None]
     gs = torch.autograd.grad([o for o, _ in used], leaves, [c for _, c in used], allow_unused=False)
     return [o.detach() for o in outs], list(gs)
+
+
+# The three ways an op can be entered: the kernel module's public function, and lwt.functional with
+# each backend forced.
+ENTRIES = ["kernel", "functional-triton", "functional-reference"]
+
+
+def assert_refused_before_launch(monkeypatch, entry, kernel_op, functional_op, blocked, match, *args, **kwargs):
+    """Call the op through `entry` with every (module, attribute) in `blocked` (its launchers, its
+    reference) replaced by a function that fails the test, and expect a ValueError matching `match`."""
+    import pytest
+
+    def no_launch(*a, **k):
+        raise AssertionError("a kernel (or the reference) ran on invalid input")
+
+    for module, attribute in blocked:
+        monkeypatch.setattr(module, attribute, no_launch)
+    if entry == "kernel":
+        fn = kernel_op
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = functional_op
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)

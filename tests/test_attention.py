@@ -5,7 +5,7 @@ import torch
 import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import reference
-from tests.helpers import grads
+from tests.helpers import ENTRIES, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -251,23 +251,13 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
     name, message, args, kwargs = _bad_cases()[case]
-
-    def no_launch(*a, **k):
-        raise AssertionError("a kernel (or the reference) ran on invalid input")
-
-    monkeypatch.setattr(attn, "attention_fwd", no_launch)
-    monkeypatch.setattr(reference, "attention", no_launch)
-    if entry == "kernel":
-        fn = attn.attention
-    else:
-        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
-        fn = lwtF.attention
-    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
-        fn(*args, **kwargs)
+    assert_refused_before_launch(monkeypatch, entry, attn.attention, lwtF.attention,
+                                 [(attn, "launch_fwd"), (reference, "attention")], rf"^{name}: .*{message}",
+                                 *args, **kwargs)
 
 
 def test_functional_dispatch(monkeypatch):

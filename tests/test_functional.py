@@ -5,6 +5,7 @@ import torch
 import lwt.functional as F
 from kernels import reference
 from kernels import rmsnorm as rmsnorm_kernels
+from tests.helpers import ENTRIES, assert_refused_before_launch
 from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,17 +103,8 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("kwargs,message", _bad_inputs())
 def test_bad_input_raises_value_error_before_launch(monkeypatch, kwargs, message, entry):
-    def no_launch(*args, **kw):
-        raise AssertionError("a kernel was launched on bad input")
-
-    monkeypatch.setattr(rmsnorm_kernels, "rms_norm_fwd", no_launch)
-    if entry == "kernel":
-        fn = rmsnorm_kernels.rms_norm
-    else:
-        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
-        fn = F.rms_norm
-    with pytest.raises(ValueError, match=message):
-        fn(**kwargs)
+    assert_refused_before_launch(monkeypatch, entry, rmsnorm_kernels.rms_norm, F.rms_norm,
+                                 [(rmsnorm_kernels, "rms_norm_fwd"), (reference, "rms_norm")], message, **kwargs)

@@ -7,7 +7,7 @@ import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import mla
 from kernels import reference
-from tests.helpers import grads
+from tests.helpers import ENTRIES, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -161,23 +161,13 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_mla_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
     name, message, args, kwargs = _bad_cases()[case]
-
-    def no_launch(*a, **k):
-        raise AssertionError("a kernel (or the reference) ran on invalid input")
-
-    monkeypatch.setattr(attn, "launch_fwd", no_launch)
-    monkeypatch.setattr(reference, "mla_attention", no_launch)
-    if entry == "kernel":
-        fn = mla.mla_attention
-    else:
-        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
-        fn = lwtF.mla_attention
-    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
-        fn(*args, **kwargs)
+    assert_refused_before_launch(monkeypatch, entry, mla.mla_attention, lwtF.mla_attention,
+                                 [(attn, "launch_fwd"), (reference, "mla_attention")], rf"^{name}: .*{message}",
+                                 *args, **kwargs)
 
 
 def test_mla_functional_dispatch(monkeypatch):

@@ -7,7 +7,7 @@ import lwt.functional as lwtF
 from kernels import reference
 from kernels import swiglu
 from lwt.layers import FrozenSwiGLU
-from tests.helpers import grads
+from tests.helpers import ENTRIES, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -176,23 +176,13 @@ def _bad_cases():
     ]
 
 
-@pytest.mark.parametrize("entry", ["kernel", "functional-triton", "functional-reference"])
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
     name, message, args, kwargs = _bad_cases()[case]
-
-    def no_launch(*a, **k):
-        raise AssertionError("a kernel (or the reference) ran on invalid input")
-
-    monkeypatch.setattr(swiglu, "_launch_dual_gemm", no_launch)
-    monkeypatch.setattr(reference, "frozen_swiglu", no_launch)
-    if entry == "kernel":
-        fn = swiglu.frozen_swiglu
-    else:
-        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
-        fn = lwtF.frozen_swiglu
-    with pytest.raises(ValueError, match=rf"^{name}: .*{message}"):
-        fn(*args, **kwargs)
+    assert_refused_before_launch(monkeypatch, entry, swiglu.frozen_swiglu, lwtF.frozen_swiglu,
+                                 [(swiglu, "_launch_dual_gemm"), (reference, "frozen_swiglu")],
+                                 rf"^{name}: .*{message}", *args, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs,message", [
