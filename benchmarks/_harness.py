@@ -152,6 +152,15 @@ class Report:
         for n in self.notes:
             print(n)
 
+    def finish(self, args, summary, lwt="lwt"):
+        """End of a bench's main(): the summary lines join the notes, the table is printed, the rows are
+        saved unless --no-save; returns the summary for run_all."""
+        self.notes.extend(summary)
+        self.print_table(lwt=lwt)
+        if not args.no_save:
+            self.save(args.results_dir)
+        return summary
+
     def save(self, results_dir):
         os.makedirs(results_dir, exist_ok=True)
         path = os.path.join(results_dir, f"{self.op}.csv")

@@ -275,10 +275,8 @@ def main(argv=None) -> list[str]:
             if H_ == 32 and S == 2048:
                 mla_goal.append((case, mem))
     summary = summarize(report, goal_cases) + summarize_mla(report, mla_goal)
-    report.notes.extend(notes + summary)
-    report.print_table()
-    if not args.no_save:
-        report.save(args.results_dir)
+    report.notes.extend(notes)
+    report.finish(args, summary)
     if args.plot:
         plot(report, args.plot)
     return summary

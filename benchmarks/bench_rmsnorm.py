@@ -146,11 +146,7 @@ def main(argv=None) -> list[str]:
     graph_lwt, graph_torch = report.ms(case, "fwd+bwd graph", "lwt"), report.ms(case, "fwd+bwd graph", "F.rms_norm")
     if graph_lwt and graph_torch:
         summary.append(f"rmsnorm {case} bf16 fwd+bwd, CUDA-graph (GPU) timing: {graph_torch / graph_lwt:.2f}x F.rms_norm")
-    report.notes.extend(summary)
-    report.print_table()
-    if not args.no_save:
-        report.save(args.results_dir)
-    return summary
+    return report.finish(args, summary)
 
 
 if __name__ == "__main__":

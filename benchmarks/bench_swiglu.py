@@ -102,11 +102,7 @@ def main(argv=None) -> list[str]:
         ok = t <= t_goal and m <= m_goal
         summary.append(f"swiglu {case} {name}: fwd+bwd {t:.2f}x eager's time (goal <= {t_goal}), "
                        f"{m:.2f}x its memory (goal <= {m_goal}) -> {'met' if ok else 'NOT met'}")
-    report.notes.extend(summary)
-    report.print_table(lwt="lwt (keep gate/up)")
-    if not args.no_save:
-        report.save(args.results_dir)
-    return summary
+    return report.finish(args, summary, lwt="lwt (keep gate/up)")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ def _load_tile(BASE, rows, stride_row, S, D: tl.constexpr, HEAD_DIM: tl.constexp
 
 
 @triton.jit
+def _kv_bases(K, KR, V, b, hk, stride_kb, stride_kh, stride_krb, stride_vb, stride_vh):
+    """K, its rope keys KR (no head dim) and V, advanced to batch entry b and K/V head hk. Batch offsets
+    in int64 (B·S·H·D passes 2^31); offsets inside one batch entry stay int32."""
+    bb = b.to(tl.int64)
+    return K + bb * stride_kb + hk * stride_kh, KR + bb * stride_krb, V + bb * stride_vb + hk * stride_vh
+
+
+@triton.jit
 def _load_query(Q, q_rows, stride_qs, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr,
                 ROPE_DIM: tl.constexpr):
     """A query tile and its rope part (the D_R dims after the first D of each row); without a rope part
@@ -284,12 +292,8 @@ def _attn_fwd_kernel(
     query follows its first D dims. LSE: (B, H, S) fp32, natural log."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
-    hk = h // GROUP
-    # Batch offsets in int64 (B·S·H·D passes 2^31); offsets inside one batch entry stay int32.
+    K, KR, V = _kv_bases(K, KR, V, b, h // GROUP, stride_kb, stride_kh, stride_krb, stride_vb, stride_vh)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
-    K += b.to(tl.int64) * stride_kb + hk * stride_kh
-    KR += b.to(tl.int64) * stride_krb
-    V += b.to(tl.int64) * stride_vb + hk * stride_vh
     O += b.to(tl.int64) * stride_ob + h * stride_oh
     # A Python float may be specialised to fp64 (Liger-Kernel PR #1350): pin the scale to fp32.
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
@@ -458,10 +462,7 @@ def _attn_bwd_dq_kernel(
     """dQ (B, S, H, D + D_R) for BLOCK_M query rows of one (batch, head)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
-    hk = h // GROUP
-    K += b.to(tl.int64) * stride_kb + hk * stride_kh
-    KR += b.to(tl.int64) * stride_krb
-    V += b.to(tl.int64) * stride_vb + hk * stride_vh
+    K, KR, V = _kv_bases(K, KR, V, b, h // GROUP, stride_kb, stride_kh, stride_krb, stride_vb, stride_vh)
     Q += b.to(tl.int64) * stride_qb + h * stride_qh
     DQ += b.to(tl.int64) * stride_dqb + h * stride_dqh
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
