@@ -95,6 +95,20 @@ def peak_extra_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def peak_transient_mib(fn) -> float:
+    """Memory fn() needs at its peak beyond what was allocated before it and what it returns (gradients,
+    held until it is measured): the working memory of the op, the "extra" of anchors-h200.md's loss
+    numbers (where Liger's 0.12 GiB at 16384 tokens is its one chunk of logits) (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    held = max(base, torch.cuda.memory_allocated())
+    del result
+    return (torch.cuda.max_memory_allocated() - held) / 2**20
+
+
 def copy_ms(t: torch.Tensor) -> float:
     """Time of a device-to-device copy of `t` (reads and writes t's bytes once): the bandwidth ceiling
     a memory-bound kernel over a tensor of this size is measured against, in the same run."""

@@ -139,7 +139,25 @@ def _rmsnorm_jobs(quick):
                    warps, 1, ints, floats, fp32)
 
 
-JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "swiglu": _swiglu_jobs, "rmsnorm": _rmsnorm_jobs}
+def _cross_entropy_jobs(quick):
+    from kernels import cross_entropy as CE
+
+    ints = {"C", "V", "D"}
+    for dtype in ("bf16", "fp32"):
+        for compute_lse, write_grad in ((True, True), (True, False), (False, True)):
+            block_v = 4096
+            yield ("ce rows", CE._ce_rows_kernel, dtype,
+                   dict(COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v), 8, 1, ints, set(),
+                   {"RowScale", "Lse", "Loss"}, {"Target": "i64"})
+    for bv, bd, bc, warps, stages in (CE._DW_CONFIGS[:1] if quick else CE._DW_CONFIGS):
+        for accumulate in (False, True):
+            yield ("ce dW accumulate", CE._ce_dw_accumulate_kernel.fn, "bf16",
+                   dict(ACCUMULATE=accumulate, GROUP_V=CE._GROUP_V, BLOCK_V=bv, BLOCK_D=bd, BLOCK_C=bc), warps, stages,
+                   ints, set(), {"Acc"})
+
+
+JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "swiglu": _swiglu_jobs, "rmsnorm": _rmsnorm_jobs,
+        "cross_entropy": _cross_entropy_jobs}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU session, run from the repository root, in two calls that each fit the 10-minute limit:
-#   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, RMSNorm sweep + bench_rmsnorm
+#   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy, RMSNorm sweep + bench_rmsnorm
 #   bash benchmarks/device_check.sh test [pytest -k expr]   # the CUDA tests (xdist over 8 workers)
 # Benches run their quick grids unless FULL=1; TUNE=0 skips the RMSNorm sweep. Logs, the results CSVs
 # and the attention plot (when matplotlib is there) go to $OUT; the goal lines are printed last.
@@ -19,6 +19,7 @@ quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/attention.png")
 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_attention.log"
 python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_swiglu.log"
+python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_cross_entropy.log"
 if [ "${TUNE:-1}" = 1 ]; then
   python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_rmsnorm.log"
 else

@@ -188,3 +188,56 @@ def check_swiglu_args(x, w_gate, w_up, w_down, recompute=False, *, dtypes=KERNEL
         raise ValueError(f"w_down: expected the dtype of x ({x.dtype}), got {w_down.dtype}")
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute: expected a bool, got {recompute!r}")
+
+
+REDUCTIONS = ("mean", "sum", "none")
+ACCUM_DTYPES = (torch.float32, None)
+
+
+def check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index,
+                                    accum_dtype=torch.float32, *, dtypes=KERNEL_DTYPES) -> None:
+    """The contract of `linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)`
+    (shapes, dtypes, devices; the target values are checked by `count_valid_targets`)."""
+    check_tensor(hidden, "hidden", dtypes=dtypes, min_ndim=1)
+    D = hidden.shape[-1]
+    if D < 1:
+        raise ValueError(f"hidden: expected a last (model) dim of at least 1, got shape {tuple(hidden.shape)}")
+    check_tensor(weight, "weight", dtypes=dtypes, ndim=2)
+    if weight.shape[0] < 1 or weight.shape[1] != D:
+        raise ValueError(f"weight: expected shape (V, {D}) with V >= 1 classes (D: the last dim of hidden), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    check_same_device(weight, "weight", hidden, "hidden")
+    if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
+        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target: expected an int64 or int32 tensor of class indices, got {got}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target: expected shape {tuple(hidden.shape[:-1])} (the leading dims of hidden), "
+                         f"got {tuple(target.shape)}")
+    check_same_device(target, "target", hidden, "hidden")
+    if token_weight is not None:
+        check_tensor(token_weight, "token_weight", dtypes=REFERENCE_DTYPES)
+        if token_weight.shape != target.shape:
+            raise ValueError(f"token_weight: expected the shape of target {tuple(target.shape)}, "
+                             f"got {tuple(token_weight.shape)}")
+        check_same_device(token_weight, "token_weight", hidden, "hidden")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if accum_dtype not in ACCUM_DTYPES:
+        raise ValueError(f"accum_dtype: expected torch.float32 or None (the weight's dtype), got {accum_dtype!r}")
+
+
+def count_valid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> int:
+    """Number of targets that are not ignore_index; ValueError if any other target is outside
+    [0, num_classes). One host synchronisation (both facts come back in one transfer)."""
+    ignored = target == ignore_index
+    bad = ((target < 0) | (target >= num_classes)) & ~ignored
+    n_valid, n_bad = torch.stack([(~ignored).sum(), bad.sum()]).tolist()
+    if n_bad:
+        first = int(bad.flatten().nonzero()[0, 0])
+        raise ValueError(f"target: expected class indices in [0, {num_classes}) or ignore_index ({ignore_index}), "
+                         f"got {int(target.flatten()[first])} at flat position {first} ({n_bad} such targets)")
+    return int(n_valid)

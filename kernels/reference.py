@@ -144,3 +144,33 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     xc = x.to(c)
     h = torch.nn.functional.silu(xc @ w_gate.to(c).t()) * (xc @ w_up.to(c).t())  # (..., F)
     return (h @ w_down.to(c).t()).to(x.dtype)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         token_weight: torch.Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Cross entropy of the logits z = hidden @ weightᵀ, materialised here (the kernel never does).
+
+    Args:
+        hidden: (..., D); weight: (V, D); target: (...) class indices, or ignore_index.
+        token_weight: optional (...): each row's loss is multiplied by it.
+        reduction: "mean" (sum of the weighted losses over the number of non-ignored rows, NaN when
+            there are none, as F.cross_entropy), "sum", or "none" (target's shape, 0 at ignored rows).
+    Returns:
+        the loss in fp32 (float64 for float64 inputs): a reduction over many rows, kept out of 16 bits.
+    """
+    c = _compute_dtype(hidden.dtype)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(c)
+    t = target.reshape(-1)
+    z = (h @ weight.to(c).t()).to(hidden.dtype).to(c)  # (N, V), rounded as a matmul in hidden's dtype rounds
+    valid = t != ignore_index
+    safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
+    loss = torch.logsumexp(z, dim=-1) - z.gather(1, safe_t[:, None]).squeeze(1)  # (N,)
+    if token_weight is not None:
+        loss = loss * token_weight.reshape(-1).to(c)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum()

@@ -15,7 +15,8 @@ import torch
 
 from kernels import reference
 from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, check_attention_args, check_latent_args,
-                             check_mla_args, check_rms_norm_args, check_swiglu_args)
+                             check_linear_cross_entropy_args, check_mla_args, check_rms_norm_args, check_swiglu_args,
+                             count_valid_targets)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -148,5 +149,42 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute)
 
 
-__all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "frozen_swiglu", "backend_for",
-           "KERNEL_DTYPES"]
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         token_weight: torch.Tensor | None = None, reduction: str = "mean", ignore_index: int = -100,
+                         *, accum_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Cross entropy of the logits hidden @ weightᵀ (weight: e.g. the tied embedding) without ever holding
+    all of them: the kernel walks the rows in chunks of a bounded logits slice, and rows whose target is
+    ignore_index are dropped before any matmul.
+
+    Args:
+        hidden: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
+        weight: (V, D), hidden's dtype and device.
+        target: (...) int64/int32 class indices in [0, V), or ignore_index (those rows cost nothing and
+            get a zero gradient). Any other value is a ValueError, not a wrong loss.
+        token_weight: optional (...) float tensor multiplying each row's loss (the 1/t of the
+            mask-diffusion NELBO); it gets a gradient if it requires one.
+        reduction: "mean": sum of the (weighted) row losses over the number of non-ignored rows (NaN if
+            there are none, as F.cross_entropy); "sum"; "none": per-row losses, target's shape, 0 where
+            ignored.
+        ignore_index: target value marking rows to skip (-100 by default, as F.cross_entropy).
+        accum_dtype: keyword-only; the dtype the weight gradient is summed in across row chunks.
+            torch.float32 (default) holds a (V, D) fp32 buffer during the call; None sums in weight's
+            dtype (no such buffer: one rounding per chunk, Liger-Kernel's default). Same thing for an
+            fp32 weight, and when all rows fit one chunk.
+    Returns:
+        the loss in fp32 (float64 for float64 inputs), a scalar or target's shape. Gradients flow to
+        hidden, weight and token_weight. The Triton path syncs with the host once per call (to count the
+        kept rows and check the targets); with reduction "mean"/"sum" it computes the gradients during the
+        forward (one matmul fewer) and the backward only scales them.
+    """
+    if backend_for(hidden) == "triton":
+        from kernels.cross_entropy import linear_cross_entropy as ce_triton  # validates before launching
+        return ce_triton(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype=accum_dtype)
+    check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype,
+                                    dtypes=REFERENCE_DTYPES)
+    count_valid_targets(target, weight.shape[0], ignore_index)
+    return reference.linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)
+
+
+__all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "frozen_swiglu", "linear_cross_entropy",
+           "backend_for", "KERNEL_DTYPES"]

@@ -333,3 +333,88 @@ class FrozenSwiGLU(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, seed={self.seed}, recompute={self.recompute}, "
                 f"frozen_dtype={self.w_gate.dtype}")
+
+
+ATTN_TYPES = ("standard", "gqa", "mla")
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block: attention, then the frozen SwiGLU MLP, each behind an RMSNorm.
+
+        a = attn(norm1(x))
+        y, s = norm2(a, residual=x)    # s = x + a, the residual stream; y = RMSNorm(s), one fused op
+        out = s + mlp(y)
+
+    Args:
+        d_model: model width; n_heads: query heads (head_dim = d_model // n_heads for gqa/standard);
+        d_ff: hidden width of the SwiGLU MLP.
+        n_kv_heads: K/V heads of gqa, dividing n_heads; None: n_heads. "standard" (MHA) requires
+            n_kv_heads None or == n_heads; mla ignores it.
+        attn_type: "standard" | "gqa" (GQAAttention) | "mla" (MLAAttention).
+        causal: mask future keys (False: bidirectional, what the mask-diffusion objective uses).
+        rope_theta: RoPE frequency base.
+        frozen_seed: seed of the MLP's frozen gate/up matrices (see FrozenSwiGLU).
+        norm_eps: eps of both RMSNorms.
+        mla_rq, mla_rkv: MLA query and K/V latent ranks (MLAAttention's q_rank, kv_rank).
+        mla_nope_dim, mla_rope_dim, mla_v_dim: MLA per-head sizes; None: d_model // n_heads,
+            (d_model // n_heads) // 2 and d_model // n_heads.
+        recompute: the MLP's backward recomputes gate/up from its input instead of keeping them.
+        frozen_dtype: dtype of the frozen gate/up buffers (default: dtype).
+        device, dtype: of the parameters.
+    forward(x): x (B, S, d_model) -> (B, S, d_model), x's dtype.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, n_kv_heads: int | None = None,
+                 attn_type: str = "gqa", causal: bool = False, rope_theta: float = 10000.0, frozen_seed: int = 0,
+                 norm_eps: float = 1e-6, mla_rq: int = 0, mla_rkv: int = 64, mla_nope_dim: int | None = None,
+                 mla_rope_dim: int | None = None, mla_v_dim: int | None = None, recompute: bool = False,
+                 frozen_dtype=None, device=None, dtype=None):
+        super().__init__()
+        _positive_int(d_model, "d_model")
+        _positive_int(n_heads, "n_heads")
+        if attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type: expected one of {', '.join(map(repr, ATTN_TYPES))}, got {attn_type!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.d_model, self.attn_type = d_model, attn_type
+        self.norm1 = RMSNorm(d_model, norm_eps, **factory)
+        if attn_type == "mla":
+            if d_model % n_heads and None in (mla_nope_dim, mla_rope_dim, mla_v_dim):
+                raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when an MLA head size is None "
+                                 f"(the default is derived from d_model // n_heads), got {n_heads}")
+            head_dim = d_model // n_heads
+            self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv,
+                                     nope_dim=head_dim if mla_nope_dim is None else mla_nope_dim,
+                                     rope_dim=head_dim // 2 if mla_rope_dim is None else mla_rope_dim,
+                                     v_dim=head_dim if mla_v_dim is None else mla_v_dim,
+                                     causal=causal, rope_theta=rope_theta, **factory)
+        else:
+            if n_kv_heads is None:
+                n_kv_heads = n_heads
+            if attn_type == "standard" and n_kv_heads != n_heads:
+                raise ValueError(f"n_kv_heads: attn_type 'standard' (MHA) needs n_kv_heads == n_heads={n_heads} "
+                                 f"or None, got {n_kv_heads!r}; use attn_type 'gqa'")
+            self.attn = GQAAttention(d_model, n_heads, n_kv_heads, causal=causal, rope_theta=rope_theta, **factory)
+        self.norm2 = RMSNorm(d_model, norm_eps, **factory)
+        self.mlp = FrozenSwiGLU(d_model, d_ff, seed=frozen_seed, recompute=recompute, frozen_dtype=frozen_dtype,
+                                **factory)
+
+    @classmethod
+    def from_config(cls, model_cfg, layer_idx: int, device=None, dtype=None, *, recompute: bool = False,
+                    frozen_dtype=None) -> "DecoderBlock":
+        """Block `layer_idx` of the model described by `model_cfg` (lwt.config.ModelConfig). Its frozen
+        MLP matrices are drawn from seed frozen_seed + layer_idx, so every layer has its own."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
+        c = model_cfg
+        return cls(c.d_model, c.n_heads, c.d_ff, n_kv_heads=c.n_kv_heads, attn_type=c.attn_type, causal=c.causal,
+                   rope_theta=c.rope_theta, frozen_seed=c.frozen_seed + layer_idx, norm_eps=c.norm_eps,
+                   mla_rq=c.mla_rq, mla_rkv=c.mla_rkv, mla_nope_dim=c.mla_nope_dim, mla_rope_dim=c.mla_rope_dim,
+                   mla_v_dim=c.mla_v_dim, recompute=recompute, frozen_dtype=frozen_dtype, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.norm1(x))  # (B, S, D)
+        y, s = self.norm2(a, residual=x)  # s = x + a (the residual stream), y = RMSNorm(s)
+        return s + self.mlp(y)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, attn_type={self.attn_type!r}"

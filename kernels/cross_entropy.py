@@ -1,0 +1,320 @@
+"""Cross entropy through a linear head (the tied embedding) that never holds all the logits.
+
+Math. Rows n = 1..N with hidden h_n (D), target t_n and weight w_n (1 without token weights);
+z_n = W h_n (V logits), ℓ_n = lse(z_n) − z_{n,t_n}, and
+
+    loss = r · Σ_n w_n ℓ_n        r = 1 / N_kept for "mean", 1 for "sum"; "none" returns w_n ℓ_n.
+
+With an upstream gradient g (a scalar for mean/sum, one value per row for none) and c_n = g·r·w_n:
+
+    ∂loss/∂z_{n,v} = c_n (softmax(z_n)_v − [v = t_n])      dH = dZ W,   dW = dZᵀ H,   ∂loss/∂w_n = g·r·ℓ_n.
+
+Schedule. Rows whose target is ignore_index are dropped first (they cost no matmul). The kept rows are
+walked in chunks of C rows so that only a (C × V) slice of logits ever exists (LOGITS_CHUNK_BYTES):
+
+    Z_c = H_c Wᵀ                         cuBLAS, in the inputs' dtype
+    _ce_rows_kernel: lse_c, ℓ_c (fp32, online log-sum-exp), then Z_c ← dZ_c in place
+    dH_c = dZ_c W                        cuBLAS
+    dW  += dZ_cᵀ H_c                     fp32 accumulator: _ce_dw_accumulate_kernel; else cuBLAS addmm
+
+For mean/sum the upstream gradient is one number, so the forward computes the gradients for g = 1 and
+the backward only scales them: three matmuls of N·V·D in all, where an autograd backward would redo the
+forward's. Liger-Kernel's fused linear cross entropy (ops/fused_linear_cross_entropy.py) runs the same
+chunked schedule. With "none" the forward keeps the per-row lse and the backward recomputes Z per chunk.
+
+Precision. Softmax statistics and the loss are fp32; dZ is rounded to the logits' dtype (as an eager
+backward rounds its grad_logits). dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a
+(V, D) fp32 buffer for 16-bit weights); accum_dtype=None sums them in the weight's dtype (one rounding per
+chunk, no V × D buffer). Limits: V·D, C·V and C·D below 2³¹ elements (int32 offsets in the kernels).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_linear_cross_entropy_args, count_valid_targets
+from ._common import check_kernel_device, empty, interpreting, next_power_of_2
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+# Bytes of one chunk of logits (C × V in the inputs' dtype): the op's working memory beside the gradient
+# buffers. 192 MiB is 768 rows of a 128000-word vocabulary in bf16. Tests shrink it to get many chunks.
+LOGITS_CHUNK_BYTES = 192 * 2**20
+
+
+@triton.jit
+def _ce_rows_kernel(Z, stride_z_row, Target, RowScale, Lse, Loss, V,
+                    COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: lse and ℓ = lse − z_t from one
+    online pass over the row (otherwise lse is read from Lse). WRITE_GRAD: a second pass overwrites the
+    row with c · (softmax − onehot(t)), c = RowScale[row]."""
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z_row
+    cols = tl.arange(0, BLOCK_V)
+    target = tl.load(Target + row)
+    if COMPUTE_LSE:
+        # Per-lane running max and sum (in log2 units), merged once at the end: one cross-lane reduction
+        # per row instead of one per block. A lane that has only seen -inf keeps max -inf and sum 0.
+        m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s_lane = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            z = tl.load(z_row + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) * LOG2E
+            m_new = tl.maximum(m_lane, z)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_lane = s_lane * tl.exp2(m_lane - m_ref) + tl.exp2(z - m_ref)
+            m_lane = m_new
+        m = tl.max(m_lane, 0)
+        lse = (m + tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))) / LOG2E
+        tl.store(Lse + row, lse)
+        tl.store(Loss + row, lse - tl.load(z_row + target).to(tl.float32))
+    else:
+        lse = tl.load(Lse + row)
+    if WRITE_GRAD:
+        c = tl.load(RowScale + row)
+        lse2 = lse * LOG2E
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + cols
+            in_row = offs < V
+            z = tl.load(z_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            dz = tl.exp2(z * LOG2E - lse2) * c
+            dz = tl.where(offs == target, dz - c, dz)
+            tl.store(z_row + offs, dz.to(Z.dtype.element_ty), mask=in_row)
+
+
+# dW accumulation tiles (BLOCK_V, BLOCK_D, BLOCK_C, warps, stages) for 16-bit inputs; the C loop is the
+# GEMM's K dimension. 128 x 256 tiles are left out: with the running sum loaded as the initial
+# accumulator they spill on sm_90 (benchmarks/compile_check.py); these compile without spills.
+_DW_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
+               (128, 64, 64, 4, 4)]
+_GROUP_V = 8
+
+
+def _dw_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_V": 16, "BLOCK_D": 32, "BLOCK_C": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+            for bv, bd, bc, w, s in _DW_CONFIGS]
+
+
+# restore_value: the kernel adds into Acc, so each config the autotuner tries must start from the same Acc.
+@triton.autotune(configs=_dw_configs(), key=["V", "D", "ACCUMULATE"], restore_value=["Acc"])
+@triton.jit
+def _ce_dw_accumulate_kernel(DZ, H, Acc, C, V, D, stride_dz_row, stride_h_row, stride_acc_row,
+                             ACCUMULATE: tl.constexpr, GROUP_V: tl.constexpr,
+                             BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Acc (V, D) fp32 (+)= DZᵀ H for one (BLOCK_V × BLOCK_D) tile, DZ (C, V) and H (C, D) 16-bit:
+    the products are summed in fp32 over the chunk and added to the fp32 running sum without rounding."""
+    # Grouped tile order (the Triton matmul tutorial's L2 swizzle): GROUP_V row tiles of dW share each
+    # column tile of H while it is in L2.
+    pid = tl.program_id(0)
+    n_v, n_d = tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_D)
+    group = pid // (GROUP_V * n_d)
+    first_v = group * GROUP_V
+    size_v = tl.minimum(n_v - first_v, GROUP_V)
+    pid_v = first_v + (pid % (GROUP_V * n_d)) % size_v
+    pid_d = (pid % (GROUP_V * n_d)) // size_v
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    ptrs = Acc + offs_v[:, None].to(tl.int64) * stride_acc_row + offs_d[None, :]
+    in_tile = (offs_v < V)[:, None] & (offs_d < D)[None, :]
+    # The running sum enters as the dot's initial accumulator: adding it after the loop would hold a
+    # second (BLOCK_V, BLOCK_D) fp32 tile in registers and spill.
+    if ACCUMULATE:
+        acc = tl.load(ptrs, mask=in_tile, other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_V, BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        rows = c0 + offs_c
+        dz = tl.load(DZ + rows[:, None] * stride_dz_row + offs_v[None, :],
+                     mask=(rows < C)[:, None] & (offs_v < V)[None, :], other=0.0)  # (BLOCK_C, BLOCK_V)
+        h = tl.load(H + rows[:, None] * stride_h_row + offs_d[None, :],
+                    mask=(rows < C)[:, None] & (offs_d < D)[None, :], other=0.0)  # (BLOCK_C, BLOCK_D)
+        acc = tl.dot(tl.trans(dz), h, acc)
+    tl.store(ptrs, acc, mask=in_tile)
+
+
+def _row_config(V: int):
+    """(BLOCK_V, num_warps) of the row kernel. Chosen, not autotuned: the kernel rewrites Z in place, and
+    this memory-bound loop only needs enough bytes in flight (4096 lanes, 16 per thread at 8 warps)."""
+    if interpreting():
+        return min(256, max(16, next_power_of_2(V))), 1
+    block_v = min(4096, max(128, next_power_of_2(V)))
+    return block_v, max(1, min(8, block_v // 512))
+
+
+def _launch_rows(z, target, row_scale, lse, loss, compute_lse: bool, write_grad: bool) -> None:
+    C, V = z.shape
+    block_v, warps = _row_config(V)
+    dummy = lse  # pointer arguments a constexpr branch never reads
+    _ce_rows_kernel[(C,)](z, z.stride(0), target, row_scale if write_grad else dummy, lse,
+                          loss if compute_lse else dummy, V,
+                          COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps)
+
+
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """dw (V, D) = (first) or += (later) dzᵀ h, dz (C, V), h (C, D)."""
+    if dw.dtype == dz.dtype:  # fp32 inputs, or accumulation in the weight's dtype: cuBLAS
+        if first:
+            torch.mm(dz.t(), h, out=dw)
+        else:
+            dw.addmm_(dz.t(), h)
+        return
+    # A 16-bit product added to an fp32 running sum: cuBLAS has no in-place form of that here (torch's
+    # addmm out_dtype overload allocates its result: pytorch#154086), so a Triton GEMM does it.
+    C, V = dz.shape
+    D = h.shape[1]
+    grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]) * triton.cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
+    _ce_dw_accumulate_kernel[grid](dz, h, dw, C, V, D, dz.stride(0), h.stride(0), dw.stride(0),
+                                   ACCUMULATE=not first, GROUP_V=_GROUP_V)
+
+
+def _chunk_rows(n: int, V: int, itemsize: int) -> int:
+    rows = max(1, LOGITS_CHUNK_BYTES // (V * itemsize))
+    if rows >= 256:
+        rows -= rows % 128  # whole 128-row GEMM tiles
+    return max(1, min(rows, n))
+
+
+def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32):
+    """Walk the kept rows in chunks. h (N, D) and weight (V, D) share a dtype; target (N,) int64 in [0, V).
+
+    row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32: given (from an earlier call)
+    to skip the statistics pass; else computed. Returns (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the
+    unweighted ℓ_n (None when lse was given), dh (N, D) in h's dtype, dw (V, D) in weight's dtype."""
+    N, D = h.shape
+    V = weight.shape[0]
+    compute_lse = lse is None
+    if compute_lse:
+        lse = empty((N,), torch.float32, h.device)
+        loss_rows = empty((N,), torch.float32, h.device)
+    else:
+        loss_rows = None
+    grads = need_dh or need_dw
+    dh = empty((N, D), h.dtype, h.device) if need_dh else None
+    dw = None
+    if need_dw:
+        dw_dtype = weight.dtype if accum_dtype is None else torch.promote_types(weight.dtype, accum_dtype)
+        dw = empty((V, D), dw_dtype, h.device)
+        if N == 0:
+            dw.zero_()
+    chunk = _chunk_rows(N, V, h.element_size())
+    for i, n0 in enumerate(range(0, N, chunk)):
+        rows = slice(n0, min(N, n0 + chunk))
+        z = torch.mm(h[rows], weight.t())  # (C, V): the only logits that exist at any time
+        _launch_rows(z, target[rows], row_scale[rows] if grads else None, lse[rows],
+                     loss_rows[rows] if compute_lse else None, compute_lse, grads)
+        if need_dh:
+            torch.mm(z, weight, out=dh[rows])
+        if need_dw:
+            _accumulate_dw(dw, z, h[rows], first=i == 0)
+        del z  # before the next chunk allocates its own
+    if dw is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    return lse, loss_rows, dh, dw
+
+
+def _scatter_rows(rows: torch.Tensor, kept: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The (n, ...) tensor holding `rows` at the kept positions and zeros at the ignored ones."""
+    if kept is None:
+        return rows
+    return torch.zeros((n,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_copy_(0, kept, rows)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Inputs come flattened and validated: hidden (N, D), weight (V, D), target (N,), token_weight (N,) or
+    None. The row count and the kept-row index are computed by the caller (one host sync there)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype, kept, n_kept,
+                grad_enabled):
+        N = hidden.shape[0]
+        # needs_input_grad follows requires_grad even under no_grad; then nothing may be computed ahead
+        need_dh, need_dw, need_dtw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
+        h, t = hidden, target.long()
+        tw = None if token_weight is None else token_weight.float()
+        if kept is not None:  # drop the ignored rows before any matmul
+            h, t = hidden.index_select(0, kept), t.index_select(0, kept)
+            tw = None if tw is None else tw.index_select(0, kept)
+        r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
+        grads_now = (need_dh or need_dw) and reduction != "none"
+        row_scale = None
+        if grads_now:
+            row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device)
+            if tw is not None:
+                row_scale.mul_(tw)
+        lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and grads_now, need_dw and grads_now,
+                                     accum_dtype)
+        weighted = ell if tw is None else ell * tw
+        if reduction == "none":
+            loss = _scatter_rows(weighted, kept, N)
+        elif reduction == "mean":
+            loss = weighted.sum() / n_kept  # 0 / 0 = NaN without kept rows, as F.cross_entropy
+        else:
+            loss = weighted.sum()
+        ctx.reduction, ctx.r, ctx.N, ctx.accum_dtype = reduction, r, N, accum_dtype
+        ctx.grads = (dh, dw)
+        ctx.save_for_backward(h if reduction == "none" else None, weight if reduction == "none" else None, t,
+                              tw, lse if reduction == "none" else None, ell if need_dtw else None, kept)
+        ctx.token_weight_dtype = None if token_weight is None else token_weight.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        h, weight, t, tw, lse, ell, kept = ctx.saved_tensors
+        need_dh, need_dw, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        g = grad_loss.float()
+        if ctx.reduction == "none":
+            g_rows = g if kept is None else g.index_select(0, kept)
+            dh = dw = None
+            if need_dh or need_dw:
+                row_scale = g_rows if tw is None else g_rows * tw
+                _, _, dh, dw = ce_chunks(h, weight, t, row_scale, lse, need_dh, need_dw, ctx.accum_dtype)
+            dtw_rows = g_rows * ell if need_dtw else None
+        else:
+            if ctx.grads is None:
+                raise RuntimeError("linear_cross_entropy: backward ran twice over the same graph; its gradients "
+                                   "are computed in the forward and scaled in place by the first backward")
+            dh, dw = ctx.grads
+            ctx.grads = None
+            # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).
+            if dh is not None:
+                dh.mul_(g.to(dh.dtype))
+            if dw is not None:
+                dw.mul_(g.to(dw.dtype))
+            dtw_rows = g * ctx.r * ell if need_dtw else None
+        if dh is not None:  # ignored rows get zeros
+            dh = _scatter_rows(dh, kept, ctx.N)
+        dtw = None if dtw_rows is None else _scatter_rows(dtw_rows, kept, ctx.N).to(ctx.token_weight_dtype)
+        return dh, dw, None, dtw, None, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         token_weight: torch.Tensor | None = None, reduction: str = "mean", ignore_index: int = -100,
+                         *, accum_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Cross entropy of hidden @ weightᵀ without materialising the logits.
+
+    Args:
+        hidden: (..., D) float32/float16/bfloat16; weight: (V, D), same dtype and device.
+        target: (...) int64/int32 in [0, V) or ignore_index; token_weight: optional (...) float tensor.
+        reduction: "mean" (weighted sum over the number of kept rows), "sum" or "none".
+        accum_dtype: torch.float32 or None (the weight's dtype): what dW sums its chunks in.
+    Returns:
+        fp32 loss: a scalar, or target's shape for "none". Gradients for hidden, weight, token_weight.
+    """
+    check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype)
+    check_kernel_device(hidden, "hidden")
+    D = hidden.shape[-1]
+    h = hidden.reshape(-1, D)
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    t = target.reshape(-1)
+    tw = None if token_weight is None else token_weight.reshape(-1)
+    n_kept = count_valid_targets(t, weight.shape[0], ignore_index)  # the one host sync
+    # nonzero_static: the size is known from the sync above, so finding the rows needs no second one
+    kept = None if n_kept == t.numel() else torch.nonzero_static(t != ignore_index, size=n_kept).squeeze(1)
+    loss = LinearCrossEntropyFunction.apply(h, weight, t, tw, reduction, ignore_index, accum_dtype, kept, n_kept,
+                                            torch.is_grad_enabled())
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -1,0 +1,389 @@
+"""Typed configuration of the model, the objective, the data and the trainer.
+
+One dataclass per component; each component receives only its own section (torchtitan's layout). A
+config file is YAML with up to four top-level sections; a missing section or key takes its default:
+
+    model      ModelConfig: vocabulary, width, depth, attention (standard | gqa | mla), RoPE, frozen MLP seed
+    objective  ObjectiveConfig: the mask-diffusion objective (mask fraction range, loss weighting, evaluation)
+    data       DataConfig: the token source (dummy | text | tokens), sequence length, batch size, split
+    train      TrainConfig: optimizer and schedule, steps per stage, activation cache, joint tuning, device
+
+    load_config(path, overrides)  read a YAML file, apply `section.key=value` overrides, validate
+    validate(cfg)                 check every value, fill in the None defaults; returns a new Config
+    config_to_dict(cfg)           a plain nested dict of builtins (what checkpoints store) ...
+    config_from_dict(d)           ... and back, checked like a file
+
+Every problem is a ValueError that names the key as `section.key`, the value found and what is allowed;
+an unknown key suggests the closest valid one across all sections.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256           # real tokens; the model adds one [MASK] id (= vocab_size), never a target
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None   # None: n_heads; attn_type gqa needs n_heads % n_kv_heads == 0
+    d_ff: int = 384
+    attn_type: str = "gqa"          # standard (MHA) | gqa | mla
+    mla_rq: int = 0                 # MLA query rank; 0 projects queries directly (no low-rank W_q)
+    mla_rkv: int = 64               # MLA latent K/V rank
+    mla_nope_dim: int | None = None  # None: d_model // n_heads
+    mla_rope_dim: int | None = None  # None: half of d_model // n_heads (the shared RoPE key)
+    mla_v_dim: int | None = None    # None: d_model // n_heads
+    tie_embeddings: bool = True
+    causal: bool = False            # mask diffusion attends both ways
+    rope_theta: float = 10000.0
+    frozen_seed: int = 0            # seed of the frozen SwiGLU gate/up matrices
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_fraction_min: float = 0.05
+    mask_fraction_max: float = 1.0
+    loss_weighting: str = "elbo"    # elbo (1/t per masked token over all tokens) | uniform (mean over masked)
+    eval_batches: int = 8           # validation batches of the NELBO estimate (t over (0, 1], fixed seed)
+    eval_seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    source: str = "text"            # dummy | text | tokens
+    path: str | None = None         # text: a UTF-8 file (None: Python's own documentation topics);
+                                    # tokens: a raw uint16/uint32 token file
+    token_dtype: str = "uint16"     # tokens: uint16 | uint32
+    seq_len: int = 128
+    batch_size: int = 16
+    val_fraction: float = 0.1       # the last fraction of the corpus is the validation split
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200            # per stage
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1       # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0          # 0 disables clipping
+    log_every: int = 10
+    cache: bool = True              # cache each stage's outputs on disk (False: recompute the frozen prefix)
+    cache_dir: str | None = None    # None: <out_dir>/cache
+    cache_sequences: int = 1024
+    cache_draws: int = 2
+    joint_steps: int = 100          # end-to-end tuning after fusion
+    joint_lr: float | None = None   # None: lr
+    ckpt_every: int = 0             # 0: checkpoints only at the end of each stage
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"            # auto (cuda when available) | cpu | cuda | cuda:N
+    dtype: str = "auto"             # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "train": TrainConfig}
+# The declared type of every key, per section, in declaration order: {"model": {"vocab_size": int, ...}}.
+_FIELD_TYPES = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+_TYPE_NAMES = {int: "an int", float: "a finite number", bool: "true or false", str: "a string"}
+
+ATTN_TYPES = ("standard", "gqa", "mla")
+LOSS_WEIGHTINGS = ("elbo", "uniform")
+DATA_SOURCES = ("dummy", "text", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BYTE_VOCAB = 256                   # the text source is byte-level: ids 0..255
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads `3e-3` and `1e6` as floats. PyYAML follows YAML 1.1, where a float
+    needs a dot and a signed exponent, so `lr: 3e-3` would otherwise load as the string '3e-3'."""
+
+
+# add_implicit_resolver copies the resolver table into _Loader first: yaml.SafeLoader is left as it was.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply command-line overrides, validate.
+
+    Args:
+        path: a YAML file with sections model / objective / data / train (see the module docstring);
+            None: every key takes its default.
+        overrides: `key=value` strings, applied in order after the file. `key` is `section.key`, or a bare
+            key that exists in exactly one section (`max_steps=50`; `seed` needs `data.` or `train.`).
+            `value` is parsed as YAML: `true`, `3e-3`, `null`, `gqa`. For a string key a value that
+            parses to something else (`out_dir=2024`) is kept as the text given.
+    Returns:
+        The validated Config, with the None defaults resolved (see `validate`).
+    """
+    raw = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            raw = _parse_yaml(f.read(), os.fspath(path))
+    _check_layout(raw)
+    merged = {name: dict((raw or {}).get(name) or {}) for name in SECTIONS}
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        merged[section][key] = value
+    return config_from_dict(merged)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as {section: {key: value}} of plain builtins; config_from_dict() gives it back exactly."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict | None) -> Config:
+    """Build and validate a Config from {section: {key: value}} (a parsed YAML file, a checkpoint's copy).
+    Missing sections and keys take their defaults; unknown ones are errors."""
+    _check_layout(d)
+    sections = {name: SECTIONS[name](**(values or {})) for name, values in (d or {}).items()}
+    return validate(Config(**sections))
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value of `cfg` and return a new, explicit Config: ints given for float keys become
+    floats, and the None defaults are filled in (model.n_kv_heads: n_heads; model.mla_nope_dim and
+    model.mla_v_dim: d_model // n_heads; model.mla_rope_dim: half of that; train.cache_dir:
+    <out_dir>/cache; train.joint_lr: lr). `cfg` itself is not modified.
+
+    Raises:
+        ValueError naming the key as `section.key`, the value found and what is allowed.
+    """
+    _require(isinstance(cfg, Config), "config", cfg, "an lwt.config.Config")
+    model, objective, data, train = (_typed(name, getattr(cfg, name)) for name in SECTIONS)
+    model = _check_model(model)
+    _check_objective(objective)
+    _check_data(data, model)
+    train = _check_train(train)
+    return Config(model=model, objective=objective, data=data, train=train)
+
+
+# ---- the checks, one helper per kind ----
+
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _at_least(section: str, cfg, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        _require(getattr(cfg, name) >= minimum, f"{section}.{name}", getattr(cfg, name), f"an int >= {minimum}")
+
+
+def _one_of(key: str, value, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, "one of " + " | ".join(choices))
+
+
+def _closest_key(name: str) -> str | None:
+    """The valid section or `section.key` nearest to `name`, comparing whole names and last parts, so
+    `model.mask_fraction_min` finds `objective.mask_fraction_min` and `model.d_modle` finds `model.d_model`."""
+    def similarity(a: str, b: str) -> float:
+        return difflib.SequenceMatcher(None, a, b).ratio()
+
+    leaf = name.rsplit(".", 1)[-1]
+    candidates = list(SECTIONS) + [f"{s}.{k}" for s, types in _FIELD_TYPES.items() for k in types]
+    scores = {c: (max(similarity(name, c), similarity(leaf, c.rsplit(".", 1)[-1])), similarity(name, c))
+              for c in candidates}
+    best = max(candidates, key=scores.__getitem__)
+    return best if scores[best][0] >= 0.6 else None
+
+
+def _unknown(name: str, what: str, section: str | None = None) -> ValueError:
+    """The error for an unknown section or key: the nearest valid name, then what the section holds."""
+    suggestion = _closest_key(name)
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    if section is None:
+        allowed = "sections: " + ", ".join(SECTIONS)
+    else:
+        allowed = f"{section} keys: " + ", ".join(_FIELD_TYPES[section])
+    return ValueError(f"{name}: unknown {what}{hint} ({allowed})")
+
+
+def _check_layout(d) -> None:
+    """Every section and key of the nested dict `d` is known; each section is a mapping (or empty)."""
+    if d is None:
+        return
+    _require(isinstance(d, dict), "config", d, "a mapping of sections: " + ", ".join(SECTIONS))
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), "section")
+        _require(values is None or isinstance(values, dict), section, values, f"a mapping of {section} keys")
+        for key in values or {}:
+            if key not in _FIELD_TYPES[section]:
+                raise _unknown(f"{section}.{key}", "key", section)
+
+
+def _parse_override(item: str) -> tuple[str, str, object]:
+    """`section.key=value` or `key=value` -> (section, key, value parsed as YAML)."""
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    _require(bool(sep and name), "override", item, "key=value, e.g. train.max_steps=50")
+    if "." in name:
+        section, _, key = name.partition(".")
+        if section not in SECTIONS:
+            raise _unknown(name, "section")
+        if key not in _FIELD_TYPES[section]:
+            raise _unknown(name, "key", section)
+    else:
+        owners = [s for s, types in _FIELD_TYPES.items() if name in types]
+        if not owners:
+            raise _unknown(name, "key")
+        if len(owners) > 1:
+            raise ValueError(f"{name}: ambiguous key, found in several sections; expected one of: "
+                             + ", ".join(f"{s}.{name}" for s in owners))
+        section, key = owners[0], name
+    value = _parse_yaml(text, f"{section}.{key}")
+    if _base_type(_FIELD_TYPES[section][key])[0] is str and value is not None and not isinstance(value, str):
+        value = text.strip()
+    return section, key, value
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    """`int | None` -> (int, True); `float` -> (float, False)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0], True) if args else (hint, False)
+
+
+def _typed(section: str, cfg):
+    """A copy of one section with every value type-checked; ints given for float keys become floats."""
+    cls = SECTIONS[section]
+    _require(isinstance(cfg, cls), section, cfg, f"a {cls.__name__}")
+    values = {}
+    for key, hint in _FIELD_TYPES[section].items():
+        value, (base, optional) = getattr(cfg, key), _base_type(hint)
+        if value is None:
+            ok = optional
+        elif base is bool:
+            ok = isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, base)
+        _require(ok, f"{section}.{key}", value, _TYPE_NAMES[base] + (" or null" if optional else ""))
+        values[key] = float(value) if base is float and value is not None else value
+    return cls(**values)
+
+
+def _check_model(m: ModelConfig) -> ModelConfig:
+    _at_least("model", m, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"), 1)
+    _at_least("model", m, ("mla_rq", "frozen_seed"), 0)
+    _one_of("model.attn_type", m.attn_type, ATTN_TYPES)
+    _require(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "a number > 1")
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
+
+    n_kv_heads = m.n_heads if m.n_kv_heads is None else m.n_kv_heads
+    _require(n_kv_heads >= 1, "model.n_kv_heads", n_kv_heads, "an int >= 1, or null for model.n_heads")
+    mla_dims = (m.mla_nope_dim, m.mla_rope_dim, m.mla_v_dim)
+    # GQA heads are d_model / n_heads wide; MLA derives only its default head dims from that ratio.
+    if m.attn_type != "mla" or None in mla_dims:
+        _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+                 f"a multiple of model.n_heads={m.n_heads} (the head dim is d_model / n_heads)")
+    head_dim = m.d_model // m.n_heads
+    m = dataclasses.replace(m, n_kv_heads=n_kv_heads,
+                            mla_nope_dim=head_dim if m.mla_nope_dim is None else m.mla_nope_dim,
+                            mla_rope_dim=head_dim // 2 if m.mla_rope_dim is None else m.mla_rope_dim,
+                            mla_v_dim=head_dim if m.mla_v_dim is None else m.mla_v_dim)
+
+    if m.attn_type == "standard":
+        _require(n_kv_heads == m.n_heads, "model.n_kv_heads", n_kv_heads,
+                 f"model.n_heads={m.n_heads} (or null) with attn_type standard; use attn_type gqa for fewer K/V heads")
+    elif m.attn_type == "gqa":
+        _require(m.n_heads % n_kv_heads == 0, "model.n_kv_heads", n_kv_heads,
+                 f"a divisor of model.n_heads={m.n_heads} (each K/V head serves a whole group of query heads)")
+    if m.attn_type in ("standard", "gqa"):
+        _require(head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM, "model.d_model", m.d_model,
+                 f"a head dim d_model / model.n_heads (here {head_dim}) that is even (RoPE rotates pairs of "
+                 f"dims) and at most {MAX_HEAD_DIM} (the attention kernel's limit)")
+    else:
+        _at_least("model", m, ("mla_rkv", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"), 1)
+        _require(m.mla_rope_dim % 2 == 0 and m.mla_rope_dim <= MAX_ROPE_DIM, "model.mla_rope_dim", m.mla_rope_dim,
+                 f"an even number (RoPE rotates pairs of dims) at most {MAX_ROPE_DIM} (the MLA kernel's limit)")
+        _require(m.mla_nope_dim + m.mla_rope_dim <= MAX_HEAD_DIM, "model.mla_nope_dim", m.mla_nope_dim,
+                 f"at most {MAX_HEAD_DIM} together with model.mla_rope_dim={m.mla_rope_dim} "
+                 "(the query/key head dim of the MLA kernel)")
+        _require(m.mla_v_dim <= MAX_HEAD_DIM, "model.mla_v_dim", m.mla_v_dim, f"at most {MAX_HEAD_DIM}")
+    return m
+
+
+def _check_objective(o: ObjectiveConfig) -> None:
+    for key in ("mask_fraction_min", "mask_fraction_max"):
+        value = getattr(o, key)
+        _require(0 < value <= 1, f"objective.{key}", value, "a fraction in (0, 1]")
+    _require(o.mask_fraction_min <= o.mask_fraction_max, "objective.mask_fraction_min", o.mask_fraction_min,
+             f"at most objective.mask_fraction_max={o.mask_fraction_max}")
+    _one_of("objective.loss_weighting", o.loss_weighting, LOSS_WEIGHTINGS)
+    _at_least("objective", o, ("eval_batches",), 1)
+    _at_least("objective", o, ("eval_seed",), 0)
+
+
+def _check_data(d: DataConfig, model: ModelConfig) -> None:
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _one_of("data.token_dtype", d.token_dtype, TOKEN_DTYPES)
+    if d.source == "tokens":
+        _require(d.path is not None, "data.path", d.path, "a token file path with data.source tokens")
+    _require(d.path is None or d.path != "", "data.path", d.path, "a file path or null")
+    if d.source == "text":
+        _require(model.vocab_size >= BYTE_VOCAB, "model.vocab_size", model.vocab_size,
+                 f"at least {BYTE_VOCAB} with data.source text (one token per byte)")
+    _at_least("data", d, ("seq_len", "batch_size"), 1)
+    _at_least("data", d, ("seed",), 0)
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
+
+
+def _check_train(t: TrainConfig) -> TrainConfig:
+    _at_least("train", t, ("max_steps", "cache_sequences", "cache_draws"), 1)
+    _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every", "log_every", "seed"), 0)
+    _require(t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
+             f"at most train.max_steps={t.max_steps}")
+    _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _require(t.joint_lr is None or t.joint_lr > 0, "train.joint_lr", t.joint_lr, "a number > 0, or null for train.lr")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "a number in [0, 1)")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
+    _require(t.out_dir != "", "train.out_dir", t.out_dir, "a directory path")
+    _require(t.cache_dir != "", "train.cache_dir", t.cache_dir, "a directory path, or null for <out_dir>/cache")
+    _require(re.fullmatch(r"auto|cpu|cuda|cuda:\d+", t.device) is not None, "train.device", t.device,
+             "one of auto | cpu | cuda | cuda:N")
+    _one_of("train.dtype", t.dtype, DTYPES)
+    return dataclasses.replace(t, cache_dir=os.path.join(t.out_dir, "cache") if t.cache_dir is None else t.cache_dir,
+                               joint_lr=t.lr if t.joint_lr is None else t.joint_lr)

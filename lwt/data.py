@@ -1,0 +1,321 @@
+"""Token sources for the trainer: a random pseudo-corpus, byte-level text, and memory-mapped token files.
+
+`build_data(cfg, vocab_size)` returns a `TokenData`: a 1-D train sequence and a 1-D validation sequence
+of token ids, and `get_batch`, which cuts random windows of `seq_len` tokens out of one of them.
+
+Sources (`DataConfig.source`):
+- `dummy`: uniform random ids in [0, vocab_size), drawn once from `cfg.seed`. For plumbing only: there is
+  nothing to learn, and the loss floor is log(vocab_size).
+- `text`: byte-level tokens (one token per UTF-8 byte, ids 0..255). `cfg.path` None uses Python's own
+  documentation topics (`pydoc_data.topics`), real English that ships with every CPython, so the default
+  job needs no download; a path is memory-mapped as raw bytes.
+- `tokens`: a nanoGPT-style raw binary file of uint16 or uint32 ids, memory-mapped and never loaded whole.
+
+Split: the last `val_fraction` of the corpus is validation, the rest train. The boundary is a single cut,
+never a shuffle, so no window of one split overlaps the other (a window never crosses the cut because
+each split is indexed on its own).
+
+Determinism and resuming: `get_batch` draws its window offsets from the `torch.Generator` it is given and
+from nothing else, so the same generator state gives the same batch. The trainer saves and restores
+`generator.get_state()` to resume exactly, and seeds one generator per rank for data-parallel runs.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from lwt.config import DataConfig
+
+SOURCES = ("dummy", "text", "tokens")
+SPLITS = ("train", "val")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+BYTE_VOCAB = 256
+
+# The dummy corpus: long enough that random windows rarely repeat, short enough to build in milliseconds.
+DUMMY_MIN_TOKENS = 100_000
+DUMMY_MIN_WINDOWS = 50
+
+# The default text must be big enough to be worth training on; pydoc_data.topics is ~450-500 kB.
+MIN_DEFAULT_TEXT_BYTES = 100_000
+
+# Used only where a Python ships without pydoc_data (some distro builds strip it): the docstrings of
+# these modules and of their public classes and functions, in this fixed order, are the corpus.
+FALLBACK_DOC_MODULES = (
+    "builtins", "argparse", "collections", "functools", "inspect", "itertools", "json", "logging", "os",
+    "pathlib", "re", "string", "subprocess", "textwrap", "threading", "typing", "unittest",
+)
+
+# Items scanned at once when checking a token file's ids: 16M items is 32-64 MiB of RAM whatever the file size.
+_SCAN_CHUNK = 1 << 24
+
+
+class TokenData:
+    """Train and validation token sequences plus a random-window batch sampler.
+
+    Attributes:
+        train, val: 1-D token ids: a torch integer tensor (dummy, default text) or a read-only numpy
+            memmap (files), so a file larger than RAM is only read where a window lands.
+        vocab_size: the model's vocabulary size; every id is in [0, vocab_size).
+        source: "dummy", "text" or "tokens".
+        description: one line saying where the tokens came from, for logs.
+    """
+
+    def __init__(self, train, val, vocab_size: int, source: str, description: str = ""):
+        self.train = train
+        self.val = val
+        self.vocab_size = vocab_size
+        self.source = source
+        self.description = description
+
+    def __repr__(self) -> str:
+        return (f"TokenData(source={self.source!r}, train={self.num_tokens('train')}, "
+                f"val={self.num_tokens('val')}, vocab_size={self.vocab_size})")
+
+    def _split(self, split: str):
+        if split == "train":
+            return self.train
+        if split == "val":
+            return self.val
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
+
+    def num_tokens(self, split: str) -> int:
+        """Number of tokens in `split` ("train" or "val")."""
+        return len(self._split(split))
+
+    def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """Random windows of consecutive tokens from one split.
+
+        Args:
+            split: "train" or "val".
+            batch_size: number of windows B.
+            seq_len: tokens per window S; at most the split's length.
+            generator: the only source of randomness (window starts are uniform over every offset at
+                which a whole window fits); restoring its state reproduces the batch. It may live on any
+                device; the batch is always returned on the CPU.
+
+        Returns:
+            (B, S) int64 tensor on the CPU.
+        """
+        data = self._split(split)
+        n = len(data)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if seq_len < 1 or seq_len > n:
+            raise ValueError(f"seq_len: expected 1..{n} (the {split} split holds {n} tokens), got {seq_len}")
+        starts = torch.randint(0, n - seq_len + 1, (batch_size,), generator=generator,
+                               device=generator.device).cpu()                         # (B,)
+        index = starts[:, None] + torch.arange(seq_len)                                # (B, S)
+        if isinstance(data, torch.Tensor):
+            return data[index].long()                                                  # (B, S)
+        # Fancy indexing a memmap copies just the B*S ids it touches: only those pages are read from disk.
+        return torch.from_numpy(np.asarray(data[index.numpy()], dtype=np.int64))     # (B, S)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text to token ids.
+
+        Args:
+            text: for the text source any string (encoded as UTF-8 bytes); for the others the inverse
+                of `decode`: whitespace-separated integer ids.
+
+        Returns:
+            (N,) int64 tensor.
+        """
+        if self.source == "text":
+            return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+        try:
+            ids = [int(tok) for tok in text.split()]
+        except ValueError:
+            raise ValueError(f"encode: the {self.source} source has no tokenizer; expected whitespace-separated "
+                             f"integer ids, got {text[:40]!r}") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"encode: ids must be in [0, {self.vocab_size}), got {bad[0]}")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        """Token ids to text.
+
+        Args:
+            ids: a 1-D sequence of ids (tensor, numpy array or list).
+
+        Returns:
+            The text source: the bytes decoded as UTF-8 with errors="replace" (a window may start or end
+            inside a multi-byte character); an id outside 0..255 (e.g. the [MASK] id while sampling)
+            becomes U+FFFD. Other sources: the ids as a space-separated string.
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        elif isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if self.source != "text":
+            return " ".join(str(i) for i in ids)
+        pieces, run = [], bytearray()
+        for i in ids:
+            if 0 <= i < BYTE_VOCAB:
+                run.append(i)
+            else:
+                pieces.append(run.decode("utf-8", errors="replace") + "\ufffd")
+                run = bytearray()
+        pieces.append(run.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def unigram_entropy(self, split: str = "train") -> float:
+        """Entropy in nats of the split's token frequencies: the loss of a model that ignores context.
+
+        Reads the split once, in chunks, so it is bounded in memory but costs a full pass over a big file.
+        """
+        data = self._split(split)
+        counts = np.zeros(0, dtype=np.int64)
+        for lo in range(0, len(data), _SCAN_CHUNK):
+            chunk = data[lo:lo + _SCAN_CHUNK]
+            chunk = chunk.numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+            c = np.bincount(chunk.astype(np.int64, copy=False), minlength=len(counts))
+            c[:len(counts)] += counts
+            counts = c
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
+
+def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
+    """Load the token source that `cfg` names and split it into train and validation.
+
+    Args:
+        cfg: the `data` section of the config.
+        vocab_size: the model's vocabulary size (real tokens, without [MASK]); every id must be below it.
+
+    Returns:
+        A `TokenData` whose train and val splits each hold at least cfg.seq_len + 1 tokens.
+
+    Raises:
+        ValueError: unknown source or token_dtype, a missing/empty/ragged file, ids >= vocab_size, a
+            vocab_size below 256 for text, a val_fraction outside (0, 1), or a split too short for seq_len.
+    """
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source: expected one of {', '.join(SOURCES)}, got {cfg.source!r}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"model vocab_size: expected a positive int, got {vocab_size!r}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction: expected a value in (0, 1), got {cfg.val_fraction}")
+    if cfg.seq_len < 1:
+        raise ValueError(f"data.seq_len: expected >= 1, got {cfg.seq_len}")
+
+    if cfg.source == "dummy":
+        n = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1))
+        g = torch.Generator().manual_seed(cfg.seed)
+        corpus = torch.randint(0, vocab_size, (n,), generator=g, dtype=torch.long)        # (N,)
+        description = f"dummy: {n} uniform random ids in [0, {vocab_size}), seed {cfg.seed}"
+    elif cfg.source == "text":
+        if vocab_size < BYTE_VOCAB:
+            raise ValueError(f"model vocab_size: the byte-level text source needs >= {BYTE_VOCAB} "
+                             f"(one id per byte value), got {vocab_size}")
+        if cfg.path is None:
+            text, origin = default_text()
+            corpus = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)  # (N,)
+            description = f"text: {origin}, {len(corpus)} bytes"
+        else:
+            corpus = _memmap(cfg.path, np.uint8)                                          # (N,)
+            description = f"text: {cfg.path}, {len(corpus)} bytes"
+    else:
+        if cfg.path is None:
+            raise ValueError("data.path: the tokens source needs a path to a raw uint16/uint32 token file")
+        if cfg.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"data.token_dtype: expected one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype!r}")
+        corpus = _memmap(cfg.path, TOKEN_DTYPES[cfg.token_dtype])                         # (N,)
+        _check_ids(corpus, vocab_size, cfg.path)
+        description = f"tokens: {cfg.path}, {len(corpus)} {cfg.token_dtype} ids"
+
+    n = len(corpus)
+    n_val = int(n * cfg.val_fraction)
+    n_train = n - n_val
+    need = cfg.seq_len + 1
+    if n_train < need or n_val < need:
+        raise ValueError(f"data.seq_len={cfg.seq_len} / data.val_fraction={cfg.val_fraction}: each split needs "
+                         f">= {need} tokens, but the {n}-token corpus splits into train={n_train}, val={n_val}")
+    # Slices are views: of the tensor, or of the memmap (still backed by the file, nothing is read here).
+    return TokenData(corpus[:n_train], corpus[n_train:], vocab_size, cfg.source, description)
+
+
+def default_text() -> tuple[str, str]:
+    """The default English corpus: Python's documentation topics, else stdlib docstrings.
+
+    Returns:
+        (text, origin): the text and a short description of where it came from.
+    """
+    try:
+        topics = importlib.import_module("pydoc_data.topics").topics
+    except ImportError:
+        topics = None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if topics:
+        # Sorted keys: the dict's order is the generator script's, not a promise.
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+        origin = f"Python {version} documentation topics (pydoc_data.topics)"
+    else:
+        text = _stdlib_docstrings()
+        origin = f"Python {version} stdlib docstrings ({len(FALLBACK_DOC_MODULES)} modules; no pydoc_data)"
+    size = len(text.encode("utf-8"))
+    if size < MIN_DEFAULT_TEXT_BYTES:
+        raise ValueError(f"data.path: the default text ({origin}) is only {size} bytes, under "
+                         f"{MIN_DEFAULT_TEXT_BYTES}; set data.path to a UTF-8 text file")
+    return text, origin
+
+
+def _stdlib_docstrings() -> str:
+    parts, seen = [], set()
+    # typing.io / typing.re warn when touched; reading their docstrings is harmless.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in FALLBACK_DOC_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            objects = [module] + [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
+            for obj in objects:
+                # Classes and routines only: inspect.getdoc of a constant returns its type's docstring.
+                if obj is not module and not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                doc = inspect.getdoc(obj)
+                if doc and doc not in seen:  # re-exported objects would repeat their docstrings
+                    seen.add(doc)
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def _memmap(path: str, dtype) -> np.memmap:
+    """Read-only memmap of a raw file of `dtype` items, with the errors a user can act on."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path: no such file: {path}")
+    size = os.path.getsize(path)
+    itemsize = np.dtype(dtype).itemsize
+    if size == 0:
+        raise ValueError(f"data.path: the file is empty: {path}")  # np.memmap cannot map 0 bytes
+    if size % itemsize:
+        raise ValueError(f"data.path: {path} is {size} bytes, not a multiple of the {itemsize}-byte "
+                         f"{np.dtype(dtype).name} item size (wrong data.token_dtype?)")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _check_ids(tokens: np.memmap, vocab_size: int, path: str) -> None:
+    """Every id must be < vocab_size.
+
+    The exact max over the whole file, in chunks, rather than a sample: one bad id would surface much
+    later as an out-of-range embedding lookup (a CUDA device-side assert with no file name), and a
+    sequential read costs seconds even for billions of tokens.
+    """
+    if vocab_size > np.iinfo(tokens.dtype).max:
+        return  # no id of this dtype can reach vocab_size
+    for lo in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[lo:lo + _SCAN_CHUNK]
+        top = int(chunk.max())
+        if top >= vocab_size:
+            at = lo + int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"data.path: {path} holds id {top} >= model vocab_size {vocab_size} "
+                             f"(first at token {at}); wrong data.token_dtype or model.vocab_size?")

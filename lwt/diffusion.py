@@ -1,0 +1,269 @@
+"""Masked (absorbing-state) diffusion over tokens: the training objective, its evaluation, and the
+iterative-unmasking sampler. MDLM (Sahoo et al. 2024, arXiv:2406.07524) and LLaDA (Nie et al. 2025,
+arXiv:2502.09992).
+
+Forward process, linear schedule: at time t ∈ (0, 1] every token of a sequence x (length L) is replaced by
+[MASK] independently with probability t. The model sees the noisy sequence z_t (bidirectional attention)
+and predicts the original token at every masked position; the head has no [MASK] logit, and unmasked
+positions are simply copied (MDLM's "carry-over" parameterisation). The continuous-time ELBO is then
+
+    -log p_θ(x) <= E_{t ~ U(0,1]} E_{z_t} [ (1/t) Σ_{ℓ masked in z_t} -log p_θ(x^ℓ | z_t) ]
+
+(MDLM eq. 10 with α_t = 1 - t, whose weight -α'_t / (1 - α_t) is 1/t; LLaDA eq. 3). Divided by L it bounds
+the per-token negative log-likelihood: `elbo` weighting trains on exactly this estimate, `uniform` on the
+plain mean cross entropy of the masked tokens (MLM-style, not a bound).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import functional as F
+
+WEIGHTINGS = ("elbo", "uniform")
+ORDERS = ("confidence", "random")
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_tokens(tokens, name: str = "tokens") -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{name}: expected an int64 (batch, seq) tensor of token ids, got {got}")
+
+
+def _check_t(t, batch: int) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"t: expected a float tensor of shape ({batch},) (one masking rate per sequence), got {got}")
+
+
+def _rand(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
+    """Uniforms in [0, 1) drawn on the generator's device (so a CPU generator gives the same numbers
+    whatever device the model is on), returned on `device`."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+def sample_t(batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masking rates for a batch, stratified: with one offset u ~ U[0, 1),
+    t_i = t_min + (t_max - t_min) · (i + 1 - u) / batch, then shuffled. Each of the `batch` equal strata of
+    (t_min, t_max] holds exactly one t, which cuts the variance of the batch's loss against i.i.d. draws
+    (MDLM's low-discrepancy sampler, arXiv:2406.07524 §3.5, uses t_i = (i + u) / batch mod 1; the
+    1 - u form here keeps t > t_min, so t is never 0 even when t_min is, and 1/t stays finite).
+
+    Args:
+        batch: number of sequences (>= 1). t_min, t_max: 0 <= t_min <= t_max <= 1, t_max > 0.
+        generator: torch.Generator (None: the global RNG); the numbers are drawn on its device.
+    Returns:
+        (batch,) float32 on the generator's device (CPU without one), in (t_min, t_max].
+    """
+    _check_int(batch, "batch", 1)
+    for name, value in (("t_min", t_min), ("t_max", t_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not 0.0 <= t_min <= t_max <= 1.0 or t_max <= 0.0:
+        raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1 and t_max > 0, got {t_min}, {t_max}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+    strata = (torch.arange(batch, device=device, dtype=torch.float64) + 1.0 - u) / batch  # (batch,) in (0, 1]
+    t = t_min + (t_max - t_min) * strata
+    perm = torch.randperm(batch, generator=generator, device=device)
+    return t[perm].to(torch.float32)
+
+
+def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process: every token of sequence b becomes mask_id with probability t[b].
+
+    Args:
+        tokens: (B, S) int64 ids. t: (B,) float masking rates in [0, 1]. mask_id: the [MASK] id.
+        generator: torch.Generator (None: the global RNG); the uniforms are drawn on its device.
+    Returns:
+        noisy (B, S) int64 with mask_id where masked, and mask (B, S) bool, both on tokens' device.
+    """
+    _check_tokens(tokens)
+    _check_t(t, tokens.shape[0])
+    _check_int(mask_id, "mask_id", 0)
+    r = _rand(tokens.shape, generator, tokens.device)  # (B, S) in [0, 1): P(r < t) = t exactly
+    mask = r < t.to(device=tokens.device, dtype=torch.float32)[:, None]  # (B, S)
+    return tokens.masked_fill(mask, mask_id), mask
+
+
+def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                          t: torch.Tensor, weighting: str = "elbo") -> torch.Tensor:
+    """Cross entropy of the masked positions only; the logits of unmasked positions are never computed.
+
+    Args:
+        hidden: (B, S, D) final hidden states of the noisy sequence (the model's forward()).
+        head_weight: (V, D), hidden's dtype: the tied embedding without its [MASK] row.
+        tokens: (B, S) the clean ids (targets). mask: (B, S) bool, True where the input was masked.
+        t: (B,) the masking rate each sequence was drawn with.
+        weighting: "elbo": Σ_masked (1/t) · CE / (B·S), the MDLM/LLaDA NELBO estimate per token (every token
+            counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
+            masked tokens.
+    Returns:
+        fp32 scalar. With no masked token at all, a zero that still depends on hidden and head_weight, so
+        backward runs (and gives zero gradients).
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {', '.join(map(repr, WEIGHTINGS))}, got {weighting!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden: expected (batch, seq, d_model), got {got}")
+    B, S, _ = hidden.shape
+    _check_tokens(tokens)
+    if tuple(tokens.shape) != (B, S):
+        raise ValueError(f"tokens: expected shape {(B, S)} (the leading dims of hidden), got {tuple(tokens.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, S):
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask: expected a bool tensor of shape {(B, S)}, got {got}")
+    _check_t(t, B)
+    rows = hidden[mask]  # (M, D): only the masked positions reach the head
+    M = rows.shape[0]
+    if M == 0:
+        return (hidden.sum() + head_weight.sum()).float() * 0.0
+    targets = tokens[mask]  # (M,)
+    if weighting == "uniform":
+        return F.linear_cross_entropy(rows, head_weight, targets, reduction="sum") / M
+    inv_t = (1.0 / t.to(device=hidden.device, dtype=torch.float32))[:, None].expand(B, S)  # (B, S)
+    loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t[mask], reduction="sum")
+    return loss / (B * S)
+
+
+@torch.no_grad()
+def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, seed: int) -> dict:
+    """Monte Carlo estimate of the continuous-time NELBO per token, in nats.
+
+    Why it bounds the NLL: with masking rate t ~ U(0, 1] (the whole range, whatever training used),
+    -log p_θ(x) <= E_t E_{z_t} [(1/t) Σ_{ℓ masked} -log p_θ(x^ℓ | z_t)] (MDLM eq. 10, LLaDA eq. 3; see the
+    module docstring), where p_θ(x) is the likelihood of the model's own reverse process (unmask, carry
+    unmasked tokens over). Dividing by the L tokens gives an upper bound on the per-token NLL, and
+    exp(nelbo) one on the perplexity of that generative model. Each batch estimates the expectation with
+    one stratified t per sequence and one mask draw: an unbiased estimate of the bound, whose noise
+    shrinks with the number of sequences. It is comparable across runs, but is not an autoregressive
+    perplexity.
+
+    Args:
+        hidden_fn: noisy tokens (B, S) -> final hidden states (B, S, D) (e.g. an LWTModel).
+        head_weight: (V, D), the head (LWTModel.head_weight()).
+        batches: iterable of (B, S) int64 clean token batches (ids < V).
+        mask_id: the [MASK] id.
+        seed: seeds one CPU torch.Generator for every t and mask, so evaluations see identical masks.
+    Returns:
+        dict(nelbo=nats per token, ppl_bound=exp(nelbo), tokens=number of tokens scored).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for tokens in batches:
+        _check_tokens(tokens)
+        B, S = tokens.shape
+        t = sample_t(B, 0.0, 1.0, generator)  # (B,) in (0, 1]
+        noisy, mask = mask_tokens(tokens, t, mask_id, generator)
+        hidden = hidden_fn(noisy)  # (B, S, D)
+        total += masked_diffusion_loss(hidden, head_weight, tokens, mask, t, "elbo").item() * (B * S)
+        count += B * S
+    if count == 0:
+        raise ValueError("batches: expected at least one non-empty batch of tokens")
+    nelbo = total / count
+    return dict(nelbo=nelbo, ppl_bound=math.exp(min(nelbo, 700.0)), tokens=count)
+
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """Entropy (nats) of the empirical token distribution of `tokens` (any shape, int ids >= 0): the
+    loss of a model that ignores context, printed beside the NELBO as a yardstick."""
+    counts = torch.bincount(tokens.reshape(-1).long().cpu()).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+@torch.no_grad()
+def sample(model, num_samples: int, length: int, steps: int, *, order: str = "random",
+           prompt: torch.Tensor | None = None, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Iterative unmasking (MDLM/LLaDA reverse process): start from all [MASK] (after the prompt) and, over
+    `steps` steps, fill in ceil(remaining / steps_left) positions of every sequence per step.
+
+    At each step every still-masked position draws a token from softmax(logits / temperature) by the
+    Gumbel-max trick with float64 uniforms: Gumbel noise from low-precision uniforms truncates the tail
+    and measurably hurts masked-diffusion samples (Zheng et al. 2024, arXiv:2409.02908). Then
+    order="confidence" keeps the draws the model is surest of (highest log-probability of the drawn
+    token; LLaDA's low-confidence remasking), order="random" (the default) a uniformly random subset; the
+    others stay masked for the next step. Unmasked tokens are never changed. Random is the default
+    because confidence order degenerates with small models: the most frequent token (a space, in byte
+    text) is always the surest draw, so it fills most positions first and the rest then follows it.
+
+    Logits = final hidden @ head_weight()ᵀ, in fp32 on the model's device, for the still-masked positions
+    only: this is the one place logits are materialised ((num_samples · masked) × V per step), so keep
+    the batch small. [MASK] has no logit (the head excludes it) and is never produced.
+
+    Args:
+        model: an LWTModel (uses forward(), head_weight(), mask_id, vocab_size).
+        num_samples, length, steps: >= 1; length counts the prompt.
+        order: "random" (default) | "confidence".
+        prompt: optional 1-D int tensor of ids in [0, vocab_size), len <= length, kept at the start.
+        temperature: >= 0; 0 is greedy (argmax, confidence = its log-probability).
+        generator: torch.Generator for the Gumbel and order draws (None: the global RNG), on the CPU or
+            the model's device.
+    Returns:
+        (num_samples, length) int64 on the model's device, every id in [0, vocab_size).
+    """
+    _check_int(num_samples, "num_samples", 1)
+    _check_int(length, "length", 1)
+    _check_int(steps, "steps", 1)
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise ValueError(f"temperature: expected a finite number >= 0 (0: greedy), got {temperature!r}")
+    head = model.head_weight()
+    device, V, mask_id = head.device, model.vocab_size, model.mask_id
+    P = 0
+    if prompt is not None:
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype not in (torch.int64, torch.int32):
+            got = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt: expected a 1-D int64 tensor of token ids, got {got}")
+        P = prompt.numel()
+        if P > length:
+            raise ValueError(f"prompt: expected at most length={length} tokens, got {P}")
+        if P and not (0 <= int(prompt.min()) and int(prompt.max()) < V):
+            raise ValueError(f"prompt: expected ids in [0, {V}), got min {int(prompt.min())}, max {int(prompt.max())}")
+    x = torch.full((num_samples, length), mask_id, dtype=torch.int64, device=device)  # (N, L)
+    if P:
+        x[:, :P] = prompt.to(device=device, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        remaining = length - P  # masked positions per sequence (the same in every row)
+        for step in range(steps):
+            if remaining == 0:
+                break
+            k = -(-remaining // (steps - step))  # ceil: equal shares; the last step unmasks the rest
+            masked = x == mask_id  # (N, L)
+            rows = model(x)[masked].float()  # (N · remaining, D), row-major: sequence by sequence
+            logits = (rows @ head.float().t()).double()  # (N · remaining, V)
+            if temperature == 0:
+                logp = torch.log_softmax(logits, dim=-1)
+                conf, draw = logp.max(dim=-1)
+            else:
+                logp = torch.log_softmax(logits / temperature, dim=-1)
+                u = _rand(logp.shape, generator, device, torch.float64).clamp_(min=torch.finfo(torch.float64).tiny)
+                draw = (logp - torch.log(-torch.log(u))).argmax(dim=-1)  # (N · remaining,) Gumbel-max
+                conf = logp.gather(1, draw[:, None]).squeeze(1)
+            if order == "random":
+                conf = _rand(conf.shape, generator, device, torch.float64)
+            score = torch.full(x.shape, -math.inf, dtype=torch.float64, device=device)  # (N, L)
+            score[masked] = conf
+            proposal = x.clone()
+            proposal[masked] = draw
+            keep = score.topk(k, dim=1).indices  # (N, k): all among the masked positions (score > -inf)
+            x.scatter_(1, keep, proposal.gather(1, keep))
+            remaining -= k
+    finally:
+        model.train(was_training)
+    return x

@@ -1,0 +1,99 @@
+"""Sample from a trained checkpoint by iterative unmasking (lwt.diffusion.sample).
+
+    python -m lwt.generate --checkpoint runs/default/final.pt --prompt "The " --length 256 --steps 64
+
+The checkpoint (written by lwt.train_layerwise) is a dict: "config" (the Config as nested plain dicts),
+"model" (LWTModel.trainable_state_dict()) and "frozen_checksum" (LWTModel.frozen_checksum()). The frozen
+SwiGLU matrices are not stored: they are regenerated from model.frozen_seed and checked against the
+checksum. Text models (data.source "text") are byte-level: the prompt is encoded as UTF-8 bytes and the
+samples decoded with errors="replace"; for other sources the prompt is whitespace-separated token ids and
+the samples are printed as ids.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .config import config_from_dict
+from .data import TokenData
+from .diffusion import ORDERS, sample
+from .model import LWTModel
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTModel, str]:
+    """Rebuild the model of a checkpoint, check its frozen matrices, and move it to `device`.
+
+    The model is built in the dtype of the stored weights (so its frozen buffers are rounded as they were
+    in training and the checksum can match), then kept in that dtype on CUDA and cast to fp32 on the CPU.
+    Returns (model in eval mode, data source). FileNotFoundError for a missing file; ValueError for a
+    malformed checkpoint or a checksum mismatch.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or not {"config", "model", "frozen_checksum"} <= set(ckpt):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint {path!r}: expected a dict with keys 'config', 'model' and 'frozen_checksum', "
+                         f"got {keys}")
+    cfg = config_from_dict(ckpt["config"])
+    model_cfg, source = cfg.model, cfg.data.source
+    floats = [v for v in ckpt["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.float32
+    model = LWTModel(model_cfg, dtype=dtype)
+    model.load_trainable_state_dict(ckpt["model"])
+    checksum = model.frozen_checksum()
+    if checksum != ckpt["frozen_checksum"]:
+        raise ValueError(f"checkpoint {path!r}: the frozen SwiGLU matrices regenerated from frozen_seed="
+                         f"{model_cfg.frozen_seed} have checksum {checksum}, but the checkpoint was trained with "
+                         f"{ckpt['frozen_checksum']} (a different seed, dtype or random generator)")
+    device = torch.device(device)
+    model = model.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+    return model.eval(), source
+
+
+def tokenizer(source: str, vocab_size: int) -> TokenData:
+    """lwt.data's encode/decode for `source` without loading any corpus: UTF-8 bytes for text (decoded
+    with errors="replace"), whitespace-separated ids otherwise."""
+    empty = torch.empty(0, dtype=torch.int64)
+    return TokenData(empty, empty, vocab_size, source, "tokenizer only: no corpus")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lwt.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by lwt.train_layerwise")
+    p.add_argument("--prompt", default=None, help="kept fixed at the start of every sample")
+    p.add_argument("--length", type=int, default=256, help="tokens per sample, prompt included")
+    p.add_argument("--steps", type=int, default=64, help="unmasking steps")
+    p.add_argument("--order", choices=ORDERS, default="random",
+                   help="which draws to keep at each step (confidence collapses to spaces on small models)")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        model, source = load_checkpoint(args.checkpoint, device)
+        tok = tokenizer(source, model.vocab_size)
+        prompt = tok.encode(args.prompt) if args.prompt else None
+        generator = torch.Generator().manual_seed(args.seed)
+        out = sample(model, args.num_samples, args.length, args.steps, order=args.order, prompt=prompt,
+                     temperature=args.temperature, generator=generator)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    for i, ids in enumerate(out.tolist()):
+        print(f"=== sample {i} ===")
+        print(tok.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

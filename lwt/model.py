@@ -1,0 +1,142 @@
+"""The decoder stack: token embedding (with one extra [MASK] row), DecoderBlocks, final RMSNorm and a
+head tied to the embedding. Written to be read top to bottom, like nanoGPT's model.py.
+
+The head never holds the [MASK] row: logits are hidden @ embed.weight[:vocab_size]ᵀ, so [MASK] has no
+logit, never enters the softmax and can never be predicted or sampled. Logits themselves are never
+materialised here: the loss (lwt.diffusion) calls lwt.functional.linear_cross_entropy with
+`head_weight()`, and forward() returns the final normalised hidden states.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm
+
+
+class LWTModel(nn.Module):
+    """Args:
+        cfg: lwt.config.ModelConfig (vocab_size, d_model, n_layers, attention settings, frozen_seed, ...).
+        device, dtype: of the parameters and of the frozen buffers.
+    Attributes: vocab_size, mask_id (= vocab_size, the embedding's last row), embed, blocks, norm, and
+    lm_head (vocab_size, d_model) when cfg.tie_embeddings is False.
+    """
+
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        if isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int) or cfg.vocab_size < 1:
+            raise ValueError(f"vocab_size: expected a positive int, got {cfg.vocab_size!r}")
+        if isinstance(cfg.n_layers, bool) or not isinstance(cfg.n_layers, int) or cfg.n_layers < 1:
+            raise ValueError(f"n_layers: expected a positive int, got {cfg.n_layers!r}")
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.mask_id = cfg.vocab_size
+        factory = dict(device=device, dtype=dtype)
+        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model, **factory)  # the last row is [MASK]
+        self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, **factory) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, **factory)
+        if cfg.tie_embeddings:
+            self.register_parameter("lm_head", None)
+        else:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model, **factory))  # (V, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # N(0, 0.02) as GPT-2/nanoGPT. The head reads these rows: after the final RMSNorm a hidden state has
+        # norm ≈ √D, so logits start with std ≈ 0.02·√D (0.23 at D = 128), near-uniform predictions and a
+        # first loss ≈ ln V. torch's default N(0, 1) would start at std √D ≈ 11: confidently wrong. The input
+        # side does not care about the scale: every block normalises its input first.
+        nn.init.normal_(self.embed.weight, mean=0.0, std=0.02)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head, mean=0.0, std=0.02)
+
+    # -- the forward pass, in pieces the layer-wise trainer calls on their own ------------------------
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S) int64 in [0, vocab_size] (vocab_size = [MASK]) -> (B, S, D)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens: expected an int64 (batch, seq) tensor of ids in [0, {self.vocab_size}], "
+                             f"got {got}")
+        return self.embed(tokens)  # (B, S, D)
+
+    def run_blocks(self, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """h (B, S, D) through blocks[start:end] -> (B, S, D)."""
+        n = len(self.blocks)
+        end = n if end is None else end
+        for name, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}: expected an int, got {value!r}")
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"start, end: expected 0 <= start <= end <= n_layers={n}, got start={start}, end={end}")
+        for block in self.blocks[start:end]:
+            h = block(h)  # (B, S, D)
+        return h
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm: h (B, S, D) -> (B, S, D), what the head multiplies."""
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
+        """tokens (B, S) -> final normalised hidden states (B, S, D). n_blocks: run only the first n_blocks
+        blocks (0..n_layers; None: all), to evaluate what each layer-wise stage has trained."""
+        h = self.embed_tokens(tokens)  # (B, S, D)
+        h = self.run_blocks(h, 0, n_blocks)  # (B, S, D)
+        return self.final_hidden(h)  # (B, S, D)
+
+    def head_weight(self) -> torch.Tensor:
+        """(vocab_size, D): logits = hidden @ head_weight()ᵀ. Tied: a view of the embedding without its
+        [MASK] row, so no gradient ever reaches that row through the head."""
+        return self.embed.weight[:self.vocab_size] if self.lm_head is None else self.lm_head
+
+    # -- frozen buffers, checkpoints -----------------------------------------------------------------
+
+    def frozen_buffer_names(self) -> list[str]:
+        """state_dict keys of the frozen SwiGLU gate/up matrices, in module order."""
+        return [f"{name}.{buf}" for name, module in self.named_modules() if isinstance(module, FrozenSwiGLU)
+                for buf in ("w_gate", "w_up")]
+
+    def frozen_checksum(self) -> str:
+        """sha256 (hex) over the frozen buffers: for each, in frozen_buffer_names() order, its name, dtype,
+        shape and raw bytes (copied to the CPU). The buffers are regenerated from frozen_seed at
+        construction, not loaded; a checkpoint stores this checksum so that a changed seed, dtype or
+        generator shows up as an error instead of a silently different model."""
+        digest = hashlib.sha256()
+        buffers = dict(self.named_buffers())
+        for name in self.frozen_buffer_names():
+            t = buffers[name].detach().to("cpu").contiguous()
+            digest.update(f"{name}:{str(t.dtype).replace('torch.', '')}:{tuple(t.shape)}\n".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict without the frozen buffers (they are regenerated from frozen_seed)."""
+        frozen = set(self.frozen_buffer_names())
+        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+
+    def load_trainable_state_dict(self, state_dict) -> None:
+        """Load a trainable_state_dict() (a full state_dict is accepted too: its frozen buffers are
+        loaded). ValueError, before anything is copied, if a key other than a frozen buffer is missing or
+        unexpected, or a shape differs."""
+        own = self.state_dict()
+        frozen = set(self.frozen_buffer_names())
+        missing = sorted(set(own) - set(state_dict) - frozen)
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} (expected the keys "
+                             f"of LWTModel.trainable_state_dict() for this config)")
+        wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state_dict.items()
+                 if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"state_dict: shape mismatch for {', '.join(wrong)}")
+        self.load_state_dict(state_dict, strict=False)
+
+    def num_params(self, trainable_only: bool = True) -> int:
+        """Trainable parameters (True); or every parameter plus the frozen buffers (False)."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        if not trainable_only:
+            buffers = dict(self.named_buffers())
+            n += sum(buffers[name].numel() for name in self.frozen_buffer_names())
+        return n

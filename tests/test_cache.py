@@ -1,0 +1,319 @@
+"""The activation cache (lwt/cache.py): exact round trips, indexed and chunked reads, rank isolation, and
+every way a shard can be wrong (another config, damaged on disk, never finished) failing loudly."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lwt.cache import DISK_MARGIN_BYTES, ActivationCache, CacheWriter, cache_bytes, check_disk_space
+
+S, D = 7, 12  # odd sizes, so a row/column mix-up cannot line up by accident
+
+
+def _rows(n, dtype, seed=0):
+    """n random rows; hidden is drawn in fp32 then rounded, so the expected stored values are exact."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, S, D, generator=g) * 3).to(dtype)
+    tokens = torch.randint(0, 50_000, (n, S), generator=g)
+    mask = torch.rand(n, S, generator=g) < 0.4
+    t = torch.rand(n, generator=g, dtype=torch.float64)  # the writer casts t to fp32
+    return hidden, tokens, mask, t
+
+
+def _write(directory, rank, n, dtype, meta=None, batch=3, seed=0):
+    rows = _rows(n, dtype, seed)
+    with CacheWriter(directory, rank, n, S, D, dtype, meta or {"stage": 0, "fingerprint": "abc"}) as w:
+        for i in range(0, n, batch):
+            w.append(*(x[i:i + batch] for x in rows))
+        manifest = w.finish()
+    return rows, manifest
+
+
+def _expect(n, dtype):
+    return {"entries": n, "seq_len": S, "d_model": D, "dtype": dtype, "stage": 0, "fingerprint": "abc"}
+
+
+def _assert_rows(got, want):
+    hidden, tokens, mask, t = got
+    assert hidden.dtype == want[0].dtype and tokens.dtype == torch.int64
+    assert mask.dtype == torch.bool and t.dtype == torch.float32
+    # bitwise: the cache must hand stage k+1 exactly what block k produced
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[hidden.dtype]
+    assert torch.equal(hidden.view(bits), want[0].view(bits))
+    assert torch.equal(tokens, want[1])
+    assert torch.equal(mask, want[2])
+    assert torch.equal(t, want[3].to(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_round_trip_is_bitwise(tmp_path, dtype):
+    rows, manifest = _write(tmp_path, 0, 11, dtype)  # 11 = 3+3+3+2: a short last append
+    cache = ActivationCache.open(tmp_path, 0, _expect(11, dtype))
+    assert (cache.entries, cache.seq_len, cache.d_model, cache.dtype) == (11, S, D, dtype)
+    assert cache.meta == {"stage": 0, "fingerprint": "abc"}
+    _assert_rows(cache.batch(torch.arange(11)), rows)
+    on_disk = sum(os.path.getsize(tmp_path / f"rank0.{p}.bin") for p in ("hidden", "tokens", "mask", "t"))
+    assert on_disk == cache_bytes(11, S, D, dtype)
+    assert manifest == json.loads((tmp_path / "rank0.manifest.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == sorted(f"rank0.{n}" for n in (
+        "hidden.bin", "tokens.bin", "mask.bin", "t.bin", "manifest.json"))  # no temp files left
+
+
+def test_hidden_of_another_dtype_and_device_is_stored_in_the_cache_dtype(tmp_path):
+    hidden, tokens, mask, t = _rows(4, torch.float32)
+    with CacheWriter(tmp_path, 0, 4, S, D, torch.bfloat16, {}) as w:
+        w.append(hidden, tokens.to(torch.int32), mask, t.to(torch.float16))
+        w.finish()
+    got = ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(4))
+    assert torch.equal(got[0].view(torch.int16), hidden.to(torch.bfloat16).view(torch.int16))
+    assert torch.equal(got[3], t.to(torch.float16).to(torch.float32))
+
+
+def test_batch_with_random_indices(tmp_path):
+    rows, _ = _write(tmp_path, 0, 23, torch.bfloat16)
+    cache = ActivationCache.open(tmp_path, 0, _expect(23, torch.bfloat16))
+    index = torch.randint(0, 23, (9,), generator=torch.Generator().manual_seed(1))
+    index[0] = index[1]  # repeats are allowed
+    _assert_rows(cache.batch(index), [x[index] for x in rows])
+    out = cache.batch(torch.tensor([22]))
+    assert out[0].shape == (1, S, D) and out[3].shape == (1,)
+    out[0].add_(1)  # a copy: writing to it must not reach the read-only map
+    _assert_rows(cache.batch(torch.tensor([22])), [x[22:23] for x in rows])
+    for bad, msg in ((torch.tensor([23]), r"\[0, 23\)"), (torch.tensor([-1]), r"\[0, 23\)"),
+                     (torch.zeros(2, 2, dtype=torch.int64), "1-D integer"), (torch.zeros(2), "1-D integer")):
+        with pytest.raises(ValueError, match=msg):
+            cache.batch(bad)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 10, 50])
+def test_iter_chunks_covers_every_entry_once_in_order(tmp_path, chunk):
+    rows, _ = _write(tmp_path, 0, 10, torch.float16)
+    cache = ActivationCache.open(tmp_path, 0, _expect(10, torch.float16))
+    starts, parts = [], []
+    for start, *got in cache.iter_chunks(chunk):
+        starts.append(start)
+        parts.append(got)
+        assert got[0].shape[0] == min(chunk, 10 - start)
+    assert starts == list(range(0, 10, chunk))
+    _assert_rows([torch.cat(p) for p in zip(*parts)], rows)
+    with pytest.raises(ValueError, match="chunk"):
+        cache.iter_chunks(0)
+
+
+def test_two_ranks_in_one_directory_do_not_collide(tmp_path):
+    # Both writers open at once, interleaved, as two ranks on one node would be.
+    rows = {r: _rows(5, torch.float32, seed=r) for r in (0, 1)}
+    writers = {r: CacheWriter(tmp_path, r, 5, S, D, torch.float32, {"stage": 2}) for r in (0, 1)}
+    for i in range(5):
+        for r in (1, 0):
+            writers[r].append(*(x[i:i + 1] for x in rows[r]))
+    for r in (0, 1):
+        assert writers[r].finish()["rank"] == r
+    for r in (0, 1):
+        cache = ActivationCache.open(tmp_path, r, {"stage": 2, "rank": r})
+        _assert_rows(cache.batch(torch.arange(5)), rows[r])
+    with pytest.raises(FileNotFoundError, match="rank2.manifest.json"):
+        ActivationCache.open(tmp_path, 2, {})
+
+
+@pytest.mark.parametrize("key, value, want, found", [
+    ("entries", 12, "12", "11"), ("seq_len", S + 1, str(S + 1), str(S)), ("d_model", 16, "16", str(D)),
+    ("dtype", torch.float32, "'float32'", "'bfloat16'"), ("dtype", "float16", "'float16'", "'bfloat16'"),
+    ("stage", 1, "1", "0"), ("fingerprint", "xyz", "'xyz'", "'abc'"),
+])
+def test_expect_mismatch_names_the_shard_the_key_and_both_values(tmp_path, key, value, want, found):
+    _write(tmp_path, 0, 11, torch.bfloat16)
+    shard = re.escape(str(tmp_path / "rank0.manifest.json"))
+    with pytest.raises(ValueError, match=rf"{shard} does not match this run: {key} expected {want}, found {found}"):
+        ActivationCache.open(tmp_path, 0, {**_expect(11, torch.bfloat16), key: value})
+
+
+def test_meta_may_repeat_the_manifest_fields(tmp_path):
+    """The trainer passes one dict both as the writer's meta and as the reader's expect."""
+    expect = {**_expect(3, torch.float16), "dtype": "float16", "weights": "0123"}
+    with CacheWriter(tmp_path, 0, 3, S, D, torch.float16, expect) as w:
+        w.append(*_rows(3, torch.float16))
+        w.finish()
+    assert ActivationCache.open(tmp_path, 0, expect).meta["weights"] == "0123"
+
+
+def test_expect_key_absent_from_manifest(tmp_path):
+    _write(tmp_path, 0, 2, torch.float32)
+    with pytest.raises(ValueError, match="found no 'draws' in the manifest"):
+        ActivationCache.open(tmp_path, 0, {"draws": 2})
+
+
+def test_expect_dtype_accepts_names_and_torch_dtypes(tmp_path):
+    _write(tmp_path, 0, 2, torch.bfloat16)
+    for name in (torch.bfloat16, "bfloat16", "torch.bfloat16"):
+        assert ActivationCache.open(tmp_path, 0, {"dtype": name}).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("part", ["hidden", "tokens", "mask", "t"])
+def test_flipped_byte_is_detected_and_names_the_file(tmp_path, part):
+    _write(tmp_path, 0, 6, torch.bfloat16)
+    path = tmp_path / f"rank0.{part}.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: sha256 .*delete the cache directory"):
+        ActivationCache.open(tmp_path, 0, {})
+    ActivationCache.open(tmp_path, 0, {}, verify=False)  # opt-out: sizes only, for very large shards
+
+
+def test_truncated_file_is_detected(tmp_path):
+    _write(tmp_path, 0, 6, torch.float32)
+    path = tmp_path / "rank0.hidden.bin"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size - 4)
+    msg = rf"{re.escape(str(path))} is corrupt: {size - 4} bytes, its manifest says {size}"
+    with pytest.raises(ValueError, match=msg):
+        ActivationCache.open(tmp_path, 0, {}, verify=False)
+
+
+def test_missing_data_file(tmp_path):
+    _write(tmp_path, 0, 3, torch.float32)
+    os.remove(tmp_path / "rank0.t.bin")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "rank0.t.bin"))):
+        ActivationCache.open(tmp_path, 0, {})
+
+
+def test_damaged_manifest(tmp_path):
+    _write(tmp_path, 0, 3, torch.float32)
+    path = tmp_path / "rank0.manifest.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is unreadable"):
+        ActivationCache.open(tmp_path, 0, {})
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    m["files"]["hidden"]["shape"] = [3, S, D + 1]
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: entry for 'hidden'"):
+        ActivationCache.open(tmp_path, 0, {})
+
+
+def _only_rank0_files(directory):
+    return sorted(n for n in os.listdir(directory) if n.startswith("rank0."))
+
+
+def test_aborted_writer_leaves_no_shard_and_no_temp_files(tmp_path):
+    w = CacheWriter(tmp_path / "stage0", 0, 4, S, D, torch.float32, {})
+    assert len(_only_rank0_files(tmp_path / "stage0")) == 4  # reserved under temporary names
+    w.append(*_rows(2, torch.float32))
+    w.abort()
+    w.abort()  # idempotent: the trainer may call it from nested handlers
+    assert _only_rank0_files(tmp_path / "stage0") == []
+    with pytest.raises(FileNotFoundError, match=r"rank0\.manifest\.json not found"):
+        ActivationCache.open(tmp_path / "stage0", 0, {})
+    with pytest.raises(RuntimeError, match="already aborted"):
+        w.append(*_rows(1, torch.float32))
+
+
+def test_exception_inside_with_aborts(tmp_path):
+    with pytest.raises(KeyError):
+        with CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {}) as w:
+            w.append(*_rows(2, torch.float32))
+            raise KeyError("boom")
+    assert _only_rank0_files(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ActivationCache.open(tmp_path, 0, {})
+
+
+def test_leaving_with_without_finish_is_an_error(tmp_path):
+    with pytest.raises(RuntimeError, match="without finish"):
+        with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+            w.append(*_rows(2, torch.float32))
+    assert _only_rank0_files(tmp_path) == []
+
+
+def test_crashed_writer_is_reported_as_unfinished(tmp_path):
+    w = CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})  # never finished nor aborted: a killed process
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        ActivationCache.open(tmp_path, 0, {})
+    w.abort()
+
+
+def test_rewriting_a_shard_replaces_it(tmp_path):
+    _write(tmp_path, 0, 4, torch.float32, seed=0)
+    w = CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"stage": 0, "fingerprint": "abc"})
+    ActivationCache.open(tmp_path, 0, {})  # the old shard stays valid until the new one is finished
+    rows = _rows(4, torch.float32, seed=5)
+    w.append(*rows)
+    w.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, _expect(4, torch.float32)).batch(torch.arange(4)), rows)
+
+
+def test_row_count_is_enforced(tmp_path):
+    rows = _rows(5, torch.float32)
+    with CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {}) as w:
+        w.append(*(x[:3] for x in rows))
+        with pytest.raises(ValueError, match="would make 5, more than the 4 entries"):
+            w.append(*(x[3:5] for x in rows))
+        with pytest.raises(ValueError, match="3 rows appended, the shard was created for 4"):
+            w.finish()
+        w.append(*(x[3:4] for x in rows))  # the failed calls wrote nothing
+        w.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(4)), [x[:4] for x in rows])
+
+
+def test_append_checks_shapes_and_dtypes(tmp_path):
+    hidden, tokens, mask, t = _rows(2, torch.float32)
+    w = CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {})
+    cases = [
+        ((hidden[:, :, :-1], tokens, mask, t), rf"hidden: expected shape \(B, {S}, {D}\)"),
+        ((hidden[0], tokens, mask, t), "hidden: expected shape"),
+        ((hidden, tokens[:1], mask, t), r"tokens: expected shape \(2, 7\)"),
+        ((hidden, tokens, mask[:, :-1], t), "mask: expected shape"),
+        ((hidden, tokens, mask, t[:1]), r"t: expected shape \(2,\)"),
+        ((hidden, tokens.float(), mask, t), "tokens: expected an integer dtype"),
+        ((hidden, tokens, mask.to(torch.uint8), t), "mask: expected torch.bool"),
+        ((hidden, torch.full_like(tokens, -1), mask, t), r"tokens: ids must lie in \[0, 2\*\*31\)"),
+        ((hidden, torch.full_like(tokens, 2**31), mask, t), r"tokens: ids must lie in \[0, 2\*\*31\)"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            w.append(*args)
+    assert w.rows == 0
+    w.abort()
+
+
+def test_writer_checks_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        CacheWriter(tmp_path, 0, 4, S, D, torch.int8, {})
+    with pytest.raises(ValueError, match="entries: expected an int >= 1"):
+        CacheWriter(tmp_path, 0, 0, S, D, torch.float32, {})
+    with pytest.raises(ValueError, match="meta: must be a JSON-serialisable dict"):
+        CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"stage": object()})
+    with pytest.raises(ValueError, match="meta: entries=5 contradicts the writer's entries=4"):
+        CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"entries": 5})
+    with pytest.raises(ValueError, match="meta: dtype='float16' contradicts the writer's dtype='float32'"):
+        CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"dtype": "float16"})
+    assert os.listdir(tmp_path) == []
+    # sizes computed with numpy (e.g. sequences * draws) are ints too
+    with CacheWriter(tmp_path, np.int64(0), np.int64(1), np.int32(S), D, torch.float32, {}) as w:
+        w.append(*_rows(1, torch.float32))
+        assert w.finish()["entries"] == 1
+
+
+def test_check_disk_space(tmp_path):
+    check_disk_space(tmp_path / "not" / "yet" / "made", 1 << 20)  # fits; a missing directory is fine
+    huge = 1 << 62
+    target = tmp_path / "cache" / "stage0"
+    msg = (rf"in {re.escape(str(target))}: needs {huge + DISK_MARGIN_BYTES} bytes .*, "
+           rf"\d+ bytes .* free on the disk holding {re.escape(str(tmp_path))}")
+    with pytest.raises(RuntimeError, match=msg):
+        check_disk_space(target, huge)
+
+
+def test_cache_bytes():
+    N = 6
+    assert cache_bytes(N, S, D, torch.float32) == N * S * D * 4 + N * S * 4 + N * S + N * 4
+    assert cache_bytes(N, S, D, torch.bfloat16) == N * S * D * 2 + N * S * 4 + N * S + N * 4
+    assert cache_bytes(N, S, D, torch.float16) == cache_bytes(N, S, D, torch.bfloat16)
+    # the default config's stage: 512 sequences x 128 tokens x d_model 128 in fp32 is ~33.9 MB
+    assert cache_bytes(512, 128, 128, torch.float32) == 33_884_160
+    with pytest.raises(ValueError, match="dtype"):
+        cache_bytes(N, S, D, torch.float64)

@@ -1,0 +1,206 @@
+"""lwt.config: the shipped configs load, overrides resolve, dicts round-trip, and every bad value gets a
+ValueError that names the key, the value and what is allowed."""
+from pathlib import Path
+
+import pytest
+
+from lwt.config import (Config, DataConfig, ModelConfig, ObjectiveConfig, TrainConfig, config_from_dict,
+                        config_to_dict, load_config, validate)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = [pytest.param(ROOT / "config.yaml", id="default"),
+           pytest.param(ROOT / "configs" / "llama-4k-gqa.yaml", id="llama-4k-gqa"),
+           pytest.param(ROOT / "configs" / "deepseek-mla.yaml", id="deepseek-mla")]
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_configs_load_and_are_explicit(path):
+    cfg = load_config(path)
+    assert validate(cfg) == cfg  # already resolved: validating again changes nothing
+    assert cfg.model.n_kv_heads is not None and cfg.train.cache_dir is not None and cfg.train.joint_lr is not None
+    assert None not in (cfg.model.mla_nope_dim, cfg.model.mla_rope_dim, cfg.model.mla_v_dim)
+
+
+def test_default_config_is_small_byte_level_text():
+    cfg = load_config(ROOT / "config.yaml")
+    assert (cfg.data.source, cfg.model.vocab_size, cfg.model.attn_type) == ("text", 256, "gqa")
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len) == (128, 4, 128)
+    assert cfg.model.n_kv_heads == 2 and cfg.train.cache_dir == str(Path("runs/default/cache"))
+
+
+def test_presets_have_their_shapes():
+    llama = load_config(ROOT / "configs" / "llama-4k-gqa.yaml").model
+    assert (llama.vocab_size, llama.d_model, llama.n_layers, llama.n_heads, llama.n_kv_heads, llama.d_ff,
+            llama.rope_theta) == (128000, 4096, 32, 32, 8, 14336, 500000.0)
+    mla = load_config(ROOT / "configs" / "deepseek-mla.yaml").model
+    assert (mla.attn_type, mla.d_model, mla.n_heads, mla.mla_rq, mla.mla_rkv, mla.mla_nope_dim, mla.mla_rope_dim,
+            mla.mla_v_dim) == ("mla", 2048, 16, 0, 512, 128, 64, 128)
+
+
+def test_no_path_gives_the_resolved_defaults():
+    cfg = load_config(None)
+    assert cfg.model.n_kv_heads == cfg.model.n_heads == 4
+    assert (cfg.model.mla_nope_dim, cfg.model.mla_rope_dim, cfg.model.mla_v_dim) == (32, 16, 32)
+    assert cfg.train.joint_lr == cfg.train.lr and cfg.train.cache_dir == str(Path("runs/default/cache"))
+    assert cfg.objective == ObjectiveConfig() and cfg.data == DataConfig()
+
+
+def test_missing_sections_and_keys_take_defaults(tmp_path):
+    path = tmp_path / "partial.yaml"
+    path.write_text("model:\n  d_model: 64\ndata:\n")
+    cfg = load_config(path)
+    assert cfg.model.d_model == 64 and cfg.model.n_layers == ModelConfig().n_layers
+    assert cfg.data == DataConfig() and cfg.train.max_steps == TrainConfig().max_steps
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == load_config(None)
+
+
+def test_overrides_by_section_key_and_bare_key():
+    cfg = load_config(ROOT / "config.yaml", ["train.max_steps=50", "warmup_steps=5", "data.seed=3"])
+    assert (cfg.train.max_steps, cfg.train.warmup_steps, cfg.data.seed, cfg.train.seed) == (50, 5, 3, 0)
+
+
+def test_override_values_are_read_as_yaml():
+    cfg = load_config(None, ["causal=true", "lr=3e-4", "joint_lr=1e-5", "n_kv_heads=null", "attn_type=standard",
+                             "rope_theta=500000", "out_dir=2024"])
+    assert cfg.model.causal is True and cfg.model.attn_type == "standard" and cfg.model.n_kv_heads == 4
+    assert (cfg.train.lr, cfg.train.joint_lr) == (3e-4, 1e-5)
+    assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
+    assert cfg.train.out_dir == "2024"  # a string key keeps the text given
+
+
+def test_override_later_wins_and_resolves_after_overrides():
+    cfg = load_config(None, ["lr=1e-3", "lr=2e-3", "out_dir=runs/x"])
+    assert cfg.train.lr == cfg.train.joint_lr == 2e-3
+    assert cfg.train.cache_dir == str(Path("runs/x/cache"))
+
+
+def test_ambiguous_bare_key():
+    with pytest.raises(ValueError, match=r"seed: ambiguous.*data\.seed, train\.seed"):
+        load_config(None, ["seed=1"])
+
+
+def test_override_without_equals():
+    with pytest.raises(ValueError, match=r"override: expected key=value.*'train\.max_steps'"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_round_trip_through_dict():
+    for path in (ROOT / "config.yaml", ROOT / "configs" / "deepseek-mla.yaml"):
+        cfg = load_config(path, ["mask_fraction_min=0.2"])
+        d = config_to_dict(cfg)
+        assert set(d) == {"model", "objective", "data", "train"} and d["objective"]["mask_fraction_min"] == 0.2
+        assert all(type(v) in (int, float, bool, str, type(None)) for s in d.values() for v in s.values())
+        assert config_from_dict(d) == cfg and config_to_dict(config_from_dict(d)) == d
+
+
+def test_validate_returns_a_new_config_and_coerces_floats():
+    cfg = Config(train=TrainConfig(lr=1, joint_lr=None))
+    out = validate(cfg)
+    assert out.train.lr == 1.0 and isinstance(out.train.lr, float) and out.train.joint_lr == 1.0
+    assert cfg.train.joint_lr is None and cfg.model.n_kv_heads is None  # the input is left as it was
+
+
+@pytest.mark.parametrize("sections, message", [
+    pytest.param({"model": {"mask_fraction_min": 0.1}},
+                 r"model\.mask_fraction_min: unknown key; did you mean objective\.mask_fraction_min\?",
+                 id="key-in-other-section"),
+    pytest.param({"model": {"d_modle": 64}}, r"model\.d_modle: unknown key; did you mean model\.d_model\?.*d_model",
+                 id="misspelt-key"),
+    pytest.param({"optim": {"lr": 1e-3}}, r"optim: unknown section.*sections: model, objective, data, train",
+                 id="unknown-section"),
+    pytest.param({"modle": {}}, r"modle: unknown section; did you mean model\?", id="misspelt-section"),
+    pytest.param({"model": 3}, r"model: expected a mapping of model keys, got 3", id="section-not-mapping"),
+    pytest.param({"model": {"n_layers": True}}, r"model\.n_layers: expected an int, got True", id="bool-for-int"),
+    pytest.param({"model": {"d_model": 128.0}}, r"model\.d_model: expected an int, got 128\.0", id="float-for-int"),
+    pytest.param({"train": {"lr": "fast"}}, r"train\.lr: expected a finite number, got 'fast'", id="str-for-float"),
+    pytest.param({"train": {"lr": True}}, r"train\.lr: expected a finite number, got True", id="bool-for-float"),
+    pytest.param({"model": {"causal": 1}}, r"model\.causal: expected true or false, got 1", id="int-for-bool"),
+    pytest.param({"model": {"d_model": None}}, r"model\.d_model: expected an int, got None", id="null-not-optional"),
+    pytest.param({"model": {"n_layers": 0}}, r"model\.n_layers: expected an int >= 1, got 0", id="zero-layers"),
+    pytest.param({"model": {"n_heads": 4, "n_kv_heads": 3}},
+                 r"model\.n_kv_heads: expected a divisor of model\.n_heads=4.*got 3", id="gqa-heads"),
+    pytest.param({"model": {"d_model": 130, "n_heads": 4}},
+                 r"model\.d_model: expected a multiple of model\.n_heads=4.*got 130", id="d_model-heads"),
+    pytest.param({"model": {"d_model": 120, "n_heads": 8, "n_kv_heads": 8}},
+                 r"model\.d_model: .*here 15\) that is even", id="odd-head-dim"),
+    pytest.param({"model": {"d_model": 1024, "n_heads": 2}}, r"model\.d_model: .*at most 256.*got 1024",
+                 id="head-dim-too-big"),
+    pytest.param({"model": {"attn_type": "standard", "n_heads": 4, "n_kv_heads": 2}},
+                 r"model\.n_kv_heads: expected model\.n_heads=4.*use attn_type gqa.*got 2", id="standard-kv-heads"),
+    pytest.param({"model": {"attn_type": "flash"}}, r"model\.attn_type: expected one of standard \| gqa \| mla, "
+                 r"got 'flash'", id="attn-type"),
+    pytest.param({"model": {"attn_type": "mla", "mla_rope_dim": 6, "mla_nope_dim": 8, "mla_v_dim": 8,
+                            "mla_rkv": 0}}, r"model\.mla_rkv: expected an int >= 1, got 0", id="mla-rank"),
+    pytest.param({"model": {"attn_type": "mla", "mla_rope_dim": 7}}, r"model\.mla_rope_dim: expected an even",
+                 id="mla-odd-rope"),
+    pytest.param({"model": {"attn_type": "mla", "mla_rope_dim": 192, "mla_nope_dim": 32}},
+                 r"model\.mla_rope_dim: .*at most 128.*got 192", id="mla-rope-too-big"),
+    pytest.param({"model": {"attn_type": "mla", "mla_rope_dim": 128, "mla_nope_dim": 192}},
+                 r"model\.mla_nope_dim: expected at most 256 together with model\.mla_rope_dim=128", id="mla-qk-dim"),
+    pytest.param({"model": {"rope_theta": 1.0}}, r"model\.rope_theta: expected a number > 1, got 1\.0", id="theta"),
+    pytest.param({"objective": {"mask_fraction_min": 0.0}},
+                 r"objective\.mask_fraction_min: expected a fraction in \(0, 1\], got 0\.0", id="fraction-zero"),
+    pytest.param({"objective": {"mask_fraction_max": 1.5}},
+                 r"objective\.mask_fraction_max: expected a fraction in \(0, 1\], got 1\.5", id="fraction-above-1"),
+    pytest.param({"objective": {"mask_fraction_min": 0.8, "mask_fraction_max": 0.5}},
+                 r"objective\.mask_fraction_min: expected at most objective\.mask_fraction_max=0\.5, got 0\.8",
+                 id="min-above-max"),
+    pytest.param({"objective": {"loss_weighting": "mse"}},
+                 r"objective\.loss_weighting: expected one of elbo \| uniform, got 'mse'", id="loss-weighting"),
+    pytest.param({"data": {"source": "tokens"}},
+                 r"data\.path: expected a token file path with data\.source tokens, got None", id="tokens-no-path"),
+    pytest.param({"data": {"source": "tokens", "path": "t.bin", "token_dtype": "int32"}},
+                 r"data\.token_dtype: expected one of uint16 \| uint32, got 'int32'", id="token-dtype"),
+    pytest.param({"data": {"source": "web"}}, r"data\.source: expected one of dummy \| text \| tokens", id="source"),
+    pytest.param({"data": {"val_fraction": 1}}, r"data\.val_fraction: expected a fraction in \(0, 1\), got 1\.0",
+                 id="val-fraction"),
+    pytest.param({"model": {"vocab_size": 100}},
+                 r"model\.vocab_size: expected at least 256 with data\.source text", id="text-vocab"),
+    pytest.param({"train": {"warmup_steps": 300, "max_steps": 200}},
+                 r"train\.warmup_steps: expected at most train\.max_steps=200, got 300", id="warmup"),
+    pytest.param({"train": {"beta2": 1.0}}, r"train\.beta2: expected a number in \[0, 1\), got 1\.0", id="beta"),
+    pytest.param({"train": {"min_lr_ratio": -0.1}}, r"train\.min_lr_ratio: expected a number in \[0, 1\]",
+                 id="min-lr-ratio"),
+    pytest.param({"train": {"lr": 0}}, r"train\.lr: expected a number > 0, got 0\.0", id="lr"),
+    pytest.param({"train": {"ckpt_every": -1}}, r"train\.ckpt_every: expected an int >= 0, got -1", id="ckpt"),
+    pytest.param({"train": {"device": "gpu"}}, r"train\.device: expected one of auto \| cpu \| cuda \| cuda:N, "
+                 r"got 'gpu'", id="device"),
+    pytest.param({"train": {"dtype": "fp8"}}, r"train\.dtype: expected one of auto \| float32", id="dtype"),
+])
+def test_bad_values_name_the_key(sections, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(sections)
+
+
+@pytest.mark.parametrize("override, message", [
+    pytest.param("model.d_modle=64", r"model\.d_modle: unknown key; did you mean model\.d_model\?", id="misspelt"),
+    pytest.param("model.mask_fraction_min=0.1", r"did you mean objective\.mask_fraction_min\?", id="wrong-section"),
+    pytest.param("d_modle=64", r"d_modle: unknown key; did you mean model\.d_model\?", id="bare-misspelt"),
+    pytest.param("optim.lr=1e-3", r"optim\.lr: unknown section; did you mean train\.lr\?", id="unknown-section"),
+    pytest.param("max_steps=yes", r"train\.max_steps: expected an int, got True", id="yaml-bool-for-int"),
+    pytest.param("lr=fast", r"train\.lr: expected a finite number, got 'fast'", id="string-for-float"),
+    pytest.param("lr=.nan", r"train\.lr: expected a finite number, got nan", id="nan"),
+    pytest.param("n_heads=3", r"model\.d_model: expected a multiple of model\.n_heads=3", id="cross-key"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "config.yaml", [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- model\n")
+    with pytest.raises(ValueError, match=r"config: expected a mapping of sections"):
+        load_config(path)
+
+
+def test_mla_defaults_follow_the_head_dim():
+    cfg = load_config(None, ["attn_type=mla", "d_model=256", "n_heads=4"])
+    assert (cfg.model.mla_nope_dim, cfg.model.mla_rope_dim, cfg.model.mla_v_dim) == (64, 32, 64)
+    # Explicit MLA dims do not need d_model to divide into heads.
+    explicit = ["attn_type=mla", "d_model=100", "n_heads=3", "mla_nope_dim=32", "mla_rope_dim=16", "mla_v_dim=32"]
+    assert load_config(None, explicit).model.d_model == 100

@@ -1,0 +1,234 @@
+"""Linear cross entropy (kernels/cross_entropy.py) against the float64 reference: the loss and the
+gradients for hidden, weight and token_weight, each reduction, with token weights and ignored rows."""
+import pytest
+import torch
+
+import lwt.functional as lwtF
+from kernels import cross_entropy as ce
+from kernels import reference
+from tests.helpers import ENTRIES, assert_refused_before_launch
+from tests.tolerances import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+# (N, D, V). The interpreter's row kernel walks 256 logits per block: V 257 and 1000 end in a ragged
+# block, V 1 is a single class (loss 0, gradients 0 up to rounding).
+SHAPES = [
+    pytest.param(1, 16, 1, id="N1-D16-V1"),
+    pytest.param(37, 24, 257, id="N37-D24-V257"),
+    pytest.param(0, 16, 10, id="N0-D16-V10"),
+]
+CUDA_SHAPES = [pytest.param(4096, 1024, 128000, id="N4096-D1024-V128000", marks=pytest.mark.cuda)]
+VARIANTS = ["plain", "weighted", "ignored", "weighted-ignored"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _inputs(N, D, V, dtype, variant, seed=0, lead=()):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, N, D, generator=gen).to(DEVICE, dtype)
+    # Logits of a few units, as a trained head gives: softmax neither uniform nor one-hot.
+    weight = (torch.randn(V, D, generator=gen) * 2 * D ** -0.5).to(DEVICE, dtype)
+    target = torch.randint(0, V, (*lead, N), generator=gen)
+    if "ignored" in variant and N:
+        target.view(-1)[::3] = -100
+    token_weight = None
+    if "weighted" in variant:
+        token_weight = (0.5 + 4 * torch.rand(*lead, N, generator=gen)).to(DEVICE)  # like 1/t for t in [0.2, 1]
+    return hidden, weight, target.to(DEVICE), token_weight
+
+
+def _run(fn, hidden, weight, target, token_weight, reduction, cotangent, **kwargs):
+    """Loss and the gradients for hidden, weight (and token_weight when given)."""
+    leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_()]
+    tw = None if token_weight is None else token_weight.detach().requires_grad_()
+    loss = fn(leaves[0], leaves[1], target, tw, reduction, **kwargs)
+    gs = torch.autograd.grad(loss, leaves + ([tw] if tw is not None else []), cotangent.clone())
+    return loss.detach(), list(gs)
+
+
+def _check(N, D, V, dtype, reduction, variant, seed=0, lead=(), **kwargs):
+    hidden, weight, target, tw = _inputs(N, D, V, dtype, variant, seed, lead)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = target.shape if reduction == "none" else ()
+    cotangent = (torch.rand(shape, generator=gen) + 0.5).to(DEVICE)
+
+    loss, gs = _run(ce.linear_cross_entropy, hidden, weight, target, tw, reduction, cotangent, **kwargs)
+    tw64 = None if tw is None else tw.double()
+    loss64, gs64 = _run(reference.linear_cross_entropy, hidden.double(), weight.double(), target, tw64, reduction,
+                        cotangent.double())
+    loss_ref, gs_ref = _run(reference.linear_cross_entropy, hidden, weight, target, tw, reduction, cotangent)
+    assert loss.dtype == torch.float32 and loss.shape == shape
+    kept = int((target != -100).sum())
+    if reduction == "mean" and kept == 0:
+        assert torch.isnan(loss)
+        return
+    # The loss and d_token_weight (the per-row losses) are fp32 but computed from logits rounded to the
+    # inputs' dtype, so they are held to that dtype's tolerance (both sides rounded to it).
+    as_input = (lambda t: t.to(dtype)) if dtype != torch.float32 else (lambda t: t)
+    assert_close("loss", as_input(loss), loss64, as_input(loss_ref), reduced_over=max(kept, V))
+    names = ["d_hidden", "d_weight", "d_token_weight"]
+    reduced = [V, max(kept, 1), V]
+    for name, g, g64, g_ref, k in zip(names, gs, gs64, gs_ref, reduced):
+        assert g.dtype == g_ref.dtype
+        if name == "d_token_weight":
+            g, g_ref = as_input(g), as_input(g_ref)
+        assert_close(name, g, g64, g_ref, reduced_over=k)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,D,V", SHAPES + CUDA_SHAPES)
+def test_matches_float64_reference(N, D, V, dtype, reduction, variant):
+    _check(N, D, V, dtype, reduction, variant)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wider_vocabulary(dtype, reduction):
+    """V 1000: four row blocks in the interpreter, the last ragged (the interpreter is slow: one variant)."""
+    _check(64, 40, 1000, dtype, reduction, "weighted-ignored", seed=2)
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32-accum", "weight-dtype-accum"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_row_chunks(monkeypatch, dtype, reduction, accum_dtype):
+    """Chunks of 5 rows: dW summed over 13 chunks (in fp32 through the Triton accumulation GEMM for
+    16-bit inputs, or in the weight's dtype), the row kernel's statistics per chunk, ignored rows dropped
+    before chunking. D 40 ends the accumulation GEMM's column tiles raggedly."""
+    V = 257
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * V * torch.tensor([], dtype=dtype).element_size())
+    _check(97, 40, V, dtype, reduction, "weighted-ignored", seed=3, accum_dtype=accum_dtype)
+
+
+def test_leading_dims_and_strided_hidden():
+    """hidden (B, S, D) as a slice of a wider buffer (row stride > D): read in place; "none" keeps (B, S)."""
+    hidden, weight, target, tw = _inputs(7, 24, 100, torch.float32, "weighted-ignored", seed=4, lead=(2,))
+    wide = torch.randn(2, 7, 40, device=DEVICE)
+    wide[..., :24] = hidden
+    loss = ce.linear_cross_entropy(wide[..., :24], weight, target, tw, "none")
+    expected = reference.linear_cross_entropy(hidden.double(), weight.double(), target, tw.double(), "none")
+    assert loss.shape == (2, 7)
+    assert_close("loss", loss, expected.float(), reference.linear_cross_entropy(hidden, weight, target, tw, "none"))
+
+
+def test_ignored_rows_cost_nothing(monkeypatch):
+    """The logits chunks hold only the kept rows: ignored rows never reach a matmul."""
+    rows_seen = []
+    launch = ce._launch_rows
+
+    def counting(z, *args):
+        rows_seen.append(z.shape[0])
+        return launch(z, *args)
+
+    monkeypatch.setattr(ce, "_launch_rows", counting)
+    hidden, weight, target, _ = _inputs(30, 16, 50, torch.float32, "ignored", seed=5)
+    ce.linear_cross_entropy(hidden.requires_grad_(), weight, target).backward()
+    assert sum(rows_seen) == int((target != -100).sum()) == 20
+
+
+def test_no_weight_gradient_when_weight_is_frozen(monkeypatch):
+    """weight without requires_grad: no dW buffer, no dW matmul; d_hidden still right."""
+    def fail(*args, **kwargs):
+        raise AssertionError("dW was computed for a frozen weight")
+
+    monkeypatch.setattr(ce, "_accumulate_dw", fail)
+    hidden, weight, target, _ = _inputs(9, 16, 33, torch.float32, "plain", seed=6)
+    h = hidden.detach().requires_grad_()
+    ce.linear_cross_entropy(h, weight, target, reduction="sum").backward()
+    h64 = hidden.double().requires_grad_()
+    reference.linear_cross_entropy(h64, weight.double(), target, reduction="sum").backward()
+    assert_close("d_hidden", h.grad, h64.grad.float(), h64.grad.float(), reduced_over=33)
+
+
+def test_forward_only_writes_no_gradients(monkeypatch):
+    """Under no_grad (and for inputs that need none) the row kernel only computes statistics."""
+    flags = []
+    launch = ce._launch_rows
+
+    def recording(z, target, row_scale, lse, loss, compute_lse, write_grad):
+        flags.append(write_grad)
+        return launch(z, target, row_scale, lse, loss, compute_lse, write_grad)
+
+    monkeypatch.setattr(ce, "_launch_rows", recording)
+    hidden, weight, target, _ = _inputs(9, 16, 33, torch.float32, "plain", seed=7)
+    with torch.no_grad():
+        ce.linear_cross_entropy(hidden.requires_grad_(), weight, target)
+    ce.linear_cross_entropy(hidden.detach(), weight, target)
+    assert flags == [False, False]
+
+
+def test_ignore_index_inside_the_class_range():
+    """ignore_index may be a real class id: rows with that target are skipped, others count."""
+    hidden, weight, target, _ = _inputs(12, 16, 20, torch.float32, "plain", seed=8)
+    target[:4] = 3
+    loss = ce.linear_cross_entropy(hidden, weight, target, ignore_index=3)
+    kept = target != 3
+    expected = torch.nn.functional.cross_entropy(hidden[kept].double() @ weight.double().t(), target[kept])
+    assert_close("loss", loss, expected.float(), expected.float())
+
+
+def test_second_backward_raises():
+    """mean/sum compute the gradients in the forward; a second backward over the graph is refused."""
+    hidden, weight, target, _ = _inputs(5, 16, 9, torch.float32, "plain", seed=9)
+    loss = ce.linear_cross_entropy(hidden.requires_grad_(), weight, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_functional_dispatch_runs_the_kernel(monkeypatch):
+    """LWT_BACKEND=triton routes lwt.functional to the kernel (the interpreter on CPU)."""
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    calls = []
+    chunks = ce.ce_chunks
+    monkeypatch.setattr(ce, "ce_chunks", lambda *a, **k: calls.append(1) or chunks(*a, **k))
+    hidden, weight, target, tw = _inputs(6, 16, 12, torch.float32, "weighted", seed=10)
+    loss = lwtF.linear_cross_entropy(hidden, weight, target, tw, reduction="sum")
+    assert calls and torch.allclose(loss.double(), reference.linear_cross_entropy(
+        hidden.double(), weight.double(), target, tw.double(), "sum"), rtol=1e-5)
+
+
+def _valid():
+    hidden, weight, target, tw = _inputs(6, 8, 10, torch.float32, "weighted", seed=11)
+    return dict(hidden=hidden, weight=weight, target=target, token_weight=tw)
+
+
+BAD = [
+    pytest.param(dict(weight=torch.randn(10, 7)), r"weight: expected shape \(V, 8\)", id="weight-D"),
+    pytest.param(dict(weight=torch.randn(0, 8)), r"weight: expected shape \(V, 8\) with V >= 1", id="weight-V0"),
+    pytest.param(dict(weight=torch.randn(10, 8, dtype=torch.float16)), "weight: expected the dtype of hidden",
+                 id="weight-dtype"),
+    pytest.param(dict(hidden=torch.randint(0, 3, (6, 8))), "hidden: expected dtype", id="hidden-int"),
+    pytest.param(dict(target=torch.zeros(6)), "target: expected an int64 or int32 tensor", id="target-float"),
+    pytest.param(dict(target=torch.zeros(5, dtype=torch.long)), r"target: expected shape \(6,\)", id="target-shape"),
+    pytest.param(dict(target=torch.tensor([0, 1, 10, 2, 3, 4])), r"target: expected class indices in \[0, 10\)",
+                 id="target-too-large"),
+    pytest.param(dict(target=torch.tensor([0, 1, -1, 2, 3, 4])), r"got -1 at flat position 2", id="target-negative"),
+    pytest.param(dict(token_weight=torch.ones(5)), r"token_weight: expected the shape of target", id="tw-shape"),
+    pytest.param(dict(token_weight=torch.ones(6, dtype=torch.long)), "token_weight: expected dtype", id="tw-int"),
+    pytest.param(dict(reduction="avg"), "reduction: expected one of", id="reduction"),
+    pytest.param(dict(ignore_index=1.5), "ignore_index: expected an int", id="ignore-index"),
+    pytest.param(dict(accum_dtype=torch.float16), "accum_dtype: expected torch.float32 or None", id="accum-dtype"),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("change,match", BAD)
+def test_bad_input_raises_before_any_launch(monkeypatch, entry, change, match):
+    args = {**_valid(), **{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()}}
+    blocked = [(ce, "ce_chunks"), (reference, "linear_cross_entropy")]
+    assert_refused_before_launch(monkeypatch, entry, ce.linear_cross_entropy, lwtF.linear_cross_entropy, blocked,
+                                 match, **args)
+
+
+def test_device_mismatch_raises():
+    if not CUDA:
+        pytest.skip("needs a second device")
+    args = _valid()
+    with pytest.raises(ValueError, match="weight: expected a tensor on"):
+        ce.linear_cross_entropy(args["hidden"], args["weight"].cpu(), args["target"])

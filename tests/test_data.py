@@ -1,0 +1,256 @@
+"""lwt.data: the three token sources, the split, the batch sampler, and every error a user can hit."""
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from lwt import data as lwt_data
+from lwt.config import DataConfig
+from lwt.data import TokenData, build_data
+
+
+def _cfg(**kw) -> DataConfig:
+    kw.setdefault("seq_len", 16)
+    return DataConfig(**kw)
+
+
+def _write_tokens(path, ids, dtype) -> str:
+    np.asarray(ids, dtype=dtype).tofile(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def text_data() -> TokenData:
+    return build_data(_cfg(source="text"), vocab_size=256)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+def test_dummy_builds_deterministically():
+    a = build_data(_cfg(source="dummy", seed=3), vocab_size=50)
+    b = build_data(_cfg(source="dummy", seed=3), vocab_size=50)
+    c = build_data(_cfg(source="dummy", seed=4), vocab_size=50)
+    assert a.source == "dummy" and a.vocab_size == 50
+    assert a.num_tokens("train") + a.num_tokens("val") >= lwt_data.DUMMY_MIN_TOKENS
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert not torch.equal(a.train, c.train)
+    assert int(a.train.min()) == 0 and int(a.train.max()) == 49  # covers the whole vocab, nothing beyond
+
+
+def test_dummy_grows_for_long_windows():
+    d = build_data(_cfg(source="dummy", seq_len=4000), vocab_size=7)
+    assert d.num_tokens("train") + d.num_tokens("val") == lwt_data.DUMMY_MIN_WINDOWS * 4001
+
+
+def test_default_text_is_real_english(text_data):
+    n = text_data.num_tokens("train") + text_data.num_tokens("val")
+    assert n > 100_000
+    text = text_data.decode(text_data.train)
+    assert text.count(" the ") > 1000
+    assert "documentation topics" in text_data.description or "docstrings" in text_data.description
+    assert 2.5 < text_data.unigram_entropy() < 4.0  # English bytes: ~3.2 nats; uniform bytes would be 5.5
+
+
+def test_default_text_falls_back_to_docstrings(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # import now raises ImportError
+    text, origin = lwt_data.default_text()
+    assert "docstrings" in origin
+    assert len(text.encode()) > lwt_data.MIN_DEFAULT_TEXT_BYTES and text.count(" the ") > 1000
+
+
+def test_default_text_too_short_is_an_error(monkeypatch):
+    fake = types.ModuleType("pydoc_data.topics")
+    fake.topics = {"b": "two", "a": "one"}
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", fake)
+    with pytest.raises(ValueError, match=r"default text .* only 8 bytes"):
+        lwt_data.default_text()
+
+
+def test_text_file(tmp_path):
+    text = ("héllo wörld, the quick brown fox. " * 40).encode("utf-8")
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text)
+    d = build_data(_cfg(source="text", path=str(path), val_fraction=0.25), vocab_size=300)
+    assert isinstance(d.train, np.memmap)
+    n_val = int(len(text) * 0.25)
+    assert d.num_tokens("val") == n_val and d.num_tokens("train") == len(text) - n_val
+    assert bytes(np.asarray(d.train)) + bytes(np.asarray(d.val)) == text
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32], ids=["uint16", "uint32"])
+def test_tokens_file(tmp_path, dtype):
+    vocab = 70_000 if dtype == np.uint32 else 1000
+    ids = np.random.default_rng(0).integers(0, vocab, size=5003)
+    ids[17] = vocab - 1
+    path = _write_tokens(tmp_path / "tok.bin", ids, dtype)
+    d = build_data(_cfg(source="tokens", path=path, token_dtype=np.dtype(dtype).name), vocab_size=vocab)
+    assert isinstance(d.train, np.memmap) and isinstance(d.val, np.memmap)  # indexed, never loaded
+    assert np.array_equal(np.concatenate([d.train, d.val]), ids)
+    assert d.num_tokens("val") == 500
+    x = d.get_batch("val", 4, 16, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.long and x.shape == (4, 16)
+    assert d.decode(x[0]) == " ".join(str(int(i)) for i in x[0])
+    assert torch.equal(d.encode(d.decode(x[0])), x[0])
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+@pytest.mark.parametrize("source", ["dummy", "text"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_batch_shape_dtype_range(source, split):
+    d = build_data(_cfg(source=source), vocab_size=256)
+    for b, s in [(1, 1), (3, 17), (8, 64)]:
+        x = d.get_batch(split, b, s, torch.Generator().manual_seed(b))
+        assert x.shape == (b, s) and x.dtype == torch.long and x.device.type == "cpu"
+        assert int(x.min()) >= 0 and int(x.max()) < 256
+
+
+def test_batch_is_a_window_of_the_split():
+    # The dummy corpus as consecutive ids (a tokens file 0..N-1): every row must be a run of +1 steps that
+    # lies wholly inside its split.
+    d = build_data(_cfg(source="dummy"), vocab_size=256)
+    n_train = d.num_tokens("train")
+    d.train = torch.arange(n_train)
+    d.val = torch.arange(n_train, n_train + d.num_tokens("val"))
+    g = torch.Generator().manual_seed(0)
+    for split, lo, hi in [("train", 0, n_train), ("val", n_train, n_train + d.num_tokens("val"))]:
+        x = d.get_batch(split, 64, 33, g)
+        assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(64, 32, dtype=torch.long))
+        assert int(x.min()) >= lo and int(x.max()) < hi
+
+
+def test_full_length_window_and_too_long(tmp_path):
+    path = _write_tokens(tmp_path / "t.bin", np.arange(100), np.uint16)
+    d = build_data(_cfg(source="tokens", path=path, seq_len=9), vocab_size=100)  # val = last 10 tokens
+    x = d.get_batch("val", 5, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.arange(90, 100).expand(5, 10))  # only one offset fits
+    with pytest.raises(ValueError, match=r"seq_len: expected 1\.\.10"):
+        d.get_batch("val", 5, 11, torch.Generator())
+
+
+def test_splits_are_disjoint_and_ordered(tmp_path):
+    ids = np.arange(2000)
+    path = _write_tokens(tmp_path / "t.bin", ids, np.uint16)
+    d = build_data(_cfg(source="tokens", path=path, val_fraction=0.2), vocab_size=2000)
+    assert np.array_equal(d.train, ids[:1600]) and np.array_equal(d.val, ids[1600:])
+    g = torch.Generator().manual_seed(1)
+    assert int(d.get_batch("train", 32, 16, g).max()) < 1600
+    assert int(d.get_batch("val", 32, 16, g).min()) >= 1600
+
+
+def test_batches_are_deterministic_and_resumable(text_data):
+    a = text_data.get_batch("train", 4, 32, torch.Generator().manual_seed(7))
+    b = text_data.get_batch("train", 4, 32, torch.Generator().manual_seed(7))
+    c = text_data.get_batch("train", 4, 32, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+    g = torch.Generator().manual_seed(0)
+    text_data.get_batch("train", 4, 32, g)
+    state = g.get_state()
+    nxt = [text_data.get_batch("train", 4, 32, g) for _ in range(3)]
+    g.set_state(state)
+    assert all(torch.equal(x, text_data.get_batch("train", 4, 32, g)) for x in nxt)
+    assert not torch.equal(nxt[0], nxt[1])  # the generator advances between calls
+
+
+# ------------------------------------------------------------------------------------------ encode/decode
+
+def test_text_round_trip(text_data):
+    s = "The naïve café — ünïcödé ✓ and plain ASCII.\n"
+    ids = text_data.encode(s)
+    assert ids.dtype == torch.long and ids.shape == (len(s.encode("utf-8")),)
+    assert int(ids.max()) < 256
+    assert text_data.decode(ids) == s
+    assert text_data.decode(ids.tolist()) == s and text_data.decode(ids.numpy()) == s
+
+
+def test_text_decode_replaces_bad_bytes_and_mask_ids(text_data):
+    assert text_data.decode([0xC3]) == "\ufffd"                         # half of a 2-byte character
+    assert text_data.decode([104, 105, 256, 33]) == "hi\ufffd!"        # 256: the [MASK] id
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+def test_unknown_source():
+    with pytest.raises(ValueError, match=r"data\.source: expected one of dummy, text, tokens, got 'bpe'"):
+        build_data(_cfg(source="bpe"), vocab_size=256)
+
+
+def test_unknown_split(text_data):
+    with pytest.raises(ValueError, match=r"split: expected one of train, val, got 'test'"):
+        text_data.get_batch("test", 1, 8, torch.Generator())
+    with pytest.raises(ValueError, match=r"split: .*'validation'"):
+        text_data.num_tokens("validation")
+
+
+def test_text_needs_byte_vocab():
+    with pytest.raises(ValueError, match=r"model vocab_size: .* >= 256 .* got 100"):
+        build_data(_cfg(source="text"), vocab_size=100)
+
+
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_missing_file(tmp_path, source):
+    path = str(tmp_path / "nope.bin")
+    with pytest.raises(ValueError, match=f"no such file: {re.escape(path)}"):
+        build_data(_cfg(source=source, path=path), vocab_size=256)
+
+
+def test_tokens_needs_path():
+    with pytest.raises(ValueError, match=r"data\.path: the tokens source needs a path"):
+        build_data(_cfg(source="tokens"), vocab_size=256)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"empty: {re.escape(str(path))}"):
+        build_data(_cfg(source="tokens", path=str(path)), vocab_size=256)
+
+
+def test_ragged_token_file(tmp_path):
+    path = tmp_path / "odd.bin"
+    path.write_bytes(b"\x00" * 4003)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is 4003 bytes, not a multiple of the 2-byte uint16")):
+        build_data(_cfg(source="tokens", path=str(path), token_dtype="uint16"), vocab_size=256)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is 4003 bytes, not a multiple of the 4-byte uint32")):
+        build_data(_cfg(source="tokens", path=str(path), token_dtype="uint32"), vocab_size=256)
+
+
+def test_token_ids_out_of_range(tmp_path):
+    ids = np.zeros(3000, dtype=np.int64)
+    ids[2500] = 300
+    path = _write_tokens(tmp_path / "big.bin", ids, np.uint32)
+    msg = re.escape(f"{path} holds id 300 >= model vocab_size 256 (first at token 2500)")
+    with pytest.raises(ValueError, match=msg):
+        build_data(_cfg(source="tokens", path=path, token_dtype="uint32"), vocab_size=256)
+
+
+def test_unknown_token_dtype(tmp_path):
+    path = _write_tokens(tmp_path / "t.bin", np.arange(100), np.uint16)
+    with pytest.raises(ValueError, match=r"data\.token_dtype: expected one of uint16, uint32, got 'int8'"):
+        build_data(_cfg(source="tokens", path=path, token_dtype="int8"), vocab_size=256)
+
+
+def test_split_too_short(tmp_path):
+    path = _write_tokens(tmp_path / "t.bin", np.arange(300), np.uint16)
+    msg = r"data\.seq_len=64 / data\.val_fraction=0\.1: .*>= 65 tokens.*train=270, val=30"
+    with pytest.raises(ValueError, match=msg):
+        build_data(_cfg(source="tokens", path=path, seq_len=64), vocab_size=300)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_bad_val_fraction(fraction):
+    with pytest.raises(ValueError, match=r"data\.val_fraction: expected a value in \(0, 1\)"):
+        build_data(_cfg(source="dummy", val_fraction=fraction), vocab_size=256)
+
+
+def test_encode_ids_for_non_text_sources():
+    d = build_data(_cfg(source="dummy"), vocab_size=10)
+    assert torch.equal(d.encode("3 1 4"), torch.tensor([3, 1, 4]))
+    with pytest.raises(ValueError, match=r"encode: the dummy source has no tokenizer"):
+        d.encode("hello")
+    with pytest.raises(ValueError, match=r"encode: ids must be in \[0, 10\), got 12"):
+        d.encode("1 12")

@@ -1,0 +1,369 @@
+"""lwt.diffusion (masking, the two loss weightings, the NELBO evaluation, the sampler) and the
+lwt.generate CLI, on tiny models on the CPU (reference path)."""
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+import lwt.generate as generate
+from lwt import diffusion as D
+from lwt.config import Config, DataConfig, ModelConfig
+from lwt.model import LWTModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These shapes are far too small for intra-op threads, and on a loaded 2-core machine OpenMP's
+    spinning workers made the training test 50× slower (40 s instead of 0.7 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(vocab_size=8, seed=0, **overrides):
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+                         **overrides})
+    torch.manual_seed(seed)
+    return LWTModel(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample_t, mask_tokens
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t_min,t_max", [(0.05, 1.0), (0.0, 1.0), (0.2, 0.3), (0.5, 0.5)])
+def test_sample_t_is_stratified(t_min, t_max):
+    B = 64
+    t = D.sample_t(B, t_min, t_max, torch.Generator().manual_seed(0))
+    assert t.shape == (B,) and t.dtype == torch.float32
+    assert (t > 0).all() and (t <= t_max).all() and (t >= t_min).all()
+    width = (t_max - t_min) / B
+    sorted_t = t.double().sort().values
+    lo = t_min + width * torch.arange(B, dtype=torch.float64)
+    slack = 1e-6  # the float32 rounding of t
+    assert ((sorted_t >= lo - slack) & (sorted_t <= lo + width + slack)).all(), "one t per stratum"
+    if t_min < t_max:
+        assert not torch.equal(t, t.sort().values), "the strata are shuffled over the batch"
+        assert (t > t_min).all()
+
+
+def test_sample_t_is_reproducible_and_bad_arguments():
+    a = D.sample_t(8, 0.0, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, D.sample_t(8, 0.0, 1.0, torch.Generator().manual_seed(3)))
+    for args, message in [((0, 0.1, 1.0), r"^batch: expected an int >= 1, got 0"),
+                          ((4, 0.5, 0.2), r"^t_min, t_max: expected 0 <= t_min <= t_max <= 1"),
+                          ((4, 0.0, 0.0), r"^t_min, t_max: expected .* t_max > 0"),
+                          ((4, -0.1, 1.0), r"^t_min, t_max"),
+                          ((4, 0.0, float("nan")), r"^t_max: expected a finite number")]:
+        with pytest.raises(ValueError, match=message):
+            D.sample_t(*args)
+
+
+def test_mask_fraction_matches_t():
+    """Each token is masked with probability t of its sequence: per sequence and over the batch the
+    masked count is within a few binomial standard deviations of S·t."""
+    B, S, mask_id = 64, 512, 100
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mask_id, (B, S), generator=gen)
+    t = D.sample_t(B, 0.05, 1.0, gen)
+    noisy, mask = D.mask_tokens(tokens, t, mask_id, gen)
+    assert mask.dtype == torch.bool and noisy.shape == tokens.shape
+    assert torch.equal(noisy[mask], torch.full_like(noisy[mask], mask_id))
+    assert torch.equal(noisy[~mask], tokens[~mask])
+    t64 = t.double()
+    counts = mask.sum(dim=1).double()
+    sd = (S * t64 * (1 - t64)).sqrt()
+    assert ((counts - S * t64).abs() <= 5 * sd + 1).all()
+    total_sd = sd.pow(2).sum().sqrt()
+    assert abs(counts.sum() - S * t64.sum()) <= 4 * total_sd
+
+    all_masked, m1 = D.mask_tokens(tokens[:2], torch.tensor([1.0, 0.0]), mask_id, gen)
+    assert m1[0].all() and not m1[1].any() and (all_masked[0] == mask_id).all()
+
+
+def test_mask_tokens_bad_arguments():
+    tokens = torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^t: expected a float tensor of shape \(2,\)"):
+        D.mask_tokens(tokens, torch.ones(3), 5)
+    with pytest.raises(ValueError, match=r"^tokens: expected an int64 \(batch, seq\) tensor"):
+        D.mask_tokens(tokens.float(), torch.ones(2), 5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------------
+
+TOY_TOKENS = torch.tensor([[0, 3, 4], [2, 2, 1]])
+TOY_MASK = torch.tensor([[True, False, True], [False, False, True]])
+TOY_T = torch.tensor([0.5, 0.25])
+
+
+def test_elbo_and_uniform_weighting_hand_computed():
+    """hidden = 0 makes every logit 0, so each masked token costs ln V: elbo = (2·ln5/0.5 + ln5/0.25)/6,
+    uniform = ln 5."""
+    hidden = torch.zeros(2, 3, 4, dtype=torch.float64)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    elbo = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, "elbo")
+    assert elbo.item() == pytest.approx((2 * math.log(5) / 0.5 + math.log(5) / 0.25) / 6, rel=1e-12)
+    uniform = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, "uniform")
+    assert uniform.item() == pytest.approx(math.log(5), rel=1e-12)
+
+
+def test_elbo_and_uniform_weighting_random_values_and_gradients():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy((hidden @ w.t()).reshape(6, 5), TOY_TOKENS.reshape(6),
+                                           reduction="none").reshape(2, 3)
+    want = {"elbo": (ce[0, 0] / 0.5 + ce[0, 2] / 0.5 + ce[1, 2] / 0.25) / 6,
+            "uniform": (ce[0, 0] + ce[0, 2] + ce[1, 2]) / 3}
+    for weighting, expected in want.items():
+        got = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, weighting)
+        torch.testing.assert_close(got, expected)
+        g_got = torch.autograd.grad(got, (hidden, w))
+        g_want = torch.autograd.grad(expected, (hidden, w), retain_graph=True)
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+        assert g_got[0][~TOY_MASK].abs().sum() == 0  # unmasked positions are not scored
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "uniform"])
+def test_loss_without_masked_tokens_is_a_differentiable_zero(weighting):
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    loss = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, torch.zeros(2, 3, dtype=torch.bool), TOY_T, weighting)
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_loss_bad_arguments():
+    hidden, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"^weighting: expected one of 'elbo', 'uniform', got 'mean'"):
+        D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, "mean")
+    with pytest.raises(ValueError, match=r"^mask: expected a bool tensor of shape \(2, 3\)"):
+        D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK.long(), TOY_T, "elbo")
+    with pytest.raises(ValueError, match=r"^target: expected class indices in \[0, 5\)"):  # a [MASK] target
+        D.masked_diffusion_loss(hidden, w, TOY_TOKENS.masked_fill(TOY_MASK, 5), TOY_MASK, TOY_T, "elbo")
+
+
+def test_unigram_entropy():
+    assert D.unigram_entropy(torch.tensor([[3, 3], [3, 3]])) == 0.0
+    assert D.unigram_entropy(torch.tensor([0, 1, 2, 5])) == pytest.approx(math.log(4))
+    skewed = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert D.unigram_entropy(torch.tensor([0, 0, 0, 1])) == pytest.approx(skewed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training on a learnable toy sequence, evaluation
+# ---------------------------------------------------------------------------------------------------
+
+PATTERN = torch.tensor([1, 5, 2, 7, 3])  # a period-5 cycle over vocab 8: ln 5 nats of unigram entropy
+
+
+def pattern_batch(gen, B=16, S=16):
+    offset = torch.randint(0, len(PATTERN), (B, 1), generator=gen)
+    return PATTERN[(torch.arange(S) + offset) % len(PATTERN)]  # (B, S), cyclic shifts of the pattern
+
+
+def test_elbo_training_learns_a_repeating_pattern():
+    """One visible token fixes the phase of the cycle, so a bidirectional model can drive the NELBO far
+    below the unigram entropy (ln 5 ≈ 1.61), which any context-free model is stuck at."""
+    model = tiny_model()
+    eval_gen = torch.Generator().manual_seed(123)
+    val = [pattern_batch(eval_gen) for _ in range(4)]
+    entropy = D.unigram_entropy(torch.cat(val))
+    assert entropy == pytest.approx(math.log(5), rel=1e-3)
+
+    def nelbo():
+        return D.evaluate_nelbo(model, model.head_weight(), val, model.mask_id, seed=0)
+
+    start = nelbo()
+    assert start == nelbo(), "a fixed seed gives identical masks, so identical numbers"
+    assert start["tokens"] == 4 * 16 * 16 and start["ppl_bound"] == pytest.approx(math.exp(start["nelbo"]))
+    assert start["nelbo"] > entropy
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        tokens = pattern_batch(gen)
+        t = D.sample_t(tokens.shape[0], 0.05, 1.0, gen)
+        noisy, mask = D.mask_tokens(tokens, t, model.mask_id, gen)
+        loss = D.masked_diffusion_loss(model(noisy), model.head_weight(), tokens, mask, t, "elbo")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = nelbo()
+    assert end["nelbo"] < 0.5 * start["nelbo"] and end["nelbo"] < 0.6 * entropy, (start, end, entropy)
+
+
+def test_evaluate_nelbo_bad_batches():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"^batches: expected at least one non-empty batch"):
+        D.evaluate_nelbo(model, model.head_weight(), [], model.mask_id, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["confidence", "random"])
+@pytest.mark.parametrize("length,steps,prompt", [
+    pytest.param(16, 4, [3, 1], id="L16-steps4-prompt2"),
+    pytest.param(7, 20, None, id="L7-steps20"),
+    pytest.param(9, 1, [0], id="L9-steps1"),
+    pytest.param(3, 2, [4, 4, 6], id="all-prompt"),
+])
+def test_sampler_output(order, length, steps, prompt):
+    model = tiny_model()
+    prompt_t = None if prompt is None else torch.tensor(prompt)
+    out = D.sample(model, 3, length, steps, order=order, prompt=prompt_t, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, length) and out.dtype == torch.int64
+    assert ((out >= 0) & (out < model.vocab_size)).all(), "no [MASK] id (= vocab_size) is left or produced"
+    if prompt is not None:
+        assert (out[:, :len(prompt)] == prompt_t).all()
+    again = D.sample(model, 3, length, steps, order=order, prompt=prompt_t, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_sampler_never_produces_mask_even_when_it_dominates():
+    """Make the [MASK] embedding row huge: if the head had that row, every masked position (whose input is
+    that row) would predict [MASK]."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.embed.weight[model.mask_id] = 100.0
+    out = D.sample(model, 4, 12, 3, temperature=0.0)
+    assert (out < model.vocab_size).all()
+
+
+@pytest.mark.parametrize("length,steps,prompt_len,expected", [
+    (10, 4, 0, [10, 7, 4, 2]),    # ceil(10/4)=3, ceil(7/3)=3, ceil(4/2)=2, then the last 2
+    (5, 20, 0, [5, 4, 3, 2, 1]),  # more steps than tokens: one per step, no pass once all are filled
+    (12, 3, 3, [9, 6, 3]),
+])
+def test_sampler_unmasks_equal_shares(monkeypatch, length, steps, prompt_len, expected):
+    model = tiny_model()
+    seen = []
+    forward = model.forward
+
+    def recording_forward(tokens, n_blocks=None):
+        seen.append((tokens == model.mask_id).sum(dim=1).tolist())
+        return forward(tokens, n_blocks)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    prompt = torch.arange(prompt_len) if prompt_len else None
+    D.sample(model, 2, length, steps, prompt=prompt)
+    assert seen == [[n, n] for n in expected]
+    assert model.training, "the sampler restores the training mode"
+
+
+def test_sampler_greedy_follows_the_head():
+    """temperature 0 with one step fills every position with the head's argmax."""
+    model = tiny_model()
+    out = D.sample(model, 2, 6, 1, temperature=0.0)
+    with torch.no_grad():
+        hidden = model(torch.full((2, 6), model.mask_id))
+        assert torch.equal(out, (hidden @ model.head_weight().t()).argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_samples=0), r"^num_samples: expected an int >= 1, got 0"),
+    (dict(length=0), r"^length: expected an int >= 1, got 0"),
+    (dict(steps=0), r"^steps: expected an int >= 1, got 0"),
+    (dict(order="left"), r"^order: expected one of 'confidence', 'random', got 'left'"),
+    (dict(temperature=-1.0), r"^temperature: expected a finite number >= 0"),
+    (dict(prompt=torch.tensor([1, 2, 3, 4, 5])), r"^prompt: expected at most length=4 tokens, got 5"),
+    (dict(prompt=torch.tensor([1, 8])), r"^prompt: expected ids in \[0, 8\), got min 1, max 8"),
+    (dict(prompt=torch.tensor([[1]])), r"^prompt: expected a 1-D int64 tensor"),
+])
+def test_sampler_bad_arguments(kwargs, message):
+    args = dict(num_samples=1, length=4, steps=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        D.sample(tiny_model(), args.pop("num_samples"), args.pop("length"), args.pop("steps"), **args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# python -m lwt.generate
+# ---------------------------------------------------------------------------------------------------
+
+def write_checkpoint(path, model, source="text"):
+    cfg = Config(model=model.cfg, data=DataConfig(source=source))
+    torch.save({"config": dataclasses.asdict(cfg), "model": model.trainable_state_dict(),
+                "frozen_checksum": model.frozen_checksum()}, path)
+
+
+def test_generate_text_checkpoint(tmp_path, monkeypatch, capsys):
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    sampled = []
+
+    def recording_sample(*args, **kwargs):
+        sampled.append(D.sample(*args, **kwargs))
+        return sampled[-1]
+
+    monkeypatch.setattr(generate, "sample", recording_sample)
+    argv = ["--checkpoint", str(path), "--prompt", "Hi", "--length", "24", "--steps", "6", "--num_samples", "2",
+            "--device", "cpu"]
+    assert generate.main(argv) == 0
+    out = capsys.readouterr().out
+    (ids,) = sampled
+    assert ids.shape == (2, 24) and (ids[:, :2] == torch.tensor([ord("H"), ord("i")])).all()
+    texts = re.split(r"=== sample \d ===\n", out)[1:]
+    assert len(texts) == 2
+    for text, row in zip(texts, ids.tolist()):
+        assert text == bytes(row).decode("utf-8", errors="replace") + "\n"
+        assert text.startswith("Hi")
+
+
+def test_generate_token_ids_checkpoint_prints_ids(tmp_path, capsys):
+    model = tiny_model(vocab_size=50, seed=4, tie_embeddings=False)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model, source="dummy")
+    assert generate.main(["--checkpoint", str(path), "--prompt", "7 49", "--length", "10", "--steps", "3",
+                          "--order", "random", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "=== sample 0 ==="
+    ids = [int(s) for s in lines[1].split()]
+    assert len(ids) == 10 and ids[:2] == [7, 49] and all(0 <= i < 50 for i in ids)
+
+
+def test_generate_loads_the_trained_weights(tmp_path):
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    loaded, source = generate.load_checkpoint(str(path))
+    assert source == "text" and not loaded.training
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens))
+
+
+def test_generate_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        generate.load_checkpoint(str(missing))
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", str(missing)])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
+
+    model = tiny_model(vocab_size=256, frozen_seed=1)
+    path = tmp_path / "bad.pt"
+    cfg = dataclasses.asdict(Config(model=dataclasses.replace(model.cfg, frozen_seed=2)))
+    stored = model.frozen_checksum()
+    torch.save({"config": cfg, "model": model.trainable_state_dict(), "frozen_checksum": stored}, path)
+    regenerated = tiny_model(vocab_size=256, frozen_seed=2).frozen_checksum()
+    with pytest.raises(ValueError, match=f"frozen_seed=2 have checksum {regenerated}, but the checkpoint was "
+                                         f"trained with {stored}"):
+        generate.load_checkpoint(str(path))
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(path)])
+    assert stored in capsys.readouterr().err
+
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match=r"expected a dict with keys 'config', 'model' and 'frozen_checksum'"):
+        generate.load_checkpoint(str(path))

@@ -1,0 +1,172 @@
+"""The layer-wise trainer end to end on the CPU: every phase, the activation cache, resume, DDP over two
+processes, the CLI forms and its errors. Tiny models on Python's own documentation text (or dummy tokens)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lwt import train_layerwise as T
+from lwt.cache import ActivationCache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1",
+        "--set", "model.d_ff=64", "--set", "model.n_layers=2", "--set", "data.seq_len=16",
+        "--set", "data.batch_size=4", "--set", "train.max_steps=6", "--set", "train.warmup_steps=2",
+        "--set", "train.joint_steps=3", "--set", "train.cache_sequences=8", "--set", "train.log_every=2",
+        "--set", "objective.eval_batches=2", "--set", "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded on a loaded 2-core machine (and identically every time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    code = T.main(TINY + ["--set", f"train.out_dir={out}", *extra])
+    return code, out
+
+
+def _weights(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_all_phases_cache_and_table(tmp_path, capsys):
+    code, out = _run(tmp_path, "--end_to_end")
+    assert code == 0
+    text = capsys.readouterr().out
+    for label in ("stage 0", "stage 1", "fused", "joint", "end-to-end"):
+        assert f"{label:>11} " in text, label
+    assert "unigram entropy" in text
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r["phase"] for r in records if "eval" in r]
+    assert evals == ["stage 0", "stage 1", "fused", "joint", "end-to-end"]
+    assert [r["step"] for r in records if r.get("phase") == "stage 1" and "loss" in r] == [2, 4, 6]
+    # Block 0's cache was written (one shard, rank 0) and matches the trained weights; the last block
+    # needs no cache.
+    assert (out / "cache" / "stage0" / "rank0.manifest.json").exists()
+    assert not (out / "cache" / "stage1").exists()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == 4 and state["step"] == 0  # after the last of the four phases (fused is an evaluation)
+    assert not any(name.endswith(("w_gate", "w_up")) for name in state["model"])  # frozen: regenerated
+
+
+def test_stages_train_only_their_block(tmp_path):
+    """After stage 1, block 0, the embedding and the final norm are exactly as stage 0 left them."""
+    code, out = _run(tmp_path, "--set", "train.joint_steps=0", "--stop_after", "6", name="a")
+    after_stage0 = _weights(out)
+    code, out = _run(tmp_path, "--set", "train.joint_steps=0", "--resume", name="a")
+    after_stage1 = _weights(out)
+    for key, value in after_stage1.items():
+        if key.startswith("blocks.1."):
+            assert not torch.equal(value, after_stage0[key]), key
+        else:
+            assert torch.equal(value, after_stage0[key]), key
+
+
+def test_no_cache_recomputes_the_prefix(tmp_path):
+    code, out = _run(tmp_path, "--set", "train.cache=false", "--set", "train.joint_steps=0")
+    assert code == 0 and not (out / "cache").exists()
+
+
+@pytest.mark.parametrize("stop", [3, 8, 13], ids=["mid-stage0", "mid-stage1", "mid-joint"])
+def test_resume_is_bit_identical(tmp_path, stop):
+    """Stopped after `stop` steps and resumed, a run ends with exactly the weights of an uninterrupted one."""
+    _, full = _run(tmp_path, "--set", "train.ckpt_every=4", name="full")
+    code, part = _run(tmp_path, "--set", "train.ckpt_every=4", "--stop_after", str(stop), name="part")
+    assert code == 0
+    mid = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert mid["step"] > 0  # stopped inside a phase
+    _run(tmp_path, "--set", "train.ckpt_every=4", "--resume", name="part")
+    a, b = _weights(full), _weights(part)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_corrupt_cache_is_named_on_resume(tmp_path):
+    _run(tmp_path, "--stop_after", "8", name="c")  # inside stage 1, which reads block 0's cache
+    hidden = tmp_path / "c" / "cache" / "stage0" / "rank0.hidden.bin"
+    data = bytearray(hidden.read_bytes())
+    data[100] ^= 0xFF
+    hidden.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="rank0.hidden.bin"):
+        _run(tmp_path, "--resume", name="c")
+
+
+def test_existing_run_needs_resume_and_the_same_config(tmp_path):
+    _run(tmp_path, "--stop_after", "2", name="d")
+    with pytest.raises(ValueError, match="pass --resume"):
+        _run(tmp_path, name="d")
+    with pytest.raises(ValueError, match=r"train.lr: 0.003 -> 0.001"):
+        _run(tmp_path, "--resume", "--set", "train.lr=1e-3", name="d")
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        _run(tmp_path, "--resume", name="none")
+
+
+def test_quickstart_form_and_bare_key_flags():
+    args = T.parse_args(["--dummy", "True", "--max_steps", "50", "--lr=1e-3"])
+    assert args.overrides == ["data.source=dummy", "max_steps=50", "lr=1e-3"]
+    with pytest.raises(SystemExit):
+        T.parse_args(["--max_steps"])
+
+
+def test_quickstart_runs_on_dummy_tokens(tmp_path, capsys):
+    code, out = _run(tmp_path, "--dummy", "True", "--max_steps", "3", "--set", "model.vocab_size=50",
+                     "--set", "train.joint_steps=0")
+    assert code == 0
+    assert "dummy" in capsys.readouterr().out
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="did you mean train.max_steps"):
+        _run(tmp_path, "--set", "train.max_step=3")
+    with pytest.raises(ValueError, match="model.n_heads"):
+        _run(tmp_path, "--set", "model.n_heads=3")
+
+
+def test_lr_schedule():
+    lrs = [T.lr_at(s, 10, 1.0, 2, 0.1) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] > 0.1 - 1e-9
+
+
+def test_two_process_ddp(tmp_path):
+    """torchrun with two CPU processes (gloo) through every phase: each rank draws its own data and writes
+    its own cache shard; rank 0 prints the table."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lwt.train_layerwise", *TINY, "--set", f"train.out_dir={out}", "--set", "train.joint_steps=2"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "joint" in proc.stdout
+    for rank in (0, 1):
+        cache = ActivationCache.open(out / "cache" / "stage0", rank, {"stage": 0})
+        assert cache.entries == 16
+    a = ActivationCache.open(out / "cache" / "stage0", 0, {}).batch(torch.arange(4))[1]
+    b = ActivationCache.open(out / "cache" / "stage0", 1, {}).batch(torch.arange(4))[1]
+    assert not torch.equal(a, b)  # the ranks drew different sequences
+
+
+def test_plot_writes_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    code, out = _run(tmp_path, "--plot", "--set", "train.joint_steps=0")
+    assert code == 0 and (out / "curves.png").stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        _run(tmp_path, "--plot")
+    assert not (tmp_path / "run").exists()
