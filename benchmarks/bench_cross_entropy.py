@@ -110,7 +110,7 @@ def main(argv=None) -> list[str]:
     eager, liger = report.ms(case, "fwd+bwd", "eager"), report.ms(case, "fwd+bwd", "Liger-Kernel")
     for name in ("lwt", "lwt (dW in bf16)"):
         ms, mib = report.ms(case, "fwd+bwd", name), memory.get((case, name))
-        if ms is None or eager is None:
+        if None in (ms, mib, eager):
             continue
         parts = [f"{ms / eager:.2f}x eager (goal <= 1.0)"]
         ok = ms / eager <= 1.0 and mib / 1024 <= 0.25

@@ -30,11 +30,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 
-def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs, ptr_dtypes=None):
-    """Triton signature and divisibility hints of `fn`: arguments named in `ints` are i32 (strides are
-    marked divisible by 16, as a real launch of aligned tensors would specialise them), `floats` fp32,
-    `fp32_ptrs` fp32 pointers, `ptr_dtypes` {name: dtype} other pointer dtypes, every other argument a
-    pointer to `dtype`."""
+def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs, ptr_dtypes=None, aligned=()):
+    """Triton signature and divisibility hints of `fn`: arguments named in `ints` are i32 (strides, and
+    the sizes named in `aligned`, are marked divisible by 16, as a real launch of aligned tensors would
+    specialise them), `floats` fp32, `fp32_ptrs` fp32 pointers, `ptr_dtypes` {name: dtype} other pointer
+    dtypes, every other argument a pointer to `dtype`."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -43,7 +43,7 @@ def _signature(fn, constexprs, dtype, ints, floats, fp32_ptrs, ptr_dtypes=None):
             sig[name] = "fp32"
         elif name in ints or name.startswith("stride"):
             sig[name] = "i32"
-            if name.startswith("stride"):
+            if name.startswith("stride") or name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "*fp32" if name in fp32_ptrs else f"*{(ptr_dtypes or {}).get(name, dtype)}"
@@ -149,11 +149,14 @@ def _cross_entropy_jobs(quick):
             yield ("ce rows", CE._ce_rows_kernel, dtype,
                    dict(COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v), 8, 1, ints, set(),
                    {"RowScale", "Lse", "Loss"}, {"Target": "i64"})
+    # Vocabulary and model sizes of real heads are multiples of 16 (V 128000, D 4096), and so are the
+    # chunk's rows: launched, triton specialises them as such, which is what lets it pipeline the loads.
     for bv, bd, bc, warps, stages in (CE._DW_CONFIGS[:1] if quick else CE._DW_CONFIGS):
-        for accumulate in (False, True):
+        for accumulate, out in ((False, "fp32"), (True, "fp32"), (True, "bf16")):
             yield ("ce dW accumulate", CE._ce_dw_accumulate_kernel.fn, "bf16",
                    dict(ACCUMULATE=accumulate, GROUP_V=CE._GROUP_V, BLOCK_V=bv, BLOCK_D=bd, BLOCK_C=bc), warps, stages,
-                   ints, set(), {"Acc"})
+                   ints, set(), {"Acc"}, {"Out": out}, ints)
+    yield ("ce scale", CE._scale_kernel, "bf16", dict(BLOCK=4096), 4, 1, {"n"}, set(), {"G"})
 
 
 JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "swiglu": _swiglu_jobs, "rmsnorm": _rmsnorm_jobs,
@@ -169,8 +172,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
     for group in args.kernels.split(","):
-        for label, fn, dtype, const, warps, stages, ints, floats, fp32, *ptr_dtypes in JOBS[group](args.quick):
-            sig, attrs = _signature(fn, const, dtype, ints, floats, fp32, *ptr_dtypes)
+        for label, fn, dtype, const, warps, stages, ints, floats, fp32, *extra in JOBS[group](args.quick):
+            sig, attrs = _signature(fn, const, dtype, ints, floats, fp32, *extra)
             shown = " ".join(f"{k}={v}" for k, v in const.items())
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,

@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Tests set this to True: every buffer a launcher allocates then starts as NaN, so an element the
 # kernel forgot to write fails the comparison instead of passing on whatever memory held.
@@ -142,3 +143,13 @@ def prune_row_configs(configs, nargs, **kwargs):
         target = min(_ROW_WARPS) if tile < 4 * 32 else max(_ROW_WARPS)
         kept = [c for c in configs if c.num_warps == target]
     return kept
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """(row tile, column tile) of program `pid` of a 1-D GEMM grid in grouped order (the Triton matmul
+    tutorial's L2 swizzle): GROUP consecutive row tiles share each column tile while it is in L2."""
+    group = pid // (GROUP * n_cols)
+    first = group * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (pid % (GROUP * n_cols)) % size, (pid % (GROUP * n_cols)) // size

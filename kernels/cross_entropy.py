@@ -22,10 +22,13 @@ the backward only scales them: three matmuls of N·V·D in all, where an autogra
 forward's. Liger-Kernel's fused linear cross entropy (ops/fused_linear_cross_entropy.py) runs the same
 chunked schedule. With "none" the forward keeps the per-row lse and the backward recomputes Z per chunk.
 
-Precision. Softmax statistics and the loss are fp32; dZ is rounded to the logits' dtype (as an eager
-backward rounds its grad_logits). dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a
-(V, D) fp32 buffer for 16-bit weights); accum_dtype=None sums them in the weight's dtype (one rounding per
-chunk, no V × D buffer). Limits: V·D, C·V and C·D below 2³¹ elements (int32 offsets in the kernels).
+Precision. Softmax statistics and the loss are fp32; dZ is rounded to the logits' dtype, with the upstream
+gradient already in it, as an eager backward rounds its grad_logits. (So fp16, whose range is narrow,
+computes its gradients in the backward even for mean/sum: a loss scale must reach dZ before it is
+rounded.) dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
+16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
+rounding per chunk, no V × D buffer). Offsets: a chunk of logits holds fewer than 2³¹ elements
+(LOGITS_CHUNK_BYTES), chunks are capped at (2³¹ − 1) / D rows, and the dW offsets are int64.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import check_kernel_device, empty, interpreting, next_power_of_2
+from ._common import check_kernel_device, empty, grouped_tile, interpreting, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -83,10 +86,11 @@ def _ce_rows_kernel(Z, stride_z_row, Target, RowScale, Lse, Loss, V,
 
 
 # dW accumulation tiles (BLOCK_V, BLOCK_D, BLOCK_C, warps, stages) for 16-bit inputs; the C loop is the
-# GEMM's K dimension. 128 x 256 tiles are left out: with the running sum loaded as the initial
-# accumulator they spill on sm_90 (benchmarks/compile_check.py); these compile without spills.
-_DW_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
-               (128, 64, 64, 4, 4)]
+# GEMM's K dimension. Compiled for sm_90 with V, D and C multiples of 16 (benchmarks/compile_check.py),
+# none spills while accumulating; 128 x 256 spills 80 B only in the last chunk's launch, which writes the
+# weight-dtype result and is tuned on its own. 256 x 128 spills while accumulating: left out.
+_DW_CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+               (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
 _GROUP_V = 8
 
 
@@ -100,20 +104,14 @@ def _dw_configs():
 # restore_value: the kernel adds into Acc, so each config the autotuner tries must start from the same Acc.
 @triton.autotune(configs=_dw_configs(), key=["V", "D", "ACCUMULATE"], restore_value=["Acc"])
 @triton.jit
-def _ce_dw_accumulate_kernel(DZ, H, Acc, C, V, D, stride_dz_row, stride_h_row, stride_acc_row,
+def _ce_dw_accumulate_kernel(DZ, H, Acc, Out, C, V, D, stride_dz_row, stride_h_row, stride_acc_row,
                              ACCUMULATE: tl.constexpr, GROUP_V: tl.constexpr,
                              BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Acc (V, D) fp32 (+)= DZᵀ H for one (BLOCK_V × BLOCK_D) tile, DZ (C, V) and H (C, D) 16-bit:
-    the products are summed in fp32 over the chunk and added to the fp32 running sum without rounding."""
-    # Grouped tile order (the Triton matmul tutorial's L2 swizzle): GROUP_V row tiles of dW share each
-    # column tile of H while it is in L2.
-    pid = tl.program_id(0)
-    n_v, n_d = tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_D)
-    group = pid // (GROUP_V * n_d)
-    first_v = group * GROUP_V
-    size_v = tl.minimum(n_v - first_v, GROUP_V)
-    pid_v = first_v + (pid % (GROUP_V * n_d)) % size_v
-    pid_d = (pid % (GROUP_V * n_d)) // size_v
+    """Out (V, D) = Acc (+) DZᵀ H for one (BLOCK_V × BLOCK_D) tile, DZ (C, V) and H (C, D) 16-bit, Acc fp32:
+    the products are summed in fp32 over the chunk and added to the fp32 running sum without rounding.
+    Out is Acc itself, or for the last chunk the weight-dtype gradient (Acc's row stride)."""
+    # GROUP_V row tiles of dW share each column tile of H while it is in L2.
+    pid_v, pid_d = grouped_tile(tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_D), GROUP_V)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
@@ -132,7 +130,26 @@ def _ce_dw_accumulate_kernel(DZ, H, Acc, C, V, D, stride_dz_row, stride_h_row, s
         h = tl.load(H + rows[:, None] * stride_h_row + offs_d[None, :],
                     mask=(rows < C)[:, None] & (offs_d < D)[None, :], other=0.0)  # (BLOCK_C, BLOCK_D)
         acc = tl.dot(tl.trans(dz), h, acc)
-    tl.store(ptrs, acc, mask=in_tile)
+    out = Out + offs_v[:, None].to(tl.int64) * stride_acc_row + offs_d[None, :]
+    tl.store(out, acc.to(Out.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _scale_kernel(X, G, n, BLOCK: tl.constexpr):
+    """X (n elements, contiguous) *= G[0], in fp32: a 16-bit X never sees G rounded to its own dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n)
+    tl.store(X + offs, (x.to(tl.float32) * tl.load(G)).to(X.dtype.element_ty), mask=offs < n)
+
+
+def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
+    """t *= g in place; g a one-element fp32 tensor (the upstream gradient, on the device: no sync). In
+    torch, a 16-bit t would meet g cast to its dtype: a GradScaler's 65536 is inf in fp16."""
+    if t.dtype == torch.float32:
+        t.mul_(g)
+        return
+    block = 1024 if interpreting() else 4096
+    _scale_kernel[(triton.cdiv(t.numel(), block),)](t, g, t.numel(), BLOCK=block, num_warps=4)
 
 
 def _row_config(V: int):
@@ -153,8 +170,9 @@ def _launch_rows(z, target, row_scale, lse, loss, compute_lse: bool, write_grad:
                           COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps)
 
 
-def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """dw (V, D) = (first) or += (later) dzᵀ h, dz (C, V), h (C, D)."""
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool, out=None) -> None:
+    """dw (V, D) = (first) or += (later) dzᵀ h, dz (C, V), h (C, D). out: for the last chunk into an fp32
+    dw, the weight-dtype tensor that receives the final sum instead of dw (no separate conversion pass)."""
     if dw.dtype == dz.dtype:  # fp32 inputs, or accumulation in the weight's dtype: cuBLAS
         if first:
             torch.mm(dz.t(), h, out=dw)
@@ -166,12 +184,14 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
     C, V = dz.shape
     D = h.shape[1]
     grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]) * triton.cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
-    _ce_dw_accumulate_kernel[grid](dz, h, dw, C, V, D, dz.stride(0), h.stride(0), dw.stride(0),
-                                   ACCUMULATE=not first, GROUP_V=_GROUP_V)
+    _ce_dw_accumulate_kernel[grid](dz, h, dw, dw if out is None else out, C, V, D, dz.stride(0), h.stride(0),
+                                   dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
 
 
-def _chunk_rows(n: int, V: int, itemsize: int) -> int:
-    rows = max(1, LOGITS_CHUNK_BYTES // (V * itemsize))
+def _chunk_rows(n: int, V: int, D: int, itemsize: int) -> int:
+    """Rows per chunk: LOGITS_CHUNK_BYTES of logits, and fewer than 2^31 elements of h in one chunk (the
+    dW kernel's int32 offsets; only a vocabulary of a few hundred words gets near it)."""
+    rows = min(max(1, LOGITS_CHUNK_BYTES // (V * itemsize)), (2**31 - 1) // D)
     if rows >= 256:
         rows -= rows % 128  # whole 128-row GEMM tiles
     return max(1, min(rows, n))
@@ -193,13 +213,16 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
         loss_rows = None
     grads = need_dh or need_dw
     dh = empty((N, D), h.dtype, h.device) if need_dh else None
-    dw = None
+    chunk = _chunk_rows(N, V, D, h.element_size())
+    n_chunks = -(-N // chunk)
+    dw = acc = None
     if need_dw:
-        dw_dtype = weight.dtype if accum_dtype is None else torch.promote_types(weight.dtype, accum_dtype)
-        dw = empty((V, D), dw_dtype, h.device)
+        dw = empty((V, D), weight.dtype, h.device)
         if N == 0:
             dw.zero_()
-    chunk = _chunk_rows(N, V, h.element_size())
+        # One chunk is one matmul, rounded once: only several need a wider running sum.
+        if n_chunks > 1 and accum_dtype is not None and weight.dtype != accum_dtype:
+            acc = empty((V, D), accum_dtype, h.device)
     for i, n0 in enumerate(range(0, N, chunk)):
         rows = slice(n0, min(N, n0 + chunk))
         z = torch.mm(h[rows], weight.t())  # (C, V): the only logits that exist at any time
@@ -208,10 +231,10 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
         if need_dh:
             torch.mm(z, weight, out=dh[rows])
         if need_dw:
-            _accumulate_dw(dw, z, h[rows], first=i == 0)
+            last = i == n_chunks - 1
+            _accumulate_dw(dw if acc is None else acc, z, h[rows], first=i == 0,
+                           out=dw if acc is not None and last else None)
         del z  # before the next chunk allocates its own
-    if dw is not None and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
     return lse, loss_rows, dh, dw
 
 
@@ -238,7 +261,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             h, t = hidden.index_select(0, kept), t.index_select(0, kept)
             tw = None if tw is None else tw.index_select(0, kept)
         r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
-        grads_now = (need_dh or need_dw) and reduction != "none"
+        # Gradients ahead of the backward need a scalar upstream gradient (mean/sum), and a dtype whose
+        # range does not care what it is: fp16 dZ rounded without it (a GradScaler's 2^16, say) would flush
+        # small probabilities to zero, so fp16 computes them in the backward, as "none" does.
+        deferred = reduction == "none" or hidden.dtype == torch.float16
+        grads_now = (need_dh or need_dw) and not deferred
         row_scale = None
         if grads_now:
             row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device)
@@ -253,10 +280,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             loss = weighted.sum() / n_kept  # 0 / 0 = NaN without kept rows, as F.cross_entropy
         else:
             loss = weighted.sum()
-        ctx.reduction, ctx.r, ctx.N, ctx.accum_dtype = reduction, r, N, accum_dtype
+        ctx.reduction, ctx.r, ctx.N, ctx.accum_dtype, ctx.deferred = reduction, r, N, accum_dtype, deferred
         ctx.grads = (dh, dw)
-        ctx.save_for_backward(h if reduction == "none" else None, weight if reduction == "none" else None, t,
-                              tw, lse if reduction == "none" else None, ell if need_dtw else None, kept)
+        keep = deferred and (need_dh or need_dw)
+        ctx.save_for_backward(h if keep else None, weight if keep else None, t, tw, lse if keep else None,
+                              ell if need_dtw else None, kept)
         ctx.token_weight_dtype = None if token_weight is None else token_weight.dtype
         return loss
 
@@ -265,9 +293,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         h, weight, t, tw, lse, ell, kept = ctx.saved_tensors
         need_dh, need_dw, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        g = grad_loss.float()
-        if ctx.reduction == "none":
-            g_rows = g if kept is None else g.index_select(0, kept)
+        # contiguous: the kernel reads row_scale with unit stride, and (B, S).sum() hands back an expanded g
+        g = grad_loss.float().contiguous()
+        if ctx.deferred:
+            if ctx.reduction == "none":
+                g_rows = g if kept is None else g.index_select(0, kept)
+            else:  # fp16 mean/sum: one upstream gradient for every row
+                g_rows = (g * ctx.r).expand(t.shape[0]).contiguous()
             dh = dw = None
             if need_dh or need_dw:
                 row_scale = g_rows if tw is None else g_rows * tw
@@ -280,10 +312,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh, dw = ctx.grads
             ctx.grads = None
             # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).
-            if dh is not None:
-                dh.mul_(g.to(dh.dtype))
-            if dw is not None:
-                dw.mul_(g.to(dw.dtype))
+            for grad in (dh, dw):
+                if grad is not None:
+                    _scale_(grad, g)
             dtw_rows = g * ctx.r * ell if need_dtw else None
         if dh is not None:  # ignored rows get zeros
             dh = _scatter_rows(dh, kept, ctx.N)
@@ -310,7 +341,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     h = hidden.reshape(-1, D)
     if h.stride(-1) != 1:
         h = h.contiguous()
-    t = target.reshape(-1)
+    t = target.reshape(-1).contiguous()  # the kernel reads targets with unit stride
     tw = None if token_weight is None else token_weight.reshape(-1)
     n_kept = count_valid_targets(t, weight.shape[0], ignore_index)  # the one host sync
     # nonzero_static: the size is known from the sync above, so finding the rows needs no second one

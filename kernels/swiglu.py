@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import TunedKernel, as_rows, cdiv, check_kernel_device, empty, interpreting
+from ._common import TunedKernel, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
@@ -94,15 +94,8 @@ def _swiglu_dual_gemm_kernel(
     """g, u = x W_gateᵀ, x W_upᵀ for one (BLOCK_M tokens × BLOCK_N features) tile, then the epilogue:
     MODE 0: h = silu(g)·u; MODE 1: also g and u (recompute=False's forward); MODE 2 (the recomputing
     backward): h, dg, du from g, u and DH."""
-    # Grouped tile order (the Triton matmul tutorial's L2 swizzle): GROUP_M row tiles share each column
-    # tile of the weights while it is in L2.
-    pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    # GROUP_M token tiles share each feature tile of the weights while it is in L2.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)

@@ -430,7 +430,8 @@ class ActivationCache:
         """
         directory = os.path.abspath(os.fspath(directory))
         manifest_path = os.path.join(directory, _file_name(rank, "manifest"))
-        rerun = (f"delete the cache directory {directory} and rerun the stage that writes it")
+        rerun = (f"delete the cache directory {directory} and continue the run with --resume (the trainer "
+                 f"rebuilds a missing cache from the checkpoint)")
         if not os.path.exists(manifest_path):
             partial = sorted(n for n in os.listdir(directory) if n.startswith(f"rank{rank}.")
                              and n.endswith(PARTIAL)) if os.path.isdir(directory) else []

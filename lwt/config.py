@@ -369,10 +369,9 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> TrainConfig:
-    _at_least("train", t, ("max_steps", "cache_sequences", "cache_draws"), 1)
-    _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every", "log_every", "seed"), 0)
-    _require(t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
-             f"at most train.max_steps={t.max_steps}")
+    _at_least("train", t, ("max_steps", "cache_sequences", "cache_draws", "log_every"), 1)
+    # warmup_steps may exceed a phase's steps: each phase warms up over min(warmup_steps, its steps)
+    _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every", "seed"), 0)
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.joint_lr is None or t.joint_lr > 0, "train.joint_lr", t.joint_lr, "a number > 0, or null for train.lr")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")

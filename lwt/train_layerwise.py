@@ -11,10 +11,12 @@ Phases, in order (each resumable from a checkpoint mid-way):
   end-to-end   with --end_to_end, a fresh model of the same config is trained end to end for the same
                number of steps (hence tokens) as all the phases above, for comparison.
 
-Each phase has its own AdamW (fused on CUDA) and linear-warmup + cosine schedule. Every phase ends with
-the validation NELBO (lwt.diffusion.evaluate_nelbo) and a line of the final table. Outputs in out_dir:
-metrics.jsonl (every logged step and every evaluation), checkpoint.pt (the latest, written atomically)
-and, with --plot, curves.png.
+Each phase has its own AdamW (fused on CUDA; over fp32 master copies of the trained parameters when the
+model is 16-bit) and linear-warmup + cosine schedule. Every phase ends with the validation NELBO
+(lwt.diffusion.evaluate_nelbo) and a line of the final table. Outputs in out_dir: metrics.jsonl (every
+logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
+joint-tuned model), end_to_end.pt, and with --plot curves.png; every file is written atomically. Only the
+cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on
 what the phase trains (frozen parts are not wrapped; no buffer is broadcast: every rank regenerates the
@@ -24,6 +26,7 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     in one section (`--max_steps 50`), and `--dummy True` selects the dummy data source: the original
     quickstart form `--dummy True --max_steps 50` works as it did."""
     p = argparse.ArgumentParser(prog="python -m lwt.train_layerwise", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="YAML config (default: the built-in defaults, as config.yaml)")
+    p.add_argument("--config", default=None, help="YAML config (default: the dataclass defaults of lwt/config.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (section.key or a unique bare key); repeatable")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint.pt")
@@ -63,6 +66,8 @@ def parse_args(argv=None):
                    help="stop, as if preempted, after this many optimizer steps of this invocation (a "
                         "checkpoint is written first): for testing --resume")
     args, rest = p.parse_known_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error(f"--stop_after: expected a number of steps >= 1, got {args.stop_after}")
     overrides = list(args.set)
     if args.dummy:
         overrides.insert(0, "data.source=dummy")
@@ -79,7 +84,7 @@ def parse_args(argv=None):
             i += 2
         else:
             p.error(f"{item}: expected a value")
-    args.overrides = overrides
+    args.overrides = overrides  # --key value flags apply after the --set ones
     return args
 
 
@@ -221,6 +226,9 @@ class Trainer:
         self.history = []       # one dict per finished phase: the final table
         self.position = (0, 0)  # (phase index, step) to run next
         self.opt_state = None
+        self.master = None        # fp32 master copies of the trained parameters (16-bit models)
+        self.master_state = None  # ... as loaded from a checkpoint, until the phase resumes
+        self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
         self.steps_run = 0      # optimizer steps in this invocation (for --stop_after)
         self.fingerprint = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
@@ -248,17 +256,13 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
             "frozen_checksum": self.model.frozen_checksum(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "master": None if optimizer is None or self.master is None else [m.detach().cpu() for m in self.master],
+            "metrics_lines": self.metrics_lines,
             "rng": all_rng,
             "history": json.dumps(self.history),
             "phase_wall": self.phase_wall,
         }
-        os.makedirs(self.out_dir, exist_ok=True)
-        tmp = self.ckpt_path + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.ckpt_path)
+        _atomic_save(state, self.ckpt_path)
 
     def resume(self) -> None:
         """Load <out_dir>/checkpoint.pt (weights_only: a checkpoint never runs code) and continue where it
@@ -287,11 +291,26 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.position = (state["phase"], state["step"])
         self.opt_state = state["optimizer"]
+        self.master_state = state["master"]
         self.history = json.loads(state["history"])
         self.phase_wall = state["phase_wall"]
+        self.metrics_lines = state["metrics_lines"]
         if self.env.main:
-            name, k, _ = self.phases[min(self.position[0], len(self.phases) - 1)]
-            print(f"resumed from {self.ckpt_path}: {phase_label(name, k)}, step {self.position[1]}", flush=True)
+            self._cut_metrics()
+            if self.position[0] >= len(self.phases):
+                print(f"{self.ckpt_path}: this run has finished; nothing to resume", flush=True)
+            else:
+                name, k, _ = self.phases[self.position[0]]
+                print(f"resumed from {self.ckpt_path}: {phase_label(name, k)}, step {self.position[1]}", flush=True)
+
+    def save_model(self, file_name: str) -> None:
+        """<out_dir>/<file_name>: the config and weights (what lwt.generate reads), written atomically."""
+        if not self.env.main:
+            return
+        state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg),
+                 "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
+                 "frozen_checksum": self.model.frozen_checksum()}
+        _atomic_save(state, os.path.join(self.out_dir, file_name))
 
     # -- batches ---------------------------------------------------------------------------------------
 
@@ -340,6 +359,41 @@ class Trainer:
         return dict(stage=k, fingerprint=self.fingerprint, weights=digest.hexdigest()[:16], seq_len=c.data.seq_len,
                     d_model=c.model.d_model, entries=c.train.cache_sequences * c.train.cache_draws)
 
+    def _cache_bytes_here(self) -> int:
+        """Bytes of one stage's cache on this machine: a shard per local rank."""
+        c = self.cfg
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return local * cache_bytes(c.train.cache_sequences * c.train.cache_draws, c.data.seq_len, c.model.d_model,
+                                   self.dtype)
+
+    def check_cache_room(self) -> None:
+        check_disk_space(self.cache_dir, self._cache_bytes_here())
+
+    def open_cache(self, k: int) -> ActivationCache:
+        """Block k's cache. A missing one (deleted, or on a scratch disk wiped by a preemption) is rebuilt
+        from the weights, identically: stage 0's draws come from fixed per-rank seeds. A corrupt or
+        mismatched one stays an error (lwt.cache names the shard)."""
+        try:
+            return ActivationCache.open(self._stage_dir(k), self.env.rank, self._cache_expect(k))
+        except FileNotFoundError as e:
+            print(f"rank {self.env.rank}: {e}; rebuilding it", flush=True)
+        if k > 0:
+            self.open_cache(k - 1)  # its input
+        self.write_cache(k)
+        if k > 0:
+            self.delete_cache(k - 1)
+        return ActivationCache.open(self._stage_dir(k), self.env.rank, self._cache_expect(k))
+
+    def delete_cache(self, k: int) -> None:
+        """Remove this rank's shard of block k's cache (and the directory once it is empty)."""
+        directory = self._stage_dir(k)
+        for path in glob.glob(os.path.join(directory, f"rank{self.env.rank}.*")):
+            os.remove(path)
+        try:
+            os.rmdir(directory)
+        except OSError:  # other ranks' shards remain, or it is gone already
+            pass
+
     @torch.no_grad()
     def write_cache(self, k: int) -> None:
         """Block k's outputs for cache_sequences × cache_draws masked sequences (stage 0: new draws from a
@@ -353,7 +407,7 @@ class Trainer:
         if self.env.main:
             print(f"writing block {k}'s activation cache: {entries} sequences x {S} tokens, "
                   f"{nbytes / 2**20:.1f} MiB per rank, to {directory}", flush=True)
-        check_disk_space(self.cache_dir, nbytes)
+        self.check_cache_room()
         self.model.eval()
         B = c.data.batch_size
         meta = self._cache_expect(k)
@@ -369,7 +423,7 @@ class Trainer:
                     hidden = self.model.run_blocks(self.model.embed_tokens(noisy.to(self.device)), 0, 1)
                     writer.append(hidden, tokens, mask, t)
             else:
-                source = ActivationCache.open(self._stage_dir(k - 1), self.env.rank, self._cache_expect(k - 1))
+                source = self.open_cache(k - 1)
                 for _, hidden, tokens, mask, t in source.iter_chunks(B):
                     out = self.model.blocks[k](hidden.to(self.device, self.dtype))
                     writer.append(out, tokens, mask, t)
@@ -378,18 +432,42 @@ class Trainer:
     # -- one phase -------------------------------------------------------------------------------------
 
     def run_phase(self, index: int, start_step: int) -> bool:
-        """Train phase `index` from start_step; False if --stop_after stopped it."""
+        """Phase `index` from start_step: its training steps (unless a checkpoint taken after them is being
+        resumed), then its end (cache, checkpoint). False if --stop_after stopped it."""
+        total = self.phases[index][2]
+        if start_step < total and not self.train_phase(index, start_step):
+            return False
+        self.finish_phase(index)
+        return True
+
+    def train_phase(self, index: int, start_step: int) -> bool:
+        """The optimizer steps of phase `index`, then its evaluation and table row, then a checkpoint at
+        (index, total): a failure while writing the cache after it loses no training."""
         c, env = self.cfg, self.env
         name, k, total = self.phases[index]
         label = phase_label(name, k)
         if name == "end-to-end" and start_step == 0:
             torch.manual_seed(c.train.seed)  # a fresh model with the layer-wise run's initial weights
             self.model = LWTModel(c.model, device=self.device, dtype=self.dtype)
+        cached = c.train.cache and name == "stage" and k > 0
+        cache = self.open_cache(k - 1) if cached else None
+        if name == "stage" and c.train.cache and k + 1 < c.model.n_layers:
+            self.check_cache_room()  # before training, not after it
         core = trainable_core(self.model, name, k)
         params = set_trainable(self.model, core)
+        # 16-bit models train fp32 master copies of what this phase trains (only that part: one block in a
+        # stage k): AdamW updates far below a bf16 ulp of the weight (norm weights near 1, small lrs, weight
+        # decay) would otherwise round away.
+        master = params if self.dtype == torch.float32 else [p.detach().float() for p in params]
+        if self.master_state is not None:
+            with torch.no_grad():
+                for m, saved in zip(master, self.master_state):
+                    m.copy_(saved)
+            self.master_state = None
+        self.master = None if master is params else master
         lr = c.train.joint_lr if name == "joint" else c.train.lr
         fused = dict(fused=True) if self.device.type == "cuda" else {}
-        opt = torch.optim.AdamW(params, lr=lr, betas=(c.train.beta1, c.train.beta2),
+        opt = torch.optim.AdamW(master, lr=lr, betas=(c.train.beta1, c.train.beta2),
                                 weight_decay=c.train.weight_decay, **fused)
         if self.opt_state is not None:
             opt.load_state_dict(self.opt_state)
@@ -398,11 +476,8 @@ class Trainer:
         # from the same seeds (and loads the same checkpoint), so nothing needs broadcasting.
         if env.world > 1:
             core = nn.parallel.DistributedDataParallel(core, broadcast_buffers=False, init_sync=False)
-        cached = c.train.cache and name == "stage" and k > 0
-        cache = None
-        if cached:
-            cache = ActivationCache.open(self._stage_dir(k - 1), env.rank, self._cache_expect(k - 1))
         tokens_per_step = c.data.batch_size * c.data.seq_len * env.world
+        warmup = min(c.train.warmup_steps, total)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = Progress(label, total, enabled=env.main)
@@ -410,7 +485,7 @@ class Trainer:
         t_log, steps_log = time.perf_counter(), 0
         for step in range(start_step, total):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, lr, c.train.warmup_steps, c.train.min_lr_ratio)
+                group["lr"] = lr_at(step, total, lr, warmup, c.train.min_lr_ratio)
             if cached:  # block k-1's outputs from the cache, with the tokens, masks and t behind them
                 rows = torch.randint(0, cache.entries, (c.data.batch_size,), generator=self.data_gen)
                 hidden_in, tokens, mask, t = (x.to(self.device) for x in cache.batch(rows))
@@ -425,10 +500,18 @@ class Trainer:
                     final = core(noisy)
             loss = self.loss(final, tokens, mask, t)
             loss.backward()
+            if self.master is not None:
+                for p, m in zip(params, master):
+                    m.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
             if c.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, c.train.grad_clip)
+                torch.nn.utils.clip_grad_norm_(master, c.train.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self.master is not None:
+                with torch.no_grad():
+                    for p, m in zip(params, master):
+                        p.copy_(m)
             self.steps_run += 1
             steps_log += 1
             self.position = (index, step + 1)
@@ -441,57 +524,90 @@ class Trainer:
                 bar.update(step + 1, value, rate)
                 self.log(dict(phase=label, step=step + 1, loss=value, lr=opt.param_groups[0]["lr"],
                               tokens=(step + 1) * tokens_per_step, tokens_per_s=rate))
-            stop = self.args.stop_after is not None and self.steps_run >= self.args.stop_after
-            if not last and (stop or (c.train.ckpt_every and (step + 1) % c.train.ckpt_every == 0)):
+            if not last and (self.stop_requested() or (c.train.ckpt_every and (step + 1) % c.train.ckpt_every == 0)):
                 self.phase_wall = time.perf_counter() - t0
                 self.save(opt)
-            if stop and not last:
+            if not last and self.stop_requested():
                 bar.close()
-                if env.main:
-                    print(f"stopped after {self.steps_run} steps (--stop_after); continue with --resume", flush=True)
                 return False
         bar.close()
         wall = time.perf_counter() - t0
         result = self.evaluate(k + 1 if name == "stage" else None)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        row = dict(phase=label, nelbo=result["nelbo"], ppl_bound=result["ppl_bound"], tokens=total * tokens_per_step,
-                   wall_s=wall, tokens_per_s=total * tokens_per_step / max(wall, 1e-9), peak_mib=peak, peak_kind="cuda" if self.device.type == "cuda" else "rss")
-        self.history.append(row)
+        self.history.append(dict(phase=label, nelbo=result["nelbo"], ppl_bound=result["ppl_bound"],
+                                 tokens=total * tokens_per_step, wall_s=wall, cache_s=0.0,
+                                 tokens_per_s=total * tokens_per_step / max(wall, 1e-9), peak_mib=peak,
+                                 peak_kind="cuda" if self.device.type == "cuda" else "rss"))
         self.log(dict(phase=label, eval=result))
         if env.main:
             print(f"{label}: validation NELBO {result['nelbo']:.4f} nats/token (perplexity <= {result['ppl_bound']:.2f})",
                   flush=True)
-        if name == "stage" and k + 1 < self.cfg.model.n_layers and c.train.cache:
+        self.master = None
+        self.phase_wall = 0.0
+        self.save(None)  # position (index, total): trained and evaluated
+        return True
+
+    def finish_phase(self, index: int) -> None:
+        """After phase `index`'s steps: stage k writes block k's cache (for stage k+1) and drops block
+        k-1's; the last layer-wise phase writes final.pt, the end-to-end phase end_to_end.pt."""
+        c, env = self.cfg, self.env
+        name, k, _ = self.phases[index]
+        if name == "stage" and c.train.cache and k + 1 < c.model.n_layers:
+            t0 = time.perf_counter()
             self.write_cache(k)
             env.barrier()
+            self.history[-1]["cache_s"] = time.perf_counter() - t0
         self.position = (index + 1, 0)
-        self.phase_wall = 0.0
         self.save(None)
-        return True
+        if name == "stage" and c.train.cache and k > 0:
+            self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
+        layerwise_last = max(i for i, (n, _, _) in enumerate(self.phases) if n != "end-to-end")
+        if index == layerwise_last or name == "end-to-end":
+            self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")
+
+    def stop_requested(self) -> bool:
+        return self.args.stop_after is not None and self.steps_run >= self.args.stop_after
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.out_dir, "metrics.jsonl")
 
     def log(self, record: dict) -> None:
         if not self.env.main:
             return
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.metrics_lines += 1
+
+    def _cut_metrics(self) -> None:
+        """Back to the lines the checkpoint had seen: steps logged after it will be logged again."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.readlines()[:self.metrics_lines]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(lines)
 
     def fused_evaluation(self) -> None:
         """Before joint tuning: the assembled stack's NELBO (the table's "fused" line)."""
         result = self.evaluate(None)
         self.history.append(dict(phase="fused", nelbo=result["nelbo"], ppl_bound=result["ppl_bound"], tokens=0,
-                                 wall_s=0.0, tokens_per_s=0.0, peak_mib=0.0, peak_kind="-"))
+                                 wall_s=0.0, cache_s=0.0, tokens_per_s=0.0, peak_mib=0.0, peak_kind="-"))
         self.log(dict(phase="fused", eval=result))
 
     def run(self) -> bool:
-        """All phases from the saved position; True when every phase finished."""
+        """All phases from the saved position; True when every phase finished, False when --stop_after
+        stopped the run (after writing a checkpoint)."""
         index, step = self.position
         while index < len(self.phases):
             name = self.phases[index][0]
             if name == "joint" and step == 0:
                 self.fused_evaluation()
-            if not self.run_phase(index, step):
+            if not self.run_phase(index, step) or (self.stop_requested() and self.position[0] < len(self.phases)):
+                if self.env.main:
+                    print(f"stopped after {self.steps_run} steps (--stop_after); continue with --resume", flush=True)
                 return False
             index, step = self.position
         return True
@@ -518,12 +634,15 @@ class Progress:
 
 
 def print_table(history: list[dict], unigram: float | None) -> str:
-    head = f"{'phase':>11} {'val NELBO':>10} {'ppl <=':>9} {'tokens':>12} {'wall s':>8} {'tok/s':>10} {'peak MiB':>10}"
+    """The final table: one line per phase. "wall s" is the training steps; "cache s" writing the
+    activation cache after them; tok/s counts training tokens over "wall s"."""
+    head = (f"{'phase':>11} {'val NELBO':>10} {'ppl <=':>9} {'tokens':>12} {'wall s':>8} {'cache s':>8} "
+            f"{'tok/s':>10} {'peak MiB':>10}")
     lines = [head, "-" * len(head)]
     for r in history:
-        peak = f"{r['peak_mib']:.0f}" + ("" if r["peak_kind"] == "cuda" else "*") if r["peak_kind"] != "-" else "-"
+        peak = "-" if r["peak_kind"] == "-" else f"{r['peak_mib']:.0f}" + ("*" if r["peak_kind"] == "rss" else "")
         lines.append(f"{r['phase']:>11} {r['nelbo']:10.4f} {r['ppl_bound']:9.2f} {r['tokens']:12,d} {r['wall_s']:8.1f} "
-                     f"{r['tokens_per_s']:10,.0f} {peak:>10}")
+                     f"{r['cache_s']:8.1f} {r['tokens_per_s']:10,.0f} {peak:>10}")
     if any(r["peak_kind"] == "rss" for r in history):
         lines.append("* CPU: the process's peak resident memory so far, not a per-phase peak")
     if unigram is not None:
@@ -559,6 +678,17 @@ def plot(history_path: str, out_png: str) -> None:
     fig.savefig(out_png, dpi=120)
 
 
+def _atomic_save(state: dict, path: str) -> None:
+    """torch.save to a temp file in the same directory, fsync, rename: never half a file at `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -572,9 +702,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, args, env)
         if args.resume:
             trainer.resume()
-        elif env.main and os.path.exists(trainer.ckpt_path):
+        elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
             raise ValueError(f"{trainer.ckpt_path} exists: pass --resume to continue that run, or choose another "
                              f"train.out_dir")
+        elif env.main and os.path.exists(trainer.metrics_path):
+            os.remove(trainer.metrics_path)  # a run that never checkpointed: start its log afresh
         if env.main:
             m = trainer.model
             print(f"lwt layer-wise training on {env.device} ({trainer.dtype}, {env.world} process(es)): "

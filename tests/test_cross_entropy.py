@@ -105,6 +105,43 @@ def test_many_row_chunks(monkeypatch, dtype, reduction, accum_dtype):
     _check(97, 40, V, dtype, reduction, "weighted-ignored", seed=3, accum_dtype=accum_dtype)
 
 
+def test_expanded_upstream_gradient_and_strided_target():
+    """"none" summed over (B, S) hands the backward an expanded (stride-0) gradient; a target sliced out of
+    a wider tensor has a row stride > 1. Both are read correctly."""
+    hidden, weight, target, _ = _inputs(7, 16, 30, torch.float32, "plain", seed=12, lead=(2,))
+    wide_target = torch.stack([target, torch.zeros_like(target)], dim=-1)[..., 0]  # (2, 7), stride (14, 2)
+    h = hidden.detach().requires_grad_()
+    ce.linear_cross_entropy(h, weight, wide_target, reduction="none").sum().backward()
+    h64 = hidden.double().requires_grad_()
+    reference.linear_cross_entropy(h64, weight.double(), target, reduction="none").sum().backward()
+    assert_close("d_hidden", h.grad, h64.grad, h64.grad.float(), reduced_over=30)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fp16_under_a_loss_scale(reduction):
+    """A GradScaler-sized upstream gradient (2^16) in fp16: fp16 computes its gradients in the backward,
+    where the scale multiplies dZ before it is rounded (small probabilities do not flush to zero), and the
+    forward writes no gradient."""
+    flags = []
+    launch = ce._launch_rows
+
+    def recording(z, target, row_scale, lse, loss, compute_lse, write_grad):
+        flags.append((compute_lse, write_grad))
+        return launch(z, target, row_scale, lse, loss, compute_lse, write_grad)
+    hidden, weight, target, _ = _inputs(40, 24, 300, torch.float16, "plain", seed=13)
+    shape = target.shape if reduction == "none" else ()
+    scale = torch.full(shape, 2.0**16, device=DEVICE) / (40 if reduction == "none" else 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ce, "_launch_rows", recording)
+        loss, gs = _run(ce.linear_cross_entropy, hidden, weight, target, None, reduction, scale)
+    assert flags == [(True, False), (False, True)]  # statistics in the forward, gradients in the backward
+    _, gs64 = _run(reference.linear_cross_entropy, hidden.double(), weight.double(), target, None, reduction,
+                   scale.double())
+    _, gs_ref = _run(reference.linear_cross_entropy, hidden, weight, target, None, reduction, scale)
+    for name, g, g64, g_ref, k in zip(["d_hidden", "d_weight"], gs, gs64, gs_ref, [300, 40]):
+        assert_close(name, g, g64, g_ref, reduced_over=k)
+
+
 def test_leading_dims_and_strided_hidden():
     """hidden (B, S, D) as a slice of a wider buffer (row stride > D): read in place; "none" keeps (B, S)."""
     hidden, weight, target, tw = _inputs(7, 24, 100, torch.float32, "weighted-ignored", seed=4, lead=(2,))

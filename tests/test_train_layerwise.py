@@ -2,6 +2,7 @@
 processes, the CLI forms and its errors. Tiny models on Python's own documentation text (or dummy tokens)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,10 +50,13 @@ def test_all_phases_cache_and_table(tmp_path, capsys):
     evals = [r["phase"] for r in records if "eval" in r]
     assert evals == ["stage 0", "stage 1", "fused", "joint", "end-to-end"]
     assert [r["step"] for r in records if r.get("phase") == "stage 1" and "loss" in r] == [2, 4, 6]
-    # Block 0's cache was written (one shard, rank 0) and matches the trained weights; the last block
-    # needs no cache.
-    assert (out / "cache" / "stage0" / "rank0.manifest.json").exists()
-    assert not (out / "cache" / "stage1").exists()
+    # Block 0's cache was written for stage 1, and deleted once stage 1 had finished; the last block
+    # needs none.
+    assert "writing block 0's activation cache" in text and "writing block 1's" not in text
+    assert not (out / "cache" / "stage0").exists()
+    final, e2e = (torch.load(out / f, weights_only=True) for f in ("final.pt", "end_to_end.pt"))
+    assert final["model"].keys() == e2e["model"].keys()
+    assert not torch.equal(final["model"]["embed.weight"], e2e["model"]["embed.weight"])
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 4 and state["step"] == 0  # after the last of the four phases (fused is an evaluation)
     assert not any(name.endswith(("w_gate", "w_up")) for name in state["model"])  # frozen: regenerated
@@ -87,6 +91,37 @@ def test_resume_is_bit_identical(tmp_path, stop):
     _run(tmp_path, "--set", "train.ckpt_every=4", "--resume", name="part")
     a, b = _weights(full), _weights(part)
     assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_missing_cache_is_rebuilt_on_resume(tmp_path):
+    """A wiped cache directory (a scratch disk lost to a preemption) is rebuilt from the checkpoint:
+    the resumed run still ends bit-identical to an uninterrupted one."""
+    _, full = _run(tmp_path, "--set", "model.n_layers=3", name="full")
+    _run(tmp_path, "--set", "model.n_layers=3", "--stop_after", "14", name="part")  # inside stage 2
+    shutil.rmtree(tmp_path / "part" / "cache")
+    _run(tmp_path, "--set", "model.n_layers=3", "--resume", name="part")
+    a, b = _weights(full), _weights(tmp_path / "part")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_trains_fp32_master_weights(tmp_path):
+    """A bf16 model: every trained weight moves (updates far below a bf16 ulp accumulate in the fp32
+    master copy), and a resume restores the master copy exactly."""
+    # lr 2e-3: every Adam update (at most ~lr) is below half a bf16 ulp at 1.0 (2^-8), where the norm
+    # weights start, so without master weights they would never move; 12 of them add up past it.
+    bf16 = ["--set", "train.dtype=bfloat16", "--set", "train.lr=2e-3", "--set", "train.max_steps=12"]
+    _, full = _run(tmp_path, *bf16, name="full")
+    _, stage0 = _run(tmp_path, *bf16, "--stop_after", "12", name="s0")
+    w = _weights(stage0)
+    assert w["norm.weight"].dtype == torch.bfloat16
+    moved = torch.cat([(w[k] != 1) for k in ("norm.weight", "blocks.0.norm1.weight", "blocks.0.norm2.weight")])
+    assert moved.float().mean() > 0.5  # without master copies not one would (76% do: gradients change sign)
+    _run(tmp_path, *bf16, "--stop_after", "15", name="part")
+    _run(tmp_path, *bf16, "--resume", name="part")
+    a, b = _weights(full), _weights(tmp_path / "part")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -142,21 +177,21 @@ def test_lr_schedule():
 
 
 def test_two_process_ddp(tmp_path):
-    """torchrun with two CPU processes (gloo) through every phase: each rank draws its own data and writes
-    its own cache shard; rank 0 prints the table."""
+    """torchrun with two CPU processes (gloo): stopped at the end of stage 0, each rank has written its
+    own cache shard from its own data; resumed, the run goes through every phase and rank 0 prints the
+    table."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lwt.train_layerwise", *TINY, "--set", f"train.out_dir={out}", "--set", "train.joint_steps=2"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--stop_after", "6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout and "joint" in proc.stdout
-    for rank in (0, 1):
-        cache = ActivationCache.open(out / "cache" / "stage0", rank, {"stage": 0})
-        assert cache.entries == 16
-    a = ActivationCache.open(out / "cache" / "stage0", 0, {}).batch(torch.arange(4))[1]
-    b = ActivationCache.open(out / "cache" / "stage0", 1, {}).batch(torch.arange(4))[1]
-    assert not torch.equal(a, b)  # the ranks drew different sequences
+    shards = [ActivationCache.open(out / "cache" / "stage0", rank, {"stage": 0}) for rank in (0, 1)]
+    assert [c.entries for c in shards] == [16, 16]
+    assert not torch.equal(shards[0].batch(torch.arange(4))[1], shards[1].batch(torch.arange(4))[1])
+    proc = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and "joint" in proc.stdout and "stage 1" in proc.stdout
 
 
 def test_plot_writes_the_curves(tmp_path):
