@@ -2,6 +2,8 @@
 # One prepared GPU session, run from the repository root, in two calls that each fit the 10-minute limit:
 #   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy, RMSNorm sweep + bench_rmsnorm
 #   bash benchmarks/device_check.sh test [pytest -k expr]   # the CUDA tests (xdist over 8 workers)
+#   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
+#                                           # preset (2 layers, dummy tokens), both with --end_to_end
 # Benches run their quick grids unless FULL=1; TUNE=0 skips the RMSNorm sweep. Logs, the results CSVs
 # and the attention plot (when matplotlib is there) go to $OUT; the goal lines are printed last.
 set -uo pipefail
@@ -13,6 +15,16 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 if [ "$what" = test ]; then
   # xdist spreads the many first-call compilations and autotunings over the CPU cores.
   python -m pytest -q -p no:warnings -n 8 --timeout 300 ${2:+-k "$2"} 2>&1 | tee "$OUT/pytest.log" | tail -n 12
+  exit 0
+fi
+if [ "$what" = train ]; then
+  # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
+  python -m lwt.train_layerwise --config config.yaml --end_to_end --set train.out_dir="$OUT/run-default" \
+    --set train.max_steps=40 --set train.joint_steps=20 --set train.warmup_steps=5 2>&1 | tee "$OUT/train_default.log" | tail -n 14
+  python -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
+    --set model.n_layers=2 --set train.out_dir="$OUT/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
+    --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 --set data.val_fraction=0.1 \
+    2>&1 | tee "$OUT/train_4k.log" | tail -n 12
   exit 0
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
