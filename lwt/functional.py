@@ -1,7 +1,8 @@
 """One function per op. Each validates its arguments, then runs the Triton kernel (CUDA tensors) or the
 plain PyTorch reference in `kernels.reference` (anything else).
 
-`LWT_BACKEND` overrides the choice, read at every call: `reference` always runs the reference;
+`LWT_BACKEND` overrides the choice, read at every call in eager mode (under torch.compile, once when
+the graph is traced; see backend_for): `reference` always runs the reference;
 `triton` always runs the kernel and raises if this machine cannot (no Triton, or CPU tensors without
 the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
 """
@@ -27,7 +28,17 @@ def _triton_importable() -> bool:
 
 
 def backend_for(x: torch.Tensor) -> str:
-    """'triton' or 'reference': the path an op given `x` takes now (see the module docstring)."""
+    """The path an op given `x` takes now (see the module docstring).
+
+    Args:
+        x: the op's first tensor argument (anything else is allowed: validation rejects it later).
+    Returns:
+        "triton" or "reference". ValueError for an unknown LWT_BACKEND; RuntimeError if LWT_BACKEND=triton
+        and this machine cannot run the kernels for x.
+    Under torch.compile the variable is read once, while the graph is traced: Dynamo traces the read
+    but installs no guard on the environment's contents (torch 2.13), so a compiled module keeps the path
+    it was traced with. Set LWT_BACKEND before compiling, or call torch._dynamo.reset() after changing it.
+    """
     choice = os.environ.get("LWT_BACKEND", "auto").strip().lower() or "auto"
     if choice not in _BACKENDS:
         raise ValueError(f"LWT_BACKEND: expected one of {', '.join(_BACKENDS)}, got {choice!r}")
@@ -48,18 +59,22 @@ def backend_for(x: torch.Tensor) -> str:
     return "triton"
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+             residual: torch.Tensor | None = None):
     """RMSNorm over the last dim, with the optional fused pre-norm residual add.
 
     Args:
         x: (..., N), float32/float16/bfloat16 (float64 too on the reference path).
-        weight: (N,), on x's device.
+        weight: (N,), on x's device; None: no scale (ones, as torch.nn.RMSNorm(elementwise_affine=False)).
         eps: float >= 0, added to the mean square of the normalised input (x, or x + residual).
         residual: optional, x's shape, dtype and device.
     Returns:
         y (..., N) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.
         Statistics are computed in fp32; gradients flow to x, weight and residual.
     """
+    if weight is None and isinstance(x, torch.Tensor) and x.dim() >= 1:
+        # The kernels and the reference take a weight; ones of x's dtype multiply exactly.
+        weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     if backend_for(x) == "triton":
         from kernels.rmsnorm import rms_norm as rms_norm_triton  # validates before launching
         return rms_norm_triton(x, weight, eps, residual)

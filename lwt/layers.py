@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -12,37 +13,78 @@ from . import functional as F
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learned scale, like torch.nn.RMSNorm(dim, eps).
+    """RMSNorm over the last dim, a drop-in for torch.nn.RMSNorm (same constructor, `weight` key and math)
+    that also takes the fused pre-norm residual add.
 
     Args:
-        dim: size of the normalised (last) dim.
-        eps: added to the mean square; 1e-6 by default.
-        device, dtype: of the `weight` Parameter (initialised to ones).
+        normalized_shape: size of the normalised (last) dim: an int, or a 1-tuple/list/torch.Size as
+            torch.nn.RMSNorm takes (only the last dim can be normalised: one row per kernel program).
+            `dim=` is accepted as a keyword alias (the older spelling).
+        eps: added to the mean square. 1e-6 by default (unlike torch.nn.RMSNorm, whose default is None,
+            kept so that existing `RMSNorm(dim)` calls do not change); None means torch's default, the
+            machine epsilon of the fp32 (float64 for float64 inputs) compute type, read at each call.
+        elementwise_affine: a learned per-element scale `weight` (initialised to ones); False: no weight
+            (no Parameter, no state_dict entry), y = x · rsqrt(mean(x²) + eps).
+        device, dtype: of the `weight` Parameter.
     forward(x, residual=None):
         x: (..., dim). Returns y of x's shape and dtype; with `residual` (x's shape), returns (y, s) where
         s = x + residual is the new residual stream and y its normalisation (one fused kernel on CUDA).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+    def __init__(self, normalized_shape=None, eps: float | None = 1e-6, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, dim=None):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected a positive int, got {dim!r}")
-        check_eps(eps)
-        self.dim = dim
-        self.eps = float(eps)
-        self.weight = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        name = "normalized_shape"
+        if dim is not None:
+            if normalized_shape is not None:
+                raise ValueError(f"dim: expected either normalized_shape or dim (the same thing), got both: "
+                                 f"{normalized_shape!r}, {dim!r}")
+            name, normalized_shape = "dim", dim
+        n = normalized_shape
+        if isinstance(n, (tuple, list, torch.Size)) and len(n) == 1:
+            n = n[0]
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{name}: expected a positive int, got {normalized_shape!r} (a tuple must hold "
+                             f"one: only the last dim is normalised)")
+        if eps is not None:
+            check_eps(eps)
+        if not isinstance(elementwise_affine, bool):
+            raise ValueError(f"elementwise_affine: expected a bool, got {elementwise_affine!r}")
+        self.dim = int(n)
+        self.normalized_shape = (self.dim,)
+        self.eps = None if eps is None else float(eps)
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        """Set the weight (if any) to ones, as torch.nn.RMSNorm does."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Args:
+            x: (..., dim), float32/float16/bfloat16 (float64 on the reference path).
+            residual: optional, x's shape, dtype and device.
+        Returns:
+            y (..., dim) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.
+        """
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.dim:
             raise ValueError(f"x: expected a last dim of {self.dim} (RMSNorm({self.dim})), got shape {tuple(x.shape)}")
-        return F.rms_norm(x, self.weight, self.eps, residual)
+        eps = self.eps
+        if eps is None:
+            # torch.nn.RMSNorm's eps=None: the epsilon of the dtype the statistics are computed in (fp32 for
+            # 16-bit and fp32 inputs, float64 for float64), not of x's own dtype.
+            dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
+            eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+        return F.rms_norm(x, self.weight, eps, residual)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}"
+        affine = "" if self.elementwise_affine else ", elementwise_affine=False"
+        return f"{self.dim}, eps={self.eps}{affine}"
 
 
 def _positive_int(value, name: str) -> int:
@@ -100,8 +142,15 @@ class RotaryEmbedding(nn.Module):
         return self._cos, self._sin
 
     def rotate(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x (B, S, heads, head_dim) rotated for positions offset .. offset + S - 1, in fp32 (float64 for
-        float64 x, with a table computed for the call), returned in x's dtype."""
+        """Rotate one tensor.
+
+        Args:
+            x: (B, S, heads, head_dim), any float dtype.
+            offset: int >= 0, the position of x[:, 0].
+        Returns:
+            x rotated for positions offset .. offset + S - 1, in x's dtype. The rotation runs in fp32
+            (float64 for float64 x, with a table computed for the call).
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected (batch, seq, heads, {self.head_dim}), got {shape}")
@@ -111,6 +160,14 @@ class RotaryEmbedding(nn.Module):
         if x.dtype == torch.float64:
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos(), angles.sin()
+        elif torch.compiler.is_compiling():
+            # Under torch.compile the table is computed for exactly these positions, not read from the
+            # cache: the cache check needs Tensor.is_inference(), which Dynamo cannot trace (a graph
+            # break), and growing the cache would mutate module state inside the graph (a side effect
+            # that retraces whenever the length changes). The values are the cached ones (float64
+            # angles rounded to fp32), and the compiler fuses the (S, head_dim/2) cos/sin into the rotation.
+            angles = self._angles(offset + S, x.device)[offset:]
+            cos, sin = angles.cos().float(), angles.sin().float()
         else:
             cos, sin = self._table(offset + S)
             cos, sin = cos[offset:offset + S], sin[offset:offset + S]
@@ -119,6 +176,12 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
+        """Args:
+            q, k: (B, S, heads, head_dim), any float dtype; their head counts may differ.
+            offset: int >= 0, the position of the first token.
+        Returns:
+            (q, k) rotated (see rotate), each in its own dtype.
+        """
         return self.rotate(q, offset), self.rotate(k, offset)
 
     def extra_repr(self) -> str:
@@ -170,7 +233,31 @@ class GQAAttention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=bias, **factory)
         self.rope = RotaryEmbedding(head_dim, rope_theta, device=device)
 
+    @classmethod
+    def from_config(cls, model_cfg, device=None, dtype=None) -> "GQAAttention":
+        """The attention layer of the model described by `model_cfg` (lwt.config.ModelConfig), as
+        DecoderBlock.from_config builds it: attn_type "gqa" or "standard" (MHA), n_kv_heads None meaning
+        n_heads, head_dim d_model // n_heads, and the config's causal and rope_theta.
+
+        Args:
+            model_cfg: an lwt.config.ModelConfig with attn_type "gqa" or "standard".
+            device, dtype: of the parameters.
+        Returns:
+            a GQAAttention. ValueError if the config describes MLA or an invalid head layout.
+        """
+        c = model_cfg
+        if c.attn_type not in ("gqa", "standard"):
+            raise ValueError(f"attn_type: GQAAttention.from_config expects 'gqa' or 'standard', got "
+                             f"{c.attn_type!r}; use MLAAttention.from_config for 'mla'")
+        return cls(c.d_model, c.n_heads, _kv_heads(c.attn_type, c.n_heads, c.n_kv_heads), causal=c.causal,
+                   rope_theta=c.rope_theta, device=device, dtype=dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: (B, S, d_model), the parameters' dtype.
+        Returns:
+            (B, S, d_model) in x's dtype.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected (batch, seq, {self.d_model}), got {shape}")
@@ -244,6 +331,27 @@ class MLAAttention(nn.Module):
         self.out = nn.Linear(n_heads * v_dim, d_model, bias=False, **factory)
         self.rope = RotaryEmbedding(rope_dim, rope_theta, device=device)
 
+    @classmethod
+    def from_config(cls, model_cfg, device=None, dtype=None) -> "MLAAttention":
+        """The attention layer of the MLA model described by `model_cfg` (lwt.config.ModelConfig), as
+        DecoderBlock.from_config builds it: q_rank = mla_rq, kv_rank = mla_rkv, and per-head sizes
+        mla_nope_dim, mla_rope_dim, mla_v_dim, where None means d_model // n_heads, half of it, and
+        d_model // n_heads.
+
+        Args:
+            model_cfg: an lwt.config.ModelConfig with attn_type "mla".
+            device, dtype: of the parameters.
+        Returns:
+            an MLAAttention. ValueError if the config is not MLA or its sizes are invalid.
+        """
+        c = model_cfg
+        if c.attn_type != "mla":
+            raise ValueError(f"attn_type: MLAAttention.from_config expects 'mla', got {c.attn_type!r}; use "
+                             f"GQAAttention.from_config for 'gqa' or 'standard'")
+        nope_dim, rope_dim, v_dim = _mla_head_dims(c.d_model, c.n_heads, c.mla_nope_dim, c.mla_rope_dim, c.mla_v_dim)
+        return cls(c.d_model, c.n_heads, q_rank=c.mla_rq, kv_rank=c.mla_rkv, nope_dim=nope_dim, rope_dim=rope_dim,
+                   v_dim=v_dim, causal=c.causal, rope_theta=c.rope_theta, device=device, dtype=dtype)
+
     def _queries_and_latent(self, x):
         B, S, _ = x.shape
         H, dn, dr = self.n_heads, self.nope_dim, self.rope_dim
@@ -255,6 +363,13 @@ class MLAAttention(nn.Module):
         return q[..., :dn], q_rope, c, k_rope[:, :, 0]
 
     def forward(self, x: torch.Tensor, absorb: bool = False) -> torch.Tensor:
+        """Args:
+            x: (B, S, d_model), the parameters' dtype.
+            absorb: False (training) decompresses K/V per head; True (inference, no gradient) attends
+                over the latent directly (see the class docstring).
+        Returns:
+            (B, S, d_model) in x's dtype.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected (batch, seq, {self.d_model}), got {shape}")
@@ -314,6 +429,7 @@ class FrozenSwiGLU(nn.Module):
             raise ValueError(f"frozen_dtype: expected float32, float16 or bfloat16 (what the kernel reads) or None, "
                              f"got {frozen_dtype!r}")
         self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
+        self.frozen_dtype = frozen_dtype
         gen = torch.Generator().manual_seed(seed)
         frozen = dict(device=device, dtype=frozen_dtype or dtype or torch.get_default_dtype())
         scale = d_model ** -0.5
@@ -323,9 +439,36 @@ class FrozenSwiGLU(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Re-draw W_down as nn.Linear(d_ff, d_model) initialises its weight; the frozen matrices stay."""
         nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))  # as nn.Linear(d_ff, d_model) initialises it
 
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to/.half()/.bfloat16()/.cuda()/... go through here. With a frozen_dtype the frozen
+        matrices keep it: a conversion that would change their dtype only moves them to the device it
+        targets, from the original values (re-casting afterwards would keep the rounding of, e.g., .half()).
+        Conversions that keep the dtype (device moves, to_empty, share_memory_) apply as to any buffer."""
+        if self.frozen_dtype is None:
+            return super()._apply(fn, recurse)
+        frozen = {name: self._buffers.pop(name) for name in ("w_gate", "w_up")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, before in frozen.items():
+                self._buffers[name] = before
+        for name, before in frozen.items():
+            after = fn(before)
+            if after.dtype != before.dtype:
+                # a meta tensor holds no values to move: take the converted one, back in frozen_dtype
+                after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
+            self._buffers[name] = after
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: (..., d_model), W_down's dtype.
+        Returns:
+            (..., d_model) in x's dtype; gradients flow to x and W_down only.
+        """
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected a last dim of {self.d_model} (d_model), got shape {tuple(x.shape)}")
         return F.frozen_swiglu(x, self.w_gate, self.w_up, self.w_down, self.recompute)
@@ -336,6 +479,26 @@ class FrozenSwiGLU(nn.Module):
 
 
 ATTN_TYPES = ("standard", "gqa", "mla")
+
+
+def _kv_heads(attn_type: str, n_heads: int, n_kv_heads: int | None) -> int:
+    """K/V heads of a gqa/standard layer: n_heads when None; "standard" (MHA) allows no other value."""
+    if n_kv_heads is None:
+        return n_heads
+    if attn_type == "standard" and n_kv_heads != n_heads:
+        raise ValueError(f"n_kv_heads: attn_type 'standard' (MHA) needs n_kv_heads == n_heads={n_heads} "
+                         f"or None, got {n_kv_heads!r}; use attn_type 'gqa'")
+    return n_kv_heads
+
+
+def _mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: int | None, v_dim: int | None):
+    """(nope_dim, rope_dim, v_dim) of an MLA layer; None: d_model // n_heads, half of it, d_model // n_heads."""
+    if d_model % n_heads and None in (nope_dim, rope_dim, v_dim):
+        raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when an MLA head size is None "
+                         f"(the default is derived from d_model // n_heads), got {n_heads}")
+    head_dim = d_model // n_heads
+    return (head_dim if nope_dim is None else nope_dim, head_dim // 2 if rope_dim is None else rope_dim,
+            head_dim if v_dim is None else v_dim)
 
 
 class DecoderBlock(nn.Module):
@@ -378,22 +541,12 @@ class DecoderBlock(nn.Module):
         self.d_model, self.attn_type = d_model, attn_type
         self.norm1 = RMSNorm(d_model, norm_eps, **factory)
         if attn_type == "mla":
-            if d_model % n_heads and None in (mla_nope_dim, mla_rope_dim, mla_v_dim):
-                raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when an MLA head size is None "
-                                 f"(the default is derived from d_model // n_heads), got {n_heads}")
-            head_dim = d_model // n_heads
-            self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv,
-                                     nope_dim=head_dim if mla_nope_dim is None else mla_nope_dim,
-                                     rope_dim=head_dim // 2 if mla_rope_dim is None else mla_rope_dim,
-                                     v_dim=head_dim if mla_v_dim is None else mla_v_dim,
-                                     causal=causal, rope_theta=rope_theta, **factory)
+            nope_dim, rope_dim, v_dim = _mla_head_dims(d_model, n_heads, mla_nope_dim, mla_rope_dim, mla_v_dim)
+            self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv, nope_dim=nope_dim,
+                                     rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta, **factory)
         else:
-            if n_kv_heads is None:
-                n_kv_heads = n_heads
-            if attn_type == "standard" and n_kv_heads != n_heads:
-                raise ValueError(f"n_kv_heads: attn_type 'standard' (MHA) needs n_kv_heads == n_heads={n_heads} "
-                                 f"or None, got {n_kv_heads!r}; use attn_type 'gqa'")
-            self.attn = GQAAttention(d_model, n_heads, n_kv_heads, causal=causal, rope_theta=rope_theta, **factory)
+            self.attn = GQAAttention(d_model, n_heads, _kv_heads(attn_type, n_heads, n_kv_heads), causal=causal,
+                                     rope_theta=rope_theta, **factory)
         self.norm2 = RMSNorm(d_model, norm_eps, **factory)
         self.mlp = FrozenSwiGLU(d_model, d_ff, seed=frozen_seed, recompute=recompute, frozen_dtype=frozen_dtype,
                                 **factory)
@@ -401,8 +554,17 @@ class DecoderBlock(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, layer_idx: int, device=None, dtype=None, *, recompute: bool = False,
                     frozen_dtype=None) -> "DecoderBlock":
-        """Block `layer_idx` of the model described by `model_cfg` (lwt.config.ModelConfig). Its frozen
-        MLP matrices are drawn from seed frozen_seed + layer_idx, so every layer has its own."""
+        """Block `layer_idx` of the model described by `model_cfg`. Its frozen MLP matrices are drawn
+        from seed frozen_seed + layer_idx, so every layer has its own.
+
+        Args:
+            model_cfg: an lwt.config.ModelConfig.
+            layer_idx: int >= 0, the block's index in the stack.
+            device, dtype: of the parameters.
+            recompute, frozen_dtype: as in the constructor.
+        Returns:
+            a DecoderBlock.
+        """
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
         c = model_cfg
@@ -412,6 +574,11 @@ class DecoderBlock(nn.Module):
                    mla_v_dim=c.mla_v_dim, recompute=recompute, frozen_dtype=frozen_dtype, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args:
+            x: (B, S, d_model), the parameters' dtype.
+        Returns:
+            (B, S, d_model) in x's dtype: s + mlp(norm2(s)) with s = x + attn(norm1(x)).
+        """
         a = self.attn(self.norm1(x))  # (B, S, D)
         y, s = self.norm2(a, residual=x)  # s = x + a (the residual stream), y = RMSNorm(s)
         return s + self.mlp(y)

@@ -1,4 +1,6 @@
 """lwt.layers modules: parameters, state_dict compatibility with torch, and the call into the op."""
+import copy
+
 import pytest
 import torch
 
@@ -326,3 +328,113 @@ def test_rope_table_stays_fp32_and_usable_for_training():
     assert_close("rope fp32 after .half()", rope.rotate(x), want, want.float())
     assert rope._cos.dtype == torch.float32
     assert (rope.rotate(x.double()) - want).abs().max().item() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNorm as a drop-in for torch.nn.RMSNorm; FrozenSwiGLU dtype conversions; from_config
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [None, 1e-5], ids=["eps-None", "eps-1e-5"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rmsnorm_swaps_in_for_torch_rmsnorm(eps, affine, dtype):
+    """A module holding a torch.nn.RMSNorm gets lwt's, built with the same arguments; the module's
+    state_dict loads unchanged and the outputs match (eps=None: torch's eps of the compute dtype)."""
+    gen = torch.Generator().manual_seed(11)
+    theirs = torch.nn.Sequential(torch.nn.Linear(24, 24, dtype=dtype),
+                                 torch.nn.RMSNorm([24], eps=eps, elementwise_affine=affine, dtype=dtype))
+    if affine:
+        with torch.no_grad():
+            theirs[1].weight.copy_(torch.rand(24, generator=gen) + 0.5)
+    ours = copy.deepcopy(theirs)
+    t = theirs[1]
+    ours[1] = RMSNorm(t.normalized_shape, eps=t.eps, elementwise_affine=t.elementwise_affine, dtype=dtype)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    # tiny inputs, where eps dominates the mean square: a wrong eps would show
+    x = (torch.randn(3, 5, 24, generator=gen) * (1e-4 if eps is None else 1.0)).to(dtype)
+    want64 = reference.rms_norm(theirs[0](x).double(), torch.ones(24, dtype=torch.float64) if not affine else
+                                theirs[1].weight.double(), torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+                                if eps is None else eps)
+    if dtype == torch.float64:
+        torch.testing.assert_close(ours(x), theirs(x))
+    else:
+        assert_close("y", ours(x), want64, theirs(x))
+
+
+def test_rmsnorm_torch_constructor_forms():
+    norm = RMSNorm((8,), None, False)
+    assert norm.weight is None and list(norm.state_dict()) == [] and norm.normalized_shape == (8,)
+    assert repr(norm) == "RMSNorm(8, eps=None, elementwise_affine=False)"
+    assert RMSNorm(torch.Size([8])).dim == 8 and RMSNorm(dim=8).dim == 8 and RMSNorm(8).eps == 1e-6
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(12))
+    y, s = norm(x, residual=x)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(2 * x, (8,)))
+    with pytest.raises(ValueError, match=r"^normalized_shape: expected a positive int, got \(3, 8\)"):
+        RMSNorm((3, 8))
+    with pytest.raises(ValueError, match=r"^elementwise_affine: expected a bool"):
+        RMSNorm(8, elementwise_affine=1)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.float16), lambda m: m.half(), lambda m: m.bfloat16(),
+                                     lambda m: m.to("cpu", torch.float64), lambda m: m.double().float()],
+                         ids=["to-fp16", "half", "bfloat16", "to-cpu-fp64", "double-float"])
+def test_frozen_swiglu_keeps_frozen_dtype_through_conversions(convert):
+    """Casting the module (or a model holding it) moves W_down to the new dtype but leaves the frozen
+    matrices in the frozen_dtype they were given, bit for bit; without frozen_dtype they follow."""
+    from lwt.layers import FrozenSwiGLU
+
+    pinned = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.bfloat16)
+    gate, up = pinned.w_gate.clone(), pinned.w_up.clone()
+    outer = convert(torch.nn.Sequential(pinned))
+    assert outer[0] is pinned and pinned.w_down.dtype == convert(torch.nn.Linear(1, 1)).weight.dtype
+    assert torch.equal(pinned.w_gate, gate) and pinned.w_gate.dtype == torch.bfloat16
+    assert torch.equal(pinned.w_up, up) and pinned.w_up.dtype == torch.bfloat16
+    assert list(pinned.state_dict()) == list(FrozenSwiGLU(32, 80, seed=7).state_dict())
+    free = convert(FrozenSwiGLU(32, 80, seed=7))
+    assert free.w_gate.dtype == free.w_up.dtype == free.w_down.dtype
+
+
+def test_frozen_swiglu_frozen_dtype_follows_device_moves():
+    from lwt.layers import FrozenSwiGLU
+
+    pinned = FrozenSwiGLU(16, 24, seed=1, frozen_dtype=torch.float16).to("meta", torch.float32)
+    assert pinned.w_gate.is_meta and pinned.w_gate.dtype == torch.float16 and pinned.w_down.dtype == torch.float32
+    pinned.to_empty(device="cpu")
+    assert pinned.w_up.device.type == "cpu" and pinned.w_up.dtype == torch.float16
+
+
+def _model_config(**overrides):
+    from lwt.config import ModelConfig
+
+    base = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, mla_rkv=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("overrides,cls", [
+    pytest.param(dict(attn_type="gqa"), GQAAttention, id="gqa"),
+    pytest.param(dict(attn_type="standard", n_kv_heads=None, causal=True), GQAAttention, id="standard-causal"),
+    pytest.param(dict(attn_type="mla", mla_rq=8, rope_theta=500.0), MLAAttention, id="mla-rq8"),
+    pytest.param(dict(attn_type="mla", mla_nope_dim=6, mla_rope_dim=2, mla_v_dim=10), MLAAttention, id="mla-dims"),
+])
+def test_attention_from_config_matches_decoder_block(overrides, cls):
+    """X.from_config(cfg) builds the layer DecoderBlock.from_config(cfg, i).attn is: same class, sizes,
+    settings and parameter shapes."""
+    from lwt.layers import DecoderBlock
+
+    cfg = _model_config(**overrides)
+    layer = cls.from_config(cfg, dtype=torch.float64)
+    block_attn = DecoderBlock.from_config(cfg, 0).attn
+    assert type(block_attn) is cls and repr(layer) == repr(block_attn)
+    assert layer.rope.theta == cfg.rope_theta and layer.causal == cfg.causal
+    assert {n: p.shape for n, p in layer.named_parameters()} == {n: p.shape for n, p in block_attn.named_parameters()}
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+
+
+def test_attention_from_config_wrong_attn_type():
+    with pytest.raises(ValueError, match=r"^attn_type: GQAAttention.from_config expects 'gqa' or 'standard'"):
+        GQAAttention.from_config(_model_config(attn_type="mla"))
+    with pytest.raises(ValueError, match=r"^attn_type: MLAAttention.from_config expects 'mla', got 'gqa'"):
+        MLAAttention.from_config(_model_config(attn_type="gqa"))
+    with pytest.raises(ValueError, match=r"^n_kv_heads: attn_type 'standard' \(MHA\) needs"):
+        GQAAttention.from_config(_model_config(attn_type="standard"))

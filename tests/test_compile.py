@@ -1,0 +1,192 @@
+"""torch.compile of lwt.layers.DecoderBlock and lwt.model.LWTModel: one graph (fullgraph=True) on the CPU
+reference path, forward and backward, and the same output and gradients as eager mode.
+
+The CPU tests compile with the "aot_eager" backend: Dynamo captures the whole module (fullgraph=True
+fails on any graph break) and AOTAutograd traces the joint forward/backward graph, which is everything
+torch.compile does before Inductor generates code. Inductor itself is left out here because its first
+C++ compilation takes about a minute on a 2-core CI machine; the CUDA test runs the default (Inductor)
+backend.
+"""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from lwt.config import ModelConfig
+from lwt.diffusion import masked_diffusion_loss
+from lwt.layers import DecoderBlock
+from lwt.model import LWTModel
+from tests.tolerances import assert_close
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch (no graphs or recompile counts carried over), on one thread: the
+    shapes are tiny and intra-op threads only add OpenMP spin-waiting (see tests/test_model.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+
+
+def block_config(attn_type: str, **overrides) -> ModelConfig:
+    base = dict(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, attn_type=attn_type,
+                mla_rq=16, mla_rkv=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+def make_block(attn_type: str, **factory) -> DecoderBlock:
+    torch.manual_seed(0)
+    block = DecoderBlock.from_config(block_config(attn_type), 0, **factory)
+    with torch.no_grad():  # norm scales away from 1, so their gradients are not trivial
+        for name, p in block.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "_norm." in name:
+                p.uniform_(0.5, 1.5)
+    return block
+
+
+def output_and_grads(module, x, dy, dynamic_seq: bool = False):
+    """module(x) and the gradients of Σ module(x)·dy w.r.t. x and every parameter, by name.
+    dynamic_seq: compile for any sequence length (x's dim 1), not for this one."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.detach().clone().requires_grad_()
+    if dynamic_seq:
+        torch._dynamo.mark_dynamic(leaf, 1)
+    y = module(leaf)
+    y.backward(dy.clone())
+    # a compiled module (OptimizedModule) names its parameters "_orig_mod.<name>"
+    grads = {"x": leaf.grad} | {name.removeprefix("_orig_mod."): p.grad.detach().clone()
+                                for name, p in module.named_parameters()}
+    return y.detach(), grads
+
+
+def compare(got, truth, yardstick, rows: int):
+    """got (compiled) against truth (eager, float64 weights), eager in got's dtype as the yardstick
+    (tests/tolerances.py). A weight gradient sums over the rows (fp32 in both, possibly reordered)."""
+    assert_close("y", got[0], truth[0].double(), yardstick[0])
+    assert got[1].keys() == truth[1].keys()
+    for name in got[1]:
+        assert_close(f"d {name}", got[1][name], truth[1][name].double(), yardstick[1][name], reduced_over=rows)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_decoder_block_compiles_to_one_graph_cpu(attn_type):
+    """fullgraph=True raises on any graph break; output, dx and every parameter gradient match eager."""
+    block = make_block(attn_type)
+    truth = copy.deepcopy(block).double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(2, 16, 64, generator=gen), torch.randn(2, 16, 64, generator=gen)
+    got = output_and_grads(compiled, x, dy)
+    compare(got, output_and_grads(truth, x.double(), dy.double()), output_and_grads(block, x, dy), 2 * 16)
+    assert counter.frame_count == 1
+
+
+def test_decoder_block_compiles_for_a_dynamic_sequence_length_cpu():
+    """With the sequence length dynamic (what Dynamo switches to when a second length arrives), one graph
+    serves every length: the RoPE table is built inside the graph for the positions needed (no cache to
+    grow). MLA only, to keep the suite fast: its RoPE (a per-head query part and one shared key) covers
+    GQA's."""
+    block = make_block("mla")
+    truth = copy.deepcopy(block).double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(1)
+    for S in (16, 37):
+        x, dy = torch.randn(2, S, 64, generator=gen), torch.randn(2, S, 64, generator=gen)
+        got = output_and_grads(compiled, x, dy, dynamic_seq=True)
+        compare(got, output_and_grads(truth, x.double(), dy.double()), output_and_grads(block, x, dy), 2 * S)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
+
+
+def test_compiled_block_reads_lwt_backend_when_traced(monkeypatch):
+    """Under torch.compile LWT_BACKEND is read while tracing (Dynamo puts no guard on the environment):
+    a value set before compiling is honoured, and torch._dynamo.reset() picks up a new one."""
+    block = make_block("gqa")
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = block(x)
+        monkeypatch.setenv("LWT_BACKEND", "bogus")
+        with pytest.raises(Exception, match="LWT_BACKEND: expected one of"):
+            torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        torch._dynamo.reset()
+        monkeypatch.setenv("LWT_BACKEND", "reference")
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    assert_close("y", got, want.double(), want)
+
+
+def test_rope_cache_is_left_alone_under_compile():
+    """Compiled code computes the cos/sin table for the positions it needs; eager mode still fills and
+    grows the fp32 cache as before."""
+    block = make_block("gqa")
+    rope = block.attn.rope
+    x = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+        assert rope._cos.shape[0] == 0
+        block(x)
+    assert rope._cos.shape[0] >= 8 and rope._cos.dtype == torch.float32
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_model_forward_compiles_to_one_graph_cpu(attn_type):
+    """LWTModel.forward (embedding, blocks, final norm) in one graph. The mask-diffusion loss stays in
+    eager mode: its boolean gather (hidden[mask]) has a data-dependent shape, and the target check syncs
+    with the host, so Dynamo breaks the graph there by design."""
+    cfg = block_config(attn_type, n_layers=1, d_model=32, d_ff=64, mla_rq=8)
+    torch.manual_seed(0)
+    model = LWTModel(cfg)
+    truth = copy.deepcopy(model).double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_forward = torch.compile(model, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    mask = torch.rand(2, 16, generator=gen) < 0.5
+    t = torch.tensor([0.3, 0.8])
+    noisy = tokens.masked_fill(mask, model.mask_id)
+
+    def loss_and_grads(forward, m):
+        m.zero_grad(set_to_none=True)
+        hidden = forward(noisy)
+        loss = masked_diffusion_loss(hidden, m.head_weight(), tokens, mask, t)
+        loss.backward()
+        return hidden.detach(), loss.detach(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+    got = loss_and_grads(compiled_forward, model)
+    want = loss_and_grads(truth, truth)
+    yardstick = loss_and_grads(model, model)
+    assert counter.frame_count == 1
+    assert_close("hidden", got[0], want[0], yardstick[0])
+    assert_close("loss", got[1], want[1], yardstick[1])
+    for name in got[2]:
+        assert_close(f"d {name}", got[2][name], want[2][name], yardstick[2][name], reduced_over=tokens.numel())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_decoder_block_compiled_cuda_bf16(monkeypatch, attn_type):
+    """The Triton kernels in bf16 under torch.compile (Inductor) on a GPU, against the same weights in
+    float64 on the reference path, with the eager bf16 Triton path as the yardstick.
+
+    fullgraph=False here: the kernels are entered through torch.autograd.Function subclasses whose launch
+    wrappers (kernels/_common.TunedKernel's per-key config cache, the Triton autotuner) are Python that
+    Dynamo is not guaranteed to trace, so graph breaks at the kernel calls are allowed and those calls
+    run eagerly between compiled regions. Registering the ops through torch.library (triton_op with a
+    fake implementation) would make fullgraph=True possible; the kernel files do not do that yet.
+    """
+    block = make_block(attn_type, device="cuda", dtype=torch.bfloat16)
+    truth = copy.deepcopy(block).double()
+    compiled = torch.compile(block, fullgraph=False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 128, 64, generator=gen).to("cuda", torch.bfloat16)
+    dy = torch.randn(2, 128, 64, generator=gen).to("cuda", torch.bfloat16)
+    got = output_and_grads(compiled, x, dy)
+    yardstick = output_and_grads(block, x, dy)
+    monkeypatch.setenv("LWT_BACKEND", "reference")  # the kernels take no float64
+    want = output_and_grads(truth, x.double(), dy.double())
+    compare(got, want, yardstick, 2 * 128)
