@@ -276,8 +276,9 @@ class Trainer:
         now = config_to_dict(self.cfg)
         diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s] if saved[s][k] != now[s][k]]
         if diff or state["end_to_end"] != self.args.end_to_end:
-            raise ValueError(f"--resume: the config differs from the checkpoint's ({'; '.join(diff) or '--end_to_end'}); "
-                             f"resume with the same config, or start a new out_dir")
+            what = "; ".join(diff) or "--end_to_end"
+            raise ValueError(f"--resume: the config differs from the checkpoint's ({what}); resume with the same "
+                             f"config, or start a new out_dir")
         if len(state["rng"]) != self.env.world:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
@@ -325,7 +326,8 @@ class Trainer:
 
     def loss(self, final, tokens, mask, t):
         """final: final normalised hidden states (B, S, D); the tied head and the masked positions' loss."""
-        return masked_diffusion_loss(final, self.model.head_weight(), tokens, mask, t, self.cfg.objective.loss_weighting)
+        weighting = self.cfg.objective.loss_weighting
+        return masked_diffusion_loss(final, self.model.head_weight(), tokens, mask, t, weighting)
 
     # -- evaluation ------------------------------------------------------------------------------------
 
@@ -541,8 +543,8 @@ class Trainer:
                                  peak_kind="cuda" if self.device.type == "cuda" else "rss"))
         self.log(dict(phase=label, eval=result))
         if env.main:
-            print(f"{label}: validation NELBO {result['nelbo']:.4f} nats/token (perplexity <= {result['ppl_bound']:.2f})",
-                  flush=True)
+            print(f"{label}: validation NELBO {result['nelbo']:.4f} nats/token "
+                  f"(perplexity <= {result['ppl_bound']:.2f})", flush=True)
         self.master = None
         self.phase_wall = 0.0
         self.save(None)  # position (index, total): trained and evaluated
