@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -139,6 +140,13 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# No buffer broadcast in forward (init_sync=False covers the one at construction). torch 2.13 renamed
+# broadcast_buffers to forward_sync_buffers and warns about the old name; older torch has only the old one.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -477,7 +485,7 @@ class Trainer:
         # DDP over what this phase trains; frozen parts stay outside. Every rank builds the same weights
         # from the same seeds (and loads the same checkpoint), so nothing needs broadcasting.
         if env.world > 1:
-            core = nn.parallel.DistributedDataParallel(core, broadcast_buffers=False, init_sync=False)
+            core = nn.parallel.DistributedDataParallel(core, init_sync=False, **_NO_BUFFER_SYNC)
         tokens_per_step = c.data.batch_size * c.data.seq_len * env.world
         warmup = min(c.train.warmup_steps, total)
         if self.device.type == "cuda":
@@ -715,6 +723,7 @@ def main(argv=None) -> int:
                   f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}, {m.num_params():,} trainable "
                   f"parameters; data: {trainer.data.description or cfg.data.source}", flush=True)
         if not trainer.run():
+            env.barrier()
             return 0
         if env.main:
             unigram = trainer.data.unigram_entropy("train") if cfg.data.source != "dummy" else None
@@ -725,6 +734,9 @@ def main(argv=None) -> int:
             if args.plot:
                 plot(os.path.join(trainer.out_dir, "metrics.jsonl"), os.path.join(trainer.out_dir, "curves.png"))
                 print(f"wrote {os.path.join(trainer.out_dir, 'curves.png')}")
+        # Every rank leaves together: a rank tearing its process group down while another still works
+        # with it (rank 0 writing the table) can abort in gloo's threads at exit.
+        env.barrier()
         return 0
     finally:
         env.close()
