@@ -140,6 +140,7 @@ def _ddp_worker(rank: int, world: int, port: int) -> None:
         ref = dict(_reference(world).named_parameters())
         for name, p in model.named_parameters():
             torch.testing.assert_close(p, ref[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        dist.barrier()  # leave together: a rank tearing gloo down while the other still runs can abort
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +204,7 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
             expected = model(tokens)
             torch.testing.assert_close(other(tokens), expected, rtol=0, atol=0)
             torch.testing.assert_close(plain(tokens), expected, rtol=1e-5, atol=1e-6)
+        dist.barrier()  # leave together (see above)
     finally:
         dist.destroy_process_group()
 
