@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import check_kernel_device, empty, grouped_tile, interpreting, next_power_of_2
+from ._common import as_rows, check_kernel_device, empty, grouped_tile, interpreting, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -47,7 +47,7 @@ LOGITS_CHUNK_BYTES = 192 * 2**20
 
 
 @triton.jit
-def _ce_rows_kernel(Z, stride_z_row, Target, RowScale, Lse, Loss, V,
+def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
                     COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: lse and ℓ = lse − z_t from one
     online pass over the row (otherwise lse is read from Lse). WRITE_GRAD: a second pass overwrites the
@@ -55,7 +55,7 @@ def _ce_rows_kernel(Z, stride_z_row, Target, RowScale, Lse, Loss, V,
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z_row
     cols = tl.arange(0, BLOCK_V)
-    target = tl.load(Target + row)
+    target = tl.load(Target + row * stride_t)
     if COMPUTE_LSE:
         # Per-lane running max and sum (in log2 units), merged once at the end: one cross-lane reduction
         # per row instead of one per block. A lane that has only seen -inf keeps max -inf and sum 0.
@@ -165,7 +165,7 @@ def _launch_rows(z, target, row_scale, lse, loss, compute_lse: bool, write_grad:
     C, V = z.shape
     block_v, warps = _row_config(V)
     dummy = lse  # pointer arguments a constexpr branch never reads
-    _ce_rows_kernel[(C,)](z, z.stride(0), target, row_scale if write_grad else dummy, lse,
+    _ce_rows_kernel[(C,)](z, z.stride(0), target, target.stride(0), row_scale if write_grad else dummy, lse,
                           loss if compute_lse else dummy, V,
                           COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps)
 
@@ -337,11 +337,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     """
     check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype)
     check_kernel_device(hidden, "hidden")
-    D = hidden.shape[-1]
-    h = hidden.reshape(-1, D)
-    if h.stride(-1) != 1:
-        h = h.contiguous()
-    t = target.reshape(-1).contiguous()  # the kernel reads targets with unit stride
+    h = as_rows(hidden)  # (N, D), unit stride along D (a copy only when no such view exists)
+    t = target.reshape(-1)  # any stride: the kernel takes it
     tw = None if token_weight is None else token_weight.reshape(-1)
     n_kept = count_valid_targets(t, weight.shape[0], ignore_index)  # the one host sync
     # nonzero_static: the size is known from the sync above, so finding the rows needs no second one

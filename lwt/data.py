@@ -30,12 +30,12 @@ import warnings
 import numpy as np
 import torch
 
-from lwt.config import DataConfig
+from lwt.config import BYTE_VOCAB, DataConfig
+from lwt.config import DATA_SOURCES as SOURCES
+from lwt.config import TOKEN_DTYPES as _TOKEN_DTYPE_NAMES
 
-SOURCES = ("dummy", "text", "tokens")
 SPLITS = ("train", "val")
-TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-BYTE_VOCAB = 256
+TOKEN_DTYPES = {name: np.dtype(name).type for name in _TOKEN_DTYPE_NAMES}  # "uint16" -> np.uint16
 
 # The dummy corpus: long enough that random windows rarely repeat, short enough to build in milliseconds.
 DUMMY_MIN_TOKENS = 100_000
@@ -179,8 +179,14 @@ class TokenData:
             c = np.bincount(chunk.astype(np.int64, copy=False), minlength=len(counts))
             c[:len(counts)] += counts
             counts = c
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * np.log(p)).sum())
+        return entropy_of_counts(counts)
+
+
+def entropy_of_counts(counts) -> float:
+    """Entropy in nats of the distribution given by non-negative counts (a NumPy array or a tensor)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:

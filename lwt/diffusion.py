@@ -20,8 +20,9 @@ import math
 import torch
 
 from . import functional as F
+from .config import LOSS_WEIGHTINGS as WEIGHTINGS
+from .data import entropy_of_counts
 
-WEIGHTINGS = ("elbo", "uniform")
 ORDERS = ("confidence", "random")
 
 
@@ -177,9 +178,7 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
 def unigram_entropy(tokens: torch.Tensor) -> float:
     """Entropy (nats) of the empirical token distribution of `tokens` (any shape, int ids >= 0): the
     loss of a model that ignores context, printed beside the NELBO as a yardstick."""
-    counts = torch.bincount(tokens.reshape(-1).long().cpu()).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
+    return entropy_of_counts(torch.bincount(tokens.reshape(-1).long().cpu()).numpy())
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from torch import nn
 from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
 
 from . import functional as F
+from .config import ATTN_TYPES
 
 
 class RMSNorm(nn.Module):
@@ -476,9 +477,6 @@ class FrozenSwiGLU(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, seed={self.seed}, recompute={self.recompute}, "
                 f"frozen_dtype={self.w_gate.dtype}")
-
-
-ATTN_TYPES = ("standard", "gqa", "mla")
 
 
 def _kv_heads(attn_type: str, n_heads: int, n_kv_heads: int | None) -> int:
