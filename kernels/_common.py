@@ -127,6 +127,47 @@ class TunedKernel:
             self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
 
 
+class Launcher:
+    """A launcher (tensors in, new tensors out, no autograd) registered as the custom op `lwt::<name>`.
+
+    Calling it runs `fn` directly in eager mode. While torch.compile traces (Dynamo, then AOTAutograd
+    over the autograd.Function around it) it calls the registered op instead: one opaque node in the
+    graph whose output shapes, dtypes and strides come from `fake`, since the host-side launch code
+    (config caches, the autotuner, grid lambdas) is not something Dynamo can trace. Eager calls skip the
+    dispatcher, whose per-call cost (about 50 µs on a slow host CPU) is larger than a small op's launch.
+    The op itself is `.op` (torch.ops.lwt.<name>), for torch.library.opcheck.
+
+    Rules `fn` keeps, as custom ops must: no output aliases an input and no input is written (mutates_args
+    is empty), every output is a tensor (an output not asked for is an empty tensor), and its outputs
+    have the strides `fake` gives.
+    """
+
+    registry: dict[str, "Launcher"] = {}  # every lwt:: op, by name
+
+    def __init__(self, name: str, fn, fake):
+        self.fn = fn
+        Launcher.registry[name] = self
+        self.op = torch.library.custom_op(f"lwt::{name}", fn, mutates_args=())
+        self.op.register_fake(fake)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.op(*args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def launcher(name: str, fake):
+    """Decorator form of Launcher: `@launcher("rms_norm_fwd", fake=...)` over a typed function (the
+    annotations are the op's schema)."""
+    return lambda fn: Launcher(name, fn, fake)
+
+
+def absent(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder a Launcher returns for an output that was not asked for: an empty tensor."""
+    return like.new_empty((0,))
+
+
 def row_configs() -> list[triton.Config]:
     if interpreting():
         # One config: the interpreter would otherwise "benchmark" each one on the CPU.

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
-from ._common import TunedKernel, cdiv, check_kernel_device, empty, interpreting, next_power_of_2
+from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, interpreting, launcher, next_power_of_2
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -535,7 +535,14 @@ def head_meta(d: int, d_rope: int, d_v: int, dtype: torch.dtype, causal: bool) -
                 IS_CAUSAL=bool(causal), INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def launch_fwd(q, k, kr, v, causal: bool, sm_scale: float, d_rope: int = 0):
+def _fwd_fake(q, k, kr, v, causal, sm_scale, d_rope=0):
+    B, S, H, _ = q.shape
+    return q.new_empty((B, S, H, v.shape[3])), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@launcher("attention_fwd", fake=_fwd_fake)
+def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: torch.Tensor, causal: bool,
+               sm_scale: float, d_rope: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward, for attention (kr None, d_rope 0) and MLA. q (B, S, H, D + d_rope); k (B, S, Hkv, D);
     kr (B, S, d_rope): rope keys shared by all heads; v (B, S, Hkv, D_V); unit stride along the last dim.
     Returns (o, lse): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
@@ -594,14 +601,29 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return launch_fwd(q, k, None, v, causal, sm_scale)
 
 
-def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, need_dq: bool = True, need_dkdv: bool = True):
-    """Launch the backward: δ, then dQ and dK/dV (each pass only if needed, else its result is None).
+def grads_like(need: tuple, *inputs: torch.Tensor, zero: bool = False) -> tuple:
+    """For a backward launcher: per input, a contiguous tensor of its shape and dtype where `need` says so
+    (uninitialised, or zeros), else the empty tensor that stands for "not computed"."""
+    make = torch.zeros if zero else torch.empty
+    return tuple(make(t.shape, dtype=t.dtype, device=t.device) if wanted else absent(t)
+                 for wanted, t in zip(need, inputs))
+
+
+def _bwd_fake(do, q, k, v, o, lse, causal, sm_scale, need_dq=True, need_dkdv=True):
+    return grads_like((need_dq, need_dkdv, need_dkdv), q, k, v)
+
+
+@launcher("attention_bwd", fake=_bwd_fake)
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, causal: bool, sm_scale: float, need_dq: bool = True,
+                  need_dkdv: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: δ, then dQ and dK/dV (each pass only if needed, else its result is empty).
     Shapes as in attention_fwd; do like o. Returns (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = None
+        return grads_like((need_dq, need_dkdv, need_dkdv), q, k, v, zero=True)
+    dq = absent(q)
     dk = empty(k.shape, k.dtype, k.device) if need_dkdv else None
     dv = empty(v.shape, v.dtype, v.device) if need_dkdv else None
     _check_offsets(do=do, dq=q.shape, **({"dk": dk, "dv": dv} if need_dkdv else {}))
@@ -609,7 +631,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, sm_scale: float, need_dq: b
     if need_dq:
         dq = launch_dq(do, q, k, None, v, lse, delta, causal, sm_scale)
     if not need_dkdv:
-        return dq, None, None
+        return dq, absent(k), absent(v)
     _dkdv.launch(
         lambda m: (cdiv(S, m["BLOCK_N"]) * B * Hkv,),
         q, k, v, do, lse, delta, dk, dv,
@@ -641,7 +663,7 @@ class AttentionFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dq, dk, dv = attention_bwd(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale,
                                    need_dq=need[0], need_dkdv=need[1] or need[2])
-        return dq, dk, dv, None, None
+        return (*(g if wanted else None for g, wanted in zip((dq, dk, dv), need)), None, None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import as_rows, check_kernel_device, empty, grouped_tile, interpreting, next_power_of_2
+from ._common import (absent, as_rows, check_kernel_device, empty, grouped_tile, interpreting, launcher,
+                      next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -245,81 +246,143 @@ def _scatter_rows(rows: torch.Tensor, kept: torch.Tensor | None, n: int) -> torc
     return torch.zeros((n,) + tuple(rows.shape[1:]), dtype=rows.dtype, device=rows.device).index_copy_(0, kept, rows)
 
 
+def _kept_rows(target: torch.Tensor, V: int, ignore_index: int):
+    """(n_kept, kept): the count of rows whose target is not ignore_index (the op's one host sync, which
+    also range-checks the targets) and their indices, or None when every row is kept."""
+    n_kept = count_valid_targets(target, V, ignore_index)
+    # nonzero_static: the size is known from the sync above, so finding the rows needs no second one
+    kept = None if n_kept == target.numel() else torch.nonzero_static(target != ignore_index, size=n_kept).squeeze(1)
+    return n_kept, kept
+
+
+def _select(kept: torch.Tensor | None, *rows):
+    """Each of `rows` ((N, ...) tensors or None) at the kept positions."""
+    return tuple(t if t is None or kept is None else t.index_select(0, kept) for t in rows)
+
+
+def _deferred(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the gradients wait for the backward. Computing them ahead needs a scalar upstream gradient
+    (mean/sum) and a dtype whose range does not care what it is: fp16 dZ rounded without it (a GradScaler's
+    2^16, say) would flush small probabilities to zero, so fp16 computes them in the backward, as "none"
+    does."""
+    return reduction == "none" or dtype == torch.float16
+
+
+def _fwd_fake(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype, need_dh, need_dw,
+              need_dtw):
+    N = hidden.shape[0]
+    now = not _deferred(reduction, hidden.dtype)
+    later = not now and (need_dh or need_dw)
+    fp32 = dict(dtype=torch.float32)
+    return (hidden.new_empty((N,) if reduction == "none" else (), **fp32),
+            hidden.new_empty(hidden.shape if now and need_dh else (0,)),
+            weight.new_empty(weight.shape if now and need_dw else (0,)),
+            hidden.new_empty((N,) if need_dtw else (0,), **fp32), hidden.new_empty((N,) if later else (0,), **fp32))
+
+
+@launcher("linear_cross_entropy_fwd", fake=_fwd_fake)
+def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None,
+               reduction: str, ignore_index: int, accum_dtype: torch.dtype | None, need_dh: bool, need_dw: bool,
+               need_dtw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward over validated rows: hidden (N, D), weight (V, D), target (N,), token_weight (N,) or None.
+
+    Returns (loss, dh, dw, dloss_dtw, lse), each empty when not needed: loss, fp32, a scalar or (N,) for
+    "none"; dh (N, D) and dw (V, D), the gradients for an upstream gradient of 1, computed now unless they
+    are deferred (_deferred); dloss_dtw (N,) fp32, ∂loss/∂token_weight for an upstream gradient of 1; lse
+    (N,) fp32, kept for a deferred backward. Ignored rows get zeros in dh, dloss_dtw and lse."""
+    N = hidden.shape[0]
+    n_kept, kept = _kept_rows(target, weight.shape[0], ignore_index)
+    h, t, tw = _select(kept, hidden, target.long(), None if token_weight is None else token_weight.float())
+    r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
+    now = not _deferred(reduction, hidden.dtype)
+    row_scale = None
+    if now and (need_dh or need_dw):
+        row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device)
+        if tw is not None:
+            row_scale.mul_(tw)
+    lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and now, need_dw and now, accum_dtype)
+    weighted = ell if tw is None else ell * tw
+    if reduction == "none":
+        loss = _scatter_rows(weighted, kept, N)
+    elif reduction == "mean":
+        loss = weighted.sum() / n_kept  # 0 / 0 = NaN without kept rows, as F.cross_entropy
+    else:
+        loss = weighted.sum()
+    return (loss,
+            absent(hidden) if dh is None else _scatter_rows(dh, kept, N),
+            absent(weight) if dw is None else dw,
+            _scatter_rows(ell * r, kept, N) if need_dtw else absent(ell),
+            _scatter_rows(lse, kept, N) if not now and (need_dh or need_dw) else absent(lse))
+
+
+def _bwd_fake(hidden, weight, target, token_weight, lse, grad, reduction, ignore_index, accum_dtype, need_dh,
+              need_dw):
+    return hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,))
+
+
+@launcher("linear_cross_entropy_bwd", fake=_bwd_fake)
+def ce_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None,
+                lse: torch.Tensor, grad: torch.Tensor, reduction: str, ignore_index: int,
+                accum_dtype: torch.dtype | None, need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deferred backward: (dh, dw) for the upstream gradient `grad` (fp32: one element for mean/sum,
+    (N,) for "none"), from ce_forward's arguments and its lse, each empty when not needed. The kept rows
+    are found again (a second host sync, on these paths only)."""
+    N = hidden.shape[0]
+    n_kept, kept = _kept_rows(target, weight.shape[0], ignore_index)
+    if reduction == "none":
+        (g_rows,) = _select(kept, grad.reshape(N))
+    else:  # fp16 mean/sum: one upstream gradient for every row
+        r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
+        g_rows = (grad.reshape(()) * r).expand(n_kept).contiguous()
+    h, t, tw, lse = _select(kept, hidden, target.long(), None if token_weight is None else token_weight.float(), lse)
+    row_scale = g_rows if tw is None else g_rows * tw
+    _, _, dh, dw = ce_chunks(h, weight, t, row_scale, lse, need_dh, need_dw, accum_dtype)
+    return (absent(hidden) if dh is None else _scatter_rows(dh, kept, N)), (absent(weight) if dw is None else dw)
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Inputs come flattened and validated: hidden (N, D), weight (V, D), target (N,), token_weight (N,) or
-    None. The row count and the kept-row index are computed by the caller (one host sync there)."""
+    """Autograd over ce_forward / ce_backward. Inputs come flattened and validated: hidden (N, D), weight
+    (V, D), target (N,), token_weight (N,) or None; need_*: whether hidden, weight and token_weight get a
+    gradient (grad mode on and the input requiring one)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype, kept, n_kept,
-                grad_enabled):
-        N = hidden.shape[0]
-        # needs_input_grad follows requires_grad even under no_grad; then nothing may be computed ahead
-        need_dh, need_dw, need_dtw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
-        h, t = hidden, target.long()
-        tw = None if token_weight is None else token_weight.float()
-        if kept is not None:  # drop the ignored rows before any matmul
-            h, t = hidden.index_select(0, kept), t.index_select(0, kept)
-            tw = None if tw is None else tw.index_select(0, kept)
-        r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
-        # Gradients ahead of the backward need a scalar upstream gradient (mean/sum), and a dtype whose
-        # range does not care what it is: fp16 dZ rounded without it (a GradScaler's 2^16, say) would flush
-        # small probabilities to zero, so fp16 computes them in the backward, as "none" does.
-        deferred = reduction == "none" or hidden.dtype == torch.float16
-        grads_now = (need_dh or need_dw) and not deferred
-        row_scale = None
-        if grads_now:
-            row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device)
-            if tw is not None:
-                row_scale.mul_(tw)
-        lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and grads_now, need_dw and grads_now,
-                                     accum_dtype)
-        weighted = ell if tw is None else ell * tw
-        if reduction == "none":
-            loss = _scatter_rows(weighted, kept, N)
-        elif reduction == "mean":
-            loss = weighted.sum() / n_kept  # 0 / 0 = NaN without kept rows, as F.cross_entropy
-        else:
-            loss = weighted.sum()
-        ctx.reduction, ctx.r, ctx.N, ctx.accum_dtype, ctx.deferred = reduction, r, N, accum_dtype, deferred
-        ctx.grads = (dh, dw)
-        keep = deferred and (need_dh or need_dw)
-        ctx.save_for_backward(h if keep else None, weight if keep else None, t, tw, lse if keep else None,
-                              ell if need_dtw else None, kept)
+    def forward(ctx, hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype, need_dh, need_dw,
+                need_dtw):
+        loss, dh, dw, dloss_dtw, lse = ce_forward(hidden, weight, target, token_weight, reduction, ignore_index,
+                                                  accum_dtype, need_dh, need_dw, need_dtw)
+        later = _deferred(reduction, hidden.dtype) and (need_dh or need_dw)
+        ctx.save_for_backward(*((hidden, weight, target, token_weight, lse) if later else (None,) * 5), dh, dw,
+                              dloss_dtw)
+        ctx.options = (reduction, ignore_index, accum_dtype, need_dh, need_dw, need_dtw, later)
         ctx.token_weight_dtype = None if token_weight is None else token_weight.dtype
+        ctx.scaled = False
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        h, weight, t, tw, lse, ell, kept = ctx.saved_tensors
-        need_dh, need_dw, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        # contiguous: the kernel reads row_scale with unit stride, and (B, S).sum() hands back an expanded g
+        if ctx.scaled:  # before the saved tensors are unpacked: autograd would refuse them with a vaguer message
+            raise RuntimeError("linear_cross_entropy: backward ran twice over the same graph; its gradients are "
+                               "computed in the forward and scaled in place by the first backward")
+        hidden, weight, target, token_weight, lse, dh, dw, dloss_dtw = ctx.saved_tensors
+        reduction, ignore_index, accum_dtype, need_dh, need_dw, need_dtw, later = ctx.options
+        # contiguous: the kernels read the gradient with unit stride, and (B, S).sum() hands back an expanded g
         g = grad_loss.float().contiguous()
-        if ctx.deferred:
-            if ctx.reduction == "none":
-                g_rows = g if kept is None else g.index_select(0, kept)
-            else:  # fp16 mean/sum: one upstream gradient for every row
-                g_rows = (g * ctx.r).expand(t.shape[0]).contiguous()
-            dh = dw = None
-            if need_dh or need_dw:
-                row_scale = g_rows if tw is None else g_rows * tw
-                _, _, dh, dw = ce_chunks(h, weight, t, row_scale, lse, need_dh, need_dw, ctx.accum_dtype)
-            dtw_rows = g_rows * ell if need_dtw else None
-        else:
-            if ctx.grads is None:
-                raise RuntimeError("linear_cross_entropy: backward ran twice over the same graph; its gradients "
-                                   "are computed in the forward and scaled in place by the first backward")
-            dh, dw = ctx.grads
-            ctx.grads = None
+        if later:
+            dh, dw = ce_backward(hidden, weight, target, token_weight, lse, g, reduction, ignore_index,
+                                 accum_dtype, need_dh, need_dw)
+        elif (need_dh or need_dw) and torch.compiler.is_compiling():
+            # Traced (torch.compile): new tensors, as a traced backward may not write its saved tensors. g is
+            # one element here (mean/sum); an empty (not needed) gradient stays empty.
+            dh, dw = ((t.float() * g).to(t.dtype) for t in (dh, dw))
+        elif need_dh or need_dw:
+            ctx.scaled = True
             # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).
             for grad in (dh, dw):
-                if grad is not None:
+                if grad.numel():
                     _scale_(grad, g)
-            dtw_rows = g * ctx.r * ell if need_dtw else None
-        if dh is not None:  # ignored rows get zeros
-            dh = _scatter_rows(dh, kept, ctx.N)
-        dtw = None if dtw_rows is None else _scatter_rows(dtw_rows, kept, ctx.N).to(ctx.token_weight_dtype)
-        return dh, dw, None, dtw, None, None, None, None, None, None
+        dtw = (g * dloss_dtw).to(ctx.token_weight_dtype) if need_dtw else None
+        return (dh if need_dh else None), (dw if need_dw else None), None, dtw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -340,9 +403,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     h = as_rows(hidden)  # (N, D), unit stride along D (a copy only when no such view exists)
     t = target.reshape(-1)  # any stride: the kernel takes it
     tw = None if token_weight is None else token_weight.reshape(-1)
-    n_kept = count_valid_targets(t, weight.shape[0], ignore_index)  # the one host sync
-    # nonzero_static: the size is known from the sync above, so finding the rows needs no second one
-    kept = None if n_kept == t.numel() else torch.nonzero_static(t != ignore_index, size=n_kept).squeeze(1)
-    loss = LinearCrossEntropyFunction.apply(h, weight, t, tw, reduction, ignore_index, accum_dtype, kept, n_kept,
-                                            torch.is_grad_enabled())
+    grad = torch.is_grad_enabled()
+    need = (grad and h.requires_grad, grad and weight.requires_grad, grad and tw is not None and tw.requires_grad)
+    loss = LinearCrossEntropyFunction.apply(h, weight, t, tw, reduction, ignore_index, accum_dtype, *need)
     return loss.reshape(target.shape) if reduction == "none" else loss

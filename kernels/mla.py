@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import attention as A
 from ._checks import check_latent_args, check_mla_args
-from ._common import TunedKernel, cdiv, check_kernel_device, empty, num_sms
+from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, launcher, num_sms
 
 
 @triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
@@ -92,22 +92,28 @@ def _head_chunks(B: int, S: int, H: int, device) -> int:
     return H
 
 
-def mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal: bool, sm_scale: float, need_dq: bool = True,
-            need_dkv: bool = True):
-    """Launch the backward: δ, dQ, the dK/dV pass (each only if needed, else its results are None).
+def _mla_bwd_fake(do, q, k_nope, k_rope, v, o, lse, causal, sm_scale, need_dq=True, need_dkv=True):
+    return A.grads_like((need_dq, need_dkv, need_dkv, need_dkv), q, k_nope, k_rope, v)
+
+
+@launcher("mla_bwd", fake=_mla_bwd_fake)
+def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
+            o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float, need_dq: bool = True,
+            need_dkv: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward: δ, dQ, the dK/dV pass (each only if needed, else its results are empty).
     Shapes as in mla_attention, unit stride along the last dims; do like o. Returns (dq, dk_nope, dk_rope,
-    dv) in the inputs' dtypes."""
+    dv), contiguous, in the inputs' dtypes."""
     B, S, H, _ = q.shape
     d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
     if q.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k_nope), torch.zeros_like(k_rope), torch.zeros_like(v)
+        return A.grads_like((need_dq, need_dkv, need_dkv, need_dkv), q, k_nope, k_rope, v, zero=True)
     dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device) if need_dkv else None
     dv = empty(v.shape, v.dtype, v.device) if need_dkv else None
     A._check_offsets(do=do, dq=q.shape, **({"dk_nope": dk_nope, "dv": dv} if need_dkv else {}))
     delta = A.launch_delta(o, do)
-    dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope) if need_dq else None
+    dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope) if need_dq else absent(q)
     if not need_dkv:
-        return dq, None, None, None
+        return dq, absent(k_nope), absent(k_rope), absent(v)
     chunks = _head_chunks(B, S, H, q.device)
     dkr_partial = empty((B, chunks, S, d_rope), torch.float32, q.device)
     _dkdv.launch(
@@ -143,7 +149,7 @@ class MLAFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale,
                         need_dq=need[0], need_dkv=any(need[1:4]))
-        return (*grads, None, None)
+        return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import TunedKernel, as_rows, cdiv, empty, num_sms, prune_row_configs, row_configs, row_tile
+from ._common import (TunedKernel, absent, as_rows, cdiv, empty, launcher, num_sms, prune_row_configs, row_configs,
+                      row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -214,13 +215,21 @@ _row_dot = TunedKernel(_rms_norm_bwd_row_dot_kernel)
 _bwd = TunedKernel(_rms_norm_bwd_kernel)
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def _rms_norm_fwd_fake(x, weight, eps, residual=None):
+    M, N = x.shape
+    s_shape = (M, N) if residual is not None else (0,)
+    return x.new_empty((M, N)), x.new_empty(s_shape), x.new_empty((M,), dtype=torch.float32)
+
+
+@launcher("rms_norm_fwd", fake=_rms_norm_fwd_fake)
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on row views. x, residual: (M, N) with unit stride along N; weight: (N,),
-    contiguous. Returns (y, s, rstd): y (M, N) of x's dtype; s the normalised input (x itself without a
-    residual, else a new (M, N) tensor); rstd (M,) fp32."""
+    contiguous. Returns (y, s, rstd): y (M, N) of x's dtype; s = x + residual, a new (M, N) tensor (empty
+    without a residual: the normalised input is x itself); rstd (M,) fp32."""
     M, N = x.shape
     y = empty((M, N), x.dtype, x.device)
-    s = x if residual is None else empty((M, N), x.dtype, x.device)
+    s = absent(x) if residual is None else empty((M, N), x.dtype, x.device)
     rstd = empty((M,), torch.float32, x.device)
     if M == 0:
         return y, s, rstd
@@ -228,25 +237,32 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     if not single:
         block_m, block_n = 1, CHUNK_N
     has_res = residual is not None
+    s_arg = s if has_res else x  # S is neither read nor written without a residual
     _fwd.launch(
         (cdiv(M, block_m),),
-        x, residual, weight, y, s, rstd,
-        x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s.stride(0),
+        x, residual, weight, y, s_arg, rstd,
+        x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s_arg.stride(0),
         M, N, eps,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=has_res, SINGLE_PASS=single,
     )
     return y, s, rstd
 
 
+def _rms_norm_bwd_fake(dy, s, weight, rstd, ds_out=None, compute_dw=True):
+    return s.new_empty(s.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+
+
+@launcher("rms_norm_bwd", fake=_rms_norm_bwd_fake)
 def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 ds_out: torch.Tensor | None = None, compute_dw: bool = True):
+                 ds_out: torch.Tensor | None = None, compute_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous;
     rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's dtype (it is also the residual's
-    gradient); dw (N,) of weight's dtype, or None without compute_dw."""
+    gradient); dw (N,) of weight's dtype, empty without compute_dw."""
     M, N = s.shape
     dx = empty((M, N), s.dtype, s.device)
     if M == 0:
-        return dx, (torch.zeros_like(weight) if compute_dw else None)
+        return dx, (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if compute_dw
+                    else absent(weight))
     block_m, block_n, single = row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M)
     row_dot = None
     if not single:
@@ -269,7 +285,7 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
         BLOCK_M=block_m, BLOCK_N=block_n,
         SINGLE_PASS=single, HAS_DS_OUT=has_dso, COMPUTE_DW=compute_dw,
     )
-    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else None
+    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else absent(weight)
     return dx, dw
 
 
@@ -285,6 +301,8 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, residual, eps, separate_dresidual=False):
         w = weight.contiguous()
         y, s, rstd = rms_norm_fwd(x, w, eps, residual)
+        if residual is None:
+            s = x  # what was normalised
         ctx.save_for_backward(s, w, rstd)
         ctx.has_residual = residual is not None
         ctx.separate_dresidual = separate_dresidual
@@ -297,9 +315,10 @@ class RMSNormFunction(torch.autograd.Function):
         s, w, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(s)
+        compute_dw = ctx.needs_input_grad[1]
         dx, dw = rms_norm_bwd(_unit_stride(dy), s, w, rstd,
-                              ds_out=_unit_stride(ds_out) if ds_out is not None else None,
-                              compute_dw=ctx.needs_input_grad[1])
+                              ds_out=_unit_stride(ds_out) if ds_out is not None else None, compute_dw=compute_dw)
+        dw = dw if compute_dw else None
         dres = None
         if ctx.has_residual:
             # dx is also the residual's gradient. Shared, it costs nothing: autograd never accumulates in

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import TunedKernel, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
+                      launcher)
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
@@ -209,14 +210,22 @@ def _launch_bwd_elementwise(g, u, dh):
     return h, dg, du
 
 
-def swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up: bool):
-    """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else None). Token chunks as in
+def _fwd_fake(x, w_gate, w_up, w_down, save_gate_up):
+    T, F = x.shape[0], w_gate.shape[0]
+    gu_shape = (T, F) if save_gate_up else (0,)
+    return x.new_empty((T, w_down.shape[0])), x.new_empty(gu_shape), x.new_empty(gu_shape)
+
+
+@launcher("frozen_swiglu_fwd", fake=_fwd_fake)
+def swiglu_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+               save_gate_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else empty). Token chunks as in
     the backward: one chunk's h exists at a time."""
     T, D = x.shape
     F = w_gate.shape[0]
     y = empty((T, w_down.shape[0]), x.dtype, x.device)
-    g = empty((T, F), x.dtype, x.device) if save_gate_up else None
-    u = empty((T, F), x.dtype, x.device) if save_gate_up else None
+    g = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
+    u = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
     chunk = max(1, CHUNK_ELEMENTS // F)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
@@ -251,18 +260,27 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-def swiglu_bwd(dy, x, x_meta, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
-    """dx (T, D) and dW_down (D, F) from dy (T, D). x: the input rows when the forward kept nothing else
-    (recompute), else None, with g and u (T, F) given; x_meta: (T, D, dtype, device) of x. Walks the tokens
-    in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down sums their products in fp32.
-    Frozen weights in another dtype than x are cast to it for the dx GEMMs (a transient (F, D) copy each)."""
-    T, D, dtype, device = x_meta
+def _bwd_fake(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
+    return (dy.new_empty(dy.shape if need_dx else (0,)), w_down.new_empty(w_down.shape if need_dw_down else (0,)))
+
+
+@launcher("frozen_swiglu_bwd", fake=_bwd_fake)
+def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w_up: torch.Tensor,
+               w_down: torch.Tensor, g: torch.Tensor | None = None, u: torch.Tensor | None = None,
+               need_dx: bool = True, need_dw_down: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx (T, D) and dW_down (D, F) from dy (T, D), each empty unless asked for. x: the input rows when
+    the forward kept nothing else (recompute), else None, with g and u (T, F) given; dx takes dy's dtype,
+    which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
+    sums their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
+    transient (F, D) copy each)."""
+    T, D = dy.shape
+    dtype, device = dy.dtype, dy.device
     F = w_gate.shape[0]
     if T == 0:
-        return (torch.zeros((T, D), dtype=dtype, device=device) if need_dx else None,
-                torch.zeros_like(w_down) if need_dw_down else None)
+        return (torch.zeros((T, D), dtype=dtype, device=device) if need_dx else absent(dy),
+                torch.zeros(w_down.shape, dtype=w_down.dtype, device=device) if need_dw_down else absent(w_down))
     chunk = max(1, CHUNK_ELEMENTS // F)
-    dx = empty((T, D), dtype, device) if need_dx else None
+    dx = empty((T, D), dtype, device) if need_dx else absent(dy)
     dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
     if need_dx:
         wg, wu = w_gate.to(dtype), w_up.to(dtype)  # no copy when they already share x's dtype
@@ -289,7 +307,7 @@ def swiglu_bwd(dy, x, x_meta, w_gate, w_up, w_down, g=None, u=None, need_dx=True
                 for f0 in range(0, F, cols):
                     dw[:, f0:f0 + cols] += _mm_fp32(dy[sl].t(), h[:, f0:f0 + cols])
         del h  # before the next chunk allocates its own
-    return dx, (dw.to(w_down.dtype) if need_dw_down else None)
+    return dx, (dw.to(w_down.dtype) if need_dw_down else absent(w_down))
 
 
 class FrozenSwiGLUFunction(torch.autograd.Function):
@@ -300,18 +318,19 @@ class FrozenSwiGLUFunction(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down, recompute, training):
         """training: a backward may follow (grad mode on and x or w_down requiring grad): only then does
         recompute=False store g and u, and recompute=True keep x."""
-        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, save_gate_up=training and not recompute)
-        ctx.save_for_backward(x if training and recompute else None, w_gate, w_up, w_down, g, u)
-        ctx.x_meta = (x.shape[0], x.shape[1], x.dtype, x.device)
+        saved_gate_up = training and not recompute
+        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, saved_gate_up)
+        ctx.save_for_backward(x if training and recompute else None, w_gate, w_up, w_down,
+                              g if saved_gate_up else None, u if saved_gate_up else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
-        dx, dw = swiglu_bwd(dy, x, ctx.x_meta, w_gate, w_up, w_down, g, u, need_dx=ctx.needs_input_grad[0],
-                            need_dw_down=ctx.needs_input_grad[3])
-        return dx, None, None, dw, None, None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        dx, dw = swiglu_bwd(dy, x, w_gate, w_up, w_down, g, u, need_dx=need_dx, need_dw_down=need_dw)
+        return (dx if need_dx else None), None, None, (dw if need_dw else None), None, None
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

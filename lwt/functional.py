@@ -8,7 +8,6 @@ the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -22,9 +21,8 @@ from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, chec
 _BACKENDS = ("auto", "triton", "reference")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Whether triton can be imported, found without importing it (a plain constant: Dynamo traces backend_for).
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -46,8 +44,8 @@ def backend_for(x: torch.Tensor) -> str:
         return "reference"
     on_cuda = isinstance(x, torch.Tensor) and x.is_cuda  # a non-tensor fails validation on either path
     if choice == "auto":
-        return "triton" if on_cuda and _triton_importable() else "reference"
-    if not _triton_importable():
+        return "triton" if on_cuda and _TRITON_IMPORTABLE else "reference"
+    if not _TRITON_IMPORTABLE:
         raise RuntimeError("LWT_BACKEND=triton, but triton cannot be imported on this machine; "
                            "install triton, or unset LWT_BACKEND to run the PyTorch reference")
     from kernels._common import interpreting  # imports triton, which is importable here
@@ -198,7 +196,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         return ce_triton(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype=accum_dtype)
     check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype,
                                     dtypes=REFERENCE_DTYPES)
-    count_valid_targets(target, weight.shape[0], ignore_index)
+    if not torch.compiler.is_compiling():  # the range check syncs with the host: left to gather's own check
+        count_valid_targets(target, weight.shape[0], ignore_index)
     return reference.linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)
 
 

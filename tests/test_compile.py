@@ -1,5 +1,6 @@
 """torch.compile of lwt.layers.DecoderBlock and lwt.model.LWTModel: one graph (fullgraph=True) on the CPU
-reference path, forward and backward, and the same output and gradients as eager mode.
+reference path, forward and backward, and the same output and gradients as eager mode. (The Triton path
+under torch.compile: tests/test_library_ops.py on CPU, and the CUDA test at the end here.)
 
 The CPU tests compile with the "aot_eager" backend: Dynamo captures the whole module (fullgraph=True
 fails on any graph break) and AOTAutograd traces the joint forward/backward graph, which is everything
@@ -14,6 +15,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import lwt.functional as lwtF
 from lwt.config import ModelConfig
 from lwt.diffusion import masked_diffusion_loss
 from lwt.layers import DecoderBlock
@@ -170,23 +172,44 @@ def test_model_forward_compiles_to_one_graph_cpu(attn_type):
 @pytest.mark.cuda
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_decoder_block_compiled_cuda_bf16(monkeypatch, attn_type):
-    """The Triton kernels in bf16 under torch.compile (Inductor) on a GPU, against the same weights in
-    float64 on the reference path, with the eager bf16 Triton path as the yardstick.
-
-    fullgraph=False here: the kernels are entered through torch.autograd.Function subclasses whose launch
-    wrappers (kernels/_common.TunedKernel's per-key config cache, the Triton autotuner) are Python that
-    Dynamo is not guaranteed to trace, so graph breaks at the kernel calls are allowed and those calls
-    run eagerly between compiled regions. Registering the ops through torch.library (triton_op with a
-    fake implementation) would make fullgraph=True possible; the kernel files do not do that yet.
-    """
+    """The Triton kernels in bf16 under torch.compile (Inductor) on a GPU, in one graph (the kernels enter
+    it as the custom ops lwt::*, see tests/test_library_ops.py), against the same weights in float64 on
+    the reference path, with the eager bf16 Triton path as the yardstick."""
     block = make_block(attn_type, device="cuda", dtype=torch.bfloat16)
     truth = copy.deepcopy(block).double()
-    compiled = torch.compile(block, fullgraph=False)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 128, 64, generator=gen).to("cuda", torch.bfloat16)
     dy = torch.randn(2, 128, 64, generator=gen).to("cuda", torch.bfloat16)
     got = output_and_grads(compiled, x, dy)
+    assert counter.frame_count == 1
     yardstick = output_and_grads(block, x, dy)
     monkeypatch.setenv("LWT_BACKEND", "reference")  # the kernels take no float64
     want = output_and_grads(truth, x.double(), dy.double())
     compare(got, want, yardstick, 2 * 128)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_reference_path_compiles_to_one_graph(reduction):
+    """On the reference path the up-front target check (a host sync) is skipped while tracing, so the loss
+    is one graph; same loss and gradients as eager mode."""
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(9, 16, generator=gen), torch.randn(33, 16, generator=gen)
+    target = torch.randint(0, 33, (9,), generator=gen)
+    target[::4] = -100
+
+    def loss_and_grads(fn):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        loss = fn(*leaves, target)
+        return [loss.detach(), *torch.autograd.grad(loss.sum(), leaves)]
+
+    def loss_fn(h, w, t):
+        return lwtF.linear_cross_entropy(h, w, t, reduction=reduction)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = loss_and_grads(torch.compile(loss_fn, fullgraph=True, backend=counter))
+    want = loss_and_grads(loss_fn)
+    assert counter.frame_count == 1
+    for name, a, b in zip(["loss", "d_hidden", "d_weight"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)

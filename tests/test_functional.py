@@ -60,7 +60,7 @@ def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="LWT_BACKEND=triton needs CUDA tensors.*TRITON_INTERPRET=1"):
         F.rms_norm(x, torch.ones(8))
-    monkeypatch.setattr(F, "_triton_importable", lambda: False)
+    monkeypatch.setattr(F, "_TRITON_IMPORTABLE", False)
     with pytest.raises(RuntimeError, match="triton cannot be imported"):
         F.rms_norm(x, torch.ones(8))
 

@@ -25,7 +25,7 @@ def test_benchmarks_smoke_check_without_gpu():
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_all.py"), "--no-save"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    for bench in ("bench_attention", "bench_cross_entropy", "bench_rmsnorm", "bench_swiglu"):
+    for bench in ("bench_attention", "bench_block", "bench_cross_entropy", "bench_rmsnorm", "bench_swiglu"):
         assert f"{bench}: no CUDA GPU here, so no timings; smoke check of a tiny shape through the Triton interpreter ... ok" in out.stdout
 
 

@@ -1,0 +1,190 @@
+"""The kernels' launchers as torch.library custom ops (lwt::*), and the Triton path under torch.compile.
+
+Each launcher is registered as a custom op with a fake (shape) implementation and called through it while
+torch.compile traces (kernels/_common.Launcher). torch.library.opcheck runs each op on real inputs and
+checks that the fake implementation gives the same shapes, dtypes and strides, that the schema matches
+what the op does (no input written, no output aliasing an input) and that AOTAutograd can trace it with
+static and dynamic shapes. The compile tests then compile lwt's ops and a DecoderBlock with
+fullgraph=True on the Triton path (the interpreter on CPU, LWT_BACKEND=triton) and compare with eager
+mode and with the float64 reference. CPU tests use the "aot_eager" backend (see tests/test_compile.py).
+"""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lwt.functional as lwtF
+from kernels import attention as attn
+from kernels import cross_entropy as ce
+from kernels import mla
+from kernels import rmsnorm
+from kernels import swiglu
+from kernels._common import Launcher
+from tests.test_compile import compare, make_block, output_and_grads
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch):
+    """The Triton path on every device, each test compiling from scratch."""
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def _rms_norm_cases():
+    x, w, r = randn(5, 24), randn(24, seed=1), randn(5, 24, seed=2)
+    yield "rms_norm_fwd", rmsnorm.rms_norm_fwd, (x, w, 1e-6, None)
+    yield "rms_norm_fwd-residual", rmsnorm.rms_norm_fwd, (x, w, 1e-6, r)
+    _, s, rstd = rmsnorm.rms_norm_fwd(x, w, 1e-6, r)
+    dy = randn(5, 24, seed=3)
+    yield "rms_norm_bwd", rmsnorm.rms_norm_bwd, (dy, s, w, rstd, None, True)
+    yield "rms_norm_bwd-ds_out-no-dw", rmsnorm.rms_norm_bwd, (dy, s, w, rstd, randn(5, 24, seed=4), False)
+
+
+def _attention_cases():
+    q, k, v = randn(1, 9, 4, 16), randn(1, 9, 2, 16, seed=1), randn(1, 9, 2, 16, seed=2)
+    yield "attention_fwd", attn.launch_fwd, (q, k, None, v, True, 0.25, 0)
+    o, lse = attn.launch_fwd(q, k, None, v, True, 0.25, 0)
+    do = randn(1, 9, 4, 16, seed=3)
+    yield "attention_bwd", attn.attention_bwd, (do, q, k, v, o, lse, True, 0.25, True, True)
+    yield "attention_bwd-dkdv-only", attn.attention_bwd, (do, q, k, v, o, lse, False, 0.25, False, True)
+    # MLA: a shared rope key of 8, V head dim 12 != QK head dim 16 + 8
+    q, kn, kr, v = randn(1, 9, 2, 24, seed=4), randn(1, 9, 2, 16, seed=5), randn(1, 9, 8, seed=6), randn(1, 9, 2, 12)
+    yield "attention_fwd-mla", attn.launch_fwd, (q, kn, kr, v, False, 0.2, 8)
+    o, lse = attn.launch_fwd(q, kn, kr, v, False, 0.2, 8)
+    do = randn(1, 9, 2, 12, seed=7)
+    yield "mla_bwd", mla.mla_bwd, (do, q, kn, kr, v, o, lse, False, 0.2, True, True)
+    yield "mla_bwd-dq-only", mla.mla_bwd, (do, q, kn, kr, v, o, lse, True, 0.2, True, False)
+
+
+def _swiglu_cases():
+    x, wg, wu, wd = randn(7, 16), randn(24, 16, seed=1) * 0.25, randn(24, 16, seed=2) * 0.25, randn(16, 24, seed=3)
+    yield "frozen_swiglu_fwd", swiglu.swiglu_fwd, (x, wg, wu, wd, False)
+    yield "frozen_swiglu_fwd-save", swiglu.swiglu_fwd, (x, wg, wu, wd, True)
+    _, g, u = swiglu.swiglu_fwd(x, wg, wu, wd, True)
+    dy = randn(7, 16, seed=4)
+    yield "frozen_swiglu_bwd-recompute", swiglu.swiglu_bwd, (dy, x, wg, wu, wd, None, None, True, True)
+    yield "frozen_swiglu_bwd-saved-dw-only", swiglu.swiglu_bwd, (dy, None, wg, wu, wd, g, u, False, True)
+
+
+def _cross_entropy_cases():
+    hidden, weight = randn(9, 16), randn(33, 16, seed=1) * 0.5
+    target = torch.randint(0, 33, (9,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    target[::3] = -100
+    tw = randn(9, seed=3).abs() + 0.5
+    for reduction in ("mean", "sum", "none"):
+        yield f"linear_cross_entropy_fwd-{reduction}", ce.ce_forward, (hidden, weight, target, tw, reduction, -100,
+                                                                       torch.float32, True, True, True)
+    h16, w16 = hidden.half(), weight.half()
+    yield "linear_cross_entropy_fwd-fp16-deferred", ce.ce_forward, (h16, w16, target, None, "mean", -100, None,
+                                                                    True, True, False)
+    lse = ce.ce_forward(hidden, weight, target, tw, "none", -100, torch.float32, True, True, False)[4]
+    yield "linear_cross_entropy_bwd-none", ce.ce_backward, (hidden, weight, target, tw, lse, randn(9, seed=4), "none",
+                                                            -100, torch.float32, True, True)
+
+
+def _cases():
+    for group in (_rms_norm_cases, _attention_cases, _swiglu_cases, _cross_entropy_cases):
+        for name, launcher, args in group():
+            yield pytest.param(launcher, args, id=name)
+
+
+def test_every_launcher_is_checked():
+    """Each lwt:: op that kernels/ registers has opcheck cases below."""
+    checked = {p.values[0].op._name for p in _cases()}
+    assert checked == set(Launcher.registry), f"no opcheck case: {sorted(set(Launcher.registry) - checked)}"
+
+
+@pytest.mark.parametrize("launcher, args", _cases())
+def test_custom_op_passes_opcheck(launcher, args):
+    """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) and AOTAutograd
+    tracing with static and dynamic shapes, each against a real run of the op."""
+    torch.library.opcheck(launcher.op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                                         "test_aot_dispatch_dynamic"))
+
+
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """In eager mode a Launcher runs its function directly; only traced calls go through the op."""
+    launcher = rmsnorm.rms_norm_fwd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registered op was called in eager mode")
+
+    monkeypatch.setattr(launcher, "op", refuse)
+    y, _, _ = launcher(randn(3, 8), randn(8, seed=1), 1e-6, None)
+    assert y.shape == (3, 8)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_decoder_block_triton_path_compiles_to_one_graph(monkeypatch, attn_type):
+    """A DecoderBlock on the Triton path (RMSNorm with the residual add, GQA or MLA attention, the frozen
+    SwiGLU) in one graph: output, dx and every parameter gradient against float64, with the eager Triton
+    path as the yardstick."""
+    block = make_block(attn_type, device=DEVICE)
+    truth = copy.deepcopy(block).double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    x, dy = randn(2, 16, 64, seed=1), randn(2, 16, 64, seed=2)
+    got = output_and_grads(compiled, x, dy)
+    yardstick = output_and_grads(block, x, dy)
+    assert counter.frame_count == 1
+    monkeypatch.setenv("LWT_BACKEND", "reference")  # the kernels take no float64
+    compare(got, output_and_grads(truth, x.double(), dy.double()), yardstick, 2 * 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_compiles_to_one_graph(reduction, dtype):
+    """The loss in one graph, both schedules (fp32 mean: gradients computed in the forward, scaled in the
+    backward, here out of place; "none" and fp16: computed in the backward), with ignored rows and token
+    weights: bit-identical to eager mode, which runs the same kernels."""
+    hidden, weight = randn(9, 16, dtype=dtype), randn(33, 16, dtype=dtype, seed=1) * 0.5
+    target = torch.randint(0, 33, (9,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    target[::3] = -100
+    tw = randn(9, seed=3).abs() + 0.5
+    cotangent = randn(9, seed=4) if reduction == "none" else randn(1, seed=4).reshape(())
+
+    def loss_and_grads(fn):
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, tw)]
+        loss = fn(leaves[0], leaves[1], target, leaves[2])
+        return [loss.detach(), *torch.autograd.grad(loss, leaves, cotangent)]
+
+    def loss_fn(h, w, t, token_weight):
+        return lwtF.linear_cross_entropy(h, w, t, token_weight, reduction)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = loss_and_grads(torch.compile(loss_fn, fullgraph=True, backend=counter))
+    want = loss_and_grads(loss_fn)
+    assert counter.frame_count == 1
+    for name, a, b in zip(["loss", "d_hidden", "d_weight", "d_token_weight"], got, want):
+        assert torch.equal(a, b), f"{name}: compiled differs from eager"
+
+
+def test_linear_cross_entropy_compiled_still_checks_targets():
+    """A target outside [0, V) is a ValueError from inside the compiled graph, as in eager mode."""
+    target = torch.tensor([1, 40, 2]).to(DEVICE)
+    loss_fn = torch.compile(lambda h, w, t: lwtF.linear_cross_entropy(h, w, t), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 33\)"):
+        loss_fn(randn(3, 16), randn(33, 16, seed=1), target)
+
+
+def test_latent_attention_compiles_to_one_graph():
+    """MLA's absorbed (inference) form, forward only, in one graph: the same result as eager mode."""
+    q, c, kr = randn(1, 9, 2, 24), randn(1, 9, 16, seed=1), randn(1, 9, 8, seed=2)
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda *a: lwtF.latent_attention(*a, causal=True), fullgraph=True, backend=counter)
+    with torch.no_grad():
+        assert torch.equal(fn(q, c, kr), lwtF.latent_attention(q, c, kr, causal=True))
+    assert counter.frame_count == 1
