@@ -144,10 +144,14 @@ class Launcher:
 
     registry: dict[str, "Launcher"] = {}  # every lwt:: op, by name
 
-    def __init__(self, name: str, fn, fake):
+    def __init__(self, name: str, fn, fake, host_sync: bool = False):
         self.fn = fn
         Launcher.registry[name] = self
-        self.op = torch.library.custom_op(f"lwt::{name}", fn, mutates_args=())
+        # host_sync: the op waits for the GPU (it reads a count back), which a CUDA graph cannot capture;
+        # the tag tells Inductor's CUDA-graph mode (mode="reduce-overhead") to leave it out of its graphs.
+        unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)  # not in every torch
+        tags = {"tags": (unsafe,)} if host_sync and unsafe is not None else {}
+        self.op = torch.library.custom_op(f"lwt::{name}", fn, mutates_args=(), **tags)
         self.op.register_fake(fake)
         functools.update_wrapper(self, fn)
 
@@ -157,10 +161,10 @@ class Launcher:
         return self.fn(*args, **kwargs)
 
 
-def launcher(name: str, fake):
+def launcher(name: str, fake, host_sync: bool = False):
     """Decorator form of Launcher: `@launcher("rms_norm_fwd", fake=...)` over a typed function (the
     annotations are the op's schema)."""
-    return lambda fn: Launcher(name, fn, fake)
+    return lambda fn: Launcher(name, fn, fake, host_sync)
 
 
 def absent(like: torch.Tensor) -> torch.Tensor:

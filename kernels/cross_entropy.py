@@ -280,7 +280,7 @@ def _fwd_fake(hidden, weight, target, token_weight, reduction, ignore_index, acc
             hidden.new_empty((N,) if need_dtw else (0,), **fp32), hidden.new_empty((N,) if later else (0,), **fp32))
 
 
-@launcher("linear_cross_entropy_fwd", fake=_fwd_fake)
+@launcher("linear_cross_entropy_fwd", fake=_fwd_fake, host_sync=True)
 def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None,
                reduction: str, ignore_index: int, accum_dtype: torch.dtype | None, need_dh: bool, need_dw: bool,
                need_dtw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,7 +320,7 @@ def _bwd_fake(hidden, weight, target, token_weight, lse, grad, reduction, ignore
     return hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,))
 
 
-@launcher("linear_cross_entropy_bwd", fake=_bwd_fake)
+@launcher("linear_cross_entropy_bwd", fake=_bwd_fake, host_sync=True)
 def ce_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, token_weight: torch.Tensor | None,
                 lse: torch.Tensor, grad: torch.Tensor, reduction: str, ignore_index: int,
                 accum_dtype: torch.dtype | None, need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +351,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, dh, dw, dloss_dtw, lse = ce_forward(hidden, weight, target, token_weight, reduction, ignore_index,
                                                   accum_dtype, need_dh, need_dw, need_dtw)
         later = _deferred(reduction, hidden.dtype) and (need_dh or need_dw)
-        ctx.save_for_backward(*((hidden, weight, target, token_weight, lse) if later else (None,) * 5), dh, dw,
+        ctx.save_for_backward(*((hidden, weight, token_weight, lse) if later else (None,) * 4), target, dh, dw,
                               dloss_dtw)
         ctx.options = (reduction, ignore_index, accum_dtype, need_dh, need_dw, need_dtw, later)
         ctx.token_weight_dtype = None if token_weight is None else token_weight.dtype
@@ -364,7 +364,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.scaled:  # before the saved tensors are unpacked: autograd would refuse them with a vaguer message
             raise RuntimeError("linear_cross_entropy: backward ran twice over the same graph; its gradients are "
                                "computed in the forward and scaled in place by the first backward")
-        hidden, weight, target, token_weight, lse, dh, dw, dloss_dtw = ctx.saved_tensors
+        hidden, weight, token_weight, lse, target, dh, dw, dloss_dtw = ctx.saved_tensors
         reduction, ignore_index, accum_dtype, need_dh, need_dw, need_dtw, later = ctx.options
         # contiguous: the kernels read the gradient with unit stride, and (B, S).sum() hands back an expanded g
         g = grad_loss.float().contiguous()
@@ -381,7 +381,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             for grad in (dh, dw):
                 if grad.numel():
                     _scale_(grad, g)
-        dtw = (g * dloss_dtw).to(ctx.token_weight_dtype) if need_dtw else None
+        dtw = None
+        if need_dtw:  # ignored rows get 0 whatever their upstream gradient ("none": inf · 0 would be NaN)
+            dtw = torch.where(target != ignore_index, g * dloss_dtw, 0.0).to(ctx.token_weight_dtype)
         return (dh if need_dh else None), (dw if need_dw else None), None, dtw, None, None, None, None, None, None
 
 

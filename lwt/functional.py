@@ -186,10 +186,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             fp32 weight, and when all rows fit one chunk.
     Returns:
         the loss in fp32 (float64 for float64 inputs), a scalar or target's shape. Gradients flow to
-        hidden, weight and token_weight. The Triton path syncs with the host once per call (to count the
-        kept rows and check the targets); with reduction "mean"/"sum" and fp32/bf16 inputs it computes the
-        gradients during the forward (one matmul fewer) and the backward only scales them (fp16 computes
-        them in the backward, where a loss scale reaches them before they are rounded).
+        hidden, weight and token_weight. The Triton path syncs with the host once in the forward (to count
+        the kept rows and check the targets); with reduction "mean"/"sum" and fp32/bf16 inputs it computes
+        the gradients during the forward (one matmul fewer) and the backward only scales them (fp16 and
+        "none" compute them in the backward, where a loss scale reaches them before they are rounded, and
+        count the kept rows again there).
     """
     if backend_for(hidden) == "triton":
         from kernels.cross_entropy import linear_cross_entropy as ce_triton  # validates before launching

@@ -271,3 +271,18 @@ def test_device_mismatch_raises():
     args = _valid()
     with pytest.raises(ValueError, match="weight: expected a tensor on"):
         ce.linear_cross_entropy(args["hidden"], args["weight"].cpu(), args["target"])
+
+
+def test_ignored_rows_get_zero_token_weight_gradient_whatever_their_upstream_gradient():
+    """reduction "none": an ignored row's loss is 0 and does not depend on its token weight, so its
+    gradient is 0 even where the upstream gradient is inf (a sqrt or log applied to the losses), as in
+    the reference; the kept rows are unaffected."""
+    hidden, weight, target, tw = _inputs(9, 16, 33, torch.float32, "weighted-ignored", seed=11)
+    cotangent = torch.rand(9, generator=torch.Generator().manual_seed(12)).to(DEVICE) + 0.5
+    cotangent[target == -100] = float("inf")
+    _, gs = _run(ce.linear_cross_entropy, hidden, weight, target, tw, "none", cotangent)
+    _, gs64 = _run(reference.linear_cross_entropy, hidden.double(), weight.double(), target, tw.double(), "none",
+                   cotangent.double())
+    d_tw, d_tw64 = gs[2], gs64[2]
+    assert (d_tw[target == -100] == 0).all()
+    assert_close("d_token_weight", d_tw, d_tw64, d_tw64.float(), reduced_over=33)
