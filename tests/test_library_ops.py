@@ -196,7 +196,7 @@ def test_decoder_block_triton_path_compiles_for_a_dynamic_sequence_length(monkey
     truth = copy.deepcopy(block).double()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(block, fullgraph=True, backend=counter)
-    for S in (16, 37):
+    for S in (8, 19):  # short: the interpreter runs every program of every kernel in Python
         x, dy = randn(2, S, 64, seed=S), randn(2, S, 64, seed=S + 1)
         got = output_and_grads(compiled, x, dy, dynamic_seq=True)
         yardstick = output_and_grads(block, x, dy)
