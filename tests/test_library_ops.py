@@ -214,3 +214,15 @@ def test_host_syncing_ops_are_kept_out_of_cuda_graphs():
         pytest.skip("this torch has no cudagraph_unsafe tag")
     for name, launcher in Launcher.registry.items():
         assert (tag in launcher.op._opoverload.tags) == name.startswith("linear_cross_entropy"), name
+
+
+def test_decoder_block_exports_with_the_custom_ops():
+    """torch.export of a block on the Triton path: the kernels appear as lwt:: ops in the exported graph,
+    which computes what the module computes."""
+    block = make_block("gqa", device=DEVICE)
+    x = randn(2, 16, 64)
+    exported = torch.export.export(block, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if str(node.target).startswith("lwt.")}
+    assert ops == {"lwt.rms_norm_fwd.default", "lwt.attention_fwd.default", "lwt.frozen_swiglu_fwd.default"}, ops
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), block(x))
