@@ -1,4 +1,5 @@
-"""Pieces every kernel file shares: output allocation, the interpreter switch, row tiling, launch configs.
+"""Pieces every kernel file shares: output allocation, the interpreter switch, row tiling, launch configs,
+and the registration of launchers as torch.library custom ops (Launcher).
 
 Row-wise ops (RMSNorm now; the loss and MLP epilogues later) view their input as (rows, hidden) with
 unit stride along hidden and any row stride, so slices of a wider buffer need no copy.
@@ -130,8 +131,8 @@ class TunedKernel:
 class Launcher:
     """A launcher (tensors in, new tensors out, no autograd) registered as the custom op `lwt::<name>`.
 
-    Calling it runs `fn` directly in eager mode. While torch.compile traces (Dynamo, then AOTAutograd
-    over the autograd.Function around it) it calls the registered op instead: one opaque node in the
+    Calling it runs `fn` directly in eager mode. While torch.compile or torch.export traces (Dynamo, then
+    AOTAutograd over the autograd.Function around it) it calls the registered op instead: one opaque node in the
     graph whose output shapes, dtypes and strides come from `fake`, since the host-side launch code
     (config caches, the autotuner, grid lambdas) is not something Dynamo can trace. Eager calls skip the
     dispatcher, whose per-call cost (about 50 µs on a slow host CPU) is larger than a small op's launch.
