@@ -60,13 +60,14 @@ def git_sha() -> str:
         return "unknown"
 
 
-def bench_ms(fn) -> float:
-    """Median milliseconds of fn() on the GPU, after a warm-up call (compilation, autotuning)."""
+def bench_ms(fn, rep_ms: int = 100) -> float:
+    """Median milliseconds of fn() on the GPU, after a warm-up call (compilation, autotuning). rep_ms: the
+    time do_bench spends repeating fn (raise it for calls of tens of ms, to get enough samples)."""
     import triton.testing
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
 def bench_graph_ms(fn):
