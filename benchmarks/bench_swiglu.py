@@ -10,6 +10,10 @@ counted (its TFLOP/s shows the cost). "fwd" is the inference forward (nothing re
 nothing for a backward under either policy); "fwd+bwd" a training step, gradients to x and W_down only,
 for every provider. Memory: the peak of torch.cuda.max_memory_allocated during one fwd+bwd step, above
 what was allocated before it.
+"lwt (fp8 frozen, keep)" is the stretch of issue #5: the frozen matrices in float8_e4m3fn with per-channel
+scales, x quantised per token, the gate/up GEMM on FP8 tensor cores (dx GEMMs in bf16 on the dequantised
+weights); its FLOPs are counted as for the others, and the relative L2 difference of its output from the
+bf16 lwt output is printed per case.
 Goals (issue #5) at 16384 tokens x 4096 x 14336, against eager in this run: recompute=False fwd+bwd time
 <= 1.0x and memory <= 0.6x; recompute=True memory <= 0.25x with time <= 1.35x.
 """
@@ -22,6 +26,7 @@ import torch
 
 import lwt.functional as lwtF
 from kernels import reference
+from kernels.reference import quantize_rows_fp8
 
 SHAPES = [(t, d, f) for d, f in ((2048, 7168), (4096, 14336), (8192, 28672)) for t in (4096, 16384, 32768)]
 QUICK = [(16384, 4096, 14336), (4096, 2048, 7168)]
@@ -33,11 +38,15 @@ def _eager(x, wg, wu, wd):
     return torch.nn.functional.linear(torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t()), wd)
 
 
-def providers():
+def providers(fp8):
+    """fp8: ((w_gate8, scale), (w_up8, scale)), the frozen weights quantised for the FP8 provider."""
     compiled = torch.compile(_eager, dynamic=False)
+    (wg8, sg), (wu8, su) = fp8
     return {
         "lwt (keep gate/up)": lambda x, wg, wu, wd: lwtF.frozen_swiglu(x, wg, wu, wd, recompute=False),
         "lwt (recompute)": lambda x, wg, wu, wd: lwtF.frozen_swiglu(x, wg, wu, wd, recompute=True),
+        "lwt (fp8 frozen, keep)": lambda x, wg, wu, wd: lwtF.frozen_swiglu(x, wg8, wu8, wd, recompute=False,
+                                                                           w_gate_scale=sg, w_up_scale=su),
         "eager": _eager,
         "torch.compile(eager)": compiled,
     }
@@ -51,9 +60,11 @@ def run_case(report, T, D, F, memory):
     wd = torch.randn(D, F, device=DEVICE, dtype=torch.bfloat16, generator=gen) * F ** -0.5
     dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     case = f"{T}x{D}x{F}"
-    provs = providers()
+    provs = providers((quantize_rows_fp8(wg), quantize_rows_fp8(wu)))
     for name, fn in provs.items():
         report.add(case, "fwd", name, H.bench_ms(lambda: fn(x, wg, wu, wd)), "TFLOP/s", 6 * T * D * F)
+    y16, y8 = (provs[name](x, wg, wu, wd).float() for name in ("lwt (keep gate/up)", "lwt (fp8 frozen, keep)"))
+    report.notes.append(f"{case} fp8 frozen vs bf16: relative L2 difference of y {(y8 - y16).norm() / y16.norm():.4f}")
     x.requires_grad_(True)
     wd.requires_grad_(True)
     for name, fn in provs.items():

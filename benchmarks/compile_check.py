@@ -111,15 +111,19 @@ def _swiglu_jobs(quick):
 
     ints = {"M", "N", "K"}
     # (x dtype, frozen weights' dtype): the mixed pair is FrozenSwiGLU's frozen_dtype use
+    scales = {"SX", "SG", "SU"}  # fp32, read only with SCALED (FP8)
     for mode in (0, 1, 2):
-        for dtype, wdtype in (("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16")):
-            use = "fp32" if dtype == "fp32" else ("bwd" if mode == 2 else "fwd")
+        # fp8: float8_e4m3fn x and weights (FP8 frozen weights), bf16 outputs
+        for dtype, wdtype in (("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp8e4nv")):
+            fp8 = wdtype == "fp8e4nv"
+            use = ("fp8_bwd" if mode == 2 else "fp8") if fp8 else (
+                "fp32" if dtype == "fp32" else ("bwd" if mode == 2 else "fwd"))
             for bm, bn, bk, warps, stages in (W._GEMM_CONFIGS[use][:1] if quick else W._GEMM_CONFIGS[use]):
-                const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", GROUP_M=W._GROUP_M,
-                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", SCALED=fp8,
+                             GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                ptrs = {"WG": wdtype, "WU": wdtype} | ({"X": wdtype} if fp8 else {})
                 yield ("swiglu dual GEMM" + ("" if wdtype == dtype else f" ({wdtype} weights)"),
-                       W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(), set(),
-                       {"WG": wdtype, "WU": wdtype})
+                       W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(), scales, ptrs)
     bm, bn = W._ELEMENTWISE_BLOCK
     yield ("swiglu bwd elementwise", W._swiglu_bwd_elementwise_kernel, "bf16", dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1,
            ints, set(), set())

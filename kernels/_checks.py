@@ -163,14 +163,16 @@ def check_latent_args(q, c, k_rope, causal, softmax_scale, *, dtypes=KERNEL_DTYP
     _check_causal_and_scale(causal, softmax_scale)
 
 
-def check_swiglu_args(x, w_gate, w_up, w_down, recompute=False, *, dtypes=KERNEL_DTYPES) -> None:
-    """The contract of `frozen_swiglu(x, w_gate, w_up, w_down, recompute)`; see kernels/swiglu.py."""
+def check_swiglu_args(x, w_gate, w_up, w_down, recompute=False, w_gate_scale=None, w_up_scale=None, *,
+                      dtypes=KERNEL_DTYPES) -> None:
+    """The contract of `frozen_swiglu(x, w_gate, w_up, w_down, recompute, w_gate_scale=, w_up_scale=)`; see
+    kernels/swiglu.py. Frozen weights may also be float8_e4m3fn, each with an (F,) fp32 scale."""
     check_tensor(x, "x", dtypes=dtypes, min_ndim=1)
     D = x.shape[-1]
     if D < 1:
         raise ValueError(f"x: expected a last (model) dim of at least 1, got shape {tuple(x.shape)}")
     for name, w in (("w_gate", w_gate), ("w_up", w_up)):
-        check_tensor(w, name, dtypes=dtypes, ndim=2)
+        check_tensor(w, name, dtypes=dtypes + (torch.float8_e4m3fn,), ndim=2)
         check_same_device(w, name, x, "x")
         if w.requires_grad:
             raise ValueError(f"{name}: expected a frozen tensor (requires_grad=False): no gradient is computed "
@@ -188,6 +190,25 @@ def check_swiglu_args(x, w_gate, w_up, w_down, recompute=False, *, dtypes=KERNEL
         raise ValueError(f"w_down: expected the dtype of x ({x.dtype}), got {w_down.dtype}")
     if not isinstance(recompute, bool):
         raise ValueError(f"recompute: expected a bool, got {recompute!r}")
+    fp8 = w_gate.dtype == torch.float8_e4m3fn
+    if (w_up.dtype == torch.float8_e4m3fn) != fp8:
+        raise ValueError(f"w_up: expected float8_e4m3fn exactly when w_gate is, got {w_up.dtype} beside {w_gate.dtype}")
+    for name, scale in (("w_gate_scale", w_gate_scale), ("w_up_scale", w_up_scale)):
+        if not fp8:
+            if scale is not None:
+                raise ValueError(f"{name}: expected None: scales go with float8_e4m3fn frozen weights, "
+                                 f"and w_gate is {w_gate.dtype}")
+            continue
+        if scale is None:
+            raise ValueError(f"{name}: expected an ({F},) float32 tensor of per-output-channel scales with "
+                             f"float8_e4m3fn frozen weights, got None")
+        check_tensor(scale, name, dtypes=(torch.float32,), ndim=1)
+        check_same_device(scale, name, x, "x")
+        if tuple(scale.shape) != (F,):
+            raise ValueError(f"{name}: expected shape ({F},) (one scale per row of the weight), got "
+                             f"{tuple(scale.shape)}")
+        if scale.requires_grad:
+            raise ValueError(f"{name}: expected a frozen tensor (requires_grad=False), like the weight it scales")
 
 
 REDUCTIONS = ("mean", "sum", "none")

@@ -132,17 +132,46 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     return torch.einsum("bhst,btr->bshr", torch.softmax(scores, dim=-1), c).to(out_dtype)
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_rows_fp8(t: torch.Tensor):
+    """Per-row FP8 quantisation, in fp32 whatever t's dtype: (t8, scale) with t ≈ t8 · scale[:, None].
+
+    Args:
+        t: (rows, n), any float dtype.
+    Returns:
+        t8 (rows, n) float8_e4m3fn and scale (rows,) fp32 = max|row| / 448 (the row's largest entry maps
+        to FP8's largest finite value; an all-zero row gets scale 1 and zeros).
+    """
+    tf = t.float()
+    amax = tf.abs().amax(dim=-1) if tf.shape[-1] else tf.new_zeros(tf.shape[:-1])
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (tf / scale[:, None]).to(FP8), scale
+
+
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  recompute: bool = False) -> torch.Tensor:
+                  recompute: bool = False, w_gate_scale: torch.Tensor | None = None,
+                  w_up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU MLP: y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ, in the compute dtype, y in x's dtype.
 
     Args:
         x: (..., D); w_gate, w_up: (F, D), frozen (any float dtype, used in x's compute dtype);
         w_down: (D, F). recompute: accepted for the kernel's signature; autograd here keeps what it keeps.
+        w_gate_scale, w_up_scale: (F,) fp32, with float8_e4m3fn frozen weights only: W = w · scale[:, None]
+            (per output channel). Then x is quantised to FP8 per token (quantize_rows_fp8) before the
+            gate/up products, as the kernel does; its gradient passes the rounding straight through.
     """
     c = _compute_dtype(x.dtype)
     xc = x.to(c)
-    h = torch.nn.functional.silu(xc @ w_gate.to(c).t()) * (xc @ w_up.to(c).t())  # (..., F)
+    wg, wu = w_gate.to(c), w_up.to(c)
+    if w_gate.dtype == FP8:
+        wg, wu = wg * w_gate_scale.to(c)[:, None], wu * w_up_scale.to(c)[:, None]
+        x8, sx = quantize_rows_fp8(x.detach().reshape(-1, x.shape[-1]))
+        xq = (x8.to(c) * sx.to(c)[:, None]).reshape(x.shape)
+        xc = xc + (xq - xc).detach()  # the value of xq, the gradient of x
+    h = torch.nn.functional.silu(xc @ wg.t()) * (xc @ wu.t())  # (..., F)
     return (h @ w_down.to(c).t()).to(x.dtype)
 
 

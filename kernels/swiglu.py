@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
+from .reference import quantize_rows_fp8
 from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
                       launcher)
 
@@ -60,6 +61,11 @@ _GEMM_CONFIGS = {
     "fwd": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
     "bwd": [(128, 64, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
     "fp32": [(128, 64, 64, 8, 4), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3)],
+    # FP8 (float8_e4m3fn x and frozen weights): a byte per element, so twice the K step in the same
+    # shared memory. The 128 x 64 tiles compile without spills in modes 0 and 1; 128 x 128 spills 40 bytes
+    # in mode 1 (64 x 128 and 128 x 128 x 128 spill more and were left out).
+    "fp8": [(128, 64, 128, 8, 4), (128, 64, 128, 8, 3), (128, 128, 64, 8, 4)],
+    "fp8_bwd": [(128, 64, 128, 8, 4), (64, 64, 128, 4, 4)],
 }
 
 
@@ -76,25 +82,29 @@ def _prune_gemm(configs, nargs, **kwargs):
     if interpreting():
         return configs
     meta = {**nargs, **kwargs}
-    use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
+    if meta["SCALED"]:
+        use = "fp8_bwd" if meta["MODE"] == 2 else "fp8"
+    else:
+        use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
     wanted = set(_GEMM_CONFIGS[use])
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in wanted]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "MODE", "INPUT_PRECISION"],
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "MODE", "INPUT_PRECISION", "SCALED"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _swiglu_dual_gemm_kernel(
-    X, WG, WU, H, G, U, DH, DG, DU,
+    X, WG, WU, H, G, U, DH, DG, DU, SX, SG, SU,
     M, N, K,
     stride_x, stride_wg, stride_wu, stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du,
-    MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALED: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g, u = x W_gateᵀ, x W_upᵀ for one (BLOCK_M tokens × BLOCK_N features) tile, then the epilogue:
     MODE 0: h = silu(g)·u; MODE 1: also g and u (recompute=False's forward); MODE 2 (the recomputing
-    backward): h, dg, du from g, u and DH."""
+    backward): h, dg, du from g, u and DH. SCALED (FP8): X, WG, WU hold float8_e4m3fn values and the fp32
+    products are multiplied by the per-token scale SX[row] and the per-channel scales SG[col], SU[col]."""
     # GROUP_M token tiles share each feature tile of the weights while it is in L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,6 +124,10 @@ def _swiglu_dual_gemm_kernel(
     if k_full < K:
         acc_g, acc_u = _dual_step(xp + k_full, gp + k_full, up + k_full, acc_g, acc_u, ks, K - k_full, True,
                                   INPUT_PRECISION)
+    if SCALED:  # x ≈ x8 · SX[row], W ≈ w8 · S[col]: the scales factor out of the sum over K
+        sx = tl.load(SX + rows % M)[:, None]
+        acc_g = acc_g * sx * tl.load(SG + cols % N)[None, :]
+        acc_u = acc_u * sx * tl.load(SU + cols % N)[None, :]
     out_mask = (rows < M)[:, None] & (cols < N)[None, :]
     _swiglu_epilogue(acc_g, acc_u, rows, cols, out_mask, H, G, U, DH, DG, DU,
                      stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, MODE)
@@ -173,28 +187,31 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None):
+def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, scales=None, out_dtype=None):
     """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
-    mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into."""
+    mode 2, each (T, F) in out_dtype (default x's dtype). gu_out: (g, u) views to write mode 1's g and u
+    into. scales: (sx (T,), s_gate (F,), s_up (F,)) fp32 when x and the weights are FP8."""
     T, D = x.shape
     F = w_gate.shape[0]
-    h = empty((T, F), x.dtype, x.device)
+    out_dtype = out_dtype or x.dtype
+    h = empty((T, F), out_dtype, x.device)
     if gu_out is not None:
         a, b = gu_out
     else:
-        a = empty((T, F), x.dtype, x.device) if mode else h  # g (mode 1) or dg (mode 2)
-        b = empty((T, F), x.dtype, x.device) if mode else h  # u or du
+        a = empty((T, F), out_dtype, x.device) if mode else h  # g (mode 1) or dg (mode 2)
+        b = empty((T, F), out_dtype, x.device) if mode else h  # u or du
     if T == 0:
         return h, a, b
     dh_ = dh if dh is not None else h  # read only in mode 2
     g, u, dg, du = (a, b, h, h) if mode == 1 else (h, h, a, b)
+    sx, sg, su = scales if scales is not None else (h, h, h)  # unread without SCALED
     _dual_gemm.launch(
         lambda m: (cdiv(T, m["BLOCK_M"]) * cdiv(F, m["BLOCK_N"]),),
-        x, w_gate, w_up, h, g, u, dh_, dg, du,
+        x, w_gate, w_up, h, g, u, dh_, dg, du, sx, sg, su,
         T, F, D,
         x.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0), g.stride(0), u.stride(0), dh_.stride(0),
         dg.stride(0), du.stride(0),
-        MODE=mode, INPUT_PRECISION=_precision(x), GROUP_M=_GROUP_M,
+        MODE=mode, INPUT_PRECISION=_precision(x), SCALED=scales is not None, GROUP_M=_GROUP_M,
     )
     return h, a, b
 
@@ -210,7 +227,27 @@ def _launch_bwd_elementwise(g, u, dh):
     return h, dg, du
 
 
-def _fwd_fake(x, w_gate, w_up, w_down, save_gate_up):
+def _gemm_input(x: torch.Tensor, w_scale: torch.Tensor | None):
+    """What the dual GEMM reads for x: x itself, or with FP8 frozen weights (a scale given) its per-token
+    FP8 quantisation (x8, sx) (kernels.reference.quantize_rows_fp8, the reference's own rounding)."""
+    if w_scale is None:
+        return x, None
+    return quantize_rows_fp8(x)
+
+
+def _scales(sx, rows: slice, w_gate_scale, w_up_scale):
+    """The dual GEMM's scales for a chunk of rows, or None without FP8."""
+    return None if sx is None else (sx[rows], w_gate_scale, w_up_scale)
+
+
+def _dequantized(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """w in `dtype` (no copy when it already is), times its per-row scale for FP8 weights."""
+    if scale is None:
+        return w.to(dtype)
+    return (w.float() * scale[:, None]).to(dtype)
+
+
+def _fwd_fake(x, w_gate, w_up, w_down, save_gate_up, w_gate_scale=None, w_up_scale=None):
     T, F = x.shape[0], w_gate.shape[0]
     gu_shape = (T, F) if save_gate_up else (0,)
     return x.new_empty((T, w_down.shape[0])), x.new_empty(gu_shape), x.new_empty(gu_shape)
@@ -218,19 +255,23 @@ def _fwd_fake(x, w_gate, w_up, w_down, save_gate_up):
 
 @launcher("frozen_swiglu_fwd", fake=_fwd_fake)
 def swiglu_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-               save_gate_up: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               save_gate_up: bool, w_gate_scale: torch.Tensor | None = None,
+               w_up_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (T, D) -> (y (T, D), g, u), g and u (T, F) only if save_gate_up (else empty). Token chunks as in
-    the backward: one chunk's h exists at a time."""
+    the backward: one chunk's h exists at a time. With FP8 frozen weights (their scales given) x is
+    quantised per token first and the dual GEMM runs on FP8 operands."""
     T, D = x.shape
     F = w_gate.shape[0]
+    xin, sx = _gemm_input(x, w_gate_scale)
     y = empty((T, w_down.shape[0]), x.dtype, x.device)
     g = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
     u = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
     chunk = max(1, CHUNK_ELEMENTS // F)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
-        h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 1 if save_gate_up else 0,
-                                    gu_out=(g[sl], u[sl]) if save_gate_up else None)
+        h, _, _ = _launch_dual_gemm(xin[sl], w_gate, w_up, 1 if save_gate_up else 0,
+                                    gu_out=(g[sl], u[sl]) if save_gate_up else None,
+                                    scales=_scales(sx, sl, w_gate_scale, w_up_scale), out_dtype=x.dtype)
         torch.matmul(h, w_down.t(), out=y[sl])
         del h  # before the next chunk allocates its own
     return y, g, u
@@ -260,19 +301,22 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-def _bwd_fake(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True):
+def _bwd_fake(dy, x, w_gate, w_up, w_down, g=None, u=None, need_dx=True, need_dw_down=True, w_gate_scale=None,
+              w_up_scale=None):
     return (dy.new_empty(dy.shape if need_dx else (0,)), w_down.new_empty(w_down.shape if need_dw_down else (0,)))
 
 
 @launcher("frozen_swiglu_bwd", fake=_bwd_fake)
 def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w_up: torch.Tensor,
                w_down: torch.Tensor, g: torch.Tensor | None = None, u: torch.Tensor | None = None,
-               need_dx: bool = True, need_dw_down: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               need_dx: bool = True, need_dw_down: bool = True, w_gate_scale: torch.Tensor | None = None,
+               w_up_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (T, D) and dW_down (D, F) from dy (T, D), each empty unless asked for. x: the input rows when
     the forward kept nothing else (recompute), else None, with g and u (T, F) given; dx takes dy's dtype,
     which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
     sums their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
-    transient (F, D) copy each)."""
+    transient (F, D) copy each; FP8 weights are dequantised with their scales: the dx GEMMs run in x's
+    dtype, only the recomputed gate/up GEMM in FP8)."""
     T, D = dy.shape
     dtype, device = dy.dtype, dy.device
     F = w_gate.shape[0]
@@ -283,20 +327,23 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     dx = empty((T, D), dtype, device) if need_dx else absent(dy)
     dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
     if need_dx:
-        wg, wu = w_gate.to(dtype), w_up.to(dtype)  # no copy when they already share x's dtype
+        wg, wu = _dequantized(w_gate, w_gate_scale, dtype), _dequantized(w_up, w_up_scale, dtype)
+    xin, sx = _gemm_input(x, w_gate_scale) if x is not None else (None, None)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
         if need_dx:
             dh = dy[sl] @ w_down  # (C, F)
             if g is None:
-                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh)
+                h, dg, du = _launch_dual_gemm(xin[sl], w_gate, w_up, 2, dh,
+                                              scales=_scales(sx, sl, w_gate_scale, w_up_scale), out_dtype=dtype)
             else:
                 h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
             torch.matmul(dg, wg, out=dx[sl])
             dx[sl].addmm_(du, wu)
             del dh, dg, du
         elif g is None:  # dW_down alone needs only h
-            h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 0)
+            h, _, _ = _launch_dual_gemm(xin[sl], w_gate, w_up, 0, scales=_scales(sx, sl, w_gate_scale, w_up_scale),
+                                        out_dtype=dtype)
         else:
             h = (torch.nn.functional.silu(g[sl].float()) * u[sl].float()).to(dtype)
         if need_dw_down:
@@ -315,31 +362,37 @@ class FrozenSwiGLUFunction(torch.autograd.Function):
     `.apply`. Gradients flow to x and w_down only."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, recompute, training):
+    def forward(ctx, x, w_gate, w_up, w_down, recompute, training, w_gate_scale, w_up_scale):
         """training: a backward may follow (grad mode on and x or w_down requiring grad): only then does
         recompute=False store g and u, and recompute=True keep x."""
         saved_gate_up = training and not recompute
-        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, saved_gate_up)
+        y, g, u = swiglu_fwd(x, w_gate, w_up, w_down, saved_gate_up, w_gate_scale, w_up_scale)
         ctx.save_for_backward(x if training and recompute else None, w_gate, w_up, w_down,
-                              g if saved_gate_up else None, u if saved_gate_up else None)
+                              g if saved_gate_up else None, u if saved_gate_up else None, w_gate_scale, w_up_scale)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
+        x, w_gate, w_up, w_down, g, u, w_gate_scale, w_up_scale = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        dx, dw = swiglu_bwd(dy, x, w_gate, w_up, w_down, g, u, need_dx=need_dx, need_dw_down=need_dw)
-        return (dx if need_dx else None), None, None, (dw if need_dw else None), None, None
+        dx, dw = swiglu_bwd(dy, x, w_gate, w_up, w_down, g, u, need_dx=need_dx, need_dw_down=need_dw,
+                            w_gate_scale=w_gate_scale, w_up_scale=w_up_scale)
+        return (dx if need_dx else None), None, None, (dw if need_dw else None), None, None, None, None
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  recompute: bool = False) -> torch.Tensor:
+                  recompute: bool = False, *, w_gate_scale: torch.Tensor | None = None,
+                  w_up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU MLP (Triton) whose gate/up projections are frozen.
 
     Args:
         x: (..., D), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
-        w_gate, w_up: (F, D), frozen: must not require grad; any of those dtypes (cast on load).
+        w_gate, w_up: (F, D), frozen: must not require grad; any of those dtypes (cast on load), or both
+            float8_e4m3fn with w_gate_scale and w_up_scale, (F,) fp32 per-output-channel scales
+            (W = w · scale[:, None]): then x is quantised to FP8 per token and the gate/up GEMM (forward,
+            and the recomputing backward) runs on FP8 operands with fp32 accumulation; the dx GEMMs run
+            in x's dtype on the dequantised weights.
         w_down: (D, F), x's dtype, trained.
         recompute: True saves only x for the backward (recomputes gate/up); False keeps g and u, stored in
             x's dtype (in fp16, gate values beyond fp16's range overflow there, as they would in eager
@@ -351,11 +404,12 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         ValueError: naming the argument, for a wrong shape, dtype or device, frozen weights that require
             grad, or a recompute flag that is not a bool, before any launch.
     """
-    check_swiglu_args(x, w_gate, w_up, w_down, recompute)
+    check_swiglu_args(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
     check_kernel_device(x, "x")
     shape = x.shape
     training = torch.is_grad_enabled() and (x.requires_grad or w_down.requires_grad)
-    y = FrozenSwiGLUFunction.apply(as_rows(x), as_rows(w_gate), as_rows(w_up), w_down, recompute, training)
+    scales = (None, None) if w_gate_scale is None else (w_gate_scale.contiguous(), w_up_scale.contiguous())
+    y = FrozenSwiGLUFunction.apply(as_rows(x), as_rows(w_gate), as_rows(w_up), w_down, recompute, training, *scales)
     return y.view(*shape[:-1], w_down.shape[0])
 
 

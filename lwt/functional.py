@@ -142,24 +142,31 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  recompute: bool = False) -> torch.Tensor:
+                  recompute: bool = False, *, w_gate_scale: torch.Tensor | None = None,
+                  w_up_scale: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU MLP with frozen gate/up projections: y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ.
 
     Args:
         x: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
         w_gate, w_up: (F, D), frozen (must not require grad; no gradient is computed for them), any of
-            those dtypes (the Triton path casts them to x's dtype tile by tile).
+            those dtypes (the Triton path casts them to x's dtype tile by tile), or both float8_e4m3fn
+            with w_gate_scale and w_up_scale.
         w_down: (D, F), x's dtype, trained.
         recompute: True keeps only x for the backward (the gate/up GEMM runs again there); False (default)
             also keeps the (tokens × F) gate and up outputs.
+        w_gate_scale, w_up_scale: keyword-only, (F,) fp32, with float8_e4m3fn frozen weights only:
+            W = w · scale[:, None] per output channel. x is then quantised to FP8 per token
+            (kernels.reference.quantize_rows_fp8) and the gate/up GEMM runs on FP8 operands (the
+            reference computes the same rounding in fp32); the gradient of x passes that rounding
+            straight through.
     Returns:
         y (..., D) in x's dtype; gradients flow to x and w_down.
     """
     if backend_for(x) == "triton":
         from kernels.swiglu import frozen_swiglu as swiglu_triton  # validates before launching
-        return swiglu_triton(x, w_gate, w_up, w_down, recompute)
-    check_swiglu_args(x, w_gate, w_up, w_down, recompute, dtypes=REFERENCE_DTYPES)
-    return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute)
+        return swiglu_triton(x, w_gate, w_up, w_down, recompute, w_gate_scale=w_gate_scale, w_up_scale=w_up_scale)
+    check_swiglu_args(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale, dtypes=REFERENCE_DTYPES)
+    return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
+from kernels.reference import quantize_rows_fp8
 
 from . import functional as F
 from .config import ATTN_TYPES
@@ -411,7 +412,10 @@ class FrozenSwiGLU(nn.Module):
         seed: W_gate and W_up are drawn, in that order, from a CPU torch.Generator seeded with it, as
             N(0, 1/d_model) entries: the same seed gives the same matrices on every machine and rank.
         recompute: the backward recomputes gate/up from x (True) instead of keeping them (False).
-        frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations.
+        frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations,
+            or torch.float8_e4m3fn: each matrix stored in FP8 with a per-output-channel fp32 scale (buffers
+            w_gate_scale, w_up_scale of shape (d_ff,)), x quantised to FP8 per token for the gate/up GEMM
+            (see lwt.functional.frozen_swiglu).
         device, dtype: of W_down (and of the frozen matrices unless frozen_dtype is given).
     W_gate, W_up (d_ff, d_model) are buffers, not Parameters: optimizers, DDP and FSDP never see them and
     they never get a .grad. They are saved in the state_dict. forward(x): x (..., d_model), W_down's dtype.
@@ -426,16 +430,20 @@ class FrozenSwiGLU(nn.Module):
             raise ValueError(f"seed: expected an int, got {seed!r}")
         if not isinstance(recompute, bool):
             raise ValueError(f"recompute: expected a bool, got {recompute!r}")
-        if frozen_dtype is not None and frozen_dtype not in KERNEL_DTYPES:
-            raise ValueError(f"frozen_dtype: expected float32, float16 or bfloat16 (what the kernel reads) or None, "
-                             f"got {frozen_dtype!r}")
+        if frozen_dtype is not None and frozen_dtype not in KERNEL_DTYPES + (torch.float8_e4m3fn,):
+            raise ValueError(f"frozen_dtype: expected float32, float16, bfloat16 or float8_e4m3fn (what the kernel "
+                             f"reads) or None, got {frozen_dtype!r}")
         self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
         self.frozen_dtype = frozen_dtype
         gen = torch.Generator().manual_seed(seed)
         frozen = dict(device=device, dtype=frozen_dtype or dtype or torch.get_default_dtype())
-        scale = d_model ** -0.5
-        self.register_buffer("w_gate", (torch.randn(d_ff, d_model, generator=gen) * scale).to(**frozen))
-        self.register_buffer("w_up", (torch.randn(d_ff, d_model, generator=gen) * scale).to(**frozen))
+        std = d_model ** -0.5
+        for name in ("w_gate", "w_up"):  # drawn in this order from the one generator
+            w = torch.randn(d_ff, d_model, generator=gen) * std
+            if frozen_dtype == torch.float8_e4m3fn:
+                w, w_scale = quantize_rows_fp8(w)
+                self.register_buffer(f"{name}_scale", w_scale.to(device))
+            self.register_buffer(name, w.to(**frozen))
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -450,7 +458,7 @@ class FrozenSwiGLU(nn.Module):
         Conversions that keep the dtype (device moves, to_empty, share_memory_) apply as to any buffer."""
         if self.frozen_dtype is None:
             return super()._apply(fn, recurse)
-        frozen = {name: self._buffers.pop(name) for name in ("w_gate", "w_up")}
+        frozen = {name: self._buffers.pop(name) for name in self.frozen_buffer_names()}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -464,6 +472,12 @@ class FrozenSwiGLU(nn.Module):
             self._buffers[name] = after
         return self
 
+    def frozen_buffer_names(self) -> tuple[str, ...]:
+        """Names of the frozen buffers: the two matrices, and with FP8 their scales. Returns: a tuple of str.
+        With a frozen_dtype, these keep their dtype through .to(dtype)."""
+        fp8 = self.frozen_dtype == torch.float8_e4m3fn
+        return ("w_gate", "w_up") + (("w_gate_scale", "w_up_scale") if fp8 else ())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
             x: (..., d_model), W_down's dtype.
@@ -472,7 +486,10 @@ class FrozenSwiGLU(nn.Module):
         """
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected a last dim of {self.d_model} (d_model), got shape {tuple(x.shape)}")
-        return F.frozen_swiglu(x, self.w_gate, self.w_up, self.w_down, self.recompute)
+        scales = {}
+        if self.frozen_dtype == torch.float8_e4m3fn:
+            scales = dict(w_gate_scale=self.w_gate_scale, w_up_scale=self.w_up_scale)
+        return F.frozen_swiglu(x, self.w_gate, self.w_up, self.w_down, self.recompute, **scales)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, seed={self.seed}, recompute={self.recompute}, "

@@ -94,9 +94,9 @@ class LWTModel(nn.Module):
     # -- frozen buffers, checkpoints -----------------------------------------------------------------
 
     def frozen_buffer_names(self) -> list[str]:
-        """state_dict keys of the frozen SwiGLU gate/up matrices, in module order."""
+        """state_dict keys of the frozen SwiGLU gate/up matrices (and their scales, if FP8), in module order."""
         return [f"{name}.{buf}" for name, module in self.named_modules() if isinstance(module, FrozenSwiGLU)
-                for buf in ("w_gate", "w_up")]
+                for buf in module.frozen_buffer_names()]
 
     def frozen_checksum(self) -> str:
         """sha256 (hex) over the frozen buffers: for each, in frozen_buffer_names() order, its name, dtype,

@@ -37,18 +37,27 @@ def _weights(D, F, gen, dtype, frozen_dtype=None):
 
 
 def _check(shape, F, dtype, recompute, frozen_dtype=None, seed=0):
+    """frozen_dtype float8_e4m3fn: the weights quantised per output channel, the scales passed along;
+    the reference then quantises x per token exactly as the kernel does, so both compute with the same
+    FP8 values and the comparison is as tight as for the other dtypes."""
     gen = torch.Generator().manual_seed(seed)
     D = shape[-1]
     x = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
-    wg, wu, wd = _weights(D, F, gen, dtype, frozen_dtype)
+    fp8 = frozen_dtype == torch.float8_e4m3fn
+    wg, wu, wd = _weights(D, F, gen, dtype, None if fp8 else frozen_dtype)
+    scales = {}
+    if fp8:
+        (wg, sg), (wu, su) = reference.quantize_rows_fp8(wg), reference.quantize_rows_fp8(wu)
+        scales = dict(w_gate_scale=sg, w_up_scale=su)
     dy = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
     def kernel(x, wd):
-        return swiglu.frozen_swiglu(x, wg, wu, wd, recompute)
+        return swiglu.frozen_swiglu(x, wg, wu, wd, recompute, **scales)
 
     def ref(x, wd):
-        return reference.frozen_swiglu(x, wg.to(x.dtype) if x.dtype == torch.float64 else wg,
-                                       wu.to(x.dtype) if x.dtype == torch.float64 else wu, wd)
+        upcast = x.dtype == torch.float64 and not fp8  # FP8 weights are upcast by the reference itself
+        return reference.frozen_swiglu(x, wg.to(x.dtype) if upcast else wg, wu.to(x.dtype) if upcast else wu, wd,
+                                       **scales)
 
     (y,), (dx, dwd) = grads(kernel, [x, wd], [dy])
     (y64,), (dx64, dwd64) = grads(ref, [x.double(), wd.double()], [dy.double()])
@@ -73,6 +82,15 @@ def test_frozen_weights_in_lower_precision(recompute):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,F", [SHAPES[1], SHAPES[2]])
+def test_fp8_frozen_weights(shape, F, dtype, recompute):
+    """float8_e4m3fn frozen weights with per-channel scales, x quantised per token: the FP8 dual GEMM
+    (forward, and the recomputing backward) against the reference's FP8 math in float64."""
+    _check(shape, F, dtype, recompute, frozen_dtype=torch.float8_e4m3fn, seed=5)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_backward_in_token_chunks(monkeypatch, recompute):
     """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2 (dW_down summed in fp32, in
     column blocks); D 50 ends each GEMM in a partial K step."""
@@ -94,9 +112,9 @@ def test_saving_policies():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(7, 32, generator=gen).to(DEVICE).requires_grad_()
     wg, wu, wd = _weights(32, 48, gen, torch.float32)
-    x_saved, *_, g, u = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=True))
-    assert x_saved.data_ptr() == x.data_ptr() and g is None and u is None
-    x_saved, *_, g, u = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=False))
+    x_saved, _, _, _, g, u, *scales = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=True))
+    assert x_saved.data_ptr() == x.data_ptr() and g is None and u is None and scales == [None, None]
+    x_saved, _, _, _, g, u, *_ = _saved(swiglu.frozen_swiglu(x, wg, wu, wd, recompute=False))
     assert x_saved is None and g.shape == (7, 48) and u.shape == (7, 48)
 
 
@@ -158,10 +176,35 @@ def test_layer_frozen_buffers_get_no_grad_and_are_seeded():
     assert torch.equal(low.w_gate, b.w_gate.to(torch.bfloat16))
 
 
+def test_layer_with_fp8_frozen_weights():
+    """frozen_dtype=float8_e4m3fn: the seeded matrices quantised per output channel, within FP8's rounding
+    (half a unit of its 3-bit mantissa, or of its subnormal spacing) of the full-precision ones; the
+    scales are fp32 buffers in the state_dict that stay fp32 through .to(dtype); the layer computes what
+    the functional op computes with them."""
+    full = FrozenSwiGLU(32, 80, seed=7)
+    fp8 = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.float8_e4m3fn)
+    assert set(fp8.state_dict()) == {"w_gate", "w_up", "w_down", "w_gate_scale", "w_up_scale"}
+    assert fp8.frozen_buffer_names() == ("w_gate", "w_up", "w_gate_scale", "w_up_scale")
+    for name in ("w_gate", "w_up"):
+        w8, scale, exact = getattr(fp8, name), getattr(fp8, f"{name}_scale"), getattr(full, name)
+        assert w8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (80,)
+        err = (w8.float() * scale[:, None] - exact).abs()
+        assert (err <= 2.0**-4 * exact.abs() + 2.0**-10 * scale[:, None]).all(), name
+    fp8 = fp8.half().to(DEVICE)
+    assert fp8.w_gate.dtype == torch.float8_e4m3fn and fp8.w_gate_scale.dtype == torch.float32
+    assert fp8.w_down.dtype == torch.float16
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        want = lwtF.frozen_swiglu(x, fp8.w_gate, fp8.w_up, fp8.w_down, w_gate_scale=fp8.w_gate_scale,
+                                  w_up_scale=fp8.w_up_scale)
+        assert torch.equal(fp8(x), want)
+
+
 def _bad_cases():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(4, 16, generator=gen).to(DEVICE)
     wg, wu, wd = _weights(16, 24, gen, torch.float32)
+    (wg8, s8), (wu8, _) = reference.quantize_rows_fp8(wg), reference.quantize_rows_fp8(wu)
     return [
         ("w_gate", "expected a frozen tensor", (x, wg.clone().requires_grad_(), wu, wd), {}),
         ("w_up", "expected a frozen tensor", (x, wg, wu.clone().requires_grad_(), wd), {}),
@@ -173,6 +216,12 @@ def _bad_cases():
         ("w_gate", "expected 2 dims", (x, wg[None], wu, wd), {}),
         ("w_down", "expected a tensor on", (x, wg, wu, wd.to("meta")), {}),
         ("recompute", "expected a bool", (x, wg, wu, wd), {"recompute": "yes"}),
+        # FP8 frozen weights and their scales
+        ("w_gate_scale", "expected an \\(24,\\) float32 tensor", (x, wg8, wu8, wd), {"w_up_scale": s8}),
+        ("w_up_scale", "expected shape \\(24,\\)", (x, wg8, wu8, wd), {"w_gate_scale": s8, "w_up_scale": s8[:5]}),
+        ("w_gate_scale", "expected dtype", (x, wg8, wu8, wd), {"w_gate_scale": s8.half(), "w_up_scale": s8}),
+        ("w_up", "expected float8_e4m3fn exactly when w_gate is", (x, wg8, wu, wd), {}),
+        ("w_gate_scale", "expected None", (x, wg, wu, wd), {"w_gate_scale": s8}),
     ]
 
 
@@ -189,8 +238,8 @@ def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
     (dict(d_model=0), r"^d_model: expected a positive int"),
     (dict(seed=1.5), r"^seed: expected an int"),
     (dict(recompute=1), r"^recompute: expected a bool"),
-    (dict(frozen_dtype=torch.int8), r"^frozen_dtype: expected float32, float16 or bfloat16"),
-    (dict(frozen_dtype=torch.float64), r"^frozen_dtype: expected float32, float16 or bfloat16"),
+    (dict(frozen_dtype=torch.int8), r"^frozen_dtype: expected float32, float16, bfloat16 or float8_e4m3fn"),
+    (dict(frozen_dtype=torch.float64), r"^frozen_dtype: expected float32, float16, bfloat16 or float8_e4m3fn"),
 ])
 def test_layer_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
