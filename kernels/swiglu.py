@@ -19,6 +19,12 @@ accumulates over the chunks in fp32.
 The frozen weights may be stored in another dtype than x (`frozen_dtype` of FrozenSwiGLU): tiles are
 cast to x's dtype on load, so the dots run in x's dtype with fp32 accumulation. fp32 activations use
 IEEE fp32 dots (no TF32).
+
+FP8 frozen weights (float8_e4m3fn with per-output-channel fp32 scales s_g, s_u; W ≈ w8 · s[:, None]): x
+is quantised per token (x ≈ x8 · s_x[:, None], kernels.reference.quantize_rows_fp8, torch ops: a few
+passes over x) and the dual GEMM multiplies FP8 tiles with fp32 accumulation; since both scales are
+constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
+applied in the epilogue before SiLU. The dx GEMMs run in x's dtype on the dequantised weights.
 """
 from __future__ import annotations
 
@@ -27,9 +33,9 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from .reference import quantize_rows_fp8
 from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
                       launcher)
+from .reference import quantize_rows_fp8
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
