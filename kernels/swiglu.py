@@ -24,7 +24,9 @@ FP8 frozen weights (float8_e4m3fn with per-output-channel fp32 scales s_g, s_u; 
 is quantised per token (x ≈ x8 · s_x[:, None], kernels.reference.quantize_rows_fp8, torch ops: a few
 passes over x) and the dual GEMM multiplies FP8 tiles with fp32 accumulation; since both scales are
 constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
-applied in the epilogue before SiLU. The dx GEMMs run in x's dtype on the dequantised weights.
+applied in the epilogue before SiLU. (On Hopper an FP8 MMA sums into a narrower accumulator, ~14 bits;
+each BLOCK_K step is promoted to the fp32 accumulator, as DeepSeek-V3 does every 128 products.) The dx
+GEMMs run in x's dtype on the dequantised weights.
 """
 from __future__ import annotations
 
@@ -68,8 +70,7 @@ _GEMM_CONFIGS = {
     "bwd": [(128, 64, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
     "fp32": [(128, 64, 64, 8, 4), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3)],
     # FP8 (float8_e4m3fn x and frozen weights): a byte per element, so twice the K step in the same
-    # shared memory. The 128 x 64 tiles compile without spills in modes 0 and 1; 128 x 128 spills 40 bytes
-    # in mode 1 (64 x 128 and 128 x 128 x 128 spill more and were left out).
+    # shared memory. All compile without spills (64 x 128 and 128 x 128 x 128 tiles spilled; left out).
     "fp8": [(128, 64, 128, 8, 4), (128, 64, 128, 8, 3), (128, 128, 64, 8, 4)],
     "fp8_bwd": [(128, 64, 128, 8, 4), (64, 64, 128, 4, 4)],
 }
@@ -126,10 +127,11 @@ def _swiglu_dual_gemm_kernel(
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     k_full = (K // BLOCK_K) * BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):
-        acc_g, acc_u = _dual_step(xp + k0, gp + k0, up + k0, acc_g, acc_u, ks, K - k0, False, INPUT_PRECISION)
+        acc_g, acc_u = _dual_step(xp + k0, gp + k0, up + k0, acc_g, acc_u, ks, K - k0, False, INPUT_PRECISION,
+                                  SCALED, BLOCK_K)
     if k_full < K:
         acc_g, acc_u = _dual_step(xp + k_full, gp + k_full, up + k_full, acc_g, acc_u, ks, K - k_full, True,
-                                  INPUT_PRECISION)
+                                  INPUT_PRECISION, SCALED, BLOCK_K)
     if SCALED:  # x ≈ x8 · SX[row], W ≈ w8 · S[col]: the scales factor out of the sum over K
         sx = tl.load(SX + rows % M)[:, None]
         acc_g = acc_g * sx * tl.load(SG + cols % N)[None, :]
@@ -140,7 +142,8 @@ def _swiglu_dual_gemm_kernel(
 
 
 @triton.jit
-def _dual_step(xp, gp, up, acc_g, acc_u, ks, k_left, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _dual_step(xp, gp, up, acc_g, acc_u, ks, k_left, MASKED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               FP8: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc_g += x·W_gateᵀ and acc_u += x·W_upᵀ over one BLOCK_K step (MASKED: only k_left columns)."""
     if MASKED:
         x = tl.load(xp, mask=(ks < k_left)[None, :], other=0.0)
@@ -150,8 +153,15 @@ def _dual_step(xp, gp, up, acc_g, acc_u, ks, k_left, MASKED: tl.constexpr, INPUT
         x = tl.load(xp)
         wg = tl.load(gp)
         wu = tl.load(up)
-    acc_g = tl.dot(x, tl.trans(wg.to(x.dtype)), acc_g, input_precision=INPUT_PRECISION)
-    acc_u = tl.dot(x, tl.trans(wu.to(x.dtype)), acc_u, input_precision=INPUT_PRECISION)
+    if FP8:
+        # Hopper's FP8 MMAs add into a narrower accumulator (~14 bits kept, DeepSeek-V3 §3.3.2): each step's
+        # BLOCK_K products are summed there, then added to the fp32 accumulator (Triton's
+        # max_num_imprecise_acc; its default on sm_90 never promotes).
+        acc_g = tl.dot(x, tl.trans(wg), acc_g, max_num_imprecise_acc=BLOCK_K)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u, max_num_imprecise_acc=BLOCK_K)
+    else:
+        acc_g = tl.dot(x, tl.trans(wg.to(x.dtype)), acc_g, input_precision=INPUT_PRECISION)
+        acc_u = tl.dot(x, tl.trans(wu.to(x.dtype)), acc_u, input_precision=INPUT_PRECISION)
     return acc_g, acc_u
 
 
@@ -193,13 +203,18 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, scales=None, out_dtype=None):
+def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None):
     """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
-    mode 2, each (T, F) in out_dtype (default x's dtype). gu_out: (g, u) views to write mode 1's g and u
-    into. scales: (sx (T,), s_gate (F,), s_up (F,)) fp32 when x and the weights are FP8."""
+    mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into. w_scales:
+    (s_gate, s_up), (F,) fp32, for FP8 weights: then x is quantised per token (quantize_rows_fp8, the
+    reference's own rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands."""
     T, D = x.shape
     F = w_gate.shape[0]
-    out_dtype = out_dtype or x.dtype
+    out_dtype = x.dtype
+    scales = None
+    if w_scales is not None:
+        x, sx = quantize_rows_fp8(x)
+        scales = (sx, *w_scales)
     h = empty((T, F), out_dtype, x.device)
     if gu_out is not None:
         a, b = gu_out
@@ -233,19 +248,6 @@ def _launch_bwd_elementwise(g, u, dh):
     return h, dg, du
 
 
-def _gemm_input(x: torch.Tensor, w_scale: torch.Tensor | None):
-    """What the dual GEMM reads for x: x itself, or with FP8 frozen weights (a scale given) its per-token
-    FP8 quantisation (x8, sx) (kernels.reference.quantize_rows_fp8, the reference's own rounding)."""
-    if w_scale is None:
-        return x, None
-    return quantize_rows_fp8(x)
-
-
-def _scales(sx, rows: slice, w_gate_scale, w_up_scale):
-    """The dual GEMM's scales for a chunk of rows, or None without FP8."""
-    return None if sx is None else (sx[rows], w_gate_scale, w_up_scale)
-
-
 def _dequantized(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """w in `dtype` (no copy when it already is), times its per-row scale for FP8 weights."""
     if scale is None:
@@ -268,16 +270,15 @@ def swiglu_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     quantised per token first and the dual GEMM runs on FP8 operands."""
     T, D = x.shape
     F = w_gate.shape[0]
-    xin, sx = _gemm_input(x, w_gate_scale)
+    w_scales = None if w_gate_scale is None else (w_gate_scale, w_up_scale)
     y = empty((T, w_down.shape[0]), x.dtype, x.device)
     g = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
     u = empty((T, F), x.dtype, x.device) if save_gate_up else absent(x)
     chunk = max(1, CHUNK_ELEMENTS // F)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
-        h, _, _ = _launch_dual_gemm(xin[sl], w_gate, w_up, 1 if save_gate_up else 0,
-                                    gu_out=(g[sl], u[sl]) if save_gate_up else None,
-                                    scales=_scales(sx, sl, w_gate_scale, w_up_scale), out_dtype=x.dtype)
+        h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 1 if save_gate_up else 0,
+                                    gu_out=(g[sl], u[sl]) if save_gate_up else None, w_scales=w_scales)
         torch.matmul(h, w_down.t(), out=y[sl])
         del h  # before the next chunk allocates its own
     return y, g, u
@@ -334,22 +335,20 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
     if need_dx:
         wg, wu = _dequantized(w_gate, w_gate_scale, dtype), _dequantized(w_up, w_up_scale, dtype)
-    xin, sx = _gemm_input(x, w_gate_scale) if x is not None else (None, None)
+    w_scales = None if w_gate_scale is None else (w_gate_scale, w_up_scale)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
         if need_dx:
             dh = dy[sl] @ w_down  # (C, F)
             if g is None:
-                h, dg, du = _launch_dual_gemm(xin[sl], w_gate, w_up, 2, dh,
-                                              scales=_scales(sx, sl, w_gate_scale, w_up_scale), out_dtype=dtype)
+                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh, w_scales=w_scales)
             else:
                 h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
             torch.matmul(dg, wg, out=dx[sl])
             dx[sl].addmm_(du, wu)
             del dh, dg, du
         elif g is None:  # dW_down alone needs only h
-            h, _, _ = _launch_dual_gemm(xin[sl], w_gate, w_up, 0, scales=_scales(sx, sl, w_gate_scale, w_up_scale),
-                                        out_dtype=dtype)
+            h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 0, w_scales=w_scales)
         else:
             h = (torch.nn.functional.silu(g[sl].float()) * u[sl].float()).to(dtype)
         if need_dw_down:
@@ -397,8 +396,9 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         w_gate, w_up: (F, D), frozen: must not require grad; any of those dtypes (cast on load), or both
             float8_e4m3fn with w_gate_scale and w_up_scale, (F,) fp32 per-output-channel scales
             (W = w · scale[:, None]): then x is quantised to FP8 per token and the gate/up GEMM (forward,
-            and the recomputing backward) runs on FP8 operands with fp32 accumulation; the dx GEMMs run
-            in x's dtype on the dequantised weights.
+            and the recomputing backward) runs on FP8 operands (compute capability 8.9+), each BLOCK_K
+            step summed in the MMA's accumulator and added to an fp32 one; the dx GEMMs run in x's dtype
+            on the dequantised weights.
         w_down: (D, F), x's dtype, trained.
         recompute: True saves only x for the backward (recomputes gate/up); False keeps g and u, stored in
             x's dtype (in fp16, gate values beyond fp16's range overflow there, as they would in eager
@@ -412,6 +412,10 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     """
     check_swiglu_args(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
     check_kernel_device(x, "x")
+    if w_gate_scale is not None and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        raise ValueError(f"w_gate: float8_e4m3fn frozen weights need FP8 tensor cores (compute capability 8.9 or "
+                         f"newer: Ada, Hopper); this GPU is sm_{major}{minor}: use bf16 frozen weights")
     shape = x.shape
     training = torch.is_grad_enabled() and (x.requires_grad or w_down.requires_grad)
     scales = (None, None) if w_gate_scale is None else (w_gate_scale.contiguous(), w_up_scale.contiguous())

@@ -440,10 +440,12 @@ class FrozenSwiGLU(nn.Module):
         std = d_model ** -0.5
         for name in ("w_gate", "w_up"):  # drawn in this order from the one generator
             w = torch.randn(d_ff, d_model, generator=gen) * std
+            w_scale = None
             if frozen_dtype == torch.float8_e4m3fn:
                 w, w_scale = quantize_rows_fp8(w)
-                self.register_buffer(f"{name}_scale", w_scale.to(device))
             self.register_buffer(name, w.to(**frozen))
+            if w_scale is not None:
+                self.register_buffer(f"{name}_scale", w_scale.to(device))
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self.reset_parameters()
 

@@ -26,6 +26,7 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import hashlib
 import inspect
@@ -708,6 +709,7 @@ def main(argv=None) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib); nothing was trained")
     env = Dist(cfg.train.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, args, env)
         if args.resume:
@@ -739,6 +741,11 @@ def main(argv=None) -> int:
         env.barrier()
         return 0
     finally:
+        # DDP holds the process group, and reference cycles (its autograd hooks) would keep the trainer
+        # alive until interpreter shutdown, where gloo's worker threads, freeing tensors, abort on the GIL
+        # (pytorch#179291 describes it): free them now, while the interpreter is whole.
+        del trainer
+        gc.collect()
         env.close()
 
 

@@ -9,6 +9,7 @@ gradient of that model's loss, so the two differ only by fp32 summation order.
 Workers are module-level functions (torch.multiprocessing.spawn pickles them by name); an assertion that
 fails in a worker fails the test with the worker's traceback.
 """
+import gc
 import os
 import socket
 
@@ -91,145 +92,157 @@ def _fresh_frozen(model: LWTModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in LWTModel(model.cfg).state_dict().items() if k in model.frozen_buffer_names()}
 
 
-def _ddp_worker(rank: int, world: int, port: int) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _run_worker(rank: int, world: int, port: int, body) -> None:
+    """body(rank, world) between process-group set-up and tear-down. Its DDP/FSDP objects hold the group
+    and sit in reference cycles: collected before the group is destroyed, not at interpreter shutdown,
+    where gloo's threads can abort (pytorch#179291). The ranks leave together: a rank tearing gloo down
+    while the other still uses it can abort too."""
     _init(rank, world, port)
     try:
-        model = _model()
-        frozen_names = model.frozen_buffer_names()
-        ddp = DDP(model, broadcast_buffers=False)
-        # DDP reduces the gradients of what parameters() yields: the frozen matrices are not among them.
-        param_ids = {id(p) for p in ddp.parameters()}
-        buffers = dict(model.named_buffers())
-        assert frozen_names and not any(id(buffers[n]) in param_ids for n in frozen_names)
-        assert all(p.requires_grad for p in ddp.parameters())
-
-        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        initial = [p.detach().clone() for p in model.parameters()]
-        losses = []
-        for step in range(STEPS):
-            opt.zero_grad(set_to_none=True)
-            tokens = _batch(rank, step)
-            hidden = ddp(tokens)  # through DDP's forward, so its reducer is armed
-            loss = linear_cross_entropy(hidden[:, :-1], model.head_weight(), tokens[:, 1:])
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert all(buffers[n].grad is None for n in frozen_names)
-
-        # Different data per rank (different losses), identical parameters after the all-reduced steps.
-        all_losses = [None] * world
-        dist.all_gather_object(all_losses, losses)
-        assert all_losses[0] != all_losses[1]
-        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        assert all(torch.equal(g, gathered[0]) for g in gathered), "parameters differ across ranks"
-        assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), initial)), "nothing was trained"
-
-        # Frozen buffers: untouched by training, equal to a fresh regeneration from the seeds, same on every rank.
-        fresh = _fresh_frozen(model)
-        for name in frozen_names:
-            assert torch.equal(buffers[name], fresh[name]), name
-            gathered = [torch.empty_like(buffers[name]) for _ in range(world)]
-            dist.all_gather(gathered, buffers[name].contiguous())
-            assert all(torch.equal(g, gathered[0]) for g in gathered), name
-
-        # The same as one process training on both ranks' data.
-        ref = dict(_reference(world).named_parameters())
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(p, ref[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
-        dist.barrier()  # leave together: a rank tearing gloo down while the other still runs can abort
+        body(rank, world)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
+def _ddp_worker(rank: int, world: int, port: int) -> None:
+    _run_worker(rank, world, port, _ddp_body)
+
+
+def _ddp_body(rank: int, world: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    frozen_names = model.frozen_buffer_names()
+    ddp = DDP(model, broadcast_buffers=False)
+    # DDP reduces the gradients of what parameters() yields: the frozen matrices are not among them.
+    param_ids = {id(p) for p in ddp.parameters()}
+    buffers = dict(model.named_buffers())
+    assert frozen_names and not any(id(buffers[n]) in param_ids for n in frozen_names)
+    assert all(p.requires_grad for p in ddp.parameters())
+
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    initial = [p.detach().clone() for p in model.parameters()]
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        tokens = _batch(rank, step)
+        hidden = ddp(tokens)  # through DDP's forward, so its reducer is armed
+        loss = linear_cross_entropy(hidden[:, :-1], model.head_weight(), tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(buffers[n].grad is None for n in frozen_names)
+
+    # Different data per rank (different losses), identical parameters after the all-reduced steps.
+    all_losses = [None] * world
+    dist.all_gather_object(all_losses, losses)
+    assert all_losses[0] != all_losses[1]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "parameters differ across ranks"
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), initial)), "nothing was trained"
+
+    # Frozen buffers: untouched by training, equal to a fresh regeneration from the seeds, same on every rank.
+    fresh = _fresh_frozen(model)
+    for name in frozen_names:
+        assert torch.equal(buffers[name], fresh[name]), name
+        gathered = [torch.empty_like(buffers[name]) for _ in range(world)]
+        dist.all_gather(gathered, buffers[name].contiguous())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), name
+
+    # The same as one process training on both ranks' data.
+    ref = dict(_reference(world).named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
+    _run_worker(rank, world, port, _fsdp_body)
+
+
+def _fsdp_body(rank: int, world: int) -> None:
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
-    _init(rank, world, port)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (world,))
 
-        def sharded(model: LWTModel) -> LWTModel:
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
+    def sharded(model: LWTModel) -> LWTModel:
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
 
-        model = sharded(_model())
-        frozen_names = model.frozen_buffer_names()
-        # Every Parameter is sharded (a DTensor split along dim 0); the frozen matrices are not Parameters,
-        # so FSDP2 leaves them as plain, whole tensors on every rank.
-        params = dict(model.named_parameters())
-        assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params.values())
-        buffers = dict(model.named_buffers())
-        for name in frozen_names:
-            assert name not in params
-            assert type(buffers[name]) is torch.Tensor and buffers[name].shape == (CFG["d_ff"], CFG["d_model"])
+    model = sharded(_model())
+    frozen_names = model.frozen_buffer_names()
+    # Every Parameter is sharded (a DTensor split along dim 0); the frozen matrices are not Parameters,
+    # so FSDP2 leaves them as plain, whole tensors on every rank.
+    params = dict(model.named_parameters())
+    assert all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params.values())
+    buffers = dict(model.named_buffers())
+    for name in frozen_names:
+        assert name not in params
+        assert type(buffers[name]) is torch.Tensor and buffers[name].shape == (CFG["d_ff"], CFG["d_model"])
 
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = _train(model, opt, [_batch(rank, s) for s in range(STEPS)])
-        assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = _train(model, opt, [_batch(rank, s) for s in range(STEPS)])
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
 
-        full_opts = StateDictOptions(full_state_dict=True)
-        full = get_model_state_dict(model, options=full_opts)  # gathered on every rank
-        ref = _reference(world)
-        ref_sd = ref.state_dict()
-        assert set(full) == set(ref_sd)
-        fresh = _fresh_frozen(ref)
-        for name, value in full.items():
-            assert type(value) is torch.Tensor, name
-            if name in frozen_names:
-                assert torch.equal(value, fresh[name]), f"{name}: the frozen matrix changed"
-            else:
-                torch.testing.assert_close(value, ref_sd[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    full_opts = StateDictOptions(full_state_dict=True)
+    full = get_model_state_dict(model, options=full_opts)  # gathered on every rank
+    ref = _reference(world)
+    ref_sd = ref.state_dict()
+    assert set(full) == set(ref_sd)
+    fresh = _fresh_frozen(ref)
+    for name, value in full.items():
+        assert type(value) is torch.Tensor, name
+        if name in frozen_names:
+            assert torch.equal(value, fresh[name]), f"{name}: the frozen matrix changed"
+        else:
+            torch.testing.assert_close(value, ref_sd[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
-        # Round trip: the full state dict loads into a freshly sharded model (other initial weights) and
-        # into a plain one; both then compute what the trained sharded model computes.
-        torch.manual_seed(1)
-        other = sharded(LWTModel(ModelConfig(**CFG)))
-        set_model_state_dict(other, dict(full), options=full_opts)  # a copy: it replaces the values it loads
-        again = get_model_state_dict(other, options=full_opts)
-        assert set(again) == set(full) and all(torch.equal(again[k], full[k]) for k in full)
-        plain = LWTModel(ModelConfig(**CFG))
-        plain.load_state_dict(full)
-        tokens = _batch(rank, STEPS)
-        with torch.no_grad():
-            expected = model(tokens)
-            torch.testing.assert_close(other(tokens), expected, rtol=0, atol=0)
-            torch.testing.assert_close(plain(tokens), expected, rtol=1e-5, atol=1e-6)
+    # Round trip: the full state dict loads into a freshly sharded model (other initial weights) and
+    # into a plain one; both then compute what the trained sharded model computes.
+    torch.manual_seed(1)
+    other = sharded(LWTModel(ModelConfig(**CFG)))
+    set_model_state_dict(other, dict(full), options=full_opts)  # a copy: it replaces the values it loads
+    again = get_model_state_dict(other, options=full_opts)
+    assert set(again) == set(full) and all(torch.equal(again[k], full[k]) for k in full)
+    plain = LWTModel(ModelConfig(**CFG))
+    plain.load_state_dict(full)
+    tokens = _batch(rank, STEPS)
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(other(tokens), expected, rtol=0, atol=0)
+        torch.testing.assert_close(plain(tokens), expected, rtol=1e-5, atol=1e-6)
 
-        # Mixed precision (bf16 compute, fp32 sharded parameters and gradient reduction): FSDP2 casts the
-        # Parameters it gathers for compute; the frozen matrices are not Parameters and keep their fp32.
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        mixed = _model()
-        for block in mixed.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(mixed, mesh=mesh, mp_policy=policy)
-        seen = []
-        mlp = mixed.blocks[0].mlp
-        hook = mlp.register_forward_pre_hook(
-            lambda m, args: seen.append((args[0].dtype, m.w_down.dtype, m.w_gate.dtype)))
-        mixed_opt = torch.optim.AdamW(mixed.parameters(), lr=1e-2)
-        mixed_losses = _train(mixed, mixed_opt, [_batch(rank, s) for s in range(STEPS)])
-        hook.remove()
-        assert seen and all(d == (torch.bfloat16, torch.bfloat16, torch.float32) for d in seen), seen
-        assert all(isinstance(p, DTensor) and p.dtype == p.grad.dtype == torch.float32 for p in mixed.parameters())
-        mixed_buffers = dict(mixed.named_buffers())
-        for name in frozen_names:
-            assert torch.equal(mixed_buffers[name], fresh[name]), f"{name}: changed under mixed precision"
-        # Same data and initial weights as the fp32 run above: each step's loss within 1e-2 relative of it,
-        # 2.5 units of bf16's 2^-8 rounding (about 1e-3 observed over the 3 steps).
-        torch.testing.assert_close(torch.tensor(mixed_losses), torch.tensor(losses), rtol=1e-2, atol=0)
-        dist.barrier()  # leave together (see above)
-    finally:
-        dist.destroy_process_group()
+    # Mixed precision (bf16 compute, fp32 sharded parameters and gradient reduction): FSDP2 casts the
+    # Parameters it gathers for compute; the frozen matrices are not Parameters and keep their fp32.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = _model()
+    for block in mixed.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(mixed, mesh=mesh, mp_policy=policy)
+    seen = []
+    mlp = mixed.blocks[0].mlp
+    hook = mlp.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].dtype, m.w_down.dtype, m.w_gate.dtype)))
+    mixed_opt = torch.optim.AdamW(mixed.parameters(), lr=1e-2)
+    mixed_losses = _train(mixed, mixed_opt, [_batch(rank, s) for s in range(STEPS)])
+    hook.remove()
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16, torch.float32) for d in seen), seen
+    assert all(isinstance(p, DTensor) and p.dtype == p.grad.dtype == torch.float32 for p in mixed.parameters())
+    mixed_buffers = dict(mixed.named_buffers())
+    for name in frozen_names:
+        assert torch.equal(mixed_buffers[name], fresh[name]), f"{name}: changed under mixed precision"
+    # Same data and initial weights as the fp32 run above: each step's loss within 1e-2 relative of it,
+    # 2.5 units of bf16's 2^-8 rounding (about 1e-3 observed over the 3 steps).
+    torch.testing.assert_close(torch.tensor(mixed_losses), torch.tensor(losses), rtol=1e-2, atol=0)
 
 
 def _fsdp2_unavailable() -> str | None:

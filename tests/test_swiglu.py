@@ -83,10 +83,16 @@ def test_frozen_weights_in_lower_precision(recompute):
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,F", [SHAPES[1], SHAPES[2]])
+@pytest.mark.parametrize("shape,F", [SHAPES[1], SHAPES[2], CUDA_SHAPES[0]])
 def test_fp8_frozen_weights(shape, F, dtype, recompute):
     """float8_e4m3fn frozen weights with per-channel scales, x quantised per token: the FP8 dual GEMM
-    (forward, and the recomputing backward) against the reference's FP8 math in float64."""
+    (forward, and the recomputing backward) against the reference's FP8 math in float64. The interpreter
+    sums the FP8 products in fp32; Hopper's FP8 MMAs sum each K step in a ~14-bit accumulator, below
+    fp32's precision, so on a GPU the 16-bit outputs (whose rounding dominates that) are checked."""
+    if CUDA and dtype == torch.float32:
+        pytest.skip("on a GPU the FP8 MMA's accumulator, not fp32, bounds the error of fp32 outputs")
+    if CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
     _check(shape, F, dtype, recompute, frozen_dtype=torch.float8_e4m3fn, seed=5)
 
 
@@ -183,7 +189,7 @@ def test_layer_with_fp8_frozen_weights():
     the functional op computes with them."""
     full = FrozenSwiGLU(32, 80, seed=7)
     fp8 = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.float8_e4m3fn)
-    assert set(fp8.state_dict()) == {"w_gate", "w_up", "w_down", "w_gate_scale", "w_up_scale"}
+    assert list(fp8.state_dict()) == ["w_down", "w_gate", "w_gate_scale", "w_up", "w_up_scale"]
     assert fp8.frozen_buffer_names() == ("w_gate", "w_up", "w_gate_scale", "w_up_scale")
     for name in ("w_gate", "w_up"):
         w8, scale, exact = getattr(fp8, name), getattr(fp8, f"{name}_scale"), getattr(full, name)
