@@ -111,7 +111,7 @@ def test_every_launcher_is_checked():
     assert checked == set(Launcher.registry), f"no opcheck case: {sorted(set(Launcher.registry) - checked)}"
 
 
-@pytest.mark.parametrize("launcher, args", _cases())
+@pytest.mark.parametrize("launcher, args", list(_cases()))
 def test_custom_op_passes_opcheck(launcher, args):
     """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) and AOTAutograd
     tracing with static and dynamic shapes, each against a real run of the op. opcheck's schema test
