@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import (absent, as_rows, check_kernel_device, empty, grouped_tile, interpreting, launcher,
+from ._common import (absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting, launcher,
                       next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -150,7 +150,7 @@ def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
         t.mul_(g)
         return
     block = 1024 if interpreting() else 4096
-    _scale_kernel[(triton.cdiv(t.numel(), block),)](t, g, t.numel(), BLOCK=block, num_warps=4)
+    _scale_kernel[(cdiv(t.numel(), block),)](t, g, t.numel(), BLOCK=block, num_warps=4)
 
 
 def _row_config(V: int):
@@ -184,7 +184,7 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
     # addmm out_dtype overload allocates its result: pytorch#154086), so a Triton GEMM does it.
     C, V = dz.shape
     D = h.shape[1]
-    grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]) * triton.cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(V, meta["BLOCK_V"]) * cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
     _ce_dw_accumulate_kernel[grid](dz, h, dw, dw if out is None else out, C, V, D, dz.stride(0), h.stride(0),
                                    dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
 
@@ -296,10 +296,8 @@ def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     r = 1.0 / n_kept if reduction == "mean" and n_kept else 1.0
     now = not _deferred(reduction, hidden.dtype)
     row_scale = None
-    if now and (need_dh or need_dw):
-        row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device)
-        if tw is not None:
-            row_scale.mul_(tw)
+    if now and (need_dh or need_dw):  # c_n = r · w_n
+        row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device) if tw is None else tw * r
     lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and now, need_dw and now, accum_dtype)
     weighted = ell if tw is None else ell * tw
     if reduction == "none":

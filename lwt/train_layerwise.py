@@ -224,10 +224,14 @@ class Trainer:
         self.device = env.device
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.out_dir = t.out_dir
-        self.cache_dir = t.cache_dir or os.path.join(t.out_dir, "cache")
+        self.cache_dir = t.cache_dir  # resolved by lwt.config (<out_dir>/cache when null)
+        self.cache_entries = t.cache_sequences * t.cache_draws
         self.data = build_data(cfg.data, cfg.model.vocab_size)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = LWTModel(cfg.model, device=self.device, dtype=self.dtype)
+        # The frozen matrices come from the config's seeds and never change (the end-to-end model is rebuilt
+        # from the same seeds): hashed once, not at every checkpoint.
+        self.frozen_checksum = self.model.frozen_checksum()
         self.phases = phases(cfg, args.end_to_end)
         # Per-rank generators: the data windows and the masks of each rank differ; both are saved.
         self.data_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17 * env.rank + 1)
@@ -236,6 +240,7 @@ class Trainer:
         self.position = (0, 0)  # (phase index, step) to run next
         self.opt_state = None
         self.master = None        # fp32 master copies of the trained parameters (16-bit models)
+        self._input_cache = (None, None)  # (k, block k's cache) as the current stage opened it
         self.master_state = None  # ... as loaded from a checkpoint, until the phase resumes
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
@@ -263,7 +268,7 @@ class Trainer:
             "phase": self.position[0],
             "step": self.position[1],
             "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
-            "frozen_checksum": self.model.frozen_checksum(),
+            "frozen_checksum": self.frozen_checksum,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "master": None if optimizer is None or self.master is None else [m.detach().cpu() for m in self.master],
             "metrics_lines": self.metrics_lines,
@@ -292,7 +297,7 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
         self.model.load_trainable_state_dict(state["model"])
-        if self.model.frozen_checksum() != state["frozen_checksum"]:
+        if self.frozen_checksum != state["frozen_checksum"]:
             raise ValueError(f"{self.ckpt_path}: the frozen SwiGLU matrices regenerated from frozen_seed do not "
                              f"match the checkpoint's checksum (another torch version's generator?)")
         rng = state["rng"][self.env.rank]
@@ -319,7 +324,7 @@ class Trainer:
             return
         state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg),
                  "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
-                 "frozen_checksum": self.model.frozen_checksum()}
+                 "frozen_checksum": self.frozen_checksum}
         _atomic_save(state, os.path.join(self.out_dir, file_name))
 
     # -- batches ---------------------------------------------------------------------------------------
@@ -330,8 +335,13 @@ class Trainer:
         tokens = self.data.get_batch("train", c.data.batch_size, c.data.seq_len, self.data_gen)  # (B, S)
         t = sample_t(c.data.batch_size, c.objective.mask_fraction_min, c.objective.mask_fraction_max, self.mask_gen)
         noisy, mask = mask_tokens(tokens, t, self.model.mask_id, self.mask_gen)
-        to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
-        return to(tokens), to(noisy), to(mask), to(t)
+        return self.to_device(tokens, noisy, mask, t)
+
+    def to_device(self, *tensors):
+        """CPU tensors on the training device; to a GPU through pinned memory, so the copy is asynchronous."""
+        if self.device.type != "cuda":
+            return tensors
+        return tuple(x.pin_memory().to(self.device, non_blocking=True) for x in tensors)
 
     def loss(self, final, tokens, mask, t):
         """final: final normalised hidden states (B, S, D); the tied head and the masked positions' loss."""
@@ -368,14 +378,13 @@ class Trainer:
                 digest.update(p.detach().float().cpu().numpy().tobytes())
         c = self.cfg
         return dict(stage=k, fingerprint=self.fingerprint, weights=digest.hexdigest()[:16], seq_len=c.data.seq_len,
-                    d_model=c.model.d_model, entries=c.train.cache_sequences * c.train.cache_draws)
+                    d_model=c.model.d_model, entries=self.cache_entries)
 
     def _cache_bytes_here(self) -> int:
         """Bytes of one stage's cache on this machine: a shard per local rank."""
         c = self.cfg
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return local * cache_bytes(c.train.cache_sequences * c.train.cache_draws, c.data.seq_len, c.model.d_model,
-                                   self.dtype)
+        return local * cache_bytes(self.cache_entries, c.data.seq_len, c.model.d_model, self.dtype)
 
     def check_cache_room(self) -> None:
         check_disk_space(self.cache_dir, self._cache_bytes_here())
@@ -388,9 +397,7 @@ class Trainer:
             return ActivationCache.open(self._stage_dir(k), self.env.rank, self._cache_expect(k))
         except FileNotFoundError as e:
             print(f"rank {self.env.rank}: {e}; rebuilding it", flush=True)
-        if k > 0:
-            self.open_cache(k - 1)  # its input
-        self.write_cache(k)
+        self.write_cache(k)  # opens (or rebuilds, recursively) its input, block k-1's cache
         if k > 0:
             self.delete_cache(k - 1)
         return ActivationCache.open(self._stage_dir(k), self.env.rank, self._cache_expect(k))
@@ -411,7 +418,7 @@ class Trainer:
         generator seeded per rank and stage; stage k > 0: block k applied to stage k-1's cache), written
         as this rank's shard."""
         c = self.cfg
-        entries = c.train.cache_sequences * c.train.cache_draws
+        entries = self.cache_entries
         S, D = c.data.seq_len, c.model.d_model
         nbytes = cache_bytes(entries, S, D, self.dtype)
         directory = self._stage_dir(k)
@@ -434,10 +441,13 @@ class Trainer:
                     hidden = self.model.run_blocks(self.model.embed_tokens(noisy.to(self.device)), 0, 1)
                     writer.append(hidden, tokens, mask, t)
             else:
-                source = self.open_cache(k - 1)
+                # the shard this stage trained on, opened (and verified) once, else opened here
+                source = self._input_cache[1] if self._input_cache[0] == k - 1 else self.open_cache(k - 1)
                 for _, hidden, tokens, mask, t in source.iter_chunks(B):
                     out = self.model.blocks[k](hidden.to(self.device, self.dtype))
                     writer.append(out, tokens, mask, t)
+                del source
+                self._input_cache = (None, None)  # that shard is deleted next
             writer.finish()
 
     # -- one phase -------------------------------------------------------------------------------------
@@ -462,6 +472,7 @@ class Trainer:
             self.model = LWTModel(c.model, device=self.device, dtype=self.dtype)
         cached = c.train.cache and name == "stage" and k > 0
         cache = self.open_cache(k - 1) if cached else None
+        self._input_cache = (k - 1, cache) if cached else (None, None)
         if name == "stage" and c.train.cache and k + 1 < c.model.n_layers:
             self.check_cache_room()  # before training, not after it
         core = trainable_core(self.model, name, k)
@@ -499,7 +510,7 @@ class Trainer:
                 group["lr"] = lr_at(step, total, lr, warmup, c.train.min_lr_ratio)
             if cached:  # block k-1's outputs from the cache, with the tokens, masks and t behind them
                 rows = torch.randint(0, cache.entries, (c.data.batch_size,), generator=self.data_gen)
-                hidden_in, tokens, mask, t = (x.to(self.device) for x in cache.batch(rows))
+                hidden_in, tokens, mask, t = self.to_device(*cache.batch(rows))
                 final = self.model.final_hidden(core(hidden_in.to(self.dtype)))
             else:
                 tokens, noisy, mask, t = self.fresh_batch()

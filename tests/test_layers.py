@@ -343,8 +343,9 @@ def test_rmsnorm_swaps_in_for_torch_rmsnorm(eps, affine, dtype):
     gen = torch.Generator().manual_seed(11)
     theirs = torch.nn.Sequential(torch.nn.Linear(24, 24, dtype=dtype),
                                  torch.nn.RMSNorm([24], eps=eps, elementwise_affine=affine, dtype=dtype))
-    if affine:
-        with torch.no_grad():
+    with torch.no_grad():
+        theirs[0].bias.zero_()  # else the bias, not x, sets the scale of the normalised input
+        if affine:
             theirs[1].weight.copy_(torch.rand(24, generator=gen) + 0.5)
     ours = copy.deepcopy(theirs)
     t = theirs[1]

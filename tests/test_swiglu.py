@@ -250,3 +250,17 @@ def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
 def test_layer_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FrozenSwiGLU(**(dict(d_model=16, d_ff=24, seed=0) | kwargs))
+
+
+def test_quantize_rows_fp8():
+    """Per-row FP8 quantisation (shared by the kernel's wrapper and the reference, so checked on its own):
+    each row's largest magnitude maps to 448, every element is within FP8's rounding (half a unit of its
+    3-bit mantissa, or of its subnormal spacing) of the input, and an all-zero row gets scale 1 and zeros."""
+    row_scales = torch.tensor([1e-3, 1.0, 50.0, 1e4, 0.0])[:, None]
+    t = torch.randn(5, 300, generator=torch.Generator().manual_seed(14)) * row_scales
+    t8, scale = reference.quantize_rows_fp8(t.to(DEVICE))
+    assert t8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (5,)
+    back = t8.float().cpu() * scale.cpu()[:, None]
+    assert (back - t).abs().le(2.0**-4 * t.abs() + 2.0**-10 * scale.cpu()[:, None]).all()
+    assert torch.equal(t8.float().abs().amax(dim=1).cpu()[:4], torch.full((4,), 448.0))
+    assert scale[4] == 1 and not t8[4].float().any()
