@@ -125,15 +125,17 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a bool tensor of shape {(B, S)}, got {got}")
     _check_t(t, B)
-    rows = hidden[mask]  # (M, D): only the masked positions reach the head
-    M = rows.shape[0]
+    # The masked positions, found once (one host sync; boolean indexing would sync for each gather).
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,), row-major: hidden[mask]'s order
+    M = flat.shape[0]
     if M == 0:
         return (hidden.sum() + head_weight.sum()).float() * 0.0
-    targets = tokens[mask]  # (M,)
+    rows = hidden.reshape(B * S, -1).index_select(0, flat)  # (M, D): only these reach the head
+    targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":
         return F.linear_cross_entropy(rows, head_weight, targets, reduction="sum") / M
-    inv_t = (1.0 / t.to(device=hidden.device, dtype=torch.float32))[:, None].expand(B, S)  # (B, S)
-    loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t[mask], reduction="sum")
+    inv_t = (1.0 / t.to(device=hidden.device, dtype=torch.float32)).index_select(0, flat // S)  # (M,)
+    loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t, reduction="sum")
     return loss / (B * S)
 
 

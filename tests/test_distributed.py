@@ -28,7 +28,7 @@ STEPS = 3
 BATCH, SEQ = 2, 8  # per rank
 CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64)
 # Parallel vs single-process training: the same fp32 math summed in another order (gloo all-reduce,
-# reduce-scatter), amplified a little by AdamW's normalisation over 3 steps.
+# reduce-scatter), carried through 3 SGD steps.
 RTOL, ATOL = 1e-4, 1e-5
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -54,6 +54,13 @@ def _init(rank: int, world: int, port: int) -> None:
 def _model() -> LWTModel:
     torch.manual_seed(0)  # the same initial parameters on every rank and in the reference
     return LWTModel(ModelConfig(**CFG))
+
+
+def _optimizer(params) -> torch.optim.Optimizer:
+    """Plain SGD: its step is proportional to the gradient, so a gradient reduced wrongly (summed instead
+    of averaged, one rank's only) moves the parameters visibly off the single-process run (Adam's
+    normalised step would hide most of the scale)."""
+    return torch.optim.SGD(params, lr=0.5)
 
 
 def _batch(rank: int, step: int) -> torch.Tensor:
@@ -82,7 +89,7 @@ def _train(model, opt, batches) -> list[float]:
 def _reference(world: int) -> LWTModel:
     """One process, no parallelism: every rank's batch of each step concatenated."""
     model = _model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = _optimizer(model.parameters())
     _train(model, opt, [torch.cat([_batch(r, s) for r in range(world)]) for s in range(STEPS)])
     return model
 
@@ -122,7 +129,7 @@ def _ddp_body(rank: int, world: int) -> None:
     assert frozen_names and not any(id(buffers[n]) in param_ids for n in frozen_names)
     assert all(p.requires_grad for p in ddp.parameters())
 
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    opt = _optimizer(ddp.parameters())
     initial = [p.detach().clone() for p in model.parameters()]
     losses = []
     for step in range(STEPS):
@@ -189,7 +196,7 @@ def _fsdp_body(rank: int, world: int) -> None:
         assert name not in params
         assert type(buffers[name]) is torch.Tensor and buffers[name].shape == (CFG["d_ff"], CFG["d_model"])
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = _optimizer(model.parameters())
     losses = _train(model, opt, [_batch(rank, s) for s in range(STEPS)])
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
 
@@ -232,7 +239,7 @@ def _fsdp_body(rank: int, world: int) -> None:
     mlp = mixed.blocks[0].mlp
     hook = mlp.register_forward_pre_hook(
         lambda m, args: seen.append((args[0].dtype, m.w_down.dtype, m.w_gate.dtype)))
-    mixed_opt = torch.optim.AdamW(mixed.parameters(), lr=1e-2)
+    mixed_opt = _optimizer(mixed.parameters())
     mixed_losses = _train(mixed, mixed_opt, [_batch(rank, s) for s in range(STEPS)])
     hook.remove()
     assert seen and all(d == (torch.bfloat16, torch.bfloat16, torch.float32) for d in seen), seen
