@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm
+from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm, _positive_int
 
 
 class LWTModel(nn.Module):
@@ -26,10 +26,8 @@ class LWTModel(nn.Module):
 
     def __init__(self, cfg, device=None, dtype=None):
         super().__init__()
-        if isinstance(cfg.vocab_size, bool) or not isinstance(cfg.vocab_size, int) or cfg.vocab_size < 1:
-            raise ValueError(f"vocab_size: expected a positive int, got {cfg.vocab_size!r}")
-        if isinstance(cfg.n_layers, bool) or not isinstance(cfg.n_layers, int) or cfg.n_layers < 1:
-            raise ValueError(f"n_layers: expected a positive int, got {cfg.n_layers!r}")
+        _positive_int(cfg.vocab_size, "vocab_size")
+        _positive_int(cfg.n_layers, "n_layers")
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.mask_id = cfg.vocab_size
