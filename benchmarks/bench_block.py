@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from unittest import mock
 
 import _harness as H  # first: sets up the interpreter on CPU-only machines  # isort: skip
 import torch
@@ -108,9 +109,7 @@ def run_case(report, B, S, D, Hq, Hkv):
 def smoke():
     """CPU: a tiny block on the Triton path (interpreter), compiled into one graph (AOTAutograd, no
     Inductor), against eager mode."""
-    previous = os.environ.get("LWT_BACKEND")
-    os.environ["LWT_BACKEND"] = "triton"  # CPU tensors take the reference path otherwise
-    try:
+    with mock.patch.dict(os.environ, LWT_BACKEND="triton"):  # CPU tensors take the reference path otherwise
         torch.manual_seed(0)
         block = DecoderBlock(64, 4, 96, n_kv_heads=2)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
@@ -120,13 +119,8 @@ def smoke():
             leaf = x.clone().requires_grad_()
             y = module(leaf)
             out += [y.detach(), *torch.autograd.grad(y, [leaf, *block.parameters()], dy)]
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    finally:
-        if previous is None:
-            del os.environ["LWT_BACKEND"]
-        else:
-            os.environ["LWT_BACKEND"] = previous
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def main(argv=None) -> list[str]:

@@ -239,6 +239,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
         x[:, :P] = prompt.to(device=device, dtype=torch.int64)
     was_training = model.training
     model.eval()
+    head_t = head.float().t()  # (D, V), converted once for every step
     try:
         remaining = length - P  # masked positions per sequence (the same in every row)
         for step in range(steps):
@@ -246,8 +247,9 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
                 break
             k = -(-remaining // (steps - step))  # ceil: equal shares; the last step unmasks the rest
             masked = x == mask_id  # (N, L)
-            rows = model(x)[masked].float()  # (N · remaining, D), row-major: sequence by sequence
-            logits = (rows @ head.float().t()).double()  # (N · remaining, V)
+            where = masked.nonzero(as_tuple=True)  # found once (one host sync), row-major: sequence by sequence
+            rows = model(x)[where].float()  # (N · remaining, D)
+            logits = (rows @ head_t).double()  # (N · remaining, V)
             if temperature == 0:
                 logp = torch.log_softmax(logits, dim=-1)
                 conf, draw = logp.max(dim=-1)
@@ -259,9 +261,9 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
             if order == "random":
                 conf = _rand(conf.shape, generator, device, torch.float64)
             score = torch.full(x.shape, -math.inf, dtype=torch.float64, device=device)  # (N, L)
-            score[masked] = conf
+            score[where] = conf
             proposal = x.clone()
-            proposal[masked] = draw
+            proposal[where] = draw
             keep = score.topk(k, dim=1).indices  # (N, k): all among the masked positions (score > -inf)
             x.scatter_(1, keep, proposal.gather(1, keep))
             remaining -= k

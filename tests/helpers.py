@@ -1,5 +1,10 @@
-"""Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation."""
+"""Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation; a small
+DecoderBlock and the comparison of its output and gradients (the compile tests)."""
 import torch
+
+from lwt.config import ModelConfig
+from lwt.layers import DecoderBlock
+from tests.tolerances import assert_close
 
 
 def fresh_copy(c: torch.Tensor) -> torch.Tensor:
@@ -44,3 +49,45 @@ def assert_refused_before_launch(monkeypatch, entry, kernel_op, functional_op, b
         fn = functional_op
     with pytest.raises(ValueError, match=match):
         fn(*args, **kwargs)
+
+
+def block_config(attn_type: str, **overrides) -> ModelConfig:
+    base = dict(vocab_size=40, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, attn_type=attn_type,
+                mla_rq=16, mla_rkv=16)
+    return ModelConfig(**{**base, **overrides})
+
+
+def make_block(attn_type: str, **factory) -> DecoderBlock:
+    torch.manual_seed(0)
+    block = DecoderBlock.from_config(block_config(attn_type), 0, **factory)
+    with torch.no_grad():  # norm scales away from 1, so their gradients are not trivial
+        for name, p in block.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "_norm." in name:
+                p.uniform_(0.5, 1.5)
+    return block
+
+
+def output_and_grads(module, x, dy, dynamic_seq: bool = False):
+    """module(x) and the gradients of Σ module(x)·dy w.r.t. x and every parameter, by name.
+    dynamic_seq: compile for any sequence length (x's dim 1), not for this one."""
+    module.zero_grad(set_to_none=True)
+    leaf = x.detach().clone().requires_grad_()
+    if dynamic_seq:
+        import torch._dynamo
+
+        torch._dynamo.mark_dynamic(leaf, 1)
+    y = module(leaf)
+    y.backward(dy.clone())
+    # a compiled module (OptimizedModule) names its parameters "_orig_mod.<name>"
+    grads = {"x": leaf.grad} | {name.removeprefix("_orig_mod."): p.grad.detach().clone()
+                                for name, p in module.named_parameters()}
+    return y.detach(), grads
+
+
+def compare(got, truth, yardstick, rows: int):
+    """got (compiled) against truth (eager, float64 weights), eager in got's dtype as the yardstick
+    (tests/tolerances.py). A weight gradient sums over the rows (fp32 in both, possibly reordered)."""
+    assert_close("y", got[0], truth[0].double(), yardstick[0])
+    assert got[1].keys() == truth[1].keys()
+    for name in got[1]:
+        assert_close(f"d {name}", got[1][name], truth[1][name].double(), yardstick[1][name], reduced_over=rows)

@@ -23,7 +23,7 @@ from kernels import rmsnorm
 from kernels import swiglu
 from kernels._common import Launcher
 from kernels.reference import quantize_rows_fp8
-from tests.test_compile import compare, make_block, output_and_grads
+from tests.helpers import compare, make_block, output_and_grads
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
