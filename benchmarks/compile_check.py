@@ -7,8 +7,9 @@ The Triton interpreter runs kernels as Python, so it accepts code the compiler r
 returning different types from two branches, say) and says nothing about register pressure. This
 compiles each autotune config through triton's own ptxas (shipped in the wheel) for `--arch` (90 =
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
-spills, which cost bandwidth) and `SMEM`. --quick compiles one config per kernel variant (what the
-test suite runs); the default compiles every config of every list. Exit code 1 if any compile failed.
+spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
+--quick compiles one config per kernel variant (what the test suite runs); the default compiles every
+config of every list. Exit code 1 if any compile failed.
 """
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def _usage(compiled):
     return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
 
 
+def _mma(ptx: str) -> str:
+    """The tensor-core instruction of a kernel's PTX, e.g. `wgmma.f32.e4m3.e4m3` (Hopper's async MMA on FP8
+    operands) or `mma.sync...`; `-` for none. A layout Triton cannot feed to wgmma falls back to mma.sync."""
+    m = re.search(r"\b(wgmma\.mma_async|mma\.sync)\.\S*?((?:\.[a-z0-9]+){3});?\s", ptx)
+    if not m:
+        return "-"
+    return ("wgmma" if m.group(1).startswith("wgmma") else "mma.sync") + m.group(2)
+
+
 def _attention_jobs(quick):
     from kernels import attention as A
 
@@ -111,9 +121,9 @@ def _swiglu_jobs(quick):
 
     ints = {"M", "N", "K"}
     # (x dtype, frozen weights' dtype): the mixed pair is FrozenSwiGLU's frozen_dtype use
-    scales = {"SX", "SG", "SU"}  # fp32, read only with SCALED (FP8)
+    scales = {"SX", "SG", "SU", "SDG", "SDU"}  # fp32, read (or written) only with SCALED (FP8)
     for mode in (0, 1, 2):
-        # fp8: float8_e4m3fn x and weights (FP8 frozen weights), bf16 outputs
+        # fp8: float8_e4m3fn x and weights (FP8 frozen weights), bf16 outputs; in mode 2 dg, du leave as FP8
         for dtype, wdtype in (("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp8e4nv")):
             fp8 = wdtype == "fp8e4nv"
             use = ("fp8_bwd" if mode == 2 else "fp8") if fp8 else (
@@ -121,12 +131,18 @@ def _swiglu_jobs(quick):
             for bm, bn, bk, warps, stages in (W._GEMM_CONFIGS[use][:1] if quick else W._GEMM_CONFIGS[use]):
                 const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", SCALED=fp8,
                              GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                ptrs = {"WG": wdtype, "WU": wdtype} | ({"X": wdtype} if fp8 else {})
+                ptrs = {"WG": wdtype, "WU": wdtype} | ({"X": wdtype} if fp8 else {}) | (
+                    {"DG": wdtype, "DU": wdtype} if fp8 and mode == 2 else {})
                 yield ("swiglu dual GEMM" + ("" if wdtype == dtype else f" ({wdtype} weights)"),
                        W._swiglu_dual_gemm_kernel.fn, dtype, const, warps, stages, ints, set(), scales, ptrs)
     bm, bn = W._ELEMENTWISE_BLOCK
-    yield ("swiglu bwd elementwise", W._swiglu_bwd_elementwise_kernel, "bf16", dict(BLOCK_M=bm, BLOCK_N=bn), 4, 1,
-           ints, set(), set())
+    for quant in (False, True):
+        yield ("swiglu bwd elementwise" + (" (FP8 dg, du)" if quant else ""), W._swiglu_bwd_elementwise_kernel,
+               "bf16", dict(QUANT=quant, BLOCK_M=bm, BLOCK_N=bn), 4, 1, ints, set(), scales,
+               {"DG": "fp8e4nv", "DU": "fp8e4nv"} if quant else {})
+    for bm, bn, warps, stages in (W._FP8_DX_CONFIGS[:1] if quick else W._FP8_DX_CONFIGS):
+        yield ("swiglu FP8 dx GEMM", W._fp8_dx_kernel.fn, "bf16", dict(GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn),
+               warps, stages, ints, set(), {"SA"}, {"A": "fp8e4nv", "BT": "fp8e4nv"}, ("K",))
 
 
 def _rmsnorm_jobs(quick):
@@ -189,7 +205,7 @@ def main(argv=None) -> int:
                 continue
             regs, stack = _usage(compiled)
             print(f"ok {label} {dtype} {shown} w{warps} s{stages}: REG {regs} SPILL {stack} "
-                  f"SMEM {compiled.metadata.shared}", flush=True)
+                  f"SMEM {compiled.metadata.shared} MMA {_mma(compiled.asm['ptx'])}", flush=True)
     print(f"{failed} failed" if failed else "all compiled")
     return 1 if failed else 0
 

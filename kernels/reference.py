@@ -136,19 +136,36 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
-def quantize_rows_fp8(t: torch.Tensor):
-    """Per-row FP8 quantisation, in fp32 whatever t's dtype: (t8, scale) with t ≈ t8 · scale[:, None].
+def quantize_blocks_fp8(t: torch.Tensor, block: int):
+    """FP8 quantisation with one scale per `block` consecutive entries of a row, computed in fp32 whatever
+    t's dtype: (t8, scale) with t[r, c] ≈ t8[r, c] · scale[r, c // block].
 
     Args:
-        t: (rows, n), any float dtype.
+        t: (rows, n), any float dtype; block: entries per scale (the last block of a row may be partial).
     Returns:
-        t8 (rows, n) float8_e4m3fn and scale (rows,) fp32 = max|row| / 448 (the row's largest entry maps
-        to FP8's largest finite value; an all-zero row gets scale 1 and zeros).
+        t8 (rows, n) float8_e4m3fn and scale (rows, ceil(n / block)) fp32 = max|block| / 448 (the block's
+        largest entry maps to FP8's largest finite value; an all-zero block gets scale 1 and zeros).
     """
+    rows, n = t.shape
+    blocks = -(-n // block)
     tf = t.float()
-    amax = tf.abs().amax(dim=-1) if tf.shape[-1] else tf.new_zeros(tf.shape[:-1])
+    if blocks * block != n:
+        tf = torch.nn.functional.pad(tf, (0, blocks * block - n))
+    tf = tf.view(rows, blocks, block)
+    amax = tf.abs().amax(dim=-1)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (tf / scale[:, None]).to(FP8), scale
+    t8 = (tf / scale[..., None]).to(FP8).view(rows, blocks * block)
+    return (t8 if blocks * block == n else t8[:, :n].contiguous()), scale
+
+
+def quantize_rows_fp8(t: torch.Tensor):
+    """Per-row FP8 quantisation (quantize_blocks_fp8 with a row as the block): (t8, scale) with
+    t ≈ t8 · scale[:, None], scale (rows,) fp32 = max|row| / 448 (1 for an all-zero or empty row)."""
+    rows, n = t.shape
+    if n == 0:
+        return t.to(FP8), torch.ones(rows, dtype=torch.float32, device=t.device)
+    t8, scale = quantize_blocks_fp8(t, n)
+    return t8, scale[:, 0]
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

@@ -25,8 +25,13 @@ is quantised per token (x ≈ x8 · s_x[:, None], kernels.reference.quantize_row
 passes over x) and the dual GEMM multiplies FP8 tiles with fp32 accumulation; since both scales are
 constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
 applied in the epilogue before SiLU. (On Hopper an FP8 MMA sums into a narrower accumulator, ~14 bits;
-each BLOCK_K step is promoted to the fp32 accumulator, as DeepSeek-V3 does every 128 products.) The dx
-GEMMs run in x's dtype on the dequantised weights.
+each BLOCK_K step is promoted to the fp32 accumulator, as DeepSeek-V3 does every 128 products.)
+The dx GEMM runs in FP8 too. With W = w8 · s[:, None], dx = (dg · s_g) w8_gate + (du · s_u) w8_up: the
+backward epilogue multiplies dg and du by the weights' scales and stores them as FP8 with one scale per
+token per FP8_GRAD_BLOCK features (a = a8 · s_a), beside each other in one (tokens × 2F) operand; the dx
+GEMM runs over both halves against the transposed FP8 weights, scaling each K step's MMA result by its
+row's block scale. So x's gradient passes the forward's quantisation of x straight through, and carries
+FP8's rounding of its own operands (3-bit mantissa: about 2% relative L2 on random data).
 """
 from __future__ import annotations
 
@@ -37,13 +42,20 @@ import triton.language as tl
 from ._checks import check_swiglu_args
 from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
                       launcher)
-from .reference import quantize_rows_fp8
+from .reference import FP8_MAX, quantize_rows_fp8
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
 # most half of it. At 16384 × 4096 × 14336 bf16: 1024-token chunks, 4 × 29 MB of transients, against the
 # 2.75 GiB an eager fwd+bwd allocates there (shared/anchors-h200.md), whose 0.25x is the recompute goal.
 CHUNK_ELEMENTS = 1024 * 14336
+
+# FP8 backward: dg·S_g and du·S_u are quantised with one scale per this many consecutive features of a
+# token (DeepSeek-V3 §3.3.1 quantises activations per 1 × 128 tile: an outlier costs only its own block
+# precision), which is also the K step of the FP8 dx GEMM, applying one scale per row per step.
+FP8_GRAD_BLOCK = 128
+_QB = tl.constexpr(FP8_GRAD_BLOCK)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
@@ -72,25 +84,34 @@ _GEMM_CONFIGS = {
     # FP8 (float8_e4m3fn x and frozen weights): a byte per element, so twice the K step in the same
     # shared memory. All compile without spills (64 x 128 and 128 x 128 x 128 tiles spilled; left out).
     "fp8": [(128, 64, 128, 8, 4), (128, 64, 128, 8, 3), (128, 128, 64, 8, 4)],
-    "fp8_bwd": [(128, 64, 128, 8, 4), (64, 64, 128, 4, 4)],
+    # The FP8 backward epilogue quantises whole FP8_GRAD_BLOCK column blocks: BLOCK_N 128. These two compile
+    # without spills; BLOCK_K 128 spilled (24-48 bytes), as did every 128 × 128 and 4-warp tile tried.
+    "fp8_bwd": [(64, 128, 64, 8, 4), (64, 128, 64, 8, 3)],
 }
+# The FP8 dx GEMM: (BLOCK_M, BLOCK_N, num_warps, num_stages); its K step is FP8_GRAD_BLOCK.
+_FP8_DX_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4)]
 
 
-def _gemm_configs():
+def _gemm_configs(fp8_bwd=False):
+    """The dual GEMM's configs: those of the FP8 backward (fp8_bwd) or all the others."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    listed = sorted({c for cs in _GEMM_CONFIGS.values() for c in cs})
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": FP8_GRAD_BLOCK if fp8_bwd else 32, "BLOCK_K": 16},
+                              num_warps=1, num_stages=1)]
+    if fp8_bwd:
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in _GEMM_CONFIGS["fp8_bwd"]]
+    listed = sorted({c for name, cs in _GEMM_CONFIGS.items() if name != "fp8_bwd" for c in cs})
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in listed]
 
 
 def _prune_gemm(configs, nargs, **kwargs):
-    """early_config_prune: the list for this mode and dtype."""
+    """early_config_prune: the list for this mode and dtype (the FP8 backward has its own autotuner)."""
     if interpreting():
         return configs
     meta = {**nargs, **kwargs}
     if meta["SCALED"]:
-        use = "fp8_bwd" if meta["MODE"] == 2 else "fp8"
+        use = "fp8"
     else:
         use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
     wanted = set(_GEMM_CONFIGS[use])
@@ -102,16 +123,18 @@ def _prune_gemm(configs, nargs, **kwargs):
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _swiglu_dual_gemm_kernel(
-    X, WG, WU, H, G, U, DH, DG, DU, SX, SG, SU,
+    X, WG, WU, H, G, U, DH, DG, DU, SX, SG, SU, SDG, SDU,
     M, N, K,
-    stride_x, stride_wg, stride_wu, stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du,
+    stride_x, stride_wg, stride_wu, stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, stride_sd,
     MODE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCALED: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g, u = x W_gateᵀ, x W_upᵀ for one (BLOCK_M tokens × BLOCK_N features) tile, then the epilogue:
     MODE 0: h = silu(g)·u; MODE 1: also g and u (recompute=False's forward); MODE 2 (the recomputing
     backward): h, dg, du from g, u and DH. SCALED (FP8): X, WG, WU hold float8_e4m3fn values and the fp32
-    products are multiplied by the per-token scale SX[row] and the per-channel scales SG[col], SU[col]."""
+    products are multiplied by the per-token scale SX[row] and the per-channel scales SG[col], SU[col];
+    MODE 2 then leaves dg·SG and du·SU in FP8 blocks (DG, DU, float8_e4m3fn; scales in SDG, SDU) for the
+    FP8 dx GEMM."""
     # GROUP_M token tiles share each feature tile of the weights while it is in L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,9 +159,9 @@ def _swiglu_dual_gemm_kernel(
         sx = tl.load(SX + rows % M)[:, None]
         acc_g = acc_g * sx * tl.load(SG + cols % N)[None, :]
         acc_u = acc_u * sx * tl.load(SU + cols % N)[None, :]
-    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
-    _swiglu_epilogue(acc_g, acc_u, rows, cols, out_mask, H, G, U, DH, DG, DU,
-                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, MODE)
+    _swiglu_epilogue(acc_g, acc_u, rows, cols, pid_n * BLOCK_N, M, N, H, G, U, DH, DG, DU, SG, SU, SDG, SDU,
+                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, stride_sd, MODE,
+                     SCALED and MODE == 2, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -166,9 +189,13 @@ def _dual_step(xp, gp, up, acc_g, acc_u, ks, k_left, MASKED: tl.constexpr, INPUT
 
 
 @triton.jit
-def _swiglu_epilogue(g, u, rows, cols, mask, H, G, U, DH, DG, DU,
-                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, MODE: tl.constexpr):
-    """From fp32 g and u: MODE 0 stores h; 1 stores h, g, u; 2 stores h, dg, du (reads DH)."""
+def _swiglu_epilogue(g, u, rows, cols, col0, M, N, H, G, U, DH, DG, DU, SG, SU, SDG, SDU,
+                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, stride_sd, MODE: tl.constexpr,
+                     QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """From fp32 g and u of the tile at rows × cols (cols starting at col0): MODE 0 stores h; 1 stores h,
+    g, u; 2 stores h, dg, du (reads DH). QUANT (MODE 2, FP8 frozen weights): dg·SG[col] and du·SU[col],
+    the dx GEMM's operands once the weights' scales are moved onto them, go out as FP8 blocks."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
     silu, dsilu = _silu_parts(g)
     h = silu * u
     tl.store(_tile_ptrs(H, rows, cols, stride_h), h.to(H.dtype.element_ty), mask=mask)
@@ -177,24 +204,106 @@ def _swiglu_epilogue(g, u, rows, cols, mask, H, G, U, DH, DG, DU,
         tl.store(_tile_ptrs(U, rows, cols, stride_u), u.to(U.dtype.element_ty), mask=mask)
     if MODE == 2:
         dh = tl.load(_tile_ptrs(DH, rows, cols, stride_dh), mask=mask, other=0.0).to(tl.float32)
-        tl.store(_tile_ptrs(DG, rows, cols, stride_dg), (dh * u * dsilu).to(DG.dtype.element_ty), mask=mask)
-        tl.store(_tile_ptrs(DU, rows, cols, stride_du), (dh * silu).to(DU.dtype.element_ty), mask=mask)
+        dg = dh * u * dsilu
+        du = dh * silu
+        if QUANT:
+            # dx = dg W_gate + du W_up with W = w8 · S[:, None]: dx = (dg · S_g) w8_gate + (du · S_u) w8_up
+            dg = tl.where(mask, dg * tl.load(SG + cols % N)[None, :], 0.0)
+            du = tl.where(mask, du * tl.load(SU + cols % N)[None, :], 0.0)
+            _store_fp8_blocks(DG, SDG, dg, rows, cols, col0, M, N, stride_dg, stride_sd, BLOCK_M, BLOCK_N)
+            _store_fp8_blocks(DU, SDU, du, rows, cols, col0, M, N, stride_du, stride_sd, BLOCK_M, BLOCK_N)
+        else:
+            tl.store(_tile_ptrs(DG, rows, cols, stride_dg), dg.to(DG.dtype.element_ty), mask=mask)
+            tl.store(_tile_ptrs(DU, rows, cols, stride_du), du.to(DU.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_bwd_elementwise_kernel(G, U, DH, H, DG, DU, M, N, stride_g, stride_u, stride_dh, stride_h,
-                                   stride_dg, stride_du, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The backward epilogue from stored g and u (recompute=False): h, dg, du."""
+def _e4m3_rtne(v):
+    """fp32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, kept in fp32: the cast
+    that follows only re-encodes it. (Triton 3.6's interpreter casts fp32 to FP8 wrongly: a round-up
+    that carries out of the mantissa halves the value, ties go away from zero, subnormals truncate; a
+    GPU's cvt.rn agrees with this.) The e4m3 grid's spacing is 2^k, k = max(exponent, -6) - 3; adding
+    and subtracting 1.5·2^(k+23) rounds to a multiple of it in fp32's own round-to-nearest-even."""
+    bits = v.to(tl.int32, bitcast=True)
+    k = tl.maximum(((bits >> 23) & 0xFF) - 127, -6) - 3
+    magic = (((k + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5·2^(k+23): exponent k + 23 + 127
+    return (v + magic) - magic
+
+
+@triton.jit
+def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Stores the fp32 tile v (zero past column N) in FP8 with one scale per FP8_GRAD_BLOCK columns of a
+    row (kernels.reference.quantize_blocks_fp8's rounding): A8 gets v / scale, S[row, block] the scale
+    max|block| / 448 (1 for an all-zero block). A8's columns run to N rounded up to whole blocks; the
+    padding gets zeros, so the dx GEMM's K loop needs no mask."""
+    QB: tl.constexpr = _QB
+    tl.static_assert((BLOCK_N // QB) * QB == BLOCK_N, "FP8 backward: column tiles of whole quantisation blocks")
+    blocks = tl.reshape(v, (BLOCK_M, BLOCK_N // QB, QB))
+    amax = tl.max(tl.abs(blocks), axis=2)
+    scale = tl.where(amax > 0, amax / _FP8_MAX, 1.0)
+    q = _e4m3_rtne(tl.reshape(blocks / scale[:, :, None], (BLOCK_M, BLOCK_N)))
+    n_blocks = tl.cdiv(N, QB)
+    tl.store(_tile_ptrs(A8, rows, cols, stride_a), q.to(A8.dtype.element_ty),
+             mask=(rows < M)[:, None] & (cols < n_blocks * QB)[None, :])
+    block_ids = col0 // QB + tl.arange(0, BLOCK_N // QB)
+    tl.store(_tile_ptrs(S, rows, block_ids, stride_s), scale,
+             mask=(rows < M)[:, None] & (block_ids < n_blocks)[None, :])
+
+
+@triton.jit
+def _swiglu_bwd_elementwise_kernel(G, U, DH, H, DG, DU, SG, SU, SDG, SDU, M, N, stride_g, stride_u, stride_dh,
+                                   stride_h, stride_dg, stride_du, stride_sd, QUANT: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The backward epilogue from stored g and u (recompute=False): h, dg, du (QUANT: FP8 blocks of dg·SG,
+    du·SU, as the recomputing backward leaves them with FP8 frozen weights)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     g = tl.load(_tile_ptrs(G, rows, cols, stride_g), mask=mask, other=0.0).to(tl.float32)
     u = tl.load(_tile_ptrs(U, rows, cols, stride_u), mask=mask, other=0.0).to(tl.float32)
-    _swiglu_epilogue(g, u, rows, cols, mask, H, G, U, DH, DG, DU, stride_h, stride_g, stride_u, stride_dh,
-                     stride_dg, stride_du, 2)
+    _swiglu_epilogue(g, u, rows, cols, tl.program_id(1) * BLOCK_N, M, N, H, G, U, DH, DG, DU, SG, SU, SDG, SDU,
+                     stride_h, stride_g, stride_u, stride_dh, stride_dg, stride_du, stride_sd, 2, QUANT,
+                     BLOCK_M, BLOCK_N)
+
+
+def _fp8_dx_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in _FP8_DX_CONFIGS]
+
+
+@triton.autotune(configs=_fp8_dx_configs(), key=["N", "K"])
+@triton.jit
+def _fp8_dx_kernel(A, SA, BT, DX, M, N, K, stride_a, stride_sa, stride_bt, stride_dx, GROUP_M: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DX = A · BTᵀ for one (BLOCK_M × BLOCK_N) tile, with A given as FP8 blocks: A[r, k] = A8[r, k] ·
+    SA[r, k // QB]. Each QB-wide K step is one FP8 MMA chain whose fp32 result is multiplied by its row
+    scales and added to the fp32 accumulator (the per-block scaling of DeepSeek-V3 §3.3.2, which also
+    promotes the MMA's narrower accumulator every QB products). K is a multiple of QB (zero-padded)."""
+    QB: tl.constexpr = _QB
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, QB)
+    ap = _tile_ptrs(A, rows % M, ks, stride_a)  # wrapped rows and columns, as in the dual GEMM
+    bp = _tile_ptrs(BT, cols % N, ks, stride_bt)
+    sp = SA + (rows % M).to(tl.int64) * stride_sa
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for kb in range(0, K // QB):
+        part = tl.dot(tl.load(ap + kb * QB), tl.trans(tl.load(bp + kb * QB)))
+        acc += part * tl.load(sp + kb)[:, None]
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(_tile_ptrs(DX, rows, cols, stride_dx), acc.to(DX.dtype.element_ty), mask=mask)
 
 
 _dual_gemm = TunedKernel(_swiglu_dual_gemm_kernel)
+# The same kernel in the FP8 backward (MODE 2, SCALED), whose tiles must hold whole quantisation blocks.
+_swiglu_fp8_bwd_kernel = triton.autotune(configs=_gemm_configs(fp8_bwd=True), key=["N", "K"])(
+    _swiglu_dual_gemm_kernel.fn)
+_dual_gemm_fp8_bwd = TunedKernel(_swiglu_fp8_bwd_kernel)
+_fp8_dx = TunedKernel(_fp8_dx_kernel)
 _GROUP_M = 8
 _ELEMENTWISE_BLOCK = (32, 128)
 
@@ -203,11 +312,13 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None):
+def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None, fp8_out=None):
     """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
     mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into. w_scales:
     (s_gate, s_up), (F,) fp32, for FP8 weights: then x is quantised per token (quantize_rows_fp8, the
-    reference's own rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands."""
+    reference's own rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands.
+    Mode 2 with FP8 weights writes dg·s_gate and du·s_up as FP8 blocks into fp8_out (the views of
+    _fp8_dx_operands) instead, and returns (h, None, None)."""
     T, D = x.shape
     F = w_gate.shape[0]
     out_dtype = x.dtype
@@ -216,7 +327,9 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
         x, sx = quantize_rows_fp8(x)
         scales = (sx, *w_scales)
     h = empty((T, F), out_dtype, x.device)
-    if gu_out is not None:
+    if fp8_out is not None:
+        a = b = None
+    elif gu_out is not None:
         a, b = gu_out
     else:
         a = empty((T, F), out_dtype, x.device) if mode else h  # g (mode 1) or dg (mode 2)
@@ -224,35 +337,78 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
     if T == 0:
         return h, a, b
     dh_ = dh if dh is not None else h  # read only in mode 2
-    g, u, dg, du = (a, b, h, h) if mode == 1 else (h, h, a, b)
+    if fp8_out is not None:
+        g = u = h  # unread in mode 2
+        (dg, du), (sdg, sdu) = fp8_out
+    else:
+        g, u, dg, du = (a, b, h, h) if mode == 1 else (h, h, a, b)
+        sdg = sdu = h  # unread: only the FP8 backward writes block scales
     sx, sg, su = scales if scales is not None else (h, h, h)  # unread without SCALED
-    _dual_gemm.launch(
+    (_dual_gemm_fp8_bwd if fp8_out is not None else _dual_gemm).launch(
         lambda m: (cdiv(T, m["BLOCK_M"]) * cdiv(F, m["BLOCK_N"]),),
-        x, w_gate, w_up, h, g, u, dh_, dg, du, sx, sg, su,
+        x, w_gate, w_up, h, g, u, dh_, dg, du, sx, sg, su, sdg, sdu,
         T, F, D,
         x.stride(0), w_gate.stride(0), w_up.stride(0), h.stride(0), g.stride(0), u.stride(0), dh_.stride(0),
-        dg.stride(0), du.stride(0),
+        dg.stride(0), du.stride(0), sdg.stride(0),
         MODE=mode, INPUT_PRECISION=_precision(x), SCALED=scales is not None, GROUP_M=_GROUP_M,
     )
     return h, a, b
 
 
-def _launch_bwd_elementwise(g, u, dh):
+def _launch_bwd_elementwise(g, u, dh, w_scales=None, fp8_out=None):
+    """h, dg, du (T, F) from the stored g and u and dh. With FP8 weights (w_scales given) dg·s_gate and
+    du·s_up go into fp8_out (the views of _fp8_dx_operands) as FP8 blocks instead: returns (h, None, None)."""
     T, F = g.shape
-    h, dg, du = (empty((T, F), g.dtype, g.device) for _ in range(3))
+    h = empty((T, F), g.dtype, g.device)
+    if fp8_out is None:
+        dg, du = empty((T, F), g.dtype, g.device), empty((T, F), g.dtype, g.device)
+        sg = su = sdg = sdu = h  # unread
+    else:
+        (dg, du), (sdg, sdu) = fp8_out
+        sg, su = w_scales
     bm, bn = _ELEMENTWISE_BLOCK
     _swiglu_bwd_elementwise_kernel[(cdiv(T, bm), cdiv(F, bn))](
-        g, u, dh, h, dg, du, T, F, g.stride(0), u.stride(0), dh.stride(0), h.stride(0), dg.stride(0), du.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        g, u, dh, h, dg, du, sg, su, sdg, sdu, T, F, g.stride(0), u.stride(0), dh.stride(0), h.stride(0),
+        dg.stride(0), du.stride(0), sdg.stride(0), QUANT=fp8_out is not None, BLOCK_M=bm, BLOCK_N=bn,
+        num_warps=4,
     )
-    return h, dg, du
+    return (h, dg, du) if fp8_out is None else (h, None, None)
 
 
-def _dequantized(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """w in `dtype` (no copy when it already is), times its per-row scale for FP8 weights."""
-    if scale is None:
-        return w.to(dtype)
-    return (w.float() * scale[:, None]).to(dtype)
+def _fp8_weights_transposed(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """The FP8 dx GEMM's B operand: (D, 2·Fp) float8_e4m3fn = [w8_gateᵀ, 0, w8_upᵀ, 0], Fp being F rounded
+    up to whole FP8_GRAD_BLOCKs. Each row contiguous along the reduced dim: the layout Hopper's FP8 MMA
+    reads straight from shared memory. A transient copy of 2·Fp·D bytes (half of what the two matrices
+    dequantised to bf16 would take), made once per backward."""
+    F, D = w_gate.shape
+    f_pad = cdiv(F, FP8_GRAD_BLOCK) * FP8_GRAD_BLOCK
+    wt = torch.zeros((D, 2 * f_pad), dtype=w_gate.dtype, device=w_gate.device)
+    wt[:, :F] = w_gate.t()
+    wt[:, f_pad:f_pad + F] = w_up.t()
+    return wt
+
+
+def _fp8_dx_operands(tokens: int, F: int, device):
+    """Buffers of the FP8 backward for `tokens` tokens: a8 (tokens, 2·Fp) float8_e4m3fn, dg·s_gate in its
+    first Fp columns and du·s_up in the rest, and their block scales sa (tokens, 2·Fp / FP8_GRAD_BLOCK)
+    fp32. Returns (a8, sa, ((gate part, up part) of a8, (gate part, up part) of sa)), the views being what
+    the backward epilogue writes."""
+    f_pad = cdiv(F, FP8_GRAD_BLOCK) * FP8_GRAD_BLOCK
+    nb = f_pad // FP8_GRAD_BLOCK
+    a8 = empty((tokens, 2 * f_pad), torch.float8_e4m3fn, device)
+    sa = empty((tokens, 2 * nb), torch.float32, device)
+    return a8, sa, ((a8[:, :f_pad], a8[:, f_pad:]), (sa[:, :nb], sa[:, nb:]))
+
+
+def _launch_fp8_dx(a8: torch.Tensor, sa: torch.Tensor, wt: torch.Tensor, out: torch.Tensor) -> None:
+    """out (T, D) = a8 (T, K) dequantised with its block scales sa, times wtᵀ (wt (D, K)), in out's dtype."""
+    T, K = a8.shape
+    D = wt.shape[0]
+    if T == 0:
+        return
+    _fp8_dx.launch(lambda m: (cdiv(T, m["BLOCK_M"]) * cdiv(D, m["BLOCK_N"]),),
+                   a8, sa, wt, out, T, D, K, a8.stride(0), sa.stride(0), wt.stride(0), out.stride(0),
+                   GROUP_M=_GROUP_M)
 
 
 def _fwd_fake(x, w_gate, w_up, w_down, save_gate_up, w_gate_scale=None, w_up_scale=None):
@@ -322,8 +478,9 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     the forward kept nothing else (recompute), else None, with g and u (T, F) given; dx takes dy's dtype,
     which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
     sums their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
-    transient (F, D) copy each; FP8 weights are dequantised with their scales: the dx GEMMs run in x's
-    dtype, only the recomputed gate/up GEMM in FP8)."""
+    transient (F, D) copy each). FP8 weights (scales given) keep FP8 for the dx GEMM: their transposed
+    copy (2·F·D bytes) is made once, and each chunk's dg·s_gate, du·s_up leave the epilogue as FP8
+    blocks for it."""
     T, D = dy.shape
     dtype, device = dy.dtype, dy.device
     F = w_gate.shape[0]
@@ -333,20 +490,29 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     chunk = max(1, CHUNK_ELEMENTS // F)
     dx = empty((T, D), dtype, device) if need_dx else absent(dy)
     dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
-    if need_dx:
-        wg, wu = _dequantized(w_gate, w_gate_scale, dtype), _dequantized(w_up, w_up_scale, dtype)
     w_scales = None if w_gate_scale is None else (w_gate_scale, w_up_scale)
+    fp8_dx = need_dx and w_scales is not None
+    if fp8_dx:
+        wt = _fp8_weights_transposed(w_gate, w_up)
+    elif need_dx:
+        wg, wu = w_gate.to(dtype), w_up.to(dtype)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
         if need_dx:
             dh = dy[sl] @ w_down  # (C, F)
+            a8 = sa = fp8_out = None
+            if fp8_dx:
+                a8, sa, fp8_out = _fp8_dx_operands(dh.shape[0], F, device)
             if g is None:
-                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh, w_scales=w_scales)
+                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh, w_scales=w_scales, fp8_out=fp8_out)
             else:
-                h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh)
-            torch.matmul(dg, wg, out=dx[sl])
-            dx[sl].addmm_(du, wu)
-            del dh, dg, du
+                h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh, w_scales=w_scales, fp8_out=fp8_out)
+            if fp8_dx:
+                _launch_fp8_dx(a8, sa, wt, out=dx[sl])
+            else:
+                torch.matmul(dg, wg, out=dx[sl])
+                dx[sl].addmm_(du, wu)
+            del dh, dg, du, a8, sa, fp8_out
         elif g is None:  # dW_down alone needs only h
             h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 0, w_scales=w_scales)
         else:
@@ -397,8 +563,9 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             float8_e4m3fn with w_gate_scale and w_up_scale, (F,) fp32 per-output-channel scales
             (W = w · scale[:, None]): then x is quantised to FP8 per token and the gate/up GEMM (forward,
             and the recomputing backward) runs on FP8 operands (compute capability 8.9+), each BLOCK_K
-            step summed in the MMA's accumulator and added to an fp32 one; the dx GEMMs run in x's dtype
-            on the dequantised weights.
+            step summed in the MMA's accumulator and added to an fp32 one. The dx GEMM runs on FP8
+            operands too: dg·s_gate and du·s_up quantised with one scale per token per 128 features
+            (FP8_GRAD_BLOCK), so dx carries FP8's rounding of them (about 2% relative L2); dW_down does not.
         w_down: (D, F), x's dtype, trained.
         recompute: True saves only x for the backward (recomputes gate/up); False keeps g and u, stored in
             x's dtype (in fp16, gate values beyond fp16's range overflow there, as they would in eager

@@ -158,7 +158,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             W = w · scale[:, None] per output channel. x is then quantised to FP8 per token
             (kernels.reference.quantize_rows_fp8) and the gate/up GEMM runs on FP8 operands (the
             reference computes the same rounding in fp32); the gradient of x passes that rounding
-            straight through.
+            straight through. The Triton path also runs the dx GEMM on FP8 operands (dg and du scaled,
+            then quantised per token per 128 features), a rounding the reference leaves out.
     Returns:
         y (..., D) in x's dtype; gradients flow to x and w_down.
     """

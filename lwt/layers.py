@@ -414,8 +414,8 @@ class FrozenSwiGLU(nn.Module):
         recompute: the backward recomputes gate/up from x (True) instead of keeping them (False).
         frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations,
             or torch.float8_e4m3fn: each matrix stored in FP8 with a per-output-channel fp32 scale (buffers
-            w_gate_scale, w_up_scale of shape (d_ff,)), x quantised to FP8 per token for the gate/up GEMM
-            (see lwt.functional.frozen_swiglu).
+            w_gate_scale, w_up_scale of shape (d_ff,)), x quantised to FP8 per token for the gate/up GEMM,
+            and the dx GEMM on FP8 operands too (see lwt.functional.frozen_swiglu).
         device, dtype: of W_down (and of the frozen matrices unless frozen_dtype is given).
     W_gate, W_up (d_ff, d_model) are buffers, not Parameters: optimizers, DDP and FSDP never see them and
     they never get a .grad. They are saved in the state_dict. forward(x): x (..., d_model), W_down's dtype.

@@ -32,8 +32,11 @@ def test_benchmarks_smoke_check_without_gpu():
 def test_kernels_compile_for_hopper():
     """The interpreter runs kernels as Python and accepts code the compiler rejects (it did: a jit
     helper returning different types from two constexpr branches). Compile one config of every kernel
-    variant for sm_90 with triton's own ptxas; no GPU needed."""
+    variant for sm_90 with triton's own ptxas; no GPU needed. The FP8 GEMMs (the gate/up GEMM forward
+    and backward, the dx GEMM) must run on Hopper's FP8 wgmma, not on a fallback."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--quick"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0 and "all compiled" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    fp8 = [line for line in out.stdout.splitlines() if "fp8e4nv weights" in line or "FP8 dx GEMM" in line]
+    assert len(fp8) == 4 and all(line.endswith("MMA wgmma.f32.e4m3.e4m3") for line in fp8), "\n".join(fp8)

@@ -2,6 +2,8 @@
 policies; nothing is computed or stored for the frozen projections."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import lwt.functional as lwtF
 from kernels import reference
@@ -64,8 +66,51 @@ def _check(shape, F, dtype, recompute, frozen_dtype=None, seed=0):
     (y_ref,), (dx_ref, dwd_ref) = grads(ref, [x, wd], [dy])
     tokens = x.numel() // D
     assert_close("y", y, y64, y_ref, reduced_over=F)
-    assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
+    if fp8:
+        _assert_fp8_dx(dx, dx64, dx_ref, x, wg, sg, wu, su, wd, dy)
+    else:
+        assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
     assert_close("dw_down", dwd, dwd64, dwd_ref, reduced_over=tokens)
+
+
+# Input precision of each dtype (unit roundoff), for the FP8 dx bound below.
+_UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _fp8_dx_operands64(x, wg8, sg, wu8, su, wd, dy, dh=None):
+    """In float64, from the same FP8 forward the kernel runs: a_gate = dg·s_gate and a_up = du·s_up, the
+    (tokens, F) operands the FP8 backward quantises, whose products with w8_gate, w8_up make dx. dh: the
+    (tokens, F) dy·W_down to start from, if not computed here."""
+    D = x.shape[-1]
+    x8, sx = reference.quantize_rows_fp8(x.reshape(-1, D))
+    xq = x8.double() * sx.double()[:, None]
+    g = xq @ (wg8.double() * sg.double()[:, None]).t()
+    u = xq @ (wu8.double() * su.double()[:, None]).t()
+    sig = torch.sigmoid(g)
+    dh = dy.reshape(-1, D).double() @ wd.double() if dh is None else dh.double()
+    return dh * u * sig * (1 + g * (1 - sig)) * sg.double(), dh * g * sig * su.double()
+
+
+def _assert_fp8_dx(dx, dx64, dx_ref, x, wg8, sg, wu8, su, wd, dy):
+    """With FP8 frozen weights the backward also quantises its dx operands (dg·s_gate, du·s_up) to FP8 in
+    blocks of FP8_GRAD_BLOCK features, so dx differs from the reference's (exact through the dequantised
+    weights) by that rounding: per operand at most half a unit of e4m3's 3-bit mantissa (2^-4 relative)
+    or, below e4m3's normal range, half its subnormal step (2^-10 of the block's scale). Checked element
+    by element against that bound carried through |w8| (the block scales taken from the float64
+    operands), plus the input rounding the operands carry in x's dtype and the output's own roundoff."""
+    a_g, a_u = _fp8_dx_operands64(x, wg8, sg, wu8, su, wd, dy)
+    unit = _UNIT[dx.dtype]
+    bound = torch.zeros_like(dx64.reshape(a_g.shape[0], -1))
+    for a, w8 in ((a_g, wg8), (a_u, wu8)):
+        _, scale = reference.quantize_blocks_fp8(a, swiglu.FP8_GRAD_BLOCK)
+        step = scale.double().repeat_interleave(swiglu.FP8_GRAD_BLOCK, dim=1)[:, :a.shape[1]]
+        bound += ((2.0**-4 + 4 * unit) * a.abs() + 2.0**-10 * step) @ w8.double().abs()
+    scale = dx64.abs().max().item() or 1.0
+    ref_err = (dx_ref.double() - dx64).abs().max().item()
+    err = (dx.double() - dx64).reshape(bound.shape).abs()
+    allowed = bound + 2 * ref_err + 4 * unit * scale
+    worst = (err - allowed).max().item()
+    assert worst <= 0, f"dx ({dx.dtype}): an error exceeds the FP8 rounding bound by {worst:.3e} (max|dx| {scale:.3e})"
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
@@ -86,9 +131,10 @@ def test_frozen_weights_in_lower_precision(recompute):
 @pytest.mark.parametrize("shape,F", [SHAPES[1], SHAPES[2], CUDA_SHAPES[0]])
 def test_fp8_frozen_weights(shape, F, dtype, recompute):
     """float8_e4m3fn frozen weights with per-channel scales, x quantised per token: the FP8 dual GEMM
-    (forward, and the recomputing backward) against the reference's FP8 math in float64. The interpreter
-    sums the FP8 products in fp32; Hopper's FP8 MMAs sum each K step in a ~14-bit accumulator, below
-    fp32's precision, so on a GPU the 16-bit outputs (whose rounding dominates that) are checked."""
+    (forward, and the recomputing backward) against the reference's FP8 math in float64; dx, from the
+    FP8 dx GEMM, within the rounding of its FP8 operands (_assert_fp8_dx). The interpreter sums the FP8
+    products in fp32; Hopper's FP8 MMAs sum each K step in a ~14-bit accumulator, below fp32's
+    precision, so on a GPU the 16-bit outputs (whose rounding dominates that) are checked."""
     if CUDA and dtype == torch.float32:
         pytest.skip("on a GPU the FP8 MMA's accumulator, not fp32, bounds the error of fp32 outputs")
     if CUDA and torch.cuda.get_device_capability() < (8, 9):
@@ -96,13 +142,108 @@ def test_fp8_frozen_weights(shape, F, dtype, recompute):
     _check(shape, F, dtype, recompute, frozen_dtype=torch.float8_e4m3fn, seed=5)
 
 
+@triton.jit
+def _rtne_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, swiglu._e4m3_rtne(tl.load(X + offs)))
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's rounding; on a GPU the same helper runs compiled")
+def test_fp8_rounding_matches_torch():
+    """The FP8 backward rounds in fp32 before its cast (the interpreter's own fp32 -> FP8 cast mis-rounds):
+    every finite e4m3 value, every tie between neighbours, and random values over the normal and
+    subnormal ranges round as torch's float8_e4m3fn conversion does."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].sort().values
+    gen = torch.Generator().manual_seed(15)
+    values = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, (torch.rand(2000, generator=gen) - 0.5) * 896,
+                        torch.randn(2000, generator=gen) * 0.02, (torch.rand(2000, generator=gen) - 0.5) * 2.0**-5])
+    x = torch.zeros(8192)
+    x[:values.numel()] = values
+    y = torch.empty_like(x)
+    _rtne_kernel[(1,)](x, y, N=x.numel())
+    assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fp8_dx_gemm(out_dtype):
+    """The FP8 dx GEMM alone: a8 (FP8, one scale per 128 columns of a row; blocks of very different
+    magnitudes, one all zero) times wtᵀ, against float64 on the dequantised operands: exact products
+    summed in fp32, so as tight as an fp32 GEMM."""
+    if CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    if CUDA and out_dtype == torch.float32:
+        pytest.skip("on a GPU the FP8 MMA's accumulator, not fp32, bounds the error of fp32 outputs")
+    gen = torch.Generator().manual_seed(16)
+    T, K, D = 19, 3 * swiglu.FP8_GRAD_BLOCK, 45
+    a = torch.randn(T, K, generator=gen) * torch.logspace(-3, 2, K // swiglu.FP8_GRAD_BLOCK).repeat_interleave(
+        swiglu.FP8_GRAD_BLOCK)
+    a[4, swiglu.FP8_GRAD_BLOCK:2 * swiglu.FP8_GRAD_BLOCK] = 0
+    a8, sa = reference.quantize_blocks_fp8(a, swiglu.FP8_GRAD_BLOCK)
+    wt = (torch.randn(D, K, generator=gen) / 4).to(torch.float8_e4m3fn)
+    a8, sa, wt = a8.to(DEVICE), sa.to(DEVICE), wt.to(DEVICE)
+    out = torch.full((T, D), float("nan"), dtype=out_dtype, device=DEVICE)
+    swiglu._launch_fp8_dx(a8, sa, wt, out)
+    deq = a8.double() * sa.double().repeat_interleave(swiglu.FP8_GRAD_BLOCK, dim=1)
+    want = deq @ wt.double().t()
+    same = (deq.float() @ wt.float().t()).to(out_dtype)
+    assert_close("dx", out, want, same, reduced_over=K)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["recomputed-gate-up", "stored-gate-up"])
+def test_fp8_backward_epilogue_quantises_blocks(stored):
+    """The FP8 backward's epilogue (in the recomputing dual GEMM, or from stored g and u) writes dg·s_gate
+    and du·s_up as FP8 blocks: each block's scale is its max|value| / 448 (1 for an all-zero block: a
+    token whose dh is zero), each value within FP8's rounding of the float64 operand, and the columns
+    past F, up to whole blocks, zero. F 130: two blocks per half, the second mostly padding. The float64
+    operands start from the same dh as the kernel."""
+    gen = torch.Generator().manual_seed(17)
+    T, D, F = 21, 48, 130
+    x = torch.randn(T, D, generator=gen).to(DEVICE)
+    wg, wu, wd = _weights(D, F, gen, torch.float32)
+    (wg8, sg), (wu8, su) = reference.quantize_rows_fp8(wg), reference.quantize_rows_fp8(wu)
+    dy = torch.randn(T, D, generator=gen).to(DEVICE)
+    dy[3] = 0
+    dh = dy @ wd
+    a8, sa, views = swiglu._fp8_dx_operands(T, F, DEVICE)
+    if stored:
+        x8, sx = reference.quantize_rows_fp8(x)
+        xq = x8.float() * sx[:, None]
+        g, u = xq @ (wg8.float() * sg[:, None]).t(), xq @ (wu8.float() * su[:, None]).t()
+        h, dg, du = swiglu._launch_bwd_elementwise(g, u, dh, w_scales=(sg, su), fp8_out=views)
+    else:
+        h, dg, du = swiglu._launch_dual_gemm(x, wg8, wu8, 2, dh, w_scales=(sg, su), fp8_out=views)
+    assert dg is None and du is None and torch.isfinite(h).all()
+    qb = swiglu.FP8_GRAD_BLOCK
+    f_pad = swiglu.cdiv(F, qb) * qb
+    for part, a64 in enumerate(_fp8_dx_operands64(x, wg8, sg, wu8, su, wd, dy, dh=dh)):
+        q = a8[:, part * f_pad:(part + 1) * f_pad].double()
+        scale = sa[:, part * f_pad // qb:(part + 1) * f_pad // qb].double()
+        assert torch.equal(q[:, F:], torch.zeros_like(q[:, F:])), "padding columns not zero"
+        want_scale = torch.nn.functional.pad(a64, (0, f_pad - F)).abs().view(T, -1, qb).amax(-1) / 448
+        assert torch.equal(scale[3], torch.ones_like(scale[3])) and torch.equal(q[3], torch.zeros_like(q[3]))
+        want_scale[3] = 1
+        torch.testing.assert_close(scale, want_scale, rtol=1e-5, atol=0)
+        deq = (q * scale.repeat_interleave(qb, dim=1))[:, :F]
+        step = want_scale.repeat_interleave(qb, dim=1)[:, :F]
+        # + the kernel's fp32 roundoff of the operand before it is rounded: 1e-5 of its block's max
+        err = (deq - a64).abs() - (2.0**-4 * a64.abs() + (2.0**-10 + 1e-5 * 448) * step)
+        assert err.max().item() <= 0, f"part {part}: a value beyond FP8 rounding by {err.max().item():.3e}"
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_backward_in_token_chunks(monkeypatch, recompute):
     """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2 (dW_down summed in fp32, in
-    column blocks); D 50 ends each GEMM in a partial K step."""
+    column blocks); D 50 ends each GEMM in a partial K step. Also with FP8 frozen weights."""
     monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 2 * 130)
     _check((37, 50), 130, torch.float32, recompute, seed=2)
     _check((37, 50), 130, torch.float16, recompute, seed=3)
+    if not CUDA or torch.cuda.get_device_capability() >= (8, 9):  # FP8: one FP8 dx GEMM per chunk
+        calls = []
+        real = swiglu._launch_fp8_dx
+        monkeypatch.setattr(swiglu, "_launch_fp8_dx", lambda *a, **k: calls.append(1) or real(*a, **k))
+        _check((37, 50), 130, torch.float16, recompute, frozen_dtype=torch.float8_e4m3fn, seed=14)
+        assert len(calls) == 19
 
 
 def _saved(y):
@@ -264,3 +405,26 @@ def test_quantize_rows_fp8():
     assert (back - t).abs().le(2.0**-4 * t.abs() + 2.0**-10 * scale.cpu()[:, None]).all()
     assert torch.equal(t8.float().abs().amax(dim=1).cpu()[:4], torch.full((4,), 448.0))
     assert scale[4] == 1 and not t8[4].float().any()
+
+
+def test_quantize_blocks_fp8():
+    """FP8 quantisation per block of a row (the reference of the FP8 backward's operands): blocks of 128
+    with a partial last one (300 = 2 × 128 + 44), one scale each; a block's largest magnitude maps to
+    448, every element is within FP8's rounding of the input, an all-zero block gets scale 1 and zeros;
+    and one block per row is quantize_rows_fp8."""
+    gen = torch.Generator().manual_seed(18)
+    t = torch.randn(3, 300, generator=gen) * torch.tensor([1e-3, 1.0, 1e4])[:, None]
+    t[:, 256:] *= 50  # the partial block on another scale than the rest of its row
+    t[1, 128:256] = 0
+    t8, scale = reference.quantize_blocks_fp8(t.to(DEVICE), 128)
+    assert t8.shape == (3, 300) and t8.dtype == torch.float8_e4m3fn and scale.shape == (3, 3)
+    step = scale.cpu().repeat_interleave(128, dim=1)[:, :300]
+    back = t8.float().cpu() * step
+    assert (back - t).abs().le(2.0**-4 * t.abs() + 2.0**-10 * step).all()
+    peaks = torch.stack([t8.float().cpu()[:, i:i + 128].abs().amax(dim=1) for i in (0, 128, 256)], dim=1)
+    nonzero = torch.ones(3, 3, dtype=torch.bool)
+    nonzero[1, 1] = False
+    assert torch.equal(peaks[nonzero], torch.full((8,), 448.0)) and scale[1, 1] == 1 and peaks[1, 1] == 0
+    rows8, row_scale = reference.quantize_rows_fp8(t.to(DEVICE))
+    whole8, whole_scale = reference.quantize_blocks_fp8(t.to(DEVICE), 300)
+    assert torch.equal(rows8.view(torch.uint8), whole8.view(torch.uint8)) and torch.equal(row_scale, whole_scale[:, 0])
