@@ -29,6 +29,11 @@ rounded.) dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V
 16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
 rounding per chunk, no V × D buffer). Offsets: a chunk of logits holds fewer than 2³¹ elements
 (LOGITS_CHUNK_BYTES), chunks are capped at (2³¹ − 1) / D rows, and the dW offsets are int64.
+
+Layout. A chunk's logits live in a buffer whose rows are padded to a multiple of 16 elements (V 50257:
+50272), the GEMMs writing and reading its (C, V) view. A row stride divisible by 16 is what Triton
+specialises on to issue vector loads from each row (with V itself as the stride, a vocabulary such as
+GPT-2's gets scalar loads), and cuBLAS's 16-bit kernels want a leading dimension of 8 elements' multiple.
 """
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Bytes of one chunk of logits (C × V in the inputs' dtype): the op's working memory beside the gradient
 # buffers. 192 MiB is 768 rows of a 128000-word vocabulary in bf16. Tests shrink it to get many chunks.
 LOGITS_CHUNK_BYTES = 192 * 2**20
+# Row stride of a logits chunk: V rounded up to a multiple of this (see Layout above).
+_ROW_ALIGN = 16
 
 
 @triton.jit
@@ -190,8 +197,9 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
 
 
 def _chunk_rows(n: int, V: int, D: int, itemsize: int) -> int:
-    """Rows per chunk: LOGITS_CHUNK_BYTES of logits, and fewer than 2^31 elements of h in one chunk (the
-    dW kernel's int32 offsets; only a vocabulary of a few hundred words gets near it)."""
+    """Rows per chunk: LOGITS_CHUNK_BYTES of logits (V: the padded row length), and fewer than 2^31
+    elements of h in one chunk (the dW kernel's int32 offsets; only a vocabulary of a few hundred words
+    gets near it)."""
     rows = min(max(1, LOGITS_CHUNK_BYTES // (V * itemsize)), (2**31 - 1) // D)
     if rows >= 256:
         rows -= rows % 128  # whole 128-row GEMM tiles
@@ -214,7 +222,8 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
         loss_rows = None
     grads = need_dh or need_dw
     dh = empty((N, D), h.dtype, h.device) if need_dh else None
-    chunk = _chunk_rows(N, V, D, h.element_size())
+    v_pad = cdiv(V, _ROW_ALIGN) * _ROW_ALIGN
+    chunk = _chunk_rows(N, v_pad, D, h.element_size())
     n_chunks = -(-N // chunk)
     dw = acc = None
     if need_dw:
@@ -226,7 +235,9 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
             acc = empty((V, D), accum_dtype, h.device)
     for i, n0 in enumerate(range(0, N, chunk)):
         rows = slice(n0, min(N, n0 + chunk))
-        z = torch.mm(h[rows], weight.t())  # (C, V): the only logits that exist at any time
+        # (C, V) with rows padded to v_pad: the only logits that exist at any time
+        z = torch.empty((rows.stop - n0, v_pad), dtype=h.dtype, device=h.device)[:, :V]
+        torch.mm(h[rows], weight.t(), out=z)
         _launch_rows(z, target[rows], row_scale[rows] if grads else None, lse[rows],
                      loss_rows[rows] if compute_lse else None, compute_lse, grads)
         if need_dh:

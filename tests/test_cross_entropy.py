@@ -21,7 +21,8 @@ SHAPES = [
     pytest.param(37, 24, 257, id="N37-D24-V257"),
     pytest.param(0, 16, 10, id="N0-D16-V10"),
 ]
-CUDA_SHAPES = [pytest.param(4096, 1024, 128000, id="N4096-D1024-V128000", marks=pytest.mark.cuda)]
+CUDA_SHAPES = [pytest.param(4096, 1024, 128000, id="N4096-D1024-V128000", marks=pytest.mark.cuda),
+               pytest.param(2048, 1024, 50257, id="N2048-D1024-V50257", marks=pytest.mark.cuda)]
 VARIANTS = ["plain", "weighted", "ignored", "weighted-ignored"]
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -166,6 +167,24 @@ def test_ignored_rows_cost_nothing(monkeypatch):
     hidden, weight, target, _ = _inputs(30, 16, 50, torch.float32, "ignored", seed=5)
     ce.linear_cross_entropy(hidden.requires_grad_(), weight, target).backward()
     assert sum(rows_seen) == int((target != -100).sum()) == 20
+
+
+@pytest.mark.parametrize("V,stride", [(50, 64), (48, 48), (1, 16)])
+def test_logit_rows_padded_to_16_elements(monkeypatch, V, stride):
+    """Each chunk's logits are a (C, V) view of a buffer whose rows are padded to a multiple of 16
+    elements (what Triton specialises on for vector loads). The padding is never read: the float64
+    comparisons run V 1, 257 (and on a GPU 50257, GPT-2's vocabulary) through it."""
+    layouts = []
+    launch = ce._launch_rows
+
+    def recording(z, *args):
+        layouts.append((z.shape[1], z.stride()))
+        return launch(z, *args)
+
+    monkeypatch.setattr(ce, "_launch_rows", recording)
+    hidden, weight, target, _ = _inputs(9, 16, V, torch.float32, "plain", seed=19)
+    ce.linear_cross_entropy(hidden.requires_grad_(), weight, target).backward()
+    assert layouts == [(V, (stride, 1))]
 
 
 def test_no_weight_gradient_when_weight_is_frozen(monkeypatch):
