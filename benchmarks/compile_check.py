@@ -127,7 +127,7 @@ def _swiglu_jobs(quick):
         for dtype, wdtype in (("bf16", "bf16"), ("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "fp8e4nv")):
             fp8 = wdtype == "fp8e4nv"
             use = ("fp8_bwd" if mode == 2 else "fp8") if fp8 else (
-                "fp32" if dtype == "fp32" else ("bwd" if mode == 2 else "fwd"))
+                ("fp32" if wdtype == dtype else "fp32_cast") if dtype == "fp32" else ("bwd" if mode == 2 else "fwd"))
             for bm, bn, bk, warps, stages in (W._GEMM_CONFIGS[use][:1] if quick else W._GEMM_CONFIGS[use]):
                 const = dict(MODE=mode, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", SCALED=fp8,
                              GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

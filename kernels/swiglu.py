@@ -75,12 +75,14 @@ def _tile_ptrs(BASE, rows, cols, stride_row):
 # live in registers; the 16-bit lists compile for sm_90 (triton 3.6) without spills (benchmarks/
 # compile_check.py; not yet timed on a GPU). The backward epilogue (mode 2) also holds dh and two more
 # tiles, so it gets the narrower tiles. fp32 (IEEE dots): with frozen weights in another dtype (cast per
-# tile) only the last, smallest config compiles without spills; the autotuner weighs them. A config
-# whose shared memory does not fit a GPU is dropped by the autotuner at its first launch there.
+# tile) only the last, smallest config compiles without spills (the others spilled 4-8 KB), so that case
+# gets it alone ("fp32_cast"). A config whose shared memory does not fit a GPU is dropped by the
+# autotuner at its first launch there.
 _GEMM_CONFIGS = {
     "fwd": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
     "bwd": [(128, 64, 64, 8, 4), (128, 64, 32, 8, 4), (64, 64, 64, 4, 4)],
     "fp32": [(128, 64, 64, 8, 4), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3)],
+    "fp32_cast": [(64, 64, 32, 8, 3)],
     # FP8 (float8_e4m3fn x and frozen weights): a byte per element, so twice the K step in the same
     # shared memory. All compile without spills (64 x 128 and 128 x 128 x 128 tiles spilled; left out).
     "fp8": [(128, 64, 128, 8, 4), (128, 64, 128, 8, 3), (128, 128, 64, 8, 4)],
@@ -114,6 +116,8 @@ def _prune_gemm(configs, nargs, **kwargs):
         use = "fp8"
     else:
         use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
+        if use == "fp32" and meta["WG"].dtype != meta["X"].dtype:
+            use = "fp32_cast"
     wanted = set(_GEMM_CONFIGS[use])
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                    c.num_stages) in wanted]
