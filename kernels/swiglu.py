@@ -21,9 +21,9 @@ cast to x's dtype on load, so the dots run in x's dtype with fp32 accumulation. 
 IEEE fp32 dots (no TF32).
 
 FP8 frozen weights (float8_e4m3fn with per-output-channel fp32 scales s_g, s_u; W ≈ w8 · s[:, None]): x
-is quantised per token (x ≈ x8 · s_x[:, None], kernels.reference.quantize_rows_fp8, torch ops: a few
-passes over x) and the dual GEMM multiplies FP8 tiles with fp32 accumulation; since both scales are
-constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
+is quantised per token (x ≈ x8 · s_x[:, None]; _quantize_rows_kernel, one launch, with the rounding of
+kernels.reference.quantize_rows_fp8) and the dual GEMM multiplies FP8 tiles with fp32 accumulation;
+since both scales are constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
 applied in the epilogue before SiLU. (On Hopper an FP8 MMA sums into a narrower accumulator, ~14 bits;
 each BLOCK_K step is promoted to the fp32 accumulator, as DeepSeek-V3 does every 128 products.)
 The dx GEMM runs in FP8 too. With W = w8 · s[:, None], dx = (dg · s_g) w8_gate + (du · s_u) w8_up: the
@@ -41,8 +41,8 @@ import triton.language as tl
 
 from ._checks import check_swiglu_args
 from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
-                      launcher)
-from .reference import FP8_MAX, quantize_rows_fp8
+                      launcher, next_power_of_2)
+from .reference import FP8_MAX
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
 # the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
@@ -245,14 +245,35 @@ def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOC
     tl.static_assert((BLOCK_N // QB) * QB == BLOCK_N, "FP8 backward: column tiles of whole quantisation blocks")
     blocks = tl.reshape(v, (BLOCK_M, BLOCK_N // QB, QB))
     amax = tl.max(tl.abs(blocks), axis=2)
-    scale = tl.where(amax > 0, amax / _FP8_MAX, 1.0)
-    q = _e4m3_rtne(tl.reshape(blocks / scale[:, :, None], (BLOCK_M, BLOCK_N)))
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
+    q = _e4m3_rtne(tl.reshape(tl.math.div_rn(blocks, scale[:, :, None]), (BLOCK_M, BLOCK_N)))
     n_blocks = tl.cdiv(N, QB)
     tl.store(_tile_ptrs(A8, rows, cols, stride_a), q.to(A8.dtype.element_ty),
              mask=(rows < M)[:, None] & (cols < n_blocks * QB)[None, :])
     block_ids = col0 // QB + tl.arange(0, BLOCK_N // QB)
     tl.store(_tile_ptrs(S, rows, block_ids, stride_s), scale,
              mask=(rows < M)[:, None] & (block_ids < n_blocks)[None, :])
+
+
+@triton.jit
+def _quantize_rows_kernel(X, X8, SX, D, stride_x, stride_x8, BLOCK_D: tl.constexpr):
+    """One row of X to FP8 (kernels.reference.quantize_rows_fp8's rounding): SX[row] = max|row| / 448 (1
+    for an all-zero row), X8[row] = X[row] / SX[row] rounded to nearest even. Two passes over the row,
+    the second one mostly from cache."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row, x8_row = X + row * stride_x, X8 + row * stride_x8
+    amax = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, tl.math.div_rn(m, _FP8_MAX), 1.0)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
+        tl.store(x8_row + offs, _e4m3_rtne(tl.math.div_rn(v, scale)).to(X8.dtype.element_ty), mask=offs < D)
+    tl.store(SX + row, scale)
 
 
 @triton.jit
@@ -319,8 +340,8 @@ def _precision(x: torch.Tensor) -> str:
 def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None, fp8_out=None):
     """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
     mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into. w_scales:
-    (s_gate, s_up), (F,) fp32, for FP8 weights: then x is quantised per token (quantize_rows_fp8, the
-    reference's own rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands.
+    (s_gate, s_up), (F,) fp32, for FP8 weights: then x is quantised per token (_quantize_rows, the
+    reference's rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands.
     Mode 2 with FP8 weights writes dg·s_gate and du·s_up as FP8 blocks into fp8_out (the views of
     _fp8_dx_operands) instead, and returns (h, None, None)."""
     T, D = x.shape
@@ -328,7 +349,7 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
     out_dtype = x.dtype
     scales = None
     if w_scales is not None:
-        x, sx = quantize_rows_fp8(x)
+        x, sx = _quantize_rows(x)
         scales = (sx, *w_scales)
     h = empty((T, F), out_dtype, x.device)
     if fp8_out is not None:
@@ -357,6 +378,19 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
         MODE=mode, INPUT_PRECISION=_precision(x), SCALED=scales is not None, GROUP_M=_GROUP_M,
     )
     return h, a, b
+
+
+def _quantize_rows(x: torch.Tensor):
+    """x (T, D), unit stride along D -> (x8 (T, D) float8_e4m3fn, scale (T,) fp32): per-token FP8, as
+    kernels.reference.quantize_rows_fp8 (the same values) in one launch."""
+    T, D = x.shape
+    x8 = empty((T, D), torch.float8_e4m3fn, x.device)
+    scale = empty((T,), torch.float32, x.device)
+    if T:
+        block = min(256 if interpreting() else 4096, next_power_of_2(max(D, 16)))
+        _quantize_rows_kernel[(T,)](x, x8, scale, D, x.stride(0), x8.stride(0), BLOCK_D=block,
+                                    num_warps=max(1, min(8, block // 512)))
+    return x8, scale
 
 
 def _launch_bwd_elementwise(g, u, dh, w_scales=None, fp8_out=None):

@@ -165,6 +165,21 @@ def test_fp8_rounding_matches_torch():
     assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_row_quantiser_matches_reference(dtype):
+    """The forward's per-token FP8 quantisation of x (a Triton kernel) gives the values and scales of
+    kernels.reference.quantize_rows_fp8: rows over six decades, an all-zero row, D 300 (more than one
+    pass of the interpreter's 256-wide block, the last partial), a strided view."""
+    gen = torch.Generator().manual_seed(20)
+    x = torch.randn(7, 310, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
+    x[5] = 0
+    x = x.to(DEVICE, dtype)[:, 5:305]
+    x8, scale = swiglu._quantize_rows(x)
+    want8, want_scale = reference.quantize_rows_fp8(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == (7, 300)
+    assert torch.equal(scale, want_scale) and torch.equal(x8.float(), want8.float())  # -0 == +0
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fp8_dx_gemm(out_dtype):
     """The FP8 dx GEMM alone: a8 (FP8, one scale per 128 columns of a row; blocks of very different
