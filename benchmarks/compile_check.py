@@ -143,9 +143,10 @@ def _swiglu_jobs(quick):
     for dtype in ("bf16", "fp32"):
         yield ("swiglu FP8 row quantiser", W._quantize_rows_kernel, dtype, dict(BLOCK_D=4096), 8, 1, {"D"}, set(),
                {"SX"}, {"X8": "fp8e4nv"})
-    for bm, bn, warps, stages in (W._FP8_DX_CONFIGS[:1] if quick else W._FP8_DX_CONFIGS):
-        yield ("swiglu FP8 dx GEMM", W._fp8_dx_kernel.fn, "bf16", dict(GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn),
-               warps, stages, ints, set(), {"SA"}, {"A": "fp8e4nv", "BT": "fp8e4nv"}, ("K",))
+    for dtype in ("bf16", "fp32"):  # dx in x's dtype
+        for bm, bn, warps, stages in (W._FP8_DX_CONFIGS[:1] if quick else W._FP8_DX_CONFIGS):
+            yield ("swiglu FP8 dx GEMM", W._fp8_dx_kernel.fn, dtype, dict(GROUP_M=W._GROUP_M, BLOCK_M=bm, BLOCK_N=bn),
+                   warps, stages, ints, set(), {"SA"}, {"A": "fp8e4nv", "BT": "fp8e4nv"}, ("K",))
 
 
 def _rmsnorm_jobs(quick):

@@ -236,7 +236,7 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     for i, n0 in enumerate(range(0, N, chunk)):
         rows = slice(n0, min(N, n0 + chunk))
         # (C, V) with rows padded to v_pad: the only logits that exist at any time
-        z = torch.empty((rows.stop - n0, v_pad), dtype=h.dtype, device=h.device)[:, :V]
+        z = empty((rows.stop - n0, v_pad), h.dtype, h.device)[:, :V]
         torch.mm(h[rows], weight.t(), out=z)
         _launch_rows(z, target[rows], row_scale[rows] if grads else None, lse[rows],
                      loss_rows[rows] if compute_lse else None, compute_lse, grads)

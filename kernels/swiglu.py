@@ -23,12 +23,13 @@ IEEE fp32 dots (no TF32).
 FP8 frozen weights (float8_e4m3fn with per-output-channel fp32 scales s_g, s_u; W ≈ w8 · s[:, None]): x
 is quantised per token (x ≈ x8 · s_x[:, None]; _quantize_rows_kernel, one launch, with the rounding of
 kernels.reference.quantize_rows_fp8) and the dual GEMM multiplies FP8 tiles with fp32 accumulation;
-since both scales are constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact up to the fp32 sum,
-applied in the epilogue before SiLU. (On Hopper an FP8 MMA sums into a narrower accumulator, ~14 bits;
+since both scales are constant along the reduced dim, g = s_x[t] · s_g[f] · Σ_k x8[t,k] w8[f,k] is exact
+up to the fp32 sum, applied in the epilogue before SiLU. (On Hopper an FP8 MMA sums into a narrower accumulator, ~14 bits;
 each BLOCK_K step is promoted to the fp32 accumulator, as DeepSeek-V3 does every 128 products.)
 The dx GEMM runs in FP8 too. With W = w8 · s[:, None], dx = (dg · s_g) w8_gate + (du · s_u) w8_up: the
 backward epilogue multiplies dg and du by the weights' scales and stores them as FP8 with one scale per
-token per FP8_GRAD_BLOCK features (a = a8 · s_a), beside each other in one (tokens × 2F) operand; the dx
+token per FP8_GRAD_BLOCK features (a = a8 · s_a), beside each other in one (tokens × 2·Fp) operand
+(each half zero-padded to Fp, whole blocks); the dx
 GEMM runs over both halves against the transposed FP8 weights, scaling each K step's MMA result by its
 row's block scale. So x's gradient passes the forward's quantisation of x straight through, and carries
 FP8's rounding of its own operands (3-bit mantissa: about 2% relative L2 on random data).
@@ -94,17 +95,18 @@ _GEMM_CONFIGS = {
 _FP8_DX_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4)]
 
 
+def _configs(tuples, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    """triton.Configs from (block sizes..., num_warps, num_stages) tuples."""
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tuples]
+
+
 def _gemm_configs(fp8_bwd=False):
     """The dual GEMM's configs: those of the FP8 backward (fp8_bwd) or all the others."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": FP8_GRAD_BLOCK if fp8_bwd else 32, "BLOCK_K": 16},
-                              num_warps=1, num_stages=1)]
+        return _configs([(16, FP8_GRAD_BLOCK if fp8_bwd else 32, 16, 1, 1)])
     if fp8_bwd:
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bm, bn, bk, w, st in _GEMM_CONFIGS["fp8_bwd"]]
-    listed = sorted({c for name, cs in _GEMM_CONFIGS.items() if name != "fp8_bwd" for c in cs})
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in listed]
+        return _configs(_GEMM_CONFIGS["fp8_bwd"])
+    return _configs(sorted({c for name, cs in _GEMM_CONFIGS.items() if name != "fp8_bwd" for c in cs}))
 
 
 def _prune_gemm(configs, nargs, **kwargs):
@@ -222,6 +224,13 @@ def _swiglu_epilogue(g, u, rows, cols, col0, M, N, H, G, U, DH, DG, DU, SG, SU, 
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    """Combine function of a max reduction that propagates NaN, as torch.amax does (tl.max compiles to
+    max.f32, which drops it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _e4m3_rtne(v):
     """fp32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, kept in fp32: the cast
     that follows only re-encodes it. (Triton 3.6's interpreter casts fp32 to FP8 wrongly: a round-up
@@ -244,7 +253,7 @@ def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOC
     QB: tl.constexpr = _QB
     tl.static_assert((BLOCK_N // QB) * QB == BLOCK_N, "FP8 backward: column tiles of whole quantisation blocks")
     blocks = tl.reshape(v, (BLOCK_M, BLOCK_N // QB, QB))
-    amax = tl.max(tl.abs(blocks), axis=2)
+    amax = tl.reduce(tl.abs(blocks), 2, _max_keeping_nan)  # NaN: scale 1 and the NaN kept, as the reference
     scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
     q = _e4m3_rtne(tl.reshape(tl.math.div_rn(blocks, scale[:, :, None]), (BLOCK_M, BLOCK_N)))
     n_blocks = tl.cdiv(N, QB)
@@ -266,8 +275,8 @@ def _quantize_rows_kernel(X, X8, SX, D, stride_x, stride_x8, BLOCK_D: tl.constex
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
-    m = tl.max(amax, axis=0)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)  # NaN: as the reference
+    m = tl.reduce(amax, 0, _max_keeping_nan)
     scale = tl.where(m > 0, tl.math.div_rn(m, _FP8_MAX), 1.0)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
@@ -293,10 +302,7 @@ def _swiglu_bwd_elementwise_kernel(G, U, DH, H, DG, DU, SG, SU, SDG, SDU, M, N, 
 
 
 def _fp8_dx_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in _FP8_DX_CONFIGS]
+    return _configs([(16, 32, 1, 1)] if interpreting() else _FP8_DX_CONFIGS, names=("BLOCK_M", "BLOCK_N"))
 
 
 @triton.autotune(configs=_fp8_dx_configs(), key=["N", "K"])
@@ -347,6 +353,8 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
     T, D = x.shape
     F = w_gate.shape[0]
     out_dtype = x.dtype
+    if (mode == 2 and w_scales is not None) != (fp8_out is not None):
+        raise AssertionError("the FP8 backward (mode 2 with FP8 weights) writes into fp8_out, and only it does")
     scales = None
     if w_scales is not None:
         x, sx = _quantize_rows(x)
@@ -413,13 +421,18 @@ def _launch_bwd_elementwise(g, u, dh, w_scales=None, fp8_out=None):
     return (h, dg, du) if fp8_out is None else (h, None, None)
 
 
+def _padded_features(F: int) -> int:
+    """F rounded up to whole FP8_GRAD_BLOCKs: the width of each half of the FP8 backward's operands."""
+    return cdiv(F, FP8_GRAD_BLOCK) * FP8_GRAD_BLOCK
+
+
 def _fp8_weights_transposed(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """The FP8 dx GEMM's B operand: (D, 2·Fp) float8_e4m3fn = [w8_gateᵀ, 0, w8_upᵀ, 0], Fp being F rounded
     up to whole FP8_GRAD_BLOCKs. Each row contiguous along the reduced dim: the layout Hopper's FP8 MMA
     reads straight from shared memory. A transient copy of 2·Fp·D bytes (half of what the two matrices
     dequantised to bf16 would take), made once per backward."""
     F, D = w_gate.shape
-    f_pad = cdiv(F, FP8_GRAD_BLOCK) * FP8_GRAD_BLOCK
+    f_pad = _padded_features(F)
     wt = torch.zeros((D, 2 * f_pad), dtype=w_gate.dtype, device=w_gate.device)
     wt[:, :F] = w_gate.t()
     wt[:, f_pad:f_pad + F] = w_up.t()
@@ -431,7 +444,7 @@ def _fp8_dx_operands(tokens: int, F: int, device):
     first Fp columns and du·s_up in the rest, and their block scales sa (tokens, 2·Fp / FP8_GRAD_BLOCK)
     fp32. Returns (a8, sa, ((gate part, up part) of a8, (gate part, up part) of sa)), the views being what
     the backward epilogue writes."""
-    f_pad = cdiv(F, FP8_GRAD_BLOCK) * FP8_GRAD_BLOCK
+    f_pad = _padded_features(F)
     nb = f_pad // FP8_GRAD_BLOCK
     a8 = empty((tokens, 2 * f_pad), torch.float8_e4m3fn, device)
     sa = empty((tokens, 2 * nb), torch.float32, device)
@@ -517,8 +530,8 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
     sums their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
     transient (F, D) copy each). FP8 weights (scales given) keep FP8 for the dx GEMM: their transposed
-    copy (2·F·D bytes) is made once, and each chunk's dg·s_gate, du·s_up leave the epilogue as FP8
-    blocks for it."""
+    copy (2·Fp·D bytes, Fp = _padded_features(F)) is made once, and each chunk's dg·s_gate, du·s_up
+    leave the epilogue as FP8 blocks for it."""
     T, D = dy.shape
     dtype, device = dy.dtype, dy.device
     F = w_gate.shape[0]
