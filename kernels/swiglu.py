@@ -224,13 +224,6 @@ def _swiglu_epilogue(g, u, rows, cols, col0, M, N, H, G, U, DH, DG, DU, SG, SU, 
 
 
 @triton.jit
-def _max_keeping_nan(a, b):
-    """Combine function of a max reduction that propagates NaN, as torch.amax does (tl.max compiles to
-    max.f32, which drops it)."""
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _e4m3_rtne(v):
     """fp32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, kept in fp32: the cast
     that follows only re-encodes it. (Triton 3.6's interpreter casts fp32 to FP8 wrongly: a round-up
@@ -249,11 +242,12 @@ def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOC
     """Stores the fp32 tile v (zero past column N) in FP8 with one scale per FP8_GRAD_BLOCK columns of a
     row (kernels.reference.quantize_blocks_fp8's rounding): A8 gets v / scale, S[row, block] the scale
     max|block| / 448 (1 for an all-zero block). A8's columns run to N rounded up to whole blocks; the
-    padding gets zeros, so the dx GEMM's K loop needs no mask."""
+    padding gets zeros, so the dx GEMM's K loop needs no mask. Finite values assumed: a block holding a
+    NaN gets an unspecified scale (a GPU's max drops NaN, torch's keeps it)."""
     QB: tl.constexpr = _QB
     tl.static_assert((BLOCK_N // QB) * QB == BLOCK_N, "FP8 backward: column tiles of whole quantisation blocks")
     blocks = tl.reshape(v, (BLOCK_M, BLOCK_N // QB, QB))
-    amax = tl.reduce(tl.abs(blocks), 2, _max_keeping_nan)  # NaN: scale 1 and the NaN kept, as the reference
+    amax = tl.max(tl.abs(blocks), axis=2)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
     q = _e4m3_rtne(tl.reshape(tl.math.div_rn(blocks, scale[:, :, None]), (BLOCK_M, BLOCK_N)))
     n_blocks = tl.cdiv(N, QB)
@@ -268,15 +262,15 @@ def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOC
 def _quantize_rows_kernel(X, X8, SX, D, stride_x, stride_x8, BLOCK_D: tl.constexpr):
     """One row of X to FP8 (kernels.reference.quantize_rows_fp8's rounding): SX[row] = max|row| / 448 (1
     for an all-zero row), X8[row] = X[row] / SX[row] rounded to nearest even. Two passes over the row,
-    the second one mostly from cache."""
+    the second one mostly from cache. Finite values assumed, as in _store_fp8_blocks."""
     row = tl.program_id(0).to(tl.int64)
     x_row, x8_row = X + row * stride_x, X8 + row * stride_x8
     amax = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)  # NaN: as the reference
-    m = tl.reduce(amax, 0, _max_keeping_nan)
+        amax = tl.maximum(amax, tl.abs(v))
+    m = tl.max(amax, axis=0)
     scale = tl.where(m > 0, tl.math.div_rn(m, _FP8_MAX), 1.0)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
