@@ -415,7 +415,8 @@ class FrozenSwiGLU(nn.Module):
         frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations,
             or torch.float8_e4m3fn: each matrix stored in FP8 with a per-output-channel fp32 scale (buffers
             w_gate_scale, w_up_scale of shape (d_ff,)), x quantised to FP8 per token for the gate/up GEMM,
-            and the dx GEMM on FP8 operands too (see lwt.functional.frozen_swiglu).
+            and the dx GEMM on FP8 operands too (see lwt.functional.frozen_swiglu). A state_dict with
+            full-precision matrices loads into an FP8 layer quantised, and the reverse dequantised.
         device, dtype: of W_down (and of the frozen matrices unless frozen_dtype is given).
     W_gate, W_up (d_ff, d_model) are buffers, not Parameters: optimizers, DDP and FSDP never see them and
     they never get a .grad. They are saved in the state_dict. forward(x): x (..., d_model), W_down's dtype.
@@ -473,6 +474,23 @@ class FrozenSwiGLU(nn.Module):
                 after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
             self._buffers[name] = after
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Frozen matrices cross the FP8 boundary with their scales: a full-precision W_gate/W_up loaded
+        into an FP8 layer is quantised per output channel (as the constructor does), and an FP8 one with
+        its scale loaded into a full-precision layer is dequantised. A plain cast would drop the scale,
+        silently under strict=False. (load_state_dict hands each module its own copy of the dict.)"""
+        fp8 = torch.float8_e4m3fn
+        for name in ("w_gate", "w_up"):
+            key, scale_key = prefix + name, prefix + name + "_scale"
+            w = state_dict.get(key)
+            if w is None:
+                continue
+            if self.frozen_dtype == fp8 and w.dtype != fp8 and scale_key not in state_dict:
+                state_dict[key], state_dict[scale_key] = quantize_rows_fp8(w)
+            elif self.frozen_dtype != fp8 and w.dtype == fp8 and scale_key in state_dict:
+                state_dict[key] = w.float() * state_dict.pop(scale_key).float()[:, None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def frozen_buffer_names(self) -> tuple[str, ...]:
         """Names of the frozen buffers: the two matrices, and with FP8 their scales. Returns: a tuple of str.

@@ -10,7 +10,7 @@ import triton.language as tl
 import lwt.functional as lwtF
 from kernels import reference
 from kernels import swiglu
-from lwt.layers import FrozenSwiGLU
+from lwt.layers import DecoderBlock, FrozenSwiGLU
 from tests.helpers import ENTRIES, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
@@ -437,6 +437,29 @@ def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
 def test_layer_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FrozenSwiGLU(**(dict(d_model=16, d_ff=24, seed=0) | kwargs))
+
+
+def test_state_dicts_cross_the_fp8_boundary():
+    """A full-precision layer's state_dict loads into an FP8 layer as that layer would have quantised the
+    same matrices (per-channel scales included), and an FP8 one loads into a full-precision layer
+    dequantised, strictly, inside a DecoderBlock too; the caller's dict is left as it was."""
+    full = FrozenSwiGLU(32, 80, seed=7)
+    want = FrozenSwiGLU(32, 80, seed=7, frozen_dtype=torch.float8_e4m3fn)
+    fp8 = FrozenSwiGLU(32, 80, seed=9, frozen_dtype=torch.float8_e4m3fn)
+    given = full.state_dict()
+    keys = list(given)
+    fp8.load_state_dict(given)
+    assert list(given) == keys and given["w_gate"].dtype == torch.float32
+    for name in fp8.frozen_buffer_names():
+        assert torch.equal(getattr(fp8, name).float(), getattr(want, name).float()), name
+    back = FrozenSwiGLU(32, 80, seed=1)
+    back.load_state_dict(want.state_dict())
+    for name in ("w_gate", "w_up"):
+        assert torch.equal(getattr(back, name), getattr(want, name).float() * getattr(want, f"{name}_scale")[:, None])
+    block = DecoderBlock(32, 2, 80, frozen_seed=4)
+    block8 = DecoderBlock(32, 2, 80, frozen_seed=5, frozen_dtype=torch.float8_e4m3fn)
+    block8.load_state_dict(block.state_dict())
+    assert torch.equal(block8.mlp.w_up_scale, reference.quantize_rows_fp8(block.mlp.w_up)[1])
 
 
 def test_quantize_rows_fp8():
