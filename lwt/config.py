@@ -302,6 +302,14 @@ def _typed(section: str, cfg):
     return cls(**values)
 
 
+def mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: int | None, v_dim: int | None):
+    """(nope_dim, rope_dim, v_dim) of an MLA layer, each None replaced by its default: d_model // n_heads,
+    half of that (the shared RoPE key), d_model // n_heads. Unchecked: callers validate."""
+    head_dim = d_model // n_heads
+    return (head_dim if nope_dim is None else nope_dim, head_dim // 2 if rope_dim is None else rope_dim,
+            head_dim if v_dim is None else v_dim)
+
+
 def _check_model(m: ModelConfig) -> ModelConfig:
     _at_least("model", m, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"), 1)
     _at_least("model", m, ("mla_rq", "frozen_seed"), 0)
@@ -317,10 +325,8 @@ def _check_model(m: ModelConfig) -> ModelConfig:
         _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
                  f"a multiple of model.n_heads={m.n_heads} (the head dim is d_model / n_heads)")
     head_dim = m.d_model // m.n_heads
-    m = dataclasses.replace(m, n_kv_heads=n_kv_heads,
-                            mla_nope_dim=head_dim if m.mla_nope_dim is None else m.mla_nope_dim,
-                            mla_rope_dim=head_dim // 2 if m.mla_rope_dim is None else m.mla_rope_dim,
-                            mla_v_dim=head_dim if m.mla_v_dim is None else m.mla_v_dim)
+    nope_dim, rope_dim, v_dim = mla_head_dims(m.d_model, m.n_heads, *mla_dims)
+    m = dataclasses.replace(m, n_kv_heads=n_kv_heads, mla_nope_dim=nope_dim, mla_rope_dim=rope_dim, mla_v_dim=v_dim)
 
     if m.attn_type == "standard":
         _require(n_kv_heads == m.n_heads, "model.n_kv_heads", n_kv_heads,

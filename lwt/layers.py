@@ -11,7 +11,7 @@ from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
 from kernels.reference import quantize_rows_fp8
 
 from . import functional as F
-from .config import ATTN_TYPES
+from .config import ATTN_TYPES, mla_head_dims
 
 
 class RMSNorm(nn.Module):
@@ -531,9 +531,7 @@ def _mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: i
     if d_model % n_heads and None in (nope_dim, rope_dim, v_dim):
         raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when an MLA head size is None "
                          f"(the default is derived from d_model // n_heads), got {n_heads}")
-    head_dim = d_model // n_heads
-    return (head_dim if nope_dim is None else nope_dim, head_dim // 2 if rope_dim is None else rope_dim,
-            head_dim if v_dim is None else v_dim)
+    return mla_head_dims(d_model, n_heads, nope_dim, rope_dim, v_dim)
 
 
 class DecoderBlock(nn.Module):
