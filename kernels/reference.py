@@ -153,7 +153,9 @@ def quantize_blocks_fp8(t: torch.Tensor, block: int):
         tf = torch.nn.functional.pad(tf, (0, blocks * block - n))
     tf = tf.view(rows, blocks, block)
     amax = tf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # Divided by a tensor: CUDA turns division by a Python scalar into a product with its reciprocal,
+    # one rounding off; the kernels divide exactly (div_rn).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     t8 = (tf / scale[..., None]).to(FP8).view(rows, blocks * block)
     return (t8 if blocks * block == n else t8[:, :n].contiguous()), scale
 

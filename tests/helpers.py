@@ -1,5 +1,6 @@
 """Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation; a small
-DecoderBlock and the comparison of its output and gradients (the compile tests)."""
+DecoderBlock and the comparison of its output and gradients (the compile tests); the HEAVY marker."""
+import pytest
 import torch
 
 from lwt.config import ModelConfig
@@ -27,6 +28,11 @@ def grads(fn, inputs, cotangents):
     return [o.detach() for o in outs], list(gs)
 
 
+# The CUDA tests that hold GiBs of GPU memory (float64 references at long sequences or wide vocabularies,
+# 4 GiB buffers): one xdist worker runs them one after another (benchmarks/device_check.sh: --dist
+# loadgroup), so that the other workers sharing the GPU never meet several of them at once.
+HEAVY = pytest.mark.xdist_group("heavy")
+
 # The three ways an op can be entered: the kernel module's public function, and lwt.functional with
 # each backend forced.
 ENTRIES = ["kernel", "functional-triton", "functional-reference"]
@@ -35,8 +41,6 @@ ENTRIES = ["kernel", "functional-triton", "functional-reference"]
 def assert_refused_before_launch(monkeypatch, entry, kernel_op, functional_op, blocked, match, *args, **kwargs):
     """Call the op through `entry` with every (module, attribute) in `blocked` (its launchers, its
     reference) replaced by a function that fails the test, and expect a ValueError matching `match`."""
-    import pytest
-
     def no_launch(*a, **k):
         raise AssertionError("a kernel (or the reference) ran on invalid input")
 

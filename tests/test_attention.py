@@ -5,7 +5,7 @@ import torch
 import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import reference
-from tests.helpers import ENTRIES, assert_refused_before_launch, grads
+from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -35,7 +35,7 @@ CUDA_SHAPES = [
     pytest.param((1, 2049, 4, 4, 64, None), id="B1-S2049-H4/4-D64", marks=pytest.mark.cuda),
     pytest.param((2, 511, 8, 1, 256, None), id="B2-S511-H8/1-D256", marks=pytest.mark.cuda),
     pytest.param((1, 777, 6, 3, 96, None), id="B1-S777-H6/3-D96", marks=pytest.mark.cuda),
-    pytest.param((3, 4096, 4, 2, 128, None), id="B3-S4096-H4/2-D128", marks=pytest.mark.cuda),
+    pytest.param((3, 4096, 4, 2, 128, None), id="B3-S4096-H4/2-D128", marks=[pytest.mark.cuda, HEAVY]),
 ]
 
 
@@ -285,6 +285,7 @@ def test_functional_dispatch(monkeypatch):
 
 
 
+@HEAVY
 def test_offsets_past_int32_within_a_batch_entry_are_refused():
     """Offsets inside one batch entry are int32 in the kernels: a layout whose entry spans 2^31 elements
     or more is a ValueError (the buffer is only reserved, never touched)."""

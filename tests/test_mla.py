@@ -7,7 +7,7 @@ import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import mla
 from kernels import reference
-from tests.helpers import ENTRIES, assert_refused_before_launch, grads
+from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -30,7 +30,8 @@ CUDA_SHAPES = [
     pytest.param((2, 1000, 8, 128, 64, 128, None), id="B2-S1000-H8-Dn128-Dr64-Dv128", marks=pytest.mark.cuda),
     pytest.param((1, 2049, 4, 64, 32, 64, None), id="B1-S2049-H4-Dn64-Dr32-Dv64", marks=pytest.mark.cuda),
     pytest.param((2, 511, 4, 128, 64, 192, None), id="B2-S511-H4-Dn128-Dr64-Dv192", marks=pytest.mark.cuda),
-    pytest.param((1, 4096, 16, 128, 64, 128, None), id="B1-S4096-H16-Dn128-Dr64-Dv128", marks=pytest.mark.cuda),
+    pytest.param((1, 4096, 16, 128, 64, 128, None), id="B1-S4096-H16-Dn128-Dr64-Dv128",
+                 marks=[pytest.mark.cuda, HEAVY]),
 ]
 
 

@@ -241,6 +241,8 @@ def _compare_backends(model, truth_model, tokens, monkeypatch):
                      reduced_over=tokens.numel())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter on CPU tensors; the GPU has "
+                    "test_model_cuda_bf16_matches_reference")
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_model_triton_interpreter_matches_reference_fp32(monkeypatch, attn_type):
     """A tiny model, fp32, on the CPU: every kernel (RMSNorm with and without the residual, GQA or MLA

@@ -4,6 +4,7 @@ import torch
 
 from kernels import reference
 from kernels import rmsnorm as rmsnorm_kernels
+from tests.helpers import HEAVY
 from tests.helpers import grads as _grads
 from tests.tolerances import assert_close
 
@@ -118,6 +119,7 @@ def test_many_persistent_programs(monkeypatch, shape):
     _compare(0.1, [x, w, r], [_cotangent(x, "strided", gen), _make(shape, torch.float32, "strided", gen)])
 
 
+@HEAVY
 def test_row_offsets_past_2_31_elements():
     """Row offsets are computed in int64: rows 2^30 elements apart in one (lazily allocated) buffer."""
     stride, n = 2**30, 64
