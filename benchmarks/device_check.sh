@@ -14,9 +14,10 @@ what=${1:-bench}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$what" = test ]; then
-  # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup keeps
-  # the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
-  python -m pytest -q -p no:warnings -n 8 --dist loadgroup --timeout 300 ${2:+-k "$2"} 2>&1 | tee "$OUT/pytest.log" | tail -n 12
+  # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup (xdist
+  # 2.5+) keeps the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
+  dist=(); python -m pytest --help 2>/dev/null | grep -q loadgroup && dist=(--dist loadgroup)
+  python -m pytest -q -p no:warnings -n 8 "${dist[@]}" --timeout 300 ${2:+-k "$2"} 2>&1 | tee "$OUT/pytest.log" | tail -n 12
   exit 0
 fi
 if [ "$what" = train ]; then
