@@ -210,6 +210,22 @@ def assert_matches_float64(fn, ref, inputs, cotangent):
         torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4, atol=1e-5)
 
 
+def start(op: str, doc: str, smoke, argv=None, extra=None):
+    """The start of every bench's main(): its options (parse_args, the description from the first line of
+    `doc`), and the Report of `op` in bf16. Without a GPU the smoke check runs instead (no_gpu_smoke) and
+    the report is None: main() then returns smoke_only(op). Returns (args, report)."""
+    args = parse_args(doc.splitlines()[0], argv, extra)
+    if not HAS_GPU:
+        no_gpu_smoke(f"bench_{op}", smoke)
+        return args, None
+    return args, Report(op, "bfloat16")
+
+
+def smoke_only(op: str) -> list[str]:
+    """A bench's summary lines when it only ran its smoke check."""
+    return [f"{op}: no GPU, smoke check only"]
+
+
 def no_gpu_smoke(op: str, check) -> int:
     """Without a GPU: say so in one line, run `check()` (a tiny shape through the interpreter against
     the reference; it raises on a mismatch) and return the exit code 0."""

@@ -253,13 +253,11 @@ def _add_args(p):
 
 def main(argv=None) -> list[str]:
     """Runs the benchmark; returns the summary lines (run_all prints them last)."""
-    args = H.parse_args(__doc__.splitlines()[0], argv, extra=_add_args)
+    args, report = H.start("attention", __doc__, smoke, argv, extra=_add_args)
+    if report is None:
+        return H.smoke_only("attention")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("--plot needs matplotlib: pip install matplotlib (nothing was run)")
-    if not H.HAS_GPU:
-        H.no_gpu_smoke("bench_attention", smoke)
-        return ["attention: no GPU, smoke check only"]
-    report = H.Report("attention", "bfloat16")
     notes = []
     cases = QUICK if args.quick else [(d, h, s) for d in HEAD_DIMS for h in HEADS for s in SEQ_LENS]
     goal_cases = []

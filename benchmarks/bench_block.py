@@ -125,11 +125,9 @@ def smoke():
 
 def main(argv=None) -> list[str]:
     """Runs the benchmark; returns the summary lines (run_all prints them last)."""
-    args = H.parse_args(__doc__.splitlines()[0], argv)
-    if not H.HAS_GPU:
-        H.no_gpu_smoke("bench_block", smoke)
-        return ["block: no GPU, smoke check only"]
-    report = H.Report("block", "bfloat16")
+    args, report = H.start("block", __doc__, smoke, argv)
+    if report is None:
+        return H.smoke_only("block")
     for B, S, D, Hq, Hkv in (QUICK if args.quick else CASES):
         run_case(report, B, S, D, Hq, Hkv)
     summary = []

@@ -92,11 +92,9 @@ def smoke():
 
 def main(argv=None) -> list[str]:
     """Runs the benchmark; returns the summary lines (run_all prints them last)."""
-    args = H.parse_args(__doc__.splitlines()[0], argv)
-    if not H.HAS_GPU:
-        H.no_gpu_smoke("bench_cross_entropy", smoke)
-        return ["cross_entropy: no GPU, smoke check only"]
-    report = H.Report("cross_entropy", "bfloat16")
+    args, report = H.start("cross_entropy", __doc__, smoke, argv)
+    if report is None:
+        return H.smoke_only("cross_entropy")
     memory = {}
     for N, V, D in (QUICK if args.quick else SHAPES):
         run_case(report, N, V, D, memory)

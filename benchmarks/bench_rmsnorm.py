@@ -122,12 +122,10 @@ def smoke():
 
 def main(argv=None) -> list[str]:
     """Runs the benchmark; returns the summary lines (run_all prints them last)."""
-    args = H.parse_args(__doc__.splitlines()[0], argv)
-    if not H.HAS_GPU:
-        H.no_gpu_smoke("bench_rmsnorm", smoke)
-        return ["rmsnorm: no GPU, smoke check only"]
+    args, report = H.start("rmsnorm", __doc__, smoke, argv)
+    if report is None:
+        return H.smoke_only("rmsnorm")
     dtype = torch.bfloat16
-    report = H.Report("rmsnorm", "bfloat16")
     shapes = QUICK if args.quick else [(m, n) for m in TOKENS for n in HIDDEN]
     for M, N in shapes:
         run_case(report, M, N, residual=False, dtype=dtype)

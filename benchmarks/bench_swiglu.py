@@ -98,11 +98,9 @@ def smoke():
 
 def main(argv=None) -> list[str]:
     """Runs the benchmark; returns the summary lines (run_all prints them last)."""
-    args = H.parse_args(__doc__.splitlines()[0], argv)
-    if not H.HAS_GPU:
-        H.no_gpu_smoke("bench_swiglu", smoke)
-        return ["swiglu: no GPU, smoke check only"]
-    report = H.Report("swiglu", "bfloat16")
+    args, report = H.start("swiglu", __doc__, smoke, argv)
+    if report is None:
+        return H.smoke_only("swiglu")
     memory = {}
     for T, D, F in (QUICK if args.quick else SHAPES):
         run_case(report, T, D, F, memory)
