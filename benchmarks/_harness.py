@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import os
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if HAS_GPU else "cpu"
 
 
+@functools.cache
 def git_sha() -> str:
     """LWT_GIT_SHA if set (copies of the tree without .git), else the checkout's HEAD, '+dirty' if modified."""
     if os.environ.get("LWT_GIT_SHA"):
@@ -81,8 +83,35 @@ def bench_graph_ms(fn):
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     except Exception as e:  # report the provider as not measured, keep the run going
-        print(f"  (not capturable in a CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        print(f"  (not capturable in a CUDA graph: {first_line(e)})")
+        _recover()
+        return None
+
+
+def first_line(e: BaseException, width: int = 160) -> str:
+    """'Type: the first line of its message', cut to `width` characters."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:width]}"
+
+
+def _recover() -> None:
+    """After a failed provider: wait for the GPU's queue and hand cached memory back, so that the next
+    provider starts clean (a sticky CUDA error makes these raise too, and the next provider reports it)."""
+    try:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def attempt(report, label: str, thunk):
+    """thunk() (a provider's timing or memory), or None when it raises, with the note "label: not
+    measured (...)": one failing provider (no kernel for the case, out of memory, a compile error) costs
+    its own numbers only, never the rest of the run. report.add takes None as "no row"."""
+    try:
+        return thunk()
+    except Exception as e:
+        report.note(f"{label}: not measured ({first_line(e)})")
+        _recover()
         return None
 
 
@@ -129,9 +158,12 @@ class Row:
 
 @dataclass
 class Report:
-    """Collects rows, prints the per-case ratio table and appends the rows to <results_dir>/<op>.csv."""
+    """Collects rows, prints the per-case ratio table at the end. Each row is also printed and appended to
+    <results_dir>/<op>.csv as soon as it is measured (results_dir None: not saved), so a run cut short
+    keeps what it measured."""
     op: str
     dtype: str
+    results_dir: str | None = None
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -143,7 +175,15 @@ class Report:
         scale = 1e-9 if metric == "GB/s" else 1e-12
         row = Row(case, mode, provider, ms, metric, amount * scale / (ms * 1e-3))
         self.rows.append(row)
+        print(f"  {case} {mode} {provider}: {ms:.4f} ms, {row.value:.1f} {metric}", flush=True)
+        if self.results_dir is not None:
+            self._append(row)
         return row
+
+    def note(self, line: str) -> None:
+        """A line printed now and again under the table."""
+        print(f"  {line}", flush=True)
+        self.notes.append(line)
 
     def ms(self, case, mode, provider):
         for r in self.rows:
@@ -167,34 +207,33 @@ class Report:
         for n in self.notes:
             print(n)
 
-    def finish(self, args, summary, lwt="lwt"):
-        """End of a bench's main(): the summary lines join the notes, the table is printed, the rows are
-        saved unless --no-save; returns the summary for run_all."""
+    def finish(self, summary, lwt="lwt"):
+        """End of a bench's main(): the summary lines join the notes and the table is printed (the rows
+        are already saved); returns the summary for run_all."""
         self.notes.extend(summary)
         self.print_table(lwt=lwt)
-        if not args.no_save:
-            self.save(args.results_dir)
+        if self.results_dir is not None:
+            print(f"appended {len(self.rows)} rows to {self.path()}")
         return summary
 
-    def save(self, results_dir):
-        os.makedirs(results_dir, exist_ok=True)
-        path = os.path.join(results_dir, f"{self.op}.csv")
+    def path(self) -> str:
+        return os.path.join(self.results_dir, f"{self.op}.csv")
+
+    def _append(self, r):
+        os.makedirs(self.results_dir, exist_ok=True)
         fields = ["timestamp", "op", "case", "dtype", "mode", "provider", "ms", "metric", "value", "gpu",
                   "torch", "triton", "git_sha"]
         import triton
 
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
+        new = not os.path.exists(self.path())
+        with open(self.path(), "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             if new:
                 w.writeheader()
-            for r in self.rows:
-                w.writerow(dict(timestamp=stamp, op=self.op, case=r.case, dtype=self.dtype, mode=r.mode,
-                                provider=r.provider, ms=f"{r.ms:.5f}", metric=r.metric, value=f"{r.value:.2f}",
-                                gpu=gpu_name(), torch=torch.__version__, triton=triton.__version__,
-                                git_sha=git_sha()))
-        print(f"appended {len(self.rows)} rows to {path}")
+            w.writerow(dict(timestamp=stamp, op=self.op, case=r.case, dtype=self.dtype, mode=r.mode,
+                            provider=r.provider, ms=f"{r.ms:.5f}", metric=r.metric, value=f"{r.value:.2f}",
+                            gpu=gpu_name(), torch=torch.__version__, triton=triton.__version__, git_sha=git_sha()))
 
 
 def assert_matches_float64(fn, ref, inputs, cotangent):
@@ -218,7 +257,7 @@ def start(op: str, doc: str, smoke, argv=None, extra=None):
     if not HAS_GPU:
         no_gpu_smoke(f"bench_{op}", smoke)
         return args, None
-    return args, Report(op, "bfloat16")
+    return args, Report(op, "bfloat16", results_dir=None if args.no_save else args.results_dir)
 
 
 def smoke_only(op: str) -> list[str]:

@@ -14,8 +14,9 @@ Providers, one block's weights for all of them:
 Cases: bidirectional GQA blocks (what the mask-diffusion trainer runs), batch x sequence x d_model with
 16 or 32 query heads of 128 over 4 or 8 K/V heads and d_ff 3.5 x d_model. FLOPs counted per step, for T
 tokens, model dim D, H heads and Hkv K/V heads of head dim d, MLP width F: projections 2·T·D·d·(2H + 2Hkv)
-forward (QKV and output), attention 4·B·S²·H·d forward, each x3 for forward + backward; MLP 6·T·D·F
-forward + 8·T·D·F backward (no gate/up weight gradients; see bench_swiglu.py).
+forward (QKV and output), x3 for forward + backward; attention 4·B·S²·H·d forward, x3.5 for forward +
+backward (bench_attention.py's convention); MLP 6·T·D·F forward + 8·T·D·F backward (no gate/up weight
+gradients; see bench_swiglu.py).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def torch_ops():
 
 def step_flops(B, S, D, Hq, Hkv, F) -> int:
     T, d = B * S, D // Hq
-    return 3 * (2 * T * D * d * (2 * Hq + 2 * Hkv) + 4 * B * S * S * Hq * d) + 14 * T * D * F
+    return 3 * 2 * T * D * d * (2 * Hq + 2 * Hkv) + 3.5 * 4 * B * S * S * Hq * d + 14 * T * D * F
 
 
 def run_case(report, B, S, D, Hq, Hkv):
@@ -84,14 +85,11 @@ def run_case(report, B, S, D, Hq, Hkv):
     case, flops = f"{B}x{S}x{D}", step_flops(B, S, D, Hq, Hkv, F)
 
     def timed(name, module):
-        """One provider, printed as soon as it is measured; a failure is printed and the others still run."""
+        """One provider; a failure (an Inductor error, say) is noted and the others still run."""
         def step():
             return torch.autograd.grad(module(x), params, dy)
-        try:
-            row = report.add(case, "fwd+bwd", name, H.bench_ms(step, rep_ms=1000), "TFLOP/s", flops)
-            print(f"  {case} {name}: {row.ms:.3f} ms, {row.value:.0f} TFLOP/s", flush=True)
-        except Exception as e:  # an Inductor failure, say: report it, keep the numbers of the others
-            print(f"  {case} {name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        ms = H.attempt(report, f"{case} fwd+bwd {name}", lambda: H.bench_ms(step, rep_ms=1000))
+        report.add(case, "fwd+bwd", name, ms, "TFLOP/s", flops)
 
     timed("lwt", block)
     timed("lwt compiled", torch.compile(block, fullgraph=True))
@@ -137,7 +135,7 @@ def main(argv=None) -> list[str]:
         if ms and lwt_ms:
             summary.append(f"block {GOAL_CASE} fwd+bwd: {name} {ms:.3f} ms, lwt eager {lwt_ms:.3f} ms "
                            f"(lwt eager is {ms / lwt_ms:.2f}x as fast)")
-    return report.finish(args, summary)
+    return report.finish(summary)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,96 @@
 #!/usr/bin/env bash
-# One prepared GPU session, run from the repository root, in two calls that each fit the 10-minute limit:
-#   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy, RMSNorm
-#                                           # sweep + bench_rmsnorm, bench_block
+# One prepared GPU session, run from the repository root. Each call fits the device tool's 10-minute
+# limit: every step runs under `timeout`, within BUDGET seconds for the whole call (default 540).
+#   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy,
+#                                           # bench_rmsnorm (TUNE=1: its launch-constant sweep first), bench_block
 #   bash benchmarks/device_check.sh test [pytest -k expr]   # the CUDA tests (xdist over 8 workers)
+#   bash benchmarks/device_check.sh all     # bench, then the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
-# Benches run their quick grids unless FULL=1; TUNE=0 skips the RMSNorm sweep. Logs, the results CSVs
-# and the attention plot (when matplotlib is there) go to $OUT; the goal lines are printed last.
+# Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
+# (carried with the tree; see README "Benchmarks"). Logs, the results CSVs (a row is appended as soon as
+# it is measured), steps.txt (each step's exit code and seconds; 124 = cut by its timeout) and the
+# attention plot (with matplotlib) go to $OUT; the goal lines are printed last. Outside a git checkout
+# set LWT_GIT_SHA, or the results say "unknown" for the commit.
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 what=${1:-bench}
+start=$SECONDS
+budget=${BUDGET:-540}
+
+# step NAME CAP CMD...: CMD under `timeout` for CAP seconds or what is left of the budget, if less;
+# its output to $OUT/NAME.log and the terminal; skipped when under 20 s are left.
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$((budget - (SECONDS - start)))
+  [ "$cap" -gt "$left" ] && cap=$left
+  if [ "$cap" -lt 20 ]; then
+    echo "$name: skipped, $left s of the budget left" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  local t0=$SECONDS
+  timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc after $((SECONDS - t0)) s (limit $cap s)" | tee -a "$OUT/steps.txt"
+}
+
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "$what" = test ]; then
+if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "note: no git checkout and LWT_GIT_SHA unset: the results' commit column says 'unknown'"
+fi
+
+run_tests() {
   # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup (xdist
   # 2.5+) keeps the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
-  dist=(); python -m pytest --help 2>/dev/null | grep -q loadgroup && dist=(--dist loadgroup)
-  python -m pytest -q -p no:warnings -n 8 "${dist[@]}" --timeout 300 ${2:+-k "$2"} 2>&1 | tee "$OUT/pytest.log" | tail -n 12
+  local opts=(-q -p no:warnings)
+  if python -c "import xdist" 2>/dev/null; then
+    opts+=(-n 8)
+    python -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
+  fi
+  python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 300)
+  step pytest 600 python -m pytest "${opts[@]}" ${1:+-k "$1"}
+  tail -n 12 "$OUT/pytest.log"
+}
+
+if [ "$what" = test ]; then
+  run_tests "${2:-}"
   exit 0
 fi
 if [ "$what" = train ]; then
   # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
-  python -m lwt.train_layerwise --config config.yaml --end_to_end --set train.out_dir="$OUT/run-default" \
-    --set train.max_steps=40 --set train.joint_steps=20 --set train.warmup_steps=5 2>&1 | tee "$OUT/train_default.log" | tail -n 14
-  python -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
+  step train_default 300 python -m lwt.train_layerwise --config config.yaml --end_to_end \
+    --set train.out_dir="$OUT/run-default" --set train.max_steps=40 --set train.joint_steps=20 \
+    --set train.warmup_steps=5
+  step train_4k 300 python -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
     --set model.n_layers=2 --set train.out_dir="$OUT/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
-    --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 --set data.val_fraction=0.1 \
-    2>&1 | tee "$OUT/train_4k.log" | tail -n 12
+    --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 --set data.val_fraction=0.1
+  tail -n 14 "$OUT/train_default.log" "$OUT/train_4k.log"
   exit 0
+fi
+
+# bench, and all: there each bench gets 60% of its own limit, and the tests the time left after them
+scale=100; [ "$what" = all ] && scale=60
+bench() { local name=$1 cap=$2; shift 2; step "$name" $((cap * scale / 100)) "$@"; }
+shopt -s nullglob
+wheels=(.whl/liger_kernel-*.whl)
+if [ ${#wheels[@]} -gt 0 ] && ! python -c "import liger_kernel" 2>/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/lwt-site "${wheels[@]}" \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/attention.png")
-python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_attention.log"
-python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_swiglu.log"
-python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_cross_entropy.log"
-if [ "${TUNE:-1}" = 1 ]; then
-  python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_rmsnorm.log"
+bench bench_attention 200 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$OUT"
+bench bench_swiglu 120 python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$OUT"
+bench bench_cross_entropy 120 python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$OUT"
+if [ "${TUNE:-0}" = 1 ]; then
+  bench bench_rmsnorm 150 python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$OUT"
 else
-  python benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_rmsnorm.log"
+  bench bench_rmsnorm 90 python benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$OUT"
 fi
-# Last: its two Inductor compilations take the longest, and a call cut short keeps every log above.
-python benchmarks/bench_block.py "${quick[@]}" --results-dir "$OUT" 2>&1 | tee "$OUT/bench_block.log"
+# Last among the benches: its two Inductor compilations take the longest.
+bench bench_block 150 python benchmarks/bench_block.py "${quick[@]}" --results-dir "$OUT"
+[ "$what" = all ] && run_tests "${2:-}"
+cat "$OUT/steps.txt"
 grep -h "goal\|^block " "$OUT"/bench_*.log | grep -v "^ " | tail -n 40

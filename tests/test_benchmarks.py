@@ -1,0 +1,114 @@
+"""The benchmarks' GPU code paths, run on the CPU as a dry run.
+
+Without a GPU a bench only runs its smoke check (tests/test_project.py), so the code that times the
+providers, measures memory, works out the goal lines and writes the results file would first run on a
+GPU machine, where device time is scarce. Here each bench's main() runs as if a GPU were present, on
+tiny shapes of CPU tensors: lwt's ops take their reference path, torch.compile is left out, and the
+harness's timers call each step and report 1 ms (the numbers mean nothing; the plumbing is what is
+checked)."""
+import csv
+import importlib
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Per bench: module constants that pick its shapes, made tiny (the goal cases among them).
+TINY = {
+    "bench_attention": dict(QUICK=[(128, (4, 4), 16), (128, (4, 2), 32), (64, (4, 1), 16)], TOKENS=64,
+                            GOAL_SEQ=(16, 32), MLA_QUICK=[(4, 16)], MLA_GOAL=(4, 16), MLA_DIMS=(32, 16, 24)),
+    "bench_swiglu": dict(QUICK=[(16, 32, 48)], GOAL=(16, 32, 48)),
+    "bench_cross_entropy": dict(QUICK=[(16, 100, 32)], GOAL=(16, 100, 32)),
+    "bench_rmsnorm": dict(QUICK=((16, 64),), RESIDUAL_CASES=((16, 64),), GOAL_CASE=(16, 64)),
+    "bench_block": dict(QUICK=[(1, 16, 64, 4, 2)], GOAL_CASE="1x16x64"),
+}
+# What each bench must have measured (every lwt provider, and the baseline its goal lines need) and
+# how many summary lines it must print.
+EXPECTED = {
+    "bench_attention": ({"lwt", "SDPA flash (FA2)", "repeat_interleave+SDPA", "eager"}, 6),  # (2 GQA/MHA goal cases + MLA) x 2 masks
+    "bench_swiglu": ({"lwt (keep gate/up)", "lwt (recompute)", "lwt (fp8 frozen, keep)",
+                      "lwt (fp8 frozen, recompute)", "eager", "torch.compile(eager)"}, 2),
+    "bench_cross_entropy": ({"lwt", "lwt (dW in bf16)", "eager", "torch.compile(eager)"}, 2),
+    "bench_rmsnorm": ({"lwt", "F.rms_norm", "F.rms_norm(x + r)", "copy (ceiling)", "eager reference"}, 3),
+    "bench_block": ({"lwt", "lwt compiled", "torch", "torch compiled"}, 3),
+}
+
+
+@pytest.fixture
+def dry_run(monkeypatch):
+    """The harness as on a GPU machine, with timers that run each step twice and report 1 ms."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    H = importlib.import_module("_harness")
+    calls = []
+
+    def run(fn, *args, **kwargs):
+        fn()
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    def graph(fn):  # as H.bench_graph_ms: None when fn cannot be run this way
+        try:
+            return run(fn)
+        except Exception:
+            return None
+
+    monkeypatch.setattr(H, "HAS_GPU", True)
+    monkeypatch.setattr(H, "gpu_name", lambda: "dry run")
+    for name in ("bench_ms", "peak_extra_mib", "peak_transient_mib"):
+        monkeypatch.setattr(H, name, run)
+    monkeypatch.setattr(H, "bench_graph_ms", graph)
+    monkeypatch.setattr(H, "copy_ms", lambda t: 1.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # Inductor on the CPU: minutes, not the point
+    return calls
+
+
+@pytest.mark.parametrize("bench", sorted(TINY))
+def test_bench_gpu_path_runs_end_to_end(bench, dry_run, monkeypatch, tmp_path, capsys):
+    module = importlib.import_module(bench)
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    for name, value in TINY[bench].items():
+        assert hasattr(module, name), f"{bench}.{name}"
+        monkeypatch.setattr(module, name, value)
+
+    summary = module.main(["--quick", "--results-dir", str(tmp_path)])
+
+    out = capsys.readouterr().out
+    providers, n_lines = EXPECTED[bench]
+    op = bench.removeprefix("bench_")
+    with open(tmp_path / f"{op}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["gpu"] == "dry run" and r["op"] == op and float(r["ms"]) == 1.0 for r in rows)
+    assert providers <= {r["provider"] for r in rows}, out
+    assert dry_run, "no provider was timed"
+    assert len(summary) == n_lines and all(line.startswith(op) for line in summary), summary
+    if bench != "bench_block":  # the block bench compares, it has no goal
+        assert all(line.endswith(("-> met", "-> NOT met", "-> Liger missing")) for line in summary), summary
+    # An lwt provider that could not be measured is a failure here, whatever the baselines did.
+    failed = [line for line in out.splitlines() if "not measured" in line and " lwt" in line]
+    assert not failed, "\n".join(failed)
+    assert f"appended {len(rows)} rows to" in out
+
+
+def test_a_failing_provider_costs_only_its_own_numbers(dry_run, monkeypatch, tmp_path, capsys):
+    """A provider that raises (no kernel for the case, out of memory, a compile error) is noted and the
+    rest of the bench still runs, every measured row already in the results file."""
+    module = importlib.import_module("bench_cross_entropy")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    for name, value in TINY["bench_cross_entropy"].items():
+        monkeypatch.setattr(module, name, value)
+
+    def broken(h, w, t):
+        raise RuntimeError("no kernel image is available\nsecond line")
+
+    real = module.providers
+    monkeypatch.setattr(module, "providers", lambda: {**real(), "eager": broken})
+    summary = module.main(["--quick", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "16x100x32 fwd+bwd eager: not measured (RuntimeError: no kernel image is available)" in out
+    with open(tmp_path / "cross_entropy.csv") as f:
+        measured = {r["provider"] for r in csv.DictReader(f)}
+    assert measured - {"Liger-Kernel"} == {"lwt", "lwt (dW in bf16)", "torch.compile(eager)"}  # Liger: if installed
+    assert summary == []  # the goal lines need eager's time: none is printed without it
