@@ -68,7 +68,7 @@ def torch_ops():
             setattr(lwtF, name, fn)
 
 
-def step_flops(B, S, D, Hq, Hkv, F) -> int:
+def step_flops(B, S, D, Hq, Hkv, F) -> float:
     T, d = B * S, D // Hq
     return 3 * 2 * T * D * d * (2 * Hq + 2 * Hkv) + 3.5 * 4 * B * S * S * Hq * d + 14 * T * D * F
 

@@ -92,7 +92,8 @@ def run_case(report, M, N, residual, dtype):
     case = f"{M}x{N}" + ("+res" if residual else "")
     provs = providers(residual)
     if not residual:
-        report.add(case, "fwd", "copy (ceiling)", H.copy_ms(x), "GB/s", 2 * M * N * e)
+        report.add(case, "fwd", "copy (ceiling)", H.attempt(report, f"{case} copy", lambda: H.copy_ms(x)), "GB/s",
+                   2 * M * N * e)
     for name, fn in provs.items():
         ms = H.attempt(report, f"{case} fwd {name}", lambda fn=fn: H.bench_ms(_step(fn, x, w, r, None, False)))
         report.add(case, "fwd", name, ms, "GB/s", fwd_bytes)
@@ -107,7 +108,8 @@ def run_case(report, M, N, residual, dtype):
     # (lwt, Liger, torch.compile) on slow host CPUs. torch.compile last: a failed capture ends the loop.
     graph_providers = {k: v for k, v in provs.items() if k != "eager reference"}
     for name in sorted(graph_providers, key=lambda k: k.startswith("torch.compile")):
-        ms = H.bench_graph_ms(_step(graph_providers[name], x, w, r, cotangents, True))
+        step = _step(graph_providers[name], x, w, r, cotangents, True)
+        ms = H.attempt(report, f"{case} fwd+bwd graph {name}", lambda step=step: H.bench_graph_ms(step))
         report.add(case, "fwd+bwd graph", name, ms, "GB/s", fwd_bytes + bwd_bytes)
 
 
@@ -137,18 +139,25 @@ def main(argv=None) -> list[str]:
     if why:
         report.notes.append(f"Liger-Kernel not measured ({why})")
     case = f"{GOAL_CASE[0]}x{GOAL_CASE[1]}"
-    summary = []
     copy, lwt = report.ms(case, "fwd", "copy (ceiling)"), report.ms(case, "fwd", "lwt")
     if copy and lwt:
         pct = 100 * copy / lwt
-        summary.append(f"rmsnorm {case} bf16 fwd: {pct:.0f}% of copy bandwidth in the same run (goal >= 90%) "
-                       f"-> {'met' if pct >= 90 else 'NOT met'}")
-    for mode, timing in (("fwd+bwd", "eager timing"), ("fwd+bwd graph", "CUDA-graph (GPU) timing")):
-        lwt, torch_ms = report.ms(case, mode, "lwt"), report.ms(case, mode, "F.rms_norm")
-        if lwt and torch_ms:
-            speedup = torch_ms / lwt
-            summary.append(f"rmsnorm {case} bf16 fwd+bwd, {timing}: {speedup:.2f}x F.rms_norm (goal >= 1.6x) "
-                           f"-> {'met' if speedup >= 1.6 else 'NOT met'}")
+        line = f"{pct:.0f}% of copy bandwidth in the same run (goal >= 90%) -> {'met' if pct >= 90 else 'NOT met'}"
+    else:
+        line = f"goal >= 90% of copy bandwidth -> NOT met ({'lwt' if copy else 'the copy'} not measured)"
+    summary = [f"rmsnorm {case} bf16 fwd: {line}"]
+    # The goal is judged on do_bench's timing, as every bench's; the CUDA-graph replay (GPU time alone,
+    # without the host's launch cost) is printed beside it for information.
+    lwt, torch_ms = report.ms(case, "fwd+bwd", "lwt"), report.ms(case, "fwd+bwd", "F.rms_norm")
+    if lwt and torch_ms:
+        line = f"{torch_ms / lwt:.2f}x F.rms_norm (goal >= 1.6x) -> {'met' if torch_ms / lwt >= 1.6 else 'NOT met'}"
+    else:
+        line = f"goal >= 1.6x F.rms_norm -> NOT met ({'lwt' if torch_ms else 'F.rms_norm'} not measured)"
+    summary.append(f"rmsnorm {case} bf16 fwd+bwd: {line}")
+    lwt, torch_ms = report.ms(case, "fwd+bwd graph", "lwt"), report.ms(case, "fwd+bwd graph", "F.rms_norm")
+    if lwt and torch_ms:
+        summary.append(f"rmsnorm {case} bf16 fwd+bwd replayed from a CUDA graph (GPU time, for information): "
+                       f"{torch_ms / lwt:.2f}x F.rms_norm")
     return report.finish(summary)
 
 

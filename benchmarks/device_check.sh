@@ -8,16 +8,19 @@
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
 # Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
-# (carried with the tree; see README "Benchmarks"). Logs, the results CSVs (a row is appended as soon as
-# it is measured), steps.txt (each step's exit code and seconds; 124 = cut by its timeout) and the
+# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks"). Logs, the results CSVs (a row is appended as soon as
+# it is measured), steps.txt (each step's exit code and seconds; 124 or 137: cut by its timeout) and the
 # attention plot (with matplotlib) go to $OUT; the goal lines are printed last. Outside a git checkout
 # set LWT_GIT_SHA, or the results say "unknown" for the commit.
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 what=${1:-bench}
+case $what in bench|test|all|train) ;; *) echo "usage: $0 bench|test|all|train [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
+failed=0
+: > "$OUT/steps.txt"
 
 # step NAME CAP CMD...: CMD under `timeout` for CAP seconds or what is left of the budget, if less;
 # its output to $OUT/NAME.log and the terminal; skipped when under 20 s are left.
@@ -32,6 +35,7 @@ step() {
   local t0=$SECONDS
   timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || failed=1
   echo "$name: exit $rc after $((SECONDS - t0)) s (limit $cap s)" | tee -a "$OUT/steps.txt"
 }
 
@@ -56,7 +60,7 @@ run_tests() {
 
 if [ "$what" = test ]; then
   run_tests "${2:-}"
-  exit 0
+  exit $failed
 fi
 if [ "$what" = train ]; then
   # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
@@ -67,7 +71,7 @@ if [ "$what" = train ]; then
     --set model.n_layers=2 --set train.out_dir="$OUT/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
     --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 --set data.val_fraction=0.1
   tail -n 14 "$OUT/train_default.log" "$OUT/train_4k.log"
-  exit 0
+  exit $failed
 fi
 
 # bench, and all: there each bench gets 60% of its own limit, and the tests the time left after them
@@ -75,8 +79,9 @@ scale=100; [ "$what" = all ] && scale=60
 bench() { local name=$1 cap=$2; shift 2; step "$name" $((cap * scale / 100)) "$@"; }
 shopt -s nullglob
 wheels=(.whl/liger_kernel-*.whl)
+shopt -u nullglob
 if [ ${#wheels[@]} -gt 0 ] && ! python -c "import liger_kernel" 2>/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/lwt-site "${wheels[@]}" \
+  python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lwt-site "${wheels[@]}" \
     && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
@@ -93,4 +98,5 @@ fi
 bench bench_block 150 python benchmarks/bench_block.py "${quick[@]}" --results-dir "$OUT"
 [ "$what" = all ] && run_tests "${2:-}"
 cat "$OUT/steps.txt"
-grep -h "goal\|^block " "$OUT"/bench_*.log | grep -v "^ " | tail -n 40
+grep -h "goal\|^block \|for information" /dev/null "$OUT"/bench_*.log | grep -v "^ " | tail -n 40
+exit $failed

@@ -342,9 +342,8 @@ def _check_model(m: ModelConfig) -> ModelConfig:
         _at_least("model", m, ("mla_rkv", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"), 1)
         _require(m.mla_rope_dim % 2 == 0 and m.mla_rope_dim <= MAX_ROPE_DIM, "model.mla_rope_dim", m.mla_rope_dim,
                  f"an even number (RoPE rotates pairs of dims) at most {MAX_ROPE_DIM} (the MLA kernel's limit)")
-        _require(m.mla_nope_dim + m.mla_rope_dim <= MAX_HEAD_DIM, "model.mla_nope_dim", m.mla_nope_dim,
-                 f"at most {MAX_HEAD_DIM} together with model.mla_rope_dim={m.mla_rope_dim} "
-                 "(the query/key head dim of the MLA kernel)")
+        _require(m.mla_nope_dim <= MAX_HEAD_DIM, "model.mla_nope_dim", m.mla_nope_dim,
+                 f"at most {MAX_HEAD_DIM} (the MLA kernel's limit)")
         _require(m.mla_v_dim <= MAX_HEAD_DIM, "model.mla_v_dim", m.mla_v_dim, f"at most {MAX_HEAD_DIM}")
     return m
 

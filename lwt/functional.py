@@ -68,7 +68,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
         residual: optional, x's shape, dtype and device.
     Returns:
         y (..., N) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.
-        Statistics are computed in fp32; gradients flow to x, weight and residual.
+        Statistics are computed in fp32 (float64 for float64 x); gradients flow to x, weight and residual.
     """
     if weight is None and isinstance(x, torch.Tensor) and x.dim() >= 1:
         # The kernels and the reference take a weight; ones of x's dtype multiply exactly.
@@ -91,7 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         causal: query i attends keys j <= i only; False (default) attends every key.
         softmax_scale: > 0, D ** -0.5 when None.
     Returns:
-        (B, S, H, D) in q's dtype; softmax in fp32; gradients flow to q, k and v.
+        (B, S, H, D) in q's dtype; softmax in fp32 (float64 for float64 inputs); gradients flow to q, k and v.
     """
     if backend_for(q) == "triton":
         from kernels.attention import attention as attention_triton  # validates before launching

@@ -110,7 +110,8 @@ class RotaryEmbedding(nn.Module):
         device: where the cos/sin cache starts.
     forward(q, k, offset=0):
         q, k: (B, S, heads, head_dim), any float dtype (their head counts may differ). Positions are
-        offset .. offset + S - 1. Returns the rotated (q, k) in their dtypes; the rotation runs in fp32.
+        offset .. offset + S - 1. Returns the rotated (q, k) in their dtypes; the rotation runs in fp32
+        (float64 for float64 inputs).
     The cos/sin table is computed in fp32 once and grown (doubled) when a longer sequence arrives; it is
     a non-persistent buffer, so it follows .to(device) and stays out of the state_dict.
     """
@@ -288,7 +289,8 @@ class MLAAttention(nn.Module):
         q_rank: rank of the query latent (q = W_uq · RMSNorm(W_dq · x)); 0 for a plain W_q.
         kv_rank: size of the K/V latent c = RMSNorm(W_dkv · x), from which [k_nope, v] = W_ukv · c.
         nope_dim, rope_dim, v_dim: per-head sizes of the position-free q/k part, of the RoPE part and
-            of v (DeepSeek-V2: 128, 64, 128). rope_dim even.
+            of v (DeepSeek-V2: 128, 64, 128). rope_dim even and at most 128; nope_dim and v_dim at most 256
+            (the MLA kernel's limits).
         causal, rope_theta: as in GQAAttention.
         device, dtype: of the parameters.
     forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model).

@@ -15,7 +15,7 @@ Each phase has its own AdamW (fused on CUDA; over fp32 master copies of the trai
 model is 16-bit) and linear-warmup + cosine schedule. Every phase ends with the validation NELBO
 (lwt.diffusion.evaluate_nelbo) and a line of the final table. Outputs in out_dir: metrics.jsonl (every
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
-joint-tuned model), end_to_end.pt, and with --plot curves.png; every file is written atomically. Only the
+joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
 cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on

@@ -25,11 +25,13 @@ SHAPES = [
     pytest.param((1, 64, 4, 32, 32, 64, 0.4), id="B1-S64-H4-Dn32-Dr32-Dv64-scale0.4"),
     pytest.param((1, 130, 4, 32, 16, 32, None), id="B1-S130-H4-Dn32-Dr16-Dv32"),
     pytest.param((1, 40, 3, 24, 8, 40, None), id="B1-S40-H3-Dn24-Dr8-Dv40"),
+    pytest.param((1, 9, 2, 256, 128, 256, None), id="B1-S9-H2-Dn256-Dr128-Dv256"),  # the widest heads taken
 ]
 CUDA_SHAPES = [
     pytest.param((2, 1000, 8, 128, 64, 128, None), id="B2-S1000-H8-Dn128-Dr64-Dv128", marks=pytest.mark.cuda),
     pytest.param((1, 2049, 4, 64, 32, 64, None), id="B1-S2049-H4-Dn64-Dr32-Dv64", marks=pytest.mark.cuda),
     pytest.param((2, 511, 4, 128, 64, 192, None), id="B2-S511-H4-Dn128-Dr64-Dv192", marks=pytest.mark.cuda),
+    pytest.param((1, 777, 4, 256, 128, 256, None), id="B1-S777-H4-Dn256-Dr128-Dv256", marks=pytest.mark.cuda),
     pytest.param((1, 4096, 16, 128, 64, 128, None), id="B1-S4096-H16-Dn128-Dr64-Dv128",
                  marks=[pytest.mark.cuda, HEAVY]),
 ]
