@@ -103,8 +103,8 @@ def _mla_jobs(quick):
     ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "seq_bucket"}
     kernels = [("mla fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("mla dK/dV", M._mla_bwd_dkdv_kernel,
                A._DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
-    # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr
-    variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192)]
+    # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr, the widest heads taken
+    variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192), ("bf16", 256, 128, 256)]
     for label, kernel, table in kernels:
         for dtype, dn, dr, dv in (variants[:1] if quick else variants):
             meta = A.head_meta(dn, dr, dv, None, False)
