@@ -23,7 +23,7 @@ import lwt.functional as lwtF
 from kernels import reference
 
 SHAPES = [(n, v, d) for v in (32000, 128000) for d in (2048, 4096) for n in (2048, 8192, 16384, 32768)]
-QUICK = [(16384, 128000, 4096), (8192, 128000, 4096), (8192, 32000, 2048)]
+QUICK = [(16384, 128000, 4096), (8192, 32000, 2048)]  # each case compiles torch.compile's provider afresh
 GOAL = (16384, 128000, 4096)
 DEVICE = "cuda"  # a module constant only so that a dry run can point the cases at the CPU
 
