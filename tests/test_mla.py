@@ -23,7 +23,7 @@ SHAPES = [
     pytest.param((1, 17, 4, 32, 16, 32, None), id="B1-S17-H4-Dn32-Dr16-Dv32"),
     pytest.param((2, 17, 2, 32, 16, 48, None), id="B2-S17-H2-Dn32-Dr16-Dv48"),
     pytest.param((1, 64, 4, 32, 32, 64, 0.4), id="B1-S64-H4-Dn32-Dr32-Dv64-scale0.4"),
-    pytest.param((1, 130, 4, 32, 16, 32, None), id="B1-S130-H4-Dn32-Dr16-Dv32"),
+    pytest.param((1, 130, 2, 32, 16, 32, None), id="B1-S130-H2-Dn32-Dr16-Dv32"),
     pytest.param((1, 40, 3, 24, 8, 40, None), id="B1-S40-H3-Dn24-Dr8-Dv40"),
     pytest.param((1, 9, 2, 256, 128, 256, None), id="B1-S9-H2-Dn256-Dr128-Dv256"),  # the widest heads taken
 ]

@@ -1,0 +1,197 @@
+"""Every launch config of the GPU lists, forced one at a time, against the float64 reference.
+
+The autotuner runs only its winner for each key, and the interpreter a small config of its own: a config
+of the GPU lists that mishandled a mask, a ragged tile or the causal diagonal at its own block sizes
+would be found only on the day the autotuner picked it on a GPU. Here each config is forced (the
+autotuner then launches it without tuning) and the op is checked as in its own test file. On the CPU the
+interpreter runs each distinct block shape once (warps and stages mean nothing there); on a GPU every
+config of every list runs, compiled, with the head dims or dtypes its list is for.
+"""
+import pytest
+import torch
+import triton
+
+from kernels import attention as attn
+from kernels import cross_entropy as ce
+from kernels import mla
+from kernels import reference
+from kernels import swiglu
+from tests import test_attention, test_cross_entropy, test_mla, test_swiglu
+from tests.tolerances import assert_close
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+HALF = torch.bfloat16 if CUDA else torch.float16  # the interpreter's tl.dot of bf16 is wrong (triton#11584)
+
+
+def _variants(configs):
+    """The configs to run: all of them on a GPU; on the interpreter one per distinct block shape."""
+    if CUDA:
+        return configs
+    distinct = {}
+    for c in configs:
+        distinct.setdefault(tuple(sorted(c.kwargs.items())), c)
+    return list(distinct.values())
+
+
+def _runs(*lists):
+    """One run per config of the longest list, each list cycled: every config of every list runs once."""
+    lists = [_variants(configs) for configs in lists]
+    return [tuple(configs[i % len(configs)] for configs in lists) for i in range(max(map(len, lists)))]
+
+
+def _force(monkeypatch, kernel, config):
+    """Launches of `kernel` (a TunedKernel, or a triton autotuner) use `config`: the autotuner launches a
+    lone config without pruning or benchmarking it."""
+    autotuner = getattr(kernel, "autotuned", kernel)
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "best_config", None, raising=False)
+    if hasattr(kernel, "best"):
+        monkeypatch.setattr(kernel, "best", {})
+
+
+def _check_forced(kernels, run, check):
+    """check() with each of `kernels` forced to its config of `run` (_force first); each must have run
+    with it, or the check tested another config."""
+    try:
+        check()
+    except AssertionError as e:
+        raise AssertionError(f"configs {_run_id(run)}: {e}") from e
+    for kernel, config in zip(kernels, run):
+        assert getattr(kernel, "autotuned", kernel).best_config is config, f"{kernel} did not run {config}"
+
+
+def _run_id(configs):
+    return " | ".join(f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for c in configs)
+
+
+# -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages) lists keyed by padded head dim -------------------
+
+def _blocks(table, keys):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for key in keys for bm, bn, w, s in table[key]]
+
+
+# On a GPU each list at a head dim it is for, every run under both masks; on the CPU the 16-bit lists
+# together at head dim 64, the runs alternating between the masks (the shorter lists cycle, so most of
+# their configs meet both).
+ATTENTION_LISTS = ([(64, [64], 64), (128, [128], 128), (256, [256], 256), ("fp32", ["fp32"], 64)] if CUDA else
+                   [("16-bit", [64, 128, 256], 64), ("fp32", ["fp32"], 64)])
+MASKS = ([pytest.param([False], id="bidirectional"), pytest.param([True], id="causal")] if CUDA else
+         [pytest.param([False, True], id="alternating-masks")])
+
+
+def _attention_runs(keys, dkdv_kernel):
+    """(kernels, runs) of the forward, dK/dV and dQ configs of the lists `keys`."""
+    tables = (attn._FWD_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS)
+    return (attn._fwd, dkdv_kernel, attn._dq), _runs(*(_blocks(table, keys) for table in tables))
+
+
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("name,keys,D", ATTENTION_LISTS, ids=[str(a[0]) for a in ATTENTION_LISTS])
+def test_attention_configs(monkeypatch, name, keys, D, masks):
+    """S spans several of the largest tiles and ends in a ragged one; GQA (two query heads per K/V head)
+    makes the dK/dV pass sum over a group."""
+    dtype = torch.float32 if name == "fp32" else HALF
+    shape = (2, 1000, 4, 2, D, None) if CUDA else (1, 160, 2, 1, D, None)
+    kernels, runs = _attention_runs(keys, attn._dkdv)
+    for i, run in enumerate(runs):
+        for kernel, config in zip(kernels, run):
+            _force(monkeypatch, kernel, config)
+        _check_forced(kernels, run, lambda: test_attention._check(shape, dtype, masks[i % len(masks)]))
+
+
+# MLA: its own dK/dV kernel, the attention forward and dQ kernels; the lists by the widest padded operand
+# (DeepSeek-V2's 128 + 64 query/key and 128 value dims take the 256 list).
+MLA_CASES = ([((2, 700, 4, 128, 64, 128, None), [256]), ((2, 700, 4, 64, 32, 64, None), [128]),
+              ((2, 700, 4, 32, 16, 16, None), [64])] if CUDA else [((1, 160, 2, 32, 16, 32, None), [64, 128, 256])])
+
+
+@pytest.mark.parametrize("masks", MASKS)
+@pytest.mark.parametrize("shape,keys", MLA_CASES, ids=["x".join(map(str, c[0][3:6])) for c in MLA_CASES])
+def test_mla_configs(monkeypatch, shape, keys, masks):
+    kernels, runs = _attention_runs(keys, mla._dkdv)
+    for i, run in enumerate(runs):
+        for kernel, config in zip(kernels, run):
+            _force(monkeypatch, kernel, config)
+        _check_forced(kernels, run, lambda: test_mla._check(shape, HALF, masks[i % len(masks)]))
+
+
+# -- frozen SwiGLU: the dual GEMM's lists, and the FP8 backward's -----------------------------------------
+
+def _gemm(tuples, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    return swiglu._configs(tuples, names)
+
+
+# On a GPU the "fwd" list runs the inference forward alone (the backward's dual GEMM has its own list);
+# every other list, and on the CPU all of them together, a forward and backward under both policies.
+SWIGLU_LISTS = ([("fwd", ["fwd"], HALF), ("bwd", ["bwd"], HALF), ("fp32", ["fp32"], torch.float32)] if CUDA else
+                [("all", ["fwd", "bwd", "fp32"], torch.float16)])
+
+
+@pytest.mark.parametrize("name,lists,dtype", SWIGLU_LISTS, ids=[c[0] for c in SWIGLU_LISTS])
+def test_swiglu_dual_gemm_configs(monkeypatch, name, lists, dtype):
+    """T, D and F leave ragged tiles in every dimension of the largest tiles (D 160: two and a half K steps
+    of 64)."""
+    T, D, F = (1000, 1000, 1400) if CUDA else (150, 160, 200)
+
+    def check():
+        if name == "fwd":
+            _check_swiglu_forward(T, D, F, dtype)
+        else:
+            for recompute in (False, True):
+                test_swiglu._check((T, D), F, dtype, recompute)
+
+    for run in _runs(_gemm([t for key in lists for t in swiglu._GEMM_CONFIGS[key]])):
+        _force(monkeypatch, swiglu._dual_gemm, run[0])
+        _check_forced([swiglu._dual_gemm], run, check)
+
+
+def _check_swiglu_forward(T, D, F, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=gen).to(DEVICE, dtype)
+    wg, wu, wd = test_swiglu._weights(D, F, gen, dtype)
+    with torch.no_grad():
+        y = swiglu.frozen_swiglu(x, wg, wu, wd)
+        y64 = reference.frozen_swiglu(x.double(), wg.double(), wu.double(), wd.double())
+        y_ref = reference.frozen_swiglu(x, wg, wu, wd)
+    assert_close("y", y, y64, y_ref, reduced_over=F)
+
+
+@test_swiglu.needs_fp8
+def test_swiglu_fp8_configs(monkeypatch):
+    """FP8 frozen weights: the dual GEMM's "fp8" list (forward), the FP8 backward's list (the recomputing
+    policy's backward dual GEMM) and the FP8 dx GEMM's list; on a GPU in bf16, as
+    test_swiglu.test_fp8_frozen_weights. Each run checks the recomputing policy, and on a GPU the keeping
+    one too (on the CPU every other run: its backward has no dual GEMM)."""
+    T, D, F = (1000, 1000, 1400) if CUDA else (150, 160, 200)
+    kernels = (swiglu._dual_gemm, swiglu._dual_gemm_fp8_bwd, swiglu._fp8_dx)
+    runs = _runs(_gemm(swiglu._GEMM_CONFIGS["fp8"]), _gemm(swiglu._GEMM_CONFIGS["fp8_bwd"]),
+                 _gemm(swiglu._FP8_DX_CONFIGS, names=("BLOCK_M", "BLOCK_N")))
+    for i, run in enumerate(runs):
+        for kernel, config in zip(kernels, run):
+            _force(monkeypatch, kernel, config)
+        _check_forced(kernels, run, lambda: test_swiglu._check((T, D), F, HALF, True, torch.float8_e4m3fn, seed=5))
+        if CUDA or i % 2:
+            for kernel, config in zip(kernels, run):
+                _force(monkeypatch, kernel, config)
+            _check_forced(kernels[::2], run[::2],
+                          lambda: test_swiglu._check((T, D), F, HALF, False, torch.float8_e4m3fn, seed=5))
+
+
+# -- cross entropy: the fp32 dW accumulation GEMM -------------------------------------------------------
+
+def test_cross_entropy_dw_accumulation_configs(monkeypatch):
+    """16-bit inputs, dW summed in fp32 over row chunks by the Triton accumulation GEMM: V and D leave
+    ragged tiles of every config's blocks."""
+    N, D, V = (600, 1000, 3000) if CUDA else (41, 264, 257)
+    itemsize = torch.tensor([], dtype=HALF).element_size()
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", (N // 5) * V * itemsize)  # about five chunks of rows
+    configs = [triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+               for bv, bd, bc, w, s in ce._DW_CONFIGS]
+    for run in _runs(configs):
+        _force(monkeypatch, ce._ce_dw_accumulate_kernel, run[0])
+        _check_forced([ce._ce_dw_accumulate_kernel], run,
+                      lambda: test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3,
+                                                        accum_dtype=torch.float32))
