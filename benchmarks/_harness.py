@@ -110,6 +110,18 @@ def attempt(report, label: str, thunk):
     return None
 
 
+def time_and_memory(report, case, name, step, flops, memory, transient=False) -> None:
+    """A fwd+bwd provider: its time as a TFLOP/s row (`flops` per step) and, when it ran, its peak memory
+    (peak_transient_mib, or peak_extra_mib) in memory[(case, name)]; a failure of either is noted."""
+    ms = attempt(report, f"{case} fwd+bwd {name}", lambda: bench_ms(step))
+    report.add(case, "fwd+bwd", name, ms, "TFLOP/s", flops)
+    if ms is not None:
+        peak = peak_transient_mib if transient else peak_extra_mib
+        mib = attempt(report, f"{case} memory {name}", lambda: peak(step))
+        if mib is not None:
+            memory[(case, name)] = mib
+
+
 def peak_extra_mib(fn) -> float:
     """Memory fn() allocates on the GPU beyond what was allocated before it, at its peak (MiB)."""
     torch.cuda.synchronize()

@@ -70,12 +70,7 @@ def run_case(report, N, V, D, memory):
     for name, fn in providers().items():
         def step(fn=fn):
             return torch.autograd.grad(fn(h, w, t), (h, w))
-        ms = H.attempt(report, f"{case} fwd+bwd {name}", lambda step=step: H.bench_ms(step))
-        report.add(case, "fwd+bwd", name, ms, "TFLOP/s", 6 * N * V * D)
-        if ms is not None:
-            mib = H.attempt(report, f"{case} memory {name}", lambda step=step: H.peak_transient_mib(step))
-            if mib is not None:
-                memory[(case, name)] = mib
+        H.time_and_memory(report, case, name, step, 6 * N * V * D, memory, transient=True)
     return case
 
 

@@ -81,12 +81,7 @@ def run_case(report, T, D, F, memory):
     for name, fn in provs.items():
         def step(fn=fn):
             return torch.autograd.grad(fn(x, wg, wu, wd), (x, wd), dy)
-        ms = H.attempt(report, f"{case} fwd+bwd {name}", lambda step=step: H.bench_ms(step))
-        report.add(case, "fwd+bwd", name, ms, "TFLOP/s", 14 * T * D * F)
-        if ms is not None:
-            mib = H.attempt(report, f"{case} memory {name}", lambda step=step: H.peak_extra_mib(step))
-            if mib is not None:
-                memory[(case, name)] = mib
+        H.time_and_memory(report, case, name, step, 14 * T * D * F, memory)
     fp8_difference("dx", lambda fn: torch.autograd.grad(fn(x, wg, wu, wd), x, dy)[0])
     x.requires_grad_(False)
     wd.requires_grad_(False)

@@ -3,15 +3,16 @@
 # limit: every step runs under `timeout`, within BUDGET seconds for the whole call (default 540).
 #   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy,
 #                                           # bench_rmsnorm (TUNE=1: its launch-constant sweep first), bench_block
-#   bash benchmarks/device_check.sh test [pytest -k expr]   # the CUDA tests (xdist over 8 workers)
+#   bash benchmarks/device_check.sh test [pytest -k expr]   # the test suite on the GPU (xdist, 8 workers)
 #   bash benchmarks/device_check.sh all     # bench, then the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
 # Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
-# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks"). Logs, the results CSVs (a row is appended as soon as
-# it is measured), steps.txt (each step's exit code and seconds; 124 or 137: cut by its timeout) and the
-# attention plot (with matplotlib) go to $OUT; the goal lines are printed last. Outside a git checkout
-# set LWT_GIT_SHA, or the results say "unknown" for the commit.
+# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks"). Logs, the
+# results CSVs (a row is appended as soon as it is measured), steps.txt (each step's exit code and
+# seconds; 124 or 137: cut by its timeout) and the attention plot (with matplotlib) go to $OUT; the goal
+# lines are printed last. Outside a git checkout set LWT_GIT_SHA, or the results say "unknown" for the
+# commit. The exit code is 1 if a step failed or was cut.
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
