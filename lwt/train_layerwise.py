@@ -112,7 +112,9 @@ class Dist:
             if not torch.cuda.is_available():
                 raise ValueError(f"train.device: expected a device this machine has, got {device_name!r} "
                                  f"(no CUDA GPU is visible)")
-            self.device = torch.device(f"cuda:{local}" if device_name == "cuda" and self.world > 1 else device_name)
+            self.device = torch.device(device_name)
+            if self.device.index is None:  # "cuda": this rank's GPU (set_device refuses a device without index)
+                self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")

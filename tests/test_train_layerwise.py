@@ -214,3 +214,22 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="needs matplotlib"):
         _run(tmp_path, "--plot")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,world,local,expected", [("auto", 1, 0, "cuda:0"), ("cuda", 1, 0, "cuda:0"),
+                                                       ("cuda", 2, 1, "cuda:1"), ("cuda:1", 1, 0, "cuda:1")])
+def test_cuda_device_has_an_index(monkeypatch, name, world, local, expected):
+    """train.device auto/cuda on a GPU machine: one process takes the current GPU, a torchrun rank its
+    LOCAL_RANK's. torch.cuda.set_device refuses a device without an index, so that check is kept
+    (torch's own) while the rest of torch.cuda is faked: this machine may have no GPU."""
+    from torch.cuda._utils import _get_device_index
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)  # no process group for world 2
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    env = T.Dist(name)
+    assert env.device == torch.device(expected) and chosen == [torch.device(expected).index]
