@@ -8,40 +8,56 @@
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
 # Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
-# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks"). Logs, the
-# results CSVs (a row is appended as soon as it is measured), steps.txt (each step's exit code and
-# seconds; 124 or 137: cut by its timeout) and the attention plot (with matplotlib) go to $OUT; the goal
-# lines are printed last. Outside a git checkout set LWT_GIT_SHA, or the results say "unknown" for the
-# commit. The exit code is 1 if a step failed or was cut.
+# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks").
+# Everything is written under WORK (default /tmp/lwt-device, kept across calls on one machine): a log per
+# step, the results CSVs (a row is appended as soon as it is measured), the trainer's out_dirs,
+# steps.txt (each step's exit code and seconds; 124 or 137: cut by its timeout) and the attention plot
+# (with matplotlib). The device tool brings back at most 8 files from $OUT, so after every step $OUT
+# gets three: results.tar.gz (WORK without checkpoints and activation caches), steps.txt and
+# summary.txt (the goal lines and the trainer's tables). Outside a git checkout set LWT_GIT_SHA, or the
+# results say "unknown" for the commit. The exit code is 1 if a step failed or was cut.
 set -uo pipefail
-OUT=${OUT:-device-out}; mkdir -p "$OUT"
+OUT=${OUT:-device-out}; WORK=${WORK:-/tmp/lwt-device}
+mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 what=${1:-bench}
 case $what in bench|test|all|train) ;; *) echo "usage: $0 bench|test|all|train [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
-: > "$OUT/steps.txt"
+echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
+
+# What comes back: the goal lines of the bench logs and the trainer's tables, WORK packed, steps.txt.
+pack() {
+  { grep -h "goal\|^block \|for information" /dev/null "$WORK"/bench_*.log | grep -v "^ "
+    for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
+  } > "$OUT/summary.txt"
+  tar czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='cache' --exclude='*.tmp' . 2>/dev/null
+  cp "$WORK/steps.txt" "$OUT/steps.txt"
+}
 
 # step NAME CAP CMD...: CMD under `timeout` for CAP seconds or what is left of the budget, if less;
-# its output to $OUT/NAME.log and the terminal; skipped when under 20 s are left.
+# its output to WORK/NAME.log and the terminal; skipped when under 20 s are left.
 step() {
   local name=$1 cap=$2; shift 2
   local left=$((budget - (SECONDS - start)))
   [ "$cap" -gt "$left" ] && cap=$left
   if [ "$cap" -lt 20 ]; then
-    echo "$name: skipped, $left s of the budget left" | tee -a "$OUT/steps.txt"
+    echo "$name: skipped, $left s of the budget left" | tee -a "$WORK/steps.txt"
+    failed=1
     return
   fi
   local t0=$SECONDS
-  timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout -k 10 "$cap" "$@" 2>&1 | tee "$WORK/$name.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || failed=1
-  echo "$name: exit $rc after $((SECONDS - t0)) s (limit $cap s)" | tee -a "$OUT/steps.txt"
+  echo "$name: exit $rc after $((SECONDS - t0)) s (limit $cap s)" | tee -a "$WORK/steps.txt"
+  pack
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 \
+  | tee "$WORK/gpu.txt"
 if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "note: no git checkout and LWT_GIT_SHA unset: the results' commit column says 'unknown'"
 fi
@@ -56,7 +72,7 @@ run_tests() {
   fi
   python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 300)
   step pytest 600 python -m pytest "${opts[@]}" ${1:+-k "$1"}
-  tail -n 12 "$OUT/pytest.log"
+  tail -n 12 "$WORK/pytest.log"
 }
 
 if [ "$what" = test ]; then
@@ -65,13 +81,16 @@ if [ "$what" = test ]; then
 fi
 if [ "$what" = train ]; then
   # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
+  # No checkpoint in between (ckpt_every 0); the out_dirs stay in WORK (checkpoints are GBs at 4k width).
+  rm -rf "$WORK/run-default" "$WORK/run-4k"
   step train_default 300 python -m lwt.train_layerwise --config config.yaml --end_to_end \
-    --set train.out_dir="$OUT/run-default" --set train.max_steps=40 --set train.joint_steps=20 \
-    --set train.warmup_steps=5
+    --set train.out_dir="$WORK/run-default" --set train.max_steps=40 --set train.joint_steps=20 \
+    --set train.warmup_steps=5 --set train.ckpt_every=0
   step train_4k 300 python -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
-    --set model.n_layers=2 --set train.out_dir="$OUT/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
-    --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 --set data.val_fraction=0.1
-  tail -n 14 "$OUT/train_default.log" "$OUT/train_4k.log"
+    --set model.n_layers=2 --set train.out_dir="$WORK/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
+    --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 \
+    --set data.val_fraction=0.1 --set train.ckpt_every=0
+  cat "$OUT/summary.txt"
   exit $failed
 fi
 
@@ -86,18 +105,17 @@ if [ ${#wheels[@]} -gt 0 ] && ! python -c "import liger_kernel" 2>/dev/null; the
     && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
-plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/attention.png")
-bench bench_attention 200 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$OUT"
-bench bench_swiglu 120 python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$OUT"
-bench bench_cross_entropy 120 python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$OUT"
+plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
+bench bench_attention 200 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
+bench bench_swiglu 120 python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$WORK"
+bench bench_cross_entropy 120 python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$WORK"
 if [ "${TUNE:-0}" = 1 ]; then
-  bench bench_rmsnorm 150 python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$OUT"
+  bench bench_rmsnorm 150 python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$WORK"
 else
-  bench bench_rmsnorm 90 python benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$OUT"
+  bench bench_rmsnorm 90 python benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$WORK"
 fi
 # Last among the benches: its two Inductor compilations take the longest.
-bench bench_block 150 python benchmarks/bench_block.py "${quick[@]}" --results-dir "$OUT"
+bench bench_block 150 python benchmarks/bench_block.py "${quick[@]}" --results-dir "$WORK"
 [ "$what" = all ] && run_tests "${2:-}"
-cat "$OUT/steps.txt"
-grep -h "goal\|^block \|for information" /dev/null "$OUT"/bench_*.log | grep -v "^ " | tail -n 40
+cat "$WORK/steps.txt" "$OUT/summary.txt"
 exit $failed

@@ -507,6 +507,7 @@ class Trainer:
         bar = Progress(label, total, enabled=env.main)
         t0 = time.perf_counter() - self.phase_wall
         t_log, steps_log = time.perf_counter(), 0
+        t_steady, steady_steps = None, 0  # tokens/s leaves out the first step (compilation and autotuning)
         for step in range(start_step, total):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, lr, warmup, c.train.min_lr_ratio)
@@ -536,6 +537,12 @@ class Trainer:
                 with torch.no_grad():
                     for p, m in zip(params, master):
                         p.copy_(m)
+            if t_steady is None:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t_steady = time.perf_counter()
+            else:
+                steady_steps += 1
             self.steps_run += 1
             steps_log += 1
             self.position = (index, step + 1)
@@ -555,13 +562,16 @@ class Trainer:
                 bar.close()
                 return False
         bar.close()
-        wall = time.perf_counter() - t0
+        now = time.perf_counter()  # the last step's loss.item() waited for the GPU
+        wall = now - t0
+        steady_rate = (steady_steps * tokens_per_step / max(now - t_steady, 1e-9) if steady_steps
+                       else total * tokens_per_step / max(wall, 1e-9))
         result = self.evaluate(k + 1 if name == "stage" else None)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         self.history.append(dict(phase=label, nelbo=result["nelbo"], ppl_bound=result["ppl_bound"],
                                  tokens=total * tokens_per_step, wall_s=wall, cache_s=0.0,
-                                 tokens_per_s=total * tokens_per_step / max(wall, 1e-9), peak_mib=peak,
+                                 tokens_per_s=steady_rate, peak_mib=peak,
                                  peak_kind="cuda" if self.device.type == "cuda" else "rss"))
         self.log(dict(phase=label, eval=result))
         if env.main:
@@ -659,7 +669,8 @@ class Progress:
 
 def print_table(history: list[dict], unigram: float | None) -> str:
     """The final table: one line per phase. "wall s" is the training steps; "cache s" writing the
-    activation cache after them; tok/s counts training tokens over "wall s"."""
+    activation cache after them; tok/s counts training tokens per second from the phase's second step on
+    (the first compiles and autotunes the kernels on a GPU; "wall s" includes it)."""
     head = (f"{'phase':>11} {'val NELBO':>10} {'ppl <=':>9} {'tokens':>12} {'wall s':>8} {'cache s':>8} "
             f"{'tok/s':>10} {'peak MiB':>10}")
     lines = [head, "-" * len(head)]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -61,6 +62,30 @@ def test_all_phases_cache_and_table(tmp_path, capsys):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 4 and state["step"] == 0  # after the last of the four phases (fused is an evaluation)
     assert not any(name.endswith(("w_gate", "w_up")) for name in state["model"])  # frozen: regenerated
+
+
+def test_tokens_per_second_leaves_out_the_first_step(tmp_path, capsys, monkeypatch):
+    """On a GPU a phase's first step compiles and autotunes the kernels: the table's tok/s counts from
+    the second step on, while "wall s" includes the first. Here the first step of each phase is made
+    0.5 s slower than the others."""
+    loss, seen = T.Trainer.loss, set()
+
+    def slow_first(self, *args):
+        phase = self.position[0]
+        if phase not in seen:
+            seen.add(phase)
+            time.sleep(0.5)
+        return loss(self, *args)
+
+    monkeypatch.setattr(T.Trainer, "loss", slow_first)
+    code, _ = _run(tmp_path)
+    assert code == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("    stage ") and "[" not in line]  # table rows, not progress bars
+    assert len(rows) == 2
+    for row in rows:  # phase (2 words), val NELBO, ppl, tokens, wall s, cache s, tok/s, peak
+        tokens, wall, rate = float(row[4].replace(",", "")), float(row[5]), float(row[7].replace(",", ""))
+        assert wall >= 0.5 and rate > 2 * tokens / wall, row
 
 
 def test_stages_train_only_their_block(tmp_path):
