@@ -18,5 +18,6 @@ setup(
         "einops",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    # pytest-xdist: pytest.ini runs the suite on two worker processes (the interpreter is CPU-bound Python).
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist"]},
 )

@@ -69,6 +69,8 @@ run_tests() {
   if python -c "import xdist" 2>/dev/null; then
     opts+=(-n 8)
     python -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
+  else
+    opts+=(-o addopts=-ra)  # pytest.ini's -n 2 needs xdist
   fi
   python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 300)
   step pytest 600 python -m pytest "${opts[@]}" ${1:+-k "$1"}
