@@ -36,7 +36,7 @@ def _variants(configs):
 
 
 def _runs(*lists):
-    """One run per config of the longest list, each list cycled: every config of every list runs once."""
+    """One run per config of the longest list, each shorter list cycled: every config of every list runs."""
     lists = [_variants(configs) for configs in lists]
     return [tuple(configs[i % len(configs)] for configs in lists) for i in range(max(map(len, lists)))]
 
