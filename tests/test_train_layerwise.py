@@ -88,6 +88,26 @@ def test_tokens_per_second_leaves_out_the_first_step(tmp_path, capsys, monkeypat
         assert wall >= 0.5 and rate > 2 * tokens / wall, row
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_all_phases_on_a_gpu(tmp_path, capsys, attn_type):
+    """The trainer's CUDA path: train.device auto (one process: the current GPU), bf16 with fp32 master
+    weights and fused AdamW, the Triton kernels in every layer, the bf16 activation cache, the allocator's
+    peak memory in the table; every phase of a tiny run, and the checkpoint loads."""
+    code, out = _run(tmp_path, "--end_to_end", "--set", "train.device=auto", "--set", "train.dtype=auto",
+                     "--set", f"model.attn_type={attn_type}")
+    assert code == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines()
+            if line.startswith(("    stage ", "      joint", " end-to-end")) and "[" not in line]
+    assert len(rows) == 4, text
+    for row in rows:  # ... tok/s, peak MiB: the GPU's allocator peak (no "*": not the process's RSS)
+        assert float(row[-2].replace(",", "")) > 0 and not row[-1].endswith("*"), row
+        assert math.isfinite(float(row[-7])), row  # val NELBO
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == 4 and all(t.device.type == "cpu" for t in state["model"].values())
+
+
 def test_stages_train_only_their_block(tmp_path):
     """After stage 1, block 0, the embedding and the final norm are exactly as stage 0 left them."""
     code, out = _run(tmp_path, "--set", "train.joint_steps=0", "--stop_after", "6", name="a")
