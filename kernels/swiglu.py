@@ -237,6 +237,19 @@ def _e4m3_rtne(v):
 
 
 @triton.jit
+def _fp8_scale(amax):
+    """The FP8 scale of values whose largest magnitude is amax: amax / 448 (1 for all zeros), exactly
+    divided, as kernels.reference.quantize_blocks_fp8 computes it."""
+    return tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
+
+
+@triton.jit
+def _fp8_values(v, scale):
+    """v / scale rounded to the e4m3 grid (still fp32: the cast to float8_e4m3fn only re-encodes it)."""
+    return _e4m3_rtne(tl.math.div_rn(v, scale))
+
+
+@triton.jit
 def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     """Stores the fp32 tile v (zero past column N) in FP8 with one scale per FP8_GRAD_BLOCK columns of a
@@ -247,9 +260,8 @@ def _store_fp8_blocks(A8, S, v, rows, cols, col0, M, N, stride_a, stride_s, BLOC
     QB: tl.constexpr = _QB
     tl.static_assert((BLOCK_N // QB) * QB == BLOCK_N, "FP8 backward: column tiles of whole quantisation blocks")
     blocks = tl.reshape(v, (BLOCK_M, BLOCK_N // QB, QB))
-    amax = tl.max(tl.abs(blocks), axis=2)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, _FP8_MAX), 1.0)
-    q = _e4m3_rtne(tl.reshape(tl.math.div_rn(blocks, scale[:, :, None]), (BLOCK_M, BLOCK_N)))
+    scale = _fp8_scale(tl.max(tl.abs(blocks), axis=2))
+    q = tl.reshape(_fp8_values(blocks, scale[:, :, None]), (BLOCK_M, BLOCK_N))
     n_blocks = tl.cdiv(N, QB)
     tl.store(_tile_ptrs(A8, rows, cols, stride_a), q.to(A8.dtype.element_ty),
              mask=(rows < M)[:, None] & (cols < n_blocks * QB)[None, :])
@@ -270,12 +282,11 @@ def _quantize_rows_kernel(X, X8, SX, D, stride_x, stride_x8, BLOCK_D: tl.constex
         offs = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
-    m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, tl.math.div_rn(m, _FP8_MAX), 1.0)
+    scale = _fp8_scale(tl.max(amax, axis=0))
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(x_row + offs, mask=offs < D, other=0.0).to(tl.float32)
-        tl.store(x8_row + offs, _e4m3_rtne(tl.math.div_rn(v, scale)).to(X8.dtype.element_ty), mask=offs < D)
+        tl.store(x8_row + offs, _fp8_values(v, scale).to(X8.dtype.element_ty), mask=offs < D)
     tl.store(SX + row, scale)
 
 
@@ -427,9 +438,10 @@ def _fp8_weights_transposed(w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.T
     dequantised to bf16 would take), made once per backward."""
     F, D = w_gate.shape
     f_pad = _padded_features(F)
-    wt = torch.zeros((D, 2 * f_pad), dtype=w_gate.dtype, device=w_gate.device)
-    wt[:, :F] = w_gate.t()
-    wt[:, f_pad:f_pad + F] = w_up.t()
+    wt = empty((D, 2 * f_pad), w_gate.dtype, w_gate.device)  # one pass: each column written once
+    for half, w in enumerate((w_gate, w_up)):
+        wt[:, half * f_pad:half * f_pad + F] = w.t()
+        wt[:, half * f_pad + F:(half + 1) * f_pad] = 0
     return wt
 
 

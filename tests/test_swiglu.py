@@ -105,7 +105,9 @@ def _assert_dx_from_fp8_operands(dx, operands):
     a8 = torch.cat([a for a, _, _ in operands])
     scale = torch.cat([sa for _, sa, _ in operands])
     wt = operands[0][2]
-    assert a8.shape[0] == dx.shape[0] and not ((a8.view(torch.uint8) & 0x7F) == 0x7F).any()
+    assert a8.shape[0] == dx.shape[0]
+    for name, t in (("a8", a8), ("transposed weights", wt)):  # the padding columns included
+        assert not ((t.view(torch.uint8) & 0x7F) == 0x7F).any(), f"{name}: unwritten (NaN-poisoned) bytes"
     deq = a8.double() * _block_steps(scale, a8.shape[1])
     same = (deq.float() @ wt.float().t()).to(dx.dtype)
     assert_close("dx from its FP8 operands", dx, deq @ wt.double().t(), same, reduced_over=a8.shape[1])
