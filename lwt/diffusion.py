@@ -190,9 +190,12 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
     """Iterative unmasking (MDLM/LLaDA reverse process): start from all [MASK] (after the prompt) and, over
     `steps` steps, fill in ceil(remaining / steps_left) positions of every sequence per step.
 
-    At each step every still-masked position draws a token from softmax(logits / temperature) by the
-    Gumbel-max trick with float64 uniforms: Gumbel noise from low-precision uniforms truncates the tail
-    and measurably hurts masked-diffusion samples (Zheng et al. 2024, arXiv:2409.02908). Then
+    At each step every still-masked position draws a token from softmax(logits / temperature) by inverse
+    transform sampling in float64: one uniform u per position, the first token whose cumulative
+    probability exceeds u. Low-precision sampling truncates the tail and measurably hurts masked-diffusion
+    samples (Zheng et al. 2024, arXiv:2409.02908, about float32 Gumbel noise); float64 reaches every token
+    whose probability exceeds ~1e-16 of the total. One uniform per position (not one per vocabulary entry,
+    as the Gumbel-max trick needs) keeps a CPU generator cheap at any vocabulary size. Then
     order="confidence" keeps the draws the model is surest of (highest log-probability of the drawn
     token; LLaDA's low-confidence remasking), order="random" (the default) a uniformly random subset; the
     others stay masked for the next step. Unmasked tokens are never changed. Random is the default
@@ -209,7 +212,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
         order: "random" (default) | "confidence".
         prompt: optional 1-D int tensor of ids in [0, vocab_size), len <= length, kept at the start.
         temperature: >= 0; 0 is greedy (argmax, confidence = its log-probability).
-        generator: torch.Generator for the Gumbel and order draws (None: the global RNG), on the CPU or
+        generator: torch.Generator for the token and order draws (None: the global RNG), on the CPU or
             the model's device.
     Returns:
         (num_samples, length) int64 on the model's device, every id in [0, vocab_size).
@@ -255,8 +258,14 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
                 conf, draw = logp.max(dim=-1)
             else:
                 logp = torch.log_softmax(logits / temperature, dim=-1)
-                u = _rand(logp.shape, generator, device, torch.float64).clamp_(min=torch.finfo(torch.float64).tiny)
-                draw = (logp - torch.log(-torch.log(u))).argmax(dim=-1)  # (N · remaining,) Gumbel-max
+                cdf = logp.exp().cumsum_(dim=-1)  # (N · remaining, V)
+                u = _rand(cdf.shape[:1], generator, device, torch.float64)  # (N · remaining,)
+                # the first index whose cdf exceeds u · total, so a token of zero probability is never drawn;
+                # u < 1 keeps u · total below the total, and the minimum (the last token of nonzero
+                # probability) guards the index should it ever round up to it
+                total = cdf[:, -1:].contiguous()  # (N · remaining, 1)
+                draw = torch.minimum(torch.searchsorted(cdf, u[:, None] * total, right=True),
+                                     torch.searchsorted(cdf, total)).squeeze(1)  # (N · remaining,)
                 conf = logp.gather(1, draw[:, None]).squeeze(1)
             if order == "random":
                 conf = _rand(conf.shape, generator, device, torch.float64)

@@ -269,6 +269,53 @@ def test_sampler_greedy_follows_the_head():
         assert torch.equal(out, (hidden @ model.head_weight().t()).argmax(-1))
 
 
+class FixedLogits(torch.nn.Module):
+    """A stand-in model for the sampler whose logits are `logits` at every position: the hidden state is
+    the logit vector and the head the identity."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.as_tensor(logits, dtype=torch.float32)
+        self.vocab_size = self.mask_id = len(logits)
+
+    def head_weight(self):
+        return torch.eye(self.vocab_size)
+
+    def forward(self, tokens):
+        return self.logits.expand(*tokens.shape, self.vocab_size)
+
+
+def chi_square(counts, probs):
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_sampler_draws_follow_the_softmax(temperature):
+    """20000 one-token samples against softmax(logits / temperature): Pearson's chi-square, 7 degrees of
+    freedom, below 40 (p ~ 1e-6 under the right distribution; the seed is fixed). The same counts against
+    the distribution at another temperature score far above it: the test can tell them apart."""
+    logits = torch.tensor([-1.2, -1.6, 0.8, 0.8, -0.1, -1.8, 0.6, 0.3], dtype=torch.float64)
+    out = D.sample(FixedLogits(logits), 20000, 1, 1, temperature=temperature,
+                   generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(out.flatten(), minlength=8).double()
+    assert chi_square(counts, torch.softmax(logits / temperature, -1)) < 40
+    assert chi_square(counts, torch.softmax(logits / (temperature * 1.25), -1)) > 100
+
+
+def test_sampler_never_draws_a_zero_probability_token(monkeypatch):
+    """exp(-1e4) is 0 in float64: tokens 1, 3 and 5 can never be drawn, whatever the uniform. u = 0 draws
+    the first token, u just below 1 the last of nonzero probability, and u = 1 (outside torch.rand's
+    range) is caught by the guard instead of indexing past the vocabulary."""
+    model = FixedLogits([0.0, -1e4, 0.0, -1e4, 0.0, -1e4])
+    out = D.sample(model, 4000, 1, 1, generator=torch.Generator().manual_seed(0))
+    assert set(out.flatten().tolist()) == {0, 2, 4}
+    for u, expected in [(0.0, 0), (1.0 - 2.0 ** -53, 4), (1.0, 4)]:
+        monkeypatch.setattr(D, "_rand", lambda shape, generator, device, dtype=torch.float32, u=u:
+                            torch.full(shape, u, dtype=dtype, device=device))
+        assert D.sample(model, 3, 1, 1).flatten().tolist() == [expected] * 3, u
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_samples=0), r"^num_samples: expected an int >= 1, got 0"),
     (dict(length=0), r"^length: expected an int >= 1, got 0"),
