@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import time
+import weakref
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -243,6 +244,7 @@ class Trainer:
         self.opt_state = None
         self.master = None        # fp32 master copies of the trained parameters (16-bit models)
         self._input_cache = (None, None)  # (k, block k's cache) as the current stage opened it
+        self._digests = []  # [(weakref to module i, sha256 state after it)]: see _weights_digest
         self.master_state = None  # ... as loaded from a checkpoint, until the phase resumes
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
@@ -299,6 +301,7 @@ class Trainer:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
         self.model.load_trainable_state_dict(state["model"])
+        self._forget_digests(0)
         if self.frozen_checksum != state["frozen_checksum"]:
             raise ValueError(f"{self.ckpt_path}: the frozen SwiGLU matrices regenerated from frozen_seed do not "
                              f"match the checkpoint's checksum (another torch version's generator?)")
@@ -373,14 +376,30 @@ class Trainer:
 
     def _cache_expect(self, k: int) -> dict:
         """What block k's cache must match: this config, and the weights of the blocks that produced it."""
-        digest = hashlib.sha256()
-        for module in [self.model.embed] + list(self.model.blocks[:k + 1]):
-            for name, p in module.named_parameters():
-                digest.update(name.encode())
-                digest.update(p.detach().float().cpu().numpy().tobytes())
         c = self.cfg
-        return dict(stage=k, fingerprint=self.fingerprint, weights=digest.hexdigest()[:16], seq_len=c.data.seq_len,
+        return dict(stage=k, fingerprint=self.fingerprint, weights=self._weights_digest(k), seq_len=c.data.seq_len,
                     d_model=c.model.d_model, entries=self.cache_entries)
+
+    def _weights_digest(self, k: int) -> str:
+        """sha256 of the names and fp32 values of the embedding's and blocks 0..k's parameters, in that
+        order. The hash state after each module is kept (self._digests) until train_phase trains that
+        module or one before it, or resume() loads weights, so a run hashes each module about once: not
+        the whole prefix at every cache write and open, which grew as L² (about 15 GB hashed twice at
+        stage 31 of a 32-layer 4k model). Version counters cannot tell when to rehash: fused AdamW
+        updates parameters in place without bumping them."""
+        state = hashlib.sha256()
+        for i, module in enumerate([self.model.embed, *self.model.blocks[:k + 1]]):
+            if i < len(self._digests) and self._digests[i][0]() is module:
+                state = self._digests[i][1]
+                continue
+            del self._digests[i:]
+            state = _hash_module(state.copy(), module)
+            self._digests.append((weakref.ref(module), state))
+        return state.hexdigest()[:16]
+
+    def _forget_digests(self, first: int) -> None:
+        """Drop the kept hash states from module `first` on (0: the embedding, i + 1: block i)."""
+        del self._digests[first:]
 
     def _cache_bytes_here(self) -> int:
         """Bytes of one stage's cache on this machine: a shard per local rank."""
@@ -464,8 +483,8 @@ class Trainer:
         return True
 
     def train_phase(self, index: int, start_step: int) -> bool:
-        """The optimizer steps of phase `index`, then its evaluation and table row, then a checkpoint at
-        (index, total): a failure while writing the cache after it loses no training."""
+        """The optimizer steps of phase `index`, then its evaluation and table row, then, if a cache write
+        follows, a checkpoint at (index, total): a failure while writing the cache loses no training."""
         c, env = self.cfg, self.env
         name, k, total = self.phases[index]
         label = phase_label(name, k)
@@ -475,10 +494,11 @@ class Trainer:
         cached = c.train.cache and name == "stage" and k > 0
         cache = self.open_cache(k - 1) if cached else None
         self._input_cache = (k - 1, cache) if cached else (None, None)
-        if name == "stage" and c.train.cache and k + 1 < c.model.n_layers:
+        if self.writes_cache(index):
             self.check_cache_room()  # before training, not after it
         core = trainable_core(self.model, name, k)
         params = set_trainable(self.model, core)
+        self._forget_digests(k + 1 if name == "stage" and k > 0 else 0)  # what this phase trains changes
         # 16-bit models train fp32 master copies of what this phase trains (only that part: one block in a
         # stage k): AdamW updates far below a bf16 ulp of the weight (norm weights near 1, small lrs, weight
         # decay) would otherwise round away.
@@ -579,15 +599,21 @@ class Trainer:
                   f"(perplexity <= {result['ppl_bound']:.2f})", flush=True)
         self.master = None
         self.phase_wall = 0.0
-        self.save(None)  # position (index, total): trained and evaluated
+        if self.writes_cache(index):
+            self.save(None)  # position (index, total), trained and evaluated: the cache write may fail
         return True
+
+    def writes_cache(self, index: int) -> bool:
+        """Whether phase `index` ends by writing its block's activation cache (for the next stage)."""
+        name, k, _ = self.phases[index]
+        return name == "stage" and self.cfg.train.cache and k + 1 < self.cfg.model.n_layers
 
     def finish_phase(self, index: int) -> None:
         """After phase `index`'s steps: stage k writes block k's cache (for stage k+1) and drops block
         k-1's; the last layer-wise phase writes final.pt, the end-to-end phase end_to_end.pt."""
         c, env = self.cfg, self.env
         name, k, _ = self.phases[index]
-        if name == "stage" and c.train.cache and k + 1 < c.model.n_layers:
+        if self.writes_cache(index):
             t0 = time.perf_counter()
             self.write_cache(k)
             env.barrier()
@@ -711,6 +737,14 @@ def plot(history_path: str, out_png: str) -> None:
     b.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
+
+
+def _hash_module(state, module: nn.Module):
+    """Feed a module's parameter names and fp32 values into a hashlib state; returns the state."""
+    for name, p in module.named_parameters():
+        state.update(name.encode())
+        state.update(p.detach().float().cpu().numpy().tobytes())
+    return state
 
 
 def _atomic_save(state: dict, path: str) -> None:

@@ -1,5 +1,6 @@
 """The layer-wise trainer end to end on the CPU: every phase, the activation cache, resume, DDP over two
 processes, the CLI forms and its errors. Tiny models on Python's own documentation text (or dummy tokens)."""
+import hashlib
 import json
 import math
 import os
@@ -41,9 +42,21 @@ def _weights(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-def test_all_phases_cache_and_table(tmp_path, capsys):
+def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
+    saves, atomic_save = [], T._atomic_save
+
+    def recording_save(state, path):
+        saves.append((os.path.basename(path), state.get("phase"), state.get("step")))
+        atomic_save(state, path)
+
+    monkeypatch.setattr(T, "_atomic_save", recording_save)
     code, out = _run(tmp_path, "--end_to_end")
     assert code == 0
+    # A checkpoint after each phase, and one before block 0's cache is written (6 steps per stage); no
+    # phase writes two checkpoints of the same weights back to back.
+    assert saves == [("checkpoint.pt", 0, 6), ("checkpoint.pt", 1, 0), ("checkpoint.pt", 2, 0),
+                     ("checkpoint.pt", 3, 0), ("final.pt", None, None), ("checkpoint.pt", 4, 0),
+                     ("end_to_end.pt", None, None)]
     text = capsys.readouterr().out
     for label in ("stage 0", "stage 1", "fused", "joint", "end-to-end"):
         assert f"{label:>11} " in text, label
@@ -156,6 +169,58 @@ def test_missing_cache_is_rebuilt_on_resume(tmp_path):
     a, b = _weights(full), _weights(tmp_path / "part")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _digest_from_scratch(model, k):
+    """A cache's weights digest the plain way: the embedding's and blocks 0..k's parameters, hashed now."""
+    state = hashlib.sha256()
+    for module in [model.embed, *model.blocks[:k + 1]]:
+        for name, p in module.named_parameters():
+            state.update(name.encode())
+            state.update(p.detach().float().numpy().tobytes())
+    return state.hexdigest()[:16]
+
+
+def test_cache_digests_are_exact_and_hash_each_module_once(tmp_path, monkeypatch):
+    """Every weights digest a cache is written or opened with equals one computed from scratch at that
+    moment, through a 3-layer run and through a resume that rebuilds the wiped caches; and each process
+    hashes each module once (the kept hash states), where hashing the whole prefix at every call took
+    10 module hashes in the first run."""
+    hashed, checked = [], []
+    hash_module, weights_digest = T._hash_module, T.Trainer._weights_digest
+
+    def counting_hash(state, module):
+        hashed.append(module)
+        return hash_module(state, module)
+
+    def checked_digest(self, k):
+        digest = weights_digest(self, k)
+        assert digest == _digest_from_scratch(self.model, k), k
+        checked.append(k)
+        return digest
+
+    monkeypatch.setattr(T, "_hash_module", counting_hash)
+    monkeypatch.setattr(T.Trainer, "_weights_digest", checked_digest)
+    three = ["--set", "model.n_layers=3"]
+    _run(tmp_path, *three, "--stop_after", "14", name="part")  # inside stage 2
+    assert checked == [0, 0, 1, 1]  # block 0's cache written, opened; block 1's written, opened
+    assert len(hashed) == len({id(m) for m in hashed}) == 3  # the embedding, block 0, block 1
+    shutil.rmtree(tmp_path / "part" / "cache")
+    hashed.clear()
+    _run(tmp_path, *three, "--resume", name="part")
+    assert len(hashed) == len({id(m) for m in hashed}) == 3
+
+
+def test_training_a_module_forgets_its_kept_digest(tmp_path):
+    """Stage 0 trains the embedding and block 0 with AdamW: the digest taken before it must not be
+    reused after it."""
+    args = T.parse_args(TINY + ["--set", f"train.out_dir={tmp_path / 'run'}"])
+    trainer = T.Trainer(T.load_config(args.config, args.overrides), args, T.Dist("cpu"))
+    before = trainer._weights_digest(1)
+    assert before == _digest_from_scratch(trainer.model, 1)
+    trainer.train_phase(0, 0)
+    after = trainer._weights_digest(1)
+    assert after == _digest_from_scratch(trainer.model, 1) != before
 
 
 def test_bf16_trains_fp32_master_weights(tmp_path):
