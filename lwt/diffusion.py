@@ -253,10 +253,14 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
             where = masked.nonzero(as_tuple=True)  # found once (one host sync), row-major: sequence by sequence
             rows = model(x)[where].float()  # (N · remaining, D)
             logits = (rows @ head_t).double()  # (N · remaining, V)
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError(f"model: expected finite logits, got NaN or inf at step {step} (diverged weights?)")
             if temperature == 0:
                 logp = torch.log_softmax(logits, dim=-1)
                 conf, draw = logp.max(dim=-1)
             else:
+                # shifted by the row max first: a tiny temperature then sends the rest to -inf, never to NaN
+                logits -= logits.amax(dim=-1, keepdim=True)
                 logp = torch.log_softmax(logits / temperature, dim=-1)
                 cdf = logp.exp().cumsum_(dim=-1)  # (N · remaining, V)
                 u = _rand(cdf.shape[:1], generator, device, torch.float64)  # (N · remaining,)

@@ -618,13 +618,13 @@ class Trainer:
             self.write_cache(k)
             env.barrier()
             self.history[-1]["cache_s"] = time.perf_counter() - t0
+        layerwise_last = max(i for i, (n, _, _) in enumerate(self.phases) if n != "end-to-end")
+        if index == layerwise_last or name == "end-to-end":  # before the checkpoint that moves past this phase
+            self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")
         self.position = (index + 1, 0)
         self.save(None)
         if name == "stage" and c.train.cache and k > 0:
             self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
-        layerwise_last = max(i for i, (n, _, _) in enumerate(self.phases) if n != "end-to-end")
-        if index == layerwise_last or name == "end-to-end":
-            self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")
 
     def stop_requested(self) -> bool:
         return self.args.stop_after is not None and self.steps_run >= self.args.stop_after

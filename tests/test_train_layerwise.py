@@ -54,9 +54,11 @@ def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
     assert code == 0
     # A checkpoint after each phase, and one before block 0's cache is written (6 steps per stage); no
     # phase writes two checkpoints of the same weights back to back.
+    # final.pt and end_to_end.pt come before the checkpoint that moves past their phase: a crash between
+    # the two resumes into a phase end that writes them again.
     assert saves == [("checkpoint.pt", 0, 6), ("checkpoint.pt", 1, 0), ("checkpoint.pt", 2, 0),
-                     ("checkpoint.pt", 3, 0), ("final.pt", None, None), ("checkpoint.pt", 4, 0),
-                     ("end_to_end.pt", None, None)]
+                     ("final.pt", None, None), ("checkpoint.pt", 3, 0), ("end_to_end.pt", None, None),
+                     ("checkpoint.pt", 4, 0)]
     text = capsys.readouterr().out
     for label in ("stage 0", "stage 1", "fused", "joint", "end-to-end"):
         assert f"{label:>11} " in text, label
@@ -211,16 +213,33 @@ def test_cache_digests_are_exact_and_hash_each_module_once(tmp_path, monkeypatch
     assert len(hashed) == len({id(m) for m in hashed}) == 3
 
 
-def test_training_a_module_forgets_its_kept_digest(tmp_path):
-    """Stage 0 trains the embedding and block 0 with AdamW: the digest taken before it must not be
-    reused after it."""
-    args = T.parse_args(TINY + ["--set", f"train.out_dir={tmp_path / 'run'}"])
-    trainer = T.Trainer(T.load_config(args.config, args.overrides), args, T.Dist("cpu"))
-    before = trainer._weights_digest(1)
-    assert before == _digest_from_scratch(trainer.model, 1)
+def _trainer(out, *extra):
+    args = T.parse_args(TINY + ["--set", f"train.out_dir={out}", *extra])
+    return T.Trainer(T.load_config(args.config, args.overrides), args, T.Dist("cpu"))
+
+
+def test_training_or_loading_weights_forgets_the_kept_digests(tmp_path):
+    """A digest kept from before stage 0 (the embedding and block 0 train), before stage 1 (block 1
+    trains; the kept embedding's and block 0's stay right) or before a resume (every weight is loaded)
+    must not be reused after it: each digest is checked against one from scratch."""
+
+    def digest(trainer):
+        value = trainer._weights_digest(1)
+        assert value == _digest_from_scratch(trainer.model, 1)
+        return value
+
+    trainer = _trainer(tmp_path / "run")
+    before = digest(trainer)
     trainer.train_phase(0, 0)
-    after = trainer._weights_digest(1)
-    assert after == _digest_from_scratch(trainer.model, 1) != before
+    trainer.finish_phase(0)  # block 0's cache (which stage 1 reads) and a checkpoint
+    after_stage0 = digest(trainer)
+    trainer.train_phase(1, 0)
+    after_stage1 = digest(trainer)
+    resumed = _trainer(tmp_path / "run")
+    assert digest(resumed) == before  # the same initial weights
+    resumed.resume()  # the checkpoint written after stage 0
+    assert digest(resumed) == after_stage0
+    assert len({before, after_stage0, after_stage1}) == 3
 
 
 def test_bf16_trains_fp32_master_weights(tmp_path):
