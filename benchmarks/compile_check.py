@@ -104,14 +104,17 @@ def _mla_jobs(quick):
     kernels = [("mla fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("mla dK/dV", M._mla_bwd_dkdv_kernel,
                A._DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
     # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr, the widest heads taken
-    variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192), ("bf16", 256, 128, 256)]
+    variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192), ("bf16", 256, 128, 256),
+                ("fp32", 256, 128, 256)]
     for label, kernel, table in kernels:
         for dtype, dn, dr, dv in (variants[:1] if quick else variants):
             meta = A.head_meta(dn, dr, dv, None, False)
-            configs = table[A._table_key(meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"])]
+            configs = table["fp32" if dtype == "fp32" else A._table_key(meta["HEAD_DIM"] + meta["ROPE_DIM"],
+                                                                         meta["V_DIM"])]
+            precision = "ieee" if dtype == "fp32" else "tf32"
             for causal in (False, True):
                 for bm, bn, warps, stages in (configs[:1] if quick else configs):
-                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn}
+                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn}
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
                            {"LSE", "Delta", "DKR_partial"})
 

@@ -156,7 +156,8 @@ _DQ_CONFIGS = {
     64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)],
     256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
-    "fp32": [(64, 32, 8, 2), (32, 32, 4, 2)],
+    # (32, 16, 4, 2): the only one that fits the widest MLA heads in fp32 (q·k 384 + v 256 wide)
+    "fp32": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
 }
 # The interpreter runs one small config that still has BLOCK_M != BLOCK_N, so the diagonal tiles span
 # several inner tiles there too.

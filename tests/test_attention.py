@@ -297,21 +297,25 @@ def test_offsets_past_int32_within_a_batch_entry_are_refused():
 
 
 @pytest.mark.parametrize("precision", ["tf32", "ieee"], ids=["16-bit", "fp32"])
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
-def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, precision):
+@pytest.mark.parametrize("head_dim,rope_dim,v_dim", [
+    (16, 0, 16), (32, 0, 32), (64, 0, 64), (128, 0, 128), (256, 0, 256),
+    (128, 64, 128), (64, 32, 64), (128, 64, 256), (256, 128, 256),  # MLA (padded): DeepSeek-V2's, ..., the widest
+], ids=lambda d: str(d))
+def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim, precision):
     """The GPU autotune lists: every listed config has the block alignment its mask split relies on
-    (otherwise only a tl.static_assert at compile time would say so), and pruning per head dim and
-    dtype keeps some of the listed configs (it raises if none fits)."""
+    (otherwise only a tl.static_assert at compile time would say so), and pruning per head dims and
+    dtype keeps some of the listed configs (it raises if none fits), up to MLA's widest heads (q·k
+    256 + 128, v 256), where the fp32 dQ list once kept none."""
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for name, table, prune, aligned in [
         ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
         ("dkdv", attn._DKDV_CONFIGS, attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
-        listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim, head_dim)]
+        listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim + rope_dim, v_dim)]
         for bm, bn, warps, stages in listed:
             assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
-        meta = {"HEAD_DIM": head_dim, "ROPE_DIM": 0, "V_DIM": head_dim, "INPUT_PRECISION": precision}
+        meta = {"HEAD_DIM": head_dim, "ROPE_DIM": rope_dim, "V_DIM": v_dim, "INPUT_PRECISION": precision}
         kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 for c in prune(attn._configs(table, None), meta)]
         assert kept and set(kept) <= set(listed), (name, kept)
