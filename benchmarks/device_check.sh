@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session, run from the repository root. Each call fits the device tool's 10-minute
-# limit: every step runs under `timeout`, within BUDGET seconds for the whole call (default 540).
+# limit: every step runs under `timeout`, within BUDGET seconds for the whole call (default 540). Give
+# the call ~60 s more than BUDGET (timeout_s 600 for 540): the last step may overrun by its 10 s kill
+# grace, and the results are packed after it.
 #   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy,
 #                                           # bench_rmsnorm (TUNE=1: its launch-constant sweep first), bench_block
 #   bash benchmarks/device_check.sh test [pytest -k expr]   # the test suite on the GPU (xdist, 8 workers)
@@ -20,6 +22,7 @@ set -uo pipefail
 OUT=${OUT:-device-out}; WORK=${WORK:-/tmp/lwt-device}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
 case $what in bench|test|all|train) ;; *) echo "usage: $0 bench|test|all|train [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
@@ -31,6 +34,10 @@ echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
 pack() {
   { grep -h "goal\|^block \|for information" /dev/null "$WORK"/bench_*.log | grep -v "^ "
     for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
+    if [ -f "$WORK/tests.txt" ]; then  # written as each test lands: complete even when pytest was cut
+      echo "--- tests so far: $(grep -v '^ ' "$WORK/tests.txt" | cut -d' ' -f1 | sort | uniq -c | xargs)"
+      grep -E "^(FAILED|ERROR) " "$WORK/tests.txt"
+    fi
   } > "$OUT/summary.txt"
   tar czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='cache' --exclude='*.tmp' . 2>/dev/null
   cp "$WORK/steps.txt" "$OUT/steps.txt"
@@ -56,7 +63,7 @@ step() {
 }
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 \
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 \
   | tee "$WORK/gpu.txt"
 if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "note: no git checkout and LWT_GIT_SHA unset: the results' commit column says 'unknown'"
@@ -66,14 +73,21 @@ run_tests() {
   # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup (xdist
   # 2.5+) keeps the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
   local opts=(-q -p no:warnings)
-  if python -c "import xdist" 2>/dev/null; then
+  if "$PY" -c "import xdist" 2>/dev/null; then
     opts+=(-n 8)
-    python -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
+    "$PY" -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
   else
     opts+=(-o addopts=-ra)  # pytest.ini's -n 2 needs xdist
   fi
-  python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 300)
-  step pytest 600 python -m pytest "${opts[@]}" ${1:+-k "$1"}
+  "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 300)
+  # The kernels' own tests first (xdist hands tests out roughly in order): a run cut by its limit has
+  # covered them. Each outcome lands in WORK/tests.txt at once, a failure with its traceback.
+  local first=(tests/test_rmsnorm.py tests/test_attention.py tests/test_mla.py tests/test_swiglu.py
+               tests/test_cross_entropy.py tests/test_layers.py tests/test_model.py tests/test_compile.py)
+  local files=("${first[@]}") f
+  for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
+  rm -f "$WORK/tests.txt"
+  LWT_TEST_LOG="$WORK/tests.txt" step pytest 600 "$PY" -m pytest "${opts[@]}" ${1:+-k "$1"} "${files[@]}"
   tail -n 12 "$WORK/pytest.log"
 }
 
@@ -85,10 +99,10 @@ if [ "$what" = train ]; then
   # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
   # No checkpoint in between (ckpt_every 0); the out_dirs stay in WORK (checkpoints are GBs at 4k width).
   rm -rf "$WORK/run-default" "$WORK/run-4k"
-  step train_default 300 python -m lwt.train_layerwise --config config.yaml --end_to_end \
+  step train_default 300 "$PY" -m lwt.train_layerwise --config config.yaml --end_to_end \
     --set train.out_dir="$WORK/run-default" --set train.max_steps=40 --set train.joint_steps=20 \
     --set train.warmup_steps=5 --set train.ckpt_every=0
-  step train_4k 300 python -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
+  step train_4k 300 "$PY" -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
     --set model.n_layers=2 --set train.out_dir="$WORK/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
     --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 \
     --set data.val_fraction=0.1 --set train.ckpt_every=0
@@ -102,22 +116,22 @@ bench() { local name=$1 cap=$2; shift 2; step "$name" $((cap * scale / 100)) "$@
 shopt -s nullglob
 wheels=(.whl/liger_kernel-*.whl)
 shopt -u nullglob
-if [ ${#wheels[@]} -gt 0 ] && ! python -c "import liger_kernel" 2>/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lwt-site "${wheels[@]}" \
+if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c "import liger_kernel" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lwt-site "${wheels[@]}" \
     && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
-plot=(); python -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
-bench bench_attention 200 python benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
-bench bench_swiglu 120 python benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$WORK"
-bench bench_cross_entropy 120 python benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$WORK"
+plot=(); "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
+bench bench_attention 200 "$PY" benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
+bench bench_swiglu 120 "$PY" benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$WORK"
+bench bench_cross_entropy 120 "$PY" benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$WORK"
 if [ "${TUNE:-0}" = 1 ]; then
-  bench bench_rmsnorm 150 python benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$WORK"
+  bench bench_rmsnorm 150 "$PY" benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$WORK"
 else
-  bench bench_rmsnorm 90 python benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$WORK"
+  bench bench_rmsnorm 90 "$PY" benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$WORK"
 fi
 # Last among the benches: its two Inductor compilations take the longest.
-bench bench_block 150 python benchmarks/bench_block.py "${quick[@]}" --results-dir "$WORK"
+bench bench_block 150 "$PY" benchmarks/bench_block.py "${quick[@]}" --results-dir "$WORK"
 [ "$what" = all ] && run_tests "${2:-}"
 cat "$WORK/steps.txt" "$OUT/summary.txt"
 exit $failed

@@ -19,6 +19,29 @@ def pytest_configure(config):
                                        "(with --dist loadgroup); the GPU-memory-heavy tests are group 'heavy'")
 
 
+def pytest_sessionstart(session):
+    # xdist workers report to the controller, which logs their outcomes: only it (or a run without
+    # workers) writes LWT_TEST_LOG
+    global _TEST_LOG
+    _TEST_LOG = None if hasattr(session.config, "workerinput") else os.environ.get("LWT_TEST_LOG")
+
+
+_TEST_LOG = None
+
+
+def pytest_runtest_logreport(report):
+    """With LWT_TEST_LOG=<file>, each test's outcome is appended to it as soon as it lands, a failure with
+    its traceback (benchmarks/device_check.sh sets it: a run cut off by its time limit keeps what it found,
+    where pytest's own summary comes only at the end)."""
+    if _TEST_LOG is None or (report.when != "call" and not report.failed and not report.skipped):
+        return
+    outcome = "ERROR" if report.failed and report.when != "call" else report.outcome.upper()
+    with open(_TEST_LOG, "a") as f:
+        f.write(f"{outcome} {report.nodeid} ({report.duration:.1f} s)\n")
+        if report.failed:
+            f.write("".join(f"    {line}\n" for line in report.longreprtext.splitlines()[-60:]))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -40,3 +40,30 @@ def test_kernels_compile_for_hopper():
     assert out.returncode == 0 and "all compiled" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     fp8 = [line for line in out.stdout.splitlines() if "fp8e4nv weights" in line or "FP8 dx GEMM" in line]
     assert len(fp8) == 5 and all(line.endswith("MMA wgmma.f32.e4m3.e4m3") for line in fp8), "\n".join(fp8)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_test_log_keeps_each_outcome_as_it_lands(tmp_path, workers):
+    """LWT_TEST_LOG (tests/conftest.py, set by benchmarks/device_check.sh): one line per test, a failure
+    or an error with its traceback, written once even under xdist (its workers report to the controller)."""
+    if workers != "0":
+        pytest.importorskip("xdist")
+    (tmp_path / "test_tiny.py").write_text(
+        "import pytest\n"
+        "def test_ok(): pass\n"
+        "def test_bad(): assert 1 == 2, 'boom'\n"
+        "@pytest.mark.skip(reason='not here')\n"
+        "def test_skip(): pass\n"
+        "@pytest.fixture\n"
+        "def broken(): raise RuntimeError('fixture broke')\n"
+        "def test_err(broken): pass\n")
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "LWT_TEST_LOG": str(log), "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                    "-n", workers, "test_tiny.py"], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    lines = log.read_text().splitlines()
+    outcomes = sorted(line.split(" (")[0] for line in lines if not line.startswith(" "))
+    assert outcomes == ["ERROR test_tiny.py::test_err", "FAILED test_tiny.py::test_bad",
+                        "PASSED test_tiny.py::test_ok", "SKIPPED test_tiny.py::test_skip"], lines
+    assert any("AssertionError: boom" in line for line in lines)
+    assert any("RuntimeError: fixture broke" in line for line in lines)
