@@ -38,6 +38,10 @@ def parse_args(description: str, argv=None, extra=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few representative shapes instead of the full grid")
     p.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where <op>.csv is appended to")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing to the results file")
+    p.add_argument("--skip-compiled-baselines", action="store_true",
+                   help="leave out the torch.compile baselines no goal is judged on (rmsnorm, swiglu, "
+                        "cross_entropy: their Inductor compilations take most of a quick run); bench_block "
+                        "keeps its compiled providers, which are what it compares")
     if extra is not None:
         extra(p)
     return p.parse_args(argv)
@@ -173,6 +177,11 @@ class Report:
     results_dir: str | None = None
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    skip_compiled: bool = False  # --skip-compiled-baselines
+
+    def providers(self, table: dict) -> dict:
+        """`table` (provider name -> fn) without the torch.compile baselines when they are skipped."""
+        return {k: v for k, v in table.items() if not (self.skip_compiled and k.startswith("torch.compile"))}
 
     def add(self, case, mode, provider, ms, metric, amount):
         """amount: bytes moved (metric GB/s) or FLOPs (TFLOP/s) by the bench's explicit formula.
@@ -264,7 +273,11 @@ def start(op: str, doc: str, smoke, argv=None, extra=None):
     if not HAS_GPU:
         no_gpu_smoke(f"bench_{op}", smoke)
         return args, None
-    return args, Report(op, "bfloat16", results_dir=None if args.no_save else args.results_dir)
+    report = Report(op, "bfloat16", results_dir=None if args.no_save else args.results_dir,
+                    skip_compiled=args.skip_compiled_baselines)
+    if report.skip_compiled and op in ("rmsnorm", "swiglu", "cross_entropy"):
+        report.note("torch.compile baseline left out (--skip-compiled-baselines)")
+    return args, report
 
 
 def smoke_only(op: str) -> list[str]:

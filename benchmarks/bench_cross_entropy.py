@@ -67,7 +67,7 @@ def run_case(report, N, V, D, memory):
     w = (torch.randn(V, D, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 2 * D ** -0.5).requires_grad_()
     t = torch.randint(0, V, (N,), device=DEVICE, generator=gen)
     case = f"{N}x{V}x{D}"
-    for name, fn in providers().items():
+    for name, fn in report.providers(providers()).items():
         def step(fn=fn):
             return torch.autograd.grad(fn(h, w, t), (h, w))
         H.time_and_memory(report, case, name, step, 6 * N * V * D, memory, transient=True)

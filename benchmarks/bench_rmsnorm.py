@@ -90,7 +90,7 @@ def run_case(report, M, N, residual, dtype):
     fwd_bytes = (4 if residual else 2) * M * N * e
     bwd_bytes = (4 if residual else 3) * M * N * e
     case = f"{M}x{N}" + ("+res" if residual else "")
-    provs = providers(residual)
+    provs = report.providers(providers(residual))
     if not residual:
         report.add(case, "fwd", "copy (ceiling)", H.attempt(report, f"{case} copy", lambda: H.copy_ms(x)), "GB/s",
                    2 * M * N * e)

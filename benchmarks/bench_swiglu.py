@@ -62,7 +62,7 @@ def run_case(report, T, D, F, memory):
     wd = torch.randn(D, F, device=DEVICE, dtype=torch.bfloat16, generator=gen) * F ** -0.5
     dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     case = f"{T}x{D}x{F}"
-    provs = providers((quantize_rows_fp8(wg), quantize_rows_fp8(wu)))
+    provs = report.providers(providers((quantize_rows_fp8(wg), quantize_rows_fp8(wu))))
     for name, fn in provs.items():
         ms = H.attempt(report, f"{case} fwd {name}", lambda fn=fn: H.bench_ms(lambda: fn(x, wg, wu, wd)))
         report.add(case, "fwd", name, ms, "TFLOP/s", 6 * T * D * F)

@@ -6,7 +6,8 @@
 #   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy,
 #                                           # bench_rmsnorm (TUNE=1: its launch-constant sweep first), bench_block
 #   bash benchmarks/device_check.sh test [pytest -k expr]   # the test suite on the GPU (xdist, 8 workers)
-#   bash benchmarks/device_check.sh all     # bench, then the tests with the time left
+#   bash benchmarks/device_check.sh all     # bench (no torch.compile baselines but bench_block's), then
+#                                           # the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
 # Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
@@ -110,8 +111,10 @@ if [ "$what" = train ]; then
   exit $failed
 fi
 
-# bench, and all: there each bench gets 60% of its own limit, and the tests the time left after them
-scale=100; [ "$what" = all ] && scale=60
+# bench, and all: there each bench gets 60% of its own limit, and the tests the time left after them;
+# the torch.compile baselines that no goal is judged on are left out (their Inductor compilations are
+# most of a quick run; ../shared/anchors-h200.md has their numbers)
+scale=100; lean=(); [ "$what" = all ] && { scale=60; lean=(--skip-compiled-baselines); }
 bench() { local name=$1 cap=$2; shift 2; step "$name" $((cap * scale / 100)) "$@"; }
 shopt -s nullglob
 wheels=(.whl/liger_kernel-*.whl)
@@ -123,12 +126,12 @@ fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
 bench bench_attention 200 "$PY" benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
-bench bench_swiglu 120 "$PY" benchmarks/bench_swiglu.py "${quick[@]}" --results-dir "$WORK"
-bench bench_cross_entropy 120 "$PY" benchmarks/bench_cross_entropy.py "${quick[@]}" --results-dir "$WORK"
+bench bench_swiglu 120 "$PY" benchmarks/bench_swiglu.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
+bench bench_cross_entropy 120 "$PY" benchmarks/bench_cross_entropy.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 if [ "${TUNE:-0}" = 1 ]; then
   bench bench_rmsnorm 150 "$PY" benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$WORK"
 else
-  bench bench_rmsnorm 90 "$PY" benchmarks/bench_rmsnorm.py "${quick[@]}" --results-dir "$WORK"
+  bench bench_rmsnorm 90 "$PY" benchmarks/bench_rmsnorm.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 fi
 # Last among the benches: its two Inductor compilations take the longest.
 bench bench_block 150 "$PY" benchmarks/bench_block.py "${quick[@]}" --results-dir "$WORK"

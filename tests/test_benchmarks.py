@@ -88,6 +88,25 @@ def test_bench_gpu_path_runs_end_to_end(bench, dry_run, monkeypatch, tmp_path, c
     assert f"appended {len(rows)} rows to" in out
 
 
+@pytest.mark.parametrize("bench", ["bench_cross_entropy", "bench_rmsnorm", "bench_swiglu"])
+def test_skipping_the_compiled_baselines_keeps_every_goal(bench, dry_run, monkeypatch, tmp_path, capsys):
+    """--skip-compiled-baselines (device_check.sh all): no torch.compile row, and the same goal lines,
+    none of them for want of a provider."""
+    module = importlib.import_module(bench)
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    for name, value in TINY[bench].items():
+        monkeypatch.setattr(module, name, value)
+    summary = module.main(["--quick", "--skip-compiled-baselines", "--results-dir", str(tmp_path)])
+    assert "torch.compile baseline left out (--skip-compiled-baselines)" in capsys.readouterr().out
+    with open(tmp_path / f"{bench.removeprefix('bench_')}.csv") as f:
+        measured = {r["provider"] for r in csv.DictReader(f)}
+    providers, n_lines = EXPECTED[bench]
+    assert measured >= providers - {"torch.compile(eager)"} and not any("compile" in p for p in measured)
+    goals = [line for line in summary if "goal" in line]
+    assert len(summary) == n_lines and goals and not any("not measured" in line and "Liger" not in line
+                                                         for line in goals), summary
+
+
 def test_a_failing_provider_costs_only_its_own_numbers(dry_run, monkeypatch, tmp_path, capsys):
     """A provider that raises (no kernel for the case, out of memory, a compile error) is noted and the
     rest of the bench still runs, every measured row already in the results file."""
