@@ -33,7 +33,7 @@ echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
 
 # What comes back: the goal lines of the bench logs and the trainer's tables, WORK packed, steps.txt.
 pack() {
-  { grep -h "goal\|^block \|for information" /dev/null "$WORK"/bench_*.log | grep -v "^ "
+  { grep -h "goal\|^block \|for information" /dev/null "$WORK"/bench_*.log | grep -v "^ " | awk '!seen[$0]++'
     for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
     if [ -f "$WORK/tests.txt" ]; then  # written as each test lands: complete even when pytest was cut
       echo "--- tests so far: $(grep -v '^ ' "$WORK/tests.txt" | cut -d' ' -f1 | sort | uniq -c | xargs)"

@@ -86,6 +86,8 @@ def test_bench_gpu_path_runs_end_to_end(bench, dry_run, monkeypatch, tmp_path, c
     failed = [label for label in labels if "lwt" in label or "fp8" in label]
     assert not failed, "\n".join(failed)
     assert f"appended {len(rows)} rows to" in out
+    if bench == "bench_attention":  # each goal line also printed as soon as its case was measured
+        assert all(out.count(line + "\n") == 2 for line in summary), out
 
 
 @pytest.mark.parametrize("bench", ["bench_cross_entropy", "bench_rmsnorm", "bench_swiglu"])
