@@ -73,7 +73,7 @@ fi
 run_tests() {
   # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup (xdist
   # 2.5+) keeps the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
-  local opts=(-q -p no:warnings)
+  local opts=(-q -p no:warnings --continue-on-collection-errors)  # one broken file must not stop the rest
   if "$PY" -c "import xdist" 2>/dev/null; then
     opts+=(-n 8)
     "$PY" -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
@@ -129,7 +129,7 @@ bench bench_attention 200 "$PY" benchmarks/bench_attention.py "${quick[@]}" "${p
 bench bench_swiglu 120 "$PY" benchmarks/bench_swiglu.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 bench bench_cross_entropy 120 "$PY" benchmarks/bench_cross_entropy.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 if [ "${TUNE:-0}" = 1 ]; then
-  bench bench_rmsnorm 150 "$PY" benchmarks/tune_rmsnorm.py --apply "${quick[@]}" --results-dir "$WORK"
+  bench bench_rmsnorm 150 "$PY" benchmarks/tune_rmsnorm.py --apply "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 else
   bench bench_rmsnorm 90 "$PY" benchmarks/bench_rmsnorm.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 fi

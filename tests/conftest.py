@@ -29,17 +29,32 @@ def pytest_sessionstart(session):
 _TEST_LOG = None
 
 
+def _log_outcome(outcome: str, report) -> None:
+    with open(_TEST_LOG, "a") as f:
+        f.write(f"{outcome} {report.nodeid} ({getattr(report, 'duration', 0.0):.1f} s)\n")
+        if report.failed:
+            f.write("".join(f"    {line}\n" for line in report.longreprtext.splitlines()[-60:]))
+
+
 def pytest_runtest_logreport(report):
     """With LWT_TEST_LOG=<file>, each test's outcome is appended to it as soon as it lands, a failure with
     its traceback (benchmarks/device_check.sh sets it: a run cut off by its time limit keeps what it found,
     where pytest's own summary comes only at the end)."""
     if _TEST_LOG is None or (report.when != "call" and not report.failed and not report.skipped):
         return
-    outcome = "ERROR" if report.failed and report.when != "call" else report.outcome.upper()
-    with open(_TEST_LOG, "a") as f:
-        f.write(f"{outcome} {report.nodeid} ({report.duration:.1f} s)\n")
-        if report.failed:
-            f.write("".join(f"    {line}\n" for line in report.longreprtext.splitlines()[-60:]))
+    if report.failed and report.when != "call":
+        outcome = "ERROR"
+    elif hasattr(report, "wasxfail"):
+        outcome = "XFAIL" if report.skipped else "XPASS"
+    else:
+        outcome = report.outcome.upper()
+    _log_outcome(outcome, report)
+
+
+def pytest_collectreport(report):
+    """A test file that fails to import: an ERROR in LWT_TEST_LOG too (xdist hands these to the controller)."""
+    if _TEST_LOG is not None and report.failed:
+        _log_outcome("ERROR", report)
 
 
 def pytest_collection_modifyitems(config, items):

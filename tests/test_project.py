@@ -42,11 +42,13 @@ def test_kernels_compile_for_hopper():
     assert len(fp8) == 5 and all(line.endswith("MMA wgmma.f32.e4m3.e4m3") for line in fp8), "\n".join(fp8)
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("workers", [None, "2"], ids=["one-process", "xdist"])
 def test_test_log_keeps_each_outcome_as_it_lands(tmp_path, workers):
     """LWT_TEST_LOG (tests/conftest.py, set by benchmarks/device_check.sh): one line per test, a failure
-    or an error with its traceback, written once even under xdist (its workers report to the controller)."""
-    if workers != "0":
+    or an error with its traceback (a test file that fails to import too, the run going on past it as
+    device_check.sh asks), written once even under xdist (its workers report to the controller). The inner run has a config file of its own: nothing from the
+    folders above tmp_path applies."""
+    if workers is not None:
         pytest.importorskip("xdist")
     (tmp_path / "test_tiny.py").write_text(
         "import pytest\n"
@@ -56,14 +58,23 @@ def test_test_log_keeps_each_outcome_as_it_lands(tmp_path, workers):
         "def test_skip(): pass\n"
         "@pytest.fixture\n"
         "def broken(): raise RuntimeError('fixture broke')\n"
-        "def test_err(broken): pass\n")
+        "def test_err(broken): pass\n"
+        "@pytest.mark.xfail(reason='known')\n"
+        "def test_known(): assert False\n")
+    (tmp_path / "test_broken.py").write_text("import a_module_that_is_not_there\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
     log = tmp_path / "log.txt"
     env = {**os.environ, "LWT_TEST_LOG": str(log), "PYTHONPATH": REPO}
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
-                    "-n", workers, "test_tiny.py"], cwd=tmp_path, env=env, capture_output=True, timeout=300)
-    lines = log.read_text().splitlines()
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", "pytest.ini", "--rootdir", ".", "-p",
+                          "tests.conftest", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+                          *(["-n", workers] if workers else []),
+                          "test_tiny.py", "test_broken.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = log.read_text().splitlines() if log.exists() else []
     outcomes = sorted(line.split(" (")[0] for line in lines if not line.startswith(" "))
-    assert outcomes == ["ERROR test_tiny.py::test_err", "FAILED test_tiny.py::test_bad",
-                        "PASSED test_tiny.py::test_ok", "SKIPPED test_tiny.py::test_skip"], lines
-    assert any("AssertionError: boom" in line for line in lines)
-    assert any("RuntimeError: fixture broke" in line for line in lines)
+    assert outcomes == ["ERROR test_broken.py", "ERROR test_tiny.py::test_err", "FAILED test_tiny.py::test_bad",
+                        "PASSED test_tiny.py::test_ok", "SKIPPED test_tiny.py::test_skip",
+                        "XFAIL test_tiny.py::test_known"], "\n".join(lines) + out.stdout[-2000:] + out.stderr[-2000:]
+    text = "\n".join(lines)
+    assert "AssertionError: boom" in text and "RuntimeError: fixture broke" in text
+    assert "a_module_that_is_not_there" in text
