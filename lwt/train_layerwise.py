@@ -244,8 +244,8 @@ class Trainer:
         self.opt_state = None
         self.master = None        # fp32 master copies of the trained parameters (16-bit models)
         self._input_cache = (None, None)  # (k, block k's cache) as the current stage opened it
-        self._digests = []  # [(weakref to module i, sha256 state after it)]: see _weights_digest
         self.master_state = None  # ... as loaded from a checkpoint, until the phase resumes
+        self._digests = []  # [(weakref to module i, sha256 state after it)]: see _weights_digest
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
         self.steps_run = 0      # optimizer steps in this invocation (for --stop_after)

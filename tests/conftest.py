@@ -19,14 +19,14 @@ def pytest_configure(config):
                                        "(with --dist loadgroup); the GPU-memory-heavy tests are group 'heavy'")
 
 
+_TEST_LOG = None  # the file LWT_TEST_LOG names, in the process that writes it
+
+
 def pytest_sessionstart(session):
     # xdist workers report to the controller, which logs their outcomes: only it (or a run without
     # workers) writes LWT_TEST_LOG
     global _TEST_LOG
     _TEST_LOG = None if hasattr(session.config, "workerinput") else os.environ.get("LWT_TEST_LOG")
-
-
-_TEST_LOG = None
 
 
 def _log_outcome(outcome: str, report) -> None:
