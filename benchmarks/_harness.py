@@ -105,11 +105,13 @@ def _recover() -> None:
 def attempt(report, label: str, thunk):
     """thunk() (a provider's timing or memory), or None when it raises, with the note "label: not
     measured (...)": one failing provider (no kernel for the case, out of memory, a compile error) costs
-    its own numbers only, never the rest of the run. report.add takes None as "no row"."""
+    its own numbers only, never the rest of the run. report.add takes None as "no row". report None:
+    the note is only printed."""
     try:
         return thunk()
     except Exception as e:
-        report.note(f"{label}: not measured ({first_line(e)})")
+        line = f"{label}: not measured ({first_line(e)})"
+        report.note(line) if report is not None else print(f"  {line}", flush=True)
     _recover()  # outside the except block: its traceback, and the tensors its frames hold, are gone
     return None
 

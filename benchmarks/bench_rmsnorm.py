@@ -105,7 +105,8 @@ def run_case(report, M, N, residual, dtype):
         report.add(case, "fwd+bwd", name, ms, "GB/s", fwd_bytes + bwd_bytes)
     # The same step replayed from a CUDA graph: GPU time only. Eager timing above includes the host's
     # Python and launch cost, which exceeds the GPU time of these shapes for Python-launched kernels
-    # (lwt, Liger, torch.compile) on slow host CPUs. torch.compile last: a failed capture ends the loop.
+    # (lwt, Liger, torch.compile) on slow host CPUs. torch.compile last: a capture it fails is noted
+    # (attempt) after every other provider has its number.
     graph_providers = {k: v for k, v in provs.items() if k != "eager reference"}
     for name in sorted(graph_providers, key=lambda k: k.startswith("torch.compile")):
         step = _step(graph_providers[name], x, w, r, cotangents, True)

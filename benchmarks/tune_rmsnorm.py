@@ -32,16 +32,6 @@ def _reset_autotune():
         tuned.best.clear()
 
 
-def _graph_ms(fn):
-    """H.bench_graph_ms, or None (printed) when fn cannot be measured that way."""
-    try:
-        return H.bench_graph_ms(fn)
-    except Exception as e:
-        print(f"  (not measured: {H.first_line(e)})")
-    torch.cuda.synchronize()
-    return None
-
-
 def _fwd_bwd(fn, inputs, cotangents):
     def step():
         outs = fn(*inputs)
@@ -82,7 +72,7 @@ def sweep(M, N, residual, settings):
     else:
         ref = lambda a, b: F.rms_norm(a, (N,), b, EPS)  # noqa: E731
         lwt = lambda a, b: K.rms_norm(a, b, EPS)  # noqa: E731
-    torch_ms = _graph_ms(_fwd_bwd(ref, inputs, cots))
+    torch_ms = H.attempt(None, "torch graph timing", lambda: H.bench_graph_ms(_fwd_bwd(ref, inputs, cots)))
     print(f"\n{M}x{N}{' +res' if residual else ''}: copy {H.copy_ms(x.detach()):.4f} ms, "
           f"torch fwd+bwd {torch_ms} ms (graph)")
     # The launch path must give the reference's answer on this GPU before its speed means anything.
@@ -95,7 +85,7 @@ def sweep(M, N, residual, settings):
         for k, v in zip(KNOBS, setting):
             setattr(K, k, v)
         _reset_autotune()
-        ms = _graph_ms(_fwd_bwd(lwt, inputs, cots)) or float("inf")
+        ms = H.attempt(None, "lwt graph timing", lambda: H.bench_graph_ms(_fwd_bwd(lwt, inputs, cots))) or float("inf")
         results[setting] = ms
         ratio = f"{torch_ms / ms:.2f}x torch" if torch_ms else "torch not measured"
         print(f"  {dict(zip(KNOBS, setting))}: {ms:.4f} ms = {ratio}  "
