@@ -382,7 +382,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                  accum_dtype, need_dh, need_dw)
         elif (need_dh or need_dw) and torch.compiler.is_compiling():
             # Traced (torch.compile): new tensors, as a traced backward may not write its saved tensors. g is
-            # one element here (mean/sum); an empty (not needed) gradient stays empty.
+            # one element here (mean/sum); an empty (not needed) gradient stays empty. Inductor still scales
+            # in place: AOTAutograd donates the saved dh and dw to the backward graph, whose buffers Inductor
+            # reuses (tests/test_library_ops.py checks that the returned gradients are the forward's).
             dh, dw = ((t.float() * g).to(t.dtype) for t in (dh, dw))
         elif need_dh or need_dw:
             ctx.scaled = True
