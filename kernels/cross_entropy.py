@@ -13,7 +13,7 @@ Schedule. Rows whose target is ignore_index are dropped first (they cost no matm
 walked in chunks of C rows so that only a (C × V) slice of logits ever exists (LOGITS_CHUNK_BYTES):
 
     Z_c = H_c Wᵀ                         cuBLAS, in the inputs' dtype
-    _ce_rows_kernel: lse_c, ℓ_c (fp32, online log-sum-exp), then Z_c ← dZ_c in place
+    _ce_rows_kernel: lse_c (base 2), ℓ_c (fp32, online log-sum-exp), then Z_c ← dZ_c in place
     dH_c = dZ_c W                        cuBLAS
     dW  += dZ_cᵀ H_c                     fp32 accumulator: _ce_dw_accumulate_kernel; else cuBLAS addmm
 
@@ -46,6 +46,7 @@ from ._common import (absent, as_rows, cdiv, check_kernel_device, empty, grouped
                       next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Bytes of one chunk of logits (C × V in the inputs' dtype): the op's working memory beside the gradient
 # buffers. 192 MiB is 768 rows of a 128000-word vocabulary in bf16. Tests shrink it to get many chunks.
@@ -57,9 +58,13 @@ _ROW_ALIGN = 16
 @triton.jit
 def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
                     COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: lse and ℓ = lse − z_t from one
-    online pass over the row (otherwise lse is read from Lse). WRITE_GRAD: a second pass overwrites the
-    row with c · (softmax − onehot(t)), c = RowScale[row]."""
+    """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: Lse[row] = log2 Σ_v 2^(z_v·log2 e)
+    (the log-sum-exp in base-2 units: lse · log2 e) and ℓ = lse − z_t from one online pass over the row
+    (otherwise Lse[row] is read). WRITE_GRAD: a second pass overwrites the row with c · (softmax −
+    onehot(t)), c = RowScale[row]. The backward's exponents z·log2 e − Lse use the forward's base-2 value
+    as it is, with no round trip through natural-log units: a row whose softmax is exactly one-hot (V = 1)
+    gets p = 2^0 = 1 (up to the contraction of z·log2 e − Lse into one fma), not 1 plus the round trip's
+    rounding."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z_row
     cols = tl.arange(0, BLOCK_V)
@@ -76,14 +81,13 @@ def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
             s_lane = s_lane * tl.exp2(m_lane - m_ref) + tl.exp2(z - m_ref)
             m_lane = m_new
         m = tl.max(m_lane, 0)
-        lse = (m + tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))) / LOG2E
-        tl.store(Lse + row, lse)
-        tl.store(Loss + row, lse - tl.load(z_row + target).to(tl.float32))
+        lse2 = m + tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))
+        tl.store(Lse + row, lse2)
+        tl.store(Loss + row, (lse2 - tl.load(z_row + target).to(tl.float32) * LOG2E) * LN2)
     else:
-        lse = tl.load(Lse + row)
+        lse2 = tl.load(Lse + row)
     if WRITE_GRAD:
         c = tl.load(RowScale + row)
-        lse2 = lse * LOG2E
         for v0 in range(0, V, BLOCK_V):
             offs = v0 + cols
             in_row = offs < V
@@ -209,8 +213,8 @@ def _chunk_rows(n: int, V: int, D: int, itemsize: int) -> int:
 def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32):
     """Walk the kept rows in chunks. h (N, D) and weight (V, D) share a dtype; target (N,) int64 in [0, V).
 
-    row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32: given (from an earlier call)
-    to skip the statistics pass; else computed. Returns (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the
+    row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32, in base-2 units
+    (_ce_rows_kernel): given (from an earlier call) to skip the statistics pass; else computed. Returns (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the
     unweighted ℓ_n (None when lse was given), dh (N, D) in h's dtype, dw (V, D) in weight's dtype."""
     N, D = h.shape
     V = weight.shape[0]
@@ -300,7 +304,7 @@ def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     Returns (loss, dh, dw, dloss_dtw, lse), each empty when not needed: loss, fp32, a scalar or (N,) for
     "none"; dh (N, D) and dw (V, D), the gradients for an upstream gradient of 1, computed now unless they
     are deferred (_deferred); dloss_dtw (N,) fp32, ∂loss/∂token_weight for an upstream gradient of 1; lse
-    (N,) fp32, kept for a deferred backward. Ignored rows get zeros in dh, dloss_dtw and lse."""
+    (N,) fp32 in base-2 units, kept for a deferred backward. Ignored rows get zeros in dh, dloss_dtw and lse."""
     N = hidden.shape[0]
     n_kept, kept = _kept_rows(target, weight.shape[0], ignore_index)
     h, t, tw = _select(kept, hidden, target.long(), None if token_weight is None else token_weight.float())
