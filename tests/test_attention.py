@@ -88,8 +88,8 @@ def _check(shape, dtype, causal, layout="contiguous", seed=0):
     assert_close("o", o, o64, o_ref, reduced_over=S)
     for name, a, e, r, n in zip(["dq", "dk", "dv"], g, g64, g_ref, [S, S * H // Hkv, S * H // Hkv]):
         assert a.dtype == dtype and a.shape == e.shape
-        scale = _cancelling_terms(q, k, v, do, sm_scale).get(name) if S == 1 else None
-        assert_close(name, a, e, r, reduced_over=n, scale=scale)
+        terms = _cancelling_terms(q, k, v, do, sm_scale).get(name) if S == 1 else None
+        assert_close(name, a, e, r, reduced_over=n, scale=terms)
 
     # The saved log-sum-exp, through the launcher (the public op returns o only).
     with torch.no_grad():

@@ -67,8 +67,8 @@ def _check(shape, dtype, causal, layout="contiguous", seed=0):
     assert_close("o", o, o64, o_ref, reduced_over=S)
     for name, a, e, r, n in zip(["dq", "dk_nope", "dk_rope", "dv"], g, g64, g_ref, [S, S, S * H, S]):
         assert a.dtype == dtype and a.shape == e.shape
-        scale = _cancelling_terms(inputs, do, sm_scale).get(name) if S == 1 else None
-        assert_close(name, a, e, r, reduced_over=n, scale=scale)
+        terms = _cancelling_terms(inputs, do, sm_scale).get(name) if S == 1 else None
+        assert_close(name, a, e, r, reduced_over=n, scale=terms)
     with torch.no_grad():
         _, lse = attn.launch_fwd(*(attn._unit_last(t) for t in inputs[:2]), attn._unit_last(inputs[2]),
                                  attn._unit_last(inputs[3]), causal, sm_scale, d_rope=dr)
