@@ -214,8 +214,9 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     """Walk the kept rows in chunks. h (N, D) and weight (V, D) share a dtype; target (N,) int64 in [0, V).
 
     row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32, in base-2 units
-    (_ce_rows_kernel): given (from an earlier call) to skip the statistics pass; else computed. Returns (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the
-    unweighted ℓ_n (None when lse was given), dh (N, D) in h's dtype, dw (V, D) in weight's dtype."""
+    (_ce_rows_kernel): given (from an earlier call) to skip the statistics pass; else computed. Returns
+    (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the unweighted ℓ_n (None when lse was given), dh (N, D)
+    in h's dtype, dw (V, D) in weight's dtype."""
     N, D = h.shape
     V = weight.shape[0]
     compute_lse = lse is None

@@ -55,10 +55,10 @@ def _cancelling_terms(hidden, weight, target, token_weight, reduction, cotangent
     """{result: size of its terms} when V = 1: the softmax of one logit is exactly 1, so each row's loss
     lse − z_t and its dZ = c·(p − 1) vanish, in the fp32 reference too, and with them every gradient. What
     a kernel returns is the roundoff of those differences: lse − z_t cancels terms of size |z|, and
-    p = 2^(z·log2 e − lse·log2 e) is off by the roundoff of its exponent (terms of size |z|) and of the
-    GPU's approximate exp2 (size 1). Measure each result against the terms that cancel in it: |z|,
-    |c|·(1 + |z|)·|w| or |c|·(1 + |z|)·|h| (summed over the rows that add up), as test_attention does for
-    S = 1."""
+    p = 2^(z·log2 e − lse₂) (lse₂: the kernel's base-2 lse) is off by the roundoff of its exponent (terms
+    of size |z|) and of the GPU's approximate exp2 (size 1). Measure each result against the terms that
+    cancel in it: |z|, |c|·(1 + |z|)·|w| or |c|·(1 + |z|)·|h| (summed over the rows that add up), as
+    test_attention does for S = 1."""
     h, w = hidden.double().reshape(-1, hidden.shape[-1]), weight.double()
     kept = (target.reshape(-1) != -100).double()
     tw = torch.ones_like(kept) if token_weight is None else token_weight.double().reshape(-1)

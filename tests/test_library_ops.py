@@ -190,7 +190,10 @@ def test_linear_cross_entropy_inductor_scales_the_forwards_gradients_in_place(mo
     the forward computed writes into those very buffers: AOTAutograd donates the saved dh and dw to the
     backward graph (torch._functorch.config.donated_buffer) and Inductor reuses them, so at V 128000 x D
     4096 the 1 GiB dW is not held twice. The gradients returned are the forward's buffers, and equal to
-    eager mode's. (Inductor's first C++ compilation here: about 12 s on the 2-core CPU.)"""
+    eager mode's. Inductor's caches are off: its FX graph cache does not key on which buffers are donated,
+    so a warm cache could replay an in-place backward compiled by another run. (Inductor's first C++
+    compilation here: about 12 s on the 2-core CPU.)"""
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     made = {}
     real_chunks = ce.ce_chunks
 

@@ -35,8 +35,8 @@ def assert_close(name: str, actual: torch.Tensor, expected64: torch.Tensor, same
     exact arithmetic because two equal quantities cancel (attention's dQ and dK with S = 1: dS = P∘(dP − δ)
     with dP = δ; cross entropy with V = 1, whose softmax is exactly 1): there max|expected| is 0, the fp32
     reference happens to be exact too (torch's softmax of one element is 1), and the roundoff to allow is
-    that of the cancelling terms, not a fixed 2^-21 (a GPU's approximate exp2 and division leave an ulp or
-    two of those terms)."""
+    that of the cancelling terms, not ATOL[dtype] of the unit 1.0 that max|expected| = 0 falls back to (a
+    GPU's approximate exp2 and division leave an ulp or two of those terms)."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     if actual.numel() == 0:
         return
