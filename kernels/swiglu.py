@@ -13,8 +13,9 @@ Two saving policies. recompute=True saves x alone: the backward runs the dual GE
 backward epilogue (h, dg, du from g, u and dh) before anything reaches memory. recompute=False makes the
 forward also store g and u (what the backward needs, h being derivable from them) and the backward only
 runs the elementwise epilogue. Both passes walk the tokens in chunks so that their (tokens × F)
-transients (h in the forward; dh, dg, du, h in the backward) stay bounded (CHUNK_ELEMENTS); dW_down
-accumulates over the chunks in fp32.
+transients (h in the forward; dh, dg, du in the backward) stay bounded (CHUNK_ELEMENTS). The backward
+writes h for DW_GROUP_CHUNKS chunks side by side and runs one dW_down GEMM per such group; with several
+groups dW_down sums them in fp32.
 
 The frozen weights may be stored in another dtype than x (`frozen_dtype` of FrozenSwiGLU): tiles are
 cast to x's dtype on load, so the dots run in x's dtype with fp32 accumulation. fp32 activations use
@@ -46,10 +47,17 @@ from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, e
 from .reference import FP8_MAX
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
-# the forward; dh, h, dg, du in the backward), and the fp32 dW_down product of one column block is at
-# most half of it. At 16384 × 4096 × 14336 bf16: 1024-token chunks, 4 × 29 MB of transients, against the
+# the forward; dh, dg, du in the backward), and the fp32 dW_down product of one column block is at most
+# half of it. At 16384 × 4096 × 14336 bf16: 1024-token chunks, 3 × 29 MB of transients, against the
 # 2.75 GiB an eager fwd+bwd allocates there (shared/anchors-h200.md), whose 0.25x is the recompute goal.
 CHUNK_ELEMENTS = 1024 * 14336
+# The backward keeps h for this many chunks (4096 tokens, 117 MB at that shape) and runs one dW_down GEMM
+# over them. With one chunk per GEMM (as at e3f8149) the fp32 dW_down buffer (235 MB there) was read and
+# written, beside a product of its size, 16 times per backward at 16384 tokens, in 128 GEMMs with K 1024:
+# that backward took 16.7 ms on an H200 against eager's 12.2. Four chunks cut that traffic by 11 GB and
+# the GEMMs to 32 with K 4096, for 84 MB more (estimated, not yet timed); up to 4096 tokens dW_down is
+# one GEMM rounded once, with no fp32 buffer.
+DW_GROUP_CHUNKS = 4
 
 # FP8 backward: dg·S_g and du·S_u are quantised with one scale per this many consecutive features of a
 # token (DeepSeek-V3 §3.3.1 quantises activations per 1 × 128 tile: an outlier costs only its own block
@@ -348,9 +356,10 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None, fp8_out=None):
+def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None, fp8_out=None, h_out=None):
     """The dual GEMM over x (T, D) with its epilogue. Returns h, and (g, u) for mode 1 or (dg, du) for
-    mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into. w_scales:
+    mode 2, each (T, F) in x's dtype. gu_out: (g, u) views to write mode 1's g and u into; h_out: a (T, F)
+    view (unit stride along F) to write h into. w_scales:
     (s_gate, s_up), (F,) fp32, for FP8 weights: then x is quantised per token (_quantize_rows, the
     reference's rounding; rows are independent, so chunk by chunk) and the GEMM runs on FP8 operands.
     Mode 2 with FP8 weights writes dg·s_gate and du·s_up as FP8 blocks into fp8_out (the views of
@@ -364,7 +373,7 @@ def _launch_dual_gemm(x, w_gate, w_up, mode, dh=None, gu_out=None, w_scales=None
     if w_scales is not None:
         x, sx = _quantize_rows(x)
         scales = (sx, *w_scales)
-    h = empty((T, F), out_dtype, x.device)
+    h = empty((T, F), out_dtype, x.device) if h_out is None else h_out
     if fp8_out is not None:
         a = b = None
     elif gu_out is not None:
@@ -406,11 +415,12 @@ def _quantize_rows(x: torch.Tensor):
     return x8, scale
 
 
-def _launch_bwd_elementwise(g, u, dh, w_scales=None, fp8_out=None):
-    """h, dg, du (T, F) from the stored g and u and dh. With FP8 weights (w_scales given) dg·s_gate and
-    du·s_up go into fp8_out (the views of _fp8_dx_operands) as FP8 blocks instead: returns (h, None, None)."""
+def _launch_bwd_elementwise(g, u, dh, w_scales=None, fp8_out=None, h_out=None):
+    """h, dg, du (T, F) from the stored g and u and dh; h written into h_out when given (a (T, F) view,
+    unit stride along F). With FP8 weights (w_scales given) dg·s_gate and du·s_up go into fp8_out (the
+    views of _fp8_dx_operands) as FP8 blocks instead: returns (h, None, None)."""
     T, F = g.shape
-    h = empty((T, F), g.dtype, g.device)
+    h = empty((T, F), g.dtype, g.device) if h_out is None else h_out
     if fp8_out is None:
         dg, du = empty((T, F), g.dtype, g.device), empty((T, F), g.dtype, g.device)
         sg = su = sdg = sdu = h  # unread
@@ -533,8 +543,9 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
                w_up_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (T, D) and dW_down (D, F) from dy (T, D), each empty unless asked for. x: the input rows when
     the forward kept nothing else (recompute), else None, with g and u (T, F) given; dx takes dy's dtype,
-    which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F; with several chunks dW_down
-    sums their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
+    which is x's. Walks the tokens in chunks of at most CHUNK_ELEMENTS // F, writing h for DW_GROUP_CHUNKS
+    chunks into one buffer and running one dW_down GEMM per such group; with several groups dW_down sums
+    their products in fp32. Frozen weights in another dtype than x are cast to it for the dx GEMMs (a
     transient (F, D) copy each). FP8 weights (scales given) keep FP8 for the dx GEMM: their transposed
     copy (2·Fp·D bytes, Fp = _padded_features(F)) is made once, and each chunk's dg·s_gate, du·s_up
     leave the epilogue as FP8 blocks for it."""
@@ -545,8 +556,10 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
         return (torch.zeros((T, D), dtype=dtype, device=device) if need_dx else absent(dy),
                 torch.zeros(w_down.shape, dtype=w_down.dtype, device=device) if need_dw_down else absent(w_down))
     chunk = max(1, CHUNK_ELEMENTS // F)
+    group = chunk * DW_GROUP_CHUNKS  # tokens per dW_down GEMM; chunks never straddle two groups
     dx = empty((T, D), dtype, device) if need_dx else absent(dy)
-    dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > chunk else None
+    dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > group else None
+    h_group = empty((min(T, group), F), dtype, device) if need_dw_down else None
     w_scales = None if w_gate_scale is None else (w_gate_scale, w_up_scale)
     fp8_dx = need_dx and w_scales is not None
     if fp8_dx:
@@ -555,15 +568,19 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
         wg, wu = w_gate.to(dtype), w_up.to(dtype)
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
+        g0 = t0 - t0 % group  # the first token of this chunk's group
+        h_out = None if h_group is None else h_group[t0 - g0:sl.stop - g0]
         if need_dx:
             dh = dy[sl] @ w_down  # (C, F)
             a8 = sa = fp8_out = None
             if fp8_dx:
                 a8, sa, fp8_out = _fp8_dx_operands(dh.shape[0], F, device)
             if g is None:
-                h, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh, w_scales=w_scales, fp8_out=fp8_out)
+                _, dg, du = _launch_dual_gemm(x[sl], w_gate, w_up, 2, dh, w_scales=w_scales, fp8_out=fp8_out,
+                                              h_out=h_out)
             else:
-                h, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh, w_scales=w_scales, fp8_out=fp8_out)
+                _, dg, du = _launch_bwd_elementwise(g[sl], u[sl], dh, w_scales=w_scales, fp8_out=fp8_out,
+                                                    h_out=h_out)
             if fp8_dx:
                 _launch_fp8_dx(a8, sa, wt, out=dx[sl])
             else:
@@ -571,17 +588,17 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
                 dx[sl].addmm_(du, wu)
             del dh, dg, du, a8, sa, fp8_out
         elif g is None:  # dW_down alone needs only h
-            h, _, _ = _launch_dual_gemm(x[sl], w_gate, w_up, 0, w_scales=w_scales)
+            _launch_dual_gemm(x[sl], w_gate, w_up, 0, w_scales=w_scales, h_out=h_out)
         else:
-            h = (torch.nn.functional.silu(g[sl].float()) * u[sl].float()).to(dtype)
-        if need_dw_down:
-            if dw is None:  # one chunk: one GEMM, rounded once, as an eager backward does
+            torch.mul(torch.nn.functional.silu(g[sl].float()), u[sl].float(), out=h_out)
+        if need_dw_down and (sl.stop == T or sl.stop - g0 == group):  # the group is complete: its GEMM
+            rows, h = slice(g0, sl.stop), h_group[:sl.stop - g0]
+            if dw is None:  # one group: one GEMM, rounded once, as an eager backward does
                 dw = dy.t() @ h
             else:  # column blocks, so that the fp32 product of one is at most CHUNK_ELEMENTS // 2 elements
                 cols = max(1, CHUNK_ELEMENTS // (2 * D))
                 for f0 in range(0, F, cols):
-                    dw[:, f0:f0 + cols] += _mm_fp32(dy[sl].t(), h[:, f0:f0 + cols])
-        del h  # before the next chunk allocates its own
+                    dw[:, f0:f0 + cols] += _mm_fp32(dy[rows].t(), h[:, f0:f0 + cols])
     return dx, (dw.to(w_down.dtype) if need_dw_down else absent(w_down))
 
 

@@ -284,11 +284,20 @@ def test_fp8_backward_epilogue_quantises_blocks(stored):
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_backward_in_token_chunks(monkeypatch, recompute):
-    """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2 (dW_down summed in fp32, in
-    column blocks); D 50 ends each GEMM in a partial K step. Also with FP8 frozen weights (9 tokens)."""
+    """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2: h of DW_GROUP_CHUNKS (4)
+    chunks at a time feeds one dW_down GEMM, so 5 groups (the last ragged) summed in fp32, in column
+    blocks of CHUNK_ELEMENTS // (2·D) = 2; 7 tokens are one group: one GEMM, no fp32 sum. D 50 ends each
+    GEMM in a partial K step. Also with FP8 frozen weights (9 tokens)."""
     monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 2 * 130)
+    products = []
+    real_mm = swiglu._mm_fp32
+    monkeypatch.setattr(swiglu, "_mm_fp32", lambda a, b: products.append(a.shape[1]) or real_mm(a, b))
     _check((37, 50), 130, torch.float32, recompute, seed=2)
+    assert products == [8] * 4 * 65 + [5] * 65  # tokens per GEMM: 4 whole groups, the ragged one
     _check((37, 50), 130, torch.float16, recompute, seed=3)
+    products.clear()
+    _check((7, 50), 130, torch.float32, recompute, seed=4)
+    assert products == []
     if FP8_HERE:  # FP8: one FP8 dx GEMM per chunk (bf16 on a GPU, as in test_fp8_frozen_weights)
         calls = []
         real = swiglu._launch_fp8_dx
@@ -336,8 +345,8 @@ def test_no_backward_to_come_keeps_nothing(monkeypatch, recompute):
 @pytest.mark.parametrize("wanted", ["x", "w_down"])
 def test_one_gradient_and_strided_inputs(monkeypatch, recompute, wanted):
     """Only x or only w_down requiring grad (the other pass is skipped), on transposed / sliced inputs
-    and frozen weights, over several token chunks."""
-    monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 3 * 40)
+    and frozen weights, over token chunks of one token: dW_down sums three groups of up to four."""
+    monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 40)
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(50, 11, generator=gen).to(DEVICE).t()[:, :33]  # (11, 33), strides (1, 11)
     wg = torch.randn(33, 40, generator=gen).to(DEVICE).t() / 6  # (40, 33) transposed
