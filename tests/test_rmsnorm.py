@@ -181,6 +181,24 @@ def test_weight_without_grad_skips_dweight(monkeypatch):
     assert calls == [(False, 0)] and torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["y_only", "residual"])
+def test_no_backward_to_come_skips_autograd(monkeypatch, residual):
+    """With no input requiring grad, or under no_grad, the launcher runs without the autograd.Function
+    (no graph, less host time per call): the same outputs, bit for bit, as with a backward to come."""
+    gen = torch.Generator().manual_seed(6)
+    x, r = (torch.randn(2, 5, 48, generator=gen).to(DEVICE) for _ in range(2))
+    w = torch.randn(48, generator=gen).to(DEVICE)
+    res = r if residual else None
+    want = rmsnorm_kernels.rms_norm(x.clone().requires_grad_(), w, 1e-5, res)
+    monkeypatch.setattr(rmsnorm_kernels.RMSNormFunction, "apply", None)  # calling it would raise
+    got = [rmsnorm_kernels.rms_norm(x, w, 1e-5, res)]
+    with torch.no_grad():
+        got.append(rmsnorm_kernels.rms_norm(x.clone().requires_grad_(), w, 1e-5, res))
+    for outs in got:
+        for a, b in zip(outs if residual else [outs], want if residual else [want]):
+            assert a.grad_fn is None and a.shape == x.shape and torch.equal(a, b.detach())
+
+
 def _leaf_pairs():
     def make(*shape):
         return torch.randn(*shape, device=DEVICE, requires_grad=True)
