@@ -25,6 +25,7 @@ Inputs need unit stride along N only; any row stride is read in place.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import triton
 import triton.language as tl
 
@@ -354,8 +355,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     check_rms_norm_args(x, weight, residual, eps)
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                           or (residual is not None and residual.requires_grad)):
+    no_backward = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                                      or (residual is not None and residual.requires_grad))
+    # A dual tensor of forward-mode AD does not require grad: inside a dual level the Function runs (and
+    # raises, having no jvp) rather than the launcher silently dropping the tangent.
+    if no_backward and fwAD._current_level < 0:
         # No backward to come (no_grad, inference, a frozen prefix): the launcher alone, without the
         # autograd.Function's per-call cost, a visible part of this op's host time (README, Measured).
         y, s, _ = rms_norm_fwd(x2, weight.contiguous(), float(eps), None if residual is None else as_rows(residual))

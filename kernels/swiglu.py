@@ -54,9 +54,9 @@ CHUNK_ELEMENTS = 1024 * 14336
 # The backward keeps h for this many chunks (4096 tokens, 117 MB at that shape) and runs one dW_down GEMM
 # over them. With one chunk per GEMM (as at e3f8149) the fp32 dW_down buffer (235 MB there) was read and
 # written, beside a product of its size, 16 times per backward at 16384 tokens, in 128 GEMMs with K 1024:
-# that backward took 16.7 ms on an H200 against eager's 12.2. Four chunks cut that traffic by 11 GB and
-# the GEMMs to 32 with K 4096, for 84 MB more (estimated, not yet timed); up to 4096 tokens dW_down is
-# one GEMM rounded once, with no fp32 buffer.
+# that backward (fwd+bwd minus the inference forward) took 16.7 ms on an H200 against eager's 12.2. Four
+# chunks cut that traffic by 11 GB and the GEMMs to 32 with K 4096, for 88 MB more (not yet timed); up to
+# 4096 tokens dW_down is one GEMM rounded once, with no fp32 buffer.
 DW_GROUP_CHUNKS = 4
 
 # FP8 backward: dg·S_g and du·S_u are quantised with one scale per this many consecutive features of a

@@ -199,6 +199,37 @@ def test_no_backward_to_come_skips_autograd(monkeypatch, residual):
             assert a.grad_fn is None and a.shape == x.shape and torch.equal(a, b.detach())
 
 
+@pytest.mark.parametrize("leaf", ["weight", "residual"])
+def test_backward_to_come_for_weight_or_residual_alone(leaf):
+    """x not requiring grad while the weight (or the residual) does: the autograd path, whose gradient
+    for that input matches the float64 reference."""
+    gen = torch.Generator().manual_seed(7)
+    x, r, dy = (torch.randn(6, 40, generator=gen).to(DEVICE) for _ in range(3))
+    w = torch.randn(40, generator=gen).to(DEVICE)
+    inputs = {"weight": w, "residual": r}
+    inputs[leaf] = inputs[leaf].clone().requires_grad_()
+    y, s = rmsnorm_kernels.rms_norm(x, inputs["weight"], 1e-6, inputs["residual"])
+    (got,) = torch.autograd.grad(y, [inputs[leaf]], dy)
+    leaf64 = inputs[leaf].detach().double().requires_grad_()
+    args64 = {k: leaf64 if k == leaf else v.double() for k, v in inputs.items()}
+    y64, _ = reference.rms_norm(x.double(), args64["weight"], 1e-6, args64["residual"])
+    (want,) = torch.autograd.grad(y64, [leaf64], dy.double())
+    args32 = {k: inputs[leaf].detach().requires_grad_() if k == leaf else v for k, v in inputs.items()}
+    y32, _ = reference.rms_norm(x, args32["weight"], 1e-6, args32["residual"])
+    (same,) = torch.autograd.grad(y32, [args32[leaf]], dy)
+    assert_close(f"d {leaf}", got, want, same, reduced_over=6 if leaf == "weight" else 1)
+
+
+def test_forward_mode_ad_is_refused_not_dropped():
+    """A dual x (forward-mode AD) does not require grad, yet its tangent must not be silently dropped:
+    the op raises, as the autograd.Function (no jvp) does."""
+    import torch.autograd.forward_ad as fwAD
+    x, w = torch.randn(3, 16).to(DEVICE), torch.randn(16).to(DEVICE)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError):
+            rmsnorm_kernels.rms_norm(fwAD.make_dual(x, torch.ones_like(x)), w)
+
+
 def _leaf_pairs():
     def make(*shape):
         return torch.randn(*shape, device=DEVICE, requires_grad=True)
