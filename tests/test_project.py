@@ -46,8 +46,8 @@ def test_kernels_compile_for_hopper():
 def test_test_log_keeps_each_outcome_as_it_lands(tmp_path, workers):
     """LWT_TEST_LOG (tests/conftest.py, set by benchmarks/device_check.sh): one line per test, a failure
     or an error with its traceback (a test file that fails to import too, the run going on past it as
-    device_check.sh asks), written once even under xdist (its workers report to the controller). The inner run has a config file of its own: nothing from the
-    folders above tmp_path applies."""
+    device_check.sh asks), written once even under xdist (its workers report to the controller). The
+    inner run has a config file of its own: nothing from the folders above tmp_path applies."""
     if workers is not None:
         pytest.importorskip("xdist")
     (tmp_path / "test_tiny.py").write_text(

@@ -206,17 +206,17 @@ def test_backward_to_come_for_weight_or_residual_alone(leaf):
     gen = torch.Generator().manual_seed(7)
     x, r, dy = (torch.randn(6, 40, generator=gen).to(DEVICE) for _ in range(3))
     w = torch.randn(40, generator=gen).to(DEVICE)
-    inputs = {"weight": w, "residual": r}
-    inputs[leaf] = inputs[leaf].clone().requires_grad_()
-    y, s = rmsnorm_kernels.rms_norm(x, inputs["weight"], 1e-6, inputs["residual"])
-    (got,) = torch.autograd.grad(y, [inputs[leaf]], dy)
-    leaf64 = inputs[leaf].detach().double().requires_grad_()
-    args64 = {k: leaf64 if k == leaf else v.double() for k, v in inputs.items()}
-    y64, _ = reference.rms_norm(x.double(), args64["weight"], 1e-6, args64["residual"])
-    (want,) = torch.autograd.grad(y64, [leaf64], dy.double())
-    args32 = {k: inputs[leaf].detach().requires_grad_() if k == leaf else v for k, v in inputs.items()}
-    y32, _ = reference.rms_norm(x, args32["weight"], 1e-6, args32["residual"])
-    (same,) = torch.autograd.grad(y32, [args32[leaf]], dy)
+
+    def only(op, cast=lambda t: t):  # op with `leaf` as its one argument; x and the other input constants
+        def fn(t):
+            args = {"weight": cast(w), "residual": cast(r), leaf: t}
+            return op(cast(x), args["weight"], 1e-6, args["residual"])
+        return fn
+
+    t = {"weight": w, "residual": r}[leaf]
+    _, (got,) = _grads(only(rmsnorm_kernels.rms_norm), [t], [dy, None])
+    _, (want,) = _grads(only(reference.rms_norm, torch.Tensor.double), [t.double()], [dy.double(), None])
+    _, (same,) = _grads(only(reference.rms_norm), [t], [dy, None])
     assert_close(f"d {leaf}", got, want, same, reduced_over=6 if leaf == "weight" else 1)
 
 
