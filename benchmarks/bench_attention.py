@@ -19,6 +19,9 @@ tokens, both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V materialis
 FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Also the peak memory a
 fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
 forward >= 1.0x cuDNN, fwd+bwd >= 1.3x, with less memory.
+
+For every goal case lwt's passes are also timed one by one (forward, δ, dQ, δ + dK/dV), each with the
+launch config its autotuner chose, under the table: where lwt's fwd+bwd time goes.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import lwt.functional as lwtF
+from kernels import attention as A
+from kernels import mla as M
 from kernels import reference
 
 HEAD_DIMS = (64, 128)
@@ -80,7 +85,29 @@ def _step(fn, q, k, v, causal, do):
     return lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
 
 
-def run_case(report, D, heads, S, causal):
+def _config(kernel) -> str:
+    """The launch config a TunedKernel last ran with (tiles BLOCK_M x BLOCK_N, flattened loops, warps,
+    stages)."""
+    c = kernel.last
+    if c is None:
+        return "-"
+    flat = " flat" if c.kwargs.get("FLATTEN") else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}{flat} w{c.num_warps} s{c.num_stages}"
+
+
+def note_passes(report, case, passes):
+    """lwt's kernels timed one pass at a time, each with the config its autotuner chose: where the
+    fwd+bwd time goes. passes: (name, fn, TunedKernel or None)."""
+    parts = []
+    for name, fn, kernel in passes:
+        ms = H.attempt(report, f"{case} lwt pass {name}", lambda fn=fn: H.bench_ms(fn))
+        timed = "n/a" if ms is None else f"{ms:.3f} ms"
+        parts.append(f"{name} {timed}" + ("" if kernel is None else f" ({_config(kernel)})"))
+    report.note(f"{case} lwt passes: " + ", ".join(parts))
+
+
+def run_case(report, D, heads, S, causal, passes=False):
+    """Every provider on one case, forward and forward+backward; passes: also lwt's pass breakdown."""
     H_, Hkv = heads
     B = max(1, TOKENS // S)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -100,6 +127,16 @@ def run_case(report, D, heads, S, causal):
             # A backend may have no kernel for the case (its own limits) or run out of memory: noted.
             ms = H.attempt(report, f"{case} {mode} {name}", timed)
             report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
+    if passes:
+        q, k, v = q.detach(), k.detach(), v.detach()
+        scale = D ** -0.5
+        o, lse = A.attention_fwd(q, k, v, causal, scale)
+        delta = A.launch_delta(o, do)
+        note_passes(report, case, [
+            ("fwd", lambda: A.attention_fwd(q, k, v, causal, scale), A._fwd),
+            ("δ", lambda: A.launch_delta(o, do), None),
+            ("dQ", lambda: A.launch_dq(do, q, k, None, v, lse, delta, causal, scale), A._dq),
+            ("δ+dK/dV", lambda: A.attention_bwd(do, q, k, v, o, lse, causal, scale, need_dq=False), A._dkdv)])
     return case
 
 
@@ -110,10 +147,11 @@ MLA_QUICK = [(32, 2048)]
 MLA_GOAL = (32, 2048)  # (heads, S) of the goal line
 
 
-def run_mla_case(report, H_, S, causal):
+def run_mla_case(report, H_, S, causal, passes=False):
     """MLA core: lwt (k_rope read once per token) vs SDPA cuDNN and efficient on K/V materialised the way
     a user would (k_rope expanded to every head and concatenated to k_nope). SDPA is timed on the
-    materialised tensors; the memory column counts the materialisation too (a full fwd+bwd step)."""
+    materialised tensors; the memory column counts the materialisation too (a full fwd+bwd step).
+    passes: also lwt's pass breakdown."""
     dn, dr, dv = MLA_DIMS
     B = max(1, TOKENS // S)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -170,6 +208,16 @@ def run_mla_case(report, H_, S, causal):
             mem[name] = mib
     report.note(f"{case}: peak extra memory of a fwd+bwd step (with K materialised for SDPA): "
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
+    if passes:
+        q, k_nope, k_rope, v = (t.detach() for t in (q, k_nope, k_rope, v))
+        scale = (dn + dr) ** -0.5
+        o, lse = A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=dr)
+        delta = A.launch_delta(o, do)
+        note_passes(report, case, [
+            ("fwd", lambda: A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=dr), A._fwd),
+            ("δ", lambda: A.launch_delta(o, do), None),
+            ("dQ", lambda: A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, scale, d_rope=dr), A._dq),
+            ("δ+dK/dV", lambda: M.mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal, scale, need_dq=False), M._dkdv)])
     return case, mem
 
 
@@ -271,15 +319,16 @@ def main(argv=None) -> list[str]:
     # (benchmarks/device_check.sh) keeps the verdicts it reached.
     goal_cases = []
     for D, heads, S in cases:
+        goal = D == 128 and heads[1] > 1 and GOAL_SEQ[0] <= S <= GOAL_SEQ[1]
         for causal in (False, True):
-            case = run_case(report, D, heads, S, causal)
-            if D == 128 and heads[1] > 1 and GOAL_SEQ[0] <= S <= GOAL_SEQ[1]:
+            case = run_case(report, D, heads, S, causal, passes=goal)
+            if goal:
                 goal_cases.append(case)
                 print(*summarize(report, [case]), flush=True)
     mla_goal = []
     for H_, S in (MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in MLA_SEQ_LENS]):
         for causal in (False, True):
-            case, mem = run_mla_case(report, H_, S, causal)
+            case, mem = run_mla_case(report, H_, S, causal, passes=(H_, S) == MLA_GOAL)
             if (H_, S) == MLA_GOAL:
                 mla_goal.append((case, mem))
                 print(*summarize_mla(report, [(case, mem)]), flush=True)

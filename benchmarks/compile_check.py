@@ -74,6 +74,13 @@ def _mma(ptx: str) -> str:
     return ("wgmma" if m.group(1).startswith("wgmma") else "mma.sync") + m.group(2)
 
 
+def _blocks(entry):
+    """The constexprs of an attention table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN])."""
+    from kernels import attention as A
+
+    return A.as_config(entry).kwargs
+
+
 def _attention_jobs(quick):
     from kernels import attention as A
 
@@ -86,9 +93,10 @@ def _attention_jobs(quick):
         for dtype, d, head_dim in (variants[:2] + variants[3:4] if quick else variants):
             configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]
             for causal in (False, True):
-                for bm, bn, warps, stages in (configs[:1] if quick else configs):
+                for entry in (configs[:1] if quick else configs):
                     const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim, IS_CAUSAL=causal,
-                                 BLOCK_M=bm, BLOCK_N=bn, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(entry))
+                    warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
     pre = A._bwd_preprocess_kernel
     for head_dim in (64, 128, 256):
@@ -113,8 +121,9 @@ def _mla_jobs(quick):
                                                                          meta["V_DIM"])]
             precision = "ieee" if dtype == "fp32" else "tf32"
             for causal in (False, True):
-                for bm, bn, warps, stages in (configs[:1] if quick else configs):
-                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, "BLOCK_M": bm, "BLOCK_N": bn}
+                for entry in (configs[:1] if quick else configs):
+                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry)}
+                    warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
                            {"LSE", "Delta", "DKR_partial"})
 

@@ -10,8 +10,9 @@
 #                                           # the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
-# Benches run their quick grids unless FULL=1. Liger-Kernel is installed from .whl/ when a wheel is there
-# (git-ignored: the device tool must carry it, carry [".whl"]; see README "Benchmarks").
+# Benches run their quick grids unless FULL=1; ONLY="attention swiglu" runs just those benches (bench,
+# all). Liger-Kernel is installed from .whl/ when a wheel is there (git-ignored: the device tool must
+# carry it, carry [".whl"]; see README "Benchmarks").
 # Everything is written under WORK (default /tmp/lwt-device, kept across calls on one machine): a log per
 # step, the results CSVs (a row is appended as soon as it is measured), the trainer's out_dirs,
 # steps.txt (each step's exit code and seconds; 124 or 137: cut by its timeout) and the attention plot
@@ -31,9 +32,11 @@ budget=${BUDGET:-540}
 failed=0
 echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
 
-# What comes back: the goal lines of the bench logs and the trainer's tables, WORK packed, steps.txt.
+# What comes back: the goal lines of the bench logs (and the attention passes' breakdown), the trainer's
+# tables, WORK packed, steps.txt.
 pack() {
-  { grep -h "goal\|^block \|for information" /dev/null "$WORK"/bench_*.log | grep -v "^ " | awk '!seen[$0]++'
+  { grep -h "goal\|^block \|for information\| lwt passes: " /dev/null "$WORK"/bench_*.log | grep -v "^ " |
+      awk '!seen[$0]++'
     for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
     if [ -f "$WORK/tests.txt" ]; then  # written as each test lands: complete even when pytest was cut
       echo "--- tests so far: $(grep -v '^ ' "$WORK/tests.txt" | cut -d' ' -f1 | sort | uniq -c | xargs)"
@@ -115,7 +118,11 @@ fi
 # the torch.compile baselines that no goal is judged on are left out (their Inductor compilations are
 # most of a quick run; ../shared/anchors-h200.md has their numbers)
 scale=100; lean=(); [ "$what" = all ] && { scale=60; lean=(--skip-compiled-baselines); }
-bench() { local name=$1 cap=$2; shift 2; step "$name" $((cap * scale / 100)) "$@"; }
+bench() {
+  local name=$1 cap=$2; shift 2
+  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" ${name#bench_} "* ]] && return
+  step "$name" $((cap * scale / 100)) "$@"
+}
 shopt -s nullglob
 wheels=(.whl/liger_kernel-*.whl)
 shopt -u nullglob
@@ -125,7 +132,7 @@ if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c "import liger_kernel" 2>/dev/null; then
 fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
-bench bench_attention 200 "$PY" benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
+bench bench_attention 260 "$PY" benchmarks/bench_attention.py "${quick[@]}" "${plot[@]}" --results-dir "$WORK"
 bench bench_swiglu 120 "$PY" benchmarks/bench_swiglu.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 bench bench_cross_entropy 120 "$PY" benchmarks/bench_cross_entropy.py "${quick[@]}" "${lean[@]}" --results-dir "$WORK"
 if [ "${TUNE:-0}" = 1 ]; then

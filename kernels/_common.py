@@ -107,11 +107,13 @@ class TunedKernel:
     the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
     After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
     is launched with it directly: the config, arguments and compiled binary the autotuner would use.
+    `last` is the config of the latest launch (the benchmarks report it).
     """
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
         self.best = {}
+        self.last = None
         self._key_slots = [autotuned.arg_names.index(k) for k in autotuned.keys]
 
     def launch(self, grid, *args, **meta):
@@ -123,8 +125,9 @@ class TunedKernel:
             if list(meta) != names[len(args):len(args) + len(meta)]:
                 raise TypeError(f"TunedKernel: pass {names[len(args):]} in declaration order, got {list(meta)}")
             self.autotuned[grid](*args, **meta)
-            self.best[key] = self.autotuned.best_config
+            self.best[key] = self.last = self.autotuned.best_config
         else:
+            self.last = config
             self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
 
 

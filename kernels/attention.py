@@ -23,7 +23,8 @@ others). The backward is not itself differentiable (double backward raises).
 
 Masks. Causal means query i sees keys j <= i (q and k share positions: self-attention). Tiles wholly
 above the diagonal are never visited, tiles wholly below it run without a mask, and only the tiles on
-the diagonal, or (forward and dQ) holding keys past the sequence end, build one. Block sizes are chosen
+the diagonal, or (forward and dQ) holding keys past the sequence end, build one (except in the dK/dV
+configs that flatten their loops, which mask every causal tile: _DKDV_CONFIGS). Block sizes are chosen
 so that a query block starts on a key-block boundary (and vice versa in the dK/dV pass), which makes
 that split exact. Rows past the sequence end load as zeros and are never stored.
 
@@ -134,56 +135,89 @@ def _key_ranges(q_start, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAU
 # ---------------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim (16 and 32 use the 64 list), and one
-# list for fp32 inputs; BLOCK_M is the query tile, BLOCK_N the key tile in every kernel. Short lists,
-# keyed on the head dim, the mask, the dtype and a power-of-two bucket of S (never on B or the raw S:
-# flash-linear-attention#533). Every 16-bit config here compiles for sm_90 (triton 3.6) without register
-# spills, or with at most a few dozen bytes in the causal variant (checked with ptxas, not yet timed on
-# a GPU); fp32 tiles (IEEE dots, no tensor cores) spill at head dims >= 128 and are a correctness path.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), and FLATTEN for dK/dV, per padded head dim (16 and 32 use the
+# 64 list), one list for DeepSeek-V2's MLA heads ("mla": q·k 128 + 64, v 128) and one for fp32 inputs;
+# BLOCK_M is the query tile, BLOCK_N the key tile in every kernel. Short lists, keyed on the head dim, the
+# mask, the dtype and a power-of-two bucket of S (never on B or the raw S: flash-linear-attention#533).
+# Every 16-bit config here compiles for sm_90 (triton 3.6) without register spills, or with at most a few
+# dozen bytes in the causal variant (checked with benchmarks/compile_check.py); fp32 tiles (IEEE dots, no
+# tensor cores) spill at head dims >= 128 and are a correctness path.
 _FWD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],
     256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    "mla": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 3)],
     "fp32": [(64, 32, 8, 2), (32, 32, 4, 2)],
 }
+# dK/dV entries have a fifth field, FLATTEN: run the loop over query heads (the GQA group; MLA's chunk
+# of heads) and each head's query loop as one flattened loop (tl.range(flatten=True)), each head's
+# query tiles in a single loop (causal: every tile masked, not only the diagonal ones), instead of
+# nested loops with the causal diagonal split off. Nested, the head loop keeps the query loop's pipeline
+# state beside its own; flattened, ptxas needs fewer registers (sm_90, D 128, 64x128 tiles at 2 stages:
+# 255 and no spill where nested spills 104 bytes bidirectional, 360 causal; 32x128 237 / 246 against 250)
+# and a head's first query tiles load while the previous head's last ones compute. The nested configs
+# are the lists timed at e3f8149; the flattened ones are not yet timed on a GPU.
 _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows stream through
-    64: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 1), (32, 64, 4, 2), (16, 128, 8, 2)],
-    128: [(32, 64, 8, 2), (32, 64, 8, 1), (32, 128, 8, 2), (16, 128, 8, 2), (64, 64, 8, 1)],
-    256: [(16, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 1), (16, 64, 8, 2)],
-    "fp32": [(16, 32, 4, 2), (16, 32, 8, 2)],
+    64: [(32, 128, 8, 3, False), (32, 128, 8, 2, False), (64, 128, 8, 1, False), (32, 64, 4, 2, False),
+         (16, 128, 8, 2, False)],
+    128: [(32, 64, 8, 2, False), (32, 64, 8, 1, False), (32, 128, 8, 2, False), (16, 128, 8, 2, False),
+          (64, 64, 8, 1, False), (64, 128, 8, 2, True), (32, 128, 8, 2, True), (32, 64, 8, 2, True)],
+    256: [(16, 32, 8, 2, False), (32, 32, 8, 1, False), (16, 32, 4, 1, False), (16, 64, 8, 2, False)],
+    # MLA's key tile holds three fp32 accumulators (dk_nope 128, dk_rope 64, dv 128 wide). On an H200, at
+    # e3f8149, with the 256 list (query tiles of 16 or 32 rows) and nested head and query loops, its
+    # fwd+bwd ran at a third of SDPA-cuDNN's. Nested, 32x64 tiles spilled 40 / 192 bytes (bidirectional /
+    # causal); flattened, these compile without spills (registers: 64x64 252 / 255, 32x64 229 / 241 or,
+    # one stage, 255 / 255, 16x64 214 / 222), while 128-key tiles, 4 warps and 32x32 (mma.sync) spill.
+    # Which is fastest is the autotuner's measurement (not yet made on a GPU).
+    "mla": [(32, 64, 8, 2, True), (64, 64, 8, 2, True), (16, 64, 8, 2, True), (32, 64, 8, 1, True)],
+    "fp32": [(16, 32, 4, 2, False), (16, 32, 8, 2, False)],
 }
 _DQ_CONFIGS = {
     64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)],
     256: [(64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+    "mla": [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
     # (32, 16, 4, 2): the only one that fits the widest MLA heads in fp32 (q·k 384 + v 256 wide)
     "fp32": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)],
 }
 # The interpreter runs one small config that still has BLOCK_M != BLOCK_N, so the diagonal tiles span
 # several inner tiles there too.
 _INTERPRETER_FWD = (32, 16)
-_INTERPRETER_DKDV = (16, 32)
+_INTERPRETER_DKDV = (16, 32, True)  # flattened: the masking of the single causal loop runs on the CPU too
 _INTERPRETER_DQ = (32, 16)
 _SMEM_BYTES = 220 * 1024  # H100/H200 allow 227 KiB per block; keep a margin for the compiler's scratch
+
+
+def as_config(entry: tuple) -> triton.Config:
+    """The triton.Config of a table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN])."""
+    bm, bn, warps, stages, *flatten = entry
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"FLATTEN": flatten[0]} if flatten else {})},
+                         num_warps=warps, num_stages=stages)
+
+
+def as_entry(config: triton.Config) -> tuple:
+    """The table entry of a config: as_config's inverse."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, *(
+        (kw["FLATTEN"],) if "FLATTEN" in kw else ()))
 
 
 def _configs(table, interpreter_blocks):
     """Every distinct config of `table` (pruned per head dim at launch), or the one interpreter config."""
     if interpreting():
-        bm, bn = interpreter_blocks
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=1, num_stages=1)]
-    seen, out = set(), []
-    for dim_configs in table.values():
-        for bm, bn, w, s in dim_configs:
-            if (bm, bn, w, s) not in seen:
-                seen.add((bm, bn, w, s))
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return out
+        bm, bn, *flatten = interpreter_blocks
+        return [as_config((bm, bn, 1, 1, *flatten))]
+    entries = dict.fromkeys(e for dim_configs in table.values() for e in dim_configs)  # distinct, in order
+    return [as_config(e) for e in entries]
 
 
-def _table_key(qk_dim: int, v_dim: int) -> int:
-    """Which config list a head takes: by its widest padded operand (q·k with any rope part, or v)."""
+def _table_key(qk_dim: int, v_dim: int) -> int | str:
+    """Which config list a head takes: by its widest padded operand (q·k with any rope part, or v), with
+    the MLA heads of DeepSeek-V2 (q·k 128 + 64, v 128: 320 wide together, a quarter less than 256 + 256)
+    on a list of their own."""
     width = max(qk_dim, v_dim)
+    if width > 128 and qk_dim + v_dim <= 320:
+        return "mla"
     return 64 if width <= 64 else 128 if width <= 128 else 256
 
 
@@ -202,7 +236,7 @@ def _make_prune(table, smem_elements, divides):
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if (bm, bn, c.num_warps, c.num_stages) not in wanted or not divides(bm, bn):
+            if as_entry(c) not in wanted or not divides(bm, bn):
                 continue
             if smem_elements(bm, bn, c.num_stages, qk, vd) * (4 if fp32 else 2) <= _SMEM_BYTES:
                 kept.append(c)
@@ -342,8 +376,8 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
     """Accumulate dK (and dK_rope), dV of one key tile over the query tiles [lo, hi) of one query head,
     working in the transposed orientation (keys along rows) so that they come out without a transpose.
     Query rows past S load as zeros (q, dO, LSE, δ), and a zero q and dO row adds exactly nothing to
-    dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; only the causal DIAGONAL tiles
-    mask P."""
+    dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; DIAGONAL: apply the causal mask
+    to P (to the diagonal tiles alone, or to every tile of a flattened loop: _dkdv_head)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_rows = start_m + tl.arange(0, BLOCK_M)
@@ -370,11 +404,16 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
 def _dkdv_head(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
                D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, FLATTEN: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """All the query tiles of one query head for the key tile starting at k_start. Causal: queries before
     k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal (k_start + BLOCK_N is a
-    multiple of BLOCK_M); later queries see all of them."""
-    if IS_CAUSAL:
+    multiple of BLOCK_M); later queries see all of them. FLATTEN (for a head loop to be flattened around
+    it): a single query loop, every tile masked when causal; otherwise the diagonal tiles apart."""
+    if FLATTEN:
+        dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
+                                  k_start if IS_CAUSAL else 0, S, S, qk_scale,
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, IS_CAUSAL, INPUT_PRECISION)
+    elif IS_CAUSAL:
         diag_end = k_start + BLOCK_N
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   k_start, tl.minimum(diag_end, S), S, qk_scale,
@@ -399,10 +438,11 @@ def _attn_bwd_dkdv_kernel(
     H, GROUP, S, sm_scale, seq_bucket,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
     D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys of one (batch, K/V head), summed over the GROUP query heads reading it.
-    (No rope part here: ROPE_DIM is 0, in the signature for the shared autotune key.)"""
+    (No rope part here: ROPE_DIM is 0, in the signature for the shared autotune key.) FLATTEN: the
+    group loop and the query loop run as one (see _DKDV_CONFIGS)."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     tl.static_assert(ROPE_DIM == 0)
     block_n, b, hk = _program_coords(S, BLOCK_N, H // GROUP, False)
@@ -413,13 +453,14 @@ def _attn_bwd_dkdv_kernel(
     v = _load_tile(V + b.to(tl.int64) * stride_vb + hk * stride_vh, k_cols, stride_vs, S, D_V, V_DIM, True)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, V_DIM), tl.float32)
-    for g in range(GROUP):
+    for g in tl.range(0, GROUP, flatten=FLATTEN):
         h = hk * GROUP + g
         dk, _, dv = _dkdv_head(dk, dk, dv, k, k, v, Q + b.to(tl.int64) * stride_qb + h * stride_qh,
                                DO + b.to(tl.int64) * stride_dob + h * stride_doh,
                                LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
                                stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
-                               D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, INPUT_PRECISION)
+                               D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, FLATTEN,
+                               INPUT_PRECISION)
     _store_tile(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh, k_cols, stride_dks, S,
                 dk * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
     _store_tile(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)

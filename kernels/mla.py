@@ -14,8 +14,9 @@ the score when ROPE_DIM > 0 and take V's own head dim (GROUP = 1: one k_nope/v h
 The dK/dV pass is MLA's own: its gradients are per head for k_nope and v but summed over all H heads for
 k_rope, dk_rope = scale · Σ_h dS_hᵀ q_rope_h. One program takes a key tile of one batch entry and a chunk
 of heads; for each head it accumulates dk_nope and dv in registers and stores them, while dk_rope keeps
-accumulating over the chunk's heads. Each chunk writes one fp32 partial dk_rope tile, and one torch sum
-over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
+accumulating over the chunk's heads (for DeepSeek-V2's head dims the head and query loops run as one
+flattened loop: attention._DKDV_CONFIGS). Each chunk writes one fp32 partial dk_rope tile, and one torch
+sum over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
 bit-identical gradients). The backward is not itself differentiable (double backward raises).
 There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
 
@@ -44,10 +45,11 @@ def _mla_bwd_dkdv_kernel(
     H, HEADS_PER_PROGRAM, S, sm_scale, seq_bucket,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
     D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """dk_nope, dv of BLOCK_N keys for each head of one chunk, and the chunk's partial dk_rope:
-    DKR_partial is (B, H / HEADS_PER_PROGRAM, S, D_R) fp32."""
+    DKR_partial is (B, H / HEADS_PER_PROGRAM, S, D_R) fp32. FLATTEN: the head loop and the query loop run
+    as one (see attention._DKDV_CONFIGS)."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     tl.static_assert(ROPE_DIM > 0)
     n_chunks = H // HEADS_PER_PROGRAM
@@ -58,7 +60,7 @@ def _mla_bwd_dkdv_kernel(
     k_cols = k_start + tl.arange(0, BLOCK_N)
     kr = A._load_tile(KR + b.to(tl.int64) * stride_krb, k_cols, stride_krs, S, D_R, ROPE_DIM, True)
     dkr = tl.zeros((BLOCK_N, ROPE_DIM), tl.float32)
-    for i in range(HEADS_PER_PROGRAM):
+    for i in tl.range(0, HEADS_PER_PROGRAM, flatten=FLATTEN):
         h = chunk * HEADS_PER_PROGRAM + i
         k = A._load_tile(KN + b.to(tl.int64) * stride_kb + h * stride_kh, k_cols, stride_ks, S, D, HEAD_DIM, True)
         v = A._load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, k_cols, stride_vs, S, D_V, V_DIM, True)
@@ -68,7 +70,7 @@ def _mla_bwd_dkdv_kernel(
                                    DO + b.to(tl.int64) * stride_dob + h * stride_doh,
                                    LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
                                    stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
-                                   D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                                   D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, FLATTEN,
                                    INPUT_PRECISION)
         A._store_tile(DKN + b.to(tl.int64) * stride_dkb + h * stride_dkh, k_cols, stride_dks, S, dk * scale,
                       D, HEAD_DIM)

@@ -318,9 +318,9 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim,
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
         listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim + rope_dim, v_dim)]
-        for bm, bn, warps, stages in listed:
+        for bm, bn, warps, stages, *flatten in listed:
             assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
+            assert flatten in ([True], [False]) if name == "dkdv" else not flatten, (name, bm, bn, flatten)
         meta = {"HEAD_DIM": head_dim, "ROPE_DIM": rope_dim, "V_DIM": v_dim, "INPUT_PRECISION": precision}
-        kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in prune(attn._configs(table, None), meta)]
+        kept = [attn.as_entry(c) for c in prune(attn._configs(table, None), meta)]
         assert kept and set(kept) <= set(listed), (name, kept)

@@ -74,8 +74,7 @@ def _run_id(configs):
 # -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages) lists keyed by padded head dim -------------------
 
 def _blocks(table, keys):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for key in keys for bm, bn, w, s in table[key]]
+    return [attn.as_config(entry) for key in keys for entry in table[key]]
 
 
 # On a GPU each list at a head dim it is for, every run under both masks; on the CPU the 16-bit lists
@@ -107,10 +106,11 @@ def test_attention_configs(monkeypatch, name, keys, D, masks):
         _check_forced(kernels, run, lambda: test_attention._check(shape, dtype, masks[i % len(masks)]))
 
 
-# MLA: its own dK/dV kernel, the attention forward and dQ kernels; the lists by the widest padded operand
-# (DeepSeek-V2's 128 + 64 query/key and 128 value dims take the 256 list).
-MLA_CASES = ([((2, 700, 4, 128, 64, 128, None), [256]), ((2, 700, 4, 64, 32, 64, None), [128]),
-              ((2, 700, 4, 32, 16, 16, None), [64])] if CUDA else [((1, 170, 2, 32, 16, 32, None), [64, 128, 256])])
+# MLA: its own dK/dV kernel, the attention forward and dQ kernels; the lists by the widest padded operand,
+# DeepSeek-V2's heads (128 + 64 query/key and 128 value dims) on the "mla" list, Dv == Dn + Dr on the 256.
+MLA_CASES = ([((2, 700, 4, 128, 64, 128, None), ["mla"]), ((2, 700, 4, 128, 64, 192, None), [256]),
+              ((2, 700, 4, 64, 32, 64, None), [128]), ((2, 700, 4, 32, 16, 16, None), [64])] if CUDA else
+             [((1, 170, 2, 32, 16, 32, None), [64, 128, 256, "mla"])])
 
 
 @pytest.mark.parametrize("masks", MASKS)
