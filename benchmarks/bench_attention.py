@@ -20,8 +20,9 @@ FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Al
 fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
 forward >= 1.0x cuDNN, fwd+bwd >= 1.3x, with less memory.
 
-For every goal case lwt's passes are also timed one by one (forward, δ, dQ, δ + dK/dV), each with the
-launch config its autotuner chose, under the table: where lwt's fwd+bwd time goes.
+For every goal case lwt's passes are also timed one by one (forward, δ, dQ, δ + dK/dV; for MLA the last
+includes the sum of the dk_rope partials), each with the launch config its autotuner chose, under the
+table: where lwt's fwd+bwd time goes.
 """
 from __future__ import annotations
 
@@ -95,15 +96,23 @@ def _config(kernel) -> str:
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}{flat} w{c.num_warps} s{c.num_stages}"
 
 
-def note_passes(report, case, passes):
+def note_passes(report, case, setup):
     """lwt's kernels timed one pass at a time, each with the config its autotuner chose: where the
-    fwd+bwd time goes. passes: (name, fn, TunedKernel or None)."""
+    fwd+bwd time goes. setup() returns the passes, (name, fn, TunedKernel or None), after computing what
+    they read (a failure there, like one of a pass, is noted and the bench goes on)."""
+    passes = H.attempt(report, f"{case} lwt passes", setup)
+    if passes is None:
+        return
     parts = []
     for name, fn, kernel in passes:
         ms = H.attempt(report, f"{case} lwt pass {name}", lambda fn=fn: H.bench_ms(fn))
-        timed = "n/a" if ms is None else f"{ms:.3f} ms"
-        parts.append(f"{name} {timed}" + ("" if kernel is None else f" ({_config(kernel)})"))
-    report.note(f"{case} lwt passes: " + ", ".join(parts))
+        if ms is None:
+            parts.append(f"{name} n/a")
+        else:  # the config is read right after the pass ran: the one it ran with
+            parts.append(f"{name} {ms:.3f} ms" + ("" if kernel is None else f" ({_config(kernel)})"))
+    line = f"{case} lwt passes: " + ", ".join(parts)
+    report.note(line)
+    print(line, flush=True)  # also unindented at once: device_check.sh's summary keeps it if the run is cut
 
 
 def run_case(report, D, heads, S, causal, passes=False):
@@ -128,15 +137,14 @@ def run_case(report, D, heads, S, causal, passes=False):
             ms = H.attempt(report, f"{case} {mode} {name}", timed)
             report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
     if passes:
-        q, k, v = q.detach(), k.detach(), v.detach()
-        scale = D ** -0.5
-        o, lse = A.attention_fwd(q, k, v, causal, scale)
-        delta = A.launch_delta(o, do)
-        note_passes(report, case, [
-            ("fwd", lambda: A.attention_fwd(q, k, v, causal, scale), A._fwd),
-            ("δ", lambda: A.launch_delta(o, do), None),
-            ("dQ", lambda: A.launch_dq(do, q, k, None, v, lse, delta, causal, scale), A._dq),
-            ("δ+dK/dV", lambda: A.attention_bwd(do, q, k, v, o, lse, causal, scale, need_dq=False), A._dkdv)])
+        def setup(q=q.detach(), k=k.detach(), v=v.detach(), scale=D ** -0.5):
+            o, lse = A.attention_fwd(q, k, v, causal, scale)
+            delta = A.launch_delta(o, do)
+            return [("fwd", lambda: A.attention_fwd(q, k, v, causal, scale), A._fwd),
+                    ("δ", lambda: A.launch_delta(o, do), None),
+                    ("dQ", lambda: A.launch_dq(do, q, k, None, v, lse, delta, causal, scale), A._dq),
+                    ("δ+dK/dV", lambda: A.attention_bwd(do, q, k, v, o, lse, causal, scale, need_dq=False), A._dkdv)]
+        note_passes(report, case, setup)
     return case
 
 
@@ -209,15 +217,14 @@ def run_mla_case(report, H_, S, causal, passes=False):
     report.note(f"{case}: peak extra memory of a fwd+bwd step (with K materialised for SDPA): "
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
     if passes:
-        q, k_nope, k_rope, v = (t.detach() for t in (q, k_nope, k_rope, v))
-        scale = (dn + dr) ** -0.5
-        o, lse = A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=dr)
-        delta = A.launch_delta(o, do)
-        note_passes(report, case, [
-            ("fwd", lambda: A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=dr), A._fwd),
-            ("δ", lambda: A.launch_delta(o, do), None),
-            ("dQ", lambda: A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, scale, d_rope=dr), A._dq),
-            ("δ+dK/dV", lambda: M.mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal, scale, need_dq=False), M._dkdv)])
+        def setup(q=q.detach(), kn=k_nope.detach(), kr=k_rope.detach(), v=v.detach(), scale=(dn + dr) ** -0.5):
+            o, lse = A.launch_fwd(q, kn, kr, v, causal, scale, d_rope=dr)
+            delta = A.launch_delta(o, do)
+            return [("fwd", lambda: A.launch_fwd(q, kn, kr, v, causal, scale, d_rope=dr), A._fwd),
+                    ("δ", lambda: A.launch_delta(o, do), None),
+                    ("dQ", lambda: A.launch_dq(do, q, kn, kr, v, lse, delta, causal, scale, d_rope=dr), A._dq),
+                    ("δ+dK/dV", lambda: M.mla_bwd(do, q, kn, kr, v, o, lse, causal, scale, need_dq=False), M._dkdv)]
+        note_passes(report, case, setup)
     return case, mem
 
 

@@ -8,8 +8,9 @@ returning different types from two branches, say) and says nothing about registe
 compiles each autotune config through triton's own ptxas (shipped in the wheel) for `--arch` (90 =
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
 spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
---quick compiles one config per kernel variant (what the test suite runs); the default compiles every
-config of every list. Exit code 1 if any compile failed.
+--quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened),
+what the test suite runs; the default compiles every config of every list. Exit code 1 if any compile
+failed.
 """
 from __future__ import annotations
 
@@ -81,21 +82,33 @@ def _blocks(entry):
     return A.as_config(entry).kwargs
 
 
+def _picked(configs, quick):
+    """The entries of a config list to compile: all; with quick the first, and in a dK/dV list also the
+    first that runs its loops the other way (FLATTEN), so both kernels compile."""
+    if not quick:
+        return configs
+    other = [e for e in configs[1:] if e[4:] != configs[0][4:]]
+    return configs[:1] + other[:1]
+
+
 def _attention_jobs(quick):
     from kernels import attention as A
 
     ints = {"H", "GROUP", "S", "seq_bucket"}
     kernels = [("attention fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("attention dK/dV", A._attn_bwd_dkdv_kernel,
                A._DKDV_CONFIGS), ("attention dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
-    variants = [("bf16", 128, 128), ("bf16", 64, 64), ("bf16", 256, 256), ("fp16", 96, 128), ("fp32", 64, 64),
-                ("fp32", 128, 128)]
+    # (dtype, D, padded D, GROUP): GROUP None is any group (GQA); 1 is MHA, whose group triton compiles as
+    # the constant it is (an int argument equal to 1 is specialised so): a kernel of its own
+    variants = [("bf16", 128, 128, None), ("bf16", 64, 64, None), ("bf16", 256, 256, None), ("fp16", 96, 128, None),
+                ("fp32", 64, 64, None), ("fp32", 128, 128, None), ("bf16", 128, 128, 1)]
     for label, kernel, table in kernels:
-        for dtype, d, head_dim in (variants[:2] + variants[3:4] if quick else variants):
+        for dtype, d, head_dim, group in (variants[:2] + variants[3:4] if quick else variants):
             configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]
             for causal in (False, True):
-                for entry in (configs[:1] if quick else configs):
+                for entry in _picked(configs, quick):
                     const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim, IS_CAUSAL=causal,
-                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(entry))
+                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(entry),
+                                 **({} if group is None else {"GROUP": group}))
                     warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
     pre = A._bwd_preprocess_kernel
@@ -115,13 +128,14 @@ def _mla_jobs(quick):
     variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192), ("bf16", 256, 128, 256),
                 ("fp32", 256, 128, 256)]
     for label, kernel, table in kernels:
-        for dtype, dn, dr, dv in (variants[:1] if quick else variants):
+        # quick: DeepSeek-V2's heads, and for dK/dV the half-size ones too, whose list runs nested loops
+        for dtype, dn, dr, dv in (variants[:2 if "dK/dV" in label else 1] if quick else variants):
             meta = A.head_meta(dn, dr, dv, None, False)
             configs = table["fp32" if dtype == "fp32" else A._table_key(meta["HEAD_DIM"] + meta["ROPE_DIM"],
                                                                          meta["V_DIM"])]
             precision = "ieee" if dtype == "fp32" else "tf32"
             for causal in (False, True):
-                for entry in (configs[:1] if quick else configs):
+                for entry in _picked(configs, quick):
                     const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry)}
                     warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},

@@ -18,8 +18,8 @@
 # steps.txt (each step's exit code and seconds; 124 or 137: cut by its timeout) and the attention plot
 # (with matplotlib). The device tool brings back at most 8 files from $OUT, so after every step $OUT
 # gets three: results.tar.gz (WORK without checkpoints and activation caches), steps.txt and
-# summary.txt (the goal lines and the trainer's tables). Outside a git checkout set LWT_GIT_SHA, or the
-# results say "unknown" for the commit. The exit code is 1 if a step failed or was cut.
+# summary.txt (the goal lines, lwt's attention passes timed apart, the trainer's tables, the tests' counts).
+# Outside a git checkout set LWT_GIT_SHA, or the results say "unknown" for the commit. The exit code is 1 if a step failed or was cut.
 set -uo pipefail
 OUT=${OUT:-device-out}; WORK=${WORK:-/tmp/lwt-device}
 mkdir -p "$OUT" "$WORK"

@@ -139,9 +139,10 @@ def _key_ranges(q_start, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAU
 # 64 list), one list for DeepSeek-V2's MLA heads ("mla": q·k 128 + 64, v 128) and one for fp32 inputs;
 # BLOCK_M is the query tile, BLOCK_N the key tile in every kernel. Short lists, keyed on the head dim, the
 # mask, the dtype and a power-of-two bucket of S (never on B or the raw S: flash-linear-attention#533).
-# Every 16-bit config here compiles for sm_90 (triton 3.6) without register spills, or with at most a few
-# dozen bytes in the causal variant (checked with benchmarks/compile_check.py); fp32 tiles (IEEE dots, no
-# tensor cores) spill at head dims >= 128 and are a correctness path.
+# At the attention head dims and DeepSeek-V2's MLA heads every 16-bit config here compiles for sm_90
+# (triton 3.6) without register spills, or with a few dozen bytes (checked with benchmarks/compile_check.py,
+# which also lists the MLA widths that spill more); fp32 tiles (IEEE dots, no tensor cores) spill at head
+# dims >= 128 and are a correctness path.
 _FWD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],
@@ -153,10 +154,11 @@ _FWD_CONFIGS = {
 # of heads) and each head's query loop as one flattened loop (tl.range(flatten=True)), each head's
 # query tiles in a single loop (causal: every tile masked, not only the diagonal ones), instead of
 # nested loops with the causal diagonal split off. Nested, the head loop keeps the query loop's pipeline
-# state beside its own; flattened, ptxas needs fewer registers (sm_90, D 128, 64x128 tiles at 2 stages:
-# 255 and no spill where nested spills 104 bytes bidirectional, 360 causal; 32x128 237 / 246 against 250)
-# and a head's first query tiles load while the previous head's last ones compute. The nested configs
-# are the lists timed at e3f8149; the flattened ones are not yet timed on a GPU.
+# state beside its own; flattened, ptxas needs fewer registers (sm_90, D 128, GQA: 64x128 tiles at 2 stages
+# 255 and no spill, bidirectional / causal, where nested spills 104 / 360 bytes; 32x128 237 / 246 against
+# 250 / 255 and 24 bytes spilled. MHA, whose group of 1 triton specialises, spills 32 / 40 bytes at
+# 64x128 flattened) and a head's first query tiles load while the previous head's last ones compute. The
+# nested configs are the lists timed at e3f8149; the flattened ones are not yet timed on a GPU.
 _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows stream through
     64: [(32, 128, 8, 3, False), (32, 128, 8, 2, False), (64, 128, 8, 1, False), (32, 64, 4, 2, False),
          (16, 128, 8, 2, False)],
@@ -165,7 +167,7 @@ _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows str
     256: [(16, 32, 8, 2, False), (32, 32, 8, 1, False), (16, 32, 4, 1, False), (16, 64, 8, 2, False)],
     # MLA's key tile holds three fp32 accumulators (dk_nope 128, dk_rope 64, dv 128 wide). On an H200, at
     # e3f8149, with the 256 list (query tiles of 16 or 32 rows) and nested head and query loops, its
-    # fwd+bwd ran at a third of SDPA-cuDNN's. Nested, 32x64 tiles spilled 40 / 192 bytes (bidirectional /
+    # fwd+bwd ran at 0.27-0.34x SDPA-cuDNN's. Nested, 32x64 tiles spilled 40 / 192 bytes (bidirectional /
     # causal); flattened, these compile without spills (registers: 64x64 252 / 255, 32x64 229 / 241 or,
     # one stage, 255 / 255, 16x64 214 / 222), while 128-key tiles, 4 warps and 32x32 (mma.sync) spill.
     # Which is fastest is the autotuner's measurement (not yet made on a GPU).
@@ -183,7 +185,7 @@ _DQ_CONFIGS = {
 # The interpreter runs one small config that still has BLOCK_M != BLOCK_N, so the diagonal tiles span
 # several inner tiles there too.
 _INTERPRETER_FWD = (32, 16)
-_INTERPRETER_DKDV = (16, 32, True)  # flattened: the masking of the single causal loop runs on the CPU too
+_INTERPRETER_DKDV = (16, 32, False)  # nested; the tests force the flattened loops too
 _INTERPRETER_DQ = (32, 16)
 _SMEM_BYTES = 220 * 1024  # H100/H200 allow 227 KiB per block; keep a margin for the compiler's scratch
 
@@ -213,10 +215,10 @@ def _configs(table, interpreter_blocks):
 
 def _table_key(qk_dim: int, v_dim: int) -> int | str:
     """Which config list a head takes: by its widest padded operand (q·k with any rope part, or v), with
-    the MLA heads of DeepSeek-V2 (q·k 128 + 64, v 128: 320 wide together, a quarter less than 256 + 256)
-    on a list of their own."""
+    MLA heads like DeepSeek-V2's (q·k over 128 and at most 192 wide, e.g. 128 + 64; v at most 128) on a
+    list of their own."""
     width = max(qk_dim, v_dim)
-    if width > 128 and qk_dim + v_dim <= 320:
+    if 128 < qk_dim <= 192 and v_dim <= 128:
         return "mla"
     return 64 if width <= 64 else 128 if width <= 128 else 256
 
@@ -372,12 +374,12 @@ def _bwd_preprocess_kernel(O, DO, Delta, stride_ob, stride_os, stride_oh, stride
 def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, lo, hi, S, qk_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
                 D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                DIAGONAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK (and dK_rope), dV of one key tile over the query tiles [lo, hi) of one query head,
     working in the transposed orientation (keys along rows) so that they come out without a transpose.
     Query rows past S load as zeros (q, dO, LSE, δ), and a zero q and dO row adds exactly nothing to
-    dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; DIAGONAL: apply the causal mask
-    to P (to the diagonal tiles alone, or to every tile of a flattened loop: _dkdv_head)."""
+    dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; CAUSAL_MASK: apply the causal mask
+    to P (_dkdv_head sets it for the diagonal tiles alone, or for every tile of a flattened loop)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_rows = start_m + tl.arange(0, BLOCK_M)
@@ -389,7 +391,7 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
         if ROPE_DIM > 0:
             qk_t = tl.dot(kr, tl.trans(qr), qk_t, input_precision=INPUT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if DIAGONAL:
+        if CAUSAL_MASK:
             p_t = tl.where(k_cols[:, None] <= q_rows[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)

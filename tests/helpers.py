@@ -1,5 +1,6 @@
-"""Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation; a small
-DecoderBlock and the comparison of its output and gradients (the compile tests); the HEAVY marker."""
+"""Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation; forcing a
+launch config; a small DecoderBlock and the comparison of its output and gradients (the compile tests);
+the HEAVY marker."""
 import pytest
 import torch
 
@@ -26,6 +27,17 @@ def grads(fn, inputs, cotangents):
     used = [(o, fresh_copy(c)) for o, c in zip(outs, cotangents) if c is not None]
     gs = torch.autograd.grad([o for o, _ in used], leaves, [c for _, c in used], allow_unused=False)
     return [o.detach() for o in outs], list(gs)
+
+
+def force_config(monkeypatch, kernel, config):
+    """Launches of `kernel` (a TunedKernel, or a triton autotuner) use `config`: the autotuner launches a
+    lone config without pruning or benchmarking it."""
+    autotuner = getattr(kernel, "autotuned", kernel)
+    monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "cache", {})
+    monkeypatch.setattr(autotuner, "best_config", None, raising=False)
+    if hasattr(kernel, "best"):
+        monkeypatch.setattr(kernel, "best", {})
 
 
 # The CUDA tests that hold GiBs of GPU memory (float64 references at long sequences or wide vocabularies,

@@ -5,7 +5,7 @@ import torch
 import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import reference
-from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, grads
+from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, force_config, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -105,6 +105,16 @@ def _check(shape, dtype, causal, layout="contiguous", seed=0):
 @pytest.mark.parametrize("shape", SHAPES + CUDA_SHAPES)
 def test_attention_matches_float64_reference(shape, causal, dtype):
     _check(shape, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal):
+    """The dK/dV pass as its FLATTEN configs run it (attention._DKDV_CONFIGS): the loop over the group's
+    query heads and each head's query loop as one, causal with every query tile from the key tile's start
+    masked. The interpreter's own config nests the loops; this forces the other way, same tiles."""
+    force_config(monkeypatch, attn._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True)))
+    _check(shape, torch.float32, causal)
 
 
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])

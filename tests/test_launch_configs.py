@@ -4,9 +4,10 @@ The autotuner runs only its winner for each key, and the interpreter a small con
 of the GPU lists that mishandled a mask, a ragged tile or the causal diagonal at its own block sizes
 would be found only on the day the autotuner picked it on a GPU. Here each config is forced (the
 autotuner then launches it without tuning) and the op is checked as in its own test file. On the CPU the
-interpreter runs each distinct block shape once (warps and stages mean nothing there); on a GPU every
-config of every list runs, compiled, at one head dim (or dtype) its list is for. Sizes leave a ragged
-last tile of every block size listed.
+interpreter runs each distinct block shape once (warps and stages mean nothing there; the dK/dV pass's
+FLATTEN does: its nested and its flattened loops both run); on a GPU every config of every list runs,
+compiled, at one head dim (or dtype) its list is for. Sizes leave a ragged last tile of every block size
+listed.
 """
 import pytest
 import torch
@@ -18,6 +19,7 @@ from kernels import mla
 from kernels import reference
 from kernels import swiglu
 from tests import test_attention, test_cross_entropy, test_mla, test_swiglu
+from tests.helpers import force_config
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -26,7 +28,8 @@ HALF = torch.bfloat16 if CUDA else torch.float16  # the interpreter's tl.dot of 
 
 
 def _variants(configs):
-    """The configs to run: all of them on a GPU; on the interpreter one per distinct block shape."""
+    """The configs to run: all of them on a GPU; on the interpreter one per distinct block shape (and
+    FLATTEN: the distinct constexprs)."""
     if CUDA:
         return configs
     distinct = {}
@@ -41,19 +44,8 @@ def _runs(*lists):
     return [tuple(configs[i % len(configs)] for configs in lists) for i in range(max(map(len, lists)))]
 
 
-def _force(monkeypatch, kernel, config):
-    """Launches of `kernel` (a TunedKernel, or a triton autotuner) use `config`: the autotuner launches a
-    lone config without pruning or benchmarking it."""
-    autotuner = getattr(kernel, "autotuned", kernel)
-    monkeypatch.setattr(autotuner, "configs", [config])
-    monkeypatch.setattr(autotuner, "cache", {})
-    monkeypatch.setattr(autotuner, "best_config", None, raising=False)
-    if hasattr(kernel, "best"):
-        monkeypatch.setattr(kernel, "best", {})
-
-
 def _check_forced(kernels, run, check):
-    """check() with each of `kernels` forced to its config of `run` (_force first); each must have run
+    """check() with each of `kernels` forced to its config of `run` (force_config first); each must have run
     with it, or the check tested another config. A failure (a mismatch, or on a GPU a compile error or
     a launch out of resources) names the configs."""
     try:
@@ -71,7 +63,8 @@ def _run_id(configs):
     return " | ".join(f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for c in configs)
 
 
-# -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages) lists keyed by padded head dim -------------------
+# -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN]) lists keyed by padded head dim ------
+# (or "mla", "fp32"); on the CPU a nested and a flattened dK/dV config of one block shape both run.
 
 def _blocks(table, keys):
     return [attn.as_config(entry) for key in keys for entry in table[key]]
@@ -102,7 +95,7 @@ def test_attention_configs(monkeypatch, name, keys, D, masks):
     kernels, runs = _attention_runs(keys, attn._dkdv)
     for i, run in enumerate(runs):
         for kernel, config in zip(kernels, run):
-            _force(monkeypatch, kernel, config)
+            force_config(monkeypatch, kernel, config)
         _check_forced(kernels, run, lambda: test_attention._check(shape, dtype, masks[i % len(masks)]))
 
 
@@ -119,7 +112,7 @@ def test_mla_configs(monkeypatch, shape, keys, masks):
     kernels, runs = _attention_runs(keys, mla._dkdv)
     for i, run in enumerate(runs):
         for kernel, config in zip(kernels, run):
-            _force(monkeypatch, kernel, config)
+            force_config(monkeypatch, kernel, config)
         _check_forced(kernels, run, lambda: test_mla._check(shape, HALF, masks[i % len(masks)]))
 
 
@@ -148,7 +141,7 @@ def test_swiglu_dual_gemm_configs(monkeypatch, name, lists, dtype):
             test_swiglu._check((T, D), F, dtype, recompute)
 
     for run in _runs(_gemm([t for key in lists for t in swiglu._GEMM_CONFIGS[key]])):
-        _force(monkeypatch, swiglu._dual_gemm, run[0])
+        force_config(monkeypatch, swiglu._dual_gemm, run[0])
         _check_forced([swiglu._dual_gemm], run, check)
 
 
@@ -176,11 +169,11 @@ def test_swiglu_fp8_configs(monkeypatch):
                  _gemm(swiglu._FP8_DX_CONFIGS, names=("BLOCK_M", "BLOCK_N")))
     for i, run in enumerate(runs):
         for kernel, config in zip(kernels, run):
-            _force(monkeypatch, kernel, config)
+            force_config(monkeypatch, kernel, config)
         _check_forced(kernels, run, lambda: test_swiglu._check((T, D), F, HALF, True, torch.float8_e4m3fn, seed=5))
         if i < len(_variants(forward_configs)):
             for kernel, config in zip(kernels, run):
-                _force(monkeypatch, kernel, config)
+                force_config(monkeypatch, kernel, config)
             _check_forced(kernels[::2], run[::2],
                           lambda: test_swiglu._check((T, D), F, HALF, False, torch.float8_e4m3fn, seed=5))
 
@@ -196,7 +189,7 @@ def test_cross_entropy_dw_accumulation_configs(monkeypatch):
     configs = [triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
                for bv, bd, bc, w, s in ce._DW_CONFIGS]
     for run in _runs(configs):
-        _force(monkeypatch, ce._ce_dw_accumulate_kernel, run[0])
+        force_config(monkeypatch, ce._ce_dw_accumulate_kernel, run[0])
         _check_forced([ce._ce_dw_accumulate_kernel], run,
                       lambda: test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3,
                                                         accum_dtype=torch.float32))

@@ -7,7 +7,7 @@ import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import mla
 from kernels import reference
-from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, grads
+from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, force_config, grads
 from tests.tolerances import assert_close
 
 CUDA = torch.cuda.is_available()
@@ -94,6 +94,17 @@ def _cancelling_terms(inputs, do, sm_scale):
 @pytest.mark.parametrize("shape", SHAPES + CUDA_SHAPES)
 def test_mla_matches_float64_reference(shape, causal, dtype):
     _check(shape, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal):
+    """The dK/dV pass as DeepSeek-V2's configs run it (FLATTEN: the loop over the chunk's heads and each
+    head's query loop as one, causal with every query tile from the key tile's start masked), all heads in
+    one chunk so that the loop spans them. The interpreter's own config nests the loops."""
+    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True)))
+    monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: 1)
+    _check(shape, torch.float32, causal)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
