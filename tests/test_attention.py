@@ -115,6 +115,7 @@ def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal
     masked. The interpreter's own config nests the loops; this forces the other way, same tiles."""
     force_config(monkeypatch, attn._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True)))
     _check(shape, torch.float32, causal)
+    assert attn._dkdv.autotuned.best_config.kwargs["FLATTEN"]  # the forced config is the one that ran
 
 
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])

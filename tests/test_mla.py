@@ -105,6 +105,7 @@ def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal
     force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True)))
     monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: 1)
     _check(shape, torch.float32, causal)
+    assert mla._dkdv.autotuned.best_config.kwargs["FLATTEN"]  # the forced config is the one that ran
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
