@@ -411,11 +411,7 @@ def _dkdv_head(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, 
     k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal (k_start + BLOCK_N is a
     multiple of BLOCK_M); later queries see all of them. FLATTEN (for a head loop to be flattened around
     it): a single query loop, every tile masked when causal; otherwise the diagonal tiles apart."""
-    if FLATTEN:
-        dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
-                                  k_start if IS_CAUSAL else 0, S, S, qk_scale,
-                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, IS_CAUSAL, INPUT_PRECISION)
-    elif IS_CAUSAL:
+    if IS_CAUSAL and not FLATTEN:
         diag_end = k_start + BLOCK_N
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   k_start, tl.minimum(diag_end, S), S, qk_scale,
@@ -423,10 +419,10 @@ def _dkdv_head(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, 
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   diag_end, S, S, qk_scale,
                                   D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, INPUT_PRECISION)
-    else:
+    else:  # one query loop: every key visible (bidirectional), or every tile masked (causal, FLATTEN)
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
-                                  0, S, S, qk_scale,
-                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, INPUT_PRECISION)
+                                  k_start if IS_CAUSAL else 0, S, S, qk_scale,
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, IS_CAUSAL, INPUT_PRECISION)
     return dk, dkr, dv
 
 

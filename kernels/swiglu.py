@@ -558,7 +558,7 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
     chunk = max(1, CHUNK_ELEMENTS // F)
     group = chunk * DW_GROUP_CHUNKS  # tokens per dW_down GEMM; chunks never straddle two groups
     dx = empty((T, D), dtype, device) if need_dx else absent(dy)
-    dw = torch.zeros((D, F), dtype=torch.float32, device=device) if need_dw_down and T > group else None
+    dw = empty((D, F), torch.float32, device) if need_dw_down and T > group else None  # the first group sets it
     h_group = empty((min(T, group), F), dtype, device) if need_dw_down else None
     w_scales = None if w_gate_scale is None else (w_gate_scale, w_up_scale)
     fp8_dx = need_dx and w_scales is not None
@@ -598,7 +598,11 @@ def swiglu_bwd(dy: torch.Tensor, x: torch.Tensor | None, w_gate: torch.Tensor, w
             else:  # column blocks, so that the fp32 product of one is at most CHUNK_ELEMENTS // 2 elements
                 cols = max(1, CHUNK_ELEMENTS // (2 * D))
                 for f0 in range(0, F, cols):
-                    dw[:, f0:f0 + cols] += _mm_fp32(dy[rows].t(), h[:, f0:f0 + cols])
+                    part = _mm_fp32(dy[rows].t(), h[:, f0:f0 + cols])
+                    if g0 == 0:  # the first group writes dW_down: no zero fill to read back
+                        dw[:, f0:f0 + cols].copy_(part)
+                    else:
+                        dw[:, f0:f0 + cols] += part
     return dx, (dw.to(w_down.dtype) if need_dw_down else absent(w_down))
 
 
