@@ -28,6 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as `python benchmarks/bench_x.py` from a checkout, installed or not
     sys.path.insert(0, REPO)
 
+from kernels._common import autotuning  # noqa: E402  (after the interpreter switch and the path)
+
 DEFAULT_RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 
 
@@ -279,6 +281,9 @@ def start(op: str, doc: str, smoke, argv=None, extra=None):
                     skip_compiled=args.skip_compiled_baselines)
     if report.skip_compiled and op in ("rmsnorm", "swiglu", "cross_entropy"):
         report.note("torch.compile baseline left out (--skip-compiled-baselines)")
+    if not autotuning():
+        report.note("LWT_AUTOTUNE=0: lwt's kernels run the first launch config that fits, untimed (unset it to "
+                    "autotune them as training does)")
     return args, report
 
 

@@ -5,7 +5,7 @@
 # grace, and the results are packed after it.
 #   bash benchmarks/device_check.sh bench   # bench_attention, bench_swiglu, bench_cross_entropy,
 #                                           # bench_rmsnorm (TUNE=1: its launch-constant sweep first), bench_block
-#   bash benchmarks/device_check.sh test [pytest -k expr]   # the test suite on the GPU (xdist, 8 workers)
+#   bash benchmarks/device_check.sh test [pytest -k expr]   # the test suite on the GPU (xdist, WORKERS=12)
 #   bash benchmarks/device_check.sh all     # bench (no torch.compile baselines but bench_block's), then
 #                                           # the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
@@ -74,11 +74,12 @@ if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
 fi
 
 run_tests() {
-  # xdist spreads the many first-call compilations and autotunings over the CPU cores; loadgroup (xdist
-  # 2.5+) keeps the GPU-memory-heavy tests (xdist_group "heavy") on one worker, one at a time.
+  # xdist spreads the many first-call compilations over the CPU cores (one config per kernel and key:
+  # tests/conftest.py sets LWT_AUTOTUNE=0); loadgroup (xdist 2.5+) keeps the GPU-memory-heavy tests
+  # (xdist_group "heavy") on one worker, one at a time.
   local opts=(-q -p no:warnings --continue-on-collection-errors)  # one broken file must not stop the rest
   if "$PY" -c "import xdist" 2>/dev/null; then
-    opts+=(-n 8)
+    opts+=(-n "${WORKERS:-12}")
     "$PY" -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
   else
     opts+=(-o addopts=-ra)  # pytest.ini's -n 2 needs xdist

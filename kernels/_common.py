@@ -99,6 +99,21 @@ def row_tile(n: int, max_block_n: int, tile_elements: int, max_block_m: int = 64
 _ROW_WARPS = (1, 2, 4, 8, 16, 32)
 
 
+_AUTOTUNE_CHOICES = ("1", "0")
+
+
+def autotuning() -> bool:
+    """Whether a kernel's first launch for a new key times its launch configs (LWT_AUTOTUNE=1, the
+    default) or takes the first config of its list that fits (LWT_AUTOTUNE=0: nothing is timed, and every
+    process picks the same config, so results do not depend on which config won a timing race). Read
+    when a key is first launched; a key already tuned keeps its config."""
+    value = os.environ.get("LWT_AUTOTUNE", "1").strip() or "1"
+    if value not in _AUTOTUNE_CHOICES:
+        raise ValueError(f"LWT_AUTOTUNE: expected 1 (time the launch configs) or 0 (take the first that fits), "
+                         f"got {value!r}")
+    return value == "1"
+
+
 class TunedKernel:
     """Launches an autotuned kernel, skipping the autotuner's per-call bookkeeping once a key is tuned.
 
@@ -107,7 +122,10 @@ class TunedKernel:
     the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
     After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
     is launched with it directly: the config, arguments and compiled binary the autotuner would use.
-    `last` is the config of the latest launch (the benchmarks report it).
+    With LWT_AUTOTUNE=0 (see autotuning) the first call takes the first config that survives the
+    autotuner's pruning instead of timing them all: one compilation per key, the GPU test suite's
+    setting (tests/conftest.py). `last` is the config of the latest launch (the benchmarks report it);
+    the autotuner's `best_config` is set to it too.
     """
 
     def __init__(self, autotuned):
@@ -124,11 +142,28 @@ class TunedKernel:
             names = self.autotuned.arg_names
             if list(meta) != names[len(args):len(args) + len(meta)]:
                 raise TypeError(f"TunedKernel: pass {names[len(args):]} in declaration order, got {list(meta)}")
-            self.autotuned[grid](*args, **meta)
-            self.best[key] = self.last = self.autotuned.best_config
+            if len(self.autotuned.configs) > 1 and not autotuning():
+                config = self._first_fitting(args, meta)
+                self.autotuned.best_config = config
+                self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+            else:  # timed (a lone config is launched without timing)
+                self.autotuned[grid](*args, **meta)
+                config = self.autotuned.best_config
+            self.best[key] = self.last = config
         else:
             self.last = config
             self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+
+    def _first_fitting(self, args, meta):
+        """The first config the autotuner's early_config_prune keeps for these arguments (all of them
+        without a prune)."""
+        configs = self.autotuned.configs
+        prune = self.autotuned.early_config_prune
+        if prune is not None:
+            configs = prune(configs, dict(zip(self.autotuned.arg_names, args)), **meta)
+        if not configs:
+            raise RuntimeError(f"TunedKernel: no launch config of {self.autotuned.base_fn.__name__} survives pruning")
+        return configs[0]
 
 
 class Launcher:

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import (absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting, launcher,
-                      next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
+                      launcher, next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -146,6 +146,9 @@ def _ce_dw_accumulate_kernel(DZ, H, Acc, Out, C, V, D, stride_dz_row, stride_h_r
     tl.store(out, acc.to(Out.dtype.element_ty), mask=in_tile)
 
 
+_dw_accumulate = TunedKernel(_ce_dw_accumulate_kernel)
+
+
 @triton.jit
 def _scale_kernel(X, G, n, BLOCK: tl.constexpr):
     """X (n elements, contiguous) *= G[0], in fp32: a 16-bit X never sees G rounded to its own dtype."""
@@ -196,8 +199,8 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
     C, V = dz.shape
     D = h.shape[1]
     grid = lambda meta: (cdiv(V, meta["BLOCK_V"]) * cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
-    _ce_dw_accumulate_kernel[grid](dz, h, dw, dw if out is None else out, C, V, D, dz.stride(0), h.stride(0),
-                                   dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
+    _dw_accumulate.launch(grid, dz, h, dw, dw if out is None else out, C, V, D, dz.stride(0), h.stride(0),
+                          dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
 
 
 def _chunk_rows(n: int, V: int, D: int, itemsize: int) -> int:

@@ -1,11 +1,17 @@
 """Test setup. Without a GPU the Triton kernels run on CPU tensors through the Triton interpreter, which
-must be switched on before triton is first imported (kernels are wrapped at decoration time)."""
+must be switched on before triton is first imported (kernels are wrapped at decoration time). Kernels are
+not autotuned (LWT_AUTOTUNE=0, below) unless the environment says otherwise."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The first launch of each kernel for a new key takes the first launch config that fits instead of timing
+# them all (kernels._common.autotuning): on a GPU, one compilation per key instead of one per config, and
+# no timing runs. Every config is still checked, forced, by test_launch_configs.py, and one test there
+# runs the timed path. (On the interpreter each list has one config: nothing changes.)
+os.environ.setdefault("LWT_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

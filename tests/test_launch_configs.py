@@ -12,12 +12,14 @@ listed.
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from kernels import attention as attn
 from kernels import cross_entropy as ce
 from kernels import mla
 from kernels import reference
 from kernels import swiglu
+from kernels._common import TunedKernel
 from tests import test_attention, test_cross_entropy, test_mla, test_swiglu
 from tests.helpers import force_config
 from tests.tolerances import assert_close
@@ -189,7 +191,81 @@ def test_cross_entropy_dw_accumulation_configs(monkeypatch):
     configs = [triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
                for bv, bd, bc, w, s in ce._DW_CONFIGS]
     for run in _runs(configs):
-        force_config(monkeypatch, ce._ce_dw_accumulate_kernel, run[0])
-        _check_forced([ce._ce_dw_accumulate_kernel], run,
+        force_config(monkeypatch, ce._dw_accumulate, run[0])
+        _check_forced([ce._dw_accumulate], run,
                       lambda: test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3,
                                                         accum_dtype=torch.float32))
+
+
+# -- the autotuning switch (kernels._common.autotuning, LWT_AUTOTUNE) -------------------------------------
+
+@triton.jit
+def _scale_kernel(X, Y, n, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * SCALE, mask=offs < n)
+
+
+def _scale_tuner(pruned):
+    """A TunedKernel over three configs, the first pruned away; `pruned` counts the prune's calls."""
+    def prune(configs, nargs, **kwargs):
+        pruned.append(nargs["n"])
+        return [c for c in configs if c.kwargs["BLOCK"] > 16]
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=1) for b in (16, 32, 64)]
+    return TunedKernel(triton.autotune(configs=configs, key=["n"], prune_configs_by={"early_config_prune": prune})(
+        _scale_kernel))
+
+
+def _scale(tuner, n):
+    x = torch.randn(n, device=DEVICE)
+    y = torch.full_like(x, float("nan"))
+    tuner.launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), x, y, n, SCALE=3.0)
+    assert torch.equal(y, x * 3.0)
+
+
+def test_untuned_launch_takes_the_first_config_that_survives_pruning(monkeypatch):
+    """LWT_AUTOTUNE=0: nothing is timed; the first config the prune keeps runs, and is reused for its key."""
+    monkeypatch.setenv("LWT_AUTOTUNE", "0")
+    pruned = []
+    tuner = _scale_tuner(pruned)
+    monkeypatch.setattr(tuner.autotuned, "_bench", lambda *a, **k: pytest.fail("a config was timed"))
+    _scale(tuner, 100)
+    assert tuner.last is tuner.autotuned.configs[1] and tuner.autotuned.best_config is tuner.last
+    _scale(tuner, 100)
+    assert pruned == [100]  # the second launch found its key's config without pruning again
+    _scale(tuner, 37)  # a new key is looked up anew
+    assert pruned == [100, 37] and tuner.last is tuner.autotuned.configs[1]
+
+
+def test_tuned_launch_times_the_configs_that_survive_pruning(monkeypatch):
+    """LWT_AUTOTUNE=1 (the default): the autotuner times each config the prune keeps and runs the fastest."""
+    monkeypatch.delenv("LWT_AUTOTUNE", raising=False)
+    tuner = _scale_tuner([])
+    timed = []
+
+    def bench(*args, config, **meta):  # the last config is the "fastest"
+        timed.append(config)
+        return [1.0 / config.kwargs["BLOCK"]] * 3
+
+    monkeypatch.setattr(tuner.autotuned, "_bench", bench)
+    _scale(tuner, 100)
+    assert timed == tuner.autotuned.configs[1:] and tuner.last is tuner.autotuned.configs[2]
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "first"])
+def test_autotune_switch_refuses_other_values(monkeypatch, value):
+    monkeypatch.setenv("LWT_AUTOTUNE", value)
+    tuner = _scale_tuner([])
+    with pytest.raises(ValueError, match="LWT_AUTOTUNE: expected 1 .* or 0 .*, got"):
+        _scale(tuner, 10)
+
+
+@pytest.mark.cuda
+def test_timed_autotuning_picks_a_correct_config(monkeypatch):
+    """The suite runs untimed (tests/conftest.py); here the attention kernels autotune as in training
+    (every listed config compiled and timed, the fastest launched) and the result is checked."""
+    monkeypatch.setenv("LWT_AUTOTUNE", "1")
+    for kernel in (attn._fwd, attn._dkdv, attn._dq):
+        monkeypatch.setattr(kernel, "best", {})
+        monkeypatch.setattr(kernel.autotuned, "cache", {})
+    test_attention._check((2, 1000, 4, 2, 128, None), torch.bfloat16, True)
