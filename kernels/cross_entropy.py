@@ -10,7 +10,8 @@ With an upstream gradient g (a scalar for mean/sum, one value per row for none) 
     ∂loss/∂z_{n,v} = c_n (softmax(z_n)_v − [v = t_n])      dH = dZ W,   dW = dZᵀ H,   ∂loss/∂w_n = g·r·ℓ_n.
 
 Schedule. Rows whose target is ignore_index are dropped first (they cost no matmul). The kept rows are
-walked in chunks of C rows so that only a (C × V) slice of logits ever exists (LOGITS_CHUNK_BYTES):
+walked in chunks of C rows so that only a (C × V) slice of logits ever exists (LOGITS_CHUNK_BYTES, more
+with an fp32 dW sum: ACCUM_CHUNK_SHARE):
 
     Z_c = H_c Wᵀ                         cuBLAS, in the inputs' dtype
     _ce_rows_kernel: lse_c (base 2), ℓ_c (fp32, online log-sum-exp), then Z_c ← dZ_c in place
@@ -27,8 +28,8 @@ gradient already in it, as an eager backward rounds its grad_logits. (So fp16, w
 computes its gradients in the backward even for mean/sum: a loss scale must reach dZ before it is
 rounded.) dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
 16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
-rounding per chunk, no V × D buffer). Offsets: a chunk of logits holds fewer than 2³¹ elements
-(LOGITS_CHUNK_BYTES), chunks are capped at (2³¹ − 1) / D rows, and the dW offsets are int64.
+rounding per chunk, no V × D buffer). Offsets: chunks are capped at (2³¹ − 1) / V and (2³¹ − 1) / D rows
+(fewer than 2³¹ elements of logits and of h), and the dW offsets are int64.
 
 Layout. A chunk's logits live in a buffer whose rows are padded to a multiple of 16 elements (V 50257:
 50272), the GEMMs writing and reading its (C, V) view. A row stride divisible by 16 is what Triton
@@ -49,8 +50,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Bytes of one chunk of logits (C × V in the inputs' dtype): the op's working memory beside the gradient
-# buffers. 192 MiB is 768 rows of a 128000-word vocabulary in bf16. Tests shrink it to get many chunks.
-LOGITS_CHUNK_BYTES = 192 * 2**20
+# buffers. 250 MiB is 1024 rows of a 128000-word vocabulary in bf16 (16384 rows in 16 chunks, within the
+# 0.25 GiB of issue #6's goal). Each chunk reads and writes the whole (V, D) dW sum once, and its dH GEMM
+# has only C × D outputs: at D 4096, 1024 rows make 128 tiles of 128 x 256 for an H200's 132 SMs, the 768
+# of 192 MiB chunks (e3f8149, not yet timed since) 96. Tests shrink it to get many chunks.
+LOGITS_CHUNK_BYTES = 250 * 2**20
+# With an fp32 dW sum (4·V·D bytes: 2 GiB at V 128000, D 4096) the working memory is mostly that buffer,
+# and each chunk's accumulation GEMM reads and writes all of it (about 4 GiB a chunk there); chunks may
+# then hold logits up to this share of its size (512 MiB there: 8 chunks of 2048 rows instead of 16 of
+# 1024, half the traffic for a quarter more memory). Rows that fit in one such chunk need no fp32 sum.
+ACCUM_CHUNK_SHARE = 0.25
 # Row stride of a logits chunk: V rounded up to a multiple of this (see Layout above).
 _ROW_ALIGN = 16
 
@@ -203,14 +212,18 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
                           dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
 
 
-def _chunk_rows(n: int, V: int, D: int, itemsize: int) -> int:
-    """Rows per chunk: LOGITS_CHUNK_BYTES of logits (V: the padded row length), and fewer than 2^31
-    elements of h in one chunk (the dW kernel's int32 offsets; only a vocabulary of a few hundred words
-    gets near it)."""
-    rows = min(max(1, LOGITS_CHUNK_BYTES // (V * itemsize)), (2**31 - 1) // D)
-    if rows >= 256:
-        rows -= rows % 128  # whole 128-row GEMM tiles
-    return max(1, min(rows, n))
+def _chunk_rows(n: int, V: int, D: int, itemsize: int, budget: int) -> int:
+    """Rows per chunk: at most `budget` bytes of logits (V: the padded row length), and fewer than 2^31
+    elements of logits and of h in one chunk (the dW kernel's int32 offsets: only a vocabulary of a few
+    hundred words, or an fp32 sum's budget at a width of tens of thousands, gets near it).
+    The fewest chunks that allows, of even sizes (no sliver of a last chunk paying a whole pass over dW),
+    rounded up to whole 128-row GEMM tiles where the bound allows."""
+    cap = max(1, min(budget // (V * itemsize), (2**31 - 1) // V, (2**31 - 1) // D))
+    if n <= cap:
+        return max(1, n)
+    rows = cdiv(n, cdiv(n, cap))
+    tiled = cdiv(rows, 128) * 128
+    return tiled if tiled <= cap else rows  # as many chunks either way: cdiv(n, cap) <= cdiv(n, tiled)
 
 
 def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32):
@@ -231,15 +244,20 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     grads = need_dh or need_dw
     dh = empty((N, D), h.dtype, h.device) if need_dh else None
     v_pad = cdiv(V, _ROW_ALIGN) * _ROW_ALIGN
-    chunk = _chunk_rows(N, v_pad, D, h.element_size())
-    n_chunks = -(-N // chunk)
+    wider_sum = need_dw and accum_dtype is not None and weight.dtype != accum_dtype
+    budget = LOGITS_CHUNK_BYTES
+    if wider_sum:
+        acc_bytes = V * D * torch.tensor([], dtype=accum_dtype).element_size()
+        budget = max(budget, int(acc_bytes * ACCUM_CHUNK_SHARE))
+    chunk = _chunk_rows(N, v_pad, D, h.element_size(), budget)
+    n_chunks = cdiv(N, chunk)
     dw = acc = None
     if need_dw:
         dw = empty((V, D), weight.dtype, h.device)
         if N == 0:
             dw.zero_()
         # One chunk is one matmul, rounded once: only several need a wider running sum.
-        if n_chunks > 1 and accum_dtype is not None and weight.dtype != accum_dtype:
+        if n_chunks > 1 and wider_sum:
             acc = empty((V, D), accum_dtype, h.device)
     for i, n0 in enumerate(range(0, N, chunk)):
         rows = slice(n0, min(N, n0 + chunk))

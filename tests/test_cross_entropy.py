@@ -21,8 +21,9 @@ SHAPES = [
     pytest.param(37, 24, 257, id="N37-D24-V257"),
     pytest.param(0, 16, 10, id="N0-D16-V10"),
 ]
-# N 1024 at V 128000: 2-3 chunks of logits when every row is kept, and a float64 reference of 1 GiB of logits.
-CUDA_SHAPES = [pytest.param(1024, 1024, 128000, id="N1024-D1024-V128000", marks=[pytest.mark.cuda, HEAVY]),
+# N 1536 at V 128000: two chunks of logits in bf16 when every row is kept (three in fp32), and a float64
+# reference of 1.5 GiB of logits.
+CUDA_SHAPES = [pytest.param(1536, 1024, 128000, id="N1536-D1024-V128000", marks=[pytest.mark.cuda, HEAVY]),
                pytest.param(2048, 1024, 50257, id="N2048-D1024-V50257", marks=pytest.mark.cuda)]
 VARIANTS = ["plain", "weighted", "ignored", "weighted-ignored"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -126,7 +127,54 @@ def test_many_row_chunks(monkeypatch, dtype, reduction, accum_dtype):
     before chunking. D 40 ends the accumulation GEMM's column tiles raggedly."""
     V = 257
     monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * V * torch.tensor([], dtype=dtype).element_size())
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)  # the fp32 sum's chunks no larger
     _check(41, 40, V, dtype, reduction, "weighted-ignored", seed=3, accum_dtype=accum_dtype)
+
+
+@pytest.mark.parametrize("n,budget_rows,expected", [
+    (16384, 1024, 1024),  # V 128000 bf16 in 250 MiB: 16 whole chunks
+    (16384, 2097, 2048),  # the fp32 sum's 512 MiB: 8 chunks of whole 128-row tiles
+    (9000, 1024, 1024),  # 9 chunks either way; the last one the shortest (808 rows)
+    (16384, 786, 781),  # 192 MiB: 21 even chunks, not 21 of 768 and a sliver of 256 rows
+    (1000, 1024, 1000), (0, 1024, 1), (7, 3, 3),
+])
+def test_chunk_rows(n, budget_rows, expected):
+    """The fewest chunks the budget allows, of even sizes, in whole 128-row tiles where that fits."""
+    rows = ce._chunk_rows(n, 128000, 4096, 2, budget_rows * 128000 * 2)
+    assert rows == expected
+    assert rows <= max(budget_rows, 1) and max(1, -(-n // rows)) == max(1, -(-n // budget_rows))
+
+
+@pytest.mark.parametrize("V,D", [(16, 4096), (128000, 65536)], ids=["narrow-vocabulary", "wide-hidden"])
+def test_chunk_rows_keep_offsets_in_int32(V, D):
+    """Fewer than 2^31 elements of hidden and of logits per chunk, whatever the budget: a vocabulary of a
+    few words, or an fp32 sum's budget (V·D bytes) at a very wide hidden size."""
+    rows = ce._chunk_rows(10**7, V, D, 2, 2**40 if V == 16 else V * D)
+    cap = (2**31 - 1) // max(V, D)
+    assert rows * max(V, D) < 2**31 and -(-10**7 // rows) == -(-10**7 // cap)
+
+
+@pytest.mark.parametrize("budget_rows,chunks,wider_sum", [(0, 6, True), (10, 3, True), (27, 1, False)])
+def test_fp32_sum_takes_larger_chunks(monkeypatch, budget_rows, chunks, wider_sum):
+    """With an fp32 dW sum, chunks may hold logits up to ACCUM_CHUNK_SHARE of that buffer's size; rows that
+    then fit in one chunk are one GEMM, rounded once, with no fp32 buffer. fp16 (whose gradients wait for
+    the backward), 27 kept rows of V 257 (a padded row of 272), D 40: 5-row chunks without the share."""
+    V, D, row_bytes = 257, 40, 272 * 2
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * row_bytes)
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", (budget_rows * row_bytes + 1) / (V * D * 4))
+    grad_chunks, sums = [], []
+    rows_kernel, accumulate = ce._launch_rows, ce._accumulate_dw
+
+    def rows(z, target, row_scale, lse, loss, compute_lse, write_grad):
+        if write_grad:
+            grad_chunks.append(z.shape[0])
+        rows_kernel(z, target, row_scale, lse, loss, compute_lse, write_grad)
+
+    monkeypatch.setattr(ce, "_launch_rows", rows)
+    monkeypatch.setattr(ce, "_accumulate_dw", lambda dw, *a, **k: (sums.append(dw.dtype), accumulate(dw, *a, **k)))
+    _check(41, D, V, torch.float16, "mean", "weighted-ignored", seed=3)
+    assert len(grad_chunks) == chunks and sum(grad_chunks) == 27  # 41 rows, every third ignored
+    assert set(sums) == {torch.float32 if wider_sum else torch.float16}
 
 
 def test_expanded_upstream_gradient_and_strided_target():
