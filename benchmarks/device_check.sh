@@ -88,11 +88,14 @@ run_tests() {
   # The kernels' own tests first (xdist hands tests out roughly in order): a run cut by its limit has
   # covered them. Each outcome lands in WORK/tests.txt at once, a failure with its traceback.
   local first=(tests/test_rmsnorm.py tests/test_attention.py tests/test_mla.py tests/test_swiglu.py
-               tests/test_cross_entropy.py tests/test_layers.py tests/test_model.py tests/test_compile.py)
+               tests/test_cross_entropy.py tests/test_launch_configs.py tests/test_layers.py tests/test_model.py
+               tests/test_compile.py)
   local files=("${first[@]}") f
   for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
   rm -f "$WORK/tests.txt"
-  LWT_TEST_LOG="$WORK/tests.txt" step pytest 600 "$PY" -m pytest "${opts[@]}" ${1:+-k "$1"} "${files[@]}"
+  # One Inductor compile worker per test process: 12 processes each spawning a pool of 16 would share
+  # the 16 cores with Triton's compilations.
+  TORCHINDUCTOR_COMPILE_THREADS=1 LWT_TEST_LOG="$WORK/tests.txt" step pytest 600 "$PY" -m pytest "${opts[@]}" ${1:+-k "$1"} "${files[@]}"
   tail -n 12 "$WORK/pytest.log"
 }
 

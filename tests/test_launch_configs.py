@@ -46,6 +46,12 @@ def _runs(*lists):
     return [tuple(configs[i % len(configs)] for configs in lists) for i in range(max(map(len, lists)))]
 
 
+def _indexed(cases, count):
+    """pytest params: each case (a tuple, its id first) once per run index i < count(case), so that each
+    forced run is a test of its own (on a GPU the test workers share out the compilations)."""
+    return [pytest.param(*case, i, id=f"{case[0]}-run{i}") for case in cases for i in range(count(case))]
+
+
 def _check_forced(kernels, run, check):
     """check() with each of `kernels` forced to its config of `run` (force_config first); each must have run
     with it, or the check tested another config. A failure (a mismatch, or on a GPU a compile error or
@@ -88,17 +94,16 @@ def _attention_runs(keys, dkdv_kernel):
 
 
 @pytest.mark.parametrize("masks", MASKS)
-@pytest.mark.parametrize("name,keys,D", ATTENTION_LISTS, ids=[str(a[0]) for a in ATTENTION_LISTS])
-def test_attention_configs(monkeypatch, name, keys, D, masks):
+@pytest.mark.parametrize("name,keys,D,i", _indexed(ATTENTION_LISTS, lambda c: len(_attention_runs(c[1], None)[1])))
+def test_attention_configs(monkeypatch, name, keys, D, i, masks):
     """S spans several of the largest tiles and ends in a ragged one; GQA (two query heads per K/V head)
     makes the dK/dV pass sum over a group."""
     dtype = torch.float32 if name == "fp32" else HALF
     shape = (2, 1000, 4, 2, D, None) if CUDA else (1, 170, 2, 1, D, None)
     kernels, runs = _attention_runs(keys, attn._dkdv)
-    for i, run in enumerate(runs):
-        for kernel, config in zip(kernels, run):
-            force_config(monkeypatch, kernel, config)
-        _check_forced(kernels, run, lambda: test_attention._check(shape, dtype, masks[i % len(masks)]))
+    for kernel, config in zip(kernels, runs[i]):
+        force_config(monkeypatch, kernel, config)
+    _check_forced(kernels, runs[i], lambda: test_attention._check(shape, dtype, masks[i % len(masks)]))
 
 
 # MLA: its own dK/dV kernel, the attention forward and dQ kernels; the lists by the widest padded operand,
@@ -106,16 +111,16 @@ def test_attention_configs(monkeypatch, name, keys, D, masks):
 MLA_CASES = ([((2, 700, 4, 128, 64, 128, None), ["mla"]), ((2, 700, 4, 128, 64, 192, None), [256]),
               ((2, 700, 4, 64, 32, 64, None), [128]), ((2, 700, 4, 32, 16, 16, None), [64])] if CUDA else
              [((1, 170, 2, 32, 16, 32, None), [64, 128, 256, "mla"])])
+MLA_CASES = [("x".join(map(str, shape[3:6])), shape, keys) for shape, keys in MLA_CASES]
 
 
 @pytest.mark.parametrize("masks", MASKS)
-@pytest.mark.parametrize("shape,keys", MLA_CASES, ids=["x".join(map(str, c[0][3:6])) for c in MLA_CASES])
-def test_mla_configs(monkeypatch, shape, keys, masks):
+@pytest.mark.parametrize("name,shape,keys,i", _indexed(MLA_CASES, lambda c: len(_attention_runs(c[2], None)[1])))
+def test_mla_configs(monkeypatch, name, shape, keys, i, masks):
     kernels, runs = _attention_runs(keys, mla._dkdv)
-    for i, run in enumerate(runs):
-        for kernel, config in zip(kernels, run):
-            force_config(monkeypatch, kernel, config)
-        _check_forced(kernels, run, lambda: test_mla._check(shape, HALF, masks[i % len(masks)]))
+    for kernel, config in zip(kernels, runs[i]):
+        force_config(monkeypatch, kernel, config)
+    _check_forced(kernels, runs[i], lambda: test_mla._check(shape, HALF, masks[i % len(masks)]))
 
 
 # -- frozen SwiGLU: the dual GEMM's lists, and the FP8 backward's -----------------------------------------
@@ -131,8 +136,12 @@ SWIGLU_LISTS = ([("fwd", ["fwd"], HALF), ("bwd", ["bwd"], HALF), ("fp32", ["fp32
                 [("all", ["fwd", "bwd", "fp32"], torch.float16)])
 
 
-@pytest.mark.parametrize("name,lists,dtype", SWIGLU_LISTS, ids=[c[0] for c in SWIGLU_LISTS])
-def test_swiglu_dual_gemm_configs(monkeypatch, name, lists, dtype):
+def _swiglu_runs(lists):
+    return _runs(_gemm([t for key in lists for t in swiglu._GEMM_CONFIGS[key]]))
+
+
+@pytest.mark.parametrize("name,lists,dtype,i", _indexed(SWIGLU_LISTS, lambda c: len(_swiglu_runs(c[1]))))
+def test_swiglu_dual_gemm_configs(monkeypatch, name, lists, dtype, i):
     """T, D and F leave ragged tiles in every dimension (D 168 ends in a partial K step of 32, 64 and 128)."""
     T, D, F = (1000, 1000, 1400) if CUDA else (150, 168, 200)
 
@@ -142,9 +151,9 @@ def test_swiglu_dual_gemm_configs(monkeypatch, name, lists, dtype):
         for recompute in {"fwd": [False], "bwd": [True]}.get(name, [False, True]):
             test_swiglu._check((T, D), F, dtype, recompute)
 
-    for run in _runs(_gemm([t for key in lists for t in swiglu._GEMM_CONFIGS[key]])):
-        force_config(monkeypatch, swiglu._dual_gemm, run[0])
-        _check_forced([swiglu._dual_gemm], run, check)
+    run = _swiglu_runs(lists)[i]
+    force_config(monkeypatch, swiglu._dual_gemm, run[0])
+    _check_forced([swiglu._dual_gemm], run, check)
 
 
 def _check_swiglu_forward(T, D, F, dtype):
@@ -158,44 +167,48 @@ def _check_swiglu_forward(T, D, F, dtype):
     assert_close("y", y, y64, y_ref, reduced_over=F)
 
 
+_FP8_FORWARD = _gemm(swiglu._GEMM_CONFIGS["fp8"])
+_FP8_RUNS = _runs(_FP8_FORWARD, _gemm(swiglu._GEMM_CONFIGS["fp8_bwd"]),
+                  _gemm(swiglu._FP8_DX_CONFIGS, names=("BLOCK_M", "BLOCK_N")))
+
+
 @test_swiglu.needs_fp8
-def test_swiglu_fp8_configs(monkeypatch):
+@pytest.mark.parametrize("i", range(len(_FP8_RUNS)), ids=lambda i: f"run{i}")
+def test_swiglu_fp8_configs(monkeypatch, i):
     """FP8 frozen weights: the dual GEMM's "fp8" list (forward), the FP8 backward's list (the recomputing
     policy's backward dual GEMM) and the FP8 dx GEMM's list; on a GPU in bf16, as
     test_swiglu.test_fp8_frozen_weights. Every run checks the recomputing policy; the first ones, one per
     forward config, the keeping policy too (its training forward; its backward has no dual GEMM)."""
     T, D, F = (1000, 1000, 1400) if CUDA else (150, 168, 200)
-    kernels = (swiglu._dual_gemm, swiglu._dual_gemm_fp8_bwd, swiglu._fp8_dx)
-    forward_configs = _gemm(swiglu._GEMM_CONFIGS["fp8"])
-    runs = _runs(forward_configs, _gemm(swiglu._GEMM_CONFIGS["fp8_bwd"]),
-                 _gemm(swiglu._FP8_DX_CONFIGS, names=("BLOCK_M", "BLOCK_N")))
-    for i, run in enumerate(runs):
+    kernels, run = (swiglu._dual_gemm, swiglu._dual_gemm_fp8_bwd, swiglu._fp8_dx), _FP8_RUNS[i]
+    for kernel, config in zip(kernels, run):
+        force_config(monkeypatch, kernel, config)
+    _check_forced(kernels, run, lambda: test_swiglu._check((T, D), F, HALF, True, torch.float8_e4m3fn, seed=5))
+    if i < len(_variants(_FP8_FORWARD)):
         for kernel, config in zip(kernels, run):
             force_config(monkeypatch, kernel, config)
-        _check_forced(kernels, run, lambda: test_swiglu._check((T, D), F, HALF, True, torch.float8_e4m3fn, seed=5))
-        if i < len(_variants(forward_configs)):
-            for kernel, config in zip(kernels, run):
-                force_config(monkeypatch, kernel, config)
-            _check_forced(kernels[::2], run[::2],
-                          lambda: test_swiglu._check((T, D), F, HALF, False, torch.float8_e4m3fn, seed=5))
+        _check_forced(kernels[::2], run[::2],
+                      lambda: test_swiglu._check((T, D), F, HALF, False, torch.float8_e4m3fn, seed=5))
 
 
 # -- cross entropy: the fp32 dW accumulation GEMM -------------------------------------------------------
 
-def test_cross_entropy_dw_accumulation_configs(monkeypatch):
+_CE_DW_RUNS = _runs([triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+                     for bv, bd, bc, w, s in ce._DW_CONFIGS])
+
+
+@pytest.mark.parametrize("i", range(len(_CE_DW_RUNS)), ids=lambda i: f"run{i}")
+def test_cross_entropy_dw_accumulation_configs(monkeypatch, i):
     """16-bit inputs, dW summed in fp32 over row chunks by the Triton accumulation GEMM: V and D leave
     ragged tiles of every config's blocks."""
     N, D, V = (600, 1000, 3000) if CUDA else (41, 264, 257)
     itemsize = torch.tensor([], dtype=HALF).element_size()
     monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", (N // 5) * V * itemsize)  # about five chunks of rows
     monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)  # (not larger for the fp32 sum)
-    configs = [triton.Config({"BLOCK_V": bv, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-               for bv, bd, bc, w, s in ce._DW_CONFIGS]
-    for run in _runs(configs):
-        force_config(monkeypatch, ce._dw_accumulate, run[0])
-        _check_forced([ce._dw_accumulate], run,
-                      lambda: test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3,
-                                                        accum_dtype=torch.float32))
+    force_config(monkeypatch, ce._dw_accumulate, _CE_DW_RUNS[i][0])
+    _check_forced([ce._dw_accumulate], _CE_DW_RUNS[i],
+                  lambda: test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3,
+                                                    accum_dtype=torch.float32))
 
 
 # -- the autotuning switch (kernels._common.autotuning, LWT_AUTOTUNE) -------------------------------------
