@@ -224,21 +224,21 @@ def _table_key(qk_dim: int, v_dim: int) -> int | str:
 
 
 def _make_prune(table, smem_elements, divides):
-    """early_config_prune: the configs listed for these head dims whose shared memory fits.
-    smem_elements(BM, BN, stages, QK, V): elements a config holds in shared memory, with QK and V the
-    padded widths of q·k (rope part included) and of v; divides(BM, BN): the block alignment the mask
-    split needs."""
+    """early_config_prune: the configs listed for these head dims whose shared memory fits, in their
+    list's order (LWT_AUTOTUNE=0 launches the first). smem_elements(BM, BN, stages, QK, V): elements a
+    config holds in shared memory, with QK and V the padded widths of q·k (rope part included) and of v;
+    divides(BM, BN): the block alignment the mask split needs."""
     def prune(configs, nargs, **kwargs):
         meta = {**nargs, **kwargs}
         if interpreting():
             return configs
         qk, vd = meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"]
         fp32 = meta["INPUT_PRECISION"] == "ieee"
-        wanted = set(table["fp32" if fp32 else _table_key(qk, vd)])
+        order = {entry: i for i, entry in enumerate(table["fp32" if fp32 else _table_key(qk, vd)])}
         kept = []
-        for c in configs:
+        for c in sorted((c for c in configs if as_entry(c) in order), key=lambda c: order[as_entry(c)]):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if as_entry(c) not in wanted or not divides(bm, bn):
+            if not divides(bm, bn):
                 continue
             if smem_elements(bm, bn, c.num_stages, qk, vd) * (4 if fp32 else 2) <= _SMEM_BYTES:
                 kept.append(c)

@@ -118,7 +118,8 @@ def _gemm_configs(fp8_bwd=False):
 
 
 def _prune_gemm(configs, nargs, **kwargs):
-    """early_config_prune: the list for this mode and dtype (the FP8 backward has its own autotuner)."""
+    """early_config_prune: the list for this mode and dtype, in its order (LWT_AUTOTUNE=0 launches the
+    first; the FP8 backward has its own autotuner)."""
     if interpreting():
         return configs
     meta = {**nargs, **kwargs}
@@ -128,9 +129,11 @@ def _prune_gemm(configs, nargs, **kwargs):
         use = "fp32" if meta["INPUT_PRECISION"] == "ieee" else ("bwd" if meta["MODE"] == 2 else "fwd")
         if use == "fp32" and meta["WG"].dtype != meta["X"].dtype:
             use = "fp32_cast"
-    wanted = set(_GEMM_CONFIGS[use])
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                   c.num_stages) in wanted]
+    order = {entry: i for i, entry in enumerate(_GEMM_CONFIGS[use])}
+
+    def entry(c):
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+    return sorted((c for c in configs if entry(c) in order), key=lambda c: order[entry(c)])
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "MODE", "INPUT_PRECISION", "SCALED"],

@@ -320,8 +320,9 @@ def test_offsets_past_int32_within_a_batch_entry_are_refused():
 def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim, precision):
     """The GPU autotune lists: every listed config has the block alignment its mask split relies on
     (otherwise only a tl.static_assert at compile time would say so), and pruning per head dims and
-    dtype keeps some of the listed configs (it raises if none fits), up to MLA's widest heads (q·k
-    256 + 128, v 256), where the fp32 dQ list once kept none."""
+    dtype keeps some of the listed configs (it raises if none fits), in the list's order (untimed
+    launches take the first), up to MLA's widest heads (q·k 256 + 128, v 256), where the fp32 dQ list
+    once kept none."""
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for name, table, prune, aligned in [
         ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
@@ -335,3 +336,4 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim,
         meta = {"HEAD_DIM": head_dim, "ROPE_DIM": rope_dim, "V_DIM": v_dim, "INPUT_PRECISION": precision}
         kept = [attn.as_entry(c) for c in prune(attn._configs(table, None), meta)]
         assert kept and set(kept) <= set(listed), (name, kept)
+        assert kept == [e for e in listed if e in kept], (name, kept)  # in the list's order (LWT_AUTOTUNE=0)

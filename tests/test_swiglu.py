@@ -512,3 +512,19 @@ def test_quantize_blocks_fp8():
     rows8, row_scale = reference.quantize_rows_fp8(t.to(DEVICE))
     whole8, whole_scale = reference.quantize_blocks_fp8(t.to(DEVICE), 300)
     assert torch.equal(rows8.view(torch.uint8), whole8.view(torch.uint8)) and torch.equal(row_scale, whole_scale[:, 0])
+
+
+@pytest.mark.parametrize("scaled,precision,mode,frozen,use", [
+    (False, "tf32", 0, torch.bfloat16, "fwd"), (False, "tf32", 2, torch.bfloat16, "bwd"),
+    (False, "ieee", 1, torch.float32, "fp32"), (False, "ieee", 2, torch.bfloat16, "fp32_cast"),
+    (True, "tf32", 0, torch.float8_e4m3fn, "fp8")])
+def test_gpu_gemm_lists_prune_in_their_order(monkeypatch, scaled, precision, mode, frozen, use):
+    """The dual GEMM's prune keeps exactly the list for the launch's mode and dtypes, in that list's order
+    (LWT_AUTOTUNE=0 launches its first)."""
+    monkeypatch.setattr(swiglu, "interpreting", lambda: False)
+    configs = swiglu._configs(sorted({c for name, cs in swiglu._GEMM_CONFIGS.items() if name != "fp8_bwd"
+                                      for c in cs}))
+    meta = {"SCALED": scaled, "INPUT_PRECISION": precision, "MODE": mode, "WG": torch.empty(0, dtype=frozen),
+            "X": torch.empty(0, dtype=torch.float32 if precision == "ieee" else torch.bfloat16)}
+    kept = swiglu._prune_gemm(configs, {}, **meta)
+    assert [(*c.kwargs.values(), c.num_warps, c.num_stages) for c in kept] == swiglu._GEMM_CONFIGS[use]
