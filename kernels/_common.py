@@ -12,6 +12,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 # Tests set this to True: every buffer a launcher allocates then starts as NaN, so an element the
 # kernel forgot to write fails the comparison instead of passing on whatever memory held.
@@ -122,10 +124,10 @@ class TunedKernel:
     the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
     After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
     is launched with it directly: the config, arguments and compiled binary the autotuner would use.
-    With LWT_AUTOTUNE=0 (see autotuning) the first call takes the first config that survives the
-    autotuner's pruning instead of timing them all: one compilation per key, the GPU test suite's
-    setting (tests/conftest.py). `last` is the config of the latest launch (the benchmarks report it);
-    the autotuner's `best_config` is set to it too.
+    With LWT_AUTOTUNE=0 (see autotuning) the first call launches the first config that survives the
+    autotuner's pruning and compiles for this GPU, instead of timing them all: one compilation per key,
+    the GPU test suite's setting (tests/conftest.py). `last` is the config of the latest launch (the
+    benchmarks report it); a key's first launch also leaves it in the autotuner's `best_config`.
     """
 
     def __init__(self, autotuned):
@@ -142,10 +144,8 @@ class TunedKernel:
             names = self.autotuned.arg_names
             if list(meta) != names[len(args):len(args) + len(meta)]:
                 raise TypeError(f"TunedKernel: pass {names[len(args):]} in declaration order, got {list(meta)}")
-            if len(self.autotuned.configs) > 1 and not autotuning():
-                config = self._first_fitting(args, meta)
-                self.autotuned.best_config = config
-                self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+            if not autotuning() and len(self.autotuned.configs) > 1:
+                config = self._first_launchable(grid, args, meta)
             else:  # timed (a lone config is launched without timing)
                 self.autotuned[grid](*args, **meta)
                 config = self.autotuned.best_config
@@ -154,16 +154,26 @@ class TunedKernel:
             self.last = config
             self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
 
-    def _first_fitting(self, args, meta):
-        """The first config the autotuner's early_config_prune keeps for these arguments (all of them
-        without a prune)."""
+    def _first_launchable(self, grid, args, meta):
+        """Launch the first config, in order, that the autotuner's early_config_prune keeps for these
+        arguments and that compiles and fits this GPU (what the timing would skip: too much shared memory
+        or too many registers, a ptxas error or a failed static assertion raise before anything runs),
+        and return it."""
         configs = self.autotuned.configs
         prune = self.autotuned.early_config_prune
         if prune is not None:
             configs = prune(configs, dict(zip(self.autotuned.arg_names, args)), **meta)
         if not configs:
             raise RuntimeError(f"TunedKernel: no launch config of {self.autotuned.base_fn.__name__} survives pruning")
-        return configs[0]
+        for i, config in enumerate(configs):
+            try:
+                self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+            except (OutOfResources, PTXASError, CompileTimeAssertionFailure):
+                if i == len(configs) - 1:
+                    raise
+                continue
+            self.autotuned.best_config = config
+            return config
 
 
 class Launcher:

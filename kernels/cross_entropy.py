@@ -52,13 +52,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Bytes of one chunk of logits (C × V in the inputs' dtype): the op's working memory beside the gradient
 # buffers. 250 MiB is 1024 rows of a 128000-word vocabulary in bf16 (16384 rows in 16 chunks, within the
 # 0.25 GiB of issue #6's goal). Each chunk reads and writes the whole (V, D) dW sum once, and its dH GEMM
-# has only C × D outputs: at D 4096, 1024 rows make 128 tiles of 128 x 256 for an H200's 132 SMs, the 768
-# of 192 MiB chunks (e3f8149, not yet timed since) 96. Tests shrink it to get many chunks.
+# has only C × D outputs: at D 4096, 1024 rows make 128 tiles of 128 x 256 for an H200's 132 SMs. (The
+# 192 MiB chunks timed at e3f8149 held 768 rows: 96 such tiles, and 22 chunks. Not yet timed since.)
+# Tests shrink it to get many chunks.
 LOGITS_CHUNK_BYTES = 250 * 2**20
-# With an fp32 dW sum (4·V·D bytes: 2 GiB at V 128000, D 4096) the working memory is mostly that buffer,
-# and each chunk's accumulation GEMM reads and writes all of it (about 4 GiB a chunk there); chunks may
-# then hold logits up to this share of its size (512 MiB there: 8 chunks of 2048 rows instead of 16 of
-# 1024, half the traffic for a quarter more memory). Rows that fit in one such chunk need no fp32 sum.
+# With an fp32 dW sum (4·V·D bytes: 2000 MiB at V 128000, D 4096) the working memory is mostly that
+# buffer, and each chunk's accumulation GEMM reads and writes all of it (about 4 GB a chunk there); chunks
+# may then hold logits up to this share of its size (500 MiB there: 8 chunks of 2048 rows instead of 16 of
+# 1024, half the traffic for 250 MiB more). Rows that fit in one such chunk need no fp32 sum.
 ACCUM_CHUNK_SHARE = 0.25
 # Row stride of a logits chunk: V rounded up to a multiple of this (see Layout above).
 _ROW_ALIGN = 16
@@ -214,10 +215,11 @@ def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: b
 
 def _chunk_rows(n: int, V: int, D: int, itemsize: int, budget: int) -> int:
     """Rows per chunk: at most `budget` bytes of logits (V: the padded row length), and fewer than 2^31
-    elements of logits and of h in one chunk (the dW kernel's int32 offsets: only a vocabulary of a few
-    hundred words, or an fp32 sum's budget at a width of tens of thousands, gets near it).
-    The fewest chunks that allows, of even sizes (no sliver of a last chunk paying a whole pass over dW),
-    rounded up to whole 128-row GEMM tiles where the bound allows."""
+    elements of logits and of h in one chunk (D: h's row stride; the dW kernel's offsets are int32: only a
+    vocabulary of a few hundred words, or an fp32 sum's budget at a width of tens of thousands, gets near
+    it). The fewest chunks that allows, since each chunk is a pass over the whole dW sum (N 16384 with 786
+    rows allowed: 21 chunks of 781, not 21 of 768 and a 22nd of 256), each rounded up to whole 128-row GEMM
+    tiles where the bound allows (the last chunk is then the shortest)."""
     cap = max(1, min(budget // (V * itemsize), (2**31 - 1) // V, (2**31 - 1) // D))
     if n <= cap:
         return max(1, n)
@@ -226,13 +228,16 @@ def _chunk_rows(n: int, V: int, D: int, itemsize: int, budget: int) -> int:
     return tiled if tiled <= cap else rows  # as many chunks either way: cdiv(n, cap) <= cdiv(n, tiled)
 
 
-def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32):
+def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32,
+              dw_wanted=None):
     """Walk the kept rows in chunks. h (N, D) and weight (V, D) share a dtype; target (N,) int64 in [0, V).
 
     row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32, in base-2 units
     (_ce_rows_kernel): given (from an earlier call) to skip the statistics pass; else computed. Returns
     (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the unweighted ℓ_n (None when lse was given), dh (N, D)
-    in h's dtype, dw (V, D) in weight's dtype."""
+    in h's dtype, dw (V, D) in weight's dtype. dw_wanted (default need_dw): whether the op computes dW,
+    now or in a later call; it sizes the chunks, so that a deferred backward recomputes each chunk's
+    logits with the GEMM shapes the forward used."""
     N, D = h.shape
     V = weight.shape[0]
     compute_lse = lse is None
@@ -244,12 +249,13 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     grads = need_dh or need_dw
     dh = empty((N, D), h.dtype, h.device) if need_dh else None
     v_pad = cdiv(V, _ROW_ALIGN) * _ROW_ALIGN
-    wider_sum = need_dw and accum_dtype is not None and weight.dtype != accum_dtype
+    wider_sum = accum_dtype is not None and weight.dtype != accum_dtype  # dW summed in a wider dtype
     budget = LOGITS_CHUNK_BYTES
-    if wider_sum:
+    if wider_sum and (need_dw if dw_wanted is None else dw_wanted):
         acc_bytes = V * D * torch.tensor([], dtype=accum_dtype).element_size()
         budget = max(budget, int(acc_bytes * ACCUM_CHUNK_SHARE))
-    chunk = _chunk_rows(N, v_pad, D, h.element_size(), budget)
+    # (the row stride of h, not D, bounds the dW kernel's int32 offsets into h)
+    chunk = _chunk_rows(N, v_pad, max(D, h.stride(0)), h.element_size(), budget)
     n_chunks = cdiv(N, chunk)
     dw = acc = None
     if need_dw:
@@ -335,7 +341,8 @@ def ce_forward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
     row_scale = None
     if now and (need_dh or need_dw):  # c_n = r · w_n
         row_scale = torch.full((h.shape[0],), r, dtype=torch.float32, device=h.device) if tw is None else tw * r
-    lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and now, need_dw and now, accum_dtype)
+    lse, ell, dh, dw = ce_chunks(h, weight, t, row_scale, None, need_dh and now, need_dw and now, accum_dtype,
+                                 dw_wanted=need_dw)
     weighted = ell if tw is None else ell * tw
     if reduction == "none":
         loss = _scatter_rows(weighted, kept, N)

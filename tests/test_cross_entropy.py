@@ -127,7 +127,8 @@ def test_many_row_chunks(monkeypatch, dtype, reduction, accum_dtype):
     16-bit inputs, or in the weight's dtype), the row kernel's statistics per chunk, ignored rows dropped
     before chunking. D 40 ends the accumulation GEMM's column tiles raggedly."""
     V = 257
-    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * V * torch.tensor([], dtype=dtype).element_size())
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * 272 * itemsize)  # 5 rows, padded to 272
     monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)  # the fp32 sum's chunks no larger
     _check(41, 40, V, dtype, reduction, "weighted-ignored", seed=3, accum_dtype=accum_dtype)
 
@@ -159,22 +160,23 @@ def test_chunk_rows_keep_offsets_in_int32(V, D):
 def test_fp32_sum_takes_larger_chunks(monkeypatch, budget_rows, chunks, wider_sum):
     """With an fp32 dW sum, chunks may hold logits up to ACCUM_CHUNK_SHARE of that buffer's size; rows that
     then fit in one chunk are one GEMM, rounded once, with no fp32 buffer. fp16 (whose gradients wait for
-    the backward), 27 kept rows of V 257 (a padded row of 272), D 40: 5-row chunks without the share."""
+    the backward), 27 kept rows of V 257 (a padded row of 272), D 40: 5-row chunks without the share. The
+    forward, which computes no gradient, walks the chunks the backward will."""
     V, D, row_bytes = 257, 40, 272 * 2
     monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * row_bytes)
     monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", (budget_rows * row_bytes + 1) / (V * D * 4))
-    grad_chunks, sums = [], []
+    stat_chunks, grad_chunks, sums = [], [], []
     rows_kernel, accumulate = ce._launch_rows, ce._accumulate_dw
 
     def rows(z, target, row_scale, lse, loss, compute_lse, write_grad):
-        if write_grad:
-            grad_chunks.append(z.shape[0])
+        (grad_chunks if write_grad else stat_chunks).append(z.shape[0])
         rows_kernel(z, target, row_scale, lse, loss, compute_lse, write_grad)
 
     monkeypatch.setattr(ce, "_launch_rows", rows)
     monkeypatch.setattr(ce, "_accumulate_dw", lambda dw, *a, **k: (sums.append(dw.dtype), accumulate(dw, *a, **k)))
     _check(41, D, V, torch.float16, "mean", "weighted-ignored", seed=3)
     assert len(grad_chunks) == chunks and sum(grad_chunks) == 27  # 41 rows, every third ignored
+    assert stat_chunks == grad_chunks  # the backward recomputes the forward's chunks of logits
     assert set(sums) == {torch.float32 if wider_sum else torch.float16}
 
 
@@ -224,6 +226,21 @@ def test_leading_dims_and_strided_hidden():
     expected = reference.linear_cross_entropy(hidden.double(), weight.double(), target, tw.double(), "none")
     assert loss.shape == (2, 7)
     assert_close("loss", loss, expected.float(), reference.linear_cross_entropy(hidden, weight, target, tw, "none"))
+
+
+def test_chunks_bound_offsets_by_the_row_stride(monkeypatch):
+    """With no row ignored a strided hidden reaches the kernels in place: its row stride (40), not D (24),
+    bounds the dW kernel's int32 offsets into it."""
+    hidden, weight, target, tw = _inputs(7, 24, 100, torch.float32, "weighted", seed=4)
+    wide = torch.randn(7, 40, device=DEVICE)
+    wide[:, :24] = hidden
+    widths, chunk_rows = [], ce._chunk_rows
+    monkeypatch.setattr(ce, "_chunk_rows", lambda n, V, D, *a: (widths.append(D), chunk_rows(n, V, D, *a))[1])
+    loss = ce.linear_cross_entropy(wide[:, :24], weight, target, tw, "sum")
+    assert widths == [40]
+    assert_close("loss", loss, reference.linear_cross_entropy(hidden.double(), weight.double(), target, tw.double(),
+                                                              "sum").float(),
+                 reference.linear_cross_entropy(hidden, weight, target, tw, "sum"))
 
 
 def test_ignored_rows_cost_nothing(monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from kernels import attention as attn
 from kernels import cross_entropy as ce
@@ -251,6 +252,32 @@ def test_untuned_launch_takes_the_first_config_that_survives_pruning(monkeypatch
     assert pruned == [100, 37] and tuner.last is tuner.autotuned.configs[1]
 
 
+@pytest.mark.parametrize("refused", [{32}, {32, 64}], ids=["first-refused", "all-refused"])
+def test_untuned_launch_passes_over_configs_that_do_not_fit(monkeypatch, refused):
+    """LWT_AUTOTUNE=0: a config that does not fit the GPU (here, as if out of shared memory) is passed over
+    for the next one, as the autotuner's timing would; if none fits, the last one's error is raised."""
+    monkeypatch.setenv("LWT_AUTOTUNE", "0")
+    tuner = _scale_tuner([])
+    jit = tuner.autotuned.fn
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                if kwargs["BLOCK"] in refused:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return jit[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tuner.autotuned, "fn", Refusing())
+    if len(refused) == 2:
+        with pytest.raises(OutOfResources):
+            _scale(tuner, 100)
+        assert not tuner.best
+    else:
+        _scale(tuner, 100)
+        assert tuner.last is tuner.autotuned.configs[2] and tuner.autotuned.best_config is tuner.last
+
+
 def test_tuned_launch_times_the_configs_that_survive_pruning(monkeypatch):
     """LWT_AUTOTUNE=1 (the default): the autotuner times each config the prune keeps and runs the fastest."""
     monkeypatch.delenv("LWT_AUTOTUNE", raising=False)
@@ -279,7 +306,37 @@ def test_timed_autotuning_picks_a_correct_config(monkeypatch):
     """The suite runs untimed (tests/conftest.py); here the attention kernels autotune as in training
     (every listed config compiled and timed, the fastest launched) and the result is checked."""
     monkeypatch.setenv("LWT_AUTOTUNE", "1")
-    for kernel in (attn._fwd, attn._dkdv, attn._dq):
+    kernels = (attn._fwd, attn._dkdv, attn._dq)
+    for kernel in kernels:
         monkeypatch.setattr(kernel, "best", {})
         monkeypatch.setattr(kernel.autotuned, "cache", {})
     test_attention._check((2, 1000, 4, 2, 128, None), torch.bfloat16, True)
+    assert all(kernel.autotuned.cache for kernel in kernels)  # each was timed, not launched untimed
+
+
+def test_timed_dw_accumulation_restores_its_running_sum(monkeypatch):
+    """Timing runs each config of the CE dW accumulation GEMM on the call's own arguments, and the kernel
+    adds into the fp32 running sum in place: the autotuner must put the sum back after each run
+    (restore_value), or dW comes out several times too large. Two configs, and a stand-in for the timer
+    that runs each three times (on the interpreter too)."""
+    monkeypatch.setenv("LWT_AUTOTUNE", "1")
+    tuner = ce._dw_accumulate.autotuned
+    configs = tuner.configs[:2] if CUDA else [
+        tuner.configs[0], triton.Config({"BLOCK_V": 32, "BLOCK_D": 16, "BLOCK_C": 16}, num_warps=1, num_stages=1)]
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        timed.append(1)
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuner, "configs", configs)
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setitem(tuner.__dict__, "do_bench", bench)  # (over the cached_property; not read first)
+    monkeypatch.setattr(ce._dw_accumulate, "best", {})
+    N, D, V = (600, 1000, 3000) if CUDA else (41, 40, 257)
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", (N // 5) * V * 2)  # about five chunks of rows
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)
+    test_cross_entropy._check(N, D, V, HALF, "mean", "weighted-ignored", seed=3, accum_dtype=torch.float32)
+    assert len(timed) == 6  # two configs for each key: the first chunk's, the adding chunks', the last one's

@@ -101,39 +101,44 @@ def _cross_entropy_cases():
                                                             -100, torch.float32, True, True)
 
 
+_GROUPS = {"rms_norm": _rms_norm_cases, "attention": _attention_cases, "swiglu": _swiglu_cases,
+           "cross_entropy": _cross_entropy_cases}
+
+
 @functools.cache
-def _cases() -> dict:
-    """{name: (launcher, args)}: built on first use, in a test, not while pytest collects (building them
-    runs kernels: on a GPU every test worker would compile them before its first test, and one failure
-    would be a collection error taking the whole file down)."""
-    return {name: (launcher, args)
-            for group in (_rms_norm_cases, _attention_cases, _swiglu_cases, _cross_entropy_cases)
-            for name, launcher, args in group()}
+def _group(group: str) -> dict:
+    """{name: (launcher, args)} of one group: built on first use, in a test, not while pytest collects
+    (building them runs kernels: on a GPU each of the test workers would compile them all before its first
+    test, and a failure would be a collection error taking the whole file down)."""
+    return {name: (launcher, args) for name, launcher, args in _GROUPS[group]()}
 
 
-# The names the case generators above yield, in order (test_every_launcher_is_checked holds them equal).
-CASES = ["rms_norm_fwd", "rms_norm_fwd-residual", "rms_norm_bwd", "rms_norm_bwd-ds_out-no-dw",
-         "attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-mla", "mla_bwd",
-         "mla_bwd-dq-only", "frozen_swiglu_fwd", "frozen_swiglu_fwd-save", "frozen_swiglu_bwd-recompute",
-         "frozen_swiglu_bwd-saved-dw-only", "frozen_swiglu_fwd-fp8", "frozen_swiglu_bwd-fp8-recompute",
-         "linear_cross_entropy_fwd-mean", "linear_cross_entropy_fwd-sum", "linear_cross_entropy_fwd-none",
-         "linear_cross_entropy_fwd-fp16-deferred", "linear_cross_entropy_bwd-none"]
+# The names each group's generator above yields, in order (test_every_launcher_is_checked holds them equal).
+CASES = {
+    "rms_norm": ["rms_norm_fwd", "rms_norm_fwd-residual", "rms_norm_bwd", "rms_norm_bwd-ds_out-no-dw"],
+    "attention": ["attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-mla", "mla_bwd",
+                  "mla_bwd-dq-only"],
+    "swiglu": ["frozen_swiglu_fwd", "frozen_swiglu_fwd-save", "frozen_swiglu_bwd-recompute",
+               "frozen_swiglu_bwd-saved-dw-only", "frozen_swiglu_fwd-fp8", "frozen_swiglu_bwd-fp8-recompute"],
+    "cross_entropy": ["linear_cross_entropy_fwd-mean", "linear_cross_entropy_fwd-sum", "linear_cross_entropy_fwd-none",
+                      "linear_cross_entropy_fwd-fp16-deferred", "linear_cross_entropy_bwd-none"],
+}
 
 
 def test_every_launcher_is_checked():
     """Each lwt:: op that kernels/ registers has opcheck cases below, each case named in CASES."""
-    assert list(_cases()) == CASES
-    checked = {launcher.op._name for launcher, _ in _cases().values()}
+    assert {group: list(_group(group)) for group in _GROUPS} == CASES
+    checked = {launcher.op._name for group in _GROUPS for launcher, _ in _group(group).values()}
     assert checked == set(Launcher.registry), f"no opcheck case: {sorted(set(Launcher.registry) - checked)}"
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_custom_op_passes_opcheck(case):
+@pytest.mark.parametrize("group,case", [pytest.param(g, c, id=c) for g, names in CASES.items() for c in names])
+def test_custom_op_passes_opcheck(group, case):
     """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) and AOTAutograd
     tracing with static and dynamic shapes, each against a real run of the op. opcheck's schema test
     compares inputs with arithmetic that CPU FP8 tensors lack; with FP8 inputs the inputs are compared
     here instead, byte for byte, after a run (an op may not write its inputs)."""
-    launcher, args = _cases()[case]
+    launcher, args = _group(group)[case]
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     utils = ["test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic"]
     if any(t.dtype == torch.float8_e4m3fn for t in tensors):
