@@ -28,8 +28,8 @@ gradient already in it, as an eager backward rounds its grad_logits. (So fp16, w
 computes its gradients in the backward even for mean/sum: a loss scale must reach dZ before it is
 rounded.) dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
 16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
-rounding per chunk, no V × D buffer). Offsets: chunks are capped at (2³¹ − 1) / V and (2³¹ − 1) / D rows
-(fewer than 2³¹ elements of logits and of h), and the dW offsets are int64.
+rounding per chunk, no V × D buffer). Offsets: chunks are capped at (2³¹ − 1) / V rows and (2³¹ − 1) / (h's
+row stride) rows (fewer than 2³¹ elements of logits and of h), and the dW offsets are int64.
 
 Layout. A chunk's logits live in a buffer whose rows are padded to a multiple of 16 elements (V 50257:
 50272), the GEMMs writing and reading its (C, V) view. A row stride divisible by 16 is what Triton
