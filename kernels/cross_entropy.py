@@ -252,7 +252,7 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     wider_sum = accum_dtype is not None and weight.dtype != accum_dtype  # dW summed in a wider dtype
     budget = LOGITS_CHUNK_BYTES
     if wider_sum and (need_dw if dw_wanted is None else dw_wanted):
-        acc_bytes = V * D * torch.tensor([], dtype=accum_dtype).element_size()
+        acc_bytes = V * D * accum_dtype.itemsize
         budget = max(budget, int(acc_bytes * ACCUM_CHUNK_SHARE))
     # (the row stride of h, not D, bounds the dW kernel's int32 offsets into h)
     chunk = _chunk_rows(N, v_pad, max(D, h.stride(0)), h.element_size(), budget)

@@ -522,8 +522,7 @@ def test_gpu_gemm_lists_prune_in_their_order(monkeypatch, scaled, precision, mod
     """The dual GEMM's prune keeps exactly the list for the launch's mode and dtypes, in that list's order
     (LWT_AUTOTUNE=0 launches its first)."""
     monkeypatch.setattr(swiglu, "interpreting", lambda: False)
-    configs = swiglu._configs(sorted({c for name, cs in swiglu._GEMM_CONFIGS.items() if name != "fp8_bwd"
-                                      for c in cs}))
+    configs = swiglu._gemm_configs()  # the merged GPU list (interpreting is off here)
     meta = {"SCALED": scaled, "INPUT_PRECISION": precision, "MODE": mode, "WG": torch.empty(0, dtype=frozen),
             "X": torch.empty(0, dtype=torch.float32 if precision == "ieee" else torch.bfloat16)}
     kept = swiglu._prune_gemm(configs, {}, **meta)
