@@ -183,10 +183,19 @@ def _rmsnorm_jobs(quick):
     for block_m, block_n, single in (tiles[:1] if quick else tiles):
         for warps in ((8,) if quick else (4, 8, 16)):
             yield ("rmsnorm fwd", R._rms_norm_fwd_kernel.fn, "bf16",
-                   dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, SINGLE_PASS=single), warps, 1, ints, floats, fp32)
+                   dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_WEIGHT=True, SINGLE_PASS=single), warps, 1, ints, floats, fp32)
             yield ("rmsnorm bwd", R._rms_norm_bwd_kernel.fn, "bf16",
-                   dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, COMPUTE_DW=True),
+                   dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, HAS_WEIGHT=True,
+                        COMPUTE_DW=True),
                    warps, 1, ints, floats, fp32)
+    if not quick:  # weight=None: W is not read, and there is no dw
+        block_m, block_n, single = tiles[0]
+        yield ("rmsnorm fwd, no weight", R._rms_norm_fwd_kernel.fn, "bf16",
+               dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=False, HAS_WEIGHT=False, SINGLE_PASS=single),
+               8, 1, ints, floats, fp32)
+        yield ("rmsnorm bwd, no weight", R._rms_norm_bwd_kernel.fn, "bf16",
+               dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=False, HAS_WEIGHT=False,
+                    COMPUTE_DW=False), 8, 1, ints, floats, fp32)
 
 
 def _cross_entropy_jobs(quick):

@@ -45,10 +45,11 @@ def check_rms_norm_args(x, weight, residual, eps, *, dtypes=KERNEL_DTYPES) -> No
     n = x.shape[-1]
     if n < 1:
         raise ValueError(f"x: expected a last (hidden) dim of at least 1, got shape {tuple(x.shape)}")
-    check_tensor(weight, "weight", dtypes=dtypes)
-    if tuple(weight.shape) != (n,):
-        raise ValueError(f"weight: expected shape ({n},) (the last dim of x), got {tuple(weight.shape)}")
-    check_same_device(weight, "weight", x, "x")
+    if weight is not None:  # None: no scale
+        check_tensor(weight, "weight", dtypes=dtypes)
+        if tuple(weight.shape) != (n,):
+            raise ValueError(f"weight: expected shape ({n},) (the last dim of x), got {tuple(weight.shape)}")
+        check_same_device(weight, "weight", x, "x")
     if residual is not None:
         check_tensor(residual, "residual", dtypes=dtypes)
         if residual.shape != x.shape:

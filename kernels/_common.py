@@ -229,14 +229,18 @@ def row_configs() -> list[triton.Config]:
 
 
 def prune_row_configs(configs, nargs, **kwargs):
-    """early_config_prune for row kernels: keep warp counts giving 4..32 tile elements per thread."""
+    """early_config_prune for row kernels: keep warp counts giving 4..32 tile elements per thread, the
+    one nearest 16 elements per thread first (then fewer warps first): the config LWT_AUTOTUNE=0 takes.
+    At the ends of that range sm_90 spills (benchmarks/compile_check.py, RMSNorm backward: 32 elements a
+    thread spill at tiles of 8192 and 4096 elements, 16 do not at 4096 and spill less at 8192)."""
     meta = {**nargs, **kwargs}
     tile = meta["BLOCK_M"] * meta["BLOCK_N"]
     kept = [c for c in configs if 4 <= tile // (32 * c.num_warps) <= 32]
     if not kept:  # tiny tiles: the fewest warps; huge tiles: the most
         target = min(_ROW_WARPS) if tile < 4 * 32 else max(_ROW_WARPS)
         kept = [c for c in configs if c.num_warps == target]
-    return kept
+    per_thread = lambda c: tile // (32 * c.num_warps)  # noqa: E731  (a power of two)
+    return sorted(kept, key=lambda c: (abs(per_thread(c).bit_length() - 5), c.num_warps))
 
 
 @triton.jit

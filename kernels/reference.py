@@ -13,12 +13,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """RMSNorm over the last dim, with the optional fused pre-norm residual add.
 
     Args:
         x: (..., N).
-        weight: (N,).
+        weight: (N,), or None (no scale).
         eps: added to the mean square before the reciprocal square root.
         residual: optional, shape and dtype of x.
     Returns:
@@ -29,7 +29,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     s = x if residual is None else (x.to(c) + residual.to(c)).to(x.dtype)
     sc = s.to(c)
     rstd = torch.rsqrt(sc.pow(2).mean(dim=-1, keepdim=True) + eps)
-    y = (sc * rstd * weight.to(c)).to(x.dtype)
+    y = sc * rstd
+    y = (y if weight is None else y * weight.to(c)).to(x.dtype)
     return y if residual is None else (y, s)
 
 

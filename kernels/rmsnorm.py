@@ -67,7 +67,15 @@ def _load_s(X, R, S, rows, cols, mask, stride_x_row, stride_r_row, stride_s_row,
     return s
 
 
-@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "HAS_RESIDUAL", "SINGLE_PASS"],
+@triton.jit
+def _scale(t, W, cols, col_mask, HAS_WEIGHT: tl.constexpr):
+    """t (rows, cols) times the weight's columns, in fp32; t itself without a weight."""
+    if HAS_WEIGHT:
+        t = t * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return t
+
+
+@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "HAS_RESIDUAL", "HAS_WEIGHT", "SINGLE_PASS"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -75,8 +83,9 @@ def _rms_norm_fwd_kernel(
     stride_x_row, stride_r_row, stride_y_row, stride_s_row,
     M, N, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
+    """Without HAS_WEIGHT, W is not read: y = s · rstd (torch.nn.RMSNorm(elementwise_affine=False))."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
@@ -88,8 +97,7 @@ def _rms_norm_fwd_kernel(
         s = _load_s(X, R, S, rows, cols, mask, stride_x_row, stride_r_row, stride_s_row, HAS_RESIDUAL)
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=1) / N + eps)
         tl.store(Rstd + rows, rstd, mask=row_mask)
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-        y = s * rstd[:, None] * w[None, :]
+        y = _scale(s * rstd[:, None], W, cols, cols < N, HAS_WEIGHT)
         tl.store(_row_ptrs(Y, rows, stride_y_row, cols), y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: the sum of squares (and s, written out), chunk by chunk.
@@ -109,19 +117,18 @@ def _rms_norm_fwd_kernel(
                 s = tl.load(_row_ptrs(S, rows, stride_s_row, c), mask=mask, other=0.0).to(tl.float32)
             else:
                 s = tl.load(_row_ptrs(X, rows, stride_x_row, c), mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
-            y = s * rstd[:, None] * w[None, :]
+            y = _scale(s * rstd[:, None], W, c, c < N, HAS_WEIGHT)
             tl.store(_row_ptrs(Y, rows, stride_y_row, c), y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N"],
+@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "HAS_WEIGHT"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _rms_norm_bwd_row_dot_kernel(
     DY, S, W, Rstd, RowDot,
     stride_dy_row, stride_s_row,
     M, N,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     """mean(g·ŝ) per row, for rows too wide for the backward kernel to hold whole."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,8 +140,7 @@ def _rms_norm_bwd_row_dot_kernel(
         mask = row_mask[:, None] & (c < N)[None, :]
         dy = tl.load(_row_ptrs(DY, rows, stride_dy_row, c), mask=mask, other=0.0).to(tl.float32)
         s = tl.load(_row_ptrs(S, rows, stride_s_row, c), mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
-        acc += tl.sum(dy * w[None, :] * s, axis=1)
+        acc += tl.sum(_scale(dy, W, c, c < N, HAS_WEIGHT) * s, axis=1)
     rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
     tl.store(RowDot + rows, acc * rstd / N, mask=row_mask)
 
@@ -155,7 +161,8 @@ def _load_bwd_block(DY, S, Rstd, DS_OUT, rows, cols, col_mask, M, stride_dy_row,
     return dy, s, rstd, dso
 
 
-@triton.autotune(configs=row_configs(), key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "COMPUTE_DW"],
+@triton.autotune(configs=row_configs(),
+                 key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "HAS_WEIGHT", "COMPUTE_DW"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _rms_norm_bwd_kernel(
@@ -163,16 +170,19 @@ def _rms_norm_bwd_kernel(
     stride_dy_row, stride_s_row, stride_dso_row, stride_dx_row,
     M, N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_PASS: tl.constexpr, HAS_DS_OUT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    SINGLE_PASS: tl.constexpr, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):
     """Persistent over rows: program (i, j) takes row blocks i, i + num_programs(0), ... for the
     columns of block j (one block, the whole row, when SINGLE_PASS). Writes dx and, with COMPUTE_DW,
-    the program's fp32 partial sum of dy·ŝ into row i of DW_partial."""
+    the program's fp32 partial sum of dy·ŝ into row i of DW_partial. Without HAS_WEIGHT, g = dy (W is not
+    read, and there is no dw)."""
+    tl.static_assert(HAS_WEIGHT or not COMPUTE_DW)
     pid_m = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     if COMPUTE_DW:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Software-pipelined by hand: the next row block's loads are issued before this block's reduction,
@@ -195,7 +205,10 @@ def _rms_norm_bwd_kernel(
             stride_dy_row, stride_s_row, stride_dso_row, HAS_DS_OUT)
 
         s_hat = s * rstd[:, None]
-        g = dy * w[None, :]
+        if HAS_WEIGHT:
+            g = dy * w[None, :]
+        else:
+            g = dy
         if SINGLE_PASS:
             row_dot = tl.sum(g * s_hat, axis=1) / N
         else:
@@ -223,10 +236,10 @@ def _rms_norm_fwd_fake(x, weight, eps, residual=None):
 
 
 @launcher("rms_norm_fwd", fake=_rms_norm_fwd_fake)
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on row views. x, residual: (M, N) with unit stride along N; weight: (N,),
-    contiguous. Returns (y, s, rstd): y (M, N) of x's dtype; s = x + residual, a new (M, N) tensor (empty
+    contiguous, or None (no scale). Returns (y, s, rstd): y (M, N) of x's dtype; s = x + residual, a new (M, N) tensor (empty
     without a residual: the normalised input is x itself); rstd (M,) fp32."""
     M, N = x.shape
     y = empty((M, N), x.dtype, x.device)
@@ -244,26 +257,31 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x, residual, weight, y, s_arg, rstd,
         x.stride(0), residual.stride(0) if has_res else 0, y.stride(0), s_arg.stride(0),
         M, N, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=has_res, SINGLE_PASS=single,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=has_res, HAS_WEIGHT=weight is not None, SINGLE_PASS=single,
     )
     return y, s, rstd
 
 
 def _rms_norm_bwd_fake(dy, s, weight, rstd, ds_out=None, compute_dw=True):
-    return s.new_empty(s.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+    dw = weight.new_empty(weight.shape) if compute_dw and weight is not None else s.new_empty((0,))
+    return s.new_empty(s.shape), dw
 
 
 @launcher("rms_norm_bwd", fake=_rms_norm_bwd_fake)
-def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
                  ds_out: torch.Tensor | None = None, compute_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous;
-    rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's dtype (it is also the residual's
-    gradient); dw (N,) of weight's dtype, empty without compute_dw."""
+    """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous, or
+    None (no scale: there is no dw); rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's
+    dtype (it is also the residual's gradient); dw (N,) of weight's dtype, empty without compute_dw or
+    weight."""
     M, N = s.shape
     dx = empty((M, N), s.dtype, s.device)
+    has_weight = weight is not None
+    if not has_weight:
+        compute_dw = False
     if M == 0:
         return dx, (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if compute_dw
-                    else absent(weight))
+                    else absent(s))
     block_m, block_n, single = row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M)
     row_dot = None
     if not single:
@@ -272,7 +290,7 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
         _row_dot.launch(
             (M,),
             dy, s, weight, rstd, row_dot, dy.stride(0), s.stride(0), M, N,
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=has_weight,
         )
     n_col_blocks = cdiv(N, block_n)
     n_row_progs = max(1, min(cdiv(M, block_m), num_sms(s.device) * BWD_PROGRAMS_PER_SM // n_col_blocks))
@@ -284,9 +302,9 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: 
         dy.stride(0), s.stride(0), ds_out.stride(0) if has_dso else 0, dx.stride(0),
         M, N,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        SINGLE_PASS=single, HAS_DS_OUT=has_dso, COMPUTE_DW=compute_dw,
+        SINGLE_PASS=single, HAS_DS_OUT=has_dso, HAS_WEIGHT=has_weight, COMPUTE_DW=compute_dw,
     )
-    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else absent(weight)
+    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else absent(s)
     return dx, dw
 
 
@@ -300,7 +318,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps, separate_dresidual=False):
-        w = weight.contiguous()
+        w = None if weight is None else weight.contiguous()
         y, s, rstd = rms_norm_fwd(x, w, eps, residual)
         if residual is None:
             s = x  # what was normalised
@@ -337,17 +355,18 @@ def _grad_lands_in_leaf(t: torch.Tensor) -> bool:
     return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """Fused RMSNorm (Triton), with the optional pre-norm residual add.
 
     Args:
         x: (..., N), float32, float16 or bfloat16, on a CUDA device (or CPU under TRITON_INTERPRET=1).
             Any strides; only a non-unit stride along N, or leading dims that do not merge, costs a copy.
-        weight: (N,), any of those dtypes, on x's device.
+        weight: (N,), any of those dtypes, on x's device; None: no scale (torch.nn.RMSNorm with
+            elementwise_affine=False), nothing read in its place.
         eps: float >= 0.
         residual: optional (..., N), x's shape, dtype and device.
     Returns:
-        y: (..., N) in x's dtype, y = s · rsqrt(mean(s², -1) + eps) · weight with s = x; or, with a
+        y: (..., N) in x's dtype, y = s · rsqrt(mean(s², -1) + eps) · weight (· 1 without) with s = x; or, with a
         residual, (y, s) where s = x + residual in x's dtype (the new residual stream).
     Raises:
         ValueError: naming the argument, for a wrong shape, dtype or device, before any launch.
@@ -355,14 +374,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     check_rms_norm_args(x, weight, residual, eps)
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
-    no_backward = not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                                      or (residual is not None and residual.requires_grad))
+    no_backward = not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, residual))
     # A dual tensor of forward-mode AD does not require grad: inside a dual level the Function runs (and
     # raises, having no jvp) rather than the launcher silently dropping the tangent.
     if no_backward and fwAD._current_level < 0:
         # No backward to come (no_grad, inference, a frozen prefix): the launcher alone, without the
         # autograd.Function's per-call cost, a visible part of this op's host time (README, Measured).
-        y, s, _ = rms_norm_fwd(x2, weight.contiguous(), float(eps), None if residual is None else as_rows(residual))
+        w = None if weight is None else weight.contiguous()
+        y, s, _ = rms_norm_fwd(x2, w, float(eps), None if residual is None else as_rows(residual))
         return y.view(shape) if residual is None else (y.view(shape), s.view(shape))
     if residual is None:
         return RMSNormFunction.apply(x2, weight, None, float(eps)).view(shape)

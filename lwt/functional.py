@@ -63,16 +63,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
 
     Args:
         x: (..., N), float32/float16/bfloat16 (float64 too on the reference path).
-        weight: (N,), on x's device; None: no scale (ones, as torch.nn.RMSNorm(elementwise_affine=False)).
+        weight: (N,), on x's device; None: no scale (as torch.nn.RMSNorm(elementwise_affine=False)).
         eps: float >= 0, added to the mean square of the normalised input (x, or x + residual).
         residual: optional, x's shape, dtype and device.
     Returns:
         y (..., N) in x's dtype; with a residual, (y, s) where s = x + residual is what was normalised.
         Statistics are computed in fp32 (float64 for float64 x); gradients flow to x, weight and residual.
     """
-    if weight is None and isinstance(x, torch.Tensor) and x.dim() >= 1:
-        # The kernels and the reference take a weight; ones of x's dtype multiply exactly.
-        weight = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     if backend_for(x) == "triton":
         from kernels.rmsnorm import rms_norm as rms_norm_triton  # validates before launching
         return rms_norm_triton(x, weight, eps, residual)

@@ -54,6 +54,22 @@ def test_forced_backend_runs_that_path_and_agrees(monkeypatch, backend):
     assert_close("s", s, s64, s32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_weight_reaches_the_op_as_none(monkeypatch, backend):
+    """weight=None (torch.nn.RMSNorm(elementwise_affine=False)) is passed on as None, not as a ones vector
+    made per call, and gives y = x · rsqrt(mean(x²) + eps) on either path."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    weights = []
+    module, name = (rmsnorm_kernels, "rms_norm_fwd") if backend == "triton" else (reference, "rms_norm")
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda x, w, *a: weights.append(w) or real(x, w, *a))
+    x, _, _ = _inputs()
+    y = F.rms_norm(x, None, 1e-6)
+    assert weights == [None]
+    assert_close("y", y, reference.rms_norm(x.double(), torch.ones(48, dtype=torch.float64), 1e-6),
+                 torch.nn.functional.rms_norm(x, (48,), None, 1e-6))
+
+
 def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LWT_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -1,8 +1,10 @@
 """RMSNorm kernel (kernels/rmsnorm.py) against the float64 reference: output and every gradient."""
 import pytest
 import torch
+import triton
 
 from kernels import reference
+from kernels._common import _ROW_WARPS, prune_row_configs
 from kernels import rmsnorm as rmsnorm_kernels
 from tests.helpers import HEAVY
 from tests.helpers import grads as _grads
@@ -56,14 +58,20 @@ def _make(shape, dtype, layout, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype=dtype, device=DEVICE)
 
 
-def _compare(eps, inputs, cotangents):
+def _compare(eps, inputs, cotangents, weighted=True):
     """Kernel vs float64 reference vs the PyTorch reference in the inputs' dtype, outputs and every
-    gradient. inputs: [x, weight] or [x, weight, residual]; cotangents: for y, and for s or None."""
+    gradient. inputs: [x, weight] or [x, weight, residual]; without `weighted`, [x] or [x, residual] and
+    weight=None. cotangents: for y, and for s or None."""
+    def split(a):
+        return (a[0], a[1], a[2:]) if weighted else (a[0], None, a[1:])
+
     def kernel(*a):
-        return rmsnorm_kernels.rms_norm(a[0], a[1], eps, *a[2:])
+        x, w, rest = split(a)
+        return rmsnorm_kernels.rms_norm(x, w, eps, *rest)
 
     def ref(*a):
-        return reference.rms_norm(a[0], a[1], eps, *a[2:])
+        x, w, rest = split(a)
+        return reference.rms_norm(x, w, eps, *rest)
 
     outs, grads = _grads(kernel, inputs, cotangents)
     outs64, grads64 = _grads(ref, [t.double() for t in inputs], [c.double() if c is not None else None for c in cotangents])
@@ -72,7 +80,8 @@ def _compare(eps, inputs, cotangents):
         assert a.dtype == like.dtype
         assert_close(name, a, e, r)
     rows = inputs[0].numel() // inputs[0].shape[-1]
-    for name, a, e, r, like in zip(["dx", "dweight", "dresidual"], grads, grads64, grads_ref, inputs):
+    names = ["dx", "dweight", "dresidual"] if weighted else ["dx", "dresidual"]
+    for name, a, e, r, like in zip(names, grads, grads64, grads_ref, inputs):
         assert a.dtype == like.dtype
         assert_close(name, a, e, r, reduced_over=rows if name == "dweight" else 1)
 
@@ -104,6 +113,24 @@ def _check_against_reference(shape, eps, dtype, residual, layout, seed=0):
 @pytest.mark.parametrize("shape,eps", SHAPES + CUDA_SHAPES)
 def test_rms_norm_matches_float64_reference(shape, eps, residual, layout, dtype):
     _check_against_reference(shape, eps, dtype, residual, layout)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("residual", [False, True], ids=["y_only", "y_and_s"])
+@pytest.mark.parametrize("shape,eps", [pytest.param((3, 7), 1e-6, id="M3-N7"),
+                                       pytest.param((2, 5, 123), 1e-5, id="B2-S5-N123"),
+                                       pytest.param((3, 10000), 0.5, id="M3-N10000"),
+                                       pytest.param((2, 20000), 0.5, id="M2-N20000"),
+                                       pytest.param((1000, 12288), 0.5, id="M1000-N12288", marks=pytest.mark.cuda)])
+def test_without_weight_matches_float64_reference(shape, eps, residual, dtype):
+    """weight=None (torch.nn.RMSNorm(elementwise_affine=False)): no scale, no weight read, no dweight;
+    y, s and every gradient against the float64 reference, through each path (rows whole, the backward
+    chunked, both passes chunked)."""
+    gen = torch.Generator().manual_seed(8)
+    x = _make(shape, dtype, "strided", gen)
+    inputs = [x] + ([_make(shape, dtype, "contiguous", gen, scale=2.0)] if residual else [])
+    cots = [_cotangent(x, "strided", gen)] + ([_make(shape, dtype, "contiguous", gen)] if residual else [])
+    _compare(eps, inputs, cots, weighted=False)
 
 
 @pytest.mark.parametrize("shape", [pytest.param((300, 48), id="M300-N48"), pytest.param((40, 10000), id="M40-N10000"),
@@ -266,3 +293,14 @@ def test_backward_is_deterministic():
     runs = [_grads(lambda a, b, c: rmsnorm_kernels.rms_norm(a, b, 1e-6, c), [x, w, r], [dy, None])[1] for _ in range(2)]
     for g1, g2 in zip(*runs):
         assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("block_m,block_n,warps", [(2, 4096, [16, 8, 32]), (1, 4096, [8, 4, 16, 32]),
+                                                   (1, 16384, [32, 16]), (1, 16, [1]), (64, 8192, [32])])
+def test_row_prune_puts_sixteen_elements_per_thread_first(block_m, block_n, warps):
+    """The GPU warp list pruned to 4..32 tile elements per thread (fewest or most warps past that range),
+    the config with 16 a thread first: the one LWT_AUTOTUNE=0 launches (32 a thread spill in the backward
+    on sm_90, benchmarks/compile_check.py)."""
+    configs = [triton.Config({}, num_warps=w, num_stages=1) for w in _ROW_WARPS]
+    kept = prune_row_configs(configs, {}, BLOCK_M=block_m, BLOCK_N=block_n)
+    assert [c.num_warps for c in kept] == warps
