@@ -10,6 +10,9 @@
 #                                           # the tests with the time left
 #   bash benchmarks/device_check.sh train   # the trainer on the GPU: default config, then the 4k-width
 #                                           # preset (2 layers, dummy tokens), both with --end_to_end
+#   bash benchmarks/device_check.sh layers  # what issues #7-#9 ask of a GPU, in ~6 minutes: the CUDA tests
+#                                           # of the model, torch.compile and the trainer (-m cuda), then
+#                                           # train, then bench_block (compiled vs eager DecoderBlock step)
 # Benches run their quick grids unless FULL=1; ONLY="attention swiglu" runs just those benches (bench,
 # all). Liger-Kernel is installed from .whl/ when a wheel is there (git-ignored: the device tool must
 # carry it, carry [".whl"]; see README "Benchmarks").
@@ -26,7 +29,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
-case $what in bench|test|all|train) ;; *) echo "usage: $0 bench|test|all|train [pytest -k expr]" >&2; exit 2 ;; esac
+case $what in bench|test|all|train|layers) ;; *) echo "usage: $0 bench|test|all|train|layers [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
@@ -35,7 +38,7 @@ echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
 # What comes back: the goal lines of the bench logs (and the attention passes' breakdown), the trainer's
 # tables, WORK packed, steps.txt.
 pack() {
-  { grep -h "goal\|^block \|for information\| lwt passes: " /dev/null "$WORK"/bench_*.log | grep -v "^ " |
+  { grep -h "goal\|^block \|for information\| lwt passes: " /dev/null "$WORK"/bench_*.log 2>/dev/null | grep -v "^ " |
       awk '!seen[$0]++'
     for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
     if [ -f "$WORK/tests.txt" ]; then  # written as each test lands: complete even when pytest was cut
@@ -73,7 +76,7 @@ if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "note: no git checkout and LWT_GIT_SHA unset: the results' commit column says 'unknown'"
 fi
 
-run_tests() {
+run_tests() {  # run_tests [-k expr] [test files, then pytest options; default: every file, kernels first]
   # xdist spreads the many first-call compilations over the CPU cores (one config per kernel and key:
   # tests/conftest.py sets LWT_AUTOTUNE=0); loadgroup (xdist 2.5+) keeps the GPU-memory-heavy tests
   # (xdist_group "heavy") on one worker, one at a time.
@@ -90,12 +93,15 @@ run_tests() {
   local first=(tests/test_rmsnorm.py tests/test_attention.py tests/test_mla.py tests/test_swiglu.py
                tests/test_cross_entropy.py tests/test_launch_configs.py tests/test_layers.py tests/test_model.py
                tests/test_compile.py)
-  local files=("${first[@]}") f
-  for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
+  local files=("${first[@]}") f expr=${1:-}
+  shift || true
+  if [ $# -gt 0 ]; then files=("$@"); else
+    for f in tests/test_*.py; do [[ " ${first[*]} " == *" $f "* ]] || files+=("$f"); done
+  fi
   rm -f "$WORK/tests.txt"
   # One Inductor compile worker per test process: 12 processes each spawning a pool of 16 would share
   # the 16 cores with Triton's compilations.
-  TORCHINDUCTOR_COMPILE_THREADS=1 LWT_TEST_LOG="$WORK/tests.txt" step pytest 600 "$PY" -m pytest "${opts[@]}" ${1:+-k "$1"} "${files[@]}"
+  TORCHINDUCTOR_COMPILE_THREADS=1 LWT_TEST_LOG="$WORK/tests.txt" step pytest "${test_cap:-600}" "$PY" -m pytest "${opts[@]}" ${expr:+-k "$expr"} "${files[@]}"
   tail -n 12 "$WORK/pytest.log"
 }
 
@@ -103,17 +109,31 @@ if [ "$what" = test ]; then
   run_tests "${2:-}"
   exit $failed
 fi
-if [ "$what" = train ]; then
+train_caps=(300 300)
+if [ "$what" = layers ]; then
+  # Issue #7's CUDA layer test, #9's CUDA compile test and #8's trainer test, then what #8 and #9 ask to
+  # report: the trainer's tokens/s and peak memory per stage (train, below) and bench_block's step times.
+  # Untimed launch configs throughout (one compilation per kernel and key), to fit one call: the
+  # trainer's tokens/s and bench_block's times are then those of each list's first config that fits.
+  export LWT_AUTOTUNE=0
+  echo "layers: LWT_AUTOTUNE=0 (untimed launch configs)" >> "$WORK/steps.txt"
+  test_cap=150 run_tests "${2:-}" tests/test_model.py tests/test_compile.py tests/test_train_layerwise.py -m cuda
+  train_caps=(100 180)
+fi
+if [ "$what" = train ] || [ "$what" = layers ]; then
   # A few steps per phase with the Triton kernels: tokens/s and peak memory per stage beside end-to-end.
   # No checkpoint in between (ckpt_every 0); the out_dirs stay in WORK (checkpoints are GBs at 4k width).
   rm -rf "$WORK/run-default" "$WORK/run-4k"
-  step train_default 300 "$PY" -m lwt.train_layerwise --config config.yaml --end_to_end \
+  step train_default "${train_caps[0]}" "$PY" -m lwt.train_layerwise --config config.yaml --end_to_end \
     --set train.out_dir="$WORK/run-default" --set train.max_steps=40 --set train.joint_steps=20 \
     --set train.warmup_steps=5 --set train.ckpt_every=0
-  step train_4k 300 "$PY" -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
+  step train_4k "${train_caps[1]}" "$PY" -m lwt.train_layerwise --config configs/llama-4k-gqa.yaml --end_to_end --dummy True \
     --set model.n_layers=2 --set train.out_dir="$WORK/run-4k" --set train.max_steps=10 --set train.joint_steps=5 \
     --set train.warmup_steps=2 --set train.cache_sequences=64 --set objective.eval_batches=2 \
     --set data.val_fraction=0.1 --set train.ckpt_every=0
+  if [ "$what" = layers ]; then
+    step bench_block 120 "$PY" benchmarks/bench_block.py --quick --results-dir "$WORK"
+  fi
   cat "$OUT/summary.txt"
   exit $failed
 fi
