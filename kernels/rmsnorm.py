@@ -239,8 +239,8 @@ def _rms_norm_fwd_fake(x, weight, eps, residual=None):
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on row views. x, residual: (M, N) with unit stride along N; weight: (N,),
-    contiguous, or None (no scale). Returns (y, s, rstd): y (M, N) of x's dtype; s = x + residual, a new (M, N) tensor (empty
-    without a residual: the normalised input is x itself); rstd (M,) fp32."""
+    contiguous, or None (no scale). Returns (y, s, rstd): y (M, N) of x's dtype; s = x + residual, a new
+    (M, N) tensor (empty without a residual: the normalised input is x itself); rstd (M,) fp32."""
     M, N = x.shape
     y = empty((M, N), x.dtype, x.device)
     s = absent(x) if residual is None else empty((M, N), x.dtype, x.device)
@@ -374,7 +374,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
     check_rms_norm_args(x, weight, residual, eps)
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
-    no_backward = not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, residual))
+    no_backward = not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
+                                                         for t in (x, weight, residual))
     # A dual tensor of forward-mode AD does not require grad: inside a dual level the Function runs (and
     # raises, having no jvp) rather than the launcher silently dropping the tangent.
     if no_backward and fwAD._current_level < 0:

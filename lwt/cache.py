@@ -37,6 +37,7 @@ not bad input); using a writer after finish()/abort() is `RuntimeError`.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import numbers
@@ -128,6 +129,15 @@ def cache_bytes(entries: int, seq_len: int, d_model: int, dtype: torch.dtype) ->
     return sum(_nbytes(dt, shape) for dt, shape in _layout(entries, seq_len, d_model, dtype).values())
 
 
+def remove_partials(directory, rank: int) -> None:
+    """Delete the temporary files that a writer of rank `rank` left in `directory` when it crashed (a
+    writer reserves its whole shard up front, so they hold a shard's worth of disk). Call it only where no
+    writer of that rank is running. A missing directory holds none."""
+    directory = glob.escape(os.path.abspath(os.fspath(directory)))
+    for path in glob.glob(os.path.join(directory, f"rank{rank}.*{PARTIAL}")):
+        os.remove(path)
+
+
 def check_disk_space(directory, nbytes: int) -> None:
     """Fail early, with a clear message, when `nbytes` will not fit on the disk holding `directory`.
 
@@ -188,7 +198,7 @@ class CacheWriter:
         try:
             # Round-trip now, so what open() compares against is what the manifest will hold (tuples
             # become lists) and a non-JSON value fails here, not after the whole stage ran.
-            self.meta = json.loads(json.dumps(meta))
+            self.meta = _json_round_trip(meta)
         except (TypeError, ValueError) as e:
             raise ValueError(f"meta: must be a JSON-serialisable dict, got {meta!r} ({e})") from None
         if not isinstance(self.meta, dict):
@@ -210,11 +220,14 @@ class CacheWriter:
         self._hash = {p: hashlib.new(CHECKSUM) for p in _FILES}
         self._state = "open"
 
-        os.makedirs(self.directory, exist_ok=True)
+        # A crashed writer's leftovers first (their space counts as free), and the check before the directory
+        # is made: a failed check leaves nothing behind.
+        remove_partials(self.directory, rank)
         check_disk_space(self.directory, cache_bytes(entries, seq_len, d_model, dtype))
+        os.makedirs(self.directory, exist_ok=True)
         try:
             for part, (np_dtype, shape) in self._layout.items():
-                f = open(self._tmp[part], "wb")  # truncates the leftovers of a writer that crashed
+                f = open(self._tmp[part], "wb")
                 self._files[part] = f
                 self._reserve(f, _nbytes(np_dtype, shape))
         except BaseException:
@@ -386,13 +399,25 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
 
 
+def _numpy_scalar(value):
+    """json.dumps's `default`: NumPy scalars as Python numbers (sizes often come out of numpy arithmetic)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _json_round_trip(value):
+    """`value` as a manifest holds it: tuples become lists, NumPy scalars Python numbers."""
+    return json.loads(json.dumps(value, default=_numpy_scalar))
+
+
 def _normalize_expected(key: str, value):
     """Expected values as the manifest spells them: dtype as its name, tuples as lists."""
     if key == "dtype":
         if isinstance(value, torch.dtype):
             return _HIDDEN_DTYPES[value][0] if value in _HIDDEN_DTYPES else str(value)
         return str(value).removeprefix("torch.")
-    return json.loads(json.dumps(value))
+    return _json_round_trip(value)
 
 
 class ActivationCache:
@@ -457,14 +482,21 @@ class ActivationCache:
             dtype = _DTYPE_BY_NAME[manifest["dtype"]]
             meta, files = manifest["meta"], manifest["files"]
             layout = _layout(entries, seq_len, d_model, dtype)
-            for part, (np_dtype, shape) in layout.items():
-                rec = files[part]
-                if (rec["name"] != _file_name(rank, part) or rec["dtype"] != np_dtype.name
-                        or tuple(rec["shape"]) != shape or rec["bytes"] != _nbytes(np_dtype, shape)):
-                    raise corrupt(f"entry for {part!r} ({rec}) does not match entries={entries}, "
-                                  f"seq_len={seq_len}, d_model={d_model}, dtype={manifest['dtype']}")
-        except (KeyError, TypeError) as e:
-            raise corrupt(f"missing or malformed field {e}") from None
+            mismatched = [(part, files[part]) for part, (np_dtype, shape) in layout.items()
+                          if (files[part]["name"] != _file_name(rank, part) or files[part]["dtype"] != np_dtype.name
+                              or tuple(files[part]["shape"]) != shape
+                              or files[part]["bytes"] != _nbytes(np_dtype, shape))]
+        except (KeyError, TypeError, ValueError) as e:
+            raise corrupt(f"missing or malformed field ({type(e).__name__}: {e})") from None
+        if mismatched:
+            part, rec = mismatched[0]
+            raise corrupt(f"entry for {part!r} ({rec}) does not match entries={entries}, "
+                          f"seq_len={seq_len}, d_model={d_model}, dtype={manifest['dtype']}")
+        if not isinstance(meta, dict):
+            raise corrupt(f"its meta is a {type(meta).__name__}, not a dict")
+        algo = manifest.get("checksum", CHECKSUM)
+        if not isinstance(algo, str) or algo not in hashlib.algorithms_available:
+            raise corrupt(f"unknown checksum algorithm {algo!r}")
         if manifest.get("rank") != rank:
             raise corrupt(f"it is rank {manifest.get('rank')!r}'s manifest under rank {rank}'s name")
 
@@ -491,7 +523,6 @@ class ActivationCache:
                 raise ValueError(f"activation cache file {path} is corrupt: {size} bytes, its manifest "
                                  f"says {want} (truncated or overwritten); {rerun}")
         if verify:
-            algo = manifest.get("checksum", CHECKSUM)
             for part, path in paths.items():
                 got, want = _file_digest(path, algo), files[part].get(algo)
                 if got != want:

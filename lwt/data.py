@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import sys
 import warnings
@@ -40,6 +41,8 @@ TOKEN_DTYPES = {name: np.dtype(name).type for name in _TOKEN_DTYPE_NAMES}  # "ui
 # The dummy corpus: long enough that random windows rarely repeat, short enough to build in milliseconds.
 DUMMY_MIN_TOKENS = 100_000
 DUMMY_MIN_WINDOWS = 50
+# ... and made longer when a small val_fraction needs it for one window of validation, up to this.
+DUMMY_MAX_TOKENS = 1 << 27
 
 # The default text must be big enough to be worth training on; pydoc_data.topics is ~450-500 kB.
 MIN_DEFAULT_TEXT_BYTES = 100_000
@@ -120,14 +123,19 @@ class TokenData:
         """Text to token ids.
 
         Args:
-            text: for the text source any string (encoded as UTF-8 bytes); for the others the inverse
-                of `decode`: whitespace-separated integer ids.
+            text: for the text source any string (encoded as UTF-8 bytes; characters that stand for
+                undecodable bytes, as Python decodes a non-UTF-8 command line, become those bytes again); for
+                the others the inverse of `decode`: whitespace-separated integer ids.
 
         Returns:
             (N,) int64 tensor.
         """
         if self.source == "text":
-            return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+            try:
+                return torch.tensor(list(text.encode("utf-8", "surrogateescape")), dtype=torch.long)
+            except UnicodeEncodeError as e:
+                raise ValueError(f"encode: the text has a character that is neither UTF-8 text nor an escaped "
+                                 f"byte ({e})") from None
         try:
             ids = [int(tok) for tok in text.split()]
         except ValueError:
@@ -213,7 +221,14 @@ def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
         raise ValueError(f"data.seq_len: expected >= 1, got {cfg.seq_len}")
 
     if cfg.source == "dummy":
-        n = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1))
+        # Each split holds at least one window of seq_len + 1 tokens (the smaller split is the one below
+        # min(val_fraction, 1 - val_fraction); one token more absorbs the floor of the split point).
+        n = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1),
+                math.ceil((cfg.seq_len + 1) / min(cfg.val_fraction, 1 - cfg.val_fraction)) + 1)
+        if n > DUMMY_MAX_TOKENS:
+            raise ValueError(f"data.val_fraction={cfg.val_fraction} / data.seq_len={cfg.seq_len}: a dummy corpus "
+                             f"with one window in each split needs {n} tokens, more than the {DUMMY_MAX_TOKENS} "
+                             f"it is allowed")
         g = torch.Generator().manual_seed(cfg.seed)
         corpus = torch.randint(0, vocab_size, (n,), generator=g, dtype=torch.long)        # (N,)
         description = f"dummy: {n} uniform random ids in [0, {vocab_size}), seed {cfg.seed}"
@@ -322,6 +337,6 @@ def _check_ids(tokens: np.memmap, vocab_size: int, path: str) -> None:
         chunk = tokens[lo:lo + _SCAN_CHUNK]
         top = int(chunk.max())
         if top >= vocab_size:
-            at = lo + int(np.argmax(chunk >= vocab_size))
-            raise ValueError(f"data.path: {path} holds id {top} >= model vocab_size {vocab_size} "
-                             f"(first at token {at}); wrong data.token_dtype or model.vocab_size?")
+            at = int(np.argmax(chunk >= vocab_size))
+            raise ValueError(f"data.path: {path} holds id {int(chunk[at])} >= model vocab_size {vocab_size} "
+                             f"(first at token {lo + at}); wrong data.token_dtype or model.vocab_size?")

@@ -21,6 +21,7 @@ from .config import config_from_dict
 from .data import TokenData
 from .diffusion import ORDERS, sample
 from .model import LWTModel
+from .train_layerwise import read_checkpoint
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTModel, str]:
@@ -33,11 +34,14 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"config", "model", "frozen_checksum"} <= set(ckpt):
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {path!r}: expected a dict with keys 'config', 'model' and 'frozen_checksum', "
                          f"got {keys}")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
+        raise ValueError(f"checkpoint {path!r}: expected 'config' and 'model' to be dicts, got "
+                         f"{type(ckpt['config']).__name__} and {type(ckpt['model']).__name__}")
     cfg = config_from_dict(ckpt["config"])
     model_cfg, source = cfg.model, cfg.data.source
     floats = [v for v in ckpt["model"].values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
@@ -76,10 +80,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """--device as a torch.device this machine has, else a usage error naming the flag."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            parser.error(f"--device: {name!r} asked for, but this machine has {count} CUDA GPU(s)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = _device(parser, args.device)
     try:
         model, source = load_checkpoint(args.checkpoint, device)
         tok = tokenizer(source, model.vocab_size)

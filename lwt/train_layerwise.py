@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import resource
 import sys
 import time
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cache import ActivationCache, CacheWriter, cache_bytes, check_disk_space
+from .cache import ActivationCache, CacheWriter, cache_bytes, check_disk_space, remove_partials
 from .config import Config, config_from_dict, config_to_dict, load_config
 from .data import build_data
 from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sample_t
@@ -287,9 +288,10 @@ class Trainer:
         stopped. The config must be the one the checkpoint was written with."""
         if not os.path.exists(self.ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {self.ckpt_path} (train.out_dir={self.out_dir!r})")
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.ckpt_path}: unknown checkpoint format {state.get('format')!r}")
+        state = read_checkpoint(self.ckpt_path)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{self.ckpt_path}: unknown checkpoint format {found!r}")
         saved = config_to_dict(config_from_dict(state["config"]))
         now = config_to_dict(self.cfg)
         diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s] if saved[s][k] != now[s][k]]
@@ -407,6 +409,13 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return local * cache_bytes(self.cache_entries, c.data.seq_len, c.model.d_model, self.dtype)
 
+    def remove_crashed_writers_files(self) -> None:
+        """Delete the temporary files that this rank's cache writers left when a run was killed mid-write
+        (a whole reserved shard each), so that their space counts as free. Only between phases: while a
+        cache is being written (or rebuilt, which nests writers) its own temporary files are in use."""
+        for directory in glob.glob(os.path.join(glob.escape(self.cache_dir), "stage*")):
+            remove_partials(directory, self.env.rank)
+
     def check_cache_room(self) -> None:
         check_disk_space(self.cache_dir, self._cache_bytes_here())
 
@@ -477,6 +486,7 @@ class Trainer:
         """Phase `index` from start_step: its training steps (unless a checkpoint taken after them is being
         resumed), then its end (cache, checkpoint). False if --stop_after stopped it."""
         total = self.phases[index][2]
+        self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
         if start_step < total and not self.train_phase(index, start_step):
             return False
         self.finish_phase(index)
@@ -756,6 +766,22 @@ def _atomic_save(state: dict, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_checkpoint(path: str):
+    """torch.load(path) with weights_only (a checkpoint never runs code), onto the CPU; a file that is not
+    a torch checkpoint, is damaged or holds other objects is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        text = str(e)
+        if "Unsupported global" in text:  # weights_only refused a class
+            why = "it holds objects other than weights, which could run code on loading"
+        elif isinstance(e, pickle.UnpicklingError):
+            why = "not a torch checkpoint, or a damaged one"
+        else:
+            why = f"a damaged file: {text.splitlines()[0] if text else type(e).__name__}"
+        raise ValueError(f"checkpoint {path!r}: not a readable checkpoint ({why})") from None
 
 
 def main(argv=None) -> int:

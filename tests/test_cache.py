@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import lwt.cache
 from lwt.cache import DISK_MARGIN_BYTES, ActivationCache, CacheWriter, cache_bytes, check_disk_space
 
 S, D = 7, 12  # odd sizes, so a row/column mix-up cannot line up by accident
@@ -195,6 +196,25 @@ def test_damaged_manifest(tmp_path):
         ActivationCache.open(tmp_path, 0, {})
 
 
+@pytest.mark.parametrize("field,value", [("entries", "abc"), ("checksum", "md55"), ("checksum", ["sha256"]),
+                                         ("meta", "stage"), ("files", [])])
+def test_malformed_manifest_field_names_the_shard(tmp_path, field, value):
+    """A manifest field of the wrong kind is a ValueError naming the manifest, never a bare TypeError or
+    a lookup that happens to succeed (`"stage" in "stage"` on a meta that became a string)."""
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    m[field] = value
+    path = tmp_path / "rank0.manifest.json"
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"^activation cache manifest {re.escape(str(path))} is corrupt: "):
+        ActivationCache.open(tmp_path, 0, {"stage": 0})
+
+
+def test_numpy_sizes_in_expect(tmp_path):
+    _write(tmp_path, 0, 4, torch.float32)
+    cache = ActivationCache.open(tmp_path, 0, {"entries": np.int64(4), "seq_len": np.int32(S), "stage": np.int64(0)})
+    assert cache.entries == 4
+
+
 def _only_rank0_files(directory):
     return sorted(n for n in os.listdir(directory) if n.startswith("rank0."))
 
@@ -234,6 +254,34 @@ def test_crashed_writer_is_reported_as_unfinished(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not finish"):
         ActivationCache.open(tmp_path, 0, {})
     w.abort()
+
+
+def test_crashed_writers_space_counts_as_free(tmp_path, monkeypatch):
+    """A killed writer leaves its reserved temporary files behind; the next writer of that rank deletes
+    them before checking the disk (their space is free to it), and leaves other ranks' files alone."""
+    CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})  # never finished nor aborted: a killed process
+    other = CacheWriter(tmp_path, 1, 2, S, D, torch.float32, {})  # another rank, still writing
+    leftovers = sum(os.path.getsize(tmp_path / n) for n in _only_rank0_files(tmp_path))
+    assert leftovers == cache_bytes(2, S, D, torch.float32)
+    seen = []
+    real = lwt.cache.check_disk_space
+    monkeypatch.setattr(lwt.cache, "check_disk_space",
+                        lambda directory, nbytes: seen.append(sorted(os.listdir(directory))) or real(directory, nbytes))
+    rows = _rows(2, torch.float32)
+    with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+        w.append(*rows)
+        w.finish()
+    assert not any(n.startswith("rank0.") for n in seen[0])  # checked with rank 0's leftovers gone
+    assert sum(n.startswith("rank1.") for n in seen[0]) == 4
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), rows)
+    other.abort()
+
+
+def test_failed_disk_check_leaves_no_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(lwt.cache, "DISK_MARGIN_BYTES", 1 << 62)
+    with pytest.raises(RuntimeError, match="not enough disk space"):
+        CacheWriter(tmp_path / "cache" / "stage0", 0, 2, S, D, torch.float32, {})
+    assert os.listdir(tmp_path) == []
 
 
 def test_rewriting_a_shard_replaces_it(tmp_path):

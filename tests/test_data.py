@@ -45,6 +45,16 @@ def test_dummy_grows_for_long_windows():
     assert d.num_tokens("train") + d.num_tokens("val") == lwt_data.DUMMY_MIN_WINDOWS * 4001
 
 
+@pytest.mark.parametrize("seq_len,fraction", [(1024, 0.01), (512, 0.005), (63, 0.999)])
+def test_dummy_grows_for_a_small_split(seq_len, fraction):
+    """However small val_fraction (or 1 - val_fraction) is, each split holds a window; past
+    DUMMY_MAX_TOKENS that is a clear error instead of gigabytes of random ids."""
+    d = build_data(_cfg(source="dummy", seq_len=seq_len, val_fraction=fraction), vocab_size=7)
+    assert min(d.num_tokens("train"), d.num_tokens("val")) >= seq_len + 1
+    with pytest.raises(ValueError, match=r"^data.val_fraction=1e-06 / data.seq_len=1024: a dummy corpus"):
+        build_data(_cfg(source="dummy", seq_len=1024, val_fraction=1e-6), vocab_size=7)
+
+
 def test_default_text_is_real_english(text_data):
     n = text_data.num_tokens("train") + text_data.num_tokens("val")
     assert n > 100_000
@@ -167,6 +177,14 @@ def test_text_round_trip(text_data):
     assert text_data.decode(ids.tolist()) == s and text_data.decode(ids.numpy()) == s
 
 
+def test_text_encode_takes_escaped_bytes_back(text_data):
+    """Bytes Python could not decode as UTF-8 (a Latin-1 command line) arrive as escaped characters and
+    are encoded as those bytes; a character that is neither text nor an escaped byte is a ValueError."""
+    assert text_data.encode(b"caf\xe9".decode("utf-8", "surrogateescape")).tolist() == list(b"caf\xe9")
+    with pytest.raises(ValueError, match="^encode: the text has a character"):
+        text_data.encode("\ud800")
+
+
 def test_text_decode_replaces_bad_bytes_and_mask_ids(text_data):
     assert text_data.decode([0xC3]) == "\ufffd"                         # half of a 2-byte character
     assert text_data.decode([104, 105, 256, 33]) == "hi\ufffd!"        # 256: the [MASK] id
@@ -222,6 +240,7 @@ def test_ragged_token_file(tmp_path):
 def test_token_ids_out_of_range(tmp_path):
     ids = np.zeros(3000, dtype=np.int64)
     ids[2500] = 300
+    ids[2700] = 9000  # larger, later: the message names the first bad id, not the largest
     path = _write_tokens(tmp_path / "big.bin", ids, np.uint32)
     msg = re.escape(f"{path} holds id 300 >= model vocab_size 256 (first at token 2500)")
     with pytest.raises(ValueError, match=msg):

@@ -1,5 +1,6 @@
 """lwt.diffusion (masking, the two loss weightings, the NELBO evaluation, the sampler) and the
 lwt.generate CLI, on tiny models on the CPU (reference path)."""
+import argparse
 import dataclasses
 import math
 import re
@@ -444,3 +445,51 @@ def test_generate_errors(tmp_path, capsys):
     torch.save({"model": {}}, path)
     with pytest.raises(ValueError, match=r"expected a dict with keys 'config', 'model' and 'frozen_checksum'"):
         generate.load_checkpoint(str(path))
+
+
+def test_generate_unreadable_checkpoints_are_value_errors(tmp_path, capsys):
+    """A file that is not a torch checkpoint, one cut short, one holding code and one whose parts have
+    the wrong types: each a ValueError naming the file, and a usage error (exit 2) from the command."""
+    model = tiny_model(vocab_size=256, seed=4)
+    good = tmp_path / "good.pt"
+    write_checkpoint(good, model)
+    cases = {"garbage.pt": b"not a checkpoint", "cut.pt": good.read_bytes()[:3000]}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"config": {}, "model": [], "frozen_checksum": "x"}, tmp_path / "list.pt")
+    torch.save(argparse.Namespace(model=1), tmp_path / "code.pt")  # an arbitrary class: weights_only refuses it
+    for name, message in [("garbage.pt", r"not a readable checkpoint \(not a torch checkpoint, or a damaged one\)"),
+                          ("cut.pt", r"not a readable checkpoint \(a damaged file: "),
+                          ("code.pt", r"not a readable checkpoint \(it holds objects other than weights"),
+                          ("list.pt", "expected 'config' and 'model' to be dicts")]:
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(repr(path))}: {message}"):
+            generate.load_checkpoint(path)
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--checkpoint", path, "--device", "cpu"])
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("device,message", [("bogus", "expected auto, cpu, cuda or cuda:N, got 'bogus'"),
+                                            ("meta", "expected auto, cpu, cuda or cuda:N, got 'meta'"),
+                                            ("cuda:99", "'cuda:99' asked for, but this machine has")])
+def test_generate_device_errors(tmp_path, capsys, device, message):
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", str(path), "--device", device])
+    assert exit_info.value.code == 2 and f"--device: {message}" in capsys.readouterr().err
+
+
+def test_generate_prompt_bytes_from_a_non_utf8_command_line(tmp_path, capsys):
+    """Python decodes command-line bytes that are not UTF-8 to escaped characters; a byte-level model gets
+    the bytes themselves back."""
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # Latin-1 "café" as it arrives in sys.argv
+    assert generate.main(["--checkpoint", str(path), "--prompt", prompt, "--length", "8", "--steps", "2",
+                          "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()[1]
+    assert out.startswith("caf\ufffd")  # the byte 0xe9 kept, shown as the replacement character

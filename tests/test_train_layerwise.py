@@ -284,6 +284,19 @@ def test_resume_without_checkpoint(tmp_path):
         _run(tmp_path, "--resume", name="none")
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint", "list"], ids=["garbage", "not-a-dict"])
+def test_resume_from_an_unreadable_checkpoint(tmp_path, content):
+    out = tmp_path / "bad"
+    out.mkdir()
+    if content == "list":
+        torch.save([1, 2], out / "checkpoint.pt")
+    else:
+        (out / "checkpoint.pt").write_bytes(content)
+    message = "not a readable checkpoint" if content != "list" else "unknown checkpoint format 'list'"
+    with pytest.raises(ValueError, match=message):
+        _run(tmp_path, "--resume", name="bad")
+
+
 def test_quickstart_form_and_bare_key_flags():
     args = T.parse_args(["--dummy", "True", "--max_steps", "50", "--lr=1e-3"])
     assert args.overrides == ["data.source=dummy", "max_steps=50", "lr=1e-3"]
@@ -362,3 +375,16 @@ def test_cuda_device_has_an_index(monkeypatch, name, world, local, expected):
     monkeypatch.setenv("LOCAL_RANK", str(local))
     env = T.Dist(name)
     assert env.device == torch.device(expected) and chosen == [torch.device(expected).index]
+
+
+def test_crashed_writers_files_are_removed(tmp_path):
+    """Before a phase (and its check of the disk for its cache), this rank's temporary files left by a
+    writer that was killed (a full reserved shard each) are deleted; another rank's files stay."""
+    stage = tmp_path / "cache" / "stage0"
+    stage.mkdir(parents=True)
+    for name in ("rank0.hidden.bin.partial", "rank0.manifest.json.partial", "rank1.hidden.bin.partial",
+                 "rank0.hidden.bin"):
+        (stage / name).write_bytes(b"x" * 100)
+    trainer = type("Trainer", (), {"cache_dir": str(tmp_path / "cache"), "env": type("Env", (), {"rank": 0})})()
+    T.Trainer.remove_crashed_writers_files(trainer)
+    assert sorted(os.listdir(stage)) == ["rank0.hidden.bin", "rank1.hidden.bin.partial"]
