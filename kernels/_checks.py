@@ -110,8 +110,18 @@ def check_attention_args(q, k, v, causal, softmax_scale, *, dtypes=KERNEL_DTYPES
 def _check_causal_and_scale(causal, softmax_scale) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal: expected a bool, got {causal!r}")
-    if softmax_scale is not None and not (_is_finite_real(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale: expected None or a finite real number > 0, got {softmax_scale!r}")
+    if softmax_scale is not None and not (_is_finite_real(softmax_scale)
+                                          and _FP32_TINY <= softmax_scale * _LOG2E <= _FP32_MAX):
+        raise ValueError(f"softmax_scale: expected None or a real number > 0 that stays a normal fp32 number "
+                         f"times log2(e) (about {_FP32_TINY / _LOG2E:.1e} to {_FP32_MAX / _LOG2E:.1e}: the kernels "
+                         f"scale scores by it in fp32), got {softmax_scale!r}")
+
+
+# The kernels multiply scores by softmax_scale · log2(e) in fp32 (exp2-based softmax): a scale that
+# rounds to 0 (or a denormal, which GPUs may flush to 0) would turn masked -inf scores into NaN, one that
+# overflows would turn every score into ±inf.
+_LOG2E = 1.4426950408889634
+_FP32_TINY, _FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 # Largest MLA rope dim: its q and k tiles sit in registers beside the Dn-wide ones.
@@ -234,6 +244,8 @@ def check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduct
     if not isinstance(target, torch.Tensor) or target.dtype not in (torch.int64, torch.int32):
         got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(f"target: expected an int64 or int32 tensor of class indices, got {got}")
+    if target.layout != torch.strided:
+        raise ValueError(f"target: expected a dense (strided) tensor, got layout {target.layout}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target: expected shape {tuple(hidden.shape[:-1])} (the leading dims of hidden), "
                          f"got {tuple(target.shape)}")
@@ -248,6 +260,10 @@ def check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduct
         raise ValueError(f"reduction: expected one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:  # compared in target's dtype, it would wrap
+        raise ValueError(f"ignore_index: expected an int that a {target.dtype} target can hold "
+                         f"({info.min}..{info.max}), got {ignore_index}")
     if accum_dtype not in ACCUM_DTYPES:
         raise ValueError(f"accum_dtype: expected torch.float32 or None (the weight's dtype), got {accum_dtype!r}")
 

@@ -187,8 +187,10 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     grad mode on): there is no backward."""
     check_latent_args(q, c, k_rope, causal, softmax_scale)
     check_kernel_device(q, "q")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, c, k_rope)):
-        raise ValueError("q: latent_attention is forward-only (inference); call it under torch.no_grad()")
+    wanting = [name for name, t in (("q", q), ("c", c), ("k_rope", k_rope)) if t.requires_grad]
+    if torch.is_grad_enabled() and wanting:
+        raise ValueError(f"{wanting[0]}: requires grad, but latent_attention is forward-only (inference); call it "
+                         f"under torch.no_grad()")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     c4 = A._unit_last(c)[:, :, None, :]  # (B, S, 1, R): the one K/V head
     o, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])

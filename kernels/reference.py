@@ -88,7 +88,7 @@ def mla_attention_with_lse(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.
     """
     c = _compute_dtype(q.dtype)
     mm = c if upcast else q.dtype
-    S = q.shape[1]
+    S, out_dtype = q.shape[1], q.dtype
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q = q.to(mm)
     k_rope = k_rope.to(mm)[:, :, None, :].expand(-1, -1, q.shape[2], -1)  # (B, S, H, Dr)
@@ -100,7 +100,7 @@ def mla_attention_with_lse(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhst,bthd->bshd", p.to(mm), v.to(mm))
-    return o.to(q.dtype), lse
+    return o.to(out_dtype), lse
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, empty, launcher, num_sms, prune_row_configs, row_configs,
-                      row_tile)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, launcher, num_sms,
+                      prune_row_configs, row_configs, row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -372,6 +372,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
         ValueError: naming the argument, for a wrong shape, dtype or device, before any launch.
     """
     check_rms_norm_args(x, weight, residual, eps)
+    check_kernel_device(x, "x")
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
     no_backward = not torch.is_grad_enabled() or not any(t is not None and t.requires_grad

@@ -259,11 +259,14 @@ def _bad_cases():
                            torch.randn(1, 2, 1, 300, device=DEVICE)), {}),
         ("q", "head dim", (q[..., :0], k[..., :0], v[..., :0]), {}),
         ("causal", "expected a bool", (q, k, v), {"causal": 1}),
-        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": 0.0}),
-        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": -0.1}),
-        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": float("nan")}),
-        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": True}),
-        ("softmax_scale", "finite real number > 0", (q, k, v), {"softmax_scale": torch.tensor(0.1)}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": 0.0}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": -0.1}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": float("nan")}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": True}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": torch.tensor(0.1)}),
+        # positive as Python floats, but 0 (masked -inf scores would become NaN) or inf once scaled in fp32
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": 1e-46}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, k, v), {"softmax_scale": 1e39}),
     ]
 
 

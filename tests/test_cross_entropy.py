@@ -360,6 +360,13 @@ BAD = [
     pytest.param(dict(token_weight=torch.ones(6, dtype=torch.long)), "token_weight: expected dtype", id="tw-int"),
     pytest.param(dict(reduction="avg"), "reduction: expected one of", id="reduction"),
     pytest.param(dict(ignore_index=1.5), "ignore_index: expected an int", id="ignore-index"),
+    # an int32 target compared with 2**32 would wrap it to 0: class 0 silently ignored
+    pytest.param(dict(target=torch.tensor([0, 1, 0, 2, 3, 4], dtype=torch.int32), ignore_index=2**32),
+                 r"ignore_index: expected an int that a torch.int32 target can hold", id="ignore-index-wraps"),
+    pytest.param(dict(ignore_index=-2**70), r"ignore_index: expected an int that a torch.int64 target can hold",
+                 id="ignore-index-int64"),
+    pytest.param(dict(target=torch.tensor([0, 1, 2, 2, 3, 4]).to_sparse()), r"target: expected a dense",
+                 id="target-sparse"),
     pytest.param(dict(accum_dtype=torch.float16), "accum_dtype: expected torch.float32 or None", id="accum-dtype"),
 ]
 

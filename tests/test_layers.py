@@ -281,8 +281,10 @@ def test_latent_attention_is_forward_only(monkeypatch):
     monkeypatch.setenv("LWT_BACKEND", "triton")
     q = torch.randn(1, 5, 2, 40, device=DEVICE, requires_grad=True)
     c, kr = torch.randn(1, 5, 32, device=DEVICE), torch.randn(1, 5, 8, device=DEVICE)
-    with pytest.raises(ValueError, match=r"^q: latent_attention is forward-only"):
+    with pytest.raises(ValueError, match=r"^q: requires grad, but latent_attention is forward-only"):
         F.latent_attention(q, c, kr)
+    with pytest.raises(ValueError, match=r"^c: requires grad, but latent_attention is forward-only"):
+        F.latent_attention(q.detach(), c.clone().requires_grad_(), kr)
     with torch.no_grad():
         o = F.latent_attention(q, c, kr, causal=True)
     assert_close("o", o, reference.latent_attention(q.double(), c.double(), kr.double(), True),

@@ -189,7 +189,7 @@ def _bad_cases():
                                 torch.randn(1, 2, 200, device=DEVICE), torch.randn(1, 2, 1, 8, device=DEVICE)), {}),
         ("v", "head dim", (q, kn, kr, v[..., :0]), {}),
         ("causal", "expected a bool", (q, kn, kr, v), {"causal": None}),
-        ("softmax_scale", "finite real number > 0", (q, kn, kr, v), {"softmax_scale": float("inf")}),
+        ("softmax_scale", "real number > 0 that stays a normal fp32", (q, kn, kr, v), {"softmax_scale": float("inf")}),
     ]
 
 

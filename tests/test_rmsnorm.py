@@ -304,3 +304,12 @@ def test_row_prune_puts_sixteen_elements_per_thread_first(block_m, block_n, warp
     configs = [triton.Config({}, num_warps=w, num_stages=1) for w in _ROW_WARPS]
     kept = prune_row_configs(configs, {}, BLOCK_M=block_m, BLOCK_N=block_n)
     assert [c.num_warps for c in kept] == warps
+
+
+def test_kernel_entry_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    import kernels._common as common
+
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"^x: expected a CUDA tensor for the Triton kernel, got one on cpu"):
+        rmsnorm_kernels.rms_norm(x, torch.ones(8))
