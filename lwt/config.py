@@ -339,9 +339,15 @@ def _check_model(m: ModelConfig) -> ModelConfig:
                  f"a head dim d_model / model.n_heads (here {head_dim}) that is even (RoPE rotates pairs of "
                  f"dims) and at most {MAX_HEAD_DIM} (the attention kernel's limit)")
     else:
-        _at_least("model", m, ("mla_rkv", "mla_nope_dim", "mla_rope_dim", "mla_v_dim"), 1)
+        _at_least("model", m, ("mla_rkv",), 1)
+        for name, given in zip(("mla_nope_dim", "mla_rope_dim", "mla_v_dim"), mla_dims):
+            derived = "" if given is not None else (f" (null: derived from d_model // n_heads = {head_dim}; "
+                                                    f"set it, or change d_model or n_heads)")
+            _require(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), f"an int >= 1{derived}")
+        derived = "" if mla_dims[1] is not None else f" (null: (d_model // n_heads) // 2 = {m.mla_rope_dim}; set it)"
         _require(m.mla_rope_dim % 2 == 0 and m.mla_rope_dim <= MAX_ROPE_DIM, "model.mla_rope_dim", m.mla_rope_dim,
-                 f"an even number (RoPE rotates pairs of dims) at most {MAX_ROPE_DIM} (the MLA kernel's limit)")
+                 f"an even number (RoPE rotates pairs of dims) at most {MAX_ROPE_DIM} (the MLA kernel's "
+                 f"limit){derived}")
         _require(m.mla_nope_dim <= MAX_HEAD_DIM, "model.mla_nope_dim", m.mla_nope_dim,
                  f"at most {MAX_HEAD_DIM} (the MLA kernel's limit)")
         _require(m.mla_v_dim <= MAX_HEAD_DIM, "model.mla_v_dim", m.mla_v_dim, f"at most {MAX_HEAD_DIM}")

@@ -113,7 +113,8 @@ class RotaryEmbedding(nn.Module):
         offset .. offset + S - 1. Returns the rotated (q, k) in their dtypes; the rotation runs in fp32
         (float64 for float64 inputs).
     The cos/sin table is computed in fp32 once and grown (doubled) when a longer sequence arrives; it is
-    a non-persistent buffer, so it follows .to(device) and stays out of the state_dict.
+    a non-persistent buffer, out of the state_dict, emptied by .to()/.cuda()/to_empty() and rebuilt on
+    the new device at the next call.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, device=None):
@@ -126,6 +127,16 @@ class RotaryEmbedding(nn.Module):
         self.theta = float(theta)
         self.register_buffer("_cos", torch.empty(0, head_dim // 2, device=device), persistent=False)
         self.register_buffer("_sin", torch.empty(0, head_dim // 2, device=device), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache is emptied on the
+        target device and rebuilt at the next call, in fp32 (to_empty() would otherwise leave it holding
+        uninitialised memory that _table would take for a valid table)."""
+        super()._apply(fn, recurse)
+        device = self._cos.device
+        self._cos = torch.empty(0, self.head_dim // 2, device=device)
+        self._sin = torch.empty(0, self.head_dim // 2, device=device)
+        return self
 
     def _angles(self, n: int, device) -> torch.Tensor:
         """(n, head_dim/2) float64 angles pos · theta^(-2i/head_dim): fp32 products lose bits at long S."""
@@ -157,6 +168,8 @@ class RotaryEmbedding(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected (batch, seq, heads, {self.head_dim}), got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
         S = x.shape[1]
@@ -429,8 +442,8 @@ class FrozenSwiGLU(nn.Module):
         super().__init__()
         _positive_int(d_model, "d_model")
         _positive_int(d_ff, "d_ff")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed: expected an int in [0, 2**64) (a torch.Generator seed), got {seed!r}")
         if not isinstance(recompute, bool):
             raise ValueError(f"recompute: expected a bool, got {recompute!r}")
         if frozen_dtype is not None and frozen_dtype not in KERNEL_DTYPES + (torch.float8_e4m3fn,):
@@ -438,23 +451,42 @@ class FrozenSwiGLU(nn.Module):
                              f"reads) or None, got {frozen_dtype!r}")
         self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
         self.frozen_dtype = frozen_dtype
-        gen = torch.Generator().manual_seed(seed)
-        frozen = dict(device=device, dtype=frozen_dtype or dtype or torch.get_default_dtype())
-        std = d_model ** -0.5
-        for name in ("w_gate", "w_up"):  # drawn in this order from the one generator
-            w = torch.randn(d_ff, d_model, generator=gen) * std
-            w_scale = None
-            if frozen_dtype == torch.float8_e4m3fn:
-                w, w_scale = quantize_rows_fp8(w)
-            self.register_buffer(name, w.to(**frozen))
-            if w_scale is not None:
-                self.register_buffer(f"{name}_scale", w_scale.to(device))
+        matrix_dtype = frozen_dtype or dtype or torch.get_default_dtype()
+        meta = device is not None and torch.device(device).type == "meta"
+        for name, w in self._draw_frozen(shapes_only=meta).items():  # FP8 scales stay fp32
+            self.register_buffer(name, w.to(device=device, dtype=w.dtype if name.endswith("_scale") else matrix_dtype))
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
-        self.reset_parameters()
+        self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
+
+    def _reset_w_down(self) -> None:
+        nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))  # as nn.Linear(d_ff, d_model) initialises it
+
+    def _draw_frozen(self, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+        """W_gate then W_up (then, with FP8, their scales), on the CPU, from a generator seeded with `seed`;
+        shapes_only: meta tensors of their shapes and dtypes, nothing drawn (a module built on meta)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        out = {}
+        for name in ("w_gate", "w_up"):  # drawn in this order from the one generator
+            if shapes_only:
+                out[name] = torch.empty(self.d_ff, self.d_model, device="meta")
+                if self.frozen_dtype == torch.float8_e4m3fn:
+                    out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta")
+                continue
+            out[name] = torch.randn(self.d_ff, self.d_model, generator=gen) * self.d_model ** -0.5
+            if self.frozen_dtype == torch.float8_e4m3fn:
+                out[name], out[f"{name}_scale"] = quantize_rows_fp8(out[name])
+        return out
 
     def reset_parameters(self) -> None:
-        """Re-draw W_down as nn.Linear(d_ff, d_model) initialises its weight; the frozen matrices stay."""
-        nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))  # as nn.Linear(d_ff, d_model) initialises it
+        """Re-draw W_down as nn.Linear(d_ff, d_model) initialises its weight, and the frozen matrices from
+        `seed` (the same values as at construction, in the buffers' dtype and device): a module built on
+        the meta device and materialised with to_empty() gets its frozen matrices back from here."""
+        self._reset_w_down()
+        if any(self._buffers[name].is_meta for name in self.frozen_buffer_names()):
+            return  # nothing to hold the values yet (to_empty() comes first)
+        with torch.no_grad():
+            for name, w in self._draw_frozen().items():
+                self._buffers[name].copy_(w)
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.half()/.bfloat16()/.cuda()/... go through here. With a frozen_dtype the frozen
@@ -515,7 +547,7 @@ class FrozenSwiGLU(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, seed={self.seed}, recompute={self.recompute}, "
-                f"frozen_dtype={self.w_gate.dtype}")
+                f"frozen_dtype={self.frozen_dtype}")
 
 
 def _kv_heads(attn_type: str, n_heads: int, n_kv_heads: int | None) -> int:
@@ -533,7 +565,11 @@ def _mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: i
     if d_model % n_heads and None in (nope_dim, rope_dim, v_dim):
         raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when an MLA head size is None "
                          f"(the default is derived from d_model // n_heads), got {n_heads}")
-    return mla_head_dims(d_model, n_heads, nope_dim, rope_dim, v_dim)
+    dims = mla_head_dims(d_model, n_heads, nope_dim, rope_dim, v_dim)
+    if rope_dim is None and (dims[1] < 2 or dims[1] % 2):
+        raise ValueError(f"mla_rope_dim: None derives (d_model // n_heads) // 2 = {dims[1]}, not an even number >= 2 "
+                         f"(RoPE rotates pairs of dims); pass mla_rope_dim")
+    return dims
 
 
 class DecoderBlock(nn.Module):
@@ -615,7 +651,9 @@ class DecoderBlock(nn.Module):
             (B, S, d_model) in x's dtype: s + mlp(norm2(s)) with s = x + attn(norm1(x)).
         """
         a = self.attn(self.norm1(x))  # (B, S, D)
-        y, s = self.norm2(a, residual=x)  # s = x + a (the residual stream), y = RMSNorm(s)
+        # Under torch.autocast the projections return 16-bit a beside an fp32 stream: add in x's dtype, as
+        # x + a would promote.
+        y, s = self.norm2(a.to(x.dtype), residual=x)  # s = x + a (the residual stream), y = RMSNorm(s)
         return s + self.mlp(y)
 
     def extra_repr(self) -> str:

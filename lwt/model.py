@@ -19,12 +19,14 @@ from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm, _positive_int
 class LWTModel(nn.Module):
     """Args:
         cfg: lwt.config.ModelConfig (vocab_size, d_model, n_layers, attention settings, frozen_seed, ...).
-        device, dtype: of the parameters and of the frozen buffers.
+        device, dtype: of the parameters and (unless frozen_dtype is given) of the frozen buffers.
+        frozen_dtype: dtype of every block's frozen gate/up matrices (see lwt.layers.FrozenSwiGLU), e.g.
+            torch.bfloat16 beside fp32 parameters; None: dtype.
     Attributes: vocab_size, mask_id (= vocab_size, the embedding's last row), embed, blocks, norm, and
     lm_head (vocab_size, d_model) when cfg.tie_embeddings is False.
     """
 
-    def __init__(self, cfg, device=None, dtype=None):
+    def __init__(self, cfg, device=None, dtype=None, frozen_dtype=None):
         super().__init__()
         _positive_int(cfg.vocab_size, "vocab_size")
         _positive_int(cfg.n_layers, "n_layers")
@@ -33,7 +35,8 @@ class LWTModel(nn.Module):
         self.mask_id = cfg.vocab_size
         factory = dict(device=device, dtype=dtype)
         self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model, **factory)  # the last row is [MASK]
-        self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, **factory) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, frozen_dtype=frozen_dtype, **factory)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, **factory)
         if cfg.tie_embeddings:
             self.register_parameter("lm_head", None)

@@ -441,3 +441,81 @@ def test_attention_from_config_wrong_attn_type():
         MLAAttention.from_config(_model_config(attn_type="gqa"))
     with pytest.raises(ValueError, match=r"^n_kv_heads: attn_type 'standard' \(MHA\) needs"):
         GQAAttention.from_config(_model_config(attn_type="standard"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Review mends: 16-bit MLA on the reference path, deferred (meta) initialisation, autocast, seeds
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mla_reference_keeps_16_bit_dtypes(dtype):
+    """The reference MLA core returns q's dtype (it returned its fp32 compute dtype, so a 16-bit MLA block
+    failed in its output projection on the CPU)."""
+    from lwt.layers import DecoderBlock
+    g = torch.Generator().manual_seed(3)
+    q, kn, kr, v = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 5, 2, 12), (1, 5, 2, 8), (1, 5, 4), (1, 5, 2, 6)))
+    assert reference.mla_attention(q, kn, kr, v).dtype == dtype
+    block = DecoderBlock(32, 4, 64, attn_type="mla", mla_rkv=16, dtype=dtype)
+    x = torch.randn(2, 5, 32, generator=g).to(dtype)
+    assert block(x).dtype == dtype
+
+
+def test_meta_built_model_materialises_like_a_fresh_one():
+    """FSDP2-style deferred initialisation: built on the meta device, to_empty(), then reset_parameters()
+    on every module that has one: the frozen SwiGLU matrices come back from their seeds (frozen_checksum
+    equal), and the RoPE caches, emptied by to_empty(), are rebuilt (the same outputs once the trainable
+    weights are loaded)."""
+    from lwt.model import LWTModel
+    cfg = _model_config(vocab_size=40, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, n_layers=2)
+    torch.manual_seed(0)
+    fresh = LWTModel(cfg)
+    meta = LWTModel(cfg, device="meta")
+    tokens = torch.randint(0, 40, (2, 6))
+    meta(tokens.to("meta"))  # a meta forward grows the RoPE caches to meta tables
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert meta.frozen_checksum() == fresh.frozen_checksum()
+    meta.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(meta(tokens), fresh(tokens), rtol=0, atol=0)
+
+
+def test_lwt_model_frozen_dtype():
+    from lwt.model import LWTModel
+    model = LWTModel(_model_config(vocab_size=40, d_model=32, n_heads=4, d_ff=48, n_layers=2),
+                     frozen_dtype=torch.bfloat16)
+    assert {b.mlp.w_gate.dtype for b in model.blocks} == {torch.bfloat16}
+    assert model.embed.weight.dtype == torch.float32
+    assert "frozen_dtype=torch.bfloat16" in repr(model.blocks[0].mlp)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_decoder_block_under_autocast(attn_type):
+    """torch.autocast hands the residual add a 16-bit attention output beside the fp32 stream: added in
+    the stream's dtype, as x + a would promote."""
+    from lwt.layers import DecoderBlock
+    block = DecoderBlock(32, 4, 48, attn_type=attn_type, mla_rkv=16)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, block(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, True, 1.0])
+def test_frozen_swiglu_seed_range(seed):
+    from lwt.layers import FrozenSwiGLU
+    with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, 2\*\*64\)"):
+        FrozenSwiGLU(8, 16, seed)
+
+
+def test_mla_derived_rope_dim_names_the_argument_to_set():
+    from lwt.layers import DecoderBlock
+    with pytest.raises(ValueError, match=r"^mla_rope_dim: None derives \(d_model // n_heads\) // 2 = 3"):
+        DecoderBlock(24, 4, 48, attn_type="mla")
+
+
+def test_rope_refuses_integer_tensors():
+    with pytest.raises(ValueError, match=r"^x: expected a floating-point tensor, got torch.int64"):
+        RotaryEmbedding(8).rotate(torch.ones(1, 2, 1, 8, dtype=torch.long))
