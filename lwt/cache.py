@@ -31,8 +31,8 @@ Guarantees:
   fails before the stage's forward passes run rather than halfway through them.
 
 Errors: shape, count, expectation mismatches and corrupt files are `ValueError`; a missing manifest or
-data file is `FileNotFoundError`; not enough free disk space is `RuntimeError` (an environment problem,
-not bad input); using a writer after finish()/abort() is `RuntimeError`.
+data file is `FileNotFoundError`; not enough free disk space is `DiskSpaceError`, a `RuntimeError` (an
+environment problem, not bad input); using a writer after finish()/abort() is `RuntimeError`.
 """
 from __future__ import annotations
 
@@ -129,6 +129,11 @@ def cache_bytes(entries: int, seq_len: int, d_model: int, dtype: torch.dtype) ->
     return sum(_nbytes(dt, shape) for dt, shape in _layout(entries, seq_len, d_model, dtype).values())
 
 
+class DiskSpaceError(RuntimeError):
+    """Not enough free disk space for an activation cache (the message names the directory, the bytes
+    needed and the bytes free)."""
+
+
 def remove_partials(directory, rank: int) -> None:
     """Delete the temporary files that a writer of rank `rank` left in `directory` when it crashed (a
     writer reserves its whole shard up front, so they hold a shard's worth of disk). Call it only where no
@@ -149,7 +154,7 @@ def check_disk_space(directory, nbytes: int) -> None:
         nbytes: bytes about to be written; DISK_MARGIN_BYTES more must be free.
 
     Raises:
-        RuntimeError: naming the directory, the bytes needed and the bytes free.
+        DiskSpaceError (a RuntimeError): naming the directory, the bytes needed and the bytes free.
     """
     path = os.path.abspath(os.fspath(directory))
     probe = path
@@ -161,7 +166,7 @@ def check_disk_space(directory, nbytes: int) -> None:
     free = shutil.disk_usage(probe).free
     need = int(nbytes) + DISK_MARGIN_BYTES
     if need > free:
-        raise RuntimeError(
+        raise DiskSpaceError(
             f"not enough disk space for the activation cache in {path}: needs {need} bytes "
             f"({need / 2**30:.2f} GiB, including a {DISK_MARGIN_BYTES >> 20} MiB margin), "
             f"{free} bytes ({free / 2**30:.2f} GiB) free on the disk holding {probe}. Free space, point "
@@ -190,7 +195,7 @@ class CacheWriter:
                 fields (entries, seq_len, d_model, dtype, rank) must agree with them.
 
         Raises:
-            ValueError: bad sizes, dtype or meta. RuntimeError: not enough disk space.
+            ValueError: bad sizes, dtype or meta. DiskSpaceError (a RuntimeError): not enough disk space.
         """
         rank, entries, seq_len, d_model = (_int_at_least(name, value, low) for name, value, low in (
             ("rank", rank, 0), ("entries", entries, 1), ("seq_len", seq_len, 1), ("d_model", d_model, 1)))
@@ -244,7 +249,7 @@ class CacheWriter:
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     free = shutil.disk_usage(self.directory).free
-                    raise RuntimeError(
+                    raise DiskSpaceError(
                         f"not enough disk space for the activation cache in {self.directory}: reserving "
                         f"{size} bytes for {f.name} failed with {free} bytes free") from None
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):

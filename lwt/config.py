@@ -120,7 +120,38 @@ BYTE_VOCAB = 256                   # the text source is byte-level: ids 0..255
 
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads `3e-3` and `1e6` as floats. PyYAML follows YAML 1.1, where a float
-    needs a dot and a signed exponent, so `lr: 3e-3` would otherwise load as the string '3e-3'."""
+    needs a dot and a signed exponent, so `lr: 3e-3` would otherwise load as the string '3e-3'. It refuses
+    what YAML 1.1 reads in other bases (`0100` is octal 64, `1:30` is base 60: 90) and a key given twice
+    in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _decimal_only(base_constructor, is_int: bool):
+    """A constructor for ints or floats that refuses YAML 1.1's base-60 (a colon) and, for ints, octal (a
+    leading 0) forms, which would otherwise load as a number other than the one written."""
+    def construct(loader, node):
+        text = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in text or (is_int and len(text) > 1 and text[0] == "0" and text[1].isdigit()):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is read by YAML 1.1 as octal or base 60: write the number in decimal "
+                            f"without leading zeros, or quote it for a string", node.start_mark)
+        return base_constructor(loader, node)
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _decimal_only(yaml.SafeLoader.construct_yaml_int, True))
+_Loader.add_constructor("tag:yaml.org,2002:float", _decimal_only(yaml.SafeLoader.construct_yaml_float, False))
 
 
 # add_implicit_resolver copies the resolver table into _Loader first: yaml.SafeLoader is left as it was.
@@ -144,15 +175,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             None: every key takes its default.
         overrides: `key=value` strings, applied in order after the file. `key` is `section.key`, or a bare
             key that exists in exactly one section (`max_steps=50`; `seed` needs `data.` or `train.`).
-            `value` is parsed as YAML: `true`, `3e-3`, `null`, `gqa`. For a string key a value that
-            parses to something else (`out_dir=2024`) is kept as the text given.
+            `value` is parsed as YAML: `true`, `3e-3`, `null`, `gqa`; for a string key it is the text as
+            given (`out_dir=2024`, `out_dir=runs/a#b`), unless null (or empty) or quoted.
     Returns:
         The validated Config, with the None defaults resolved (see `validate`).
     """
     raw = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            raw = _parse_yaml(f.read(), os.fspath(path))
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"config: cannot read {os.fspath(path)!r} ({e})") from None
+        raw = _parse_yaml(text, os.fspath(path))
     _check_layout(raw)
     merged = {name: dict((raw or {}).get(name) or {}) for name in SECTIONS}
     if isinstance(overrides, str):
@@ -191,6 +226,11 @@ def validate(cfg: Config) -> Config:
     _check_objective(objective)
     _check_data(data, model)
     train = _check_train(train)
+    # ~ in a path: a shell leaves `--set train.out_dir=~/runs` unexpanded (a directory named "~" would
+    # appear in the working directory)
+    data = dataclasses.replace(data, path=None if data.path is None else os.path.expanduser(data.path))
+    train = dataclasses.replace(train, out_dir=os.path.expanduser(train.out_dir),
+                                cache_dir=os.path.expanduser(train.cache_dir))
     return Config(model=model, objective=objective, data=data, train=train)
 
 
@@ -206,18 +246,28 @@ def _at_least(section: str, cfg, names: tuple[str, ...], minimum: int) -> None:
         _require(getattr(cfg, name) >= minimum, f"{section}.{name}", getattr(cfg, name), f"an int >= {minimum}")
 
 
+# Seeds seed torch.Generators (< 2**64) and the trainer derives others from them (seed · 1000003 + ...).
+MAX_SEED = 2**40
+
+
+def _check_seed(key: str, value: int) -> None:
+    _require(0 <= value < MAX_SEED, key, value, "an int in [0, 2**40) (other seeds are derived from it)")
+
+
 def _one_of(key: str, value, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, value, "one of " + " | ".join(choices))
 
 
-def _closest_key(name: str) -> str | None:
-    """The valid section or `section.key` nearest to `name`, comparing whole names and last parts, so
-    `model.mask_fraction_min` finds `objective.mask_fraction_min` and `model.d_modle` finds `model.d_model`."""
+def _closest_key(name: str, sections: bool = True) -> str | None:
+    """The valid section (when `sections`) or `section.key` nearest to `name`, comparing whole names and
+    last parts, so `model.mask_fraction_min` finds `objective.mask_fraction_min` and `model.d_modle` finds
+    `model.d_model`; never `name` itself."""
     def similarity(a: str, b: str) -> float:
         return difflib.SequenceMatcher(None, a, b).ratio()
 
     leaf = name.rsplit(".", 1)[-1]
-    candidates = list(SECTIONS) + [f"{s}.{k}" for s, types in _FIELD_TYPES.items() for k in types]
+    candidates = (list(SECTIONS) if sections else []) + [f"{s}.{k}" for s, types in _FIELD_TYPES.items() for k in types]
+    candidates = [c for c in candidates if c != name]
     scores = {c: (max(similarity(name, c), similarity(leaf, c.rsplit(".", 1)[-1])), similarity(name, c))
               for c in candidates}
     best = max(candidates, key=scores.__getitem__)
@@ -226,7 +276,7 @@ def _closest_key(name: str) -> str | None:
 
 def _unknown(name: str, what: str, section: str | None = None) -> ValueError:
     """The error for an unknown section or key: the nearest valid name, then what the section holds."""
-    suggestion = _closest_key(name)
+    suggestion = _closest_key(name, sections=what == "section")
     hint = f"; did you mean {suggestion}?" if suggestion else ""
     if section is None:
         allowed = "sections: " + ", ".join(SECTIONS)
@@ -262,22 +312,37 @@ def _parse_override(item: str) -> tuple[str, str, object]:
             raise _unknown(name, "key", section)
     else:
         owners = [s for s, types in _FIELD_TYPES.items() if name in types]
+        if name in SECTIONS:
+            raise ValueError(f"{name}: a section, not a key; expected {name}.<key>=value ({name} keys: "
+                             + ", ".join(_FIELD_TYPES[name]) + ")")
         if not owners:
             raise _unknown(name, "key")
         if len(owners) > 1:
             raise ValueError(f"{name}: ambiguous key, found in several sections; expected one of: "
                              + ", ".join(f"{s}.{name}" for s in owners))
         section, key = owners[0], name
-    value = _parse_yaml(text, f"{section}.{key}")
-    if _base_type(_FIELD_TYPES[section][key])[0] is str and value is not None and not isinstance(value, str):
-        value = text.strip()
-    return section, key, value
+    stripped = text.strip()
+    if _base_type(_FIELD_TYPES[section][key])[0] is str and stripped not in _YAML_NULLS and stripped[:1] not in "'\"":
+        # A string key keeps the text as given: YAML would drop a ` #...` tail, refuse a leading @ or `, and
+        # read *x or &x as an alias or an anchor. Quotes still work ('null' is the string), as does null.
+        return section, key, stripped
+    return section, key, _parse_yaml(text, f"{section}.{key}")
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 def _base_type(hint) -> tuple[type, bool]:
     """`int | None` -> (int, True); `float` -> (float, False)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return (args[0], True) if args else (hint, False)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _typed(section: str, cfg):
@@ -294,7 +359,7 @@ def _typed(section: str, cfg):
         elif base is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         else:
             ok = isinstance(value, base)
         _require(ok, f"{section}.{key}", value, _TYPE_NAMES[base] + (" or null" if optional else ""))
@@ -312,7 +377,8 @@ def mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: in
 
 def _check_model(m: ModelConfig) -> ModelConfig:
     _at_least("model", m, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"), 1)
-    _at_least("model", m, ("mla_rq", "frozen_seed"), 0)
+    _at_least("model", m, ("mla_rq",), 0)
+    _check_seed("model.frozen_seed", m.frozen_seed)
     _one_of("model.attn_type", m.attn_type, ATTN_TYPES)
     _require(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "a number > 1")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
@@ -362,7 +428,7 @@ def _check_objective(o: ObjectiveConfig) -> None:
              f"at most objective.mask_fraction_max={o.mask_fraction_max}")
     _one_of("objective.loss_weighting", o.loss_weighting, LOSS_WEIGHTINGS)
     _at_least("objective", o, ("eval_batches",), 1)
-    _at_least("objective", o, ("eval_seed",), 0)
+    _check_seed("objective.eval_seed", o.eval_seed)
 
 
 def _check_data(d: DataConfig, model: ModelConfig) -> None:
@@ -375,14 +441,15 @@ def _check_data(d: DataConfig, model: ModelConfig) -> None:
         _require(model.vocab_size >= BYTE_VOCAB, "model.vocab_size", model.vocab_size,
                  f"at least {BYTE_VOCAB} with data.source text (one token per byte)")
     _at_least("data", d, ("seq_len", "batch_size"), 1)
-    _at_least("data", d, ("seed",), 0)
+    _check_seed("data.seed", d.seed)
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
 
 
 def _check_train(t: TrainConfig) -> TrainConfig:
     _at_least("train", t, ("max_steps", "cache_sequences", "cache_draws", "log_every"), 1)
     # warmup_steps may exceed a phase's steps: each phase warms up over min(warmup_steps, its steps)
-    _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every", "seed"), 0)
+    _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every"), 0)
+    _check_seed("train.seed", t.seed)
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.joint_lr is None or t.joint_lr > 0, "train.joint_lr", t.joint_lr, "a number > 0, or null for train.lr")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")

@@ -42,13 +42,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cache import ActivationCache, CacheWriter, cache_bytes, check_disk_space, remove_partials
+from .cache import ActivationCache, CacheWriter, DiskSpaceError, cache_bytes, check_disk_space, remove_partials
 from .config import Config, config_from_dict, config_to_dict, load_config
 from .data import build_data
 from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sample_t
 from .model import LWTModel
 
 CHECKPOINT_FORMAT = 1
+# Keys a resumed run may change: where the run lives (a run directory copied or moved elsewhere) and
+# how often it logs and checkpoints. Nothing else, since the weights it ends with depend on the rest;
+# these are also left out of the fingerprint that activation caches are checked against.
+RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "log_every"), ("train", "ckpt_every")}
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -250,7 +254,9 @@ class Trainer:
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
         self.steps_run = 0      # optimizer steps in this invocation (for --stop_after)
-        self.fingerprint = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+        identity = {s: {k: v for k, v in keys.items() if (s, k) not in RESUME_MAY_CHANGE}
+                    for s, keys in config_to_dict(cfg).items()}
+        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -294,7 +300,8 @@ class Trainer:
             raise ValueError(f"{self.ckpt_path}: unknown checkpoint format {found!r}")
         saved = config_to_dict(config_from_dict(state["config"]))
         now = config_to_dict(self.cfg)
-        diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s] if saved[s][k] != now[s][k]]
+        diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s]
+                if saved[s][k] != now[s][k] and (s, k) not in RESUME_MAY_CHANGE]
         if diff or state["end_to_end"] != self.args.end_to_end:
             what = "; ".join(diff) or "--end_to_end"
             raise ValueError(f"--resume: the config differs from the checkpoint's ({what}); resume with the same "
@@ -839,3 +846,6 @@ if __name__ == "__main__":
     except ValueError as e:  # a bad config, flag, checkpoint or cache: the message says which and why
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (DiskSpaceError, OSError) as e:  # the machine, not the input: no room, a path that cannot be made
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,5 +1,6 @@
 """lwt.config: the shipped configs load, overrides resolve, dicts round-trip, and every bad value gets a
 ValueError that names the key, the value and what is allowed."""
+import re
 from pathlib import Path
 
 import pytest
@@ -181,10 +182,51 @@ def test_bad_values_name_the_key(sections, message):
     pytest.param("lr=fast", r"train\.lr: expected a finite number, got 'fast'", id="string-for-float"),
     pytest.param("lr=.nan", r"train\.lr: expected a finite number, got nan", id="nan"),
     pytest.param("n_heads=3", r"model\.d_model: expected a multiple of model\.n_heads=3", id="cross-key"),
+    pytest.param("train=1", r"^train: a section, not a key; expected train\.<key>=value", id="section-as-key"),
+    pytest.param("t_min=0.1", r"^t_min: unknown key(?!; did you mean train\?)", id="no-section-suggested"),
+    pytest.param("model.=1", r"^model\.: unknown key(?!; did you mean model\?)", id="empty-key"),
+    pytest.param("max_steps=010", r"'010' is read by YAML 1\.1 as octal", id="octal"),
+    pytest.param("max_steps=1:30", r"'1:30' is read by YAML 1\.1 as octal or base 60", id="base-60"),
+    pytest.param("lr=1" + "0" * 400, r"train\.lr: expected a finite number, got 1000", id="int-too-big-for-float"),
+    pytest.param("train.seed=20000000000000", r"train\.seed: expected an int in \[0, 2\*\*40\)", id="seed"),
+    pytest.param("model.frozen_seed=-1", r"model\.frozen_seed: expected an int in \[0, 2\*\*40\)", id="frozen-seed"),
+    pytest.param("objective.eval_seed=18446744073709551616", r"objective\.eval_seed: expected an int in",
+                 id="eval-seed"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(ROOT / "config.yaml", [override])
+
+
+def test_string_overrides_keep_their_text_and_paths_expand_the_home_directory():
+    """A string key takes the text after = as it is (YAML would cut ` #b`, refuse `@x`, read `*x` as an
+    alias); quotes and null still mean what they mean in YAML. `~` in a path is the home directory."""
+    cfg = load_config(None, ["out_dir=runs/a #b", "data.path=@corpus.txt", "cache_dir=*x"])
+    assert (cfg.train.out_dir, cfg.data.path, cfg.train.cache_dir) == ("runs/a #b", "@corpus.txt", "*x")
+    cfg = load_config(None, ["out_dir='null'", "cache_dir=null", "attn_type=mla"])
+    assert cfg.train.out_dir == "null" and cfg.train.cache_dir == str(Path("null/cache"))
+    assert cfg.model.attn_type == "mla"
+    cfg = load_config(None, ["out_dir=~/runs/x", "data.source=tokens", "data.path=~/tokens.bin"])
+    home = str(Path.home())
+    assert cfg.train.out_dir == str(Path(home, "runs/x")) and cfg.train.cache_dir == str(Path(home, "runs/x/cache"))
+    assert cfg.data.path == str(Path(home, "tokens.bin"))
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    for path, message in [(tmp_path / "missing.yaml", "No such file"), (tmp_path, "Is a directory")]:
+        with pytest.raises(ValueError, match=rf"^config: cannot read {re.escape(repr(str(path)))} \(.*{message}"):
+            load_config(path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"train:\n  out_dir: caf\xe9\n")
+    with pytest.raises(ValueError, match=rf"^config: cannot read .*latin\.yaml.*utf-8"):
+        load_config(latin)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  max_steps: 7\nmodel:\n  d_model: 64\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ValueError, match=r"not valid YAML: .*duplicate key 'train'"):
+        load_config(twice)
+    twice.write_text("train:\n  lr: 1.0e-3\n  lr: 5.0e-3\n")
+    with pytest.raises(ValueError, match=r"duplicate key 'lr'"):
+        load_config(twice)
 
 
 def test_bad_yaml_file(tmp_path):

@@ -279,6 +279,34 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path):
         _run(tmp_path, "--resume", "--set", "train.lr=1e-3", name="d")
 
 
+def test_resume_of_a_moved_run_with_other_logging(tmp_path):
+    """A run directory copied elsewhere resumes there (out_dir and the derived cache_dir differ from the
+    checkpoint's), also with another log_every and ckpt_every, and ends as the uninterrupted run."""
+    _, full = _run(tmp_path, name="full")
+    _run(tmp_path, "--stop_after", "8", name="first")  # inside stage 1: block 0's cache is in use
+    shutil.copytree(tmp_path / "first", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "first")
+    code, moved = _run(tmp_path, "--resume", "--set", "train.log_every=1", "--set", "train.ckpt_every=3",
+                       name="moved")
+    assert code == 0
+    a, b = _weights(full), _weights(moved)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("case", ["missing-config", "out_dir-is-a-file"])
+def test_command_line_errors_are_one_line(tmp_path, case):
+    """`python -m lwt.train_layerwise` reports a config it cannot read (exit 2) and a machine problem such
+    as an out_dir it cannot create (exit 1) as `error: ...`, not as a traceback."""
+    (tmp_path / "file").write_text("")
+    args = (["--config", str(tmp_path / "nope.yaml")] if case == "missing-config"
+            else [*TINY, "--set", f"train.out_dir={tmp_path / 'file'}"])
+    proc = subprocess.run([sys.executable, "-m", "lwt.train_layerwise", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == (2 if case == "missing-config" else 1), proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         _run(tmp_path, "--resume", name="none")
