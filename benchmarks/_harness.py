@@ -143,7 +143,9 @@ def peak_extra_mib(fn) -> float:
 def peak_transient_mib(fn) -> float:
     """Memory fn() needs at its peak beyond what was allocated before it and what it returns (gradients,
     held until it is measured): the working memory of the op, the "extra" of anchors-h200.md's loss
-    numbers (where Liger's 0.12 GiB at 16384 tokens is its one chunk of logits) (MiB)."""
+    numbers (where Liger's 0.12 GiB at 16384 tokens is its one chunk of logits) (MiB). For an op that
+    allocates what it returns after its peak (eager autograd: the gradients come last), the returned
+    bytes were not part of that peak and this understates it by their size: a lower bound there."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -39,7 +39,10 @@ def _liger():
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     except Exception as e:  # not installed, or an incompatible version
         return None, f"{type(e).__name__}: {e}"
-    return (lambda x, w: LigerRMSNormFunction.apply(x, w, EPS)), None
+    # (X, W, eps, offset, casting_mode, in_place) as LigerRMSNorm passes them, with in_place=False: its
+    # default writes dX into dY, the cotangent this bench reuses for every call of every provider (after
+    # a few hundred calls it is inf/NaN); a training step brings a fresh one, so in place costs it nothing.
+    return (lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False)), None
 
 
 def providers(residual: bool):
@@ -97,9 +100,12 @@ def run_case(report, M, N, residual, dtype):
     for name, fn in provs.items():
         ms = H.attempt(report, f"{case} fwd {name}", lambda fn=fn: H.bench_ms(_step(fn, x, w, r, None, False)))
         report.add(case, "fwd", name, ms, "GB/s", fwd_bytes)
-    for t in (x, w, r):
-        if t is not None:
-            t.requires_grad_(True)
+    # In a model the normalised input and the residual stream are activations, not leaves: so here too
+    # (one clone each, before the timed steps; the gradients are taken at the clones). With both as leaves
+    # lwt would give the residual its own copy of the gradient (kernels/rmsnorm.py: two leaves' .grad must
+    # not share storage), a copy F.rms_norm(x + r) does not make.
+    w.requires_grad_(True)
+    x, r = (None if t is None else t.detach().requires_grad_(True).clone() for t in (x, r))
     for name, fn in provs.items():
         ms = H.attempt(report, f"{case} fwd+bwd {name}", lambda fn=fn: H.bench_ms(_step(fn, x, w, r, cotangents, True)))
         report.add(case, "fwd+bwd", name, ms, "GB/s", fwd_bytes + bwd_bytes)

@@ -10,8 +10,9 @@ positions are simply copied (MDLM's "carry-over" parameterisation). The continuo
     -log p_θ(x) <= E_{t ~ U(0,1]} E_{z_t} [ (1/t) Σ_{ℓ masked in z_t} -log p_θ(x^ℓ | z_t) ]
 
 (MDLM eq. 10 with α_t = 1 - t, whose weight -α'_t / (1 - α_t) is 1/t; LLaDA eq. 3). Divided by L it bounds
-the per-token negative log-likelihood: `elbo` weighting trains on exactly this estimate, `uniform` on the
-plain mean cross entropy of the masked tokens (MLM-style, not a bound).
+the per-token negative log-likelihood: `elbo` weighting trains on this estimator with t drawn from
+(mask_fraction_min, mask_fraction_max] (the bound itself when that range is (0, 1]; evaluate_nelbo always
+uses (0, 1]), `uniform` on the plain mean cross entropy of the masked tokens (MLM-style, not a bound).
 """
 from __future__ import annotations
 
@@ -91,8 +92,10 @@ def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
     _check_tokens(tokens)
     _check_t(t, tokens.shape[0])
     _check_int(mask_id, "mask_id", 0)
-    r = _rand(tokens.shape, generator, tokens.device)  # (B, S) in [0, 1): P(r < t) = t exactly
-    mask = r < t.to(device=tokens.device, dtype=torch.float32)[:, None]  # (B, S)
+    # float64 uniforms: P(r < t) = t up to float64 rounding (float32 ones sit on a 2^-24 grid, which would
+    # turn every t below 6e-8 into 6e-8 while the elbo weight is still 1/t)
+    r = _rand(tokens.shape, generator, tokens.device, torch.float64)  # (B, S) in [0, 1)
+    mask = r < t.to(device=tokens.device, dtype=torch.float64)[:, None]  # (B, S)
     return tokens.masked_fill(mask, mask_id), mask
 
 

@@ -85,6 +85,16 @@ def test_mask_fraction_matches_t():
     assert m1[0].all() and not m1[1].any() and (all_masked[0] == mask_id).all()
 
 
+def test_mask_compares_float64_uniforms_with_t():
+    """P(mask) = t to float64 rounding: the uniforms are float64 (float32 ones lie on a 2^-24 grid, which
+    masks with probability 6e-8 every t below it while the elbo weight is 1/t)."""
+    tokens = torch.zeros(4, 5000, dtype=torch.long)
+    t = torch.tensor([1e-9, 0.3, 2.0**-25, 0.999999])
+    _, mask = D.mask_tokens(tokens, t, 7, torch.Generator().manual_seed(5))
+    r = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(mask, r < t.double()[:, None])
+
+
 def test_mask_tokens_bad_arguments():
     tokens = torch.zeros(2, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"^t: expected a float tensor of shape \(2,\)"):
