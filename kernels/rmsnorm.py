@@ -272,8 +272,8 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None,
                  ds_out: torch.Tensor | None = None, compute_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous, or
     None (no scale: there is no dw); rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's
-    dtype (it is also the residual's gradient); dw (N,) of weight's dtype, empty without compute_dw or
-    weight."""
+    dtype (it is also the residual's gradient); dw (N,) of weight's dtype, or an empty tensor (of s's
+    dtype) without compute_dw or weight."""
     M, N = s.shape
     dx = empty((M, N), s.dtype, s.device)
     has_weight = weight is not None

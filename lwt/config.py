@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import typing
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM
+from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM, _is_finite_real
 
 
 @dataclass
@@ -246,12 +245,9 @@ def _at_least(section: str, cfg, names: tuple[str, ...], minimum: int) -> None:
         _require(getattr(cfg, name) >= minimum, f"{section}.{name}", getattr(cfg, name), f"an int >= {minimum}")
 
 
-# Seeds seed torch.Generators (< 2**64) and the trainer derives others from them (seed · 1000003 + ...).
-MAX_SEED = 2**40
-
-
-def _check_seed(key: str, value: int) -> None:
-    _require(0 <= value < MAX_SEED, key, value, "an int in [0, 2**40) (other seeds are derived from it)")
+def _check_seed(key: str, value: int, limit: int = 2**64, why: str = "a torch.Generator seed") -> None:
+    """Seeds seed torch.Generators, which take [0, 2**64)."""
+    _require(0 <= value < limit, key, value, f"an int in [0, {limit}) ({why})")
 
 
 def _one_of(key: str, value, choices: tuple[str, ...]) -> None:
@@ -338,13 +334,6 @@ def _base_type(hint) -> tuple[type, bool]:
     return (args[0], True) if args else (hint, False)
 
 
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
 def _typed(section: str, cfg):
     """A copy of one section with every value type-checked; ints given for float keys become floats."""
     cls = SECTIONS[section]
@@ -359,7 +348,7 @@ def _typed(section: str, cfg):
         elif base is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif base is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
+            ok = _is_finite_real(value)
         else:
             ok = isinstance(value, base)
         _require(ok, f"{section}.{key}", value, _TYPE_NAMES[base] + (" or null" if optional else ""))
@@ -378,7 +367,7 @@ def mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: in
 def _check_model(m: ModelConfig) -> ModelConfig:
     _at_least("model", m, ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"), 1)
     _at_least("model", m, ("mla_rq",), 0)
-    _check_seed("model.frozen_seed", m.frozen_seed)
+    _check_seed("model.frozen_seed", m.frozen_seed, 2**64 - m.n_layers, "block k's MLP is seeded with it + k")
     _one_of("model.attn_type", m.attn_type, ATTN_TYPES)
     _require(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "a number > 1")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
@@ -449,7 +438,8 @@ def _check_train(t: TrainConfig) -> TrainConfig:
     _at_least("train", t, ("max_steps", "cache_sequences", "cache_draws", "log_every"), 1)
     # warmup_steps may exceed a phase's steps: each phase warms up over min(warmup_steps, its steps)
     _at_least("train", t, ("warmup_steps", "joint_steps", "ckpt_every"), 0)
-    _check_seed("train.seed", t.seed)
+    # the trainer seeds its data and mask generators with train.seed · 1000003 + ...
+    _check_seed("train.seed", t.seed, 2**40, "the trainer's other seeds are derived from it")
     _require(t.lr > 0, "train.lr", t.lr, "a number > 0")
     _require(t.joint_lr is None or t.joint_lr > 0, "train.joint_lr", t.joint_lr, "a number > 0, or null for train.lr")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "a number in [0, 1]")

@@ -470,7 +470,7 @@ class FrozenSwiGLU(nn.Module):
             if shapes_only:
                 out[name] = torch.empty(self.d_ff, self.d_model, device="meta")
                 if self.frozen_dtype == torch.float8_e4m3fn:
-                    out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta")
+                    out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta", dtype=torch.float32)
                 continue
             out[name] = torch.randn(self.d_ff, self.d_model, generator=gen) * self.d_model ** -0.5
             if self.frozen_dtype == torch.float8_e4m3fn:

@@ -53,6 +53,9 @@ CHECKPOINT_FORMAT = 1
 # how often it logs and checkpoints. Nothing else, since the weights it ends with depend on the rest;
 # these are also left out of the fingerprint that activation caches are checked against.
 RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "log_every"), ("train", "ckpt_every")}
+# What Trainer.save writes and resume reads.
+_CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_checksum", "phase", "step",
+                    "optimizer", "master", "history", "phase_wall", "metrics_lines"}
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -291,13 +294,16 @@ class Trainer:
 
     def resume(self) -> None:
         """Load <out_dir>/checkpoint.pt (weights_only: a checkpoint never runs code) and continue where it
-        stopped. The config must be the one the checkpoint was written with."""
+        stopped. The config must be the one the checkpoint was written with, but for RESUME_MAY_CHANGE."""
         if not os.path.exists(self.ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {self.ckpt_path} (train.out_dir={self.out_dir!r})")
         state = read_checkpoint(self.ckpt_path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{self.ckpt_path}: unknown checkpoint format {found!r}")
+        missing = sorted(_CHECKPOINT_KEYS - set(state))
+        if missing:
+            raise ValueError(f"{self.ckpt_path}: not a complete checkpoint (no {', '.join(missing)})")
         saved = config_to_dict(config_from_dict(state["config"]))
         now = config_to_dict(self.cfg)
         diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s]
@@ -494,6 +500,7 @@ class Trainer:
         resumed), then its end (cache, checkpoint). False if --stop_after stopped it."""
         total = self.phases[index][2]
         self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
+        self.env.barrier()  # every rank's leftovers gone before any rank checks the disk for all of them
         if start_step < total and not self.train_phase(index, start_step):
             return False
         self.finish_phase(index)

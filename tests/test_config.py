@@ -188,14 +188,23 @@ def test_bad_values_name_the_key(sections, message):
     pytest.param("max_steps=010", r"'010' is read by YAML 1\.1 as octal", id="octal"),
     pytest.param("max_steps=1:30", r"'1:30' is read by YAML 1\.1 as octal or base 60", id="base-60"),
     pytest.param("lr=1" + "0" * 400, r"train\.lr: expected a finite number, got 1000", id="int-too-big-for-float"),
-    pytest.param("train.seed=20000000000000", r"train\.seed: expected an int in \[0, 2\*\*40\)", id="seed"),
-    pytest.param("model.frozen_seed=-1", r"model\.frozen_seed: expected an int in \[0, 2\*\*40\)", id="frozen-seed"),
-    pytest.param("objective.eval_seed=18446744073709551616", r"objective\.eval_seed: expected an int in",
-                 id="eval-seed"),
+    pytest.param("train.seed=20000000000000", r"train\.seed: expected an int in \[0, 1099511627776\) \(the "
+                 r"trainer's other seeds", id="seed"),
+    pytest.param("model.frozen_seed=-1", r"model\.frozen_seed: expected an int in \[0, ", id="frozen-seed"),
+    pytest.param("model.frozen_seed=18446744073709551614", r"model\.frozen_seed: expected an int in \[0, "
+                 r"18446744073709551612\) \(block k's MLP is seeded with it \+ k\)", id="frozen-seed-plus-layers"),
+    pytest.param("objective.eval_seed=18446744073709551616", r"objective\.eval_seed: expected an int in "
+                 r"\[0, 18446744073709551616\)", id="eval-seed"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(ROOT / "config.yaml", [override])
+
+
+def test_seeds_take_what_a_generator_takes():
+    cfg = load_config(None, ["data.seed=2199023255552", "objective.eval_seed=18446744073709551615",
+                             "train.seed=1099511627775"])
+    assert (cfg.data.seed, cfg.objective.eval_seed, cfg.train.seed) == (2**41, 2**64 - 1, 2**40 - 1)
 
 
 def test_string_overrides_keep_their_text_and_paths_expand_the_home_directory():

@@ -453,7 +453,8 @@ def test_mla_reference_keeps_16_bit_dtypes(dtype):
     failed in its output projection on the CPU)."""
     from lwt.layers import DecoderBlock
     g = torch.Generator().manual_seed(3)
-    q, kn, kr, v = (torch.randn(*s, generator=g).to(dtype) for s in ((1, 5, 2, 12), (1, 5, 2, 8), (1, 5, 4), (1, 5, 2, 6)))
+    shapes = ((1, 5, 2, 12), (1, 5, 2, 8), (1, 5, 4), (1, 5, 2, 6))
+    q, kn, kr, v = (torch.randn(*s, generator=g).to(dtype) for s in shapes)
     assert reference.mla_attention(q, kn, kr, v).dtype == dtype
     block = DecoderBlock(32, 4, 64, attn_type="mla", mla_rkv=16, dtype=dtype)
     x = torch.randn(2, 5, 32, generator=g).to(dtype)
@@ -519,3 +520,20 @@ def test_mla_derived_rope_dim_names_the_argument_to_set():
 def test_rope_refuses_integer_tensors():
     with pytest.raises(ValueError, match=r"^x: expected a floating-point tensor, got torch.int64"):
         RotaryEmbedding(8).rotate(torch.ones(1, 2, 1, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float64])
+def test_fp8_scales_built_on_meta_stay_fp32(default):
+    """The FP8 scales are fp32 whatever the default dtype, built on meta as on a device."""
+    from lwt.layers import FrozenSwiGLU
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        layer = FrozenSwiGLU(8, 16, seed=1, frozen_dtype=torch.float8_e4m3fn, device="meta")
+    finally:
+        torch.set_default_dtype(previous)
+    assert layer.w_gate_scale.dtype == layer.w_up_scale.dtype == torch.float32
+    layer = layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    fresh = FrozenSwiGLU(8, 16, seed=1, frozen_dtype=torch.float8_e4m3fn)
+    assert torch.equal(layer.w_gate_scale, fresh.w_gate_scale)

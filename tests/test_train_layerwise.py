@@ -312,15 +312,17 @@ def test_resume_without_checkpoint(tmp_path):
         _run(tmp_path, "--resume", name="none")
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint", "list"], ids=["garbage", "not-a-dict"])
+@pytest.mark.parametrize("content", [b"not a checkpoint", "list", "incomplete"], ids=["garbage", "not-a-dict",
+                                                                               "incomplete"])
 def test_resume_from_an_unreadable_checkpoint(tmp_path, content):
     out = tmp_path / "bad"
     out.mkdir()
-    if content == "list":
-        torch.save([1, 2], out / "checkpoint.pt")
+    if content in ("list", "incomplete"):
+        torch.save([1, 2] if content == "list" else {"format": T.CHECKPOINT_FORMAT}, out / "checkpoint.pt")
     else:
         (out / "checkpoint.pt").write_bytes(content)
-    message = "not a readable checkpoint" if content != "list" else "unknown checkpoint format 'list'"
+    message = {"list": "unknown checkpoint format 'list'", "incomplete": r"not a complete checkpoint \(no config, "
+               }.get(content, "not a readable checkpoint")
     with pytest.raises(ValueError, match=message):
         _run(tmp_path, "--resume", name="bad")
 
