@@ -111,6 +111,9 @@ class TokenData:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if seq_len < 1 or seq_len > n:
             raise ValueError(f"seq_len: expected 1..{n} (the {split} split holds {n} tokens), got {seq_len}")
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: expected a torch.Generator (the batch's only randomness), got "
+                             f"{type(generator).__name__}")
         starts = torch.randint(0, n - seq_len + 1, (batch_size,), generator=generator,
                                device=generator.device).cpu()                         # (B,)
         index = starts[:, None] + torch.arange(seq_len)                                # (B, S)

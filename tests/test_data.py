@@ -118,6 +118,11 @@ def test_batch_shape_dtype_range(source, split):
         assert int(x.min()) >= 0 and int(x.max()) < 256
 
 
+def test_batch_needs_a_generator(text_data):
+    with pytest.raises(ValueError, match=r"^generator: expected a torch.Generator .*, got NoneType"):
+        text_data.get_batch("train", 2, 8, None)
+
+
 def test_batch_is_a_window_of_the_split():
     # The dummy corpus as consecutive ids (a tokens file 0..N-1): every row must be a run of +1 steps that
     # lies wholly inside its split.
