@@ -131,7 +131,8 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     The Triton path (R <= 256) has no backward: call it under torch.no_grad(). Wider latents (DeepSeek-V2's
     R is 512) run the reference, which holds the (B, H, S, S) scores.
     """
-    if backend_for(q) == "triton" and isinstance(c, torch.Tensor) and c.dim() == 3 and c.shape[-1] <= MAX_HEAD_DIM:
+    kernel_width = isinstance(c, torch.Tensor) and c.dim() == 3 and c.shape[-1] <= MAX_HEAD_DIM
+    if kernel_width and backend_for(q) == "triton":  # a wider latent has no kernel: the reference, whatever the backend
         from kernels.mla import latent_attention as latent_triton  # validates before launching
         return latent_triton(q, c, k_rope, causal, softmax_scale)
     check_latent_args(q, c, k_rope, causal, softmax_scale, dtypes=REFERENCE_DTYPES, max_latent=None)

@@ -124,3 +124,16 @@ def _bad_inputs():
 def test_bad_input_raises_value_error_before_launch(monkeypatch, kwargs, message, entry):
     assert_refused_before_launch(monkeypatch, entry, rmsnorm_kernels.rms_norm, F.rms_norm,
                                  [(rmsnorm_kernels, "rms_norm_fwd"), (reference, "rms_norm")], message, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_latent_wider_than_the_kernel_runs_the_reference_whatever_the_backend(monkeypatch, backend):
+    """A latent wider than 256 (DeepSeek-V2's 512) has no kernel: the reference runs, even with
+    LWT_BACKEND=triton on a machine that could not run the kernels (CPU tensors, no interpreter)."""
+    import kernels._common as common
+
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    g = torch.Generator().manual_seed(2)
+    q, c, kr = (torch.randn(*shape, generator=g) for shape in ((1, 3, 2, 300 + 4), (1, 3, 300), (1, 3, 4)))
+    torch.testing.assert_close(F.latent_attention(q, c, kr), reference.latent_attention(q, c, kr))
