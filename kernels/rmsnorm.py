@@ -314,15 +314,14 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Autograd over (M, N) row views; `rms_norm` does the reshaping before `.apply`."""
+    """Autograd over (M, N) row views and a contiguous weight (or None); `rms_norm` prepares both."""
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps, separate_dresidual=False):
-        w = None if weight is None else weight.contiguous()
-        y, s, rstd = rms_norm_fwd(x, w, eps, residual)
+        y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
         if residual is None:
             s = x  # what was normalised
-        ctx.save_for_backward(s, w, rstd)
+        ctx.save_for_backward(s, weight, rstd)
         ctx.has_residual = residual is not None
         ctx.separate_dresidual = separate_dresidual
         # Unused outputs (s, when only y is used) arrive as None instead of a zero-filled tensor.
@@ -375,18 +374,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
     check_kernel_device(x, "x")
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
-    no_backward = not torch.is_grad_enabled() or not any(t is not None and t.requires_grad
-                                                         for t in (x, weight, residual))
+    w = None if weight is None else weight.contiguous()  # (differentiable: a copy passes its gradient on)
+    # (an `or` chain, not any() over a generator: this is on every call's host path)
+    no_backward = not torch.is_grad_enabled() or not (x.requires_grad or (w is not None and w.requires_grad)
+                                                      or (residual is not None and residual.requires_grad))
     # A dual tensor of forward-mode AD does not require grad: inside a dual level the Function runs (and
     # raises, having no jvp) rather than the launcher silently dropping the tangent.
     if no_backward and fwAD._current_level < 0:
         # No backward to come (no_grad, inference, a frozen prefix): the launcher alone, without the
         # autograd.Function's per-call cost, a visible part of this op's host time (README, Measured).
-        w = None if weight is None else weight.contiguous()
         y, s, _ = rms_norm_fwd(x2, w, float(eps), None if residual is None else as_rows(residual))
         return y.view(shape) if residual is None else (y.view(shape), s.view(shape))
     if residual is None:
-        return RMSNormFunction.apply(x2, weight, None, float(eps)).view(shape)
+        return RMSNormFunction.apply(x2, w, None, float(eps)).view(shape)
     both_leaves = _grad_lands_in_leaf(x) and _grad_lands_in_leaf(residual)
-    y, s = RMSNormFunction.apply(x2, weight, as_rows(residual), float(eps), both_leaves)
+    y, s = RMSNormFunction.apply(x2, w, as_rows(residual), float(eps), both_leaves)
     return y.view(shape), s.view(shape)
