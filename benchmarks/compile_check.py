@@ -183,7 +183,8 @@ def _rmsnorm_jobs(quick):
     for block_m, block_n, single in (tiles[:1] if quick else tiles):
         for warps in ((8,) if quick else (4, 8, 16)):
             yield ("rmsnorm fwd", R._rms_norm_fwd_kernel.fn, "bf16",
-                   dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_WEIGHT=True, SINGLE_PASS=single), warps, 1, ints, floats, fp32)
+                   dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_WEIGHT=True, SINGLE_PASS=single),
+                   warps, 1, ints, floats, fp32)
             yield ("rmsnorm bwd", R._rms_norm_bwd_kernel.fn, "bf16",
                    dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, HAS_WEIGHT=True,
                         COMPUTE_DW=True),
