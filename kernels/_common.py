@@ -207,6 +207,13 @@ class Launcher:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.op(*args, **kwargs)
+        # Triton launches on the current CUDA device, not on its arguments' device (and the autotuner
+        # times on the current device's stream): inputs on another GPU make it current for the call.
+        # Every launcher's first argument is a tensor on the device of all the others.
+        index = args[0].get_device()
+        if index >= 0 and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return self.fn(*args, **kwargs)
         return self.fn(*args, **kwargs)
 
 

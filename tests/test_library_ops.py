@@ -165,6 +165,36 @@ def test_eager_calls_skip_the_dispatcher(monkeypatch):
     assert y.shape == (3, 8)
 
 
+@pytest.mark.parametrize("current", [0, 1])
+def test_eager_calls_launch_on_the_inputs_gpu(monkeypatch, current):
+    """Triton launches on the current CUDA device: a Launcher makes its inputs' GPU current for the
+    call when another one is (here GPU 1's inputs with `current` the current device; no GPU is needed,
+    the device calls are stubbed)."""
+    launcher = rmsnorm.rms_norm_fwd
+    seen, guards = [], []
+
+    class OnGpu1:
+        def get_device(self):
+            return 1
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            guards.append(self.index)
+
+        def __exit__(self, *exc):
+            guards.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(launcher, "fn", lambda *args: seen.append(list(guards)) or "y")
+    assert launcher(OnGpu1(), None, 1e-6, None) == "y"
+    assert seen == ([[1]] if current == 0 else [[]])
+    assert guards == ([1, "exit"] if current == 0 else [])
+
+
 def test_decoder_block_triton_path_compiles_to_one_graph(monkeypatch):
     """A GQA DecoderBlock on the Triton path (RMSNorm with the residual add, attention, the frozen SwiGLU)
     in one graph: output, dx and every parameter gradient against float64, with the eager Triton path as
