@@ -209,14 +209,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         the loss in fp32 (float64 for float64 inputs): a reduction over many rows, kept out of 16 bits.
     """
     c = _compute_dtype(hidden.dtype)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(c)
     t = target.reshape(-1)
-    z = (h @ weight.to(c).t()).to(hidden.dtype).to(c)  # (N, V), rounded as a matmul in hidden's dtype rounds
     valid = t != ignore_index
+    # Ignored rows are zeroed before the matmul (where, not a product: its backward passes them no
+    # gradient), so that nothing in them (NaN padding, an inf token weight) reaches the loss or a gradient.
+    h = torch.where(valid[:, None], hidden.reshape(-1, hidden.shape[-1]).to(c), 0.0)
+    z = (h @ weight.to(c).t()).to(hidden.dtype).to(c)  # (N, V), rounded as a matmul in hidden's dtype rounds
     safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
     loss = torch.logsumexp(z, dim=-1) - z.gather(1, safe_t[:, None]).squeeze(1)  # (N,)
     if token_weight is not None:
-        loss = loss * token_weight.reshape(-1).to(c)
+        loss = loss * torch.where(valid, token_weight.reshape(-1).to(c), 0.0)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss.reshape(target.shape)

@@ -132,7 +132,10 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,), row-major: hidden[mask]'s order
     M = flat.shape[0]
     if M == 0:
-        return (hidden.sum() + head_weight.sum()).float() * 0.0
+        # the cross entropy of no rows: validates head_weight as any other batch would, and is an exact 0
+        # (a 16-bit hidden.sum() · 0 would be NaN once the sum overflows)
+        return F.linear_cross_entropy(hidden.reshape(B * S, -1)[:0], head_weight, tokens.reshape(-1)[:0],
+                                      reduction="sum")
     rows = hidden.reshape(B * S, -1).index_select(0, flat)  # (M, D): only these reach the head
     targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":

@@ -408,7 +408,26 @@ def test_scale_kernel_multiplies_in_fp32():
     a GPU otherwise): every element, a ragged last block included, is x · g in fp32 rounded once, so a
     GradScaler's 2^16 reaches fp16 values that g rounded to fp16 (inf) would destroy."""
     t = (torch.randn(1025, generator=torch.Generator().manual_seed(13)) * 1e-3).to(DEVICE, torch.float16)
-    g = torch.tensor([2.0**16], device=DEVICE)
+    g = torch.tensor(2.0**16, device=DEVICE)  # 0-dim, as the backward passes it: torch's t.mul_(g) would round g to fp16
     want = (t.float() * g).half()
     ce._scale_(t, g)
     assert torch.equal(t, want)
+
+
+@pytest.mark.parametrize("entry", ["kernel", "reference"])
+def test_non_finite_values_in_ignored_rows_reach_nothing(entry):
+    """Ignored rows are dropped: NaN in their hidden state (padding) or an inf token weight reaches neither
+    the loss nor any gradient, on the kernel and on the reference path alike."""
+    hidden, weight, target, tw = _inputs(9, 16, 33, torch.float32, "weighted-ignored", seed=14)
+    ignored = target == -100
+    hidden[ignored] = float("nan")
+    tw[ignored] = float("inf")
+    fn = ce.linear_cross_entropy if entry == "kernel" else reference.linear_cross_entropy
+    loss, gs = _run(fn, hidden, weight, target, tw, "sum", torch.tensor(1.0, device=DEVICE))
+    kept = ~ignored
+    loss64, gs64 = _run(reference.linear_cross_entropy, hidden[kept].double(), weight.double(), target[kept],
+                        tw[kept].double(), "sum", torch.tensor(1.0, dtype=torch.float64, device=DEVICE))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gs)
+    assert (gs[0][ignored] == 0).all() and (gs[2][ignored] == 0).all()
+    assert_close("loss", loss, loss64, loss64.float(), reduced_over=33)
+    assert_close("d_weight", gs[1], gs64[1], gs64[1].float(), reduced_over=6)

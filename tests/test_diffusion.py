@@ -151,6 +151,14 @@ def test_loss_without_masked_tokens_is_a_differentiable_zero(weighting):
     assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_loss_without_masked_tokens_is_zero_when_a_16_bit_sum_would_overflow():
+    """fp16 hidden states whose sum exceeds fp16's range (65504): still a zero, not inf · 0 = NaN."""
+    hidden = torch.ones(2, 3, 20000, dtype=torch.float16, requires_grad=True)
+    w = torch.zeros(5, 20000, dtype=torch.float16, requires_grad=True)
+    loss = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, torch.zeros(2, 3, dtype=torch.bool), TOY_T, "elbo")
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+
+
 def test_loss_bad_arguments():
     hidden, w = torch.randn(2, 3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match=r"^weighting: expected one of 'elbo', 'uniform', got 'mean'"):
