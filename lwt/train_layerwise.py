@@ -648,6 +648,9 @@ class Trainer:
         self.position = (index + 1, 0)
         self.save(None)
         if name == "stage" and c.train.cache and k > 0:
+            if self._input_cache[0] == k - 1:  # the last stage's input: still mapped (no cache write reset it)
+                self._input_cache[1].close()
+                self._input_cache = (None, None)
             self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
 
     def stop_requested(self) -> bool:
@@ -669,10 +672,9 @@ class Trainer:
         """Back to the lines the checkpoint had seen: steps logged after it will be logged again."""
         if not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            lines = f.readlines()[:self.metrics_lines]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(lines)
+        with open(self.metrics_path, "rb") as f:
+            kept = sum(len(line) for line in f.readlines()[:self.metrics_lines])
+        os.truncate(self.metrics_path, kept)  # one call: the lines kept are never rewritten, so never lost
 
     def fused_evaluation(self) -> None:
         """Before joint tuning: the assembled stack's NELBO (the table's "fused" line)."""
@@ -775,11 +777,36 @@ def _atomic_save(state: dict, path: str) -> None:
     """torch.save to a temp file in the same directory, fsync, rename: never half a file at `path`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)  # a failed write (a full disk) leaves no checkpoint-sized temporary file
+        except OSError:
+            pass
+        raise
+
+
+def remove_dead_writers_temps(out_dir: str) -> None:
+    """Delete the temporary files (<name>.pt.tmp<pid>) that _atomic_save left in out_dir when its process
+    was killed mid-write: those of processes no longer running (a live writer's file is its own). POSIX
+    only (elsewhere signal 0 is no mere question)."""
+    if os.name != "posix":
+        return
+    for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp[0-9]*")):
+        pid = path.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except PermissionError:  # it does, another user's
+            continue
+        except (ProcessLookupError, OverflowError):  # it does not
+            os.remove(path)
 
 
 def read_checkpoint(path: str):
@@ -810,6 +837,8 @@ def main(argv=None) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, args, env)
+        if env.main:  # rank 0 writes every .pt
+            remove_dead_writers_temps(trainer.out_dir)
         if args.resume:
             trainer.resume()
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone

@@ -159,6 +159,10 @@ def test_resume_is_bit_identical(tmp_path, stop):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the log too: the lines after the checkpoint were cut on resume and logged again, once
+    logged = [[{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in open(out / "metrics.jsonl")]
+              for out in (full, part)]
+    assert logged[0] == logged[1]
 
 
 def test_missing_cache_is_rebuilt_on_resume(tmp_path):
@@ -418,3 +422,44 @@ def test_crashed_writers_files_are_removed(tmp_path):
     trainer = type("Trainer", (), {"cache_dir": str(tmp_path / "cache"), "env": type("Env", (), {"rank": 0})})()
     T.Trainer.remove_crashed_writers_files(trainer)
     assert sorted(os.listdir(stage)) == ["rank0.hidden.bin", "rank1.hidden.bin.partial"]
+
+
+def test_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A write that fails (a full disk) raises, and neither a checkpoint nor its temporary file remains."""
+    def fill_the_disk(state, f):
+        f.write(b"x" * 4096)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", fill_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        T._atomic_save({"step": 1}, str(tmp_path / "checkpoint.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_dead_writers_temporary_checkpoints_are_removed(tmp_path):
+    """Temporary files of _atomic_save's killed processes go; a running process's file and others stay."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    names = [f"checkpoint.pt.tmp{dead}", f"final.pt.tmp{os.getpid()}", "final.pt", "notes.pt.tmpx", "table.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    T.remove_dead_writers_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings from /proc")
+def test_deleted_caches_are_no_longer_mapped(tmp_path, monkeypatch):
+    """A stage's input cache is closed before its files are deleted, the last stage's included (no cache
+    write follows it): a file still mapped keeps its disk space until the process exits."""
+    still_mapped, delete_cache = [], T.Trainer.delete_cache
+
+    def deleting(self, k):
+        delete_cache(self, k)
+        with open("/proc/self/maps") as f:
+            still_mapped.extend(line.strip() for line in f if self._stage_dir(k) in line)
+
+    monkeypatch.setattr(T.Trainer, "delete_cache", deleting)
+    code, out = _run(tmp_path, "--set", "model.n_layers=3", "--set", "train.max_steps=2",
+                     "--set", "train.joint_steps=0")
+    assert code == 0 and not (out / "cache" / "stage1").exists()
+    assert still_mapped == []
