@@ -156,7 +156,10 @@ def quantize_blocks_fp8(t: torch.Tensor, block: int):
     amax = tf.abs().amax(dim=-1)
     # Divided by a tensor: CUDA turns division by a Python scalar into a product with its reciprocal,
     # one rounding off; the kernels divide exactly (div_rn).
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
+    scale = amax / torch.full_like(amax, FP8_MAX)
+    # 1 where the quotient is 0: an all-zero block, or one whose max is so small (< 448 x fp32's least
+    # subnormal) that the division underflows; a zero scale would make its entries inf / NaN
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     t8 = (tf / scale[..., None]).to(FP8).view(rows, blocks * block)
     return (t8 if blocks * block == n else t8[:, :n].contiguous()), scale
 

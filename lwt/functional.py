@@ -151,7 +151,7 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             with w_gate_scale and w_up_scale.
         w_down: (D, F), x's dtype, trained.
         recompute: True keeps only x for the backward (the gate/up GEMM runs again there); False (default)
-            also keeps the (tokens × F) gate and up outputs.
+            keeps the (tokens × F) gate and up outputs instead (not x).
         w_gate_scale, w_up_scale: keyword-only, (F,) fp32, with float8_e4m3fn frozen weights only:
             W = w · scale[:, None] per output channel. x is then quantised to FP8 per token
             (kernels.reference.quantize_rows_fp8) and the gate/up GEMM runs on FP8 operands (the

@@ -527,3 +527,17 @@ def test_gpu_gemm_lists_prune_in_their_order(monkeypatch, scaled, precision, mod
             "X": torch.empty(0, dtype=torch.float32 if precision == "ieee" else torch.bfloat16)}
     kept = swiglu._prune_gemm(configs, {}, **meta)
     assert [(*c.kwargs.values(), c.num_warps, c.num_stages) for c in kept] == swiglu._GEMM_CONFIGS[use]
+
+
+@needs_fp8
+def test_fp8_scale_of_an_underflowing_max():
+    """A finite row (or block) whose max|.| / 448 underflows fp32 (a subnormal max below 448 x fp32's least
+    subnormal) gets scale 1 and zeros, as an all-zero one does, in the reference and the kernel (a zero
+    scale made its entries inf / NaN)."""
+    t = torch.zeros(2, 4)
+    t[0] = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    t[1, 0] = 1e-44
+    for t8, scale in (reference.quantize_rows_fp8(t), swiglu._quantize_rows(t.to(DEVICE))):
+        assert scale[1].item() == 1 and not t8[1].float().any(), (scale, t8)
+    b8, bscale = reference.quantize_blocks_fp8(t, 2)
+    assert bscale[1].tolist() == [1.0, 1.0] and not b8[1].float().any()
