@@ -76,7 +76,8 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 200            # per stage
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1       # the cosine schedule ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1       # the cosine reaches lr * min_lr_ratio at a phase's step count (just after
+                                    # its last step); a phase of at most warmup_steps steps only warms up
     warmup_steps: int = 20
     weight_decay: float = 0.0
     beta1: float = 0.9

@@ -204,7 +204,9 @@ def set_trainable(model: LWTModel, core: nn.Module) -> list[nn.Parameter]:
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps, then a cosine from lr down to lr · min_ratio at `total`."""
+    """Linear warmup over `warmup` steps, then a cosine from lr down to lr · min_ratio at `total` (the step
+    after a phase's last: nanoGPT's convention). With warmup = total (a phase of at most warmup_steps steps)
+    the phase only warms up."""
     if step < warmup:
         return lr * (step + 1) / warmup
     span = max(1, total - warmup)
