@@ -368,13 +368,20 @@ BAD = [
     pytest.param(dict(target=torch.tensor([0, 1, 2, 2, 3, 4]).to_sparse()), r"target: expected a dense",
                  id="target-sparse"),
     pytest.param(dict(accum_dtype=torch.float16), "accum_dtype: expected torch.float32 or None", id="accum-dtype"),
+    # meta: a second device on every machine (the CPU suite included)
+    pytest.param(dict(weight=torch.randn(10, 8, device="meta")), "weight: expected a tensor on", id="weight-device"),
+    pytest.param(dict(target=torch.zeros(6, dtype=torch.long, device="meta")), "target: expected a tensor on",
+                 id="target-device"),
+    pytest.param(dict(token_weight=torch.ones(6, device="meta")), "token_weight: expected a tensor on",
+                 id="tw-device"),
 ]
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("change,match", BAD)
 def test_bad_input_raises_before_any_launch(monkeypatch, entry, change, match):
-    args = {**_valid(), **{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()}}
+    args = {**_valid(), **{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and not v.is_meta else v)
+                           for k, v in change.items()}}
     blocked = [(ce, "ce_chunks"), (reference, "linear_cross_entropy")]
     assert_refused_before_launch(monkeypatch, entry, ce.linear_cross_entropy, lwtF.linear_cross_entropy, blocked,
                                  match, **args)
@@ -408,7 +415,8 @@ def test_scale_kernel_multiplies_in_fp32():
     a GPU otherwise): every element, a ragged last block included, is x · g in fp32 rounded once, so a
     GradScaler's 2^16 reaches fp16 values that g rounded to fp16 (inf) would destroy."""
     t = (torch.randn(1025, generator=torch.Generator().manual_seed(13)) * 1e-3).to(DEVICE, torch.float16)
-    g = torch.tensor(2.0**16, device=DEVICE)  # 0-dim, as the backward passes it: torch's t.mul_(g) would round g to fp16
+    # 0-dim, as the backward passes it: there torch's own t.mul_(g) would round g to fp16
+    g = torch.tensor(2.0**16, device=DEVICE)
     want = (t.float() * g).half()
     ce._scale_(t, g)
     assert torch.equal(t, want)

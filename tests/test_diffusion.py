@@ -108,7 +108,7 @@ def test_mask_tokens_bad_arguments():
 # ---------------------------------------------------------------------------------------------------
 
 TOY_TOKENS = torch.tensor([[0, 3, 4], [2, 2, 1]])
-TOY_MASK = torch.tensor([[True, False, True], [False, False, True]])
+TOY_MASK = torch.tensor([[True, True, False], [False, False, True]])  # flat 0, 1, 5: t of seq 0, 0, 1
 TOY_T = torch.tensor([0.5, 0.25])
 
 
@@ -129,8 +129,8 @@ def test_elbo_and_uniform_weighting_random_values_and_gradients():
     w = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     ce = torch.nn.functional.cross_entropy((hidden @ w.t()).reshape(6, 5), TOY_TOKENS.reshape(6),
                                            reduction="none").reshape(2, 3)
-    want = {"elbo": (ce[0, 0] / 0.5 + ce[0, 2] / 0.5 + ce[1, 2] / 0.25) / 6,
-            "uniform": (ce[0, 0] + ce[0, 2] + ce[1, 2]) / 3}
+    want = {"elbo": (ce[0, 0] / 0.5 + ce[0, 1] / 0.5 + ce[1, 2] / 0.25) / 6,
+            "uniform": (ce[0, 0] + ce[0, 1] + ce[1, 2]) / 3}
     for weighting, expected in want.items():
         got = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, weighting)
         torch.testing.assert_close(got, expected)

@@ -202,6 +202,35 @@ def test_mla_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, ent
                                  *args, **kwargs)
 
 
+def _latent_bad_cases():
+    q, c, kr = (torch.randn(*shape, device=DEVICE) for shape in ((1, 5, 2, 40), (1, 5, 32), (1, 5, 8)))
+    return [
+        ("q", r"expected a last dim of R \+ Dr = 32 \+ 8 = 40", (torch.randn(1, 5, 2, 43, device=DEVICE), c, kr),
+         ENTRIES),
+        ("c", r"expected shape \(1, 5, ·\) \(batch and seq of q\)", (q, c[:, :4], kr), ENTRIES),
+        ("k_rope", r"expected shape \(1, 5, ·\)", (q, c, kr[:, :4]), ENTRIES),
+        ("k_rope", "expected the dtype of q", (q, c, kr.half()), ENTRIES),
+        ("c", "expected a tensor on", (q, c.to("meta"), kr), ENTRIES),
+        ("k_rope", "expected a rope dim in 1..128", (torch.randn(1, 5, 2, 32 + 130, device=DEVICE), c,
+                                                     torch.randn(1, 5, 130, device=DEVICE)), ENTRIES),
+        # a latent wider than the kernel: refused by the kernel entry (lwt.functional runs the reference)
+        ("c", r"expected a latent size in 1..256", (torch.randn(1, 5, 2, 308, device=DEVICE),
+                                                   torch.randn(1, 5, 300, device=DEVICE), kr), ["kernel"]),
+    ]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case", range(len(_latent_bad_cases())))
+def test_latent_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
+    name, message, args, entries = _latent_bad_cases()[case]
+    if entry not in entries:
+        pytest.skip("lwt.functional runs the reference for a latent wider than the kernel takes")
+    with torch.no_grad():
+        assert_refused_before_launch(monkeypatch, entry, mla.latent_attention, lwtF.latent_attention,
+                                     [(attn, "launch_fwd"), (reference, "latent_attention")], rf"^{name}: .*{message}",
+                                     *args)
+
+
 def test_mla_functional_dispatch(monkeypatch):
     q, kn, kr, v = _ok()
     outs = {}

@@ -313,3 +313,15 @@ def test_kernel_entry_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"^x: expected a CUDA tensor for the Triton kernel, got one on cpu"):
         rmsnorm_kernels.rms_norm(x, torch.ones(8))
+
+
+@pytest.mark.parametrize("shape", [(37, 64), (3, 10000), (2, 20000)], ids=["M37-N64", "M3-N10000", "M2-N20000"])
+def test_residual_output_normalises_the_returned_sum(shape):
+    """With a residual, y is the norm of the returned s = x + residual rounded to x's dtype (not of the
+    fp32 sum): the same bits as the op run on s alone, on each path (rows whole, chunked)."""
+    gen = torch.Generator().manual_seed(9)
+    x, r = (torch.randn(*shape, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+    w = torch.randn(shape[-1], generator=gen).to(DEVICE, torch.float16)
+    y, s = rmsnorm_kernels.rms_norm(x, w, 1e-6, r)
+    assert torch.equal(s, x + r)
+    assert torch.equal(y, rmsnorm_kernels.rms_norm(s, w, 1e-6))

@@ -430,6 +430,11 @@ def _bad_cases():
         ("w_gate_scale", "expected dtype", (x, wg8, wu8, wd), {"w_gate_scale": s8.half(), "w_up_scale": s8}),
         ("w_up", "expected float8_e4m3fn exactly when w_gate is", (x, wg8, wu, wd), {}),
         ("w_gate_scale", "expected None", (x, wg, wu, wd), {"w_gate_scale": s8}),
+        ("w_gate", "expected a tensor on", (x, wg.to("meta"), wu, wd), {}),
+        ("w_up", "expected a tensor on", (x, wg, wu.to("meta"), wd), {}),
+        ("w_up_scale", "expected a tensor on", (x, wg8, wu8, wd), {"w_gate_scale": s8, "w_up_scale": s8.to("meta")}),
+        ("w_gate_scale", "expected a frozen tensor", (x, wg8, wu8, wd),
+         {"w_gate_scale": s8.clone().requires_grad_(), "w_up_scale": s8}),
     ]
 
 
