@@ -5,7 +5,6 @@ the reference path runs. Every failure is a `ValueError` that names the argument
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -65,9 +64,13 @@ def _is_finite_real(x) -> bool:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         return False
     try:
-        return math.isfinite(float(x))
+        value = float(x)
     except OverflowError:  # an int too large for a float
         return False
+    # value - value is 0 for a finite value, NaN for inf and NaN. Not math.isfinite: under
+    # torch.compile(dynamic=True) a float argument or module attribute (eps, softmax_scale) is a SymFloat,
+    # which math.isfinite cannot take (a graph break, an error under fullgraph=True).
+    return value - value == 0
 
 
 def check_eps(eps) -> None:

@@ -179,7 +179,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         hidden: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
         weight: (V, D), hidden's dtype and device.
         target: (...) int64/int32 class indices in [0, V), or ignore_index (those rows cost nothing and
-            get a zero gradient). Any other value is a ValueError, not a wrong loss.
+            get a zero gradient). Any other value is a ValueError, not a wrong loss (under torch.compile on
+            the reference path, where the up-front check would sync, it is gather's RuntimeError instead).
         token_weight: optional (...) float tensor multiplying each row's loss (the 1/t of the
             mask-diffusion NELBO); it gets a gradient if it requires one.
         reduction: "mean": sum of the (weighted) row losses over the number of non-ignored rows (NaN if

@@ -658,3 +658,8 @@ class DecoderBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, attn_type={self.attn_type!r}"
+
+
+# The layers only: `from lwt.layers import *` must not hand out this module's imports (its `F` is
+# lwt.functional, and would replace the usual `import torch.nn.functional as F`).
+__all__ = ["RMSNorm", "RotaryEmbedding", "GQAAttention", "MLAAttention", "FrozenSwiGLU", "DecoderBlock"]

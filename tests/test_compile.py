@@ -65,6 +65,37 @@ def test_decoder_block_compiles_for_a_dynamic_sequence_length_cpu():
     assert counter.frame_count == 1, f"{counter.frame_count} graphs: a graph break or a recompile"
 
 
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_decoder_block_compiles_with_dynamic_true_cpu(attn_type):
+    """torch.compile(dynamic=True) makes the float arguments and module attributes symbolic (eps,
+    softmax_scale: SymFloat): the argument checks must still trace, in one graph, with eager's results."""
+    block = make_block(attn_type)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend=counter)
+    gen = torch.Generator().manual_seed(1)
+    for S in (8, 13):
+        x, dy = torch.randn(2, S, 64, generator=gen), torch.randn(2, S, 64, generator=gen)
+        got, want = output_and_grads(compiled, x, dy), output_and_grads(block, x, dy)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        for name in want[1]:
+            torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    # one compile: Dynamo may restart its analysis once (the RoPE base, a symbolic float), which calls the
+    # backend twice for the same frame, but a length change must not recompile
+    assert counter.frame_count <= 2
+
+
+def test_float_arguments_trace_when_symbolic():
+    """eps and softmax_scale passed into a function compiled with dynamic=True arrive as SymFloats."""
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 5, 16, generator=gen), torch.rand(16, generator=gen)
+    q = torch.randn(1, 5, 4, 8, generator=gen)
+    norm = torch.compile(lambda x, w, eps: lwtF.rms_norm(x, w, eps), fullgraph=True, dynamic=True, backend="aot_eager")
+    attend = torch.compile(lambda q, s: lwtF.attention(q, q, q, True, s), fullgraph=True, dynamic=True,
+                           backend="aot_eager")
+    torch.testing.assert_close(norm(x, w, 1e-5), lwtF.rms_norm(x, w, 1e-5), rtol=0, atol=0)
+    torch.testing.assert_close(attend(q, 0.3), lwtF.attention(q, q, q, True, 0.3), rtol=0, atol=0)
+
+
 def test_compiled_block_reads_lwt_backend_when_traced(monkeypatch):
     """Under torch.compile LWT_BACKEND is read while tracing (Dynamo puts no guard on the environment):
     a value set before compiling is honoured, and torch._dynamo.reset() picks up a new one."""

@@ -537,3 +537,11 @@ def test_fp8_scales_built_on_meta_stay_fp32(default):
     layer.reset_parameters()
     fresh = FrozenSwiGLU(8, 16, seed=1, frozen_dtype=torch.float8_e4m3fn)
     assert torch.equal(layer.w_gate_scale, fresh.w_gate_scale)
+
+
+def test_star_import_exports_only_the_layers():
+    """`from lwt.layers import *` beside `import torch.nn.functional as F` keeps torch's F."""
+    ns = {}
+    exec("import torch.nn.functional as F\nfrom lwt.layers import *", ns)
+    assert ns["F"] is torch.nn.functional
+    assert {"RMSNorm", "RotaryEmbedding", "GQAAttention", "MLAAttention", "FrozenSwiGLU", "DecoderBlock"} <= set(ns)
