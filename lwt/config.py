@@ -450,7 +450,7 @@ def _check_train(t: TrainConfig) -> TrainConfig:
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
     _require(t.out_dir != "", "train.out_dir", t.out_dir, "a directory path")
     _require(t.cache_dir != "", "train.cache_dir", t.cache_dir, "a directory path, or null for <out_dir>/cache")
-    _require(re.fullmatch(r"auto|cpu|cuda|cuda:\d+", t.device) is not None, "train.device", t.device,
+    _require(re.fullmatch(r"auto|cpu|cuda|cuda:(0|[1-9]\d*)", t.device) is not None, "train.device", t.device,
              "one of auto | cpu | cuda | cuda:N")
     _one_of("train.dtype", t.dtype, DTYPES)
     return dataclasses.replace(t, cache_dir=os.path.join(t.out_dir, "cache") if t.cache_dir is None else t.cache_dir,

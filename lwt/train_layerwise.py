@@ -124,6 +124,10 @@ class Dist:
             self.device = torch.device(device_name)
             if self.device.index is None:  # "cuda": this rank's GPU (set_device refuses a device without index)
                 self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
+            count = torch.cuda.device_count()
+            if self.device.index >= count:  # torch would fail with "CUDA error: invalid device ordinal"
+                raise ValueError(f"train.device: expected a device this machine has, got {device_name!r} "
+                                 f"({self.device} for this rank; {count} CUDA GPU(s) visible)")
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")

@@ -166,6 +166,8 @@ def test_validate_returns_a_new_config_and_coerces_floats():
     pytest.param({"train": {"ckpt_every": -1}}, r"train\.ckpt_every: expected an int >= 0, got -1", id="ckpt"),
     pytest.param({"train": {"device": "gpu"}}, r"train\.device: expected one of auto \| cpu \| cuda \| cuda:N, "
                  r"got 'gpu'", id="device"),
+    pytest.param({"train": {"device": "cuda:01"}}, r"train\.device: expected one of auto \| cpu \| cuda \| cuda:N, "
+                 r"got 'cuda:01'", id="device-leading-zero"),
     pytest.param({"train": {"dtype": "fp8"}}, r"train\.dtype: expected one of auto \| float32", id="dtype"),
 ])
 def test_bad_values_name_the_key(sections, message):

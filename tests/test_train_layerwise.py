@@ -403,12 +403,29 @@ def test_cuda_device_has_an_index(monkeypatch, name, world, local, expected):
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
     monkeypatch.setattr(T.dist, "is_initialized", lambda: True)  # no process group for world 2
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local))
     env = T.Dist(name)
     assert env.device == torch.device(expected) and chosen == [torch.device(expected).index]
+
+
+@pytest.mark.parametrize("name,world,local", [("cuda:3", 1, 0), ("cuda", 2, 1)])
+def test_cuda_device_the_machine_lacks_is_a_value_error(monkeypatch, name, world, local):
+    """A GPU index past the visible count (train.device, or a torchrun LOCAL_RANK) is refused by name,
+    not left to torch.cuda.set_device's "invalid device ordinal"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    with pytest.raises(ValueError, match=rf"^train\.device: expected a device this machine has, got '{name}' "
+                                         r"\(cuda:\d for this rank; 1 CUDA GPU\(s\) visible\)"):
+        T.Dist(name)
 
 
 def test_crashed_writers_files_are_removed(tmp_path):
