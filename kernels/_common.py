@@ -200,21 +200,29 @@ class Launcher:
         # the tag tells Inductor's CUDA-graph mode (mode="reduce-overhead") to leave it out of its graphs.
         unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)  # not in every torch
         tags = {"tags": (unsafe,)} if host_sync and unsafe is not None else {}
-        self.op = torch.library.custom_op(f"lwt::{name}", fn, mutates_args=(), **tags)
+        # the registered op (what a compiled graph calls) makes its inputs' GPU current too: only Inductor's
+        # wrapper code enters a device guard of its own
+        guarded = functools.wraps(fn)(lambda *args, **kwargs: _on_inputs_gpu(fn, args, kwargs))
+        self.op = torch.library.custom_op(f"lwt::{name}", guarded, mutates_args=(), **tags)
         self.op.register_fake(fake)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.op(*args, **kwargs)
-        # Triton launches on the current CUDA device, not on its arguments' device (and the autotuner
-        # times on the current device's stream): inputs on another GPU make it current for the call.
-        # Every launcher's first argument is a tensor on the device of all the others.
-        index = args[0].get_device()
-        if index >= 0 and index != torch.cuda.current_device():
-            with torch.cuda.device(index):
-                return self.fn(*args, **kwargs)
-        return self.fn(*args, **kwargs)
+        return _on_inputs_gpu(self.fn, args, kwargs)
+
+
+def _on_inputs_gpu(fn, args, kwargs):
+    """fn(*args, **kwargs) with its inputs' GPU current. Triton launches on the current CUDA device, not
+    on its arguments' device (and the autotuner times on the current device's stream). Every launcher's
+    first tensor argument (positional or keyword) is on the device of all the others."""
+    first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    index = first.get_device()  # -1 on the CPU (the interpreter): CUDA is never touched
+    if index >= 0 and index != torch.cuda.current_device():
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def launcher(name: str, fake, host_sync: bool = False):

@@ -145,7 +145,8 @@ def quantize_blocks_fp8(t: torch.Tensor, block: int):
         t: (rows, n), any float dtype; block: entries per scale (the last block of a row may be partial).
     Returns:
         t8 (rows, n) float8_e4m3fn and scale (rows, ceil(n / block)) fp32 = max|block| / 448 (the block's
-        largest entry maps to FP8's largest finite value; an all-zero block gets scale 1 and zeros).
+        largest entry maps to FP8's largest finite value; a block whose max / 448 is 0 (all zeros, or
+        an fp32 underflow) gets scale 1 and zeros).
     """
     rows, n = t.shape
     blocks = -(-n // block)
@@ -166,7 +167,8 @@ def quantize_blocks_fp8(t: torch.Tensor, block: int):
 
 def quantize_rows_fp8(t: torch.Tensor):
     """Per-row FP8 quantisation (quantize_blocks_fp8 with a row as the block): (t8, scale) with
-    t ≈ t8 · scale[:, None], scale (rows,) fp32 = max|row| / 448 (1 for an all-zero or empty row)."""
+    t ≈ t8 · scale[:, None], scale (rows,) fp32 = max|row| / 448 (1 where that is 0: an all-zero,
+    underflowing or empty row)."""
     rows, n = t.shape
     if n == 0:
         return t.to(FP8), torch.ones(rows, dtype=torch.float32, device=t.device)

@@ -249,7 +249,7 @@ def _e4m3_rtne(v):
 
 @triton.jit
 def _fp8_scale(amax):
-    """The FP8 scale of values whose largest magnitude is amax: amax / 448 (1 for all zeros), exactly
+    """The FP8 scale of values whose largest magnitude is amax: amax / 448 (1 where that is 0), exactly
     divided, as kernels.reference.quantize_blocks_fp8 computes it."""
     scale = tl.math.div_rn(amax, _FP8_MAX)
     return tl.where(scale > 0, scale, 1.0)  # also where a (subnormal) amax / 448 underflows to 0

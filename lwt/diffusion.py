@@ -112,8 +112,8 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
             counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
             masked tokens.
     Returns:
-        fp32 scalar. With no masked token at all, a zero that still depends on hidden and head_weight, so
-        backward runs (and gives zero gradients).
+        fp32 scalar (float64 for float64 inputs, on the reference path). With no masked token at all, a
+        zero that still depends on hidden and head_weight, so backward runs (and gives zero gradients).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {', '.join(map(repr, WEIGHTINGS))}, got {weighting!r}")

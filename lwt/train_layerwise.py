@@ -799,8 +799,9 @@ def _atomic_save(state: dict, path: str) -> None:
 
 def remove_dead_writers_temps(out_dir: str) -> None:
     """Delete the temporary files (<name>.pt.tmp<pid>) that _atomic_save left in out_dir when its process
-    was killed mid-write: those of processes no longer running (a live writer's file is its own). POSIX
-    only (elsewhere signal 0 is no mere question)."""
+    was killed mid-write: those of processes no longer running on this machine (a live writer's file is its
+    own; a writer on another machine sharing out_dir would look dead). POSIX only (elsewhere signal 0 is no
+    mere question)."""
     if os.name != "posix":
         return
     for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp[0-9]*")):
@@ -812,7 +813,10 @@ def remove_dead_writers_temps(out_dir: str) -> None:
         except PermissionError:  # it does, another user's
             continue
         except (ProcessLookupError, OverflowError):  # it does not
-            os.remove(path)
+            try:
+                os.remove(path)
+            except (FileNotFoundError, IsADirectoryError):  # removed meanwhile; not _atomic_save's
+                pass
 
 
 def read_checkpoint(path: str):
@@ -843,8 +847,6 @@ def main(argv=None) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, args, env)
-        if env.main:  # rank 0 writes every .pt
-            remove_dead_writers_temps(trainer.out_dir)
         if args.resume:
             trainer.resume()
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
@@ -852,6 +854,8 @@ def main(argv=None) -> int:
                              f"train.out_dir")
         elif env.main and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a run that never checkpointed: start its log afresh
+        if env.main:  # rank 0 writes every .pt; not before a refusal: this run owns out_dir only from here
+            remove_dead_writers_temps(trainer.out_dir)
         if env.main:
             m = trainer.model
             print(f"lwt layer-wise training on {env.device} ({trainer.dtype}, {env.world} process(es)): "

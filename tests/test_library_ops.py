@@ -163,6 +163,8 @@ def test_eager_calls_skip_the_dispatcher(monkeypatch):
     monkeypatch.setattr(launcher, "op", refuse)
     y, _, _ = launcher(randn(3, 8), randn(8, seed=1), 1e-6, None)
     assert y.shape == (3, 8)
+    y, _, _ = launcher(x=randn(3, 8), weight=randn(8, seed=1), eps=1e-6, residual=None)  # all by keyword
+    assert y.shape == (3, 8)
 
 
 @pytest.mark.parametrize("current", [0, 1])
