@@ -203,28 +203,31 @@ def test_mla_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, ent
 
 
 def _latent_bad_cases():
+    """(argument, message, args) per case, built when a test runs (nothing is built while collecting)."""
     q, c, kr = (torch.randn(*shape, device=DEVICE) for shape in ((1, 5, 2, 40), (1, 5, 32), (1, 5, 8)))
     return [
-        ("q", r"expected a last dim of R \+ Dr = 32 \+ 8 = 40", (torch.randn(1, 5, 2, 43, device=DEVICE), c, kr),
-         ENTRIES),
-        ("c", r"expected shape \(1, 5, ·\) \(batch and seq of q\)", (q, c[:, :4], kr), ENTRIES),
-        ("k_rope", r"expected shape \(1, 5, ·\)", (q, c, kr[:, :4]), ENTRIES),
-        ("k_rope", "expected the dtype of q", (q, c, kr.half()), ENTRIES),
-        ("c", "expected a tensor on", (q, c.to("meta"), kr), ENTRIES),
+        ("q", r"expected a last dim of R \+ Dr = 32 \+ 8 = 40", (torch.randn(1, 5, 2, 43, device=DEVICE), c, kr)),
+        ("c", r"expected shape \(1, 5, ·\) \(batch and seq of q\)", (q, c[:, :4], kr)),
+        ("k_rope", r"expected shape \(1, 5, ·\)", (q, c, kr[:, :4])),
+        ("k_rope", "expected the dtype of q", (q, c, kr.half())),
+        ("c", "expected a tensor on", (q, c.to("meta"), kr)),
         ("k_rope", "expected a rope dim in 1..128", (torch.randn(1, 5, 2, 32 + 130, device=DEVICE), c,
-                                                     torch.randn(1, 5, 130, device=DEVICE)), ENTRIES),
-        # a latent wider than the kernel: refused by the kernel entry (lwt.functional runs the reference)
+                                                     torch.randn(1, 5, 130, device=DEVICE))),
         ("c", r"expected a latent size in 1..256", (torch.randn(1, 5, 2, 308, device=DEVICE),
-                                                   torch.randn(1, 5, 300, device=DEVICE), kr), ["kernel"]),
+                                                   torch.randn(1, 5, 300, device=DEVICE), kr)),
     ]
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.parametrize("case", range(len(_latent_bad_cases())))
+# The entries refusing each case: the last, a latent wider than the kernel, only the kernel's
+# (lwt.functional runs the reference for it).
+_LATENT_BAD_ENTRIES = [ENTRIES] * 6 + [["kernel"]]
+
+
+@pytest.mark.parametrize("case,entry", [(i, e) for i, entries in enumerate(_LATENT_BAD_ENTRIES) for e in entries])
 def test_latent_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
-    name, message, args, entries = _latent_bad_cases()[case]
-    if entry not in entries:
-        pytest.skip("lwt.functional runs the reference for a latent wider than the kernel takes")
+    cases = _latent_bad_cases()
+    assert len(cases) == len(_LATENT_BAD_ENTRIES)
+    name, message, args = cases[case]
     with torch.no_grad():
         assert_refused_before_launch(monkeypatch, entry, mla.latent_attention, lwtF.latent_attention,
                                      [(attn, "launch_fwd"), (reference, "latent_attention")], rf"^{name}: .*{message}",
