@@ -34,19 +34,22 @@ start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
 echo "== $what, $(date -u +%FT%TZ), budget $budget s" >> "$WORK/steps.txt"
+stamp=$WORK/.this-call; touch "$stamp"  # summary.txt: only what this call wrote (WORK outlives calls)
 
 # What comes back: the goal lines of the bench logs (and the attention passes' breakdown), the trainer's
 # tables, WORK packed, steps.txt.
 pack() {
-  { grep -h "goal\|^block \|for information\| lwt passes: " /dev/null "$WORK"/bench_*.log 2>/dev/null | grep -v "^ " |
+  local logs=() f
+  for f in "$WORK"/bench_*.log; do [ "$f" -nt "$stamp" ] && logs+=("$f"); done
+  { grep -h "goal\|^block \|for information\| lwt passes: " /dev/null "${logs[@]}" 2>/dev/null | grep -v "^ " |
       awk '!seen[$0]++'
-    for table in "$WORK"/run-*/table.txt; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
-    if [ -f "$WORK/tests.txt" ]; then  # written as each test lands: complete even when pytest was cut
+    for table in "$WORK"/run-*/table.txt; do [ "$table" -nt "$stamp" ] && { echo "--- $table"; cat "$table"; }; done
+    if [ "$WORK/tests.txt" -nt "$stamp" ]; then  # written as each test lands: complete even when pytest was cut
       echo "--- tests so far: $(grep -v '^ ' "$WORK/tests.txt" | cut -d' ' -f1 | sort | uniq -c | xargs)"
       grep -E "^(FAILED|ERROR) " "$WORK/tests.txt"
     fi
   } > "$OUT/summary.txt"
-  tar czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='cache' --exclude='*.tmp' . 2>/dev/null
+  tar czf "$OUT/results.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='cache' --exclude='*.tmp*' . 2>/dev/null
   cp "$WORK/steps.txt" "$OUT/steps.txt"
 }
 
@@ -59,6 +62,7 @@ step() {
   if [ "$cap" -lt 20 ]; then
     echo "$name: skipped, $left s of the budget left" | tee -a "$WORK/steps.txt"
     failed=1
+    pack  # $OUT/steps.txt says so too
     return
   fi
   local t0=$SECONDS
@@ -83,7 +87,8 @@ run_tests() {  # run_tests [-k expr] [test files, then pytest options; default: 
   local opts=(-q -p no:warnings --continue-on-collection-errors)  # one broken file must not stop the rest
   if "$PY" -c "import xdist" 2>/dev/null; then
     opts+=(-n "${WORKERS:-12}")
-    "$PY" -m pytest --help 2>/dev/null | grep -q loadgroup && opts+=(--dist loadgroup)
+    # not grep -q: it would exit at the first match, and under pipefail pytest's broken pipe failed the test
+    "$PY" -m pytest --help 2>/dev/null | grep loadgroup >/dev/null && opts+=(--dist loadgroup)
   else
     opts+=(-o addopts=-ra)  # pytest.ini's -n 2 needs xdist
   fi
