@@ -8,6 +8,7 @@ the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -57,6 +58,16 @@ def backend_for(x: torch.Tensor) -> str:
     return "triton"
 
 
+def _reference_autocast_off(x):
+    """The references run with autocast off on x's device: they are the fp32-compute specification (and the
+    Triton kernels, which autocast never reaches, compute in their inputs' dtype). Under an enclosing
+    torch.autocast the reference's own upcasts (x.to(fp32) @ w.to(fp32), the fp32 scores) would
+    otherwise be cast back down to the autocast dtype."""
+    if isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
              residual: torch.Tensor | None = None):
     """RMSNorm over the last dim, with the optional fused pre-norm residual add.
@@ -74,7 +85,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
         from kernels.rmsnorm import rms_norm as rms_norm_triton  # validates before launching
         return rms_norm_triton(x, weight, eps, residual)
     check_rms_norm_args(x, weight, residual, eps, dtypes=REFERENCE_DTYPES)
-    return reference.rms_norm(x, weight, eps, residual)
+    with _reference_autocast_off(x):
+        return reference.rms_norm(x, weight, eps, residual)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -94,7 +106,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         from kernels.attention import attention as attention_triton  # validates before launching
         return attention_triton(q, k, v, causal, softmax_scale)
     check_attention_args(q, k, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
-    return reference.attention(q, k, v, causal, softmax_scale)
+    with _reference_autocast_off(q):
+        return reference.attention(q, k, v, causal, softmax_scale)
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
@@ -115,7 +128,8 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
         from kernels.mla import mla_attention as mla_triton  # validates before launching
         return mla_triton(q, k_nope, k_rope, v, causal, softmax_scale)
     check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
-    return reference.mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)
+    with _reference_autocast_off(q):
+        return reference.mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)
 
 
 def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,
@@ -136,7 +150,8 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
         from kernels.mla import latent_attention as latent_triton  # validates before launching
         return latent_triton(q, c, k_rope, causal, softmax_scale)
     check_latent_args(q, c, k_rope, causal, softmax_scale, dtypes=REFERENCE_DTYPES, max_latent=None)
-    return reference.latent_attention(q, c, k_rope, causal, softmax_scale)
+    with _reference_autocast_off(q):
+        return reference.latent_attention(q, c, k_rope, causal, softmax_scale)
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -165,7 +180,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
         from kernels.swiglu import frozen_swiglu as swiglu_triton  # validates before launching
         return swiglu_triton(x, w_gate, w_up, w_down, recompute, w_gate_scale=w_gate_scale, w_up_scale=w_up_scale)
     check_swiglu_args(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale, dtypes=REFERENCE_DTYPES)
-    return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
+    with _reference_autocast_off(x):
+        return reference.frozen_swiglu(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -206,7 +222,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                                     dtypes=REFERENCE_DTYPES)
     if not torch.compiler.is_compiling():  # the range check syncs with the host: left to gather's own check
         count_valid_targets(target, weight.shape[0], ignore_index)
-    return reference.linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)
+    with _reference_autocast_off(hidden):
+        return reference.linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)
 
 
 __all__ = ["rms_norm", "attention", "mla_attention", "latent_attention", "frozen_swiglu", "linear_cross_entropy",

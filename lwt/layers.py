@@ -217,7 +217,8 @@ class GQAAttention(nn.Module):
         bias: biases on the QKV and output projections.
         device, dtype: of the parameters.
     forward(x): x (B, S, d_model) -> (B, S, d_model). One fused QKV projection, RoPE on q and k, the
-    attention kernel (K/V heads read by index), the output projection.
+    attention kernel (K/V heads read by index), the output projection. There is no attention or padding
+    mask: every query sees every key (or every earlier one, causal), so batch equal-length sequences.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
@@ -306,7 +307,8 @@ class MLAAttention(nn.Module):
             (the MLA kernel's limits).
         causal, rope_theta: as in GQAAttention.
         device, dtype: of the parameters.
-    forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model).
+    forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model). No attention or padding mask, as in
+    GQAAttention.
         absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
         absorb=True (inference: runs under no_grad, the result carries no gradient): never decompress
             K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after
@@ -434,7 +436,9 @@ class FrozenSwiGLU(nn.Module):
             full-precision matrices loads into an FP8 layer quantised, and the reverse dequantised.
         device, dtype: of W_down (and of the frozen matrices unless frozen_dtype is given).
     W_gate, W_up (d_ff, d_model) are buffers, not Parameters: optimizers, DDP and FSDP never see them and
-    they never get a .grad. They are saved in the state_dict. forward(x): x (..., d_model), W_down's dtype.
+    they never get a .grad. They are saved in the state_dict; `seed` stays the constructor's, so after
+    load_state_dict of another seed's matrices, reset_parameters() draws this seed's again.
+    forward(x): x (..., d_model), W_down's dtype.
     """
 
     def __init__(self, d_model: int, d_ff: int, seed: int, recompute: bool = False, frozen_dtype=None,

@@ -545,3 +545,16 @@ def test_star_import_exports_only_the_layers():
     exec("import torch.nn.functional as F\nfrom lwt.layers import *", ns)
     assert ns["F"] is torch.nn.functional
     assert {"RMSNorm", "RotaryEmbedding", "GQAAttention", "MLAAttention", "FrozenSwiGLU", "DecoderBlock"} <= set(ns)
+
+
+def test_reference_ops_ignore_an_enclosing_autocast():
+    """The references compute as the kernels do, which autocast never reaches: an enclosing torch.autocast
+    must not round their fp32 matmuls (the attention scores, the gate/up GEMM) to 16 bits."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(1, 64, 2, 32, generator=g).bfloat16() for _ in range(3))
+    x, wg, wu, wd = (torch.randn(*shape, generator=g) for shape in ((8, 16), (32, 16), (32, 16), (16, 32)))
+    plain = F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd)
+    with torch.autocast("cpu", torch.bfloat16):
+        auto = F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd)
+    for a, b in zip(auto, plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
