@@ -225,6 +225,23 @@ def _on_inputs_gpu(fn, args, kwargs):
     return fn(*args, **kwargs)
 
 
+def first_order_only(backward):
+    """In place of torch.autograd.function.once_differentiable on a backward built from launchers (whose
+    outputs carry no graph). once_differentiable only catches a double backward when an upstream gradient
+    requires grad; from a .sum() or .mean() it does not, and a second-order term (a gradient penalty)
+    would silently be taken as zero. Here any backward run with create_graph=True (grad mode on inside
+    the backward) for an op whose inputs require grad raises at once."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            raise RuntimeError("lwt: the Triton kernels' backward is not differentiable: create_graph=True (double "
+                               "backward, gradient penalties) is not supported; run the reference "
+                               "(LWT_BACKEND=reference) for higher-order gradients")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+    return wrapper
+
+
 def launcher(name: str, fake, host_sync: bool = False):
     """Decorator form of Launcher: `@launcher("rms_norm_fwd", fake=...)` over a typed function (the
     annotations are the op's schema)."""

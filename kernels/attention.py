@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
-from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, interpreting, launcher, next_power_of_2
+from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, interpreting, launcher,
+                      next_power_of_2)
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -697,7 +698,7 @@ class AttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
-                      launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, grouped_tile,
+                      interpreting, launcher, next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -401,7 +401,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, grad_loss):
         if ctx.scaled:  # before the saved tensors are unpacked: autograd would refuse them with a vaguer message
             raise RuntimeError("linear_cross_entropy: backward ran twice over the same graph; its gradients are "

@@ -26,12 +26,13 @@ any strides with a unit stride along the last dim. Precision as in kernels/atten
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import triton
 import triton.language as tl
 
 from . import attention as A
 from ._checks import check_latent_args, check_mla_args
-from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, launcher, num_sms
+from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, launcher, num_sms
 
 
 @triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
@@ -145,7 +146,7 @@ class MLAFunction(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, do):
         q, k_nope, k_rope, v, o, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -184,13 +185,18 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     token, c (B, S, R) as key and value, plus the shared rope key. The same forward kernel, as MQA
     (one K/V head) with a rope part. Args and result as in kernels.reference.latent_attention; R at
     most 256, Dr at most 128. Raises ValueError if autograd would need it (inputs requiring grad with
-    grad mode on): there is no backward."""
+    grad mode on, or forward-mode dual tensors): there is no backward and no jvp."""
     check_latent_args(q, c, k_rope, causal, softmax_scale)
     check_kernel_device(q, "q")
     wanting = [name for name, t in (("q", q), ("c", c), ("k_rope", k_rope)) if t.requires_grad]
     if torch.is_grad_enabled() and wanting:
         raise ValueError(f"{wanting[0]}: requires grad, but latent_attention is forward-only (inference); call it "
                          f"under torch.no_grad()")
+    if fwAD._current_level >= 0:  # inside a dual level: a tangent would be dropped silently
+        for name, t in (("q", q), ("c", c), ("k_rope", k_rope)):
+            if fwAD.unpack_dual(t).tangent is not None:
+                raise ValueError(f"{name}: has a forward-mode tangent, but latent_attention has no jvp (a forward-"
+                                 f"only kernel); use kernels.reference.latent_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     c4 = A._unit_last(c)[:, :, None, :]  # (B, S, 1, R): the one K/V head
     o, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])

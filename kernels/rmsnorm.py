@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, launcher, num_sms,
-                      prune_row_configs, row_configs, row_tile)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, launcher,
+                      num_sms, prune_row_configs, row_configs, row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -317,18 +317,18 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd over (M, N) row views and a contiguous weight (or None); `rms_norm` prepares both."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, separate_dresidual=False):
+    def forward(ctx, x, weight, residual, eps):
         y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
         if residual is None:
             s = x  # what was normalised
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_residual = residual is not None
-        ctx.separate_dresidual = separate_dresidual
         # Unused outputs (s, when only y is used) arrive as None instead of a zero-filled tensor.
         ctx.set_materialize_grads(False)
         return (y, s) if residual is not None else y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, dy, ds_out=None):
         s, w, rstd = ctx.saved_tensors
         if dy is None:
@@ -339,19 +339,13 @@ class RMSNormFunction(torch.autograd.Function):
         dw = dw if compute_dw else None
         dres = None
         if ctx.has_residual:
-            # dx is also the residual's gradient. Shared, it costs nothing: autograd never accumulates in
-            # place into storage that another gradient references. But when both gradients end up as
-            # leaves' .grad (x and residual leaves, or views of leaves), each leaf would store a view of
-            # the one buffer and an in-place update of one (gradient clipping) would change both, so
-            # then the residual gets its own copy.
-            dres = dx.clone() if ctx.separate_dresidual else dx
-        return dx, dw, dres, None, None
-
-
-def _grad_lands_in_leaf(t: torch.Tensor) -> bool:
-    """Whether t's gradient is stored as some leaf's .grad without passing through a copying op: t is a
-    leaf, or a view of one (its view-backward hands on a view of the same gradient storage)."""
-    return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
+            # dx is also the residual's gradient, but the two get separate buffers whenever both are wanted:
+            # when x reaches a leaf through ops whose backward hands the gradient on unchanged (a clone, a
+            # same-shape add, a view), autograd can store dx itself as that leaf's .grad and the residual's
+            # leaf a view of it too (pytorch#34082), and an in-place update of one (accumulation over
+            # micro-batches, clipping) would change both. The copy is one (M, N) read and write.
+            dres = dx.clone() if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] else dx
+        return dx, dw, dres, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, residual: torch.Tensor | None = None):
@@ -387,6 +381,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
         return y.view(shape) if residual is None else (y.view(shape), s.view(shape))
     if residual is None:
         return RMSNormFunction.apply(x2, w, None, float(eps)).view(shape)
-    both_leaves = _grad_lands_in_leaf(x) and _grad_lands_in_leaf(residual)
-    y, s = RMSNormFunction.apply(x2, w, as_rows(residual), float(eps), both_leaves)
+    y, s = RMSNormFunction.apply(x2, w, as_rows(residual), float(eps))
     return y.view(shape), s.view(shape)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, grouped_tile, interpreting,
-                      launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, grouped_tile,
+                      interpreting, launcher, next_power_of_2)
 from .reference import FP8_MAX
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
@@ -625,7 +625,7 @@ class FrozenSwiGLUFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, w_gate, w_up, w_down, g, u, w_gate_scale, w_up_scale = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3]

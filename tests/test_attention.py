@@ -199,13 +199,16 @@ def _wanted_grads(fn, inputs, wanted, do):
     return torch.autograd.grad(fn(*leaves), [t for t in leaves if t.requires_grad], do)
 
 
-def test_double_backward_raises():
-    """The backward is not differentiable: asking for a second derivative is an error, not a silent 0."""
+@pytest.mark.parametrize("loss", ["square_sum", "sum"])
+def test_double_backward_raises(loss):
+    """The backward is not differentiable: asking for a second derivative is an error, not a silent 0,
+    also when the upstream gradient is a constant (a plain .sum(), which once_differentiable misses)."""
     q, k, v = (t.requires_grad_() for t in _make(1, 9, 2, 1, 16, torch.float32, "contiguous",
                                                   torch.Generator().manual_seed(9)))
-    (dq,) = torch.autograd.grad(attn.attention(q, k, v).square().sum(), [q], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dq.sum().backward()
+    o = attn.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        (dq,) = torch.autograd.grad(o.square().sum() if loss == "square_sum" else o.sum(), [q], create_graph=True)
+        (o.sum() + dq.square().sum()).backward()
 
 
 def test_kernel_entry_refuses_cpu_tensors_without_the_interpreter(monkeypatch):

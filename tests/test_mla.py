@@ -246,12 +246,15 @@ def test_mla_functional_dispatch(monkeypatch):
     assert lwtF.mla_attention(q.double(), kn.double(), kr.double(), v.double()).dtype == torch.float64
 
 
-def test_mla_double_backward_raises():
+@pytest.mark.parametrize("loss", ["square_sum", "sum"])
+def test_mla_double_backward_raises(loss):
     inputs = [t.requires_grad_() for t in _make(1, 9, 2, 16, 16, 16, torch.float32, "contiguous",
                                                  torch.Generator().manual_seed(3))]
-    (dq,) = torch.autograd.grad(mla.mla_attention(*inputs).square().sum(), inputs[:1], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dq.sum().backward()
+    o = mla.mla_attention(*inputs)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        (dq,) = torch.autograd.grad(o.square().sum() if loss == "square_sum" else o.sum(), inputs[:1],
+                                    create_graph=True)
+        (o.sum() + dq.square().sum()).backward()
 
 
 def test_mla_backward_computes_only_what_is_needed(monkeypatch):
@@ -275,3 +278,18 @@ def test_mla_backward_computes_only_what_is_needed(monkeypatch):
         (g_ref,) = torch.autograd.grad(reference.mla_attention(*leaves_ref, True),
                                        [t for t in leaves_ref if t.requires_grad], do)
         assert_close("grad", g, g64, g_ref, reduced_over=21 * 3)
+
+
+@pytest.mark.parametrize("dual", ["q", "c", "k_rope"])
+def test_latent_attention_refuses_forward_mode_tangents(dual):
+    """The forward-only kernel has no jvp: a dual input is refused by name, not its tangent dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(6)
+    args = {"q": torch.randn(1, 4, 2, 12, generator=gen), "c": torch.randn(1, 4, 8, generator=gen),
+            "k_rope": torch.randn(1, 4, 4, generator=gen)}
+    args = {k: v.to(DEVICE) for k, v in args.items()}
+    with fwAD.dual_level():
+        args[dual] = fwAD.make_dual(args[dual], torch.randn_like(args[dual]))
+        with pytest.raises(ValueError, match=rf"^{dual}: has a forward-mode tangent"):
+            mla.latent_attention(args["q"], args["c"], args["k_rope"])

@@ -325,3 +325,26 @@ def test_residual_output_normalises_the_returned_sum(shape):
     y, s = rmsnorm_kernels.rms_norm(x, w, 1e-6, r)
     assert torch.equal(s, x + r)
     assert torch.equal(y, rmsnorm_kernels.rms_norm(s, w, 1e-6))
+
+
+@pytest.mark.parametrize("through", ["clone", "add", "cat"])
+def test_residual_and_x_gradients_never_alias_through_pass_through_ops(through):
+    """x reaching a leaf through an op whose backward passes the gradient on unchanged (clone, a same-shape
+    add, cat) must not let that leaf's .grad share storage with the residual's: gradient accumulation over
+    two micro-batches (in-place +=) would otherwise add each step twice."""
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 16, generator=gen, requires_grad=True)
+    r = torch.randn(3, 16, generator=gen, requires_grad=True)
+    w = torch.randn(16, generator=gen)
+    make = {"clone": lambda: a.clone(), "add": lambda: a + torch.zeros(3, 16),
+            "cat": lambda: torch.cat([a, a.detach()])[:3]}[through]
+    cots = [torch.randn(3, 16, generator=gen) for _ in range(2)]
+    got, want = [], []
+    for fn, out in ((rmsnorm_kernels.rms_norm, got), (reference.rms_norm, want)):
+        a.grad = r.grad = None
+        for c in cots:
+            y, _ = fn(make(), w, 1e-6, r)
+            (y * c).sum().backward()
+        out += [a.grad.clone(), r.grad.clone()]
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
