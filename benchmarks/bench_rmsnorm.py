@@ -102,8 +102,8 @@ def run_case(report, M, N, residual, dtype):
         report.add(case, "fwd", name, ms, "GB/s", fwd_bytes)
     # In a model the normalised input and the residual stream are activations, not leaves: so here too
     # (one clone each, before the timed steps; the gradients are taken at the clones). lwt's timing includes
-    # the copy of the residual's gradient it makes when both gradients are wanted (kernels/rmsnorm.py), a
-    # copy F.rms_norm(x + r) does not make.
+    # the second store of the residual's gradient it makes when both gradients are wanted
+    # (kernels/rmsnorm.py), a write F.rms_norm(x + r) does not make.
     w.requires_grad_(True)
     x, r = (None if t is None else t.detach().requires_grad_(True).clone() for t in (x, r))
     for name, fn in provs.items():

@@ -187,7 +187,7 @@ def _rmsnorm_jobs(quick):
                    warps, 1, ints, floats, fp32)
             yield ("rmsnorm bwd", R._rms_norm_bwd_kernel.fn, "bf16",
                    dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, HAS_WEIGHT=True,
-                        COMPUTE_DW=True),
+                        COMPUTE_DW=True, HAS_DRES=True),
                    warps, 1, ints, floats, fp32)
     if not quick:  # weight=None: W is not read, and there is no dw
         block_m, block_n, single = tiles[0]
@@ -196,7 +196,7 @@ def _rmsnorm_jobs(quick):
                8, 1, ints, floats, fp32)
         yield ("rmsnorm bwd, no weight", R._rms_norm_bwd_kernel.fn, "bf16",
                dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=False, HAS_WEIGHT=False,
-                    COMPUTE_DW=False), 8, 1, ints, floats, fp32)
+                    COMPUTE_DW=False, HAS_DRES=False), 8, 1, ints, floats, fp32)
 
 
 def _cross_entropy_jobs(quick):

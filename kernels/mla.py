@@ -188,12 +188,13 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     grad mode on, or forward-mode dual tensors): there is no backward and no jvp."""
     check_latent_args(q, c, k_rope, causal, softmax_scale)
     check_kernel_device(q, "q")
-    wanting = [name for name, t in (("q", q), ("c", c), ("k_rope", k_rope)) if t.requires_grad]
+    named = (("q", q), ("c", c), ("k_rope", k_rope))
+    wanting = [name for name, t in named if t.requires_grad]
     if torch.is_grad_enabled() and wanting:
         raise ValueError(f"{wanting[0]}: requires grad, but latent_attention is forward-only (inference); call it "
                          f"under torch.no_grad()")
     if fwAD._current_level >= 0:  # inside a dual level: a tangent would be dropped silently
-        for name, t in (("q", q), ("c", c), ("k_rope", k_rope)):
+        for name, t in named:
             if fwAD.unpack_dual(t).tangent is not None:
                 raise ValueError(f"{name}: has a forward-mode tangent, but latent_attention has no jvp (a forward-"
                                  f"only kernel); use kernels.reference.latent_attention")

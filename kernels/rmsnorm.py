@@ -162,20 +162,22 @@ def _load_bwd_block(DY, S, Rstd, DS_OUT, rows, cols, col_mask, M, stride_dy_row,
 
 
 @triton.autotune(configs=row_configs(),
-                 key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "HAS_WEIGHT", "COMPUTE_DW"],
+                 key=["N", "BLOCK_M", "BLOCK_N", "SINGLE_PASS", "HAS_DS_OUT", "HAS_WEIGHT", "COMPUTE_DW", "HAS_DRES"],
                  prune_configs_by={"early_config_prune": prune_row_configs})
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, S, W, Rstd, RowDot, DS_OUT, DX, DW_partial,
-    stride_dy_row, stride_s_row, stride_dso_row, stride_dx_row,
+    DY, S, W, Rstd, RowDot, DS_OUT, DX, DRES, DW_partial,
+    stride_dy_row, stride_s_row, stride_dso_row, stride_dx_row, stride_dres_row,
     M, N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_PASS: tl.constexpr, HAS_DS_OUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_DRES: tl.constexpr,
 ):
     """Persistent over rows: program (i, j) takes row blocks i, i + num_programs(0), ... for the
     columns of block j (one block, the whole row, when SINGLE_PASS). Writes dx and, with COMPUTE_DW,
     the program's fp32 partial sum of dy·ŝ into row i of DW_partial. Without HAS_WEIGHT, g = dy (W is not
-    read, and there is no dw)."""
+    read, and there is no dw). With HAS_DRES, dx is stored into DRES too (the residual's own gradient
+    buffer: a second store, not a copy that would read dx again)."""
     tl.static_assert(HAS_WEIGHT or not COMPUTE_DW)
     pid_m = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_M
@@ -216,7 +218,10 @@ def _rms_norm_bwd_kernel(
         dx = (g - s_hat * row_dot[:, None]) * rstd[:, None]
         if HAS_DS_OUT:
             dx += dso
-        tl.store(_row_ptrs(DX, rows, stride_dx_row, cols), dx.to(DX.dtype.element_ty), mask=mask)
+        dx = dx.to(DX.dtype.element_ty)
+        tl.store(_row_ptrs(DX, rows, stride_dx_row, cols), dx, mask=mask)
+        if HAS_DRES:
+            tl.store(_row_ptrs(DRES, rows, stride_dres_row, cols), dx, mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * s_hat
     if COMPUTE_DW:
@@ -262,26 +267,29 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     return y, s, rstd
 
 
-def _rms_norm_bwd_fake(dy, s, weight, rstd, ds_out=None, compute_dw=True):
+def _rms_norm_bwd_fake(dy, s, weight, rstd, ds_out=None, compute_dw=True, separate_dres=False):
     dw = weight.new_empty(weight.shape) if compute_dw and weight is not None else s.new_empty((0,))
-    return s.new_empty(s.shape), dw
+    return s.new_empty(s.shape), dw, s.new_empty(s.shape if separate_dres else (0,))
 
 
 @launcher("rms_norm_bwd", fake=_rms_norm_bwd_fake)
 def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                 ds_out: torch.Tensor | None = None, compute_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 ds_out: torch.Tensor | None = None, compute_dw: bool = True,
+                 separate_dres: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. dy, s, ds_out: (M, N) with unit stride along N; weight (N,) contiguous, or
-    None (no scale: there is no dw); rstd (M,) fp32 from the forward. Returns (dx, dw): dx (M, N) of s's
-    dtype (it is also the residual's gradient); dw (N,) of weight's dtype, or an empty tensor (of s's
-    dtype) without compute_dw or weight."""
+    None (no scale: there is no dw); rstd (M,) fp32 from the forward. Returns (dx, dw, dres): dx (M, N) of
+    s's dtype (it is also the residual's gradient); dw (N,) of weight's dtype, or an empty tensor (of s's
+    dtype) without compute_dw or weight; dres, with separate_dres, a second (M, N) buffer holding dx (the
+    same kernel stores it twice), else an empty tensor."""
     M, N = s.shape
     dx = empty((M, N), s.dtype, s.device)
+    dres = empty((M, N), s.dtype, s.device) if separate_dres else absent(s)
     has_weight = weight is not None
     if not has_weight:
         compute_dw = False
     if M == 0:
         return dx, (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if compute_dw
-                    else absent(s))
+                    else absent(s)), dres
     block_m, block_n, single = row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M)
     row_dot = None
     if not single:
@@ -298,14 +306,16 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None,
     has_dso = ds_out is not None
     _bwd.launch(
         (n_row_progs, n_col_blocks),
-        dy, s, weight, rstd, row_dot, ds_out, dx, dw_partial,
+        dy, s, weight, rstd, row_dot, ds_out, dx, dres if separate_dres else dx, dw_partial,
         dy.stride(0), s.stride(0), ds_out.stride(0) if has_dso else 0, dx.stride(0),
+        dres.stride(0) if separate_dres else 0,
         M, N,
         BLOCK_M=block_m, BLOCK_N=block_n,
         SINGLE_PASS=single, HAS_DS_OUT=has_dso, HAS_WEIGHT=has_weight, COMPUTE_DW=compute_dw,
+        HAS_DRES=separate_dres,
     )
     dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else absent(s)
-    return dx, dw
+    return dx, dw, dres
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -333,19 +343,18 @@ class RMSNormFunction(torch.autograd.Function):
         s, w, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(s)
-        compute_dw = ctx.needs_input_grad[1]
-        dx, dw = rms_norm_bwd(_unit_stride(dy), s, w, rstd,
-                              ds_out=_unit_stride(ds_out) if ds_out is not None else None, compute_dw=compute_dw)
-        dw = dw if compute_dw else None
-        dres = None
-        if ctx.has_residual:
-            # dx is also the residual's gradient, but the two get separate buffers whenever both are wanted:
-            # when x reaches a leaf through ops whose backward hands the gradient on unchanged (a clone, a
-            # same-shape add, a view), autograd can store dx itself as that leaf's .grad and the residual's
-            # leaf a view of it too (pytorch#34082), and an in-place update of one (accumulation over
-            # micro-batches, clipping) would change both. The copy is one (M, N) read and write.
-            dres = dx.clone() if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] else dx
-        return dx, dw, dres, None
+        need = ctx.needs_input_grad
+        # dx is also the residual's gradient, but the two get separate buffers whenever both are wanted:
+        # when x reaches a leaf through ops whose backward hands the gradient on unchanged (a clone, a
+        # same-shape add, a view), autograd can store dx itself as that leaf's .grad and the residual's leaf
+        # a view of it too (pytorch#34082), and an in-place update of one (accumulation over micro-batches,
+        # clipping) would change both. The kernel stores dx a second time: one more (M, N) write.
+        separate = ctx.has_residual and need[0] and need[2]
+        dx, dw, dres = rms_norm_bwd(_unit_stride(dy), s, w, rstd,
+                                    ds_out=_unit_stride(ds_out) if ds_out is not None else None,
+                                    compute_dw=need[1], separate_dres=separate)
+        dres = (dres if separate else dx) if ctx.has_residual else None
+        return dx, dw if need[1] else None, dres, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, residual: torch.Tensor | None = None):

@@ -56,6 +56,7 @@ def _rms_norm_cases():
     yield "rms_norm_bwd-ds_out-no-dw", rmsnorm.rms_norm_bwd, (dy, s, w, rstd, randn(5, 24, seed=4), False)
     yield "rms_norm_fwd-no-weight", rmsnorm.rms_norm_fwd, (x, None, 1e-6, r)
     yield "rms_norm_bwd-no-weight", rmsnorm.rms_norm_bwd, (dy, s, None, rstd, None, True)
+    yield "rms_norm_bwd-separate-dres", rmsnorm.rms_norm_bwd, (dy, s, w, rstd, randn(5, 24, seed=4), True, True)
 
 
 def _attention_cases():
@@ -118,7 +119,7 @@ def _group(group: str) -> dict:
 # The names each group's generator above yields, in order (test_every_launcher_is_checked holds them equal).
 CASES = {
     "rms_norm": ["rms_norm_fwd", "rms_norm_fwd-residual", "rms_norm_bwd", "rms_norm_bwd-ds_out-no-dw",
-                 "rms_norm_fwd-no-weight", "rms_norm_bwd-no-weight"],
+                 "rms_norm_fwd-no-weight", "rms_norm_bwd-no-weight", "rms_norm_bwd-separate-dres"],
     "attention": ["attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-mla", "mla_bwd",
                   "mla_bwd-dq-only"],
     "swiglu": ["frozen_swiglu_fwd", "frozen_swiglu_fwd-save", "frozen_swiglu_bwd-recompute",
