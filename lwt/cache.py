@@ -487,10 +487,10 @@ class ActivationCache:
             dtype = _DTYPE_BY_NAME[manifest["dtype"]]
             meta, files = manifest["meta"], manifest["files"]
             layout = _layout(entries, seq_len, d_model, dtype)
-            mismatched = [(part, files[part]) for part, (np_dtype, shape) in layout.items()
-                          if (files[part]["name"] != _file_name(rank, part) or files[part]["dtype"] != np_dtype.name
-                              or tuple(files[part]["shape"]) != shape
-                              or files[part]["bytes"] != _nbytes(np_dtype, shape))]
+            recs = {part: files[part] for part in layout}
+            mismatched = [(part, rec) for part, rec in recs.items()
+                          if (rec["name"] != _file_name(rank, part) or rec["dtype"] != layout[part][0].name
+                              or tuple(rec["shape"]) != layout[part][1] or rec["bytes"] != _nbytes(*layout[part]))]
         except (KeyError, TypeError, ValueError) as e:
             raise corrupt(f"missing or malformed field ({type(e).__name__}: {e})") from None
         if mismatched:
