@@ -306,6 +306,7 @@ class MLAAttention(nn.Module):
             of v (DeepSeek-V2: 128, 64, 128). rope_dim even and at most 128; nope_dim and v_dim at most 256
             (the MLA kernel's limits).
         causal, rope_theta: as in GQAAttention.
+        norm_eps: eps of the two latent RMSNorms (q_norm, kv_norm).
         device, dtype: of the parameters.
     forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model). No attention or padding mask, as in
     GQAAttention.
@@ -319,7 +320,8 @@ class MLAAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, q_rank: int, kv_rank: int, nope_dim: int, rope_dim: int,
-                 v_dim: int, causal: bool = False, rope_theta: float = 10000.0, device=None, dtype=None):
+                 v_dim: int, causal: bool = False, rope_theta: float = 10000.0, norm_eps: float = 1e-6,
+                 device=None, dtype=None):
         super().__init__()
         for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kv_rank", kv_rank),
                             ("nope_dim", nope_dim), ("rope_dim", rope_dim), ("v_dim", v_dim)):
@@ -339,13 +341,13 @@ class MLAAttention(nn.Module):
         qk_dim = nope_dim + rope_dim
         if q_rank:
             self.q_down = nn.Linear(d_model, q_rank, bias=False, **factory)
-            self.q_norm = RMSNorm(q_rank, **factory)
+            self.q_norm = RMSNorm(q_rank, norm_eps, **factory)
             self.q_up = nn.Linear(q_rank, n_heads * qk_dim, bias=False, **factory)
         else:
             self.q_proj = nn.Linear(d_model, n_heads * qk_dim, bias=False, **factory)
         # W_dkv and W_kr as one projection: the latent, then the shared rope key (as DeepSeek-V2 stores them).
         self.kv_down = nn.Linear(d_model, kv_rank + rope_dim, bias=False, **factory)
-        self.kv_norm = RMSNorm(kv_rank, **factory)
+        self.kv_norm = RMSNorm(kv_rank, norm_eps, **factory)
         self.kv_up = nn.Linear(kv_rank, n_heads * (nope_dim + v_dim), bias=False, **factory)
         self.out = nn.Linear(n_heads * v_dim, d_model, bias=False, **factory)
         self.rope = RotaryEmbedding(rope_dim, rope_theta, device=device)
@@ -369,7 +371,8 @@ class MLAAttention(nn.Module):
                              f"GQAAttention.from_config for 'gqa' or 'standard'")
         nope_dim, rope_dim, v_dim = _mla_head_dims(c.d_model, c.n_heads, c.mla_nope_dim, c.mla_rope_dim, c.mla_v_dim)
         return cls(c.d_model, c.n_heads, q_rank=c.mla_rq, kv_rank=c.mla_rkv, nope_dim=nope_dim, rope_dim=rope_dim,
-                   v_dim=v_dim, causal=c.causal, rope_theta=c.rope_theta, device=device, dtype=dtype)
+                   v_dim=v_dim, causal=c.causal, rope_theta=c.rope_theta, norm_eps=c.norm_eps, device=device,
+                   dtype=dtype)
 
     def _queries_and_latent(self, x):
         B, S, _ = x.shape
@@ -592,7 +595,7 @@ class DecoderBlock(nn.Module):
         causal: mask future keys (False: bidirectional, what the mask-diffusion objective uses).
         rope_theta: RoPE frequency base.
         frozen_seed: seed of the MLP's frozen gate/up matrices (see FrozenSwiGLU).
-        norm_eps: eps of both RMSNorms.
+        norm_eps: eps of every RMSNorm: the block's two, and MLA's latent norms.
         mla_rq, mla_rkv: MLA query and K/V latent ranks (MLAAttention's q_rank, kv_rank).
         mla_nope_dim, mla_rope_dim, mla_v_dim: MLA per-head sizes; None: d_model // n_heads,
             (d_model // n_heads) // 2 and d_model // n_heads.
@@ -618,7 +621,8 @@ class DecoderBlock(nn.Module):
         if attn_type == "mla":
             nope_dim, rope_dim, v_dim = _mla_head_dims(d_model, n_heads, mla_nope_dim, mla_rope_dim, mla_v_dim)
             self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv, nope_dim=nope_dim,
-                                     rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta, **factory)
+                                     rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta,
+                                     norm_eps=norm_eps, **factory)
         else:
             self.attn = GQAAttention(d_model, n_heads, _kv_heads(attn_type, n_heads, n_kv_heads), causal=causal,
                                      rope_theta=rope_theta, **factory)

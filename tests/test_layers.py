@@ -417,17 +417,21 @@ def _model_config(**overrides):
 @pytest.mark.parametrize("overrides,cls", [
     pytest.param(dict(attn_type="gqa"), GQAAttention, id="gqa"),
     pytest.param(dict(attn_type="standard", n_kv_heads=None, causal=True), GQAAttention, id="standard-causal"),
-    pytest.param(dict(attn_type="mla", mla_rq=8, rope_theta=500.0), MLAAttention, id="mla-rq8"),
+    pytest.param(dict(attn_type="mla", mla_rq=8, rope_theta=500.0, norm_eps=1e-3), MLAAttention, id="mla-rq8"),
     pytest.param(dict(attn_type="mla", mla_nope_dim=6, mla_rope_dim=2, mla_v_dim=10), MLAAttention, id="mla-dims"),
 ])
 def test_attention_from_config_matches_decoder_block(overrides, cls):
     """X.from_config(cfg) builds the layer DecoderBlock.from_config(cfg, i).attn is: same class, sizes,
-    settings and parameter shapes."""
-    from lwt.layers import DecoderBlock
+    settings and parameter shapes; every RMSNorm of the block (MLA's latent norms too) takes norm_eps."""
+    from lwt.layers import DecoderBlock, RMSNorm
 
     cfg = _model_config(**overrides)
     layer = cls.from_config(cfg, dtype=torch.float64)
-    block_attn = DecoderBlock.from_config(cfg, 0).attn
+    block = DecoderBlock.from_config(cfg, 0)
+    block_attn = block.attn
+    norms = [m for m in block.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 2 + (cls is MLAAttention) + bool(cfg.mla_rq and cls is MLAAttention)
+    assert all(m.eps == cfg.norm_eps for m in norms)
     assert type(block_attn) is cls and repr(layer) == repr(block_attn)
     assert layer.rope.theta == cfg.rope_theta and layer.causal == cfg.causal
     assert {n: p.shape for n, p in layer.named_parameters()} == {n: p.shape for n, p in block_attn.named_parameters()}
