@@ -79,7 +79,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1       # the cosine reaches lr * min_lr_ratio at a phase's step count (just after
                                     # its last step); a phase of at most warmup_steps steps only warms up
     warmup_steps: int = 20
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # AdamW's, on matrices only (not on norm weights)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0          # 0 disables clipping

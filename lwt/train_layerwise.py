@@ -12,7 +12,8 @@ Phases, in order (each resumable from a checkpoint mid-way):
                number of steps (hence tokens) as all the phases above, for comparison.
 
 Each phase has its own AdamW (fused on CUDA; over fp32 master copies of the trained parameters when the
-model is 16-bit) and linear-warmup + cosine schedule. Every phase ends with the validation NELBO
+model is 16-bit; weight decay on the matrices only, not on norm weights) and linear-warmup + cosine
+schedule. Every phase ends with the validation NELBO
 (lwt.diffusion.evaluate_nelbo) and a line of the final table. Outputs in out_dir: metrics.jsonl (every
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
 joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
@@ -205,6 +206,17 @@ def set_trainable(model: LWTModel, core: nn.Module) -> list[nn.Parameter]:
     core.requires_grad_(True)
     core.train()
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on the matrices (projections, the tied embedding), none on
+    vectors (RMSNorm weights, whose decay would pull them towards 0 rather than 1: nanoGPT's split by
+    dimension). One group when weight_decay is 0 (the default)."""
+    if weight_decay == 0:
+        return [dict(params=params, weight_decay=0.0)]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
@@ -541,8 +553,8 @@ class Trainer:
         self.master = None if master is params else master
         lr = c.train.joint_lr if name == "joint" else c.train.lr
         fused = dict(fused=True) if self.device.type == "cuda" else {}
-        opt = torch.optim.AdamW(master, lr=lr, betas=(c.train.beta1, c.train.beta2),
-                                weight_decay=c.train.weight_decay, **fused)
+        opt = torch.optim.AdamW(decay_groups(master, c.train.weight_decay), lr=lr,
+                                betas=(c.train.beta1, c.train.beta2), **fused)
         if self.opt_state is not None:
             opt.load_state_dict(self.opt_state)
             self.opt_state = None

@@ -361,6 +361,25 @@ def test_lr_schedule():
     assert lrs[2] == 1.0 and lrs[6] == pytest.approx(0.55) and T.lr_at(10, 10, 1.0, 2, 0.1) == pytest.approx(0.1)
 
 
+def test_weight_decay_spares_norm_weights(tmp_path, monkeypatch):
+    """train.weight_decay applies to the matrices a phase trains (the embedding among them), never to the
+    RMSNorm weights (decay would pull them to 0, not to their initial 1)."""
+    groups, adamw = [], torch.optim.AdamW
+
+    class RecordingAdamW(adamw):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            groups.append([(g["weight_decay"], {id(p) for p in g["params"]}) for g in self.param_groups])
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    code, out = _run(tmp_path, "--set", "train.weight_decay=0.5", "--set", "model.n_layers=1",
+                     "--set", "train.joint_steps=0")
+    assert code == 0 and len(groups) == 1  # stage 0 (fp32 on the CPU: the parameters themselves, no master copy)
+    # Stage 0 trains the embedding and block 0: the embedding, the fused QKV and output projections and
+    # the MLP's down projection decay; the block's two norm weights and the final norm's do not.
+    assert [(wd, len(ids)) for wd, ids in groups[0]] == [(0.5, 1 + 3), (0.0, 3)]
+
+
 def test_two_process_ddp(tmp_path):
     """torchrun with two CPU processes (gloo): stopped at the end of stage 0, each rank has written its
     own cache shard from its own data; resumed, the run goes through every phase and rank 0 prints the
