@@ -76,6 +76,7 @@ def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
     assert not torch.equal(final["model"]["embed.weight"], e2e["model"]["embed.weight"])
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 4 and state["step"] == 0  # after the last of the four phases (fused is an evaluation)
+    assert set(state) == T._CHECKPOINT_KEYS  # what resume checks for is what save writes
     assert not any(name.endswith(("w_gate", "w_up")) for name in state["model"])  # frozen: regenerated
 
 
