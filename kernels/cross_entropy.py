@@ -161,18 +161,19 @@ _dw_accumulate = TunedKernel(_ce_dw_accumulate_kernel)
 
 @triton.jit
 def _scale_kernel(X, G, n, BLOCK: tl.constexpr):
-    """X (n elements, contiguous) *= G[0], in fp32: a 16-bit X never sees G rounded to its own dtype."""
+    """X (n elements, contiguous) *= G[0], in fp32: a 16-bit X never sees G rounded to its own dtype.
+    Exact zeros stay zero whatever G (see _scale_)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(X + offs, mask=offs < n)
-    tl.store(X + offs, (x.to(tl.float32) * tl.load(G)).to(X.dtype.element_ty), mask=offs < n)
+    y = tl.where(x == 0, 0.0, x.to(tl.float32) * tl.load(G))
+    tl.store(X + offs, y.to(X.dtype.element_ty), mask=offs < n)
 
 
 def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
     """t *= g in place; g a one-element fp32 tensor (the upstream gradient, on the device: no sync). In
-    torch, a 16-bit t would meet g cast to its dtype: a GradScaler's 65536 is inf in fp16."""
-    if t.dtype == torch.float32:
-        t.mul_(g)
-        return
+    torch, a 16-bit t would meet g cast to its dtype: a GradScaler's 65536 is inf in fp16. Exact zeros
+    stay zero, also for an inf or NaN g: the rows of ignored targets get no gradient whatever g is, as in
+    the reference (and in the deferred fp16 / "none" backward, which never scales them)."""
     block = 1024 if interpreting() else 4096
     _scale_kernel[(cdiv(t.numel(), block),)](t, g, t.numel(), BLOCK=block, num_warps=4)
 
@@ -418,7 +419,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # one element here (mean/sum); an empty (not needed) gradient stays empty. Inductor still scales
             # in place: AOTAutograd donates the saved dh and dw to the backward graph, whose buffers Inductor
             # reuses (tests/test_library_ops.py checks that the returned gradients are the forward's).
-            dh, dw = ((t.float() * g).to(t.dtype) for t in (dh, dw))
+            dh, dw = (torch.where(t == 0, t, (t.float() * g).to(t.dtype)) for t in (dh, dw))
         elif need_dh or need_dw:
             ctx.scaled = True
             # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).

@@ -439,3 +439,15 @@ def test_non_finite_values_in_ignored_rows_reach_nothing(entry):
     assert (gs[0][ignored] == 0).all() and (gs[2][ignored] == 0).all()
     assert_close("loss", loss, loss64, loss64.float(), reduced_over=33)
     assert_close("d_weight", gs[1], gs64[1], gs64[1].float(), reduced_over=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ignored_rows_get_zero_hidden_gradient_whatever_the_upstream_gradient(reduction, dtype):
+    """mean/sum: an ignored row's dH is 0 even for an inf or NaN upstream gradient, as in the reference
+    (whose where passes it none); fp32/bf16 scale the forward's gradients, fp16 computes them later."""
+    hidden, weight, target, _ = _inputs(9, 16, 33, dtype, "weighted-ignored", seed=15)
+    ignored = target == -100
+    for g in (float("inf"), float("nan")):
+        _, gs = _run(ce.linear_cross_entropy, hidden, weight, target, None, reduction, torch.tensor(g, device=DEVICE))
+        assert (gs[0][ignored] == 0).all()
