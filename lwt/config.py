@@ -156,8 +156,9 @@ _Loader.add_constructor("tag:yaml.org,2002:float", _decimal_only(yaml.SafeLoader
 
 # add_implicit_resolver copies the resolver table into _Loader first: yaml.SafeLoader is left as it was.
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+"
+                                         r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)$"),
+                              list("-+.0123456789"))
 
 
 def _parse_yaml(text: str, where: str):

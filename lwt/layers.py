@@ -131,9 +131,19 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache is emptied on the
         target device and rebuilt at the next call, in fp32 (to_empty() would otherwise leave it holding
-        uninitialised memory that _table would take for a valid table)."""
-        super()._apply(fn, recurse)
+        uninitialised memory that _table would take for a valid table). The cache itself is never
+        converted: a meta one (left by load_state_dict(assign=True) of a module built on meta) cannot be
+        copied out, and it stays where it is; _table rebuilds it on the input's device anyway."""
+        cache = {name: self._buffers.pop(name) for name in ("_cos", "_sin")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(cache)
         device = self._cos.device
+        try:
+            device = fn(torch.empty(0, device=device)).device
+        except NotImplementedError:  # meta -> a real device through .to(): nothing to copy
+            pass
         self._cos = torch.empty(0, self.head_dim // 2, device=device)
         self._sin = torch.empty(0, self.head_dim // 2, device=device)
         return self
@@ -143,15 +153,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim)
         return torch.arange(n, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
 
-    def _table(self, length: int):
-        """The fp32 cos/sin table, covering at least `length` positions. Rebuilt when too short, and when
-        something replaced it with a table that is not fp32 (module.half() casts float buffers) or an
-        inference tensor (built under torch.inference_mode, which training could not use)."""
+    def _table(self, length: int, device: torch.device):
+        """The fp32 cos/sin table on `device`, covering at least `length` positions. Rebuilt when too short,
+        on another device (a module built on meta and loaded with load_state_dict(assign=True) keeps its
+        non-persistent cache there), and when something replaced it with a table that is not fp32
+        (module.half() casts float buffers) or an inference tensor (built under torch.inference_mode,
+        which training could not use)."""
         cos = self._cos
-        if cos.shape[0] < length or cos.dtype != torch.float32 or cos.is_inference():
+        if (cos.shape[0] < length or cos.dtype != torch.float32 or cos.is_inference()
+                or cos.device != device):
             n = max(length, 2 * cos.shape[0], 256)
             with torch.inference_mode(False):
-                angles = self._angles(n, cos.device)
+                angles = self._angles(n, device)
                 self._cos, self._sin = angles.cos().float(), angles.sin().float()
         return self._cos, self._sin
 
@@ -185,7 +198,7 @@ class RotaryEmbedding(nn.Module):
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos().float(), angles.sin().float()
         else:
-            cos, sin = self._table(offset + S)
+            cos, sin = self._table(offset + S, x.device)
             cos, sin = cos[offset:offset + S], sin[offset:offset + S]
         cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, D/2): broadcast over batch and heads
         x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)

@@ -123,13 +123,15 @@ class LWTModel(nn.Module):
         unexpected, or a shape differs."""
         own = self.state_dict()
         frozen = set(self.frozen_buffer_names())
+        # an FP8 checkpoint's scales load into a full-precision layer (FrozenSwiGLU dequantises with them)
+        scales = {f"{name}_scale" for name in frozen if name.endswith((".w_gate", ".w_up"))}
         missing = sorted(set(own) - set(state_dict) - frozen)
-        unexpected = sorted(set(state_dict) - set(own))
+        unexpected = sorted(set(state_dict) - set(own) - scales)
         if missing or unexpected:
             raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} (expected the keys "
                              f"of LWTModel.trainable_state_dict() for this config)")
         wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state_dict.items()
-                 if tuple(v.shape) != tuple(own[k].shape)]
+                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
             raise ValueError(f"state_dict: shape mismatch for {', '.join(wrong)}")
         self.load_state_dict(state_dict, strict=False)

@@ -70,6 +70,13 @@ def test_override_values_are_read_as_yaml():
     assert cfg.train.out_dir == "2024"  # a string key keeps the text given
 
 
+@pytest.mark.parametrize("text,value", [("+.003", 0.003), (".5E3", 500.0), ("+.5", 0.5), ("5e-1", 0.5),
+                                        ("+2.5e-3", 2.5e-3)])
+def test_floats_that_yaml_1_1_reads_as_strings(text, value):
+    """Leading-dot numbers with a sign or an exponent, and exponents without a dot, are floats."""
+    assert load_config(None, [f"train.lr={text}"]).train.lr == value
+
+
 def test_override_later_wins_and_resolves_after_overrides():
     cfg = load_config(None, ["lr=1e-3", "lr=2e-3", "out_dir=runs/x"])
     assert cfg.train.lr == cfg.train.joint_lr == 2e-3

@@ -486,6 +486,22 @@ def test_meta_built_model_materialises_like_a_fresh_one():
     torch.testing.assert_close(meta(tokens), fresh(tokens), rtol=0, atol=0)
 
 
+def test_meta_built_model_loads_with_assign():
+    """Built on meta, then load_state_dict(assign=True) (the weights replace the meta tensors; the RoPE
+    caches, not in the state_dict, stay on meta): .to() and forward work, the tables rebuilt on the
+    input's device."""
+    from lwt.model import LWTModel
+    cfg = _model_config(vocab_size=40, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, n_layers=2)
+    fresh = LWTModel(cfg)
+    tokens = torch.randint(0, 40, (2, 6))
+    with torch.device("meta"):
+        meta = LWTModel(cfg)
+    meta.load_state_dict(fresh.state_dict(), assign=True)
+    torch.testing.assert_close(meta(tokens), fresh(tokens), rtol=0, atol=0)
+    meta.to("cpu")
+    torch.testing.assert_close(meta(tokens), fresh(tokens), rtol=0, atol=0)
+
+
 def test_lwt_model_frozen_dtype():
     from lwt.model import LWTModel
     model = LWTModel(_model_config(vocab_size=40, d_model=32, n_heads=4, d_ff=48, n_layers=2),

@@ -197,6 +197,21 @@ def test_load_trainable_state_dict_round_trip_and_errors():
     assert torch.equal(b.embed.weight, before)  # nothing was copied
 
 
+def test_load_trainable_state_dict_takes_an_fp8_models_full_state_dict():
+    """A full state_dict of a model with FP8 frozen matrices loads into a full-precision one (its scales
+    dequantise them), as load_state_dict does: the same frozen matrices either way."""
+    cfg = tiny_config()
+    fp8 = LWTModel(cfg, frozen_dtype=torch.float8_e4m3fn)
+    sd = fp8.state_dict()
+    assert any(k.endswith("w_gate_scale") for k in sd)
+    strict, trainable = LWTModel(cfg), LWTModel(cfg)
+    strict.load_state_dict(sd)
+    trainable.load_trainable_state_dict(sd)
+    assert trainable.frozen_checksum() == strict.frozen_checksum()
+    tokens = random_tokens(cfg)
+    assert torch.equal(trainable(tokens), strict(tokens))
+
+
 def test_frozen_checksum_depends_on_seed_and_dtype_only():
     cfg = tiny_config(frozen_seed=7)
     torch.manual_seed(0)
