@@ -61,7 +61,9 @@ def git_sha() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # The results files are left out: a bench appending to them must not mark the next run dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -219,7 +221,7 @@ class Report:
         wc = max([12] + [len(r.case) for r in self.rows])
         wm = max([8] + [len(r.mode) for r in self.rows])
         wp = max([22] + [len(r.provider) for r in self.rows])
-        head = f"{'case':>{wc}} {'mode':>{wm}} {'provider':>{wp}} {'ms':>9} {'metric':>15} {'lwt speedup':>12}"
+        head = f"{'case':>{wc}} {'mode':>{wm}} {'provider':>{wp}} {'ms':>9} {'metric':>17} {'lwt speedup':>12}"
         print(head)
         print("-" * len(head))
         for r in self.rows:
@@ -272,10 +274,10 @@ def assert_matches_float64(fn, ref, inputs, cotangent):
 
 
 def start(op: str, doc: str, smoke, argv=None, extra=None):
-    """The start of every bench's main(): its options (parse_args, the description from the first line of
-    `doc`), and the Report of `op` in bf16. Without a GPU the smoke check runs instead (no_gpu_smoke) and
+    """The start of every bench's main(): its options (parse_args, the description from the first paragraph
+    of `doc`), and the Report of `op` in bf16. Without a GPU the smoke check runs instead (no_gpu_smoke) and
     the report is None: main() then returns smoke_only(op). Returns (args, report)."""
-    args = parse_args(doc.splitlines()[0], argv, extra)
+    args = parse_args(" ".join(doc.split("\n\n")[0].split()), argv, extra)
     if not HAS_GPU:
         no_gpu_smoke(f"bench_{op}", smoke)
         return args, None

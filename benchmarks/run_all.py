@@ -13,11 +13,14 @@ import os
 import sys
 import traceback
 
-import _harness as H  # noqa: F401  (first: interpreter switch on CPU-only machines)  # isort: skip
+import _harness as H  # first: interpreter switch on CPU-only machines  # isort: skip
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The options every bench takes, checked here: --help describes run_all, and an option some bench
+    # lacks (bench_attention's --plot) stops the run before any bench spends GPU time, not midway.
+    H.parse_args(__doc__.splitlines()[0], argv)
     here = os.path.dirname(os.path.abspath(__file__))
     summaries, failed = [], []
     for path in sorted(glob.glob(os.path.join(here, "bench_*.py"))):
@@ -28,7 +31,7 @@ def main(argv=None) -> int:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             summaries.extend(module.main(argv))
-        except Exception:
+        except (Exception, SystemExit):  # a bench's sys.exit too: the others still run
             traceback.print_exc()
             failed.append(name)
     print("\n=== summary ===")

@@ -12,6 +12,7 @@ arguments are passed on), so the table it prints is for exactly those constants.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 import time
@@ -95,11 +96,21 @@ def sweep(M, N, residual, settings):
     return results
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                usage="%(prog)s [-h] [--apply [bench_rmsnorm args...]]")
+    p.add_argument("--apply", action="store_true",
+                   help="keep the fastest setting and run bench_rmsnorm with it (the other arguments are its)")
+    args, rest = p.parse_known_args(argv)
+    if rest and not args.apply:
+        p.error(f"unrecognized arguments: {' '.join(rest)} (bench_rmsnorm's options go with --apply)")
+    if args.apply:
+        H.parse_args("bench_rmsnorm", rest)  # a bad bench option fails now, not after the sweep
     if not H.HAS_GPU:
         print("tune_rmsnorm: no CUDA GPU here; nothing to tune")
         return
-    apply = len(sys.argv) > 1 and sys.argv[1] == "--apply"
+    apply = args.apply
     defaults = tuple(getattr(K, k) for k in KNOBS)
     print(f"tune_rmsnorm on {H.gpu_name()}; current {dict(zip(KNOBS, defaults))}")
     narrow = list(itertools.product((1, 2), (4096, 8192), (defaults[2],)))
@@ -117,7 +128,7 @@ def main():
         _reset_autotune()
         import bench_rmsnorm
 
-        bench_rmsnorm.main(sys.argv[2:])
+        bench_rmsnorm.main(rest)
     else:
         for k, v in zip(KNOBS, defaults):
             setattr(K, k, v)

@@ -140,3 +140,40 @@ def test_a_failing_provider_costs_only_its_own_numbers(dry_run, monkeypatch, tmp
         measured = {r["provider"] for r in csv.DictReader(f)}
     assert measured - {"Liger-Kernel"} == {"lwt", "lwt (dW in bf16)", "torch.compile(eager)"}  # Liger: if installed
     assert len(summary) == 2 and all(line.endswith("-> NOT met (eager not measured)") for line in summary), summary
+
+
+def test_bad_options_stop_before_any_bench_runs(dry_run, capsys):
+    """run_all checks its options (those every bench takes) first: one that only some bench takes, or
+    none, fails before the first bench spends GPU time; tune_rmsnorm likewise before its sweep."""
+    run_all = importlib.import_module("run_all")
+    tune = importlib.import_module("tune_rmsnorm")
+    for main, argv in ((run_all.main, ["--plot", "x.png"]), (tune.main, ["--quick"]),
+                       (tune.main, ["--apply", "--bogus"])):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+    captured = capsys.readouterr()
+    assert "===" not in captured.out and "tune_rmsnorm on" not in captured.out
+    assert "unrecognized arguments: --plot x.png" in captured.err
+
+
+def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
+    """A bench appending to the tracked benchmarks/results/*.csv leaves the next bench's git sha clean;
+    any other change marks it +dirty."""
+    import subprocess
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    H = importlib.import_module("_harness")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "op.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git = dict(cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "init", "--allow-empty"], **git)
+    subprocess.run(["git", "add", "."], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files"], **git)
+    monkeypatch.setattr(H, "REPO", str(tmp_path))
+    sha = H.git_sha.__wrapped__  # (git_sha caches the first answer for the process)
+    (tmp_path / "benchmarks" / "results" / "op.csv").write_text("a\nb\n")
+    assert len(sha()) == 12  # no "+dirty"
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert sha().endswith("+dirty")
