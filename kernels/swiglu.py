@@ -655,6 +655,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             nothing is kept either way.
     Returns:
         y (..., D) in x's dtype, y = (silu(x W_gateᵀ) · (x W_upᵀ)) W_downᵀ. Gradients flow to x and w_down.
+        h = silu(g)·u is rounded to x's dtype for the W_down GEMM (and for dW_down), in both modes: in fp16
+        an |h| beyond 65504 is inf there, as in eager fp16 (the fp32 reference keeps it).
     Raises:
         ValueError: naming the argument, for a wrong shape, dtype or device, frozen weights that require
             grad, or a recompute flag that is not a bool, before any launch.
