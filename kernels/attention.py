@@ -30,9 +30,17 @@ that split exact. Rows past the sequence end load as zeros and are never stored.
 
 Precision. Statistics, accumulators, P and dS are computed in fp32; P and dS are rounded to the input
 dtype for their tensor-core dots (as in FA2). For fp32 inputs the dots are IEEE fp32 (no TF32), so fp32
-gets fp32 accuracy at a lower speed. Limits: head dim 1..256 (a non-power-of-two D is padded
-to the next power of two, at least 16, in registers only); any S >= 1, B, H; any strides with a unit
-stride along D (anything else is copied first).
+gets fp32 accuracy at a lower speed.
+As in every flash-attention backward, P is recomputed from Q Kᵀ (summed in another order than the
+forward's) and δ from the rounded O, so the gradients' error grows with the logits' magnitude (fp32, S
+16: at |logits| up to 1e3 dV is within 2e-5 relative, an eager backward's 2e-6). Where the softmax
+saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
+are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
+passes.)
+
+Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
+registers only); any S >= 1, B, H; any strides with a unit stride along D (anything else is copied
+first).
 """
 from __future__ import annotations
 
