@@ -222,6 +222,7 @@ class CacheWriter:
         self._final = {p: os.path.join(self.directory, _file_name(rank, p)) for p in _FILES}
         self._tmp = {p: path + PARTIAL for p, path in self._final.items()}
         self._files: dict = {}
+        self._ids: dict = {}  # (st_dev, st_ino) of each temporary file: another writer's is never touched
         self._hash = {p: hashlib.new(CHECKSUM) for p in _FILES}
         self._state = "open"
 
@@ -234,6 +235,8 @@ class CacheWriter:
             for part, (np_dtype, shape) in self._layout.items():
                 f = open(self._tmp[part], "wb")
                 self._files[part] = f
+                st = os.fstat(f.fileno())
+                self._ids[part] = (st.st_dev, st.st_ino)
                 self._reserve(f, _nbytes(np_dtype, shape))
         except BaseException:
             self.abort()
@@ -268,6 +271,11 @@ class CacheWriter:
             raise RuntimeError(f"CacheWriter for {self._final['hidden']} left its `with` block without "
                                f"finish(); the shard was discarded")
         return False
+
+    def _owns(self, part: str) -> bool:
+        """Whether the temporary path of `part` still names the file this writer created."""
+        st = _stat_or_none(self._tmp[part])
+        return st is not None and (st.st_dev, st.st_ino) == self._ids.get(part)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -345,6 +353,10 @@ class CacheWriter:
             f = self._files[part]
             f.flush()
             os.fsync(f.fileno())
+            if not self._owns(part):
+                raise RuntimeError(f"{self._tmp[part]} was deleted or replaced while this writer held it: another "
+                                   f"writer of rank {self.rank} used {self.directory} (two runs sharing one "
+                                   f"train.cache_dir?); the shard was not published")
             size = f.tell()
             f.close()
             np_dtype, shape = self._layout[part]
@@ -385,12 +397,21 @@ class CacheWriter:
         for f in self._files.values():
             f.close()
         self._files = {}
-        for path in self._tmp.values():
+        for part, path in self._tmp.items():
+            if not self._owns(part):
+                continue  # gone, or another writer's file now
             try:
                 os.remove(path)
             except FileNotFoundError:
                 pass
         self._state = "aborted"
+
+
+def _stat_or_none(path: str):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _int_at_least(name: str, value, low: int) -> int:
@@ -500,7 +521,8 @@ class ActivationCache:
         if not isinstance(meta, dict):
             raise corrupt(f"its meta is a {type(meta).__name__}, not a dict")
         algo = manifest.get("checksum", CHECKSUM)
-        if not isinstance(algo, str) or algo not in hashlib.algorithms_available:
+        if (not isinstance(algo, str) or algo not in hashlib.algorithms_available
+                or not hashlib.new(algo).digest_size):  # shake_*: variable length, no plain hexdigest()
             raise corrupt(f"unknown checksum algorithm {algo!r}")
         if manifest.get("rank") != rank:
             raise corrupt(f"it is rank {manifest.get('rank')!r}'s manifest under rank {rank}'s name")
@@ -568,6 +590,7 @@ class ActivationCache:
         index = torch.as_tensor(index)
         if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
             raise ValueError(f"index: expected a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
+        self._check_mapped()
         idx = index.to("cpu", torch.int64).numpy()
         if idx.size and (idx.min() < 0 or idx.max() >= self.entries):
             # numpy would wrap negative indices silently; an out-of-range entry is a trainer bug
@@ -585,6 +608,7 @@ class ActivationCache:
             (start, hidden, tokens, mask, t) for rows [start, start + len): the same types as batch().
         """
         chunk = _int_at_least("chunk", chunk, 1)  # checked at the call, not at the first next()
+        self._check_mapped()
         return self._chunks(chunk)
 
     def _chunks(self, chunk: int):
@@ -592,6 +616,10 @@ class ActivationCache:
             stop = min(start + chunk, self.entries)
             # np.array copies: the tensors must not keep the read-only map alive or be non-writable.
             yield (start, *self._to_torch({part: np.array(m[start:stop]) for part, m in self._maps.items()}))
+
+    def _check_mapped(self) -> None:
+        if not self._maps:
+            raise RuntimeError(f"ActivationCache of rank {self.rank} in {self.directory} is closed")
 
     def close(self) -> None:
         """Drop the memory maps (they also go when the object is garbage collected)."""

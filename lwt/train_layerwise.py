@@ -447,6 +447,16 @@ class Trainer:
         for directory in glob.glob(os.path.join(glob.escape(self.cache_dir), "stage*")):
             remove_partials(directory, self.env.rank)
 
+    def remove_unneeded_caches(self, index: int) -> None:
+        """Delete this rank's shards of every stage cache phase `index` does not read: those a run killed
+        between a phase's checkpoint and its delete_cache left behind, which nothing would delete later."""
+        name, k, _ = self.phases[index]
+        keep = k - 1 if name == "stage" and self.cfg.train.cache and k > 0 else None
+        for directory in glob.glob(os.path.join(glob.escape(self.cache_dir), "stage*")):
+            j = os.path.basename(directory)[len("stage"):]
+            if j.isdigit() and int(j) != keep and os.path.isdir(directory):
+                self.delete_cache(int(j))
+
     def check_cache_room(self) -> None:
         check_disk_space(self.cache_dir, self._cache_bytes_here())
 
@@ -484,7 +494,8 @@ class Trainer:
         nbytes = cache_bytes(entries, S, D, self.dtype)
         directory = self._stage_dir(k)
         if self.env.main:
-            print(f"writing block {k}'s activation cache: {entries} sequences x {S} tokens, "
+            print(f"writing block {k}'s activation cache: {c.train.cache_sequences} sequences x "
+                  f"{c.train.cache_draws} mask draws = {entries} entries of {S} tokens, "
                   f"{nbytes / 2**20:.1f} MiB per rank, to {directory}", flush=True)
         self.check_cache_room()
         self.model.eval()
@@ -518,6 +529,7 @@ class Trainer:
         resumed), then its end (cache, checkpoint). False if --stop_after stopped it."""
         total = self.phases[index][2]
         self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
+        self.remove_unneeded_caches(index)
         self.env.barrier()  # every rank's leftovers gone before any rank checks the disk for all of them
         if start_step < total and not self.train_phase(index, start_step):
             return False

@@ -365,3 +365,26 @@ def test_cache_bytes():
     assert cache_bytes(512, 128, 128, torch.float32) == 33_884_160
     with pytest.raises(ValueError, match="dtype"):
         cache_bytes(N, S, D, torch.float64)
+
+
+def test_writer_whose_temporary_files_were_taken_over_publishes_nothing(tmp_path):
+    """Two runs sharing one cache_dir: the second writer of a rank deletes the first's temporary files and
+    makes its own; the first must not publish its manifest over the second's (blank) files, nor delete them."""
+    rows = _rows(4, torch.float32)
+    with pytest.raises(RuntimeError, match="deleted or replaced while this writer held it"):
+        with CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"run": "a"}) as a:
+            a.append(*rows)
+            b = CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"run": "b"})
+            a.finish()
+    assert not (tmp_path / "rank0.manifest.json").exists()
+    b.append(*rows)
+    b.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {"run": "b"}).batch(torch.arange(4)), rows)
+
+
+def test_variable_length_checksum_in_manifest_is_corrupt(tmp_path):
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    m["checksum"] = "shake_128"
+    (tmp_path / "rank0.manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="is corrupt: unknown checksum algorithm 'shake_128'"):
+        ActivationCache.open(tmp_path, 0, {})

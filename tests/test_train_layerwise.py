@@ -500,3 +500,23 @@ def test_deleted_caches_are_no_longer_mapped(tmp_path, monkeypatch):
                      "--set", "train.joint_steps=0")
     assert code == 0 and not (out / "cache" / "stage1").exists()
     assert still_mapped == []
+
+
+def test_cache_left_by_a_kill_before_its_deletion_is_removed(tmp_path, monkeypatch):
+    """A run killed after a phase's checkpoint but before it deleted the previous stage's cache: the
+    resumed run deletes that cache (nothing else ever would) and ends with no cache left."""
+    three = ["--set", "model.n_layers=3", "--set", "train.max_steps=2", "--set", "train.joint_steps=0"]
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, k):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(T.Trainer, "delete_cache", killed)
+        with pytest.raises(Killed):
+            _run(tmp_path, *three)
+    assert (tmp_path / "run" / "cache" / "stage0").exists()
+    code, out = _run(tmp_path, *three, "--resume")
+    assert code == 0 and os.listdir(out / "cache") == []
