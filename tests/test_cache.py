@@ -388,3 +388,13 @@ def test_variable_length_checksum_in_manifest_is_corrupt(tmp_path):
     (tmp_path / "rank0.manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="is corrupt: unknown checksum algorithm 'shake_128'"):
         ActivationCache.open(tmp_path, 0, {})
+
+
+def test_closed_cache_says_so(tmp_path):
+    _write(tmp_path, 0, 3, torch.float32)
+    cache = ActivationCache.open(tmp_path, 0, {})
+    cache.close()
+    with pytest.raises(RuntimeError, match="ActivationCache of rank 0 in .* is closed"):
+        cache.batch(torch.arange(2))
+    with pytest.raises(RuntimeError, match="is closed"):
+        cache.iter_chunks(2)
