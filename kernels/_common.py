@@ -237,7 +237,14 @@ def first_order_only(backward):
             raise RuntimeError("lwt: the Triton kernels' backward is not differentiable: create_graph=True (double "
                                "backward, gradient penalties) is not supported; run the reference "
                                "(LWT_BACKEND=reference) for higher-order gradients")
+        # autocast off, as in the forward (whose launchers allocate their outputs in the inputs' dtypes):
+        # a backward() called inside an autocast region would otherwise round the torch GEMMs of a
+        # backward (SwiGLU's dh and dW_down, cross entropy's recomputed chunks) to 16 bits
+        device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
         with torch.no_grad():
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                with torch.autocast(device, enabled=False):
+                    return backward(ctx, *grads)
             return backward(ctx, *grads)
     return wrapper
 

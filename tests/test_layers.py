@@ -578,3 +578,21 @@ def test_reference_ops_ignore_an_enclosing_autocast():
         auto = F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd)
     for a, b in zip(auto, plain):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_kernel_backward_ignores_an_enclosing_autocast(recompute):
+    """backward() called inside an autocast region: the Triton backwards compute as they do outside it
+    (SwiGLU's dh and dW_down are torch GEMMs, which autocast would round to 16 bits)."""
+    from kernels.swiglu import frozen_swiglu
+    g = torch.Generator().manual_seed(1)
+    x, wg, wu, wd, dy = (torch.randn(*shape, generator=g).to(DEVICE)
+                         for shape in ((8, 16), (32, 16), (32, 16), (16, 32), (8, 16)))
+    x.requires_grad_(), wd.requires_grad_()
+    grads = []
+    for autocast in (False, True):
+        with torch.autocast(DEVICE, torch.bfloat16, enabled=autocast):
+            y = frozen_swiglu(x, wg, wu, wd, recompute=recompute)
+            grads.append(torch.autograd.grad(y, (x, wd), dy))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
