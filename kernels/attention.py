@@ -39,8 +39,10 @@ are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The
 passes.)
 
 Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
-registers only); any S >= 1, B, H; any strides with a unit stride along D (anything else is copied
-first).
+registers only); any S >= 1, B, H and any strides with a unit stride along D (anything else is copied
+first), as long as one batch entry of each tensor spans fewer than 2^31 elements through its strides
+(offsets inside an entry are int32: S·H·D < 2^31 for a contiguous tensor; a view keeps its buffer's
+strides, so q of a fused QKV output spans S·(H + 2·Hkv)·D); a larger one raises ValueError.
 """
 from __future__ import annotations
 
@@ -569,7 +571,8 @@ def _check_offsets(**tensors) -> None:
         span = sum((n - 1) * abs(st) for n, st in zip(shape[1:], strides[1:]))
         if span >= 2**31:
             raise ValueError(f"{name}: one batch entry spans {span + 1} elements through its strides; the "
-                             f"kernels address at most 2^31 per entry (split the sequence or the heads)")
+                             f"kernels address at most 2^31 per entry (views keep their buffer's strides: pass "
+                             f"contiguous tensors of fewer heads per call, or a shorter sequence)")
 
 
 def _padded(n: int) -> int:
@@ -601,7 +604,13 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
     lse = empty((B, H, S), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    _check_offsets(q=q, k=k, v=v, o=o, **({} if kr is None else {"k_rope": kr}))
+    # named as the caller's arguments: attention's k, v; mla_attention's k_nope, v; latent_attention's c (k and v)
+    if kr is None:
+        _check_offsets(q=q, k=k, v=v, o=o)
+    elif k is v:
+        _check_offsets(q=q, c=k, k_rope=kr, o=o)
+    else:
+        _check_offsets(q=q, k_nope=k, v=v, k_rope=kr, o=o)
     kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
     _fwd.launch(
         lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
@@ -730,7 +739,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         Gradients flow to q, k and v.
     Raises:
         ValueError: naming the argument, for a wrong rank, shape, dtype, device, head dim (1..256),
-            causal flag or scale, before any launch.
+            causal flag or scale, or a tensor whose batch entry spans 2^31 elements or more through its
+            strides (see Limits), before any launch.
     """
     check_attention_args(q, k, v, causal, softmax_scale)
     check_kernel_device(q, "q")

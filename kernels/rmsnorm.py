@@ -86,7 +86,9 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     """Without HAS_WEIGHT, W is not read: y = s · rstd (torch.nn.RMSNorm(elementwise_affine=False))."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: program_id · BLOCK_M passes 2^31 once M does (narrow rows, BLOCK_M > 1), and the mask and
+    # the Rstd offsets take rows as they are
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     cols = tl.arange(0, BLOCK_N)
     # A Python float argument may be specialised to fp64, which would promote the whole row to fp64

@@ -293,3 +293,18 @@ def test_latent_attention_refuses_forward_mode_tangents(dual):
         args[dual] = fwAD.make_dual(args[dual], torch.randn_like(args[dual]))
         with pytest.raises(ValueError, match=rf"^{dual}: has a forward-mode tangent"):
             mla.latent_attention(args["q"], args["c"], args["k_rope"])
+
+
+@HEAVY
+def test_offsets_past_int32_within_a_batch_entry_name_the_argument():
+    """The per-entry int32 offset limit (kernels/attention.py, Limits) names mla_attention's own argument, k_nope,
+    and latent_attention's c (the buffer is only reserved, never touched)."""
+    buf = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    wide = buf.as_strided((1, 3, 1, 16), (0, 2**30, 16, 1))
+    q = torch.randn(1, 3, 1, 32, device=DEVICE, dtype=torch.float16)
+    small = torch.randn(1, 3, 1, 16, device=DEVICE, dtype=torch.float16)
+    k_rope = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^k_nope: one batch entry spans 2147483664 elements"):
+        mla.mla_attention(q, wide, k_rope, small)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"^c: one batch entry spans 2147483664 elements"):
+        mla.latent_attention(q, wide[:, :, 0], k_rope)
