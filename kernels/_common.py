@@ -28,9 +28,25 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def _triton_imported_interpreted() -> bool:
+    """Whether triton itself was imported under TRITON_INTERPRET=1: its own @triton.jit helpers (and any
+    kernel decorated since) are interpreted only then; setting the variable later leaves them compiled.
+    (True where this triton's layout differs from 3.6's: the environment alone decides then.)"""
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return True
+    return isinstance(getattr(standard, "sigmoid", None), InterpretedFunction)
+
+
+_TRITON_INTERPRETED = _triton_imported_interpreted()
+
+
 def interpreting() -> bool:
-    """True when kernels run through the Triton interpreter (CPU tensors, TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when kernels run through the Triton interpreter (CPU tensors, TRITON_INTERPRET=1, set before
+    triton was imported)."""
+    return _TRITON_INTERPRETED and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,7 +64,7 @@ def num_sms(device: torch.device) -> int:
 
 def check_kernel_device(t: torch.Tensor, name: str) -> None:
     """The Triton kernels run on CUDA tensors, or on CPU tensors through the interpreter."""
-    if not (t.is_cuda or interpreting()):
+    if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernel, got one on {t.device} (set "
                          f"TRITON_INTERPRET=1 before triton is imported to run it on the CPU, or use lwt.functional, "
                          f"which runs the PyTorch reference there)")

@@ -65,7 +65,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhst,bthd->bshd", p.to(mm), v)
-    return o.to(q.dtype), lse
+    # contiguous (B, S, H, D), as the kernel's output: einsum hands back a permuted (B, H, S, D) buffer
+    return o.to(q.dtype).contiguous(), lse
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -100,7 +101,7 @@ def mla_attention_with_lse(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhst,bthd->bshd", p.to(mm), v.to(mm))
-    return o.to(out_dtype), lse
+    return o.to(out_dtype).contiguous(), lse
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,

@@ -333,6 +333,8 @@ class RMSNormFunction(torch.autograd.Function):
         y, s, rstd = rms_norm_fwd(x, weight, eps, residual)
         if residual is None:
             s = x  # what was normalised
+        elif not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+            ctx.mark_non_differentiable(s)  # x + residual needs no gradient (as on the reference path)
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_residual = residual is not None
         # Unused outputs (s, when only y is used) arrive as None instead of a zero-filled tensor.

@@ -26,6 +26,14 @@ _BACKENDS = ("auto", "triton", "reference")
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
+def _backend_choice() -> str:
+    """LWT_BACKEND, normalised: "auto", "triton" or "reference"; ValueError for anything else."""
+    choice = os.environ.get("LWT_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"LWT_BACKEND: expected one of {', '.join(_BACKENDS)}, got {choice!r}")
+    return choice
+
+
 def backend_for(x: torch.Tensor) -> str:
     """The path an op given `x` takes now (see the module docstring).
 
@@ -38,9 +46,7 @@ def backend_for(x: torch.Tensor) -> str:
     but installs no guard on the environment's contents (torch 2.13), so a compiled module keeps the path
     it was traced with. Set LWT_BACKEND before compiling, or call torch._dynamo.reset() after changing it.
     """
-    choice = os.environ.get("LWT_BACKEND", "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"LWT_BACKEND: expected one of {', '.join(_BACKENDS)}, got {choice!r}")
+    choice = _backend_choice()
     if choice == "reference":
         return "reference"
     on_cuda = isinstance(x, torch.Tensor) and x.is_cuda  # a non-tensor fails validation on either path
@@ -51,7 +57,7 @@ def backend_for(x: torch.Tensor) -> str:
                            "install triton, or unset LWT_BACKEND to run the PyTorch reference")
     from kernels._common import interpreting  # imports triton, which is importable here
 
-    if isinstance(x, torch.Tensor) and not on_cuda and not interpreting():
+    if isinstance(x, torch.Tensor) and not on_cuda and not (x.device.type == "cpu" and interpreting()):
         raise RuntimeError(f"LWT_BACKEND=triton needs CUDA tensors (got a tensor on {x.device}); to run the "
                            "kernels on the CPU set TRITON_INTERPRET=1 before triton is imported, or unset "
                            "LWT_BACKEND to run the PyTorch reference")
@@ -149,6 +155,8 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
     if kernel_width and backend_for(q) == "triton":  # a wider latent has no kernel: the reference, whatever the backend
         from kernels.mla import latent_attention as latent_triton  # validates before launching
         return latent_triton(q, c, k_rope, causal, softmax_scale)
+    if not kernel_width:
+        _backend_choice()  # a bad LWT_BACKEND is an error here too, as for every op
     check_latent_args(q, c, k_rope, causal, softmax_scale, dtypes=REFERENCE_DTYPES, max_latent=None)
     with _reference_autocast_off(q):
         return reference.latent_attention(q, c, k_rope, causal, softmax_scale)

@@ -137,3 +137,72 @@ def test_latent_wider_than_the_kernel_runs_the_reference_whatever_the_backend(mo
     g = torch.Generator().manual_seed(2)
     q, c, kr = (torch.randn(*shape, generator=g) for shape in ((1, 3, 2, 300 + 4), (1, 3, 300), (1, 3, 4)))
     torch.testing.assert_close(F.latent_attention(q, c, kr), reference.latent_attention(q, c, kr))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity of the two paths: what a caller sees besides the numbers
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_residual_sum_needs_no_gradient_when_only_the_weight_does(monkeypatch, backend):
+    """A trainable norm over cached activations: s = x + residual does not require grad on either path
+    (the Function returned it as a differentiable output)."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    x, w, r = _inputs()
+    y, s = F.rms_norm(x, w.requires_grad_(), 1e-6, r)
+    assert y.requires_grad and not s.requires_grad and s.grad_fn is None
+    y2, s2 = F.rms_norm(x.requires_grad_(), w, 1e-6, r)
+    assert s2.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attention_outputs_are_contiguous_on_both_paths(monkeypatch, backend):
+    """(B, S, H, D) contiguous, as the kernels' (o.view(B, S, H * D) works on either path)."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 3, 8, generator=g).to(DEVICE) for _ in range(3))
+    kn, kr, vm = (torch.randn(*s, generator=g).to(DEVICE) for s in ((2, 5, 3, 6), (2, 5, 2), (2, 5, 3, 4)))
+    assert F.attention(q, k, v).is_contiguous()
+    assert F.mla_attention(q, kn, kr, vm).is_contiguous()
+
+
+def test_bad_backend_is_refused_by_the_latent_reference_path_too(monkeypatch):
+    monkeypatch.setenv("LWT_BACKEND", "ref")
+    g = torch.Generator().manual_seed(2)
+    q, c, kr = (torch.randn(*shape, generator=g) for shape in ((1, 3, 2, 300 + 4), (1, 3, 300), (1, 3, 4)))
+    with pytest.raises(ValueError, match="LWT_BACKEND: expected one of auto, triton, reference, got 'ref'"):
+        F.latent_attention(q, c, kr)
+
+
+def test_kernels_refuse_tensors_on_other_devices_by_name():
+    """Meta tensors (any device but CUDA, or the CPU under the interpreter) are a ValueError naming the
+    argument, not a crash inside the launch."""
+    from kernels.attention import attention
+    from kernels.rmsnorm import rms_norm
+    x = torch.randn(2, 8, device="meta")
+    with pytest.raises(ValueError, match="^x: expected a CUDA tensor for the Triton kernel, got one on meta"):
+        rms_norm(x, torch.ones(8, device="meta"))
+    q = torch.randn(1, 4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="^q: expected a CUDA tensor"):
+        attention(q, q, q)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about the interpreter, on CPU-only machines")
+def test_interpreter_switched_on_after_triton_was_imported_is_a_clear_error():
+    """TRITON_INTERPRET=1 set after triton was imported does not make triton interpret (its own jitted
+    helpers are compiled): forcing the Triton path on CPU tensors is then the documented RuntimeError, not
+    a crash inside the launch."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os, torch, triton\n"
+            "os.environ['TRITON_INTERPRET'] = '1'; os.environ['LWT_BACKEND'] = 'triton'\n"
+            "import lwt.functional as F\n"
+            "try:\n"
+            "    F.rms_norm(torch.randn(2, 8), torch.ones(8))\n"
+            "except RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LWT_BACKEND")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert "refused: LWT_BACKEND=triton needs CUDA tensors" in out.stdout, out.stdout + out.stderr
