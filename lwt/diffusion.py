@@ -39,10 +39,16 @@ def _check_tokens(tokens, name: str = "tokens") -> None:
         raise ValueError(f"{name}: expected an int64 (batch, seq) tensor of token ids, got {got}")
 
 
-def _check_t(t, batch: int) -> None:
+def _check_t(t, batch: int, positive: bool = False) -> None:
+    """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). Checking the values
+    reads t on the host (free for the CPU tensors sample_t returns)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"t: expected a float tensor of shape ({batch},) (one masking rate per sequence), got {got}")
+    low = t > 0 if positive else t >= 0
+    if batch and not bool((low & (t <= 1)).all()):  # NaN fails both
+        bad = t[~(low & (t <= 1))][0].item()
+        raise ValueError(f"t: expected masking rates in {'(0' if positive else '[0'}, 1], got {bad}")
 
 
 def _rand(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -107,7 +113,7 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
         hidden: (B, S, D) final hidden states of the noisy sequence (the model's forward()).
         head_weight: (V, D), hidden's dtype: the tied embedding without its [MASK] row.
         tokens: (B, S) the clean ids (targets). mask: (B, S) bool, True where the input was masked.
-        t: (B,) the masking rate each sequence was drawn with.
+        t: (B,) the masking rate each sequence was drawn with, in (0, 1] for "elbo" ([0, 1] for "uniform").
         weighting: "elbo": Σ_masked (1/t) · CE / (B·S), the MDLM/LLaDA NELBO estimate per token (every token
             counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
             masked tokens.
@@ -127,20 +133,21 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, S):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a bool tensor of shape {(B, S)}, got {got}")
-    _check_t(t, B)
+    _check_t(t, B, positive=weighting == "elbo")
     # The masked positions, found once (one host sync; boolean indexing would sync for each gather).
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,), row-major: hidden[mask]'s order
     M = flat.shape[0]
     if M == 0:
         # the cross entropy of no rows: validates head_weight as any other batch would, and is an exact 0
         # (a 16-bit hidden.sum() · 0 would be NaN once the sum overflows)
-        return F.linear_cross_entropy(hidden.reshape(B * S, -1)[:0], head_weight, tokens.reshape(-1)[:0],
-                                      reduction="sum")
+        return F.linear_cross_entropy(hidden.reshape(B * S, hidden.shape[-1])[:0], head_weight,
+                                      tokens.reshape(-1)[:0], reduction="sum")
     rows = hidden.reshape(B * S, -1).index_select(0, flat)  # (M, D): only these reach the head
     targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":
         return F.linear_cross_entropy(rows, head_weight, targets, reduction="sum") / M
-    inv_t = (1.0 / t.to(device=hidden.device, dtype=torch.float32)).index_select(0, flat // S)  # (M,)
+    weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # 1/t in float64 on the float64 path
+    inv_t = (1.0 / t.to(device=hidden.device, dtype=weight_dtype)).index_select(0, flat // S)  # (M,)
     loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t, reduction="sum")
     return loss / (B * S)
 
@@ -172,6 +179,8 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
     for tokens in batches:
         _check_tokens(tokens)
         B, S = tokens.shape
+        if B * S == 0:  # nothing to score (and sample_t needs B >= 1)
+            continue
         t = sample_t(B, 0.0, 1.0, generator)  # (B,) in (0, 1]
         noisy, mask = mask_tokens(tokens, t, mask_id, generator)
         hidden = hidden_fn(noisy)  # (B, S, D)

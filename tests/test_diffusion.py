@@ -219,6 +219,30 @@ def test_elbo_training_learns_a_repeating_pattern():
     assert end["nelbo"] < 0.5 * start["nelbo"] and end["nelbo"] < 0.6 * entropy, (start, end, entropy)
 
 
+def test_evaluate_nelbo_skips_empty_batches():
+    """An empty (0, S) or (B, 0) batch scores nothing; only when every batch is empty is it an error."""
+    model = tiny_model()
+    good = pattern_batch(torch.Generator().manual_seed(0), B=2, S=6)
+    want = D.evaluate_nelbo(model, model.head_weight(), [good], model.mask_id, seed=0)
+    for empty in (torch.zeros(0, 6, dtype=torch.int64), torch.zeros(2, 0, dtype=torch.int64)):
+        assert D.evaluate_nelbo(model, model.head_weight(), [good, empty], model.mask_id, seed=0) == want
+        with pytest.raises(ValueError, match=r"^batches: expected at least one non-empty batch"):
+            D.evaluate_nelbo(model, model.head_weight(), [empty], model.mask_id, seed=0)
+
+
+def test_elbo_weight_is_float64_on_the_float64_path():
+    """1/t of a t that float32 cannot hold (1/3): the float64 loss matches float64 arithmetic to ~1e-15."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+    t = torch.tensor([1 / 3, 0.7], dtype=torch.float64)
+    ce = torch.nn.functional.cross_entropy((hidden @ w.t()).reshape(6, 5), TOY_TOKENS.reshape(6),
+                                           reduction="none").reshape(2, 3)
+    want = (ce[0, 0] / t[0] + ce[0, 1] / t[0] + ce[1, 2] / t[1]) / 6
+    got = D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, t, "elbo")
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+
+
 def test_evaluate_nelbo_bad_batches():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"^batches: expected at least one non-empty batch"):
@@ -511,3 +535,17 @@ def test_generate_prompt_bytes_from_a_non_utf8_command_line(tmp_path, capsys):
                           "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()[1]
     assert out.startswith("caf\ufffd")  # the byte 0xe9 kept, shown as the replacement character
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.5])
+def test_masking_rates_outside_the_unit_interval_are_refused(bad):
+    """A t outside [0, 1] (or 0 for the elbo weight 1/t) is a ValueError naming t, not a mask drawn with a
+    rate that is no probability or a negative or infinite NELBO."""
+    tokens = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^t: expected masking rates in \[0, 1\]"):
+        D.mask_tokens(tokens, torch.tensor([bad, 0.5]), 9)
+    hidden, w = torch.randn(2, 3, 4), torch.randn(5, 4)
+    for t in (torch.tensor([bad, 0.5]), torch.tensor([0.0, 0.5])):
+        with pytest.raises(ValueError, match=r"^t: expected masking rates in \(0, 1\]"):
+            D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, t, "elbo")
+    D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, torch.tensor([0.0, 0.5]), "uniform")
