@@ -146,7 +146,7 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":
         return F.linear_cross_entropy(rows, head_weight, targets, reduction="sum") / M
-    weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # 1/t in float64 on the float64 path
+    weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 path: 1/t in float64
     inv_t = (1.0 / t.to(device=hidden.device, dtype=weight_dtype)).index_select(0, flat // S)  # (M,)
     loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t, reduction="sum")
     return loss / (B * S)
