@@ -121,9 +121,8 @@ BYTE_VOCAB = 256                   # the text source is byte-level: ids 0..255
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads `3e-3`, `1e6`, `+.5` and `.5e3` as floats. PyYAML follows YAML 1.1,
     where a float needs a dot, a signed exponent and a digit between a sign and the dot, so `lr: 3e-3` would
-    otherwise load as the string '3e-3'. It refuses
-    what YAML 1.1 reads in other bases (`0100` is octal 64, `1:30` is base 60: 90) and a key given twice
-    in one mapping (the last would silently win)."""
+    otherwise load as the string '3e-3'. It refuses what YAML 1.1 reads in other bases (`0100` is octal 64,
+    `1:30` is base 60: 90) and a key given twice in one mapping (the last would silently win)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()

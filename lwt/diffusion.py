@@ -41,7 +41,8 @@ def _check_tokens(tokens, name: str = "tokens") -> None:
 
 def _check_t(t, batch: int, positive: bool = False) -> None:
     """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). Checking the values
-    reads t on the host (free for the CPU tensors sample_t returns)."""
+    reads t on the host: free for the CPU tensors sample_t returns, a sync for a t on a GPU (where the
+    loss syncs once anyway, to count the masked tokens)."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"t: expected a float tensor of shape ({batch},) (one masking rate per sequence), got {got}")
