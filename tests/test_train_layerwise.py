@@ -138,7 +138,8 @@ def test_stages_train_only_their_block(tmp_path):
 
 
 def test_no_cache_recomputes_the_prefix(tmp_path):
-    """train.cache false: no cache is written, and stage 1 trains and evaluates on the recomputed prefix."""
+    """train.cache false: no cache is written, and stage 1 still trains and is evaluated (that its inputs
+    are the recomputed prefix's outputs: tests/test_wiring.py)."""
     code, out = _run(tmp_path, "--set", "train.cache=false", "--set", "train.joint_steps=0")
     assert code == 0 and not (out / "cache").exists()
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
