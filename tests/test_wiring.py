@@ -10,25 +10,12 @@ import torch
 
 from lwt import diffusion as D
 from lwt import train_layerwise as T
-from lwt.config import ModelConfig, load_config
+from lwt.config import load_config
 from lwt.data import build_data
 from lwt.layers import FrozenSwiGLU
 from lwt.model import LWTModel
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(vocab_size=8, seed=0, **overrides):
-    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
-                         **overrides})
-    torch.manual_seed(seed)
-    return LWTModel(cfg)
+from tests.test_diffusion import _one_thread, tiny_model  # noqa: F401  (_one_thread: an autouse fixture)
+from tests.test_train_layerwise import TINY
 
 
 # -- the objective ------------------------------------------------------------------------------------
@@ -132,13 +119,6 @@ def test_frozen_matrices_are_n_0_1_over_d_model():
 
 
 # -- the trainer --------------------------------------------------------------------------------------
-
-TINY = ["--set", "model.d_model=32", "--set", "model.n_heads=2", "--set", "model.n_kv_heads=1",
-        "--set", "model.d_ff=64", "--set", "model.n_layers=2", "--set", "data.seq_len=16",
-        "--set", "data.batch_size=4", "--set", "train.max_steps=6", "--set", "train.warmup_steps=2",
-        "--set", "train.joint_steps=3", "--set", "train.cache_sequences=8", "--set", "train.log_every=2",
-        "--set", "objective.eval_batches=2", "--set", "train.device=cpu"]
-
 
 def _run(tmp_path, *extra, name="run"):
     out = tmp_path / name
