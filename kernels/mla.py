@@ -142,6 +142,8 @@ class MLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_nope, k_rope, v, causal, sm_scale):
         q, k_nope, k_rope, v = (A._unit_last(t) for t in (q, k_nope, k_rope, v))
+        if v is k_nope:  # one tensor passed as both: launch_fwd would take it for latent_attention's c
+            v = v.view_as(v)
         o, lse = A.launch_fwd(q, k_nope, k_rope, v, causal, sm_scale, d_rope=k_rope.shape[-1])
         ctx.save_for_backward(q, k_nope, k_rope, v, o, lse)
         ctx.causal = causal

@@ -219,6 +219,22 @@ def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _regrouped(saved: dict, params: list, opt: torch.optim.Optimizer) -> dict:
+    """A one-group AdamW state (checkpoints written before decay_groups split the parameters) laid out as
+    opt's groups: each parameter keeps its state; decay_groups keeps params' order within each group."""
+    if len(saved["param_groups"]) != 1 or len(opt.param_groups) == 1:
+        return saved
+    (old,) = saved["param_groups"]
+    order = [i for i, p in enumerate(params) if p.dim() >= 2] + [i for i, p in enumerate(params) if p.dim() < 2]
+    state = {new: saved["state"][old["params"][i]] for new, i in enumerate(order) if old["params"][i] in saved["state"]}
+    groups, start = [], 0
+    for g in opt.state_dict()["param_groups"]:
+        n = len(g["params"])
+        groups.append({**old, "weight_decay": g["weight_decay"], "params": list(range(start, start + n))})
+        start += n
+    return {"state": state, "param_groups": groups}
+
+
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup over `warmup` steps, then a cosine from lr down to lr · min_ratio at `total` (the step
     after a phase's last: nanoGPT's convention). With warmup = total (a phase of at most warmup_steps steps)
@@ -568,7 +584,7 @@ class Trainer:
         opt = torch.optim.AdamW(decay_groups(master, c.train.weight_decay), lr=lr,
                                 betas=(c.train.beta1, c.train.beta2), **fused)
         if self.opt_state is not None:
-            opt.load_state_dict(self.opt_state)
+            opt.load_state_dict(_regrouped(self.opt_state, master, opt))
             self.opt_state = None
         # DDP over what this phase trains; frozen parts stay outside. Every rank builds the same weights
         # from the same seeds (and loads the same checkpoint), so nothing needs broadcasting.

@@ -306,5 +306,7 @@ def test_offsets_past_int32_within_a_batch_entry_name_the_argument():
     k_rope = torch.randn(1, 3, 16, device=DEVICE, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"^k_nope: one batch entry spans 2147483664 elements"):
         mla.mla_attention(q, wide, k_rope, small)
+    with pytest.raises(ValueError, match=r"^k_nope: one batch entry spans 2147483664 elements"):
+        mla.mla_attention(q, wide, k_rope, wide)  # one tensor as k_nope and v (Dn == Dv): not latent_attention's c
     with torch.no_grad(), pytest.raises(ValueError, match=r"^c: one batch entry spans 2147483664 elements"):
         mla.latent_attention(q, wide[:, :, 0], k_rope)

@@ -167,6 +167,32 @@ def test_resume_is_bit_identical(tmp_path, stop):
     assert logged[0] == logged[1]
 
 
+def test_resume_of_a_one_group_optimizer_state(tmp_path):
+    """A checkpoint whose AdamW state has one parameter group (written before weight decay spared the norm
+    weights) resumes with weight decay on: each parameter keeps its moments, so the run ends as one resumed
+    from the same state in two groups does."""
+    import shutil
+
+    wd = ("--set", "train.weight_decay=0.1", "--set", "train.joint_steps=0")
+    code, two = _run(tmp_path, *wd, "--stop_after", "3", name="two")
+    assert code == 0
+    shutil.copytree(two, tmp_path / "one")
+    state = torch.load(two / "checkpoint.pt", weights_only=True)
+    saved = state["optimizer"]
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.1, 0.0]
+    # the one-group layout: parameters in the model's order (stage 0: the embedding, block 0, the final norm)
+    model = T.LWTModel(T.load_config(None, T.parse_args(TINY + list(wd)).overrides).model)
+    params = T.set_trainable(model, T.trainable_core(model, "stage", 0))
+    order = [i for i, p in enumerate(params) if p.dim() >= 2] + [i for i, p in enumerate(params) if p.dim() < 2]
+    state["optimizer"] = {"state": {old: saved["state"][new] for new, old in enumerate(order)},
+                          "param_groups": [{**saved["param_groups"][0], "params": list(range(len(params)))}]}
+    torch.save(state, tmp_path / "one" / "checkpoint.pt")
+    for name in ("two", "one"):
+        assert _run(tmp_path, *wd, "--resume", name=name)[0] == 0
+    a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_missing_cache_is_rebuilt_on_resume(tmp_path):
     """A wiped cache directory (a scratch disk lost to a preemption) is rebuilt from the checkpoint:
     the resumed run still ends bit-identical to an uninterrupted one."""
