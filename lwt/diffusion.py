@@ -39,17 +39,25 @@ def _check_tokens(tokens, name: str = "tokens") -> None:
         raise ValueError(f"{name}: expected an int64 (batch, seq) tensor of token ids, got {got}")
 
 
-def _check_t(t, batch: int, positive: bool = False) -> None:
-    """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). Checking the values
-    reads t on the host: free for the CPU tensors sample_t returns, a sync for a t on a GPU (where the
-    loss syncs once anyway, to count the masked tokens)."""
+def _check_t(t, batch: int, positive: bool = False, in_range: torch.Tensor | None = None) -> None:
+    """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). The range is read on
+    the host: free for the CPU tensors sample_t returns. A caller that syncs anyway passes in_range =
+    _t_in_range(t, positive) computed before its sync, and calls this after it, so reading adds none."""
+    _check_t_shape(t, batch)
+    ok = _t_in_range(t, positive) if in_range is None else in_range
+    if not bool(ok.all()):  # NaN fails both bounds
+        raise ValueError(f"t: expected masking rates in {'(0' if positive else '[0'}, 1], got {t[~ok][0].item()}")
+
+
+def _check_t_shape(t, batch: int) -> None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (batch,):
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"t: expected a float tensor of shape ({batch},) (one masking rate per sequence), got {got}")
-    low = t > 0 if positive else t >= 0
-    if batch and not bool((low & (t <= 1)).all()):  # NaN fails both
-        bad = t[~(low & (t <= 1))][0].item()
-        raise ValueError(f"t: expected masking rates in {'(0' if positive else '[0'}, 1], got {bad}")
+
+
+def _t_in_range(t: torch.Tensor, positive: bool) -> torch.Tensor:
+    """(batch,) bool on t's device: t in (0, 1] where `positive`, else in [0, 1]."""
+    return ((t > 0) if positive else (t >= 0)) & (t <= 1)
 
 
 def _rand(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -134,9 +142,11 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (B, S):
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a bool tensor of shape {(B, S)}, got {got}")
-    _check_t(t, B, positive=weighting == "elbo")
+    _check_t_shape(t, B)
+    in_range = _t_in_range(t, weighting == "elbo")  # read after the masked positions' sync below
     # The masked positions, found once (one host sync; boolean indexing would sync for each gather).
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,), row-major: hidden[mask]'s order
+    _check_t(t, B, weighting == "elbo", in_range)
     M = flat.shape[0]
     if M == 0:
         # the cross entropy of no rows: validates head_weight as any other batch would, and is an exact 0
