@@ -34,6 +34,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
     return y if residual is None else (y, s)
 
 
+def _contiguous_as(o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """o contiguous in `dtype`, in one copy: the kernels' (B, S, H, D) layout, where einsum hands back a
+    permuted (B, H, S, D) buffer (.to(dtype) alone keeps its strides, and does not copy to the same dtype)."""
+    return o.contiguous() if o.dtype == dtype else o.to(dtype, memory_format=torch.contiguous_format)
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                        softmax_scale: float | None = None, upcast: bool = True):
     """Softmax attention with its log-sum-exp, K/V heads expanded explicitly to the query heads.
@@ -65,8 +71,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhst,bthd->bshd", p.to(mm), v)
-    # contiguous (B, S, H, D), as the kernel's output: einsum hands back a permuted (B, H, S, D) buffer
-    return o.to(q.dtype).contiguous(), lse
+    return _contiguous_as(o, q.dtype), lse
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -101,7 +106,7 @@ def mla_attention_with_lse(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     p = torch.exp(scores - lse[..., None])
     o = torch.einsum("bhst,bthd->bshd", p.to(mm), v.to(mm))
-    return o.to(out_dtype).contiguous(), lse
+    return _contiguous_as(o, out_dtype), lse
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
