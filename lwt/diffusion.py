@@ -36,7 +36,7 @@ def _check_int(value, name: str, minimum: int) -> int:
 def _check_tokens(tokens, name: str = "tokens") -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
         got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{name}: expected an int64 (batch, seq) tensor of token ids, got {got}")
+        raise ValueError(f"{name}: expected an int64 or int32 (batch, seq) tensor of token ids, got {got}")
 
 
 def _check_t(t, batch: int, positive: bool = False, in_range: torch.Tensor | None = None) -> None:
@@ -236,7 +236,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
         model: an LWTModel (uses forward(), head_weight(), mask_id, vocab_size).
         num_samples, length, steps: >= 1; length counts the prompt.
         order: "random" (default) | "confidence".
-        prompt: optional 1-D int tensor of ids in [0, vocab_size), len <= length, kept at the start.
+        prompt: optional 1-D int64 or int32 tensor of ids in [0, vocab_size), len <= length, kept at the start.
         temperature: >= 0; 0 is greedy (argmax, confidence = its log-probability).
         generator: torch.Generator for the token and order draws (None: the global RNG), on the CPU or
             the model's device.
@@ -257,7 +257,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
     if prompt is not None:
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype not in (torch.int64, torch.int32):
             got = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-            raise ValueError(f"prompt: expected a 1-D int64 tensor of token ids, got {got}")
+            raise ValueError(f"prompt: expected a 1-D int64 or int32 tensor of token ids, got {got}")
         P = prompt.numel()
         if P > length:
             raise ValueError(f"prompt: expected at most length={length} tokens, got {P}")

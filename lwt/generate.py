@@ -100,6 +100,8 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed: expected an int in [0, 2**64) (a torch.Generator seed), got {args.seed}")
     device = _device(parser, args.device)
     try:
         model, source = load_checkpoint(args.checkpoint, device)

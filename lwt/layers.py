@@ -1,6 +1,7 @@
 """nn.Modules over lwt.functional: parameters, projections, RoPE and the call into the op, nothing else."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -592,6 +593,19 @@ def _mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: i
     return dims
 
 
+@contextlib.contextmanager
+def _caller_names(**names):
+    """A sub-layer's ValueError under the name its caller took the argument by: raised as "eps: ..." inside
+    RMSNorm, it reads "norm_eps: ..." from DecoderBlock."""
+    try:
+        yield
+    except ValueError as e:
+        name, sep, rest = str(e).partition(": ")
+        if sep and name in names:
+            raise ValueError(f"{names[name]}: {rest}") from None
+        raise
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm transformer block: attention, then the frozen SwiGLU MLP, each behind an RMSNorm.
 
@@ -630,18 +644,20 @@ class DecoderBlock(nn.Module):
             raise ValueError(f"attn_type: expected one of {', '.join(map(repr, ATTN_TYPES))}, got {attn_type!r}")
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.attn_type = d_model, attn_type
-        self.norm1 = RMSNorm(d_model, norm_eps, **factory)
-        if attn_type == "mla":
-            nope_dim, rope_dim, v_dim = _mla_head_dims(d_model, n_heads, mla_nope_dim, mla_rope_dim, mla_v_dim)
-            self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv, nope_dim=nope_dim,
-                                     rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta,
-                                     norm_eps=norm_eps, **factory)
-        else:
-            self.attn = GQAAttention(d_model, n_heads, _kv_heads(attn_type, n_heads, n_kv_heads), causal=causal,
-                                     rope_theta=rope_theta, **factory)
-        self.norm2 = RMSNorm(d_model, norm_eps, **factory)
-        self.mlp = FrozenSwiGLU(d_model, d_ff, seed=frozen_seed, recompute=recompute, frozen_dtype=frozen_dtype,
-                                **factory)
+        with _caller_names(eps="norm_eps", seed="frozen_seed", q_rank="mla_rq", kv_rank="mla_rkv",
+                           nope_dim="mla_nope_dim", rope_dim="mla_rope_dim", v_dim="mla_v_dim"):
+            self.norm1 = RMSNorm(d_model, norm_eps, **factory)
+            if attn_type == "mla":
+                nope_dim, rope_dim, v_dim = _mla_head_dims(d_model, n_heads, mla_nope_dim, mla_rope_dim, mla_v_dim)
+                self.attn = MLAAttention(d_model, n_heads, q_rank=mla_rq, kv_rank=mla_rkv, nope_dim=nope_dim,
+                                         rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta,
+                                         norm_eps=norm_eps, **factory)
+            else:
+                self.attn = GQAAttention(d_model, n_heads, _kv_heads(attn_type, n_heads, n_kv_heads), causal=causal,
+                                         rope_theta=rope_theta, **factory)
+            self.norm2 = RMSNorm(d_model, norm_eps, **factory)
+            self.mlp = FrozenSwiGLU(d_model, d_ff, seed=frozen_seed, recompute=recompute, frozen_dtype=frozen_dtype,
+                                    **factory)
 
     @classmethod
     def from_config(cls, model_cfg, layer_idx: int, device=None, dtype=None, *, recompute: bool = False,

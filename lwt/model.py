@@ -59,8 +59,8 @@ class LWTModel(nn.Module):
         """tokens (B, S) int64 in [0, vocab_size] (vocab_size = [MASK]) -> (B, S, D)."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens: expected an int64 (batch, seq) tensor of ids in [0, {self.vocab_size}], "
-                             f"got {got}")
+            raise ValueError(f"tokens: expected an int64 or int32 (batch, seq) tensor of ids in "
+                             f"[0, {self.vocab_size}], got {got}")
         return self.embed(tokens)  # (B, S, D)
 
     def run_blocks(self, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -83,6 +83,10 @@ class LWTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
         """tokens (B, S) -> final normalised hidden states (B, S, D). n_blocks: run only the first n_blocks
         blocks (0..n_layers; None: all), to evaluate what each layer-wise stage has trained."""
+        n = len(self.blocks)
+        if n_blocks is not None and (isinstance(n_blocks, bool) or not isinstance(n_blocks, int)
+                                     or not 0 <= n_blocks <= n):
+            raise ValueError(f"n_blocks: expected an int in [0, n_layers={n}] or None, got {n_blocks!r}")
         h = self.embed_tokens(tokens)  # (B, S, D)
         h = self.run_blocks(h, 0, n_blocks)  # (B, S, D)
         return self.final_hidden(h)  # (B, S, D)

@@ -99,7 +99,7 @@ def test_mask_tokens_bad_arguments():
     tokens = torch.zeros(2, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"^t: expected a float tensor of shape \(2,\)"):
         D.mask_tokens(tokens, torch.ones(3), 5)
-    with pytest.raises(ValueError, match=r"^tokens: expected an int64 \(batch, seq\) tensor"):
+    with pytest.raises(ValueError, match=r"^tokens: expected an int64 or int32 \(batch, seq\) tensor"):
         D.mask_tokens(tokens.float(), torch.ones(2), 5)
 
 
@@ -397,7 +397,8 @@ def test_sampler_non_finite_logits_are_an_error(bad):
     (dict(temperature=-1.0), r"^temperature: expected a finite number >= 0"),
     (dict(prompt=torch.tensor([1, 2, 3, 4, 5])), r"^prompt: expected at most length=4 tokens, got 5"),
     (dict(prompt=torch.tensor([1, 8])), r"^prompt: expected ids in \[0, 8\), got min 1, max 8"),
-    (dict(prompt=torch.tensor([[1]])), r"^prompt: expected a 1-D int64 tensor"),
+    (dict(prompt=torch.tensor([[1]])), r"^prompt: expected a 1-D int64 or int32 tensor"),
+    (dict(prompt=torch.tensor([1.0])), r"^prompt: expected a 1-D int64 or int32 tensor .*, got torch.float32 \(1,\)"),
 ])
 def test_sampler_bad_arguments(kwargs, message):
     args = dict(num_samples=1, length=4, steps=2)
@@ -522,6 +523,14 @@ def test_generate_device_errors(tmp_path, capsys, device, message):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--checkpoint", str(path), "--device", device])
     assert exit_info.value.code == 2 and f"--device: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_generate_seed_range(capsys, seed):
+    """--seed seeds a torch.Generator, which takes [0, 2**64): -1 would silently mean 2**64 - 1."""
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", "unused.pt", "--seed", seed])
+    assert exit_info.value.code == 2 and "--seed: expected an int in [0, 2**64)" in capsys.readouterr().err
 
 
 def test_generate_prompt_bytes_from_a_non_utf8_command_line(tmp_path, capsys):

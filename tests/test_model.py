@@ -94,6 +94,13 @@ def test_block_from_config_seeds_each_layer():
     (dict(attn_type="standard", n_kv_heads=2), r"^n_kv_heads: attn_type 'standard' \(MHA\) needs n_kv_heads"),
     (dict(n_kv_heads=3), r"^n_kv_heads: expected a divisor of n_heads=4"),
     (dict(n_heads=0), r"^n_heads: expected a positive int"),
+    # the sub-layers' errors under the block's own argument names
+    (dict(norm_eps=-1.0), r"^norm_eps: expected a finite real number >= 0, got -1.0"),
+    (dict(frozen_seed=-1), r"^frozen_seed: expected an int in \[0, 2\*\*64\)"),
+    (dict(attn_type="mla", mla_rkv=0), r"^mla_rkv: expected a positive int, got 0"),
+    (dict(attn_type="mla", mla_rq=-1), r"^mla_rq: expected an int >= 0"),
+    (dict(attn_type="mla", mla_rope_dim=3), r"^mla_rope_dim: expected an even number"),
+    (dict(attn_type="mla", mla_v_dim=0), r"^mla_v_dim: expected a positive int, got 0"),
 ])
 def test_block_bad_arguments(kwargs, message):
     args = dict(d_model=32, n_heads=4, d_ff=48)
@@ -155,9 +162,13 @@ def test_partial_forward_runs_the_first_blocks():
         assert torch.equal(model(tokens, n_blocks=1), model.final_hidden(h1))
         assert torch.equal(model.run_blocks(h1, 1), model.run_blocks(h, 0, 3))
         assert torch.equal(model(tokens), model(tokens, n_blocks=3))
-    with pytest.raises(ValueError, match=r"^start, end: expected 0 <= start <= end <= n_layers=3, got start=0, end=4"):
-        model(tokens, n_blocks=4)
-    with pytest.raises(ValueError, match=r"^tokens: expected an int64 \(batch, seq\) tensor"):
+    with pytest.raises(ValueError, match=r"^start, end: expected 0 <= start <= end <= n_layers=3, got start=2, end=1"):
+        model.run_blocks(h, 2, 1)
+    for n_blocks in (4, -1, 1.0, True):
+        message = rf"^n_blocks: expected an int in \[0, n_layers=3\] or None, got {n_blocks}$"
+        with pytest.raises(ValueError, match=message):
+            model(tokens, n_blocks=n_blocks)
+    with pytest.raises(ValueError, match=r"^tokens: expected an int64 or int32 \(batch, seq\) tensor"):
         model(tokens.float())
 
 
