@@ -78,7 +78,8 @@ def sample_t(batch: int, t_min: float, t_max: float, generator: torch.Generator 
         batch: number of sequences (>= 1). t_min, t_max: 0 <= t_min <= t_max <= 1, t_max > 0.
         generator: torch.Generator (None: the global RNG); the numbers are drawn on its device.
     Returns:
-        (batch,) float32 on the generator's device (CPU without one), in (t_min, t_max].
+        (batch,) float32 on the generator's device (CPU without one): values in (t_min, t_max] (all t_max
+        when t_min == t_max) computed in float64, then rounded to float32 (which may round one onto t_min).
     """
     _check_int(batch, "batch", 1)
     for name, value in (("t_min", t_min), ("t_max", t_max)):

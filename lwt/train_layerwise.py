@@ -17,7 +17,8 @@ schedule. Every phase ends with the validation NELBO
 (lwt.diffusion.evaluate_nelbo) and a line of the final table. Outputs in out_dir: metrics.jsonl (every
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
 joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
-cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume.
+cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume. Each rank locks
+out_dir (and a cache_dir outside it) for the run's life: a second run on them is refused.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on
 what the phase trains (frozen parts are not wrapped; no buffer is broadcast: every rank regenerates the
@@ -27,6 +28,7 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import glob
 import hashlib
@@ -837,6 +839,34 @@ def _atomic_save(state: dict, path: str) -> None:
         raise
 
 
+def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
+    """Take an exclusive flock on <directory>/.rank{rank}.lock for each {config key: directory} (created if
+    missing), so that a second run on the same out_dir (or the same cache_dir) while this one lives is
+    refused instead of overwriting its checkpoints and deleting its caches. The lock lives as long as the
+    returned files stay open; the OS drops it when the process ends, however it ends, so a killed run
+    leaves no stale lock. Returns (the open lock files, one message per lock another process holds)."""
+    files, busy = [], []
+    for key, directory in dirs.items():
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f".rank{rank}.lock")
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            busy.append(f"{key}: {directory} is in use by another lwt run (pid {holder} holds {path}); "
+                        f"wait for it to end, or choose another {key}")
+            continue
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        files.append(f)
+    return files, busy
+
+
 def remove_dead_writers_temps(out_dir: str) -> None:
     """Delete the temporary files (<name>.pt.tmp<pid>) that _atomic_save left in out_dir when its process
     was killed mid-write: those of processes no longer running on this machine (a live writer's file is its
@@ -884,9 +914,19 @@ def main(argv=None) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib); nothing was trained")
     env = Dist(cfg.train.device)
-    trainer = None
+    trainer, locks = None, []
     try:
         trainer = Trainer(cfg, args, env)
+        # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
+        t = cfg.train
+        dirs = {"train.out_dir": t.out_dir}
+        out_real = os.path.realpath(t.out_dir)
+        if t.cache and os.path.commonpath([out_real, os.path.realpath(t.cache_dir)]) != out_real:
+            dirs["train.cache_dir"] = t.cache_dir
+        locks, busy = lock_run_dirs(dirs, env.rank)
+        busy = [message for messages in env.gather(busy) for message in messages]
+        if busy:
+            raise ValueError(busy[0])
         if args.resume:
             trainer.resume()
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
@@ -923,6 +963,8 @@ def main(argv=None) -> int:
         # (pytorch#179291 describes it): free them now, while the interpreter is whole.
         del trainer
         gc.collect()
+        for f in locks:
+            f.close()
         env.close()
 
 

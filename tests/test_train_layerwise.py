@@ -426,6 +426,42 @@ def test_two_process_ddp(tmp_path):
     assert "2 process(es)" in proc.stdout and "joint" in proc.stdout and "stage 1" in proc.stdout
 
 
+def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
+    """While a run holds out_dir (or a cache_dir outside it), another run on it stops before touching
+    anything there; once the holder ends, the directory is free again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")  # a run that never checkpointed: a new run would delete it
+    held, busy = T.lock_run_dirs({"train.out_dir": str(out)}, 0)
+    assert busy == []
+    try:
+        with pytest.raises(ValueError, match=rf"^train.out_dir: .* is in use by another lwt run \(pid {os.getpid()} "):
+            _run(tmp_path)
+        assert (out / "metrics.jsonl").read_text() == "{}\n"
+        assert sorted(os.listdir(out)) == [".rank0.lock", "metrics.jsonl"]
+    finally:
+        for f in held:
+            f.close()
+    cache = tmp_path / "scratch"
+    held, _ = T.lock_run_dirs({"train.cache_dir": str(cache)}, 0)
+    try:
+        with pytest.raises(ValueError, match=r"^train.cache_dir: .*scratch is in use by another lwt run"):
+            _run(tmp_path, "--set", f"train.cache_dir={cache}")
+        # rank 1's lock is another file: ranks of one run never block each other
+        other, busy = T.lock_run_dirs({"train.cache_dir": str(cache)}, 1)
+        assert busy == [] and len(other) == 1
+        other[0].close()
+    finally:
+        for f in held:
+            f.close()
+    code, _ = _run(tmp_path, "--set", f"train.cache_dir={cache}", "--set", "train.joint_steps=0",
+                   "--set", "train.max_steps=2")
+    assert code == 0
+    code, _ = _run(tmp_path, "--set", "train.cache=false", "--set", f"train.cache_dir={tmp_path / 'unused'}",
+                   "--set", "train.joint_steps=0", "--set", "train.max_steps=2", name="nocache")
+    assert code == 0 and not (tmp_path / "unused").exists()
+
+
 def test_plot_writes_the_curves(tmp_path):
     pytest.importorskip("matplotlib")
     code, out = _run(tmp_path, "--plot", "--set", "train.joint_steps=0")
