@@ -224,7 +224,7 @@ JOBS = {"attention": _attention_jobs, "mla": _mla_jobs, "swiglu": _swiglu_jobs, 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--quick", action="store_true", help="one config per kernel variant")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
     p.add_argument("--kernels", default=",".join(JOBS), help=f"comma-separated subset of {', '.join(JOBS)}")

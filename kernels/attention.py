@@ -40,8 +40,8 @@ passes.)
 
 Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
 registers only); any S >= 1, B, H and any strides with a unit stride along D (anything else is copied
-first), as long as one batch entry of each tensor spans fewer than 2^31 elements through its strides
-(offsets inside an entry are int32: S·H·D < 2^31 for a contiguous tensor; a view keeps its buffer's
+first), as long as one batch entry of each tensor spans at most 2^31 elements through its strides
+(offsets inside an entry are int32: S·H·D <= 2^31 for a contiguous tensor; a view keeps its buffer's
 strides, so q of a fused QKV output spans S·(H + 2·Hkv)·D); a larger one raises ValueError.
 """
 from __future__ import annotations
@@ -739,7 +739,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         Gradients flow to q, k and v.
     Raises:
         ValueError: naming the argument, for a wrong rank, shape, dtype, device, head dim (1..256),
-            causal flag or scale, or a tensor whose batch entry spans 2^31 elements or more through its
+            causal flag or scale, or a tensor whose batch entry spans more than 2^31 elements through its
             strides (see Limits), before any launch.
     """
     check_attention_args(q, k, v, causal, softmax_scale)

@@ -21,8 +21,8 @@ bit-identical gradients). The backward is not itself differentiable (double back
 There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
 
 Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H
-and any strides with a unit stride along the last dim, as long as one batch entry of each tensor spans fewer
-than 2^31 elements through its strides (as in kernels/attention.py: DeepSeek-V2's heads, H 128, pass
+and any strides with a unit stride along the last dim, as long as one batch entry of each tensor spans at most
+2^31 elements through its strides (as in kernels/attention.py: DeepSeek-V2's heads, H 128, pass
 S < 87382 for a contiguous q; lwt.layers.MLAAttention's k_nope and v, views of one (B, S, H, Dn + Dv)
 buffer, S <= 65536); a larger one raises ValueError. Precision as in kernels/attention.py.
 """
@@ -176,8 +176,8 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
         (B, S, H, Dv) in q's dtype. Gradients flow to q, k_nope, k_rope (summed over heads) and v.
     Raises:
         ValueError: naming the argument, for a wrong rank, shape, dtype, device or head dim, a causal
-            flag that is not a bool, a scale that is not > 0, or a tensor whose batch entry spans 2^31
-            elements or more through its strides (see Limits), before any launch.
+            flag that is not a bool, a scale that is not > 0, or a tensor whose batch entry spans more
+            than 2^31 elements through its strides (see Limits), before any launch.
     """
     check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale)
     check_kernel_device(q, "q")

@@ -1,8 +1,8 @@
 """One function per op. Each validates its arguments, then runs the Triton kernel (CUDA tensors) or the
 plain PyTorch reference in `kernels.reference` (anything else).
 
-`LWT_BACKEND` overrides the choice, read at every call in eager mode (under torch.compile, once when
-the graph is traced; see backend_for): `reference` always runs the reference;
+`LWT_BACKEND` overrides the choice, read at every call in eager mode (under torch.compile, when the
+graph is traced; see backend_for for when a change retraces): `reference` always runs the reference;
 `triton` always runs the kernel and raises if this machine cannot (no Triton, or CPU tensors without
 the interpreter, TRITON_INTERPRET=1); `auto` (the default) picks as above.
 """
@@ -42,9 +42,11 @@ def backend_for(x: torch.Tensor) -> str:
     Returns:
         "triton" or "reference". ValueError for an unknown LWT_BACKEND; RuntimeError if LWT_BACKEND=triton
         and this machine cannot run the kernels for x.
-    Under torch.compile the variable is read once, while the graph is traced: Dynamo traces the read
-    but installs no guard on the environment's contents (torch 2.13), so a compiled module keeps the path
-    it was traced with. Set LWT_BACKEND before compiling, or call torch._dynamo.reset() after changing it.
+    Under torch.compile the variable is read while the graph is traced. Dynamo (torch 2.13) guards on its
+    value when it was set at trace time: changing or unsetting it retraces at the next call, on the new
+    path. It puts no guard on its absence: a variable first set after compiling is not seen, and the
+    compiled code keeps the path it was traced with. Set LWT_BACKEND before compiling, or call
+    torch._dynamo.reset() after changing it.
     """
     choice = _backend_choice()
     if choice == "reference":
@@ -173,8 +175,9 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
             those dtypes (the Triton path casts them to x's dtype tile by tile), or both float8_e4m3fn
             with w_gate_scale and w_up_scale.
         w_down: (D, F), x's dtype, trained.
-        recompute: True keeps only x for the backward (the gate/up GEMM runs again there); False (default)
-            keeps the (tokens × F) gate and up outputs instead (not x).
+        recompute: on the Triton path, True keeps only x for the backward (the gate/up GEMM runs again
+            there); False (default) keeps the (tokens × F) gate and up outputs instead (not x). The
+            reference path ignores it: autograd keeps its own (tokens × F) intermediates either way.
         w_gate_scale, w_up_scale: keyword-only, (F,) fp32, with float8_e4m3fn frozen weights only:
             W = w · scale[:, None] per output channel. x is then quantised to FP8 per token
             (kernels.reference.quantize_rows_fp8) and the gate/up GEMM runs on FP8 operands (the

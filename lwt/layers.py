@@ -445,7 +445,9 @@ class FrozenSwiGLU(nn.Module):
         d_model: model width; d_ff: hidden width F.
         seed: W_gate and W_up are drawn, in that order, from a CPU torch.Generator seeded with it, as
             N(0, 1/d_model) entries: the same seed gives the same matrices on every machine and rank.
-        recompute: the backward recomputes gate/up from x (True) instead of keeping them (False).
+        recompute: the backward recomputes gate/up from x (True) instead of keeping them (False). The
+            Triton path's policy: on the reference path (CPU tensors, LWT_BACKEND=reference) it changes
+            nothing (see lwt.functional.frozen_swiglu).
         frozen_dtype: dtype of the frozen matrices (default: `dtype`), e.g. bf16 beside fp32 activations,
             or torch.float8_e4m3fn: each matrix stored in FP8 with a per-output-channel fp32 scale (buffers
             w_gate_scale, w_up_scale of shape (d_ff,)), x quantised to FP8 per token for the gate/up GEMM,
@@ -626,7 +628,8 @@ class DecoderBlock(nn.Module):
         mla_rq, mla_rkv: MLA query and K/V latent ranks (MLAAttention's q_rank, kv_rank).
         mla_nope_dim, mla_rope_dim, mla_v_dim: MLA per-head sizes; None: d_model // n_heads,
             (d_model // n_heads) // 2 and d_model // n_heads.
-        recompute: the MLP's backward recomputes gate/up from its input instead of keeping them.
+        recompute: the MLP's backward recomputes gate/up from its input instead of keeping them (Triton
+            path only, see FrozenSwiGLU).
         frozen_dtype: dtype of the frozen gate/up buffers (default: dtype).
         device, dtype: of the parameters.
     forward(x): x (B, S, d_model) -> (B, S, d_model), x's dtype.

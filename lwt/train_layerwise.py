@@ -36,7 +36,6 @@ import inspect
 import json
 import math
 import os
-import pickle
 import resource
 import sys
 import time
@@ -504,8 +503,8 @@ class Trainer:
     @torch.no_grad()
     def write_cache(self, k: int) -> None:
         """Block k's outputs for cache_sequences × cache_draws masked sequences (stage 0: new draws from a
-        generator seeded per rank and stage; stage k > 0: block k applied to stage k-1's cache), written
-        as this rank's shard."""
+        generator seeded per rank, the only stage that draws; stage k > 0: block k applied to stage k-1's
+        cache), written as this rank's shard."""
         c = self.cfg
         entries = self.cache_entries
         S, D = c.data.seq_len, c.model.d_model
@@ -894,14 +893,16 @@ def read_checkpoint(path: str):
     a torch checkpoint, is damaged or holds other objects is a ValueError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except (OSError, MemoryError):
+        raise  # the file cannot be read (permissions, I/O) or held: not a question of its contents
+    except Exception as e:  # noqa: BLE001  bytes that are not a pickle also fail as IndexError, KeyError, ...
         text = str(e)
         if "Unsupported global" in text:  # weights_only refused a class
             why = "it holds objects other than weights, which could run code on loading"
-        elif isinstance(e, pickle.UnpicklingError):
-            why = "not a torch checkpoint, or a damaged one"
-        else:
+        elif isinstance(e, (RuntimeError, EOFError)):
             why = f"a damaged file: {text.splitlines()[0] if text else type(e).__name__}"
+        else:  # the unpickler's own errors: UnpicklingError, or IndexError/KeyError on a text file
+            why = "not a torch checkpoint, or a damaged one"
         raise ValueError(f"checkpoint {path!r}: not a readable checkpoint ({why})") from None
 
 

@@ -97,8 +97,8 @@ def test_float_arguments_trace_when_symbolic():
 
 
 def test_compiled_block_reads_lwt_backend_when_traced(monkeypatch):
-    """Under torch.compile LWT_BACKEND is read while tracing (Dynamo puts no guard on the environment):
-    a value set before compiling is honoured, and torch._dynamo.reset() picks up a new one."""
+    """Under torch.compile LWT_BACKEND is read while tracing (Dynamo guards a value set then, not an unset
+    variable): a value set before compiling is honoured, and torch._dynamo.reset() picks up a new one."""
     block = make_block("gqa")
     x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -110,6 +110,37 @@ def test_compiled_block_reads_lwt_backend_when_traced(monkeypatch):
         monkeypatch.setenv("LWT_BACKEND", "reference")
         got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
     assert_close("y", got, want.double(), want)
+
+
+@pytest.mark.parametrize("first,second,retraced", [("reference", "triton", True), ("triton", None, True),
+                                                    (None, "triton", False)])
+def test_compiled_lwt_backend_guard(monkeypatch, first, second, retraced):
+    """What backend_for's docstring says of torch.compile: Dynamo guards LWT_BACKEND's value when it was set
+    at trace time (a change retraces, on the new path), not its absence (a value set later is not seen)."""
+    from kernels._common import interpreting
+
+    if not interpreting():
+        pytest.skip("runs the Triton path on CPU tensors: needs the interpreter (the CPU suite)")
+    has_kernel = []
+
+    def record(gm, example_inputs):
+        has_kernel.append(any(str(n.target).startswith("lwt.") for n in gm.graph.nodes if n.op == "call_function"))
+        return gm.forward
+
+    def set_backend(value):
+        if value is None:
+            monkeypatch.delenv("LWT_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("LWT_BACKEND", value)
+
+    torch._dynamo.reset()
+    x, w = torch.randn(4, 16), torch.ones(16)
+    norm = torch.compile(lambda x, w: lwtF.rms_norm(x, w), backend=record, fullgraph=True)
+    set_backend(first)
+    norm(x, w)
+    set_backend(second)
+    norm(x, w)
+    assert has_kernel == ([first == "triton", second == "triton"] if retraced else [first == "triton"])
 
 
 def test_rope_cache_is_left_alone_under_compile():

@@ -496,12 +496,14 @@ def test_generate_unreadable_checkpoints_are_value_errors(tmp_path, capsys):
     model = tiny_model(vocab_size=256, seed=4)
     good = tmp_path / "good.pt"
     write_checkpoint(good, model)
-    cases = {"garbage.pt": b"not a checkpoint", "cut.pt": good.read_bytes()[:3000]}
+    # text starting with s (or t, r, e, h, ...) fails inside the unpickler as IndexError / KeyError
+    cases = {"garbage.pt": b"not a checkpoint", "notes.pt": b"stage 0: NELBO 2.3\n", "cut.pt": good.read_bytes()[:3000]}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     torch.save({"config": {}, "model": [], "frozen_checksum": "x"}, tmp_path / "list.pt")
     torch.save(argparse.Namespace(model=1), tmp_path / "code.pt")  # an arbitrary class: weights_only refuses it
     for name, message in [("garbage.pt", r"not a readable checkpoint \(not a torch checkpoint, or a damaged one\)"),
+                          ("notes.pt", r"not a readable checkpoint \(not a torch checkpoint, or a damaged one\)"),
                           ("cut.pt", r"not a readable checkpoint \(a damaged file: "),
                           ("code.pt", r"not a readable checkpoint \(it holds objects other than weights"),
                           ("list.pt", "expected 'config' and 'model' to be dicts")]:
