@@ -7,7 +7,9 @@ setup(
     packages=["lwt", "kernels"],
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
+        # The oldest release tested: 2.11 (the GPU image's) and 2.13 (CI's CPU build) are; older Dynamo
+        # versions differ in what they can trace (torch.compile of the layers broke on 2.11 until tested).
+        "torch>=2.11",
         # Kernels are written for and tested with triton 3.6 (the GPU image's version); newer releases
         # are allowed so that installing lwt never fights the triton a CUDA build of torch pins.
         "triton>=3.6",

@@ -14,6 +14,14 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available(device_type), which Dynamo before torch 2.13 cannot trace (torch
+    2.11: "Attempted to call function marked as skipped", a graph break, an error under fullgraph=True).
+    Marked a constant: while tracing Dynamo calls it once and keeps the result (the device is guarded)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _dtype_names(dtypes) -> str:
     names = [str(d).replace("torch.", "") for d in dtypes]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]

@@ -15,6 +15,8 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from ._checks import autocast_available
+
 # Tests set this to True: every buffer a launcher allocates then starts as NaN, so an element the
 # kernel forgot to write fails the comparison instead of passing on whatever memory held.
 POISON_OUTPUTS = False
@@ -258,7 +260,7 @@ def first_order_only(backward):
         # backward (SwiGLU's dh and dW_down, cross entropy's recomputed chunks) to 16 bits
         device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
         with torch.no_grad():
-            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            if autocast_available(device) and torch.is_autocast_enabled(device):
                 with torch.autocast(device, enabled=False):
                     return backward(ctx, *grads)
             return backward(ctx, *grads)

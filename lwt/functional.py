@@ -15,9 +15,9 @@ import os
 import torch
 
 from kernels import reference
-from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, check_attention_args, check_latent_args,
-                             check_linear_cross_entropy_args, check_mla_args, check_rms_norm_args, check_swiglu_args,
-                             count_valid_targets)
+from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, autocast_available, check_attention_args,
+                             check_latent_args, check_linear_cross_entropy_args, check_mla_args, check_rms_norm_args,
+                             check_swiglu_args, count_valid_targets)
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -71,7 +71,7 @@ def _reference_autocast_off(x):
     Triton kernels, which autocast never reaches, compute in their inputs' dtype). Under an enclosing
     torch.autocast the reference's own upcasts (x.to(fp32) @ w.to(fp32), the fp32 scores) would
     otherwise be cast back down to the autocast dtype."""
-    if isinstance(x, torch.Tensor) and torch.amp.is_autocast_available(x.device.type):
+    if isinstance(x, torch.Tensor) and autocast_available(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 

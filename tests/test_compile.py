@@ -234,3 +234,28 @@ def test_linear_cross_entropy_reference_path_compiles_to_one_graph(reduction):
     assert counter.frame_count == 1
     for name, a, b in zip(["loss", "d_hidden", "d_weight"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_availability_is_not_traced(monkeypatch, backend):
+    """torch 2.11's Dynamo (the GPU image's) cannot trace torch.amp.is_autocast_available ("Attempted to
+    call function marked as skipped": an error under fullgraph=True); 2.13's can. Here it is made
+    untraceable as in 2.11: the ops must only reach it through kernels._checks.autocast_available, which
+    Dynamo takes as a constant. A block and its backward (the Triton backwards' autocast switch), inside
+    and outside autocast; the Triton path outside it only (autocast would hand the attention kernel bf16
+    q/k/v, whose tl.dot the interpreter computes wrongly), its backward traces the switch all the same."""
+    from kernels._common import interpreting
+
+    if backend == "triton" and not interpreting():
+        pytest.skip("runs the Triton path on CPU tensors: needs the interpreter (the CPU suite)")
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    block = make_block("gqa")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    for autocast in (False, True) if backend == "reference" else (False,):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            got = compiled(x)
+            want = block(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got.sum().backward()
