@@ -18,7 +18,8 @@ schedule. Every phase ends with the validation NELBO
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
 joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
 cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume. Each rank locks
-out_dir (and a cache_dir outside it) for the run's life: a second run on them is refused.
+out_dir (and a cache_dir outside it) for the run's life: a second run on them is refused. A SIGTERM stops
+the run at the next step (with DDP: the next log step, where the ranks agree) with a checkpoint; exit 143.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on
 what the phase trains (frozen parts are not wrapped; no buffer is broadcast: every rank regenerates the
@@ -37,7 +38,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 import weakref
 import torch
@@ -143,6 +146,14 @@ class Dist:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.item() / self.world
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (a collective: every rank calls it at the same point)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def gather(self, obj):
         if self.world == 1:
@@ -292,6 +303,8 @@ class Trainer:
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
         self.steps_run = 0      # optimizer steps in this invocation (for --stop_after)
+        self.sigterm = False    # set by main's SIGTERM handler, on this rank
+        self.terminated = False  # a SIGTERM reached some rank: every rank stops (agreed by Dist.any)
         identity = {s: {k: v for k, v in keys.items() if (s, k) not in RESUME_MAY_CHANGE}
                     for s, keys in config_to_dict(cfg).items()}
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -646,6 +659,8 @@ class Trainer:
                 bar.update(step + 1, value, rate)
                 self.log(dict(phase=label, step=step + 1, loss=value, lr=opt.param_groups[0]["lr"],
                               tokens=(step + 1) * tokens_per_step, tokens_per_s=rate))
+            if env.world == 1 or (step + 1) % c.train.log_every == 0:  # with DDP, where loss.item() syncs anyway
+                self.terminated = env.any(self.sigterm)
             if not last and (self.stop_requested() or (c.train.ckpt_every and (step + 1) % c.train.ckpt_every == 0)):
                 self.phase_wall = time.perf_counter() - t0
                 self.save(opt)
@@ -701,7 +716,7 @@ class Trainer:
             self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
 
     def stop_requested(self) -> bool:
-        return self.args.stop_after is not None and self.steps_run >= self.args.stop_after
+        return self.terminated or (self.args.stop_after is not None and self.steps_run >= self.args.stop_after)
 
     @property
     def metrics_path(self) -> str:
@@ -731,16 +746,20 @@ class Trainer:
         self.log(dict(phase="fused", eval=result))
 
     def run(self) -> bool:
-        """All phases from the saved position; True when every phase finished, False when --stop_after
-        stopped the run (after writing a checkpoint)."""
+        """All phases from the saved position; True when every phase finished, False when --stop_after or a
+        SIGTERM stopped the run (after writing a checkpoint)."""
         index, step = self.position
         while index < len(self.phases):
             name = self.phases[index][0]
             if name == "joint" and step == 0:
                 self.fused_evaluation()
-            if not self.run_phase(index, step) or (self.stop_requested() and self.position[0] < len(self.phases)):
+            stopped = not self.run_phase(index, step)
+            self.terminated = self.env.any(self.sigterm)  # one that came during the evaluation or cache write
+            if stopped or (self.stop_requested() and self.position[0] < len(self.phases)):
                 if self.env.main:
-                    print(f"stopped after {self.steps_run} steps (--stop_after); continue with --resume", flush=True)
+                    why = "SIGTERM" if self.terminated else "--stop_after"
+                    print(f"stopped after {self.steps_run} steps ({why}; a checkpoint was written); continue "
+                          f"with --resume", flush=True)
                 return False
             index, step = self.position
         return True
@@ -915,9 +934,14 @@ def main(argv=None) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib); nothing was trained")
     env = Dist(cfg.train.device)
-    trainer, locks = None, []
+    trainer, locks, handler_installed, previous_handler = None, [], False, None
     try:
         trainer = Trainer(cfg, args, env)
+        if threading.current_thread() is threading.main_thread():  # (signal handlers are the main thread's)
+            # A scheduler preempting the job (SLURM, Kubernetes; torchrun passes it on to every rank) sends
+            # SIGTERM, then SIGKILL after a grace period: stop at the next step, with a checkpoint.
+            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(trainer, "sigterm", True))
+            handler_installed = True
         # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
         t = cfg.train
         dirs = {"train.out_dir": t.out_dir}
@@ -944,7 +968,7 @@ def main(argv=None) -> int:
                   f"parameters; data: {trainer.data.description or cfg.data.source}", flush=True)
         if not trainer.run():
             env.barrier()
-            return 0
+            return 128 + int(signal.SIGTERM) if trainer.terminated else 0  # 143, as a process killed by it
         if env.main:
             unigram = trainer.data.unigram_entropy("train") if cfg.data.source != "dummy" else None
             table = print_table(trainer.history, unigram)
@@ -959,6 +983,8 @@ def main(argv=None) -> int:
         env.barrier()
         return 0
     finally:
+        if handler_installed:  # (None: a handler installed outside Python; the default stands in for it)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
         # DDP holds the process group, and reference cycles (its autograd hooks) would keep the trainer
         # alive until interpreter shutdown, where gloo's worker threads, freeing tensors, abort on the GIL
         # (pytorch#179291 describes it): free them now, while the interpreter is whole.

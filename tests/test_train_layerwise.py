@@ -167,6 +167,36 @@ def test_resume_is_bit_identical(tmp_path, stop):
     assert logged[0] == logged[1]
 
 
+@pytest.mark.parametrize("at", [3, 6], ids=["mid-stage0", "stage0-last-step"])
+def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, monkeypatch, at):
+    """A SIGTERM (a scheduler preempting the job) during step `at`: the run finishes that step, writes a
+    checkpoint (at the last step of a phase: the phase's end, cache included), exits 143, and a resumed
+    run ends with exactly the weights of an uninterrupted one. The handler is the run's only."""
+    import signal
+
+    _, full = _run(tmp_path, name="full")
+    calls, loss = [], T.Trainer.loss
+
+    def loss_then_term(self, *args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr(T.Trainer, "loss", loss_then_term)
+        code, part = _run(tmp_path, name="part")
+    assert code == 143 and signal.getsignal(signal.SIGTERM) == before
+    mid = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert (mid["phase"], mid["step"]) == ((0, 3) if at == 3 else (1, 0))
+    code, _ = _run(tmp_path, "--resume", name="part")
+    assert code == 0
+    a, b = _weights(full), _weights(part)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_of_a_one_group_optimizer_state(tmp_path):
     """A checkpoint whose AdamW state has one parameter group (written before weight decay spared the norm
     weights) resumes with weight decay on: each parameter keeps its moments, so the run ends as one resumed
@@ -410,8 +440,8 @@ def test_weight_decay_spares_norm_weights(tmp_path, monkeypatch):
 
 def test_two_process_ddp(tmp_path):
     """torchrun with two CPU processes (gloo): stopped at the end of stage 0, each rank has written its
-    own cache shard from its own data; resumed, the run goes through every phase and rank 0 prints the
-    table."""
+    own cache shard from its own data; resumed, stopped by a SIGTERM and resumed again, the run goes
+    through every phase and rank 0 prints the table."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "lwt.train_layerwise", *TINY, "--set", f"train.out_dir={out}", "--set", "train.joint_steps=2"]
@@ -421,6 +451,15 @@ def test_two_process_ddp(tmp_path):
     shards = [ActivationCache.open(out / "cache" / "stage0", rank, {"stage": 0}) for rank in (0, 1)]
     assert [c.entries for c in shards] == [16, 16]
     assert not torch.equal(shards[0].batch(torch.arange(4))[1], shards[1].batch(torch.arange(4))[1])
+    # Resumed, and rank 1 alone gets a SIGTERM in its third step of stage 1: both ranks stop at the next log
+    # step (4) with a checkpoint, and exit 143 (torchrun reports the failed workers).
+    worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              os.path.join(REPO, "tests", "ddp_sigterm_worker.py"), *cmd[cmd.index("lwt.train_layerwise") + 1:]]
+    proc = subprocess.run(worker + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 143" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "stopped after 4 steps (SIGTERM" in proc.stdout, proc.stdout[-2000:]
+    mid = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (mid["phase"], mid["step"]) == (1, 4)
     proc = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and "joint" in proc.stdout and "stage 1" in proc.stdout
