@@ -255,6 +255,16 @@ def first_order_only(backward):
             raise RuntimeError("lwt: the Triton kernels' backward is not differentiable: create_graph=True (double "
                                "backward, gradient penalties) is not supported; run the reference "
                                "(LWT_BACKEND=reference) for higher-order gradients")
+        try:  # eager only: traced graphs hold fake tensors
+            if not torch.compiler.is_compiling():
+                for g in grads:
+                    if isinstance(g, torch.Tensor):
+                        g.untyped_storage()
+        except NotImplementedError:  # a vmap's BatchedTensor (or another wrapper): no memory a launcher can read
+            raise RuntimeError("lwt: the Triton kernels' backward cannot be batched: torch.autograd.grad("
+                               "is_grads_batched=True) and torch.autograd.functional.jacobian(vectorize=True) run "
+                               "it under vmap; loop over the gradients instead, or run the reference "
+                               "(LWT_BACKEND=reference)") from None
         # autocast off, as in the forward (whose launchers allocate their outputs in the inputs' dtypes):
         # a backward() called inside an autocast region would otherwise round the torch GEMMs of a
         # backward (SwiGLU's dh and dW_down, cross entropy's recomputed chunks) to 16 bits

@@ -113,9 +113,11 @@ class RotaryEmbedding(nn.Module):
         q, k: (B, S, heads, head_dim), any float dtype (their head counts may differ). Positions are
         offset .. offset + S - 1. Returns the rotated (q, k) in their dtypes; the rotation runs in fp32
         (float64 for float64 inputs).
-    The cos/sin table is computed in fp32 once and grown (doubled) when a longer sequence arrives; it is
-    a non-persistent buffer, out of the state_dict, emptied by .to()/.cuda()/to_empty() and rebuilt on
-    the new device at the next call.
+    The cos/sin table is computed in fp32 once and grown (doubled) when a longer sequence arrives. It is
+    a plain attribute, not a buffer: its shape follows the longest sequence seen, so it stays out of the
+    state_dict and out of buffers(), which tools zip across copies or ranks expecting equal shapes
+    (AveragedModel(use_buffers=True), DDP's broadcast_buffers). .to()/.cuda()/to_empty() empty it on the
+    new device; it is rebuilt there at the next call.
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0, device=None):
@@ -126,20 +128,15 @@ class RotaryEmbedding(nn.Module):
         _check_theta(theta, "theta")
         self.head_dim = head_dim
         self.theta = float(theta)
-        self.register_buffer("_cos", torch.empty(0, head_dim // 2, device=device), persistent=False)
-        self.register_buffer("_sin", torch.empty(0, head_dim // 2, device=device), persistent=False)
+        self._cos = torch.empty(0, head_dim // 2, device=device)  # plain attributes (see the class docstring)
+        self._sin = torch.empty(0, head_dim // 2, device=device)
 
     def _apply(self, fn, recurse: bool = True):
-        """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache is emptied on the
-        target device and rebuilt at the next call, in fp32 (to_empty() would otherwise leave it holding
-        uninitialised memory that _table would take for a valid table). The cache itself is never
-        converted: a meta one (left by load_state_dict(assign=True) of a module built on meta) cannot be
-        copied out, and it stays where it is; _table rebuilds it on the input's device anyway."""
-        cache = {name: self._buffers.pop(name) for name in ("_cos", "_sin")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(cache)
+        """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache (a plain attribute,
+        which Module's own conversions leave alone) is emptied on the target device and rebuilt at the next
+        call, in fp32. It is never converted: a meta one (a module built on meta) cannot be copied out;
+        _table rebuilds it on the input's device anyway."""
+        super()._apply(fn, recurse)
         device = self._cos.device
         try:
             device = fn(torch.empty(0, device=device)).device
@@ -157,9 +154,8 @@ class RotaryEmbedding(nn.Module):
     def _table(self, length: int, device: torch.device):
         """The fp32 cos/sin table on `device`, covering at least `length` positions. Rebuilt when too short,
         on another device (a module built on meta and loaded with load_state_dict(assign=True) keeps its
-        non-persistent cache there), and when something replaced it with a table that is not fp32
-        (module.half() casts float buffers) or an inference tensor (built under torch.inference_mode,
-        which training could not use)."""
+        cache there), and when something replaced it with a table that is not fp32 or an inference tensor
+        (built under torch.inference_mode, which training could not use)."""
         cos = self._cos
         if (cos.shape[0] < length or cos.dtype != torch.float32 or cos.is_inference()
                 or cos.device != device):
@@ -190,12 +186,16 @@ class RotaryEmbedding(nn.Module):
         if x.dtype == torch.float64:
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos(), angles.sin()
-        elif torch.compiler.is_compiling():
+        elif torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
             # Under torch.compile the table is computed for exactly these positions, not read from the
             # cache: the cache check needs Tensor.is_inference(), which Dynamo cannot trace (a graph
             # break), and growing the cache would mutate module state inside the graph (a side effect
             # that retraces whenever the length changes). The values are the cached ones (float64
             # angles rounded to fp32), and the compiler fuses the (S, head_dim/2) cos/sin into the rotation.
+            # Inside a torch.func transform (grad, jvp, jacrev, vmap, ...) likewise: a table built there is
+            # a functorch wrapper of the transform's level, and kept in the cache it would outlive it
+            # (copy.deepcopy, pickle and torch.save of the module then fail: "Cannot access storage of
+            # TensorWrapper").
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos().float(), angles.sin().float()
         else:

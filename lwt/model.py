@@ -16,6 +16,15 @@ from torch import nn
 from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm, _positive_int
 
 
+class _TokenEmbedding(nn.Embedding):
+    """nn.Embedding whose own reset_parameters() draws N(0, 0.02), as LWTModel.reset_parameters() does:
+    deferred initialisation (built on meta, to_empty(), then reset_parameters() on every module in
+    modules() order, parents first) would otherwise end with nn.Embedding's N(0, 1) after the model's own."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+
 class LWTModel(nn.Module):
     """Args:
         cfg: lwt.config.ModelConfig (vocab_size, d_model, n_layers, attention settings, frozen_seed, ...).
@@ -34,7 +43,7 @@ class LWTModel(nn.Module):
         self.vocab_size = cfg.vocab_size
         self.mask_id = cfg.vocab_size
         factory = dict(device=device, dtype=dtype)
-        self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model, **factory)  # the last row is [MASK]
+        self.embed = _TokenEmbedding(cfg.vocab_size + 1, cfg.d_model, **factory)  # the last row is [MASK]
         self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, frozen_dtype=frozen_dtype, **factory)
                                     for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, **factory)

@@ -286,7 +286,7 @@ def test_state_dict_loads_into_a_fresh_model_with_identical_outputs():
     dst = LWTModel(cfg)
     sd = src.state_dict()
     assert set(src.frozen_buffer_names()) <= set(sd)  # the frozen matrices are saved...
-    assert not any(k.endswith(("_cos", "_sin")) for k in sd)  # ...the RoPE tables are not (non-persistent)
+    assert not any(k.endswith(("_cos", "_sin")) for k in sd)  # ...the RoPE tables are not (plain attributes)
     dst.load_state_dict(sd)
     tokens = _batch(0, 0)
     with torch.no_grad():

@@ -206,3 +206,20 @@ def test_interpreter_switched_on_after_triton_was_imported_is_a_clear_error():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert "refused: LWT_BACKEND=triton needs CUDA tensors" in out.stdout, out.stdout + out.stderr
+
+
+def test_batched_backward_on_the_kernel_path_is_a_clear_error(monkeypatch):
+    """torch.autograd.grad(is_grads_batched=True) runs the backward under vmap, whose BatchedTensors the
+    launchers cannot read (it was a NotImplementedError from deep in the launch); the reference path runs it."""
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.ones(8)
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LWT_BACKEND", backend)
+        y = F.rms_norm(x, w)
+        grads = torch.randn(4, *y.shape)
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match="cannot be batched"):
+                torch.autograd.grad(y, x, grads, is_grads_batched=True)
+        else:
+            (g,) = torch.autograd.grad(y, x, grads, is_grads_batched=True)
+            assert g.shape == (4, 2, 3, 8)

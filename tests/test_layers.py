@@ -121,6 +121,43 @@ def test_rope_cache_grows_and_stays_out_of_state_dict():
     assert rope.rotate(x.half()).dtype == torch.float16
 
 
+def test_rope_cache_is_not_a_buffer_so_buffer_averaging_works():
+    """The cache's shape follows the longest sequence seen, so it must stay out of buffers(): AveragedModel
+    (use_buffers=True) copies and averages buffers pairwise, and DDP's broadcast_buffers broadcasts them
+    from rank 0; a copy that has seen shorter sequences failed there with a size mismatch."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    attn = GQAAttention(16, 2, 1)
+    ema = AveragedModel(attn, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    attn(torch.randn(1, 300, 16))  # grows attn's table; ema's is still empty
+    ema.update_parameters(attn)
+    ema.update_parameters(attn)
+    assert list(attn.buffers()) == []
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(ema(x), attn(x))
+
+
+
+def test_rope_cache_is_not_filled_inside_torch_func_transforms(monkeypatch):
+    """A first call under torch.func.grad (the reference path, where the transforms work) used to store
+    that transform's wrapper tensors in the cache, after which copy.deepcopy, pickle and torch.save of the
+    module failed ("Cannot access storage of TensorWrapper"). The gradients equal autograd's."""
+    import io
+    import pickle
+
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    attn = GQAAttention(16, 2, 1)
+    x = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
+    params = {k: v.detach() for k, v in attn.named_parameters()}
+    g = torch.func.grad(lambda p: torch.func.functional_call(attn, p, (x,)).square().sum())(params)
+    copy.deepcopy(attn)
+    pickle.dumps(attn)
+    torch.save(attn, io.BytesIO())
+    attn(x).square().sum().backward()
+    for name, p in attn.named_parameters():
+        assert torch.equal(g[name], p.grad), name
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=7), r"^head_dim: expected an even number"),
     (dict(head_dim=0), r"^head_dim: expected a positive int"),
@@ -482,6 +519,8 @@ def test_meta_built_model_materialises_like_a_fresh_one():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     assert meta.frozen_checksum() == fresh.frozen_checksum()
+    # the embedding (the tied head) is drawn N(0, 0.02) as in the constructor, not nn.Embedding's N(0, 1)
+    assert 0.01 < meta.embed.weight.std().item() < 0.03
     meta.load_state_dict(fresh.state_dict())
     torch.testing.assert_close(meta(tokens), fresh(tokens), rtol=0, atol=0)
 
