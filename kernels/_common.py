@@ -15,6 +15,7 @@ import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from . import flops
 from ._checks import autocast_available
 
 # Tests set this to True: every buffer a launcher allocates then starts as NaN, so an element the
@@ -201,8 +202,10 @@ class Launcher:
     AOTAutograd over the autograd.Function around it) it calls the registered op instead: one opaque node in the
     graph whose output shapes, dtypes and strides come from `fake`, since the host-side launch code
     (config caches, the autotuner, grid lambdas) is not something Dynamo can trace. Eager calls skip the
-    dispatcher, whose per-call cost (about 50 µs on a slow host CPU) is larger than a small op's launch.
-    The op itself is `.op` (torch.ops.lwt.<name>), for torch.library.opcheck.
+    dispatcher, whose per-call cost (about 50 µs on a slow host CPU) is larger than a small op's launch,
+    unless a TorchDispatchMode is active: then the op is called too, so that the mode sees it (FlopCounterMode
+    counts it with the formulas of kernels/flops.py, FakeTensorMode runs `fake`, a selective checkpointing
+    policy can save its outputs). The op itself is `.op` (torch.ops.lwt.<name>), for torch.library.opcheck.
 
     Rules `fn` keeps, as custom ops must: no output aliases an input and no input is written (mutates_args
     is empty), every output is a tensor (an output not asked for is an empty tensor), and its outputs
@@ -212,7 +215,7 @@ class Launcher:
     registry: dict[str, "Launcher"] = {}  # every lwt:: op, by name
 
     def __init__(self, name: str, fn, fake, host_sync: bool = False):
-        self.fn = fn
+        self.fn, self.name = fn, name
         Launcher.registry[name] = self
         # host_sync: the op waits for the GPU (it reads a count back), which a CUDA graph cannot capture;
         # the tag tells Inductor's CUDA-graph mode (mode="reduce-overhead") to leave it out of its graphs.
@@ -223,12 +226,21 @@ class Launcher:
         guarded = functools.wraps(fn)(lambda *args, **kwargs: _on_inputs_gpu(fn, args, kwargs))
         self.op = torch.library.custom_op(f"lwt::{name}", guarded, mutates_args=(), **tags)
         self.op.register_fake(fake)
+        flops.register(name, fn)  # its FLOPs, for FlopCounterMode (ops without a matmul have none)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.op(*args, **kwargs)
+        if dispatch_modes():  # FlopCounterMode, FakeTensorMode, selective checkpointing, DebugMode: only the
+            flops.reach_counters(self.name)  # dispatcher shows a mode the kernel, as one op
+            return self.op(*args, **kwargs)
         return _on_inputs_gpu(self.fn, args, kwargs)
+
+
+# How many TorchDispatchModes are active (user modes and the infra ones, FakeTensorMode among them): one C
+# call (about 0.1 µs), the only cost Launcher.__call__ adds to an eager launch. (torch 2.11 and 2.13.)
+dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _on_inputs_gpu(fn, args, kwargs):

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_linear_cross_entropy_args, count_valid_targets
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, grouped_tile,
-                      interpreting, launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, dispatch_modes, empty, first_order_only,
+                      grouped_tile, interpreting, launcher, next_power_of_2)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -414,11 +414,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if later:
             dh, dw = ce_backward(hidden, weight, target, token_weight, lse, g, reduction, ignore_index,
                                  accum_dtype, need_dh, need_dw)
-        elif (need_dh or need_dw) and torch.compiler.is_compiling():
+        elif (need_dh or need_dw) and (torch.compiler.is_compiling() or dispatch_modes()):
             # Traced (torch.compile): new tensors, as a traced backward may not write its saved tensors. g is
             # one element here (mean/sum); an empty (not needed) gradient stays empty. Inductor still scales
             # in place: AOTAutograd donates the saved dh and dw to the backward graph, whose buffers Inductor
             # reuses (tests/test_library_ops.py checks that the returned gradients are the forward's).
+            # Under a TorchDispatchMode too: a mode sees these torch ops, where _scale_'s launch is no op
+            # at all (FakeTensorMode would hand it tensors without memory; make_fx would leave it out).
             dh, dw = (torch.where(t == 0, t, (t.float() * g).to(t.dtype)) for t in (dh, dw))
         elif need_dh or need_dw:
             ctx.scaled = True
