@@ -186,7 +186,8 @@ class RotaryEmbedding(nn.Module):
         if x.dtype == torch.float64:
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos(), angles.sin()
-        elif torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        elif (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+              or torch._C._len_torch_dispatch_stack()):
             # Under torch.compile the table is computed for exactly these positions, not read from the
             # cache: the cache check needs Tensor.is_inference(), which Dynamo cannot trace (a graph
             # break), and growing the cache would mutate module state inside the graph (a side effect
@@ -195,7 +196,8 @@ class RotaryEmbedding(nn.Module):
             # Inside a torch.func transform (grad, jvp, jacrev, vmap, ...) likewise: a table built there is
             # a functorch wrapper of the transform's level, and kept in the cache it would outlive it
             # (copy.deepcopy, pickle and torch.save of the module then fail: "Cannot access storage of
-            # TensorWrapper").
+            # TensorWrapper"). Under a dispatch mode (FakeTensorMode: a table built there is fake, and kept it
+            # would make every later eager output a FakeTensor) likewise.
             angles = self._angles(offset + S, x.device)[offset:]
             cos, sin = angles.cos().float(), angles.sin().float()
         else:

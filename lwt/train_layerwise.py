@@ -18,7 +18,7 @@ schedule. Every phase ends with the validation NELBO
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
 joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
 cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume. Each rank locks
-out_dir (and a cache_dir outside it) for the run's life: a second run on them is refused. A SIGTERM stops
+out_dir (and cache_dir, when it caches) for the run's life: a second run on them is refused. A SIGTERM stops
 the run at the next step (with DDP: the next log step, where the ranks agree) with a checkpoint; exit 143.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on
@@ -29,7 +29,6 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import gc
 import glob
 import hashlib
@@ -43,6 +42,10 @@ import sys
 import threading
 import time
 import weakref
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go unlocked, as remove_dead_writers_temps is POSIX only
+    fcntl = None
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -558,8 +561,9 @@ class Trainer:
         """Phase `index` from start_step: its training steps (unless a checkpoint taken after them is being
         resumed), then its end (cache, checkpoint). False if --stop_after stopped it."""
         total = self.phases[index][2]
-        self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
-        self.remove_unneeded_caches(index)
+        if self.cfg.train.cache:  # (a run without caches has none in cache_dir, which it does not lock)
+            self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
+            self.remove_unneeded_caches(index)
         self.env.barrier()  # every rank's leftovers gone before any rank checks the disk for all of them
         if start_step < total and not self.train_phase(index, start_step):
             return False
@@ -867,6 +871,8 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
     for key, directory in dirs.items():
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f".rank{rank}.lock")
+        if fcntl is None:
+            continue
         f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -876,6 +882,11 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
             f.close()
             busy.append(f"{key}: {directory} is in use by another lwt run (pid {holder} holds {path}); "
                         f"wait for it to end, or choose another {key}")
+            break  # refused: create nothing more
+        except OSError as e:  # a filesystem without flock (NFS without lockd: ENOLCK; Lustre noflock: ENOSYS)
+            f.close()
+            print(f"rank {rank}: {key}: {directory} cannot be locked ({e.strerror}); this run goes on "
+                  f"without the lock", file=sys.stderr, flush=True)
             continue
         f.seek(0)
         f.truncate()
@@ -945,9 +956,8 @@ def main(argv=None) -> int:
         # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
         t = cfg.train
         dirs = {"train.out_dir": t.out_dir}
-        out_real = os.path.realpath(t.out_dir)
-        if t.cache and os.path.commonpath([out_real, os.path.realpath(t.cache_dir)]) != out_real:
-            dirs["train.cache_dir"] = t.cache_dir
+        if t.cache and os.path.realpath(t.cache_dir) != os.path.realpath(t.out_dir):  # inside it too: another
+            dirs["train.cache_dir"] = t.cache_dir  # run's out_dir may name this one's <out_dir>/cache as its cache_dir
         locks, busy = lock_run_dirs(dirs, env.rank)
         busy = [message for messages in env.gather(busy) for message in messages]
         if busy:

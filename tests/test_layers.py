@@ -158,6 +158,22 @@ def test_rope_cache_is_not_filled_inside_torch_func_transforms(monkeypatch):
     for name, p in attn.named_parameters():
         assert torch.equal(g[name], p.grad), name
 
+def test_rope_cache_is_not_filled_under_fake_tensor_mode(monkeypatch):
+    """A first call under FakeTensorMode (a memory estimate, non-strict tracing) used to keep fake tables in
+    the cache, after which every eager output of the layer was a FakeTensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    attn, twin = GQAAttention(16, 2, 1), GQAAttention(16, 2, 1)
+    twin.load_state_dict(attn.state_dict())
+    x = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            attn(mode.from_tensor(x))  # attn's first call
+        got, want = attn(x), twin(x)
+    assert type(got) is torch.Tensor and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=7), r"^head_dim: expected an even number"),
     (dict(head_dim=0), r"^head_dim: expected a positive int"),

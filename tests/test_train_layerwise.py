@@ -466,7 +466,7 @@ def test_two_process_ddp(tmp_path):
 
 
 def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
-    """While a run holds out_dir (or a cache_dir outside it), another run on it stops before touching
+    """While a run holds out_dir (or its cache_dir), another run on it stops before touching
     anything there; once the holder ends, the directory is free again."""
     out = tmp_path / "run"
     out.mkdir()
@@ -499,6 +499,59 @@ def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
     code, _ = _run(tmp_path, "--set", "train.cache=false", "--set", f"train.cache_dir={tmp_path / 'unused'}",
                    "--set", "train.joint_steps=0", "--set", "train.max_steps=2", name="nocache")
     assert code == 0 and not (tmp_path / "unused").exists()
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, capsys):
+    """NFS without lockd (ENOLCK) or Lustre mounted noflock (ENOSYS) cannot lock: the run goes on, and says so."""
+    import errno
+
+    def no_flock(f, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(T.fcntl, "flock", no_flock)
+    code, _ = _run(tmp_path, "--set", "train.joint_steps=0", "--set", "train.max_steps=2")
+    assert code == 0 and "cannot be locked (No locks available)" in capsys.readouterr().err
+
+
+def test_a_live_runs_cache_is_left_alone(tmp_path, monkeypatch):
+    """Run A, live (paused in stage 1, block 0's cache on disk, in a thread), keeps its cache: a run whose
+    cache_dir is A's <out_dir>/cache is refused, and a run with train.cache false on A's cache_dir runs
+    without touching it."""
+    import threading
+
+    loss = T.Trainer.loss
+    for a_cache, b_extra in [(None, ["--set", "train.cache_dir={a}/cache"]),
+                             ("scratch", ["--set", "train.cache_dir={c}", "--set", "train.cache=false"])]:
+        paused, go, calls = threading.Event(), threading.Event(), []
+
+        def loss_then_wait(self, *args):
+            if threading.current_thread() is not threading.main_thread():
+                calls.append(1)
+                if len(calls) == 7:  # run A's stage 1: block 0's cache is on disk
+                    paused.set()
+                    go.wait(120)
+            return loss(self, *args)
+
+        monkeypatch.setattr(T.Trainer, "loss", loss_then_wait)
+        a = tmp_path / f"a-{a_cache}"
+        cache = a / "cache" if a_cache is None else tmp_path / a_cache
+        a_args = [] if a_cache is None else ["--set", f"train.cache_dir={cache}"]
+        runner = threading.Thread(target=_run, args=(tmp_path, *a_args), kwargs=dict(name=a.name))
+        runner.start()
+        try:
+            assert paused.wait(120)
+            shard = sorted(os.listdir(cache / "stage0"))
+            extra = [x.format(a=a, c=cache) for x in b_extra]
+            if a_cache is None:
+                with pytest.raises(ValueError, match=r"^train.cache_dir: .* is in use by another lwt run"):
+                    _run(tmp_path, *extra, name=f"b-{a_cache}")
+            else:
+                code, _ = _run(tmp_path, *extra, "--set", "train.joint_steps=0", name=f"b-{a_cache}")
+                assert code == 0
+            assert sorted(os.listdir(cache / "stage0")) == shard
+        finally:
+            go.set()
+            runner.join()
 
 
 def test_plot_writes_the_curves(tmp_path):
@@ -621,4 +674,4 @@ def test_cache_left_by_a_kill_before_its_deletion_is_removed(tmp_path, monkeypat
             _run(tmp_path, *three)
     assert (tmp_path / "run" / "cache" / "stage0").exists()
     code, out = _run(tmp_path, *three, "--resume")
-    assert code == 0 and os.listdir(out / "cache") == []
+    assert code == 0 and os.listdir(out / "cache") == [".rank0.lock"]  # (released: the run ended)
