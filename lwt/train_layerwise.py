@@ -867,9 +867,19 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
     refused instead of overwriting its checkpoints and deleting its caches. The lock lives as long as the
     returned files stay open; the OS drops it when the process ends, however it ends, so a killed run
     leaves no stale lock. Returns (the open lock files, one message per lock another process holds)."""
-    files, busy = [], []
+    files, busy, seen, made = [], [], set(), []
+    if fcntl is None:
+        print(f"rank {rank}: no fcntl on this platform: this run goes on without locking "
+              f"{', '.join(dirs.values())}", file=sys.stderr, flush=True)
     for key, directory in dirs.items():
+        if not os.path.isdir(directory):
+            made.append(directory)
         os.makedirs(directory, exist_ok=True)
+        st = os.stat(directory)
+        identity = (st.st_dev, st.st_ino)
+        if identity in seen:  # the same directory by another path (a bind mount): locked already
+            continue
+        seen.add(identity)
         path = os.path.join(directory, f".rank{rank}.lock")
         if fcntl is None:
             continue
@@ -882,7 +892,15 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
             f.close()
             busy.append(f"{key}: {directory} is in use by another lwt run (pid {holder} holds {path}); "
                         f"wait for it to end, or choose another {key}")
-            break  # refused: create nothing more
+            for held in files:  # refused: leave nothing behind in the directories this call made
+                held.close()
+                if os.path.dirname(held.name) in made:
+                    try:
+                        os.remove(held.name)
+                        os.rmdir(os.path.dirname(held.name))
+                    except OSError:  # something else appeared there meanwhile: keep it
+                        pass
+            return [], busy
         except OSError as e:  # a filesystem without flock (NFS without lockd: ENOLCK; Lustre noflock: ENOSYS)
             f.close()
             print(f"rank {rank}: {key}: {directory} cannot be locked ({e.strerror}); this run goes on "

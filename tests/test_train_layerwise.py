@@ -513,6 +513,25 @@ def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, capsys)
     assert code == 0 and "cannot be locked (No locks available)" in capsys.readouterr().err
 
 
+def test_lock_edge_cases(tmp_path, monkeypatch, capsys):
+    """One directory under two paths takes one lock (two would refuse each other inside one process); a
+    refused call leaves nothing in the directories it made; without fcntl (Windows) nothing is locked, and
+    the run is told so."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)  # (a bind mount, to realpath(): main() compares those)
+    held, busy = T.lock_run_dirs({"train.out_dir": str(real), "train.cache_dir": str(tmp_path / "alias")}, 0)
+    assert busy == [] and len(held) == 1
+    fresh = tmp_path / "fresh"
+    files, busy = T.lock_run_dirs({"train.out_dir": str(fresh), "train.cache_dir": str(real)}, 0)
+    assert files == [] and busy[0].startswith("train.cache_dir: ") and not fresh.exists()
+    for f in held:
+        f.close()
+    monkeypatch.setattr(T, "fcntl", None)
+    files, busy = T.lock_run_dirs({"train.out_dir": str(tmp_path / "win")}, 0)
+    assert files == [] and busy == [] and "goes on without locking" in capsys.readouterr().err
+
+
 def test_a_live_runs_cache_is_left_alone(tmp_path, monkeypatch):
     """Run A, live (paused in stage 1, block 0's cache on disk, in a thread), keeps its cache: a run whose
     cache_dir is A's <out_dir>/cache is refused, and a run with train.cache false on A's cache_dir runs
