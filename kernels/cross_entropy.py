@@ -169,6 +169,11 @@ def _scale_kernel(X, G, n, BLOCK: tl.constexpr):
     tl.store(X + offs, y.to(X.dtype.element_ty), mask=offs < n)
 
 
+# Elements per block of the torch-op scaling used under a TorchDispatchMode (LinearCrossEntropyFunction):
+# about 0.2 GB of temporaries per block.
+_MODE_SCALE_ELEMENTS = 1 << 24
+
+
 def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
     """t *= g in place; g a one-element fp32 tensor (the upstream gradient, on the device: no sync). In
     torch, a 16-bit t would meet g cast to its dtype: a GradScaler's 65536 is inf in fp16. Exact zeros
@@ -414,14 +419,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if later:
             dh, dw = ce_backward(hidden, weight, target, token_weight, lse, g, reduction, ignore_index,
                                  accum_dtype, need_dh, need_dw)
-        elif (need_dh or need_dw) and (torch.compiler.is_compiling() or dispatch_modes()):
+        elif (need_dh or need_dw) and torch.compiler.is_compiling():
             # Traced (torch.compile): new tensors, as a traced backward may not write its saved tensors. g is
             # one element here (mean/sum); an empty (not needed) gradient stays empty. Inductor still scales
             # in place: AOTAutograd donates the saved dh and dw to the backward graph, whose buffers Inductor
             # reuses (tests/test_library_ops.py checks that the returned gradients are the forward's).
-            # Under a TorchDispatchMode too: a mode sees these torch ops, where _scale_'s launch is no op
-            # at all (FakeTensorMode would hand it tensors without memory; make_fx would leave it out).
             dh, dw = (torch.where(t == 0, t, (t.float() * g).to(t.dtype)) for t in (dh, dw))
+        elif (need_dh or need_dw) and dispatch_modes():
+            # Under a TorchDispatchMode (FlopCounterMode, FakeTensorMode, ...): the same in-place scaling in
+            # torch ops, which the mode sees (_scale_'s launch is no op at all: FakeTensorMode would hand it
+            # tensors without memory), a block of rows at a time, so that the fp32 temporaries stay small
+            # beside a (V, D) dW of a large vocabulary.
+            ctx.scaled = True
+            for t in (dh, dw):
+                for rows in t.split(max(1, _MODE_SCALE_ELEMENTS // max(1, t.shape[-1]))):
+                    rows.copy_(torch.where(rows == 0, rows, (rows.float() * g).to(rows.dtype)))
         elif need_dh or need_dw:
             ctx.scaled = True
             # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).

@@ -143,13 +143,37 @@ def test_linear_cross_entropy_flops_match_the_reference(monkeypatch, reduction):
     assert reference == 3 * 2 * N * D * V
     assert total == reference + (2 * N * D * V if reduction == "none" else 0)
     assert "lwt.linear_cross_entropy_fwd" in by_op
-    # under a mode "mean" scales its gradients (computed in the forward) out of place, with torch ops: the same
-    hidden.grad = weight.grad = None
-    loss_backward()
-    expected = hidden.grad, weight.grad
-    hidden.grad = weight.grad = None
-    counted(loss_backward)
-    torch.testing.assert_close((hidden.grad, weight.grad), expected, rtol=0, atol=0)
+
+
+
+def test_linear_cross_entropy_scales_in_place_under_a_mode(monkeypatch):
+    """fp32 "mean" computes dH and dW in the forward; under a mode its backward scales them in place with
+    torch ops (not its Triton kernel, which a mode cannot see), in blocks of rows (here of 3 rows, to
+    take several): the same bits as the kernel, in the forward's buffers, and a second backward is refused
+    as in eager mode."""
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    monkeypatch.setattr(cross_entropy, "_MODE_SCALE_ELEMENTS", 3 * 16)
+    N, D, V = 12, 16, 40
+    hidden, weight = randn(N, D, requires_grad=True), randn(V, D, seed=1, requires_grad=True)
+    target = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    target[::3] = -100
+    made, chunks = [], cross_entropy.ce_chunks
+
+    def spy(*args, **kwargs):
+        out = chunks(*args, **kwargs)
+        made.append((out[2].data_ptr(), out[3].data_ptr()))
+        return out
+
+    monkeypatch.setattr(cross_entropy, "ce_chunks", spy)
+    grads = []
+    for mode in (False, True):
+        loss = lwtF.linear_cross_entropy(hidden, weight, target) * 3.0
+        with FlopCounterMode(display=False) if mode else torch.enable_grad():
+            grads.append(torch.autograd.grad(loss, (hidden, weight), retain_graph=True))
+        with pytest.raises(RuntimeError, match="backward ran twice"):
+            torch.autograd.grad(loss, (hidden, weight))
+    assert grads[1][1].data_ptr() == made[1][1], "dW copied"  # (dH is scattered to every row afterwards)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
 def test_a_counter_made_before_the_kernels_were_imported_counts_them(monkeypatch):
