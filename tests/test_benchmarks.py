@@ -157,6 +157,33 @@ def test_bad_options_stop_before_any_bench_runs(dry_run, capsys):
     assert "unrecognized arguments: --plot x.png" in captured.err
 
 
+def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
+    """tune_mla's GPU path on tiny CPU shapes (fp16 through the interpreter), one config per list: every
+    forced launch runs, gives the autotuned launch's gradients, and prints its line."""
+    tune = importlib.import_module("tune_mla")
+    for name, value in dict(DEVICE="cpu", DTYPE=torch.float16, HEADS=2, SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24,
+                            E3F8149_DKDV=[(16, 32, 8, 2, False)]).items():
+        monkeypatch.setattr(tune, name, value)
+    A = tune.A
+    monkeypatch.setitem(A._DKDV_CONFIGS, "mla", [(16, 64, 8, 2, True)])
+    monkeypatch.setitem(A._DQ_CONFIGS, "mla", [(64, 32, 8, 2)])
+    launched, launch = [], tune.Forced.launch
+
+    def recording(self, grid, *args, **meta):
+        launched.append(A.as_entry(self.config))
+        launch(self, grid, *args, **meta)
+
+    monkeypatch.setattr(tune.Forced, "launch", recording)
+    tune.main(["--batches", "1"])
+    assert set(launched) == {(16, 64, 8, 2, True), (16, 32, 8, 2, False), (64, 32, 8, 2)}
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "max |diff|" in line]
+    assert len(lines) == 6 and "not measured" not in out, out  # 2 dK/dV + 1 dQ configs, both masks
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-2 for line in lines), out
+    with pytest.raises(SystemExit):
+        tune.main(["--batches", "0"])
+
+
 def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
     """A bench appending to the tracked benchmarks/results/*.csv leaves the next bench's git sha clean;
     any other change marks it +dirty."""
