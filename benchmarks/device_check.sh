@@ -13,6 +13,8 @@
 #   bash benchmarks/device_check.sh layers  # what issues #7-#9 ask of a GPU, in ~6 minutes: the CUDA tests
 #                                           # of the model, torch.compile and the trainer (-m cuda), then
 #                                           # train, then bench_block (compiled vs eager DecoderBlock step)
+#   bash benchmarks/device_check.sh mla     # benchmarks/tune_mla.py: MLA's passes, each launch config
+#                                           # forced (~4-5 minutes; its output comes back as tune_mla.log)
 # Benches run their quick grids unless FULL=1; ONLY="attention swiglu" runs just those benches (bench,
 # all). Liger-Kernel is installed from .whl/ when a wheel is there (git-ignored: the device tool must
 # carry it, carry [".whl"]; see README "Benchmarks").
@@ -29,7 +31,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
-case $what in bench|test|all|train|layers) ;; *) echo "usage: $0 bench|test|all|train|layers [pytest -k expr]" >&2; exit 2 ;; esac
+case $what in bench|test|all|train|layers|mla) ;; *) echo "usage: $0 bench|test|all|train|layers|mla [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
@@ -112,6 +114,11 @@ run_tests() {  # run_tests [-k expr] [test files, then pytest options; default: 
 
 if [ "$what" = test ]; then
   run_tests "${2:-}"
+  exit $failed
+fi
+if [ "$what" = mla ]; then
+  step tune_mla 420 "$PY" benchmarks/tune_mla.py
+  cp "$WORK/tune_mla.log" "$OUT/tune_mla.log"
   exit $failed
 fi
 train_caps=(300 300)
