@@ -18,7 +18,8 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id
 # (B, S, H, Hkv, D, softmax_scale). On the interpreter the query tile is 32 rows and the key tile 16 (16
 # and 32 in the dK/dV pass), so S = 1, 17, 64, 130 cover a lone token, ragged last tiles, exact tiles and
 # several diagonal tiles per block. H/Hkv 4/4, 4/2, 4/1 are MHA, GQA and MQA. D 48 and 8 are padded in
-# registers. softmax_scale 0.5 at D 32 gives logits of std ~3: peaked rows, where the running max matters.
+# registers, and so is D 192 (to 256). softmax_scale 0.5 at D 32 gives logits of std ~3: peaked rows, where the
+# running max matters.
 SHAPES = [
     pytest.param((2, 1, 4, 4, 32, None), id="B2-S1-H4/4-D32"),
     pytest.param((1, 17, 4, 2, 64, None), id="B1-S17-H4/2-D64"),
@@ -28,6 +29,7 @@ SHAPES = [
     pytest.param((1, 47, 4, 1, 64, None), id="B1-S47-H4/1-D64"),
     pytest.param((2, 33, 2, 1, 48, None), id="B2-S33-H2/1-D48"),
     pytest.param((1, 20, 3, 3, 8, 1.0), id="B1-S20-H3/3-D8"),
+    pytest.param((1, 19, 2, 1, 192, None), id="B1-S19-H2/1-D192"),
 ]
 # Larger shapes for the compiled kernels (every autotuned block size sees ragged and exact tiles).
 CUDA_SHAPES = [
