@@ -7,8 +7,10 @@ Builds a tiny randomly initialised LlamaForCausalLM (nothing is downloaded), the
 - registers lwt.functional.attention as an attention implementation. LlamaAttention keeps its q/k/v/o
   projections and RoPE; only the softmax(q kᵀ) v core runs in lwt, on the (B, H, S, D) tensors LLaMA
   computes, read as (B, S, H, D) views. K/V heads stay grouped (GQA): lwt reads them by index.
-and checks that the logits match the original model's. Needs `transformers` (with AttentionInterface,
-4.48 or newer); without it, prints one line and exits 0.
+and checks that the logits and gradients match the original model's. Causal batches without padding
+or a KV cache only: a padded batch (attention_mask with zeros) or a generate() that uses the cache raises
+a ValueError. Needs `transformers` 4.54 or newer (AttentionInterface, set_attn_implementation); without
+it, prints one line and exits 0.
 """
 import copy
 import pathlib
@@ -21,10 +23,13 @@ from lwt.functional import attention
 from lwt.layers import RMSNorm
 
 try:
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import sdpa_mask
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    if not hasattr(LlamaForCausalLM, "set_attn_implementation"):
+        raise ImportError("no PreTrainedModel.set_attn_implementation")
 except ImportError as e:
-    print(f"hf_llama_swap: skipped, transformers with AttentionInterface is not importable ({e})")
+    print(f"hf_llama_swap: skipped, needs transformers 4.54 or newer ({e})")
     sys.exit(0)
 
 
@@ -33,15 +38,29 @@ CALLS = {"lwt_attention": 0}
 
 def lwt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query (B, H, S, D), key/value (B, Hkv, S, D), after RoPE -> ((B, S, H, D), None), as
-    transformers' sdpa_attention_forward returns. Causal, no padding: the mask is not read, so batches
-    with padding (attention_mask with zeros) or a KV cache are outside what this snippet supports."""
+    transformers' sdpa_attention_forward returns. Causal only: lwt's kernel takes no mask, so a mask that
+    is more than causal (padding, packed sequences) or a KV cache is refused with a ValueError."""
     if dropout:
         raise ValueError("lwt_attention: attention dropout is not supported")
     if query.shape[2] != key.shape[2]:
-        raise ValueError("lwt_attention: needs as many keys as queries (no KV cache)")
+        raise ValueError("lwt_attention: needs as many keys as queries (no KV cache: generate(use_cache=False))")
+    if attention_mask is not None:  # sdpa_mask (registered below) gives None for a causal batch without padding
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        if not torch.equal(allowed, causal.expand_as(allowed)):
+            raise ValueError("lwt_attention: the attention mask is not plain causal (padding or packed "
+                             "sequences), which lwt's attention cannot apply")
     CALLS["lwt_attention"] += 1
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, D) views, no copy
     return attention(q, k, v, causal=True, softmax_scale=scaling), None
+
+
+def register_lwt_attention(name: str = "lwt", fn=lwt_attention) -> None:
+    """Register `fn` as attention implementation `name`, with sdpa's mask function: without a mask function
+    of its own, transformers passes attention_mask=None to a custom implementation even for a padded batch,
+    and sdpa's gives None only where the batch needs no more than causal masking."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def swap_rms_norms(model: torch.nn.Module) -> int:
@@ -67,7 +86,7 @@ def main():
             if isinstance(m, LlamaRMSNorm):
                 m.weight.uniform_(0.5, 1.5)
 
-    AttentionInterface.register("lwt", lwt_attention)
+    register_lwt_attention("lwt")
     swapped = copy.deepcopy(original)
     n_norms = swap_rms_norms(swapped)
     swapped.set_attn_implementation("lwt")
@@ -83,6 +102,24 @@ def main():
         raise RuntimeError("the lwt attention implementation was not used")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     print("logits match")
+
+    for model in (original, swapped):  # one training step's gradients, every parameter
+        model.train()
+        model(tokens, labels=tokens).loss.backward()
+    grads = dict(swapped.named_parameters())
+    for name, p in original.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    print("gradients match")
+
+    padded = torch.ones_like(tokens)
+    padded[1, :4] = 0  # left padding: lwt's attention takes no mask, so this must be refused, not ignored
+    try:
+        with torch.no_grad():
+            swapped(tokens, attention_mask=padded)
+    except ValueError as e:
+        print(f"padded batch refused: {e}")
+    else:
+        raise RuntimeError("a padded batch was not refused: its attention mask would have been ignored")
 
 
 if __name__ == "__main__":
