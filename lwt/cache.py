@@ -124,6 +124,9 @@ def cache_bytes(entries: int, seq_len: int, d_model: int, dtype: torch.dtype) ->
 
     Returns:
         N*S*D*itemsize (hidden) + N*S*4 (int32 tokens) + N*S (uint8 mask) + N*4 (float32 t).
+
+    Raises:
+        ValueError: any other dtype.
     """
     _check_dtype(dtype)
     return sum(_nbytes(dt, shape) for dt, shape in _layout(entries, seq_len, d_model, dtype).values())
@@ -137,7 +140,12 @@ class DiskSpaceError(RuntimeError):
 def remove_partials(directory, rank: int) -> None:
     """Delete the temporary files that a writer of rank `rank` left in `directory` when it crashed (a
     writer reserves its whole shard up front, so they hold a shard's worth of disk). Call it only where no
-    writer of that rank is running. A missing directory holds none."""
+    writer of that rank is running. A missing directory holds none.
+
+    Args:
+        directory: a stage's cache directory (str or path-like); it need not exist.
+        rank: the data-parallel rank whose rank{rank}.*.partial files are deleted; other ranks' are kept.
+    """
     directory = glob.escape(os.path.abspath(os.fspath(directory)))
     for path in glob.glob(os.path.join(directory, f"rank{rank}.*{PARTIAL}")):
         os.remove(path)
@@ -291,7 +299,9 @@ class CacheWriter:
             t: (B,) floating mask fractions.
 
         Raises:
-            ValueError: a shape or dtype does not match, or the rows would exceed `entries`.
+            ValueError: a shape or dtype does not match, a token id is outside [0, 2**31), or the rows would
+                exceed `entries`.
+            RuntimeError: the writer was already finished or aborted.
         """
         self._check_open()
         S, D = self.seq_len, self.d_model
@@ -344,6 +354,8 @@ class CacheWriter:
 
         Raises:
             ValueError: fewer than `entries` rows were appended (the writer stays open).
+            RuntimeError: the writer was already finished or aborted, or another writer deleted or replaced
+                one of its temporary files (nothing is published).
         """
         self._check_open()
         if self.rows != self.entries:
@@ -447,7 +459,15 @@ def _normalize_expected(key: str, value):
 
 
 class ActivationCache:
-    """One rank's shard of one stage, verified and memory-mapped read-only. Build it with open()."""
+    """One rank's shard of one stage, verified and memory-mapped read-only. Build it with open()
+    (the constructor raises TypeError); len() is the number of entries.
+
+    Attributes:
+        entries, seq_len, d_model: N, S and D of the shard.
+        dtype: torch dtype of the stored hidden states (float32, float16 or bfloat16).
+        meta: the writer's meta dict, as the manifest holds it. manifest: the whole manifest dict.
+        directory, rank: where the shard lives (an absolute path) and whose it is.
+    """
 
     entries: int
     seq_len: int
@@ -586,6 +606,10 @@ class ActivationCache:
         Returns:
             hidden (B, S, D) in the stored dtype, tokens (B, S) int64, mask (B, S) bool, t (B,) float32,
             all on the CPU (the caller moves them, e.g. with pin_memory/non_blocking).
+
+        Raises:
+            ValueError: index is not a 1-D integer tensor, or an entry is outside [0, entries).
+            RuntimeError: the cache was closed.
         """
         index = torch.as_tensor(index)
         if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
@@ -606,6 +630,10 @@ class ActivationCache:
 
         Yields:
             (start, hidden, tokens, mask, t) for rows [start, start + len): the same types as batch().
+
+        Raises:
+            ValueError: chunk is not an int >= 1. RuntimeError: the cache was closed. Both at the call,
+                not at the first next().
         """
         chunk = _int_at_least("chunk", chunk, 1)  # checked at the call, not at the first next()
         self._check_mapped()

@@ -32,6 +32,27 @@ from kernels._checks import MAX_HEAD_DIM, MAX_ROPE_DIM, _is_finite_real
 
 @dataclass
 class ModelConfig:
+    """The `model` section: the LWTModel's sizes, attention and frozen MLP. A plain dataclass: nothing is
+    checked until `validate`, which also resolves the None defaults.
+
+    Args:
+        vocab_size: real tokens, >= 1 (>= 256 with data.source text); the model adds [MASK] as id vocab_size.
+        d_model: model width, >= 1; a multiple of n_heads unless attn_type is mla with all three mla_*_dim set.
+        n_layers, n_heads, d_ff: blocks, query heads, SwiGLU hidden width; each >= 1.
+        n_kv_heads: K/V heads, >= 1; None: n_heads. standard needs n_heads, gqa a divisor of n_heads; mla
+            ignores it.
+        attn_type: "standard" (MHA) | "gqa" | "mla". For standard and gqa, d_model // n_heads must be even and
+            at most 256.
+        mla_rq: MLA query rank, >= 0; 0 projects queries directly. mla_rkv: MLA latent K/V rank, >= 1.
+        mla_nope_dim, mla_v_dim: MLA per-head sizes, 1..256; None: d_model // n_heads.
+        mla_rope_dim: MLA shared RoPE key size, even, 2..128; None: (d_model // n_heads) // 2.
+        tie_embeddings: the head is the embedding without its [MASK] row; False: a separate lm_head.
+        causal: causal attention; False (default) attends both ways, as mask diffusion needs.
+        rope_theta: RoPE frequency base, > 1.
+        frozen_seed: block k's frozen SwiGLU gate/up matrices are drawn from seed frozen_seed + k;
+            in [0, 2**64 - n_layers).
+        norm_eps: eps of every RMSNorm, > 0.
+    """
     vocab_size: int = 256           # real tokens; the model adds one [MASK] id (= vocab_size), never a target
     d_model: int = 128
     n_layers: int = 4
@@ -53,6 +74,15 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """The `objective` section: the mask-diffusion loss and its evaluation (see lwt.diffusion).
+
+    Args:
+        mask_fraction_min, mask_fraction_max: training masking rates t are drawn from
+            (mask_fraction_min, mask_fraction_max]; each in (0, 1], min <= max.
+        loss_weighting: "elbo" (1/t-weighted, a NELBO estimate) | "uniform" (mean CE over masked tokens).
+        eval_batches: validation batches per NELBO evaluation, >= 1.
+        eval_seed: seed of the evaluation's batches, t and masks (the same every evaluation); in [0, 2**64).
+    """
     mask_fraction_min: float = 0.05
     mask_fraction_max: float = 1.0
     loss_weighting: str = "elbo"    # elbo (1/t per masked token over all tokens) | uniform (mean over masked)
@@ -62,6 +92,17 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
+    """The `data` section: the token source (see lwt.data.build_data) and the batch shape.
+
+    Args:
+        source: "dummy" (random ids) | "text" (UTF-8 bytes) | "tokens" (a raw token file).
+        path: text: a UTF-8 file, None for Python's documentation topics; tokens: the file (required).
+            A leading ~ is expanded by validate.
+        token_dtype: item type of a tokens file: "uint16" | "uint32".
+        seq_len, batch_size: tokens per sequence and sequences per batch, each >= 1.
+        val_fraction: the last fraction of the corpus held out for validation, in (0, 1).
+        seed: seed of the dummy corpus, in [0, 2**64).
+    """
     source: str = "text"            # dummy | text | tokens
     path: str | None = None         # text: a UTF-8 file (None: Python's own documentation topics);
                                     # tokens: a raw uint16/uint32 token file
@@ -74,6 +115,26 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train` section: the layer-wise trainer's optimizer, schedule, cache, checkpoints and device.
+
+    Args:
+        max_steps: optimizer steps per stage, >= 1.
+        lr: peak learning rate, > 0. min_lr_ratio: the cosine's floor as a fraction of the peak, in [0, 1].
+        warmup_steps: linear warmup steps of each phase, >= 0 (a phase warms up over at most its own steps).
+        weight_decay: AdamW's, >= 0, on matrices only. beta1, beta2: AdamW's betas, each in [0, 1).
+        grad_clip: max gradient norm, >= 0; 0 disables clipping.
+        log_every: log the training loss every this many steps (and at a phase's last), >= 1.
+        cache: write each stage's outputs to disk for the next stage; False recomputes the frozen prefix.
+        cache_dir: where the caches go; None: <out_dir>/cache.
+        cache_sequences, cache_draws: sequences cached per rank and mask draws of each, each >= 1.
+        joint_steps: end-to-end tuning steps after the stages, >= 0; 0 skips the joint phase.
+        joint_lr: the joint phase's peak learning rate, > 0; None: lr.
+        ckpt_every: also checkpoint every this many steps, >= 0; 0: only when a phase ends or the run stops.
+        out_dir: the run's directory (checkpoints, metrics, table); a leading ~ is expanded by validate.
+        seed: the trainer's seed, in [0, 2**40) (its data and mask seeds are derived from it).
+        device: "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU) | "float32" | "bfloat16" | "float16".
+    """
     max_steps: int = 200            # per stage
     lr: float = 3e-3
     min_lr_ratio: float = 0.1       # the cosine reaches lr * min_lr_ratio at a phase's step count (just after
@@ -99,6 +160,11 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole config: one dataclass per section, each defaulting to its own defaults.
+
+    Args:
+        model, objective, data, train: a ModelConfig, ObjectiveConfig, DataConfig and TrainConfig.
+    """
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +246,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             given (`out_dir=2024`, `out_dir=runs/a#b`), unless null (or empty) or quoted.
     Returns:
         The validated Config, with the None defaults resolved (see `validate`).
+    Raises:
+        ValueError: an unreadable file, invalid YAML, an unknown section or key, a malformed or ambiguous
+            override, or a value `validate` refuses.
     """
     raw = {}
     if path is not None:
@@ -200,13 +269,27 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """The config as {section: {key: value}} of plain builtins; config_from_dict() gives it back exactly."""
+    """The config as {section: {key: value}} of plain builtins; config_from_dict() gives it back exactly.
+
+    Args:
+        cfg: a Config (not validated here).
+    Returns:
+        A new nested dict (dataclasses.asdict): the four sections, each with every key.
+    """
     return dataclasses.asdict(cfg)
 
 
 def config_from_dict(d: dict | None) -> Config:
     """Build and validate a Config from {section: {key: value}} (a parsed YAML file, a checkpoint's copy).
-    Missing sections and keys take their defaults; unknown ones are errors."""
+    Missing sections and keys take their defaults; unknown ones are errors.
+
+    Args:
+        d: {section: {key: value} or None}, or None (every key takes its default).
+    Returns:
+        The validated Config (see `validate`).
+    Raises:
+        ValueError: `d` or a section is not a mapping, an unknown section or key, or a value `validate` refuses.
+    """
     _check_layout(d)
     sections = {name: SECTIONS[name](**(values or {})) for name, values in (d or {}).items()}
     return validate(Config(**sections))
@@ -218,6 +301,10 @@ def validate(cfg: Config) -> Config:
     model.mla_v_dim: d_model // n_heads; model.mla_rope_dim: half of that; train.cache_dir:
     <out_dir>/cache; train.joint_lr: lr). `cfg` itself is not modified.
 
+    Args:
+        cfg: a Config whose sections are the four section dataclasses.
+    Returns:
+        A new Config, as above; a leading ~ in data.path, train.out_dir and train.cache_dir is expanded.
     Raises:
         ValueError naming the key as `section.key`, the value found and what is allowed.
     """
@@ -360,7 +447,14 @@ def _typed(section: str, cfg):
 
 def mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: int | None, v_dim: int | None):
     """(nope_dim, rope_dim, v_dim) of an MLA layer, each None replaced by its default: d_model // n_heads,
-    half of that (the shared RoPE key), d_model // n_heads. Unchecked: callers validate."""
+    half of that (the shared RoPE key), d_model // n_heads. Unchecked: callers validate.
+
+    Args:
+        d_model, n_heads: model width and query heads (positive ints; n_heads need not divide d_model).
+        nope_dim, rope_dim, v_dim: per-head sizes, or None for the default.
+    Returns:
+        (nope_dim, rope_dim, v_dim): each given value unchanged, each None replaced by its default.
+    """
     head_dim = d_model // n_heads
     return (head_dim if nope_dim is None else nope_dim, head_dim // 2 if rope_dim is None else rope_dim,
             head_dim if v_dim is None else v_dim)

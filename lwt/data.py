@@ -88,7 +88,15 @@ class TokenData:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
 
     def num_tokens(self, split: str) -> int:
-        """Number of tokens in `split` ("train" or "val")."""
+        """Number of tokens in `split`.
+
+        Args:
+            split: "train" or "val".
+        Returns:
+            The split's length, an int.
+        Raises:
+            ValueError: any other split name.
+        """
         return len(self._split(split))
 
     def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -104,6 +112,10 @@ class TokenData:
 
         Returns:
             (B, S) int64 tensor on the CPU.
+
+        Raises:
+            ValueError: an unknown split, batch_size < 1, seq_len outside 1..len(split), or a generator that
+                is not a torch.Generator.
         """
         data = self._split(split)
         n = len(data)
@@ -132,6 +144,10 @@ class TokenData:
 
         Returns:
             (N,) int64 tensor.
+
+        Raises:
+            ValueError: text with a character that is neither UTF-8 text nor an escaped byte; for the other
+                sources, a token that is not an integer or an id outside [0, vocab_size).
         """
         if self.source == "text":
             try:
@@ -181,6 +197,13 @@ class TokenData:
         """Entropy in nats of the split's token frequencies: the loss of a model that ignores context.
 
         Reads the split once, in chunks, so it is bounded in memory but costs a full pass over a big file.
+
+        Args:
+            split: "train" (default) or "val".
+        Returns:
+            The entropy in nats, a float >= 0.
+        Raises:
+            ValueError: any other split name.
         """
         data = self._split(split)
         counts = np.zeros(0, dtype=np.int64)
@@ -194,7 +217,14 @@ class TokenData:
 
 
 def entropy_of_counts(counts) -> float:
-    """Entropy in nats of the distribution given by non-negative counts (a NumPy array or a tensor)."""
+    """Entropy in nats of the distribution given by non-negative counts (a NumPy array or a tensor).
+
+    Args:
+        counts: non-negative counts of any shape (every element is one outcome), array-like or a CPU tensor;
+            zeros are skipped.
+    Returns:
+        -Σ p log p with p = counts / counts.sum(), in float64, as a Python float; 0 when every count is 0.
+    """
     counts = np.asarray(counts, dtype=np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -271,6 +301,9 @@ def default_text() -> tuple[str, str]:
 
     Returns:
         (text, origin): the text and a short description of where it came from.
+
+    Raises:
+        ValueError: the text found is under MIN_DEFAULT_TEXT_BYTES bytes (set data.path instead).
     """
     try:
         topics = importlib.import_module("pydoc_data.topics").topics

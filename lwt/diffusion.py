@@ -205,8 +205,16 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
 
 
 def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Entropy (nats) of the empirical token distribution of `tokens` (any shape, int ids >= 0): the
-    loss of a model that ignores context, printed beside the NELBO as a yardstick."""
+    """Entropy (nats) of the empirical token distribution of `tokens`: the loss of a model that ignores
+    context, printed beside the NELBO as a yardstick.
+
+    Args:
+        tokens: integer ids >= 0, any shape and device (counted on the CPU).
+    Returns:
+        The entropy in nats, a Python float (0 for an empty tensor).
+    Raises:
+        RuntimeError: a negative id (torch.bincount's error).
+    """
     return entropy_of_counts(torch.bincount(tokens.reshape(-1).long().cpu()).numpy())
 
 

@@ -29,8 +29,16 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
 
     The model is built in the dtype of the stored weights (so its frozen buffers are rounded as they were
     in training and the checksum can match), then kept in that dtype on CUDA and cast to fp32 on the CPU.
-    Returns (model in eval mode, data source). FileNotFoundError for a missing file; ValueError for a
-    malformed checkpoint or a checksum mismatch.
+
+    Args:
+        path: a checkpoint written by lwt.train_layerwise (final.pt, end_to_end.pt or checkpoint.pt).
+        device: where the model goes, "cpu" by default.
+    Returns:
+        (model, source): the LWTModel in eval mode, and the config's data.source ("dummy", "text" or "tokens").
+    Raises:
+        FileNotFoundError: no file at path.
+        ValueError: an unreadable or malformed checkpoint, an invalid config, weights that do not fit it, or
+            a frozen-matrix checksum mismatch.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
@@ -60,7 +68,14 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
 
 def tokenizer(source: str, vocab_size: int) -> TokenData:
     """lwt.data's encode/decode for `source` without loading any corpus: UTF-8 bytes for text (decoded
-    with errors="replace"), whitespace-separated ids otherwise."""
+    with errors="replace"), whitespace-separated ids otherwise.
+
+    Args:
+        source: the data source the model was trained on: "dummy", "text" or "tokens".
+        vocab_size: the model's vocabulary size (encode refuses ids outside [0, vocab_size) for non-text sources).
+    Returns:
+        A TokenData with empty splits: use only its encode() and decode().
+    """
     empty = torch.empty(0, dtype=torch.int64)
     return TokenData(empty, empty, vocab_size, source, "tokenizer only: no corpus")
 
@@ -98,6 +113,14 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring): load the checkpoint, sample, print each sample.
+
+    Args:
+        argv: the arguments, without the program name; None: sys.argv[1:].
+    Returns:
+        0. A bad flag, a missing or invalid checkpoint, or a prompt or setting that sampling refuses exits
+        with status 2 (SystemExit) and a message.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if not 0 <= args.seed < 2**64:

@@ -54,6 +54,8 @@ class LWTModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw the embedding (its [MASK] row included) and an untied lm_head from N(0, 0.02); the blocks
+        and the final norm keep theirs."""
         # N(0, 0.02) as GPT-2/nanoGPT. The head reads these rows: after the final RMSNorm a hidden state has
         # norm ≈ √D, so logits start with std ≈ 0.02·√D (0.23 at D = 128), near-uniform predictions and a
         # first loss ≈ ln V. torch's default N(0, 1) would start at std √D ≈ 11: confidently wrong. The input
@@ -65,7 +67,15 @@ class LWTModel(nn.Module):
     # -- the forward pass, in pieces the layer-wise trainer calls on their own ------------------------
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S) int64 in [0, vocab_size] (vocab_size = [MASK]) -> (B, S, D)."""
+        """The token embedding.
+
+        Args:
+            tokens: (B, S) int64 or int32 ids in [0, vocab_size] (vocab_size is [MASK]).
+        Returns:
+            (B, S, D) in the parameters' dtype.
+        Raises:
+            ValueError: tokens is not a 2-D int64/int32 tensor (ids are not range-checked here).
+        """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens: expected an int64 or int32 (batch, seq) tensor of ids in "
@@ -73,7 +83,16 @@ class LWTModel(nn.Module):
         return self.embed(tokens)  # (B, S, D)
 
     def run_blocks(self, h: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """h (B, S, D) through blocks[start:end] -> (B, S, D)."""
+        """Run h through blocks[start:end], in order.
+
+        Args:
+            h: (B, S, D) hidden states.
+            start, end: ints with 0 <= start <= end <= n_layers; end None: n_layers. start == end returns h.
+        Returns:
+            (B, S, D) in h's dtype.
+        Raises:
+            ValueError: start or end is not an int, or out of that range.
+        """
         n = len(self.blocks)
         end = n if end is None else end
         for name, value in (("start", start), ("end", end)):
@@ -90,8 +109,17 @@ class LWTModel(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, n_blocks: int | None = None) -> torch.Tensor:
-        """tokens (B, S) -> final normalised hidden states (B, S, D). n_blocks: run only the first n_blocks
-        blocks (0..n_layers; None: all), to evaluate what each layer-wise stage has trained."""
+        """The final normalised hidden states of noisy tokens (logits are never computed: see head_weight).
+
+        Args:
+            tokens: (B, S) int64 or int32 ids in [0, vocab_size] (vocab_size is [MASK]).
+            n_blocks: run only the first n_blocks blocks (an int in 0..n_layers; None: all), to evaluate
+                what each layer-wise stage has trained.
+        Returns:
+            (B, S, D): final_hidden(run_blocks(embed_tokens(tokens), 0, n_blocks)).
+        Raises:
+            ValueError: malformed tokens, or n_blocks not None and not an int in [0, n_layers].
+        """
         n = len(self.blocks)
         if n_blocks is not None and (isinstance(n_blocks, bool) or not isinstance(n_blocks, int)
                                      or not 0 <= n_blocks <= n):
@@ -132,8 +160,15 @@ class LWTModel(nn.Module):
 
     def load_trainable_state_dict(self, state_dict) -> None:
         """Load a trainable_state_dict() (a full state_dict is accepted too: its frozen buffers are
-        loaded). ValueError, before anything is copied, if a key other than a frozen buffer is missing or
-        unexpected, or a shape differs."""
+        loaded).
+
+        Args:
+            state_dict: {key: tensor}; the frozen buffers may be absent, and FP8 scales of w_gate/w_up
+                may be present.
+        Raises:
+            ValueError, before anything is copied: a key other than a frozen buffer is missing or
+                unexpected, or a shape differs.
+        """
         own = self.state_dict()
         frozen = set(self.frozen_buffer_names())
         # an FP8 checkpoint's scales load into a full-precision layer (FrozenSwiGLU dequantises with them)
@@ -150,7 +185,14 @@ class LWTModel(nn.Module):
         self.load_state_dict(state_dict, strict=False)
 
     def num_params(self, trainable_only: bool = True) -> int:
-        """Trainable parameters (True); or every parameter plus the frozen buffers (False)."""
+        """Count parameters.
+
+        Args:
+            trainable_only: True (default): parameters with requires_grad; False: every parameter plus
+                the frozen buffers (the SwiGLU gate/up matrices and any FP8 scales).
+        Returns:
+            The number of elements, an int.
+        """
         n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
         if not trainable_only:
             buffers = dict(self.named_buffers())

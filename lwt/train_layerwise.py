@@ -71,7 +71,16 @@ _CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_ch
 def parse_args(argv=None):
     """The CLI. Besides --config/--set, any `--key value` pair is a config override of a key that exists
     in one section (`--max_steps 50`), and `--dummy True` selects the dummy data source: the original
-    quickstart form `--dummy True --max_steps 50` works as it did."""
+    quickstart form `--dummy True --max_steps 50` works as it did.
+
+    Args:
+        argv: the arguments, without the program name; None: sys.argv[1:].
+    Returns:
+        An argparse.Namespace: config, resume, end_to_end, plot, dummy, stop_after, set, and overrides (the
+        `key=value` strings in the order applied: data.source=dummy for --dummy True, the --set ones, then
+        the --key value pairs). The keys and values are checked later, by lwt.config.load_config.
+    A malformed command line exits with status 2 (argparse's SystemExit).
+    """
     p = argparse.ArgumentParser(prog="python -m lwt.train_layerwise", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="YAML config (default: the dataclass defaults of lwt/config.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -117,7 +126,16 @@ def _parse_bool(text: str) -> bool:
 
 
 class Dist:
-    """Rank, world size and device; a process group when launched by torchrun with WORLD_SIZE > 1."""
+    """Rank, world size and device; a process group when launched by torchrun with WORLD_SIZE > 1.
+
+    Args:
+        device_name: train.device: "auto" (cuda when available) | "cpu" | "cuda" (LOCAL_RANK's GPU when
+            WORLD_SIZE > 1, else the current one) | "cuda:N".
+    Attributes: world, rank (from WORLD_SIZE, RANK), device (a torch.device, made current on CUDA), main
+    (rank 0). With WORLD_SIZE > 1 it initialises the default process group (nccl on CUDA, gloo otherwise).
+    Raises:
+        ValueError: a CUDA device is asked for but none is visible, or its index is not below the GPU count.
+    """
 
     def __init__(self, device_name: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -144,6 +162,7 @@ class Dist:
         self.main = self.rank == 0
 
     def all_mean(self, value: float) -> float:
+        """The mean of `value` over the ranks, as a float (a collective: every rank calls it)."""
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -159,6 +178,7 @@ class Dist:
         return bool(t.item())
 
     def gather(self, obj):
+        """Every rank's picklable `obj`, as a list in rank order (a collective: every rank calls it)."""
         if self.world == 1:
             return [obj]
         out = [None] * self.world
@@ -166,10 +186,12 @@ class Dist:
         return out
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a single process)."""
         if self.world > 1:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the process group, if this is a multi-process run and it is still initialised."""
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -182,6 +204,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of train.dtype `name` ("auto": bfloat16 on a CUDA `device`, else float32)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -191,7 +214,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def phases(cfg: Config, end_to_end: bool) -> list[tuple[str, int, int]]:
     """(name, index, optimizer steps) of every phase, in order. The end-to-end phase gets the steps of
-    all the others, so both sides see the same number of tokens."""
+    all the others, so both sides see the same number of tokens.
+
+    Args:
+        cfg: the validated Config (model.n_layers, train.max_steps, train.joint_steps).
+        end_to_end: append the end-to-end comparison phase.
+    Returns:
+        [("stage", k, max_steps) for each layer k], then ("joint", 0, joint_steps) unless joint_steps is 0,
+        then ("end-to-end", 0, the sum of the others' steps) when end_to_end.
+    """
     L, steps = cfg.model.n_layers, cfg.train.max_steps
     out = [("stage", k, steps) for k in range(L)]
     if cfg.train.joint_steps:
@@ -202,6 +233,7 @@ def phases(cfg: Config, end_to_end: bool) -> list[tuple[str, int, int]]:
 
 
 def phase_label(name: str, index: int) -> str:
+    """How logs and the table name a phase: "stage k" for stage `index`, else `name` itself."""
     return f"stage {index}" if name == "stage" else name
 
 
@@ -215,7 +247,13 @@ def trainable_core(model: LWTModel, name: str, k: int) -> nn.Module:
 
 
 def set_trainable(model: LWTModel, core: nn.Module) -> list[nn.Parameter]:
-    """requires_grad on the core's parameters, off elsewhere; the frozen rest goes to eval mode."""
+    """requires_grad on the core's parameters, off elsewhere; the frozen rest goes to eval mode.
+
+    Args:
+        model: the LWTModel. core: the part to train (trainable_core's result), inside model.
+    Returns:
+        The model's parameters that now require grad, in model.parameters() order.
+    """
     model.requires_grad_(False)
     model.eval()
     core.requires_grad_(True)
@@ -226,7 +264,14 @@ def set_trainable(model: LWTModel, core: nn.Module) -> list[nn.Parameter]:
 def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on the matrices (projections, the tied embedding), none on
     vectors (RMSNorm weights, whose decay would pull them towards 0 rather than 1: nanoGPT's split by
-    dimension). One group when weight_decay is 0 (the default)."""
+    dimension). One group when weight_decay is 0 (the default).
+
+    Args:
+        params: the tensors to optimise. weight_decay: >= 0, applied to those with 2 or more dims.
+    Returns:
+        A list of {"params", "weight_decay"} dicts for torch.optim.AdamW; with weight_decay > 0, a group
+        with no tensor is left out.
+    """
     if weight_decay == 0:
         return [dict(params=params, weight_decay=0.0)]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
@@ -253,7 +298,14 @@ def _regrouped(saved: dict, params: list, opt: torch.optim.Optimizer) -> dict:
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup over `warmup` steps, then a cosine from lr down to lr · min_ratio at `total` (the step
     after a phase's last: nanoGPT's convention). With warmup = total (a phase of at most warmup_steps steps)
-    the phase only warms up."""
+    the phase only warms up.
+
+    Args:
+        step: 0-based step in the phase. total: the phase's steps. lr: the peak rate.
+        warmup: warmup steps (the caller passes min(train.warmup_steps, total)). min_ratio: the floor / lr.
+    Returns:
+        The learning rate of `step`: lr · (step + 1) / warmup during warmup, then the cosine.
+    """
     if step < warmup:
         return lr * (step + 1) / warmup
     span = max(1, total - warmup)
@@ -272,12 +324,21 @@ class StageZero(nn.Module):
         self.lm_head = model.lm_head  # None when tied
 
     def forward(self, noisy):
+        """noisy (B, S) token ids -> (B, S, D): the final norm of block 0's output, as the one-block model's."""
         return self.norm(self.block(self.embed(noisy)))  # (B, S, D)
 
 
 # -- the trainer ---------------------------------------------------------------------------------------
 
 class Trainer:
+    """One rank's layer-wise run: every phase of phases(), its checkpoints, caches, metrics and table.
+
+    Args:
+        cfg: the validated Config. args: parse_args's namespace (end_to_end, stop_after are read).
+        env: this rank's Dist.
+    Building it loads the data (build_data) and builds the model on env.device; run() trains.
+    """
+
     def __init__(self, cfg: Config, args, env: Dist):
         self.cfg, self.args, self.env = cfg, args, env
         t = cfg.train
@@ -491,6 +552,7 @@ class Trainer:
                 self.delete_cache(int(j))
 
     def check_cache_room(self) -> None:
+        """DiskSpaceError unless one stage's cache for every local rank fits in cache_dir (see check_disk_space)."""
         check_disk_space(self.cache_dir, self._cache_bytes_here())
 
     def open_cache(self, k: int) -> ActivationCache:
@@ -720,6 +782,7 @@ class Trainer:
             self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
 
     def stop_requested(self) -> bool:
+        """Whether to stop now: a SIGTERM reached some rank, or --stop_after's steps have run."""
         return self.terminated or (self.args.stop_after is not None and self.steps_run >= self.args.stop_after)
 
     @property
@@ -727,6 +790,7 @@ class Trainer:
         return os.path.join(self.out_dir, "metrics.jsonl")
 
     def log(self, record: dict) -> None:
+        """Append `record` as one JSON line to metrics.jsonl (rank 0 only; other ranks do nothing)."""
         if not self.env.main:
             return
         os.makedirs(self.out_dir, exist_ok=True)
@@ -770,7 +834,12 @@ class Trainer:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; one line per log step when stdout is not a terminal."""
+    """A one-line progress bar on a terminal; one line per log step when stdout is not a terminal.
+
+    Args:
+        label: the phase's name. total: the phase's steps (> 0). enabled: False prints nothing.
+    update(step, loss, rate) redraws the bar (loss, and rate in tokens/s); close() ends its line.
+    """
 
     def __init__(self, label: str, total: int, enabled: bool):
         self.label, self.total, self.enabled = label, total, enabled
@@ -792,7 +861,15 @@ class Progress:
 def print_table(history: list[dict], unigram: float | None) -> str:
     """The final table: one line per phase. "wall s" is the training steps; "cache s" writing the
     activation cache after them; tok/s counts training tokens per second from the phase's second step on
-    (the first compiles and autotunes the kernels on a GPU; "wall s" includes it)."""
+    (the first compiles and autotunes the kernels on a GPU; "wall s" includes it).
+
+    Args:
+        history: one dict per row (phase, nelbo, ppl_bound, tokens, wall_s, cache_s, tokens_per_s, peak_mib,
+            peak_kind), as Trainer.history holds them.
+        unigram: the training tokens' unigram entropy in nats, for a last line; None: no such line.
+    Returns:
+        The table as one string (it prints nothing itself).
+    """
     head = (f"{'phase':>11} {'val NELBO':>10} {'ppl <=':>9} {'tokens':>12} {'wall s':>8} {'cache s':>8} "
             f"{'tok/s':>10} {'peak MiB':>10}")
     lines = [head, "-" * len(head)]
@@ -809,6 +886,13 @@ def print_table(history: list[dict], unigram: float | None) -> str:
 
 
 def plot(history_path: str, out_png: str) -> None:
+    """Write the training-loss curves (one per phase) and the validation NELBO bars to a PNG.
+
+    Args:
+        history_path: a metrics.jsonl written by the trainer. out_png: the image to write.
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -866,7 +950,17 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
     missing), so that a second run on the same out_dir (or the same cache_dir) while this one lives is
     refused instead of overwriting its checkpoints and deleting its caches. The lock lives as long as the
     returned files stay open; the OS drops it when the process ends, however it ends, so a killed run
-    leaves no stale lock. Returns (the open lock files, one message per lock another process holds)."""
+    leaves no stale lock.
+
+    Args:
+        dirs: {config key: directory}, e.g. {"train.out_dir": ...}; a directory reached twice (by another
+            path) is locked once.
+        rank: this process's rank: each rank takes its own lock file.
+    Returns:
+        (the open lock files, messages). On the first lock another process holds: ([], one message naming
+        it), after releasing the locks this call took. Without fcntl, or where a filesystem refuses flock,
+        the run goes on unlocked and says so on stderr.
+    """
     files, busy, seen, made = [], [], set(), []
     if fcntl is None:
         print(f"rank {rank}: no fcntl on this platform: this run goes on without locking "
@@ -918,7 +1012,11 @@ def remove_dead_writers_temps(out_dir: str) -> None:
     """Delete the temporary files (<name>.pt.tmp<pid>) that _atomic_save left in out_dir when its process
     was killed mid-write: those of processes no longer running on this machine (a live writer's file is its
     own; a writer on another machine sharing out_dir would look dead). POSIX only (elsewhere signal 0 is no
-    mere question)."""
+    mere question).
+
+    Args:
+        out_dir: the run's directory (train.out_dir).
+    """
     if os.name != "posix":
         return
     for path in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp[0-9]*")):
@@ -937,8 +1035,16 @@ def remove_dead_writers_temps(out_dir: str) -> None:
 
 
 def read_checkpoint(path: str):
-    """torch.load(path) with weights_only (a checkpoint never runs code), onto the CPU; a file that is not
-    a torch checkpoint, is damaged or holds other objects is a ValueError naming it."""
+    """torch.load(path) with weights_only (a checkpoint never runs code), onto the CPU.
+
+    Args:
+        path: the checkpoint file.
+    Returns:
+        The loaded object (the trainer's checkpoints are dicts).
+    Raises:
+        ValueError: naming the file, when it is not a torch checkpoint, is damaged, or holds objects other
+            than weights. OSError and MemoryError (the file cannot be read or held) pass through.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
@@ -955,6 +1061,17 @@ def read_checkpoint(path: str):
 
 
 def main(argv=None) -> int:
+    """The command line (see the module docstring and parse_args): train every phase, then write the table.
+
+    Args:
+        argv: the arguments, without the program name; None: sys.argv[1:].
+    Returns:
+        0 when the run finished or --stop_after stopped it; 143 (128 + SIGTERM) when a SIGTERM stopped it.
+        Either way a stopped run wrote a checkpoint to resume from.
+    Raises:
+        ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
+            without --resume, or a checkpoint or cache that does not match. DiskSpaceError: no room for a cache.
+    """
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.plot:
