@@ -174,6 +174,12 @@ def _scale_kernel(X, G, n, BLOCK: tl.constexpr):
 _MODE_SCALE_ELEMENTS = 1 << 24
 
 
+def _scaled(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """_scale_'s result in torch ops, as a new tensor (for traced graphs and dispatch modes, which do not
+    see the kernel): t · g in fp32, rounded to t's dtype once; exact zeros stay zero."""
+    return torch.where(t == 0, t, (t.float() * g).to(t.dtype))
+
+
 def _scale_(t: torch.Tensor, g: torch.Tensor) -> None:
     """t *= g in place; g a one-element fp32 tensor (the upstream gradient, on the device: no sync). In
     torch, a 16-bit t would meet g cast to its dtype: a GradScaler's 65536 is inf in fp16. Exact zeros
@@ -424,7 +430,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # one element here (mean/sum); an empty (not needed) gradient stays empty. Inductor still scales
             # in place: AOTAutograd donates the saved dh and dw to the backward graph, whose buffers Inductor
             # reuses (tests/test_library_ops.py checks that the returned gradients are the forward's).
-            dh, dw = (torch.where(t == 0, t, (t.float() * g).to(t.dtype)) for t in (dh, dw))
+            dh, dw = (_scaled(t, g) for t in (dh, dw))
         elif (need_dh or need_dw) and dispatch_modes():
             # Under a TorchDispatchMode (FlopCounterMode, FakeTensorMode, ...): the same in-place scaling in
             # torch ops, which the mode sees (_scale_'s launch is no op at all: FakeTensorMode would hand it
@@ -433,7 +439,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.scaled = True
             for t in (dh, dw):
                 for rows in t.split(max(1, _MODE_SCALE_ELEMENTS // max(1, t.shape[-1]))):
-                    rows.copy_(torch.where(rows == 0, rows, (rows.float() * g).to(rows.dtype)))
+                    rows.copy_(_scaled(rows, g))
         elif need_dh or need_dw:
             ctx.scaled = True
             # The gradients were computed for an upstream gradient of 1: scale them in place (no copies).

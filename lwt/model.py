@@ -60,7 +60,7 @@ class LWTModel(nn.Module):
         # norm ≈ √D, so logits start with std ≈ 0.02·√D (0.23 at D = 128), near-uniform predictions and a
         # first loss ≈ ln V. torch's default N(0, 1) would start at std √D ≈ 11: confidently wrong. The input
         # side does not care about the scale: every block normalises its input first.
-        nn.init.normal_(self.embed.weight, mean=0.0, std=0.02)
+        self.embed.reset_parameters()  # (_TokenEmbedding: N(0, 0.02))
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head, mean=0.0, std=0.02)
 

@@ -211,12 +211,12 @@ def test_interpreter_switched_on_after_triton_was_imported_is_a_clear_error():
 def test_batched_backward_on_the_kernel_path_is_a_clear_error(monkeypatch):
     """torch.autograd.grad(is_grads_batched=True) runs the backward under vmap, whose BatchedTensors the
     launchers cannot read (it was a NotImplementedError from deep in the launch); the reference path runs it."""
-    x = torch.randn(2, 3, 8, requires_grad=True)
-    w = torch.ones(8)
+    x = torch.randn(2, 3, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE)
     for backend in ("triton", "reference"):
         monkeypatch.setenv("LWT_BACKEND", backend)
         y = F.rms_norm(x, w)
-        grads = torch.randn(4, *y.shape)
+        grads = torch.randn(4, *y.shape, device=DEVICE)
         if backend == "triton":
             with pytest.raises(RuntimeError, match="cannot be batched"):
                 torch.autograd.grad(y, x, grads, is_grads_batched=True)
