@@ -20,6 +20,8 @@ joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are
 cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume. Each rank locks
 out_dir (and cache_dir, when it caches) for the run's life: a second run on them is refused. A SIGTERM stops
 the run at the next step (with DDP: the next log step, where the ranks agree) with a checkpoint; exit 143.
+A NaN or inf loss (read at log steps), trained weights (checked before each save and at a phase's end) or
+validation NELBO stops it with TrainingDiverged (exit 1), saving nothing more.
 
 Multi-GPU / multi-node: `torchrun --nproc_per_node N -m lwt.train_layerwise ...` runs DDP over data on
 what the phase trains (frozen parts are not wrapped; no buffer is broadcast: every rank regenerates the
@@ -64,6 +66,12 @@ RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "lo
 # What Trainer.save writes and resume reads.
 _CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_checksum", "phase", "step",
                     "optimizer", "master", "history", "phase_wall", "metrics_lines"}
+
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss, the trained weights or a phase's validation NELBO stopped being finite (NaN or
+    inf): the run stops without saving those weights. The message says what the last checkpoint holds."""
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -359,6 +367,7 @@ class Trainer:
         self.mask_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 17 * env.rank + 2)
         self.history = []       # one dict per finished phase: the final table
         self.position = (0, 0)  # (phase index, step) to run next
+        self.saved_at = None    # the position checkpoint.pt holds (None: not written yet)
         self.opt_state = None
         self.master = None        # fp32 master copies of the trained parameters (16-bit models)
         self._input_cache = (None, None)  # (k, block k's cache) as the current stage opened it
@@ -385,6 +394,7 @@ class Trainer:
         frozen_seed; their checksum is). Written to a temp file, then renamed: never half a checkpoint."""
         rng = {"data": self.data_gen.get_state(), "mask": self.mask_gen.get_state(), "torch": torch.get_rng_state()}
         all_rng = self.env.gather(rng)
+        self.saved_at = self.position  # (every rank knows what rank 0 writes)
         if not self.env.main:
             return
         state = {
@@ -436,7 +446,7 @@ class Trainer:
         self.data_gen.set_state(rng["data"])
         self.mask_gen.set_state(rng["mask"])
         torch.set_rng_state(rng["torch"])
-        self.position = (state["phase"], state["step"])
+        self.position = self.saved_at = (state["phase"], state["step"])
         self.opt_state = state["optimizer"]
         self.master_state = state["master"]
         self.history = json.loads(state["history"])
@@ -719,6 +729,8 @@ class Trainer:
             last = step + 1 == total
             if (step + 1) % c.train.log_every == 0 or last:
                 value = env.all_mean(loss.item())
+                if not math.isfinite(value):  # (the same mean on every rank: all of them stop)
+                    raise self.diverged(f"{label}, step {step + 1}: the training loss is {value}", name)
                 now = time.perf_counter()
                 rate = steps_log * tokens_per_step / max(now - t_log, 1e-9)
                 t_log, steps_log = now, 0
@@ -728,6 +740,8 @@ class Trainer:
             if env.world == 1 or (step + 1) % c.train.log_every == 0:  # with DDP, where loss.item() syncs anyway
                 self.terminated = env.any(self.sigterm)
             if not last and (self.stop_requested() or (c.train.ckpt_every and (step + 1) % c.train.ckpt_every == 0)):
+                self.check_finite(params + (master if self.master is not None else []), f"{label}, step {step + 1}",
+                                  name)
                 self.phase_wall = time.perf_counter() - t0
                 self.save(opt)
             if not last and self.stop_requested():
@@ -738,7 +752,11 @@ class Trainer:
         wall = now - t0
         steady_rate = (steady_steps * tokens_per_step / max(now - t_steady, 1e-9) if steady_steps
                        else total * tokens_per_step / max(wall, 1e-9))
+        # (the last step's loss was logged, hence checked; an update it made may still have overflowed)
+        self.check_finite(params + (master if self.master is not None else []), f"{label}, step {total}", name)
         result = self.evaluate(k + 1 if name == "stage" else None)
+        if env.any(not math.isfinite(result["nelbo"])):
+            raise self.diverged(f"{label}: the validation NELBO after step {total} is {result['nelbo']}", name)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         self.history.append(dict(phase=label, nelbo=result["nelbo"], ppl_bound=result["ppl_bound"],
@@ -754,6 +772,28 @@ class Trainer:
         if self.writes_cache(index):
             self.save(None)  # position (index, total), trained and evaluated: the cache write may fail
         return True
+
+    def check_finite(self, tensors: list[torch.Tensor], where: str, phase_name: str) -> None:
+        """Raise TrainingDiverged, on every rank, if any of `tensors` (the trained weights, about to be
+        saved or evaluated) holds a NaN or an inf: a collective, at the same point on every rank."""
+        bad = bool(tensors) and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if self.env.any(bad):
+            raise self.diverged(f"{where}: the trained weights are no longer finite (NaN or inf)", phase_name)
+
+    def diverged(self, what: str, phase_name: str) -> TrainingDiverged:
+        """The error for a run that stops on a NaN or inf: what happened, what checkpoint.pt still holds,
+        and what to change. Nothing is saved after it, so the checkpoint and caches hold finite weights."""
+        t = self.cfg.train
+        lr_key, lr = ("train.joint_lr", t.joint_lr) if phase_name == "joint" else ("train.lr", t.lr)
+        change = f"a lower {lr_key} (now {lr:g})" + (" or a train.grad_clip above 0" if t.grad_clip == 0 else "")
+        if self.saved_at is None:
+            return TrainingDiverged(f"{what}: the run diverged and stopped before its first checkpoint; start "
+                                    f"again with {change}")
+        index, step = self.saved_at  # (a phase not yet finished: this one or an earlier one)
+        label = phase_label(*self.phases[index][:2])
+        kept = f"{self.ckpt_path} holds " + (f"the start of {label}" if step == 0 else f"{label}, step {step}")
+        return TrainingDiverged(f"{what}: the run diverged and stopped, saving nothing more ({kept}). A --resume "
+                                f"would repeat the same steps: start again in a new train.out_dir with {change}")
 
     def writes_cache(self, index: int) -> bool:
         """Whether phase `index` ends by writing its block's activation cache (for the next stage)."""
@@ -1071,6 +1111,8 @@ def main(argv=None) -> int:
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
             without --resume, or a checkpoint or cache that does not match. DiskSpaceError: no room for a cache.
+        TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
+            saved after it).
     """
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -1146,6 +1188,6 @@ if __name__ == "__main__":
     except ValueError as e:  # a bad config, flag, checkpoint or cache: the message says which and why
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (DiskSpaceError, OSError) as e:  # the machine, not the input: no room, a path that cannot be made
-        print(f"error: {e}", file=sys.stderr)
+    except (DiskSpaceError, OSError, TrainingDiverged) as e:  # the machine (no room, a path that cannot be made)
+        print(f"error: {e}", file=sys.stderr)  # or the training itself (NaN): not the input
         sys.exit(1)

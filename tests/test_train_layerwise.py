@@ -197,6 +197,60 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, mon
         assert torch.equal(a[key], b[key]), key
 
 
+def _nan_loss_at(monkeypatch, call):
+    """Make the training loss of the `call`-th step of the run (1-based, over all phases) NaN: its
+    gradients, hence the weights after its update, are NaN too."""
+    calls, loss = [], T.Trainer.loss
+
+    def poisoned(self, *args):
+        calls.append(1)
+        value = loss(self, *args)
+        return value * float("nan") if len(calls) == call else value
+
+    monkeypatch.setattr(T.Trainer, "loss", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    """A NaN loss at step 1 is seen at the first log step (2): the run stops with an error saying so and
+    writes neither a checkpoint nor block 0's cache of NaN activations."""
+    _nan_loss_at(monkeypatch, 1)
+    with pytest.raises(T.TrainingDiverged, match=r"^stage 0, step 2: the training loss is nan: .* before its first "
+                                                 r"checkpoint; start again with a lower train.lr \(now 0.003\)$"):
+        _run(tmp_path, name="nan")
+    out = tmp_path / "nan"
+    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "cache" / "stage0").exists() or not os.listdir(out / "cache" / "stage0")
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """Weights made NaN by step 2 of stage 1 (step 8 of the run), with a checkpoint due at step 3 and no log
+    step before it: the checkpoint is not overwritten (it still holds the start of stage 1, finite), block
+    0's cache is intact, and a resume without the fault ends as an uninterrupted run."""
+    every = ("--set", "train.ckpt_every=3", "--set", "train.log_every=4", "--set", "train.grad_clip=0")
+    _, full = _run(tmp_path, *every, name="full")
+    with monkeypatch.context() as m:
+        _nan_loss_at(m, 8)
+        with pytest.raises(T.TrainingDiverged, match=r"^stage 1, step 3: the trained weights are no longer finite "
+                                                     r".*checkpoint.pt holds the start of stage 1\). A --resume .* "
+                                                     r"or a train.grad_clip above 0$"):
+            _run(tmp_path, *every, name="part")
+    part = tmp_path / "part"
+    saved = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert (saved["phase"], saved["step"]) == (1, 0)
+    assert all(torch.isfinite(w).all() for w in saved["model"].values())
+    assert _run(tmp_path, *every, "--resume", name="part")[0] == 0  # reads block 0's cache: checked on open
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_nan_validation_nelbo_stops_before_the_cache_write(tmp_path, monkeypatch):
+    evaluate = T.Trainer.evaluate
+    monkeypatch.setattr(T.Trainer, "evaluate", lambda self, n: {**evaluate(self, n), "nelbo": float("nan")})
+    with pytest.raises(T.TrainingDiverged, match=r"^stage 0: the validation NELBO after step 6 is nan: "):
+        _run(tmp_path, name="nan")
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
 def test_resume_of_a_one_group_optimizer_state(tmp_path):
     """A checkpoint whose AdamW state has one parameter group (written before weight decay spared the norm
     weights) resumes with weight decay on: each parameter keeps its moments, so the run ends as one resumed
