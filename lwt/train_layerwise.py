@@ -269,6 +269,60 @@ def set_trainable(model: LWTModel, core: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def step_flops(model: LWTModel, name: str, k: int, cached: bool, batch: int, seq_len: int) -> tuple[int, int]:
+    """Model FLOPs of one training step of phase (name, k) on one rank, in two parts: the step costs
+    `per_batch + per_masked · M` with M the batch's masked tokens (only those reach the head).
+
+    Counted as torch.utils.flop_counter counts the step on the reference path (tests/test_train_layerwise.py
+    checks it against FlopCounterMode): matmul FLOPs only, 2·m·n·k per product, attention's two S-long
+    products in full (no causal discount); forward and what the backward computes for this phase (dX of
+    every projection of the block(s) trained, dW of the trained ones, not of the frozen gate/up matrices or
+    of a frozen head). Model FLOPs: what the Triton kernels recompute (attention's scores in its backward,
+    a recomputing SwiGLU MLP, the cross entropy's deferred logits) is not counted, as MFU counts.
+
+    Args:
+        model: the LWTModel. name, k: the phase (phases()'s entries). cached: a stage k > 0 that reads block
+            k-1's cache (False: it runs the frozen prefix forward itself). batch, seq_len: of one rank's step.
+    Returns:
+        (per_batch, per_masked) FLOPs.
+    """
+    def per_token(block):  # forward FLOPs per token: (trained projections, frozen gate/up, attention)
+        attn = block.attn
+        qk, v = ((attn.nope_dim + attn.rope_dim, attn.v_dim) if hasattr(attn, "nope_dim")
+                 else (attn.head_dim, attn.head_dim))
+        trained = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear)) + block.mlp.w_down.numel()
+        frozen = block.mlp.w_gate.numel() + block.mlp.w_up.numel()
+        return 2 * trained, 2 * frozen, 2 * seq_len * attn.n_heads * (qk + v)
+
+    blocks = list(model.blocks)
+    trained = blocks if name != "stage" else [blocks[k]]
+    prefix = blocks[:k] if name == "stage" and not cached else []  # run under no_grad: forward only
+    flops = 0
+    for block in trained:  # the backward: dX and dW of the trained projections, dX of the frozen ones, and
+        w, f, a = per_token(block)  # attention's four products (dP, dV, dQ, dK) against its forward's two
+        flops += 3 * w + 2 * f + 3 * a
+    for block in prefix:
+        flops += sum(per_token(block))
+    head = 2 * model.cfg.d_model * model.vocab_size  # one masked row's logits
+    head_trained = name != "stage" or k == 0
+    return batch * seq_len * flops, head * (3 if head_trained else 2)  # forward, dH (and dW)
+
+
+# Dense 16-bit (bf16/fp16) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's datasheets, by the first
+# match in torch.cuda.get_device_name (so GH200 before H200, the H100 variants before plain H100 = SXM).
+_PEAK_16BIT_TFLOPS = (("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0),
+                      ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The dense 16-bit peak of `device`'s GPU, for MFU; None on the CPU, for fp32 runs (no tensor-core
+    peak applies to the kernels' IEEE fp32 products) and for GPUs not in the table."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in _PEAK_16BIT_TFLOPS if part in gpu), None)
+
+
 def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
     """AdamW parameter groups: weight decay on the matrices (projections, the tied embedding), none on
     vectors (RMSNorm weights, whose decay would pull them towards 0 rather than 1: nanoGPT's split by
@@ -688,6 +742,8 @@ class Trainer:
         t0 = time.perf_counter() - self.phase_wall
         t_log, steps_log = time.perf_counter(), 0
         t_steady, steady_steps = None, 0  # tokens/s leaves out the first step (compilation and autotuning)
+        per_batch, per_masked = step_flops(self.model, name, k, cached, c.data.batch_size, c.data.seq_len)
+        masked = torch.zeros((), dtype=torch.int64, device=self.device)  # this invocation's, on this rank
         for step in range(start_step, total):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, lr, warmup, c.train.min_lr_ratio)
@@ -703,6 +759,7 @@ class Trainer:
                     final = self.model.final_hidden(core(prefix))
                 else:  # stage 0 (StageZero), joint and end-to-end (LWTModel): noisy tokens -> final hidden
                     final = core(noisy)
+            masked += mask.sum()  # (on the device: read once, at the phase's end)
             loss = self.loss(final, tokens, mask, t)
             loss.backward()
             if self.master is not None:
@@ -759,9 +816,15 @@ class Trainer:
             raise self.diverged(f"{label}: the validation NELBO after step {total} is {result['nelbo']}", name)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        # model FLOPs per token at this invocation's share of masked tokens, times this rank's tokens/s
+        batch_tokens = c.data.batch_size * c.data.seq_len
+        per_token = (per_batch + per_masked * masked.item() / (total - start_step)) / batch_tokens
+        tflops = per_token * steady_rate / env.world / 1e12
+        peak_flops = peak_tflops(self.device, self.dtype)
         self.history.append(dict(phase=label, nelbo=result["nelbo"], ppl_bound=result["ppl_bound"],
                                  tokens=total * tokens_per_step, wall_s=wall, cache_s=0.0,
-                                 tokens_per_s=steady_rate, peak_mib=peak,
+                                 tokens_per_s=steady_rate, tflops=tflops,
+                                 mfu=None if peak_flops is None else tflops / peak_flops, peak_mib=peak,
                                  peak_kind="cuda" if self.device.type == "cuda" else "rss"))
         self.log(dict(phase=label, eval=result))
         if env.main:
@@ -850,7 +913,8 @@ class Trainer:
         """Before joint tuning: the assembled stack's NELBO (the table's "fused" line)."""
         result = self.evaluate(None)
         self.history.append(dict(phase="fused", nelbo=result["nelbo"], ppl_bound=result["ppl_bound"], tokens=0,
-                                 wall_s=0.0, cache_s=0.0, tokens_per_s=0.0, peak_mib=0.0, peak_kind="-"))
+                                 wall_s=0.0, cache_s=0.0, tokens_per_s=0.0, tflops=None, mfu=None, peak_mib=0.0,
+                                 peak_kind="-"))
         self.log(dict(phase="fused", eval=result))
 
     def run(self) -> bool:
@@ -901,22 +965,27 @@ class Progress:
 def print_table(history: list[dict], unigram: float | None) -> str:
     """The final table: one line per phase. "wall s" is the training steps; "cache s" writing the
     activation cache after them; tok/s counts training tokens per second from the phase's second step on
-    (the first compiles and autotunes the kernels on a GPU; "wall s" includes it).
+    (the first compiles and autotunes the kernels on a GPU; "wall s" includes it). TFLOP/s is one rank's
+    model FLOPs (step_flops) at that rate; MFU divides it by the GPU's dense 16-bit peak (peak_tflops),
+    "-" where none is known (the CPU, fp32 runs, GPUs not in the table).
 
     Args:
-        history: one dict per row (phase, nelbo, ppl_bound, tokens, wall_s, cache_s, tokens_per_s, peak_mib,
-            peak_kind), as Trainer.history holds them.
+        history: one dict per row (phase, nelbo, ppl_bound, tokens, wall_s, cache_s, tokens_per_s, tflops,
+            mfu, peak_mib, peak_kind), as Trainer.history holds them.
         unigram: the training tokens' unigram entropy in nats, for a last line; None: no such line.
     Returns:
         The table as one string (it prints nothing itself).
     """
     head = (f"{'phase':>11} {'val NELBO':>10} {'ppl <=':>9} {'tokens':>12} {'wall s':>8} {'cache s':>8} "
-            f"{'tok/s':>10} {'peak MiB':>10}")
+            f"{'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>10}")
     lines = [head, "-" * len(head)]
     for r in history:
         peak = "-" if r["peak_kind"] == "-" else f"{r['peak_mib']:.0f}" + ("*" if r["peak_kind"] == "rss" else "")
+        # (rows of a checkpoint from before the FLOP count have no tflops)
+        tflops = "-" if r.get("tflops") is None else f"{r['tflops']:.3g}"
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         lines.append(f"{r['phase']:>11} {r['nelbo']:10.4f} {r['ppl_bound']:9.2f} {r['tokens']:12,d} {r['wall_s']:8.1f} "
-                     f"{r['cache_s']:8.1f} {r['tokens_per_s']:10,.0f} {peak:>10}")
+                     f"{r['cache_s']:8.1f} {r['tokens_per_s']:10,.0f} {tflops:>8} {mfu:>6} {peak:>10}")
     if any(r["peak_kind"] == "rss" for r in history):
         lines.append("* CPU: the process's peak resident memory so far, not a per-phase peak")
     if unigram is not None:

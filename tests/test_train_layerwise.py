@@ -117,9 +117,11 @@ def test_all_phases_on_a_gpu(tmp_path, capsys, attn_type):
     rows = [line.split() for line in text.splitlines()
             if line.startswith(("    stage ", "      joint", " end-to-end")) and "[" not in line]
     assert len(rows) == 4, text
-    for row in rows:  # ... tok/s, peak MiB: the GPU's allocator peak (no "*": not the process's RSS)
-        assert float(row[-2].replace(",", "")) > 0 and not row[-1].endswith("*"), row
-        assert math.isfinite(float(row[-7])), row  # val NELBO
+    known_peak = T.peak_tflops(torch.device("cuda"), torch.bfloat16) is not None
+    for row in rows:  # ... tok/s, TFLOP/s, MFU, peak MiB: the GPU's allocator peak (no "*": not the process's RSS)
+        assert float(row[-4].replace(",", "")) > 0 and float(row[-3]) > 0 and not row[-1].endswith("*"), row
+        assert row[-2].endswith("%") if known_peak else row[-2] == "-", row
+        assert math.isfinite(float(row[-9])), row  # val NELBO
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 4 and all(t.device.type == "cpu" for t in state["model"].values())
 
@@ -249,6 +251,75 @@ def test_a_nan_validation_nelbo_stops_before_the_cache_write(tmp_path, monkeypat
     with pytest.raises(T.TrainingDiverged, match=r"^stage 0: the validation NELBO after step 6 is nan: "):
         _run(tmp_path, name="nan")
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("--set", "model.attn_type=mla", "--set", "model.mla_rq=16"),
+                                   ("--set", "train.cache=false", "--set", "model.tie_embeddings=false")],
+                         ids=["gqa-cached", "mla-cached", "gqa-recomputed-untied"])
+def test_step_flops_are_what_the_flop_counter_counts(tmp_path, monkeypatch, extra):
+    """step_flops gives every phase's training step (forward, backward, the frozen prefix's forward when it
+    is recomputed) the FLOPs torch's FlopCounterMode counts for it on the reference path: the counter runs
+    from the step's first lr_at call (before its batch) to its gradient clipping (after its backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lr_at, clip, loss, step_flops = T.lr_at, torch.nn.utils.clip_grad_norm_, T.Trainer.loss, T.step_flops
+    live, steps = {}, []
+
+    def counting_lr_at(*args):
+        if "mode" not in live:
+            live["mode"] = FlopCounterMode(display=False)
+            live["mode"].__enter__()
+        return lr_at(*args)
+
+    def recording_loss(self, final, tokens, mask, t):
+        live["masked"] = int(mask.sum())
+        return loss(self, final, tokens, mask, t)
+
+    def recording_step_flops(*args):
+        live["parts"] = step_flops(*args)
+        return live["parts"]
+
+    def count_then_clip(*args, **kwargs):
+        mode = live.pop("mode")
+        mode.__exit__(None, None, None)
+        per_batch, per_masked = live["parts"]
+        steps.append((mode.get_total_flops(), per_batch + per_masked * live["masked"]))
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(T, "lr_at", counting_lr_at)
+    monkeypatch.setattr(T.Trainer, "loss", recording_loss)
+    monkeypatch.setattr(T, "step_flops", recording_step_flops)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", count_then_clip)
+    code, _ = _run(tmp_path, "--set", "model.n_layers=3", "--set", "train.max_steps=1", "--set", "train.joint_steps=1",
+                   "--end_to_end", *extra)
+    assert code == 0
+    assert len(steps) == 8  # stages 0, 1, 2, joint, then end-to-end for as many steps
+    assert all(counted == expected for counted, expected in steps), steps
+    assert len({expected for _, expected in steps[:4]}) == 4  # the phases differ: each has its own formula
+
+
+@pytest.mark.parametrize("gpu,dtype,peak", [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.0),
+                                            ("NVIDIA H100 PCIe", torch.float16, 756.0),
+                                            ("NVIDIA H100 NVL", torch.bfloat16, 835.0),
+                                            ("NVIDIA H200", torch.bfloat16, 989.0),
+                                            ("NVIDIA GH200 480GB", torch.bfloat16, 989.0),
+                                            ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
+                                            ("NVIDIA H100 80GB HBM3", torch.float32, None),
+                                            ("Tesla T4", torch.bfloat16, None)])
+def test_peak_for_the_mfu(monkeypatch, gpu, dtype, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    assert T.peak_tflops(torch.device("cuda", 0), dtype) == peak
+    assert T.peak_tflops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_table_of_rows_with_and_without_flops():
+    """MFU as a percentage where a peak is known; rows from a checkpoint written before the FLOP count
+    (no tflops, no mfu) print "-"."""
+    row = dict(phase="stage 0", nelbo=2.5, ppl_bound=12.18, tokens=1000, wall_s=1.0, cache_s=0.0,
+               tokens_per_s=900.0, peak_mib=100.0, peak_kind="cuda")
+    lines = T.print_table([{**row, "tflops": 412.3456, "mfu": 0.4169}, row], None).splitlines()
+    assert lines[2].split()[-3:] == ["412", "41.7%", "100"]
+    assert lines[3].split()[-3:] == ["-", "-", "100"]
 
 
 def test_resume_of_a_one_group_optimizer_state(tmp_path):
