@@ -36,6 +36,7 @@ environment problem, not bad input); using a writer after finish()/abort() is `R
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -111,6 +112,19 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def naming_errors(path: str):
+    """Give `path` to an OSError raised inside that names no file: write, flush, fsync and fallocate errors
+    (EIO, ENOSPC, EDQUOT at close on NFS) would otherwise reach the user as a bare "[Errno 5] Input/output
+    error"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 def cache_bytes(entries: int, seq_len: int, d_model: int, dtype: torch.dtype) -> int:
@@ -264,7 +278,7 @@ class CacheWriter:
                         f"not enough disk space for the activation cache in {self.directory}: reserving "
                         f"{size} bytes for {f.name} failed with {free} bytes free") from None
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
+                    raise OSError(e.errno, e.strerror, f.name) from e
         f.truncate(size)  # filesystem without fallocate: size only, space is claimed as rows arrive
 
     def __enter__(self) -> "CacheWriter":
@@ -342,7 +356,8 @@ class CacheWriter:
             # Rows arrive in file order, so hashing what is written gives the file's checksum without
             # reading the shard back in finish().
             view = memoryview(np.ascontiguousarray(arr)).cast("B")
-            self._files[part].write(view)
+            with naming_errors(self._tmp[part]):
+                self._files[part].write(view)
             self._hash[part].update(view)
         self.rows += B
 
@@ -363,8 +378,9 @@ class CacheWriter:
         files = {}
         for part in _FILES:
             f = self._files[part]
-            f.flush()
-            os.fsync(f.fileno())
+            with naming_errors(self._tmp[part]):
+                f.flush()
+                os.fsync(f.fileno())
             if not self._owns(part):
                 raise RuntimeError(f"{self._tmp[part]} was deleted or replaced while this writer held it: another "
                                    f"writer of rank {self.rank} used {self.directory} (two runs sharing one "
@@ -391,7 +407,7 @@ class CacheWriter:
             os.replace(self._tmp[part], self._final[part])
         _fsync_dir(self.directory)  # the data files are in place before the manifest can be
         tmp = manifest_path + PARTIAL
-        with open(tmp, "w") as f:
+        with naming_errors(tmp), open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
             f.write("\n")
             f.flush()

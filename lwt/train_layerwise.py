@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cache import ActivationCache, CacheWriter, DiskSpaceError, cache_bytes, check_disk_space, remove_partials
+from .cache import (ActivationCache, CacheWriter, DiskSpaceError, cache_bytes, check_disk_space, naming_errors,
+                    remove_partials)
 from .config import Config, config_from_dict, config_to_dict, load_config
 from .data import build_data
 from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sample_t
@@ -65,7 +66,8 @@ CHECKPOINT_FORMAT = 1
 RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "log_every"), ("train", "ckpt_every")}
 # What Trainer.save writes and resume reads.
 _CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_checksum", "phase", "step",
-                    "optimizer", "master", "history", "phase_wall", "metrics_lines"}
+                    "optimizer", "master", "history", "phase_wall", "metrics_lines", "data"}
+_OPTIONAL_CHECKPOINT_KEYS = {"data"}  # absent from checkpoints of older lwt versions, which still resume
 
 
 
@@ -410,6 +412,7 @@ class Trainer:
         self.cache_dir = t.cache_dir  # resolved by lwt.config (<out_dir>/cache when null)
         self.cache_entries = t.cache_sequences * t.cache_draws
         self.data = build_data(cfg.data, cfg.model.vocab_size)
+        self.data_identity = data_identity(self.data)  # checked on --resume: the same config, other data?
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = LWTModel(cfg.model, device=self.device, dtype=self.dtype)
         # The frozen matrices come from the config's seeds and never change (the end-to-end model is rebuilt
@@ -465,6 +468,7 @@ class Trainer:
             "rng": all_rng,
             "history": json.dumps(self.history),
             "phase_wall": self.phase_wall,
+            "data": self.data_identity,
         }
         _atomic_save(state, self.ckpt_path)
 
@@ -477,7 +481,7 @@ class Trainer:
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             found = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{self.ckpt_path}: unknown checkpoint format {found!r}")
-        missing = sorted(_CHECKPOINT_KEYS - set(state))
+        missing = sorted(_CHECKPOINT_KEYS - _OPTIONAL_CHECKPOINT_KEYS - set(state))
         if missing:
             raise ValueError(f"{self.ckpt_path}: not a complete checkpoint (no {', '.join(missing)})")
         saved = config_to_dict(config_from_dict(state["config"]))
@@ -488,6 +492,15 @@ class Trainer:
             what = "; ".join(diff) or "--end_to_end"
             raise ValueError(f"--resume: the config differs from the checkpoint's ({what}); resume with the same "
                              f"config, or start a new out_dir")
+        saved_data = state.get("data")
+        if saved_data is not None and saved_data != self.data_identity:
+            now, then = self.data_identity, saved_data
+            same_size = (now["train_tokens"], now["val_tokens"]) == (then.get("train_tokens"), then.get("val_tokens"))
+            raise ValueError(
+                f"--resume: the training data differs from the checkpoint's ({self.data.description or now['source']}: "
+                f"{now['train_tokens']} + {now['val_tokens']} tokens now, {then.get('train_tokens')} + "
+                f"{then.get('val_tokens')} then{', other contents' if same_size else ''}); the data changed since the "
+                f"run started (data.path cut short or rewritten?): restore it, or start a new out_dir")
         if len(state["rng"]) != self.env.world:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
@@ -897,7 +910,7 @@ class Trainer:
         if not self.env.main:
             return
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(self.metrics_path, "a") as f:
+        with naming_errors(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.metrics_lines += 1
 
@@ -1036,8 +1049,31 @@ def _hash_module(state, module: nn.Module):
     return state
 
 
+def data_identity(data) -> dict:
+    """What a resumed run checks its data against: the source, each split's length, and the sha256 of 64
+    windows of 4096 tokens spread evenly over each split (a file cut short, grown or rewritten between the
+    runs is refused; a large token file is never read whole).
+
+    Args:
+        data: the run's TokenData.
+    Returns:
+        {"source", "train_tokens", "val_tokens", "sample_sha256"}, plain JSON-able values.
+    """
+    state = hashlib.sha256()
+    for ids in (data.train, data.val):
+        n = len(ids)
+        width = min(n, 4096)
+        for i in range(64):
+            start = (n - width) * i // 63
+            window = ids[start:start + width]
+            state.update((window.numpy() if isinstance(window, torch.Tensor) else window).tobytes())
+    return {"source": data.source, "train_tokens": data.num_tokens("train"), "val_tokens": data.num_tokens("val"),
+            "sample_sha256": state.hexdigest()}
+
+
 def _atomic_save(state: dict, path: str) -> None:
-    """torch.save to a temp file in the same directory, fsync, rename: never half a file at `path`."""
+    """torch.save to a temp file in the same directory, fsync, rename: never half a file at `path`. A failed
+    write (a full disk, an I/O error) is an OSError naming `path`, and leaves no temporary file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -1046,11 +1082,17 @@ def _atomic_save(state: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.remove(tmp)  # a failed write (a full disk) leaves no checkpoint-sized temporary file
         except OSError:
             pass
+        # torch.save reports a failed write as a RuntimeError of its zip writer ("[enforce fail at
+        # inline_container.cc:...] unexpected pos ..."), the OSError (ENOSPC, EIO) only as its context; and
+        # write, flush and fsync raise OSErrors that name no file.
+        cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+        if isinstance(cause, OSError) and cause.filename is None:
+            raise OSError(cause.errno, f"{cause.strerror or cause} (writing {path})", tmp) from e
         raise
 
 

@@ -232,6 +232,28 @@ def test_aborted_writer_leaves_no_shard_and_no_temp_files(tmp_path):
         w.append(*_rows(1, torch.float32))
 
 
+@pytest.mark.parametrize("call", ["fsync", "write"])
+def test_io_error_while_writing_names_the_file_and_publishes_nothing(tmp_path, monkeypatch, call):
+    """An fsync or write that fails (EIO; EDQUOT at close on NFS) raises an OSError naming the shard's file
+    (such errors name none of their own: the CLI printed a bare "[Errno 5] Input/output error")."""
+    def fail(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    w = CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+    rows = _rows(2, torch.float32)
+    if call == "fsync":
+        w.append(*rows)
+        monkeypatch.setattr(lwt.cache.os, "fsync", fail)
+    else:
+        monkeypatch.setattr(w._files["hidden"], "write", fail)
+    with pytest.raises(OSError, match=re.escape(str(tmp_path / "rank0.hidden.bin.partial"))):
+        with w:
+            if call == "write":
+                w.append(*rows)
+            w.finish()
+    assert _only_rank0_files(tmp_path) == []
+
+
 def test_exception_inside_with_aborts(tmp_path):
     with pytest.raises(KeyError):
         with CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {}) as w:

@@ -1,6 +1,8 @@
 """The layer-wise trainer end to end on the CPU: every phase, the activation cache, resume, DDP over two
 processes, the CLI forms and its errors. Tiny models on Python's own documentation text (or dummy tokens)."""
+import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -494,6 +496,32 @@ def test_command_line_errors_are_one_line(tmp_path, case):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("change", ["truncated", "replaced"])
+def test_resume_refuses_a_data_file_changed_since_the_checkpoint(tmp_path, change):
+    """data.path cut short (a partial copy to a new node) or rewritten between the runs: the config is the
+    same, but the data is not, so --resume refuses instead of finishing a run mixed across two corpora."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000)))
+    data = ["--set", f"data.path={text}"]
+    _run(tmp_path, *data, "--stop_after", "3", name="part")
+    raw = text.read_bytes()
+    text.write_bytes(raw[:len(raw) // 2] if change == "truncated" else raw.replace(b"fox", b"cat"))
+    with pytest.raises(ValueError, match="the training data differs from the checkpoint's"):
+        _run(tmp_path, *data, "--resume", name="part")
+
+
+def test_resume_of_a_checkpoint_without_data_identity(tmp_path):
+    """Checkpoints written before the data identity was stored still resume, to the uninterrupted weights."""
+    _, full = _run(tmp_path, name="full")
+    _, part = _run(tmp_path, "--stop_after", "8", name="part")
+    state = torch.load(part / "checkpoint.pt", weights_only=True)
+    del state["data"]
+    torch.save(state, part / "checkpoint.pt")
+    assert _run(tmp_path, "--resume", name="part")[0] == 0
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint at"):
         _run(tmp_path, "--resume", name="none")
@@ -769,6 +797,45 @@ def test_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch)
     monkeypatch.setattr(T.torch, "save", fill_the_disk)
     with pytest.raises(OSError, match="No space left"):
         T._atomic_save({"step": 1}, str(tmp_path / "checkpoint.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_write_on_a_full_disk_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """The real torch.save on a full disk: its zip writer turns the file's ENOSPC into a RuntimeError
+    ('[enforce fail at inline_container.cc] unexpected pos ...', the OSError only its context), which the
+    CLI printed as a traceback naming no file. _atomic_save raises the OSError, naming the checkpoint."""
+    real_open = open
+
+    class FullDisk(io.RawIOBase):  # a file that takes 4 KiB, then fails as a full disk does
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def write(self, b):
+            if self.n + len(b) > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.n += len(b)
+            return self.f.write(b)
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if "w" not in mode:
+            return real_open(path, mode, *args, **kwargs)
+        return io.BufferedWriter(FullDisk(real_open(path, mode, buffering=0)))
+
+    monkeypatch.setattr(T, "open", open_on_a_full_disk, raising=False)
+    path = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        T._atomic_save({"w": torch.zeros(100_000)}, path)
+    assert info.value.errno == errno.ENOSPC and path in str(info.value)
     assert os.listdir(tmp_path) == []
 
 
