@@ -44,6 +44,7 @@ import json
 import numbers
 import os
 import shutil
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -597,6 +598,8 @@ class ActivationCache:
         self.entries, self.seq_len, self.d_model, self.dtype, self.meta = entries, seq_len, d_model, dtype, meta
         self._maps = {part: np.memmap(paths[part], dtype=np_dtype, mode="r", shape=shape)
                       for part, (np_dtype, shape) in layout.items()}
+        self._fds = {part: os.open(paths[part], os.O_RDONLY) for part in layout}  # what _fresh_maps maps again
+        self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))
         return self
 
     def __len__(self) -> int:
@@ -636,7 +639,7 @@ class ActivationCache:
             # numpy would wrap negative indices silently; an out-of-range entry is a trainer bug
             raise ValueError(f"index: entries must lie in [0, {self.entries}), got [{idx.min()}, {idx.max()}]")
         # Fancy indexing on a memmap reads just these rows and returns an ordinary (writable) array.
-        return self._to_torch({part: m[idx] for part, m in self._maps.items()})
+        return self._to_torch({part: m[idx] for part, m in self._fresh_maps().items()})
 
     def iter_chunks(self, chunk: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every entry once, in order, `chunk` rows at a time (the last chunk may be shorter).
@@ -659,15 +662,34 @@ class ActivationCache:
         for start in range(0, self.entries, chunk):
             stop = min(start + chunk, self.entries)
             # np.array copies: the tensors must not keep the read-only map alive or be non-writable.
-            yield (start, *self._to_torch({part: np.array(m[start:stop]) for part, m in self._maps.items()}))
+            yield (start, *self._to_torch({part: np.array(m[start:stop]) for part, m in self._fresh_maps().items()}))
+
+    def _fresh_maps(self) -> dict[str, np.memmap]:
+        """The shard's files mapped again, unmapped when the caller drops the maps. Pages read through a
+        map stay in this process's resident set until it is unmapped (with the kernel's readahead around
+        each): reading through the maps open() made, which live as long as the stage, grew the RSS by the
+        whole shard over a stage (random rows reach every page). Read through short-lived maps, they stay
+        in the page cache only."""
+        self._check_mapped()
+        maps = {}
+        for part, m in self._maps.items():
+            with open(self._fds[part], "rb", closefd=False) as f:  # a map keeps a file descriptor of its own
+                maps[part] = np.memmap(f, dtype=m.dtype, mode="r", shape=m.shape)
+        return maps
 
     def _check_mapped(self) -> None:
         if not self._maps:
             raise RuntimeError(f"ActivationCache of rank {self.rank} in {self.directory} is closed")
 
     def close(self) -> None:
-        """Drop the memory maps (they also go when the object is garbage collected)."""
-        self._maps = {}
+        """Drop the memory maps and close the files (they also go when the object is garbage collected)."""
+        self._maps, self._fds = {}, {}
+        self._close_fds()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _file_digest(path: str, algo: str) -> str:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import mmap
 import os
 import sys
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -54,7 +56,8 @@ FALLBACK_DOC_MODULES = (
     "pathlib", "re", "string", "subprocess", "textwrap", "threading", "typing", "unittest",
 )
 
-# Items scanned at once when checking a token file's ids: 16M items is 32-64 MiB of RAM whatever the file size.
+# Items scanned at once when checking a token file's ids: 16M items is 32-64 MiB of RAM whatever the file size
+# (read into a buffer of their own, not through the file's map: see _read_into).
 _SCAN_CHUNK = 1 << 24
 
 
@@ -131,8 +134,11 @@ class TokenData:
         index = starts[:, None] + torch.arange(seq_len)                                # (B, S)
         if isinstance(data, torch.Tensor):
             return data[index].long()                                                  # (B, S)
-        # Fancy indexing a memmap copies just the B*S ids it touches: only those pages are read from disk.
-        return torch.from_numpy(np.asarray(data[index.numpy()], dtype=np.int64))     # (B, S)
+        # Only the B*S ids of the windows are read from the file (see _read_into).
+        out = np.empty((batch_size, seq_len), dtype=data.dtype)
+        for row, start in zip(out, starts.tolist()):
+            _read_into(data, start, row)
+        return torch.from_numpy(out.astype(np.int64))                                  # (B, S)
 
     def encode(self, text: str) -> torch.Tensor:
         """Text to token ids.
@@ -208,8 +214,11 @@ class TokenData:
         data = self._split(split)
         counts = np.zeros(0, dtype=np.int64)
         for lo in range(0, len(data), _SCAN_CHUNK):
-            chunk = data[lo:lo + _SCAN_CHUNK]
-            chunk = chunk.numpy() if isinstance(chunk, torch.Tensor) else np.asarray(chunk)
+            hi = min(lo + _SCAN_CHUNK, len(data))
+            if isinstance(data, torch.Tensor):
+                chunk = data[lo:hi].numpy()
+            else:
+                chunk = _read_into(data, lo, np.empty(hi - lo, data.dtype))
             c = np.bincount(chunk.astype(np.int64, copy=False), minlength=len(counts))
             c[:len(counts)] += counts
             counts = c
@@ -282,7 +291,7 @@ def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
         if cfg.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"data.token_dtype: expected one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype!r}")
         corpus = _memmap(cfg.path, TOKEN_DTYPES[cfg.token_dtype])                         # (N,)
-        _check_ids(corpus, vocab_size, cfg.path)
+        _check_ids(_memmap(cfg.path, corpus.dtype, 0, len(corpus)), vocab_size, cfg.path)
         description = f"tokens: {cfg.path}, {len(corpus)} {cfg.token_dtype} ids"
 
     n = len(corpus)
@@ -292,8 +301,11 @@ def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
     if n_train < need or n_val < need:
         raise ValueError(f"data.seq_len={cfg.seq_len} / data.val_fraction={cfg.val_fraction}: each split needs "
                          f">= {need} tokens, but the {n}-token corpus splits into train={n_train}, val={n_val}")
-    # Slices are views: of the tensor, or of the memmap (still backed by the file, nothing is read here).
-    return TokenData(corpus[:n_train], corpus[n_train:], vocab_size, cfg.source, description)
+    if isinstance(corpus, np.memmap):  # a map per split, whose offset attribute says where it lies in the file
+        # (a slice of a memmap keeps its base's) and which keeps the file open for _read_into. Nothing is read.
+        return TokenData(_memmap(cfg.path, corpus.dtype, 0, n_train), _memmap(cfg.path, corpus.dtype, n_train, n_val),
+                         vocab_size, cfg.source, description)
+    return TokenData(corpus[:n_train], corpus[n_train:], vocab_size, cfg.source, description)  # views of the tensor
 
 
 def default_text() -> tuple[str, str]:
@@ -346,8 +358,9 @@ def _stdlib_docstrings() -> str:
     return "\n\n".join(parts)
 
 
-def _memmap(path: str, dtype) -> np.memmap:
-    """Read-only memmap of a raw file of `dtype` items, with the errors a user can act on."""
+def _memmap(path: str, dtype, start: int = 0, count: int | None = None) -> np.memmap:
+    """Read-only memmap of a raw file of `dtype` items, with the errors a user can act on; with a count, of
+    items [start, start + count) only, holding the file open for _read_into (attribute source_fd)."""
     if not os.path.isfile(path):
         raise ValueError(f"data.path: no such file: {path}")
     size = os.path.getsize(path)
@@ -357,7 +370,32 @@ def _memmap(path: str, dtype) -> np.memmap:
     if size % itemsize:
         raise ValueError(f"data.path: {path} is {size} bytes, not a multiple of the {itemsize}-byte "
                          f"{np.dtype(dtype).name} item size (wrong data.token_dtype?)")
-    return np.memmap(path, dtype=dtype, mode="r")
+    if count is None:
+        return np.memmap(path, dtype=dtype, mode="r")
+    m = np.memmap(path, dtype=dtype, mode="r", offset=start * itemsize, shape=(count,))
+    m.source_fd = os.open(path, os.O_RDONLY)  # the file this map reads, even if the path is renamed or replaced
+    weakref.finalize(m, os.close, m.source_fd)
+    return m
+
+
+def _read_into(m, lo: int, out: np.ndarray) -> np.ndarray:
+    """out[:] = m[lo:lo + len(out)], returning out. A split built by _memmap with a count is read with pread:
+    pages read through a map stay in this process's resident set until it is unmapped (with the kernel's
+    readahead around each one), and the splits' maps live as long as the run, so reading through them grew
+    the RSS to the whole file (the id check and unigram_entropy read all of it; random windows reach every
+    page over a long run). Read with pread, the file's pages stay in the page cache only. Anything else (a
+    tensor, a TokenData built by hand from other memmaps; no preadv on Windows) is read by indexing."""
+    fd = getattr(m, "source_fd", None)
+    if fd is None or not hasattr(os, "preadv") or not isinstance(m.base, mmap.mmap):
+        out[:] = np.asarray(m[lo:lo + len(out)])
+        return out
+    view, pos, done = memoryview(out).cast("B"), m.offset + lo * m.itemsize, 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], pos + done)
+        if n <= 0:
+            raise ValueError(f"data.path: {m.filename} is shorter than when it was opened (truncated while in use?)")
+        done += n
+    return out
 
 
 def _check_ids(tokens: np.memmap, vocab_size: int, path: str) -> None:
@@ -370,7 +408,7 @@ def _check_ids(tokens: np.memmap, vocab_size: int, path: str) -> None:
     if vocab_size > np.iinfo(tokens.dtype).max:
         return  # no id of this dtype can reach vocab_size
     for lo in range(0, len(tokens), _SCAN_CHUNK):
-        chunk = tokens[lo:lo + _SCAN_CHUNK]
+        chunk = _read_into(tokens, lo, np.empty(min(_SCAN_CHUNK, len(tokens) - lo), tokens.dtype))
         top = int(chunk.max())
         if top >= vocab_size:
             at = int(np.argmax(chunk >= vocab_size))

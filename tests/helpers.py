@@ -1,6 +1,6 @@
 """Helpers the kernel tests share: layout-preserving copies and output-plus-gradient evaluation; forcing a
 launch config; a small DecoderBlock and the comparison of its output and gradients (the compile tests);
-the HEAVY marker."""
+the HEAVY marker; how much of a file stays resident in this process's maps."""
 import pytest
 import torch
 
@@ -108,3 +108,16 @@ def compare(got, truth, yardstick, rows: int):
     assert got[1].keys() == truth[1].keys()
     for name in got[1]:
         assert_close(f"d {name}", got[1][name], truth[1][name].double(), yardstick[1][name], reduced_over=rows)
+
+
+def resident_kib(path) -> int:
+    """KiB of `path` resident in this process's maps (/proc/self/smaps), whatever the page cache holds."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total

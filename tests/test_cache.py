@@ -3,6 +3,7 @@ every way a shard can be wrong (another config, damaged on disk, never finished)
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import lwt.cache
 from lwt.cache import DISK_MARGIN_BYTES, ActivationCache, CacheWriter, cache_bytes, check_disk_space
+from tests.helpers import resident_kib
 
 S, D = 7, 12  # odd sizes, so a row/column mix-up cannot line up by accident
 
@@ -420,3 +422,24 @@ def test_closed_cache_says_so(tmp_path):
         cache.batch(torch.arange(2))
     with pytest.raises(RuntimeError, match="is closed"):
         cache.iter_chunks(2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_reads_do_not_stay_resident(tmp_path):
+    """batch() and iter_chunks() read through maps dropped after use: pages read through the maps open()
+    made stayed in the process's RSS, which grew by the whole shard over a stage (8 GiB a rank at the
+    LLaMA preset's size)."""
+    n, s, d = 64, 64, 256  # 4 MiB of fp32 hidden states
+    with CacheWriter(tmp_path, 0, n, s, d, torch.float32, {}) as w:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(0, n, 16):
+            w.append(torch.randn(16, s, d, generator=g), torch.zeros(16, s, dtype=torch.long),
+                     torch.zeros(16, s, dtype=torch.bool), torch.full((16,), 0.5))
+        w.finish()
+    cache = ActivationCache.open(tmp_path, 0, {})
+    for i in range(50):
+        cache.batch(torch.arange(i, i + 8) % n)
+    for _ in cache.iter_chunks(16):
+        pass
+    hidden = os.path.join(cache.directory, cache.manifest["files"]["hidden"]["name"])
+    assert resident_kib(hidden) < 512, f"{resident_kib(hidden)} KiB of the 4096 KiB shard stay resident"

@@ -10,6 +10,7 @@ import torch
 from lwt import data as lwt_data
 from lwt.config import DataConfig
 from lwt.data import TokenData, build_data
+from tests.helpers import resident_kib
 
 
 def _cfg(**kw) -> DataConfig:
@@ -104,6 +105,37 @@ def test_tokens_file(tmp_path, dtype):
     assert x.dtype == torch.long and x.shape == (4, 16)
     assert d.decode(x[0]) == " ".join(str(int(i)) for i in x[0])
     assert torch.equal(d.encode(d.decode(x[0])), x[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+@pytest.mark.parametrize("source", ["tokens", "text"])
+def test_file_pages_do_not_stay_resident(tmp_path, source):
+    """The id check, unigram_entropy and the batches read the file through maps that are dropped after
+    use: pages read through the splits' own (run-long) maps stayed in the process's RSS, which grew to the
+    whole file (a token file of tens of GB, per rank)."""
+    path = tmp_path / "corpus.bin"
+    dtype = np.uint16 if source == "tokens" else np.uint8
+    _write_tokens(path, np.random.default_rng(0).integers(0, 256, size=16 << 20), dtype)
+    d = build_data(_cfg(source=source, path=str(path), seq_len=512, val_fraction=0.1), vocab_size=256)
+    d.unigram_entropy("train")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        d.get_batch("train", 8, 512, g)
+        d.get_batch("val", 8, 512, g)
+    kib = resident_kib(path)
+    assert kib < 1024, f"{kib} KiB of a {path.stat().st_size >> 10} KiB file stay resident"
+    assert isinstance(d.train, np.memmap) and isinstance(d.val, np.memmap)
+    assert np.array_equal(np.concatenate([d.train, d.val]), np.fromfile(path, d.train.dtype))
+
+
+def test_hand_built_memmap_slices(tmp_path):
+    """A TokenData of slices of one memmap (each slice's offset attribute is its base's) reads its own items."""
+    path = _write_tokens(tmp_path / "seq.bin", np.arange(10_000), np.uint16)
+    mm = np.memmap(path, dtype=np.uint16, mode="r")
+    d = TokenData(mm[:9000], mm[9000:], 10_000, "tokens")
+    x = d.get_batch("val", 4, 16, torch.Generator().manual_seed(0))
+    assert bool((x >= 9000).all()) and bool((x[:, 1:] - x[:, :-1] == 1).all())
+    assert d.unigram_entropy("val") == pytest.approx(np.log(1000))
 
 
 # ----------------------------------------------------------------------------------------------- batches
