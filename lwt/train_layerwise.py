@@ -493,14 +493,24 @@ class Trainer:
             raise ValueError(f"--resume: the config differs from the checkpoint's ({what}); resume with the same "
                              f"config, or start a new out_dir")
         saved_data = state.get("data")
-        if saved_data is not None and saved_data != self.data_identity:
+        differs = saved_data is not None and saved_data != self.data_identity
+        # A collective: each node may read its own copy of data.path, so the ranks need not agree; none may
+        # go on alone (into a collective that the refused ranks never reach).
+        if self.env.any(differs):
+            if not differs:
+                raise ValueError("--resume: another rank's training data differs from the checkpoint's (its error "
+                                 "says how; a node's own copy of data.path?): restore it, or start a new out_dir")
             now, then = self.data_identity, saved_data
             same_size = (now["train_tokens"], now["val_tokens"]) == (then.get("train_tokens"), then.get("val_tokens"))
+            d = self.cfg.data
+            why = ("data.path cut short or rewritten?" if d.path is not None
+                   else "the default text is this Python's pydoc_data.topics: another Python version?"
+                   if d.source == "text" else f"ids drawn from data.seed {d.seed}: another torch version?")
             raise ValueError(
                 f"--resume: the training data differs from the checkpoint's ({self.data.description or now['source']}: "
                 f"{now['train_tokens']} + {now['val_tokens']} tokens now, {then.get('train_tokens')} + "
                 f"{then.get('val_tokens')} then{', other contents' if same_size else ''}); the data changed since the "
-                f"run started (data.path cut short or rewritten?): restore it, or start a new out_dir")
+                f"run started ({why}): restore it, or start a new out_dir")
         if len(state["rng"]) != self.env.world:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
@@ -825,8 +835,9 @@ class Trainer:
         # (the last step's loss was logged, hence checked; an update it made may still have overflowed)
         self.check_finite(params + (master if self.master is not None else []), f"{label}, step {total}", name)
         result = self.evaluate(k + 1 if name == "stage" else None)
-        if env.any(not math.isfinite(result["nelbo"])):
-            raise self.diverged(f"{label}: the validation NELBO after step {total} is {result['nelbo']}", name)
+        nelbo = env.all_mean(result["nelbo"])  # (NaN or inf on every rank where it is on one: all of them stop)
+        if not math.isfinite(nelbo):
+            raise self.diverged(f"{label}: the validation NELBO after step {total} is {nelbo}", name)
         peak = (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         # model FLOPs per token at this invocation's share of masked tokens, times this rank's tokens/s
@@ -1092,7 +1103,7 @@ def _atomic_save(state: dict, path: str) -> None:
         # write, flush and fsync raise OSErrors that name no file.
         cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
         if isinstance(cause, OSError) and cause.filename is None:
-            raise OSError(cause.errno, f"{cause.strerror or cause} (writing {path})", tmp) from e
+            raise OSError(cause.errno, cause.strerror or str(cause), path) from e  # (tmp is removed: name path)
         raise
 
 

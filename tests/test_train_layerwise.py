@@ -618,6 +618,28 @@ def test_two_process_ddp(tmp_path):
     assert "2 process(es)" in proc.stdout and "joint" in proc.stdout and "stage 1" in proc.stdout
 
 
+def test_resume_refuses_one_nodes_changed_data_on_every_rank(tmp_path):
+    """Each rank reads its own copy of a relative data.path (one per node); rank 1's copy was cut short
+    since the checkpoint. Every rank refuses the resume: rank 0 does not go on alone (it said "resumed
+    from" and died in its next barrier, on gloo's "Connection closed by peer"; NCCL would wait there)."""
+    corpus = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000))
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "corpus.txt").write_text(corpus)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tests", "ddp_local_data_worker.py"), *TINY, "--set", f"train.out_dir={out}",
+           "--set", "data.path=corpus.txt"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "LWT_NODES": str(tmp_path)}
+    proc = subprocess.run(cmd + ["--stop_after", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (tmp_path / "node1" / "corpus.txt").write_text(corpus[:len(corpus) // 2])
+    proc = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "the training data differs from the checkpoint's" in proc.stderr, proc.stderr[-3000:]
+    assert "resumed from" not in proc.stdout and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
     """While a run holds out_dir (or its cache_dir), another run on it stops before touching
     anything there; once the holder ends, the directory is free again."""
