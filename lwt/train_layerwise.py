@@ -70,7 +70,6 @@ _CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_ch
 _OPTIONAL_CHECKPOINT_KEYS = {"data"}  # absent from checkpoints of older lwt versions, which still resume
 
 
-
 class TrainingDiverged(RuntimeError):
     """The training loss, the trained weights or a phase's validation NELBO stopped being finite (NaN or
     inf): the run stops without saving those weights. The message says what the last checkpoint holds."""
@@ -746,6 +745,7 @@ class Trainer:
                     m.copy_(saved)
             self.master_state = None
         self.master = None if master is params else master
+        weights = params if self.master is None else params + master  # what check_finite checks before a save
         lr = c.train.joint_lr if name == "joint" else c.train.lr
         fused = dict(fused=True) if self.device.type == "cuda" else {}
         opt = torch.optim.AdamW(decay_groups(master, c.train.weight_decay), lr=lr,
@@ -820,8 +820,7 @@ class Trainer:
             if env.world == 1 or (step + 1) % c.train.log_every == 0:  # with DDP, where loss.item() syncs anyway
                 self.terminated = env.any(self.sigterm)
             if not last and (self.stop_requested() or (c.train.ckpt_every and (step + 1) % c.train.ckpt_every == 0)):
-                self.check_finite(params + (master if self.master is not None else []), f"{label}, step {step + 1}",
-                                  name)
+                self.check_finite(weights, f"{label}, step {step + 1}", name)
                 self.phase_wall = time.perf_counter() - t0
                 self.save(opt)
             if not last and self.stop_requested():
@@ -833,7 +832,7 @@ class Trainer:
         steady_rate = (steady_steps * tokens_per_step / max(now - t_steady, 1e-9) if steady_steps
                        else total * tokens_per_step / max(wall, 1e-9))
         # (the last step's loss was logged, hence checked; an update it made may still have overflowed)
-        self.check_finite(params + (master if self.master is not None else []), f"{label}, step {total}", name)
+        self.check_finite(weights, f"{label}, step {total}", name)
         result = self.evaluate(k + 1 if name == "stage" else None)
         nelbo = env.all_mean(result["nelbo"])  # (NaN or inf on every rank where it is on one: all of them stop)
         if not math.isfinite(nelbo):
