@@ -598,9 +598,24 @@ class ActivationCache:
         self.entries, self.seq_len, self.d_model, self.dtype, self.meta = entries, seq_len, d_model, dtype, meta
         self._maps = {part: np.memmap(paths[part], dtype=np_dtype, mode="r", shape=shape)
                       for part, (np_dtype, shape) in layout.items()}
-        self._fds = {part: os.open(paths[part], os.O_RDONLY) for part in layout}  # what _fresh_maps maps again
-        self._close_fds = weakref.finalize(self, _close_all, list(self._fds.values()))
+        # What _fresh_maps maps again: file objects, not bare descriptor numbers, so a closed one raises
+        # instead of reaching whatever file later reuses its number.
+        files: list = []
+        try:
+            for part in layout:
+                files.append(open(paths[part], "rb", buffering=0))
+        except BaseException:
+            _close_all(files)
+            raise
+        self._files = dict(zip(layout, files))
+        self._close_files = weakref.finalize(self, _close_all, files)
         return self
+
+    def __reduce__(self):
+        # A copy would share (copy.copy) or duplicate as bare numbers (deepcopy, pickle) the open files,
+        # which close() or garbage collection of the original closes under it.
+        raise TypeError(f"an ActivationCache cannot be copied or pickled; call ActivationCache.open"
+                        f"({self.directory!r}, {self.rank}, ...) again")
 
     def __len__(self) -> int:
         return self.entries
@@ -673,8 +688,8 @@ class ActivationCache:
         self._check_mapped()
         maps = {}
         for part, m in self._maps.items():
-            with open(self._fds[part], "rb", closefd=False) as f:  # a map keeps a file descriptor of its own
-                maps[part] = np.memmap(f, dtype=m.dtype, mode="r", shape=m.shape)
+            # (a map keeps a file descriptor of its own)
+            maps[part] = np.memmap(self._files[part], dtype=m.dtype, mode="r", shape=m.shape)
         return maps
 
     def _check_mapped(self) -> None:
@@ -683,13 +698,13 @@ class ActivationCache:
 
     def close(self) -> None:
         """Drop the memory maps and close the files (they also go when the object is garbage collected)."""
-        self._maps, self._fds = {}, {}
-        self._close_fds()
+        self._maps, self._files = {}, {}
+        self._close_files()
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+def _close_all(files: list) -> None:
+    for f in files:
+        f.close()
 
 
 def _file_digest(path: str, algo: str) -> str:

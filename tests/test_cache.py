@@ -443,3 +443,17 @@ def test_reads_do_not_stay_resident(tmp_path):
         pass
     hidden = os.path.join(cache.directory, cache.manifest["files"]["hidden"]["name"])
     assert resident_kib(hidden) < 512, f"{resident_kib(hidden)} KiB of the 4096 KiB shard stay resident"
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_open_cache_is_not_copied(tmp_path, how):
+    """The open shard's files are closed by close() or garbage collection of the cache that opened them:
+    a copy sharing them (copy.copy: EBADF) or holding their bare numbers (deepcopy: a later open() reuses
+    them, and the copy read another file's bytes as activations, silently) is refused instead."""
+    import copy
+    import pickle
+    _write(tmp_path, 0, 4, torch.float32)
+    cache = ActivationCache.open(tmp_path, 0, {})
+    with pytest.raises(TypeError, match="cannot be copied or pickled"):
+        {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how](cache)
+    cache.close()
