@@ -236,7 +236,7 @@ def entropy_of_counts(counts) -> float:
     """
     counts = np.asarray(counts, dtype=np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0  # (+ 0.0: one outcome gives -0.0, printed as "-0.0000")
 
 
 def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:

@@ -513,6 +513,14 @@ class Trainer:
         if len(state["rng"]) != self.env.world:
             raise ValueError(f"--resume: the checkpoint was written by {len(state['rng'])} ranks, this run has "
                              f"{self.env.world}")
+        # The same config may train in another dtype: train.dtype auto is bfloat16 on CUDA, float32 on the CPU
+        # (the checkpoint's weights are in the dtype the run trained in)
+        saved_dtype = next((v.dtype for v in state["model"].values()
+                            if isinstance(v, torch.Tensor) and v.is_floating_point()), self.dtype)
+        if saved_dtype != self.dtype:
+            raise ValueError(f"--resume: the run trained in {str(saved_dtype).replace('torch.', '')}, this one would "
+                             f"train in {str(self.dtype).replace('torch.', '')} (train.dtype={self.cfg.train.dtype!r} "
+                             f"on {self.device}): resume it on the kind of device it started on")
         self.model.load_trainable_state_dict(state["model"])
         self._forget_digests(0)
         if self.frozen_checksum != state["frozen_checksum"]:
@@ -626,6 +634,31 @@ class Trainer:
         cache is being written (or rebuilt, which nests writers) its own temporary files are in use."""
         for directory in glob.glob(os.path.join(glob.escape(self.cache_dir), "stage*")):
             remove_partials(directory, self.env.rank)
+
+    def refuse_foreign_caches(self) -> None:
+        """A fresh run's first phase deletes every stage cache in cache_dir (remove_unneeded_caches): refuse,
+        naming train.cache_dir, when one was written by a run of another config (a cache_dir outside out_dir
+        only: out_dir, hence its caches, belong to this run). An explicit cache_dir shared
+        by runs (a scratch path in a config file) would otherwise lose a stopped run's cache to the next run
+        started on it, and that run's --resume would be refused on the new run's cache. A collective."""
+        foreign = []
+        own = os.path.realpath(self.out_dir)
+        inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's
+        pattern = os.path.join(glob.escape(self.cache_dir), "stage*", f"rank{self.env.rank}.manifest.json")
+        for manifest in [] if inside else sorted(glob.glob(pattern)):
+            try:
+                with open(manifest) as f:
+                    found = json.load(f)["meta"]["fingerprint"]
+            except (OSError, ValueError, KeyError, TypeError):  # unreadable: not provably another run's
+                continue
+            if found != self.fingerprint:
+                foreign.append(f"train.cache_dir: {os.path.dirname(manifest)} holds the activation cache of a run "
+                               f"of another config (fingerprint {found}, this run's {self.fingerprint}), which this "
+                               f"run would delete: resume that run, delete the directory if it is no longer needed, "
+                               f"or choose another train.cache_dir")
+        foreign = [message for messages in self.env.gather(foreign) for message in messages]
+        if foreign:
+            raise ValueError(foreign[0])
 
     def remove_unneeded_caches(self, index: int) -> None:
         """Delete this rank's shards of every stage cache phase `index` does not read: those a run killed
@@ -1119,18 +1152,40 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
         rank: this process's rank: each rank takes its own lock file.
     Returns:
         (the open lock files, messages). On the first lock another process holds: ([], one message naming
-        it), after releasing the locks this call took. Without fcntl, or where a filesystem refuses flock,
-        the run goes on unlocked and says so on stderr.
+        it), after releasing the locks this call took and removing the directories it made. Without fcntl,
+        or where a filesystem refuses flock, the run goes on unlocked and says so on stderr.
+    Raises:
+        OSError naming the key and the directory, after the same clean-up: a directory that cannot be made
+            or a lock file that cannot be written (a file in the way, no permission).
     """
-    files, busy, seen, made = [], [], set(), []
+    files, seen, made = [], set(), []
+
+    def release() -> None:
+        for held in files:  # refused: leave nothing behind in the directories this call made
+            held.close()
+            if os.path.dirname(held.name) in made:
+                try:
+                    os.remove(held.name)
+                except OSError:
+                    pass
+        for directory in reversed(made):
+            try:
+                os.rmdir(directory)  # only if empty: something else may have appeared there meanwhile
+            except OSError:
+                pass
+
     if fcntl is None:
         print(f"rank {rank}: no fcntl on this platform: this run goes on without locking "
               f"{', '.join(dirs.values())}", file=sys.stderr, flush=True)
     for key, directory in dirs.items():
         if not os.path.isdir(directory):
             made.append(directory)
-        os.makedirs(directory, exist_ok=True)
-        st = os.stat(directory)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            st = os.stat(directory)
+        except OSError as e:  # a file in the way, no permission: a machine problem (exit 1), naming the key
+            release()
+            raise OSError(e.errno, f"{key}: cannot create the directory ({e.strerror or e})", directory) from None
         identity = (st.st_dev, st.st_ino)
         if identity in seen:  # the same directory by another path (a bind mount): locked already
             continue
@@ -1138,24 +1193,20 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
         path = os.path.join(directory, f".rank{rank}.lock")
         if fcntl is None:
             continue
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # a read-only directory
+            release()
+            raise OSError(e.errno, f"{key}: cannot write its lock file ({e.strerror or e})", path) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            busy.append(f"{key}: {directory} is in use by another lwt run (pid {holder} holds {path}); "
-                        f"wait for it to end, or choose another {key}")
-            for held in files:  # refused: leave nothing behind in the directories this call made
-                held.close()
-                if os.path.dirname(held.name) in made:
-                    try:
-                        os.remove(held.name)
-                        os.rmdir(os.path.dirname(held.name))
-                    except OSError:  # something else appeared there meanwhile: keep it
-                        pass
-            return [], busy
+            release()
+            return [], [f"{key}: {directory} is in use by another lwt run (pid {holder} holds {path}); wait for it "
+                        f"to end, or choose another {key}"]
         except OSError as e:  # a filesystem without flock (NFS without lockd: ENOLCK; Lustre noflock: ENOSYS)
             f.close()
             print(f"rank {rank}: {key}: {directory} cannot be locked ({e.strerror}); this run goes on "
@@ -1166,7 +1217,7 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
         f.write(f"{os.getpid()}\n")
         f.flush()
         files.append(f)
-    return files, busy
+    return files, []
 
 
 def remove_dead_writers_temps(out_dir: str) -> None:
@@ -1265,7 +1316,9 @@ def main(argv=None) -> int:
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
             raise ValueError(f"{trainer.ckpt_path} exists: pass --resume to continue that run, or choose another "
                              f"train.out_dir")
-        elif env.main and os.path.exists(trainer.metrics_path):
+        elif t.cache:
+            trainer.refuse_foreign_caches()  # (before anything in out_dir or cache_dir is deleted)
+        if not args.resume and env.main and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a run that never checkpointed: start its log afresh
         if env.main:  # rank 0 writes every .pt; not before a refusal: this run owns out_dir only from here
             remove_dead_writers_temps(trainer.out_dir)

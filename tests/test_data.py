@@ -65,6 +65,11 @@ def test_default_text_is_real_english(text_data):
     assert 2.5 < text_data.unigram_entropy() < 4.0  # English bytes: ~3.2 nats; uniform bytes would be 5.5
 
 
+def test_entropy_of_one_outcome_prints_as_zero():
+    """-Σ p log p of a single outcome is -0.0 in floating point, which the table printed as "-0.0000"."""
+    assert f"{lwt_data.entropy_of_counts([5, 0]):.4f}" == "0.0000"
+
+
 def test_default_text_falls_back_to_docstrings(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # import now raises ImportError
     text, origin = lwt_data.default_text()

@@ -707,6 +707,41 @@ def test_lock_edge_cases(tmp_path, monkeypatch, capsys):
     assert files == [] and busy == [] and "goes on without locking" in capsys.readouterr().err
 
 
+def test_a_dir_that_cannot_be_made_names_its_key_and_leaves_nothing(tmp_path):
+    """A file in the way of cache_dir (or out_dir) is an OSError naming the key, and the out_dir the lock
+    call made (with its lock file) is removed again, as when a lock is refused."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match=r"train.cache_dir: cannot create the directory .*afile/c"):
+        _run(tmp_path, "--set", f"train.cache_dir={tmp_path / 'afile' / 'c'}")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(OSError, match=r"train.out_dir: cannot create the directory .*afile"):
+        _run(tmp_path, name="afile")
+
+
+def test_resume_in_another_dtype_names_it(tmp_path, monkeypatch):
+    """train.dtype auto is float32 on the CPU, bfloat16 on CUDA: the same config resumed on the other kind of
+    machine is refused saying so, not as a frozen-matrix checksum mismatch blamed on the torch version."""
+    code, _ = _run(tmp_path, "--set", "train.dtype=auto", "--stop_after", "2")
+    assert code == 0
+    resolve = T.resolve_dtype
+    monkeypatch.setattr(T, "resolve_dtype", lambda name, device: torch.bfloat16 if name == "auto" else resolve(name, device))
+    with pytest.raises(ValueError, match=r"^--resume: the run trained in float32, this one would train in bfloat16"):
+        _run(tmp_path, "--set", "train.dtype=auto", "--resume")
+
+
+def test_a_fresh_run_leaves_a_stopped_runs_shared_cache_alone(tmp_path):
+    """Two runs of different configs share an explicit cache_dir, one at a time: run B, started while run A
+    is stopped in stage 1, is refused naming train.cache_dir (it deleted A's block-0 cache and wrote its own,
+    and A's --resume was then refused on B's cache); A resumes to the end."""
+    shared = ["--set", f"train.cache_dir={tmp_path / 'scratch'}"]
+    code, _ = _run(tmp_path, *shared, "--stop_after", "8", name="a")
+    assert code == 0 and (tmp_path / "scratch" / "stage0" / "rank0.manifest.json").exists()
+    with pytest.raises(ValueError, match=r"^train.cache_dir: .*stage0 holds the activation cache of a run of another"):
+        _run(tmp_path, *shared, "--set", "train.seed=1", name="b")
+    code, out = _run(tmp_path, *shared, "--resume", name="a")
+    assert code == 0 and (out / "final.pt").exists()
+
+
 def test_a_live_runs_cache_is_left_alone(tmp_path, monkeypatch):
     """Run A, live (paused in stage 1, block 0's cache on disk, in a thread), keeps its cache: a run whose
     cache_dir is A's <out_dir>/cache is refused, and a run with train.cache false on A's cache_dir runs
