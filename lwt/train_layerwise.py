@@ -638,9 +638,9 @@ class Trainer:
     def refuse_foreign_caches(self) -> None:
         """A fresh run's first phase deletes every stage cache in cache_dir (remove_unneeded_caches): refuse,
         naming train.cache_dir, when one was written by a run of another config (a cache_dir outside out_dir
-        only: out_dir, hence its caches, belong to this run). An explicit cache_dir shared
-        by runs (a scratch path in a config file) would otherwise lose a stopped run's cache to the next run
-        started on it, and that run's --resume would be refused on the new run's cache. A collective."""
+        only: out_dir, hence its caches, belong to this run). An explicit cache_dir shared by runs (a scratch
+        path in a config file) would otherwise lose a stopped run's cache to the next run started on it, and
+        that run's --resume would be refused on the new run's cache. A collective."""
         foreign = []
         own = os.path.realpath(self.out_dir)
         inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's
