@@ -636,11 +636,12 @@ class Trainer:
             remove_partials(directory, self.env.rank)
 
     def refuse_foreign_caches(self) -> None:
-        """A fresh run's first phase deletes every stage cache in cache_dir (remove_unneeded_caches): refuse,
-        naming train.cache_dir, when one was written by a run of another config (a cache_dir outside out_dir
-        only: out_dir, hence its caches, belong to this run). An explicit cache_dir shared by runs (a scratch
-        path in a config file) would otherwise lose a stopped run's cache to the next run started on it, and
-        that run's --resume would be refused on the new run's cache. A collective."""
+        """A run's first phase deletes every stage cache in cache_dir that it does not read
+        (remove_unneeded_caches): refuse, naming train.cache_dir, when one was written by a run of another
+        config (a cache_dir outside out_dir only: out_dir, hence its caches, belong to this run). An explicit
+        cache_dir shared by runs (a scratch path in a config file) would otherwise lose a stopped run's cache
+        to the next run started, or resumed, on it, and that run's --resume would be refused on the new run's
+        cache. A collective."""
         foreign = []
         own = os.path.realpath(self.out_dir)
         inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's
@@ -1163,7 +1164,7 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
     def release() -> None:
         for held in files:  # refused: leave nothing behind in the directories this call made
             held.close()
-            if os.path.dirname(held.name) in made:
+            if os.path.abspath(os.path.dirname(held.name)) in made:
                 try:
                     os.remove(held.name)
                 except OSError:
@@ -1178,8 +1179,11 @@ def lock_run_dirs(dirs: dict[str, str], rank: int) -> tuple[list, list[str]]:
         print(f"rank {rank}: no fcntl on this platform: this run goes on without locking "
               f"{', '.join(dirs.values())}", file=sys.stderr, flush=True)
     for key, directory in dirs.items():
-        if not os.path.isdir(directory):
-            made.append(directory)
+        missing, parent = [], os.path.abspath(directory)
+        while not os.path.lexists(parent):  # it and the parents makedirs will make: (normalized) abspaths
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        made.extend(reversed(missing))
         try:
             os.makedirs(directory, exist_ok=True)
             st = os.stat(directory)
@@ -1282,7 +1286,9 @@ def main(argv=None) -> int:
         Either way a stopped run wrote a checkpoint to resume from.
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
-            without --resume, or a checkpoint or cache that does not match. DiskSpaceError: no room for a cache.
+            without --resume, a cache_dir holding another config's cache (refuse_foreign_caches), or a
+            checkpoint or cache that does not match. DiskSpaceError: no room for a cache. OSError: an out_dir
+            or cache_dir that cannot be made or locked (lock_run_dirs names the key).
         TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
             saved after it).
     """
@@ -1316,7 +1322,7 @@ def main(argv=None) -> int:
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
             raise ValueError(f"{trainer.ckpt_path} exists: pass --resume to continue that run, or choose another "
                              f"train.out_dir")
-        elif t.cache:
+        if t.cache:  # (a resumed run too: its cache_dir may be another than the one it started with)
             trainer.refuse_foreign_caches()  # (before anything in out_dir or cache_dir is deleted)
         if not args.resume and env.main and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a run that never checkpointed: start its log afresh

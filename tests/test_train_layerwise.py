@@ -716,6 +716,11 @@ def test_a_dir_that_cannot_be_made_names_its_key_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(OSError, match=r"train.out_dir: cannot create the directory .*afile"):
         _run(tmp_path, name="afile")
+    # the parents makedirs made go too, and a trailing slash (a shell's completion) changes nothing
+    for name in ("new/deeper/run", "new/run/"):
+        with pytest.raises(OSError, match=r"train.cache_dir: cannot create the directory"):
+            _run(tmp_path, "--set", f"train.cache_dir={tmp_path / 'afile' / 'c'}", name=name)
+        assert not (tmp_path / "new").exists()
 
 
 def test_resume_in_another_dtype_names_it(tmp_path, monkeypatch):
@@ -738,6 +743,13 @@ def test_a_fresh_run_leaves_a_stopped_runs_shared_cache_alone(tmp_path):
     assert code == 0 and (tmp_path / "scratch" / "stage0" / "rank0.manifest.json").exists()
     with pytest.raises(ValueError, match=r"^train.cache_dir: .*stage0 holds the activation cache of a run of another"):
         _run(tmp_path, *shared, "--set", "train.seed=1", name="b")
+    # B started on a cache_dir of its own and resumed on the shared one (cache_dir may change on --resume):
+    # refused too, not deleting A's cache and writing its own there
+    code, _ = _run(tmp_path, "--set", f"train.cache_dir={tmp_path / 'own'}", "--set", "train.seed=1",
+                   "--stop_after", "2", name="b")
+    assert code == 0
+    with pytest.raises(ValueError, match=r"^train.cache_dir: .*stage0 holds the activation cache of a run of another"):
+        _run(tmp_path, *shared, "--set", "train.seed=1", "--resume", name="b")
     code, out = _run(tmp_path, *shared, "--resume", name="a")
     assert code == 0 and (out / "final.pt").exists()
 
