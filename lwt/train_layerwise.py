@@ -1313,8 +1313,18 @@ def main(argv=None) -> int:
         dirs = {"train.out_dir": t.out_dir}
         if t.cache and os.path.realpath(t.cache_dir) != os.path.realpath(t.out_dir):  # inside it too: another
             dirs["train.cache_dir"] = t.cache_dir  # run's out_dir may name this one's <out_dir>/cache as its cache_dir
-        locks, busy = lock_run_dirs(dirs, env.rank)
-        busy = [message for messages in env.gather(busy) for message in messages]
+        try:
+            locks, busy = lock_run_dirs(dirs, env.rank)
+            unmade = None
+        except OSError as e:  # (a directory this rank cannot make): it too must reach the gather, or the
+            locks, busy, unmade = [], [], e  # other ranks would wait there for it
+        reports = env.gather((busy, None if unmade is None else str(unmade)))
+        if unmade is not None:
+            raise unmade
+        elsewhere = next((error for _, error in reports if error is not None), None)
+        if elsewhere is not None:
+            raise OSError(f"another rank: {elsewhere}")
+        busy = [message for messages, _ in reports for message in messages]
         if busy:
             raise ValueError(busy[0])
         if args.resume:

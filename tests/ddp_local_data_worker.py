@@ -1,6 +1,6 @@
-"""torchrun's worker for tests/test_train_layerwise.py::test_resume_refuses_one_nodes_changed_data_on_every_rank:
-lwt.train_layerwise run from <LWT_NODES>/node<RANK>, so that a relative data.path reads that rank's own
-copy of the corpus (as each node of a job may read its own copy, on local scratch)."""
+"""torchrun's worker for the tests in tests/test_train_layerwise.py where ranks see different files:
+lwt.train_layerwise run from <LWT_NODES>/node<RANK>, so that a relative data.path or cache_dir is that rank's
+own (as each node of a job may read its own copy of the corpus, or cache on its own local scratch)."""
 import os
 import sys
 

@@ -640,6 +640,24 @@ def test_resume_refuses_one_nodes_changed_data_on_every_rank(tmp_path):
     assert "resumed from" not in proc.stdout and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_dir_one_rank_cannot_make_stops_every_rank(tmp_path):
+    """A relative cache_dir that rank 1 cannot make (a file in its way on that node only): rank 1's OSError
+    names the key, and rank 0 stops with it too instead of waiting for rank 1 in the gather of the lock
+    refusals (it died there, on gloo's "Connection closed by peer"; NCCL would wait)."""
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    (tmp_path / "node1" / "scratch").write_text("a file where rank 1's cache_dir should go")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tests", "ddp_local_data_worker.py"), *TINY, "--set", f"train.out_dir={tmp_path / 'out'}",
+           "--set", "train.cache_dir=scratch/c"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "LWT_NODES": str(tmp_path)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "OSError: another rank: [Errno 20] train.cache_dir: cannot create the directory" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
     """While a run holds out_dir (or its cache_dir), another run on it stops before touching
     anything there; once the holder ends, the directory is free again."""
