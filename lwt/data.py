@@ -291,7 +291,7 @@ def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
         if cfg.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"data.token_dtype: expected one of {', '.join(TOKEN_DTYPES)}, got {cfg.token_dtype!r}")
         corpus = _memmap(cfg.path, TOKEN_DTYPES[cfg.token_dtype])                         # (N,)
-        _check_ids(_memmap(cfg.path, corpus.dtype, 0, len(corpus)), vocab_size, cfg.path)
+        _check_ids(corpus, vocab_size, cfg.path)
         description = f"tokens: {cfg.path}, {len(corpus)} {cfg.token_dtype} ids"
 
     n = len(corpus)
@@ -359,8 +359,8 @@ def _stdlib_docstrings() -> str:
 
 
 def _memmap(path: str, dtype, start: int = 0, count: int | None = None) -> np.memmap:
-    """Read-only memmap of a raw file of `dtype` items, with the errors a user can act on; with a count, of
-    items [start, start + count) only, holding the file open for _read_into (attribute source_fd)."""
+    """Read-only memmap of items [start, start + count) (count None: to the end) of a raw file of `dtype`
+    items, with the errors a user can act on, holding the file open for _read_into (attribute source_fd)."""
     if not os.path.isfile(path):
         raise ValueError(f"data.path: no such file: {path}")
     size = os.path.getsize(path)
@@ -371,7 +371,7 @@ def _memmap(path: str, dtype, start: int = 0, count: int | None = None) -> np.me
         raise ValueError(f"data.path: {path} is {size} bytes, not a multiple of the {itemsize}-byte "
                          f"{np.dtype(dtype).name} item size (wrong data.token_dtype?)")
     if count is None:
-        return np.memmap(path, dtype=dtype, mode="r")
+        count = size // itemsize - start
     m = np.memmap(path, dtype=dtype, mode="r", offset=start * itemsize, shape=(count,))
     m.source_fd = os.open(path, os.O_RDONLY)  # the file this map reads, even if the path is renamed or replaced
     weakref.finalize(m, os.close, m.source_fd)
