@@ -158,10 +158,10 @@ def test_bad_options_stop_before_any_bench_runs(dry_run, capsys):
 
 
 def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
-    """tune_mla's GPU path on tiny CPU shapes (fp16 through the interpreter), one config per list: every
-    forced launch runs, gives the autotuned launch's gradients, and prints its line."""
+    """tune_mla's GPU path on tiny shapes in fp16 (on a CPU through the interpreter), one config per list:
+    every forced launch runs, gives the autotuned launch's gradients, and prints its line."""
     tune = importlib.import_module("tune_mla")
-    for name, value in dict(DEVICE="cpu", DTYPE=torch.float16, HEADS=2, SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24,
+    for name, value in dict(DEVICE="cuda" if torch.cuda.is_available() else "cpu", DTYPE=torch.float16, HEADS=2, SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24,
                             E3F8149_DKDV=[(16, 32, 8, 2, False)]).items():
         monkeypatch.setattr(tune, name, value)
     A = tune.A
@@ -199,6 +199,7 @@ def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
     subprocess.run(["git", "add", "."], **git)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "files"], **git)
     monkeypatch.setattr(H, "REPO", str(tmp_path))
+    monkeypatch.delenv("LWT_GIT_SHA", raising=False)  # device_check.sh sets it for trees copied without .git
     sha = H.git_sha.__wrapped__  # (git_sha caches the first answer for the process)
     (tmp_path / "benchmarks" / "results" / "op.csv").write_text("a\nb\n")
     assert len(sha()) == 12  # no "+dirty"

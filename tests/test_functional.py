@@ -66,7 +66,7 @@ def test_no_weight_reaches_the_op_as_none(monkeypatch, backend):
     x, _, _ = _inputs()
     y = F.rms_norm(x, None, 1e-6)
     assert weights == [None]
-    assert_close("y", y, reference.rms_norm(x.double(), torch.ones(48, dtype=torch.float64), 1e-6),
+    assert_close("y", y, reference.rms_norm(x.double(), torch.ones(48, dtype=torch.float64, device=x.device), 1e-6),
                  torch.nn.functional.rms_norm(x, (48,), None, 1e-6))
 
 

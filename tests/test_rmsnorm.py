@@ -333,12 +333,12 @@ def test_residual_and_x_gradients_never_alias_through_pass_through_ops(through):
     add, cat) must not let that leaf's .grad share storage with the residual's: gradient accumulation over
     two micro-batches (in-place +=) would otherwise add each step twice."""
     gen = torch.Generator().manual_seed(4)
-    a = torch.randn(3, 16, generator=gen, requires_grad=True)
-    r = torch.randn(3, 16, generator=gen, requires_grad=True)
-    w = torch.randn(16, generator=gen)
-    make = {"clone": lambda: a.clone(), "add": lambda: a + torch.zeros(3, 16),
+    a = torch.randn(3, 16, generator=gen).to(DEVICE).requires_grad_()
+    r = torch.randn(3, 16, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(16, generator=gen).to(DEVICE)
+    make = {"clone": lambda: a.clone(), "add": lambda: a + torch.zeros(3, 16, device=DEVICE),
             "cat": lambda: torch.cat([a, a.detach()])[:3]}[through]
-    cots = [torch.randn(3, 16, generator=gen) for _ in range(2)]
+    cots = [torch.randn(3, 16, generator=gen).to(DEVICE) for _ in range(2)]
     got, want = [], []
     for fn, out in ((rmsnorm_kernels.rms_norm, got), (reference.rms_norm, want)):
         a.grad = r.grad = None
