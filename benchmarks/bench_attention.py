@@ -138,12 +138,15 @@ def run_case(report, D, heads, S, causal, passes=False):
             report.add(case, mode, name, ms, "TFLOP/s", flops * (3.5 if backward else 1.0))
     if passes:
         def setup(q=q.detach(), k=k.detach(), v=v.detach(), scale=D ** -0.5):
-            o, lse = A.attention_fwd(q, k, v, causal, scale)
-            delta = A.launch_delta(o, do)
-            return [("fwd", lambda: A.attention_fwd(q, k, v, causal, scale), A._fwd),
-                    ("δ", lambda: A.launch_delta(o, do), None),
+            # the passes of a training step: the forward keeps O's residual for δ
+            fwd = lambda: A.launch_fwd(q, k, None, v, causal, scale, residual=True)  # noqa: E731
+            o, lse, o_res = fwd()
+            delta = A.launch_delta(o, do, o_res)
+            return [("fwd", fwd, A._fwd),
+                    ("δ", lambda: A.launch_delta(o, do, o_res), None),
                     ("dQ", lambda: A.launch_dq(do, q, k, None, v, lse, delta, causal, scale), A._dq),
-                    ("δ+dK/dV", lambda: A.attention_bwd(do, q, k, v, o, lse, causal, scale, need_dq=False), A._dkdv)]
+                    ("δ+dK/dV", lambda: A.attention_bwd(do, q, k, v, o, lse, causal, scale, need_dq=False,
+                                                        o_res=o_res), A._dkdv)]
         note_passes(report, case, setup)
     return case
 
@@ -218,12 +221,14 @@ def run_mla_case(report, H_, S, causal, passes=False):
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items()))
     if passes:
         def setup(q=q.detach(), kn=k_nope.detach(), kr=k_rope.detach(), v=v.detach(), scale=(dn + dr) ** -0.5):
-            o, lse = A.launch_fwd(q, kn, kr, v, causal, scale, d_rope=dr)
-            delta = A.launch_delta(o, do)
-            return [("fwd", lambda: A.launch_fwd(q, kn, kr, v, causal, scale, d_rope=dr), A._fwd),
-                    ("δ", lambda: A.launch_delta(o, do), None),
+            fwd = lambda: A.launch_fwd(q, kn, kr, v, causal, scale, d_rope=dr, residual=True)  # noqa: E731
+            o, lse, o_res = fwd()
+            delta = A.launch_delta(o, do, o_res)
+            return [("fwd", fwd, A._fwd),
+                    ("δ", lambda: A.launch_delta(o, do, o_res), None),
                     ("dQ", lambda: A.launch_dq(do, q, kn, kr, v, lse, delta, causal, scale, d_rope=dr), A._dq),
-                    ("δ+dK/dV", lambda: M.mla_bwd(do, q, kn, kr, v, o, lse, causal, scale, need_dq=False), M._dkdv)]
+                    ("δ+dK/dV", lambda: M.mla_bwd(do, q, kn, kr, v, o, lse, causal, scale, need_dq=False,
+                                                  o_res=o_res), M._dkdv)]
         note_passes(report, case, setup)
     return case, mem
 

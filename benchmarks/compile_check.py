@@ -91,6 +91,13 @@ def _picked(configs, quick):
     return configs[:1] + other[:1]
 
 
+def _fwd_extra(kernel, dtype):
+    """The forward's STORE_RES as a training step launches it: O's residual kept for 16-bit inputs."""
+    from kernels import attention as A
+
+    return {"STORE_RES": dtype != "fp32"} if kernel is A._attn_fwd_kernel else {}
+
+
 def _attention_jobs(quick):
     from kernels import attention as A
 
@@ -108,12 +115,12 @@ def _attention_jobs(quick):
                 for entry in _picked(configs, quick):
                     const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim, IS_CAUSAL=causal,
                                  INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(entry),
-                                 **({} if group is None else {"GROUP": group}))
+                                 **({} if group is None else {"GROUP": group}), **_fwd_extra(kernel, dtype))
                     warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
     pre = A._bwd_preprocess_kernel
     for head_dim in (64, 128, 256):
-        const = dict(D=head_dim, HEAD_DIM=head_dim, BLOCK_M=A._PREPROCESS_TILE // head_dim)
+        const = dict(D=head_dim, HEAD_DIM=head_dim, HAS_RES=True, BLOCK_M=A._PREPROCESS_TILE // head_dim)
         yield ("attention δ", pre, "bf16", const, 4, 3, {"H", "S"}, set(), {"Delta"})
 
 
@@ -136,7 +143,8 @@ def _mla_jobs(quick):
             precision = "ieee" if dtype == "fp32" else "tf32"
             for causal in (False, True):
                 for entry in _picked(configs, quick):
-                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry)}
+                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry),
+                             **_fwd_extra(kernel, dtype)}
                     warps, stages = entry[2:4]
                     yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
                            {"LSE", "Delta", "DKR_partial"})
@@ -215,7 +223,7 @@ def _cross_entropy_jobs(quick):
         for accumulate, out in ((False, "fp32"), (True, "fp32"), (True, "bf16")):
             yield ("ce dW accumulate", CE._ce_dw_accumulate_kernel.fn, "bf16",
                    dict(ACCUMULATE=accumulate, GROUP_V=CE._GROUP_V, BLOCK_V=bv, BLOCK_D=bd, BLOCK_C=bc), warps, stages,
-                   ints, set(), {"Acc"}, {"Out": out}, ints)
+                   ints, {"alpha"}, {"Acc"}, {"Out": out}, ints)
     yield ("ce scale", CE._scale_kernel, "bf16", dict(BLOCK=4096), 4, 1, {"n"}, set(), {"G"})
 
 

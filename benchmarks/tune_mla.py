@@ -65,12 +65,13 @@ def run_case(B: int, causal: bool, dq_too: bool) -> None:
     d_qk = D_NOPE + D_ROPE
     tflops = lambda per_pair, ms: f"{per_pair * pairs / ms / 1e9:.0f} TFLOP/s"  # noqa: E731
     tag = f"B{B} {'causal' if causal else 'bidirectional'} (head chunks {M._head_chunks(B, SEQ, HEADS, q.device)})"
-    fwd = lambda: A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=D_ROPE)  # noqa: E731
+    fwd = lambda: A.launch_fwd(q, k_nope, k_rope, v, causal, scale, d_rope=D_ROPE, residual=True)  # noqa: E731
     ms = H.bench_ms(fwd)
     print(f"{tag}: fwd (autotuned) {ms:.3f} ms, {tflops(2 * (d_qk + D_V), ms)}", flush=True)
-    o, lse = fwd()
-    print(f"{tag}: delta {H.bench_ms(lambda: A.launch_delta(o, do)):.3f} ms", flush=True)
-    dkdv = lambda: M.mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal, scale, need_dq=False)[1:]  # noqa: E731
+    o, lse, o_res = fwd()
+    print(f"{tag}: delta {H.bench_ms(lambda: A.launch_delta(o, do, o_res)):.3f} ms", flush=True)
+    dkdv = lambda: M.mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal, scale, need_dq=False,  # noqa: E731
+                             o_res=o_res)[1:]
     want = dkdv()  # the autotuned launch
     for entry in A._DKDV_CONFIGS["mla"] + E3F8149_DKDV:
         timed = _time_forced(M, "_dkdv", entry, dkdv)
@@ -80,7 +81,7 @@ def run_case(B: int, causal: bool, dq_too: bool) -> None:
                   f"{_max_diff(got, want):.1e}", flush=True)
     if not dq_too:
         return
-    delta = A.launch_delta(o, do)
+    delta = A.launch_delta(o, do, o_res)
     dq = lambda: (A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, scale, d_rope=D_ROPE),)  # noqa: E731
     want = dq()
     for entry in A._DQ_CONFIGS["mla"]:

@@ -12,7 +12,7 @@ of one head and streams BLOCK_N-row tiles of K and V through an online softmax h
 No S × S matrix exists in memory. p is rounded to the input dtype for the tensor-core dot, as in FA2.
 
 Backward (FA2 Algorithm 2). With P = exp(scale · Q Kᵀ - LSE) recomputed tile by tile:
-    δ  = rowsum(dO ∘ O)                      (a small preprocess kernel, fp32)
+    δ  = rowsum(dO ∘ O)                      (a small preprocess kernel, fp32, from O + R: see Precision)
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - δ);  dK = scale · dSᵀ Q;  dQ = scale · dS K
 Two kernels, so that no gradient needs atomics: one program per (key block, K/V head) accumulates dK and
 dV in registers over the query blocks of all GROUP query heads that read that K/V head (the GQA sum over
@@ -37,6 +37,16 @@ forward's) and δ from the rounded O, so the gradients' error grows with the log
 saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
 are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
 passes.)
+δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward
+whose inputs need gradients also stores R = O_fp32 − O, rounded to the input dtype (one more O-sized
+tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ is common to every key of
+its query row, so dQ = scale · Σ_j P_ij (dP_ij − δ_i) k_j takes it times the keys' P-weighted mean
+(Σ_j dS_ij is 0 exactly), where an eager backward's roundings differ from key to key and average out.
+When the values share a large common part (O ≈ each v_j, so dP − δ is small) and so do the keys, the
+16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (an MLA block of the bf16 model test,
+tests/test_model.py, whose values average 1.56 with a spread of 0.18 over the sequence; and
+test_attention's common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding before
+the P·V dot, which O and so δ inherit.
 
 Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
 registers only); any S >= 1, B, H and any strides with a unit stride along D (anything else is copied
@@ -328,16 +338,17 @@ def _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs,
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, KR, V, O, LSE,
+    Q, K, KR, V, O, ORES, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
     H, GROUP, S, sm_scale, seq_bucket,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
     D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O and LSE for BLOCK_M query rows of one (batch, head). Q (B, S, H, D + D_R): the rope part of a
-    query follows its first D dims. LSE: (B, H, S) fp32, natural log."""
+    query follows its first D dims. LSE: (B, H, S) fp32, natural log. STORE_RES: ORES (O's shape and
+    strides) gets O's rounding residual, O_fp32 − O, in O's dtype."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
     K, KR, V = _kv_bases(K, KR, V, b, h // GROUP, stride_kb, stride_kh, stride_krb, stride_vb, stride_vh)
@@ -360,7 +371,11 @@ def _attn_fwd_kernel(
                                S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, True,
                                INPUT_PRECISION)
     # Every row saw key 0 in its first tile, so m_i is finite and l_i >= 1 here (rows past S included).
-    _store_tile(O, q_rows, stride_os, S, acc / l_i[:, None], D_V, V_DIM)
+    o = acc / l_i[:, None]
+    _store_tile(O, q_rows, stride_os, S, o, D_V, V_DIM)
+    if STORE_RES:
+        ORES += b.to(tl.int64) * stride_ob + h * stride_oh
+        _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D_V, V_DIM)
     lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, lse, mask=q_rows < S)
 
@@ -370,14 +385,20 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, Delta, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                           H, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """δ = rowsum(dO ∘ O) in fp32, (B, H, S)."""
+def _bwd_preprocess_kernel(O, ORES, DO, Delta, stride_ob, stride_os, stride_oh, stride_rb, stride_rs, stride_rh,
+                           stride_dob, stride_dos, stride_doh,
+                           H, S, D: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_RES: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """δ = rowsum(dO ∘ O) in fp32, (B, H, S), O read as O + ORES (its rounding residual) with HAS_RES."""
     block_m, b, h = _program_coords(S, BLOCK_M, H, False)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_tile(O + b.to(tl.int64) * stride_ob + h * stride_oh, rows, stride_os, S, D, HEAD_DIM, True)
+    o = o.to(tl.float32)
+    if HAS_RES:
+        o += _load_tile(ORES + b.to(tl.int64) * stride_rb + h * stride_rh, rows, stride_rs, S, D, HEAD_DIM,
+                        True).to(tl.float32)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, rows, stride_dos, S, D, HEAD_DIM, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = tl.sum(o * do.to(tl.float32), axis=1)
     tl.store(Delta + (b * H + h).to(tl.int64) * S + rows, delta, mask=rows < S)
 
 
@@ -587,23 +608,35 @@ def head_meta(d: int, d_rope: int, d_v: int, dtype: torch.dtype, causal: bool) -
                 IS_CAUSAL=bool(causal), INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _fwd_fake(q, k, kr, v, causal, sm_scale, d_rope=0):
+def _keeps_residual(residual: bool, dtype: torch.dtype) -> bool:
+    """Whether launch_fwd stores O's rounding residual: asked for, and O rounded to 16 bits."""
+    return residual and dtype in (torch.float16, torch.bfloat16)
+
+
+def _fwd_fake(q, k, kr, v, causal, sm_scale, d_rope=0, residual=False):
     B, S, H, _ = q.shape
-    return q.new_empty((B, S, H, v.shape[3])), q.new_empty((B, H, S), dtype=torch.float32)
+    o = q.new_empty((B, S, H, v.shape[3]))
+    return o, q.new_empty((B, H, S), dtype=torch.float32), torch.empty_like(o) if _keeps_residual(
+        residual, q.dtype) else absent(q)
 
 
 @launcher("attention_fwd", fake=_fwd_fake)
 def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: torch.Tensor, causal: bool,
-               sm_scale: float, d_rope: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+               sm_scale: float, d_rope: int = 0, residual: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward, for attention (kr None, d_rope 0) and MLA. q (B, S, H, D + d_rope); k (B, S, Hkv, D);
     kr (B, S, d_rope): rope keys shared by all heads; v (B, S, Hkv, D_V); unit stride along the last dim.
-    Returns (o, lse): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
+    residual: also return O's rounding residual for the backward's δ (fp16/bf16 only; see Precision).
+    Returns (o, lse, o_res): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, natural log;
+    o_res like o, O_fp32 − o rounded to o's dtype, or empty when not kept."""
     B, S, H, _ = q.shape
     Hkv, d, d_v = k.shape[2], k.shape[3], v.shape[3]
     o = empty((B, S, H, d_v), q.dtype, q.device)
     lse = empty((B, H, S), torch.float32, q.device)
+    keep = _keeps_residual(residual, q.dtype)
+    o_res = empty(o.shape, o.dtype, o.device) if keep else absent(q)
     if o.numel() == 0:
-        return o, lse
+        return o, lse, o_res
     # named as the caller's arguments: attention's k, v; mla_attention's k_nope, v; latent_attention's c (k and v)
     if kr is None:
         _check_offsets(q=q, k=k, v=v, o=o)
@@ -614,23 +647,28 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
     kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
     _fwd.launch(
         lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
-        q, k, k if kr is None else kr, v, o, lse,  # without a rope part, k stands in for the unread kr
+        # without a rope part, k stands in for the unread kr; o for an unwritten residual
+        q, k, k if kr is None else kr, v, o, o_res if keep else o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *kr_strides,
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, H // Hkv, S, sm_scale, _seq_bucket(S),
-        **head_meta(d, d_rope, d_v, q.dtype, causal),
+        **head_meta(d, d_rope, d_v, q.dtype, causal), STORE_RES=keep,
     )
-    return o, lse
+    return o, lse, o_res
 
 
-def launch_delta(o, do):
-    """δ = rowsum(dO ∘ O): (B, H, S) fp32, from o and do (B, S, H, D_V) with unit stride along D_V."""
+def launch_delta(o, do, o_res=None):
+    """δ = rowsum(dO ∘ O): (B, H, S) fp32, from o and do (B, S, H, D_V) with unit stride along D_V; O is
+    o + o_res when launch_fwd's residual (like o) is given (None or empty: o alone)."""
     B, S, H, d_v = o.shape
     delta = empty((B, H, S), torch.float32, o.device)
     rows = _PREPROCESS_TILE // _padded(d_v)
+    has_res = o_res is not None and o_res.numel() > 0
+    r = o_res if has_res else o
     _bwd_preprocess_kernel[(cdiv(S, rows) * B * H,)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, S, D=d_v, HEAD_DIM=_padded(d_v), BLOCK_M=rows, num_warps=4,
+        o, r, do, delta, o.stride(0), o.stride(1), o.stride(2), r.stride(0), r.stride(1), r.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        H, S, D=d_v, HEAD_DIM=_padded(d_v), HAS_RES=has_res, BLOCK_M=rows, num_warps=4,
     )
     return delta
 
@@ -656,7 +694,8 @@ def launch_dq(do, q, k, kr, v, lse, delta, causal: bool, sm_scale: float, d_rope
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
     """Launch the forward. q (B, S, H, D); k, v (B, S, Hkv, D); unit stride along D. Returns
     (o, lse): o (B, S, H, D) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
-    return launch_fwd(q, k, None, v, causal, sm_scale)
+    o, lse, _ = launch_fwd(q, k, None, v, causal, sm_scale)
+    return o, lse
 
 
 def grads_like(need: tuple, *inputs: torch.Tensor, zero: bool = False) -> tuple:
@@ -667,16 +706,18 @@ def grads_like(need: tuple, *inputs: torch.Tensor, zero: bool = False) -> tuple:
                  for wanted, t in zip(need, inputs))
 
 
-def _bwd_fake(do, q, k, v, o, lse, causal, sm_scale, need_dq=True, need_dkdv=True):
+def _bwd_fake(do, q, k, v, o, lse, causal, sm_scale, need_dq=True, need_dkdv=True, o_res=None):
     return grads_like((need_dq, need_dkdv, need_dkdv), q, k, v)
 
 
 @launcher("attention_bwd", fake=_bwd_fake)
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, causal: bool, sm_scale: float, need_dq: bool = True,
-                  need_dkdv: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  need_dkdv: bool = True, o_res: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: δ, then dQ and dK/dV (each pass only if needed, else its result is empty).
-    Shapes as in attention_fwd; do like o. Returns (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
+    Shapes as in attention_fwd; do like o; o_res: launch_fwd's residual of o, or None. Returns (dq, dk,
+    dv), contiguous, in the dtypes of q, k, v."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
@@ -685,7 +726,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dk = empty(k.shape, k.dtype, k.device) if need_dkdv else None
     dv = empty(v.shape, v.dtype, v.device) if need_dkdv else None
     _check_offsets(do=do, dq=q.shape, **({"dk": dk, "dv": dv} if need_dkdv else {}))
-    delta = launch_delta(o, do)
+    delta = launch_delta(o, do, o_res)
     if need_dq:
         dq = launch_dq(do, q, k, None, v, lse, delta, causal, sm_scale)
     if not need_dkdv:
@@ -708,8 +749,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = attention_fwd(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse, o_res = launch_fwd(q, k, None, v, causal, sm_scale, residual=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(q, k, v, o, lse, o_res)
         ctx.causal = causal
         ctx.sm_scale = sm_scale
         return o
@@ -717,10 +758,10 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, o_res = ctx.saved_tensors
         need = ctx.needs_input_grad
         dq, dk, dv = attention_bwd(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale,
-                                   need_dq=need[0], need_dkdv=need[1] or need[2])
+                                   need_dq=need[0], need_dkdv=need[1] or need[2], o_res=o_res)
         return (*(g if wanted else None for g, wanted in zip((dq, dk, dv), need)), None, None)
 
 

@@ -98,17 +98,19 @@ def _head_chunks(B: int, S: int, H: int, device) -> int:
     return H
 
 
-def _mla_bwd_fake(do, q, k_nope, k_rope, v, o, lse, causal, sm_scale, need_dq=True, need_dkv=True):
+def _mla_bwd_fake(do, q, k_nope, k_rope, v, o, lse, causal, sm_scale, need_dq=True, need_dkv=True, o_res=None):
     return A.grads_like((need_dq, need_dkv, need_dkv, need_dkv), q, k_nope, k_rope, v)
 
 
 @launcher("mla_bwd", fake=_mla_bwd_fake)
 def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float, need_dq: bool = True,
-            need_dkv: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            need_dkv: bool = True, o_res: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: δ, dQ, the dK/dV pass (each only if needed, else its results are empty).
-    Shapes as in mla_attention, unit stride along the last dims; do like o. Returns (dq, dk_nope, dk_rope,
-    dv), contiguous, in the inputs' dtypes."""
+    Shapes as in mla_attention, unit stride along the last dims; do like o; o_res: launch_fwd's residual
+    of o, or None (kernels/attention.py, Precision). Returns (dq, dk_nope, dk_rope, dv), contiguous, in
+    the inputs' dtypes."""
     B, S, H, _ = q.shape
     d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
     if q.numel() == 0:
@@ -116,7 +118,7 @@ def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: tor
     dk_nope = empty(k_nope.shape, k_nope.dtype, k_nope.device) if need_dkv else None
     dv = empty(v.shape, v.dtype, v.device) if need_dkv else None
     A._check_offsets(do=do, dq=q.shape, **({"dk_nope": dk_nope, "dv": dv} if need_dkv else {}))
-    delta = A.launch_delta(o, do)
+    delta = A.launch_delta(o, do, o_res)
     dq = A.launch_dq(do, q, k_nope, k_rope, v, lse, delta, causal, sm_scale, d_rope) if need_dq else absent(q)
     if not need_dkv:
         return dq, absent(k_nope), absent(k_rope), absent(v)
@@ -144,8 +146,9 @@ class MLAFunction(torch.autograd.Function):
         q, k_nope, k_rope, v = (A._unit_last(t) for t in (q, k_nope, k_rope, v))
         if v is k_nope:  # one tensor passed as both: launch_fwd would take it for latent_attention's c
             v = v.view_as(v)
-        o, lse = A.launch_fwd(q, k_nope, k_rope, v, causal, sm_scale, d_rope=k_rope.shape[-1])
-        ctx.save_for_backward(q, k_nope, k_rope, v, o, lse)
+        o, lse, o_res = A.launch_fwd(q, k_nope, k_rope, v, causal, sm_scale, d_rope=k_rope.shape[-1],
+                                     residual=any(ctx.needs_input_grad[:4]))
+        ctx.save_for_backward(q, k_nope, k_rope, v, o, lse, o_res)
         ctx.causal = causal
         ctx.sm_scale = sm_scale
         return o
@@ -153,10 +156,10 @@ class MLAFunction(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, do):
-        q, k_nope, k_rope, v, o, lse = ctx.saved_tensors
+        q, k_nope, k_rope, v, o, lse, o_res = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = mla_bwd(A._unit_last(do), q, k_nope, k_rope, v, o, lse, ctx.causal, ctx.sm_scale,
-                        need_dq=need[0], need_dkv=any(need[1:4]))
+                        need_dq=need[0], need_dkv=any(need[1:4]), o_res=o_res)
         return (*(g if wanted else None for g, wanted in zip(grads, need)), None, None)
 
 
@@ -206,7 +209,7 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
                                  f"only kernel); use kernels.reference.latent_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     c4 = A._unit_last(c)[:, :, None, :]  # (B, S, 1, R): the one K/V head
-    o, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])
+    o, _, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])
     return o
 
 

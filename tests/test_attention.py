@@ -120,6 +120,41 @@ def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal
     assert attn._dkdv.autotuned.best_config.kwargs["FLATTEN"]  # the forced config is the one that ran
 
 
+def _dq_error(monkeypatch, fn, inputs, do, reference_fn, keep_residual):
+    """max |dq − float64 dq| of fn, with or without the forward's residual of O (kernels/attention.py,
+    Precision), the error of the plain same-dtype reference beside it."""
+    with monkeypatch.context() as m:
+        if not keep_residual:
+            m.setattr(attn, "_keeps_residual", lambda residual, dtype: False)
+        _, g = grads(fn, inputs, [do])
+    _, g64 = grads(reference_fn, [t.double() for t in inputs], [do.double()])
+    return (g[0].double() - g64[0]).abs().max().item()
+
+
+def test_delta_reads_o_before_its_rounding(monkeypatch):
+    """δ = rowsum(dO ∘ O) from O + R (R = O_fp32 − O, kept by the forward), not from the fp16 O: with
+    values and keys that share a large common part (O ≈ every v_j, so dP − δ is small), an error in δ
+    reaches dQ times the keys' mean. Without R dQ's error here is about 8 times the plain fp16
+    reference's; with it, about 2. The residual is what it says: below half an ulp of O, and not zero."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 2, 32, generator=gen)
+    k = 1.0 + 0.3 * torch.randn(1, 64, 1, 32, generator=gen)
+    v = 1.5 + 0.2 * torch.randn(1, 64, 1, 32, generator=gen)
+    do = torch.randn(1, 64, 2, 32, generator=gen).to(DEVICE, torch.float16)
+    inputs = [t.to(DEVICE, torch.float16) for t in (q, k, v)]
+    ref = lambda q, k, v: reference.attention(q, k, v)  # noqa: E731
+    with_r, without_r = (_dq_error(monkeypatch, attn.attention, inputs, do, ref, keep) for keep in (True, False))
+    assert with_r < 0.5 * without_r, (with_r, without_r)
+
+    o, _, o_res = attn.launch_fwd(*inputs[:2], None, inputs[2], False, 32 ** -0.5, residual=True)
+    assert o_res.shape == o.shape and o_res.dtype == o.dtype and o_res.abs().max() > 0
+    ulp = (torch.nextafter(o.abs(), torch.tensor(float("inf"), dtype=o.dtype, device=o.device)) - o.abs()).float()
+    assert (o_res.float().abs() <= ulp / 2).all()
+    assert attn.launch_fwd(*inputs[:2], None, inputs[2], False, 1.0, residual=False)[2].numel() == 0
+    assert attn.launch_fwd(*(t.float() for t in inputs[:2]), None, inputs[2].float(), False, 1.0,
+                           residual=True)[2].numel() == 0  # fp32: O is not rounded
+
+
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("shape", [pytest.param((2, 37, 4, 2, 32, None), id="B2-S37-H4/2-D32"),
@@ -288,8 +323,8 @@ def test_functional_dispatch(monkeypatch):
     """auto: the kernel for CUDA tensors, the reference otherwise; both forced paths agree, and the
     reference path alone takes float64."""
     calls = []
-    real_fwd, real_ref = attn.attention_fwd, reference.attention
-    monkeypatch.setattr(attn, "attention_fwd", lambda *a: calls.append("kernel") or real_fwd(*a))
+    real_fwd, real_ref = attn.launch_fwd, reference.attention
+    monkeypatch.setattr(attn, "launch_fwd", lambda *a, **kw: calls.append("kernel") or real_fwd(*a, **kw))
     monkeypatch.setattr(reference, "attention", lambda *a: calls.append("reference") or real_ref(*a))
     q, k, v = _ok()
     lwtF.attention(q, k, v)

@@ -62,14 +62,19 @@ def _rms_norm_cases():
 def _attention_cases():
     q, k, v = randn(1, 9, 4, 16), randn(1, 9, 2, 16, seed=1), randn(1, 9, 2, 16, seed=2)
     yield "attention_fwd", attn.launch_fwd, (q, k, None, v, True, 0.25, 0)
-    o, lse = attn.launch_fwd(q, k, None, v, True, 0.25, 0)
+    o, lse, _ = attn.launch_fwd(q, k, None, v, True, 0.25, 0)
     do = randn(1, 9, 4, 16, seed=3)
     yield "attention_bwd", attn.attention_bwd, (do, q, k, v, o, lse, True, 0.25, True, True)
     yield "attention_bwd-dkdv-only", attn.attention_bwd, (do, q, k, v, o, lse, False, 0.25, False, True)
+    # fp16: the forward keeps O's rounding residual, the backward reads it for δ
+    qh, kh, vh, doh = (t.half() for t in (q, k, v, do))
+    yield "attention_fwd-fp16-residual", attn.launch_fwd, (qh, kh, None, vh, False, 0.25, 0, True)
+    o, lse, o_res = attn.launch_fwd(qh, kh, None, vh, False, 0.25, 0, True)
+    yield "attention_bwd-fp16-residual", attn.attention_bwd, (doh, qh, kh, vh, o, lse, False, 0.25, True, True, o_res)
     # MLA: a shared rope key of 8, V head dim 12 != QK head dim 16 + 8
     q, kn, kr, v = randn(1, 9, 2, 24, seed=4), randn(1, 9, 2, 16, seed=5), randn(1, 9, 8, seed=6), randn(1, 9, 2, 12)
     yield "attention_fwd-mla", attn.launch_fwd, (q, kn, kr, v, False, 0.2, 8)
-    o, lse = attn.launch_fwd(q, kn, kr, v, False, 0.2, 8)
+    o, lse, _ = attn.launch_fwd(q, kn, kr, v, False, 0.2, 8)
     do = randn(1, 9, 2, 12, seed=7)
     yield "mla_bwd", mla.mla_bwd, (do, q, kn, kr, v, o, lse, False, 0.2, True, True)
     yield "mla_bwd-dq-only", mla.mla_bwd, (do, q, kn, kr, v, o, lse, True, 0.2, True, False)
@@ -120,8 +125,8 @@ def _group(group: str) -> dict:
 CASES = {
     "rms_norm": ["rms_norm_fwd", "rms_norm_fwd-residual", "rms_norm_bwd", "rms_norm_bwd-ds_out-no-dw",
                  "rms_norm_fwd-no-weight", "rms_norm_bwd-no-weight", "rms_norm_bwd-separate-dres"],
-    "attention": ["attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-mla", "mla_bwd",
-                  "mla_bwd-dq-only"],
+    "attention": ["attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-fp16-residual",
+                  "attention_bwd-fp16-residual", "attention_fwd-mla", "mla_bwd", "mla_bwd-dq-only"],
     "swiglu": ["frozen_swiglu_fwd", "frozen_swiglu_fwd-save", "frozen_swiglu_bwd-recompute",
                "frozen_swiglu_bwd-saved-dw-only", "frozen_swiglu_fwd-fp8", "frozen_swiglu_bwd-fp8-recompute"],
     "cross_entropy": ["linear_cross_entropy_fwd-mean", "linear_cross_entropy_fwd-sum", "linear_cross_entropy_fwd-none",
