@@ -26,7 +26,13 @@ chunked schedule. With "none" the forward keeps the per-row lse and the backward
 Precision. Softmax statistics and the loss are fp32; dZ is rounded to the logits' dtype, with the upstream
 gradient already in it, as an eager backward rounds its grad_logits. (So fp16, whose range is narrow,
 computes its gradients in the backward even for mean/sum: a loss scale must reach dZ before it is
-rounded.) dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
+rounded.) fp16 goes further than eager there: c_n · p underflows fp16 (below 6e-8, subnormal below 6e-5)
+for the typical p ~ 1/V once c_n is small (mean over N rows: c_n = g/N; V 128000 and N 1536 without a
+loss scale lose most of dZ, and eager's dH misses the float64 one by 1% of its largest entry), so the
+backward writes dZ / α with α = max_n |c_n| rounded up to a power of two (|dZ / α| <= 1, the magnitudes of
+an eager backward under an upstream gradient of 1: no GEMM sees larger products than there), and the
+GEMMs multiply their fp32 sums by α before rounding dH and dW (cuBLAS's alpha; the fp32 dW sum at its
+last store). dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
 16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
 rounding per chunk, no V × D buffer). Offsets: chunks are capped at (2³¹ − 1) / V rows and (2³¹ − 1) / (h's
 row stride) rows (fewer than 2³¹ elements of logits and of h), and the dW offsets are int64.
@@ -37,6 +43,8 @@ specialises on to issue vector loads from each row (with V itself as the stride,
 GPT-2's gets scalar loads), and cuBLAS's 16-bit kernels want a leading dimension of 8 elements' multiple.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -109,7 +117,7 @@ def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
 
 # dW accumulation tiles (BLOCK_V, BLOCK_D, BLOCK_C, warps, stages) for 16-bit inputs; the C loop is the
 # GEMM's K dimension. Compiled for sm_90 with V, D and C multiples of 16 (benchmarks/compile_check.py),
-# none spills while accumulating; 128 x 256 spills 80 B only in the last chunk's launch, which writes the
+# none spills while accumulating; 128 x 256 spills 88 B only in the last chunk's launch, which writes the
 # weight-dtype result and is tuned on its own. 256 x 128 spills while accumulating: left out.
 _DW_CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                (128, 128, 32, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
@@ -126,12 +134,13 @@ def _dw_configs():
 # restore_value: the kernel adds into Acc, so each config the autotuner tries must start from the same Acc.
 @triton.autotune(configs=_dw_configs(), key=["V", "D", "ACCUMULATE"], restore_value=["Acc"])
 @triton.jit
-def _ce_dw_accumulate_kernel(DZ, H, Acc, Out, C, V, D, stride_dz_row, stride_h_row, stride_acc_row,
+def _ce_dw_accumulate_kernel(DZ, H, Acc, Out, alpha, C, V, D, stride_dz_row, stride_h_row, stride_acc_row,
                              ACCUMULATE: tl.constexpr, GROUP_V: tl.constexpr,
                              BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out (V, D) = Acc (+) DZᵀ H for one (BLOCK_V × BLOCK_D) tile, DZ (C, V) and H (C, D) 16-bit, Acc fp32:
     the products are summed in fp32 over the chunk and added to the fp32 running sum without rounding.
-    Out is Acc itself, or for the last chunk the weight-dtype gradient (Acc's row stride)."""
+    Out is Acc itself, or for the last chunk the weight-dtype gradient (Acc's row stride), which gets the
+    sum times alpha (1 for Acc: the running sum stays unscaled)."""
     # GROUP_V row tiles of dW share each column tile of H while it is in L2.
     pid_v, pid_d = grouped_tile(tl.program_id(0), tl.cdiv(V, BLOCK_V), tl.cdiv(D, BLOCK_D), GROUP_V)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -153,7 +162,7 @@ def _ce_dw_accumulate_kernel(DZ, H, Acc, Out, C, V, D, stride_dz_row, stride_h_r
                     mask=(rows < C)[:, None] & (offs_d < D)[None, :], other=0.0)  # (BLOCK_C, BLOCK_D)
         acc = tl.dot(tl.trans(dz), h, acc)
     out = Out + offs_v[:, None].to(tl.int64) * stride_acc_row + offs_d[None, :]
-    tl.store(out, acc.to(Out.dtype.element_ty), mask=in_tile)
+    tl.store(out, (acc * alpha).to(Out.dtype.element_ty), mask=in_tile)
 
 
 _dw_accumulate = TunedKernel(_ce_dw_accumulate_kernel)
@@ -207,22 +216,33 @@ def _launch_rows(z, target, row_scale, lse, loss, compute_lse: bool, write_grad:
                           COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=warps)
 
 
-def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool, out=None) -> None:
-    """dw (V, D) = (first) or += (later) dzᵀ h, dz (C, V), h (C, D). out: for the last chunk into an fp32
-    dw, the weight-dtype tensor that receives the final sum instead of dw (no separate conversion pass)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
+    """out = alpha · (a b), alpha applied to cuBLAS's fp32 sum before it is rounded to out's dtype."""
+    if alpha == 1.0:
+        torch.mm(a, b, out=out)
+    else:  # beta 0: out's uninitialised values, NaN included, are not read
+        torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+
+
+def _accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, first: bool, out=None,
+                   alpha: float = 1.0) -> None:
+    """dw (V, D) = (first) or += (later) alpha · dzᵀ h, dz (C, V), h (C, D). out: for the last chunk into an
+    fp32 dw, the weight-dtype tensor that receives the final sum instead of dw (no separate conversion
+    pass). An fp32 dw holds the sum without alpha, which only the store into out applies: give the same
+    alpha to every chunk."""
     if dw.dtype == dz.dtype:  # fp32 inputs, or accumulation in the weight's dtype: cuBLAS
         if first:
-            torch.mm(dz.t(), h, out=dw)
+            _mm(dz.t(), h, dw, alpha)
         else:
-            dw.addmm_(dz.t(), h)
+            dw.addmm_(dz.t(), h, alpha=alpha)
         return
     # A 16-bit product added to an fp32 running sum: cuBLAS has no in-place form of that here (torch's
     # addmm out_dtype overload allocates its result: pytorch#154086), so a Triton GEMM does it.
     C, V = dz.shape
     D = h.shape[1]
     grid = lambda meta: (cdiv(V, meta["BLOCK_V"]) * cdiv(D, meta["BLOCK_D"]),)  # noqa: E731
-    _dw_accumulate.launch(grid, dz, h, dw, dw if out is None else out, C, V, D, dz.stride(0), h.stride(0),
-                          dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
+    _dw_accumulate.launch(grid, dz, h, dw, dw if out is None else out, 1.0 if out is None else alpha, C, V, D,
+                          dz.stride(0), h.stride(0), dw.stride(0), ACCUMULATE=not first, GROUP_V=_GROUP_V)
 
 
 def _chunk_rows(n: int, V: int, D: int, itemsize: int, budget: int) -> int:
@@ -241,7 +261,7 @@ def _chunk_rows(n: int, V: int, D: int, itemsize: int, budget: int) -> int:
 
 
 def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_dw=False, accum_dtype=torch.float32,
-              dw_wanted=None):
+              dw_wanted=None, grad_scale=1.0):
     """Walk the kept rows in chunks. h (N, D) and weight (V, D) share a dtype; target (N,) int64 in [0, V).
 
     row_scale (N,) fp32: c_n, given when gradients are wanted. lse (N,) fp32, in base-2 units
@@ -249,7 +269,8 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
     (lse, loss_rows, dh, dw): loss_rows (N,) fp32 the unweighted ℓ_n (None when lse was given), dh (N, D)
     in h's dtype, dw (V, D) in weight's dtype. dw_wanted (default need_dw): whether the op computes dW,
     now or in a later call; it sizes the chunks, so that a deferred backward recomputes each chunk's
-    logits with the GEMM shapes the forward used."""
+    logits with the GEMM shapes the forward used. grad_scale α: dZ is written as c_n (p − onehot) / α and
+    the dH and dW GEMMs multiply their fp32 sums by α (see Precision)."""
     N, D = h.shape
     V = weight.shape[0]
     compute_lse = lse is None
@@ -285,11 +306,11 @@ def ce_chunks(h, weight, target, row_scale=None, lse=None, need_dh=False, need_d
         _launch_rows(z, target[rows], row_scale[rows] if grads else None, lse[rows],
                      loss_rows[rows] if compute_lse else None, compute_lse, grads)
         if need_dh:
-            torch.mm(z, weight, out=dh[rows])
+            _mm(z, weight, dh[rows], grad_scale)
         if need_dw:
             last = i == n_chunks - 1
             _accumulate_dw(dw if acc is None else acc, z, h[rows], first=i == 0,
-                           out=dw if acc is not None and last else None)
+                           out=dw if acc is not None and last else None, alpha=grad_scale)
         del z  # before the next chunk allocates its own
     return lse, loss_rows, dh, dw
 
@@ -313,6 +334,18 @@ def _kept_rows(target: torch.Tensor, V: int, ignore_index: int):
 def _select(kept: torch.Tensor | None, *rows):
     """Each of `rows` ((N, ...) tensors or None) at the kept positions."""
     return tuple(t if t is None or kept is None else t.index_select(0, kept) for t in rows)
+
+
+def _fp16_grad_scale(row_scale: torch.Tensor) -> float:
+    """α for an fp16 backward (see Precision): max |c_n| rounded up to a power of two, so that |dZ / α| <= 1
+    and c_n · p / α is a normal fp16 number down to p ~ 6e-5 · max|c| / |c_n|. 1 when there is no row or
+    no finite, nonzero c_n (dZ is zero, or inf/NaN as eager's would be)."""
+    if row_scale.numel() == 0:
+        return 1.0
+    top = row_scale.abs().max().item()  # a host sync, beside the backward's count of the kept rows
+    if not math.isfinite(top) or top == 0.0:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(top))
 
 
 def _deferred(reduction: str, dtype: torch.dtype) -> bool:
@@ -390,7 +423,10 @@ def ce_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
         g_rows = (grad.reshape(()) * r).expand(n_kept).contiguous()
     h, t, tw, lse = _select(kept, hidden, target.long(), None if token_weight is None else token_weight.float(), lse)
     row_scale = g_rows if tw is None else g_rows * tw
-    _, _, dh, dw = ce_chunks(h, weight, t, row_scale, lse, need_dh, need_dw, accum_dtype)
+    alpha = _fp16_grad_scale(row_scale) if hidden.dtype == torch.float16 else 1.0
+    if alpha != 1.0:
+        row_scale = row_scale / alpha  # a power of two: exact
+    _, _, dh, dw = ce_chunks(h, weight, t, row_scale, lse, need_dh, need_dw, accum_dtype, grad_scale=alpha)
     return (absent(hidden) if dh is None else _scatter_rows(dh, kept, N)), (absent(weight) if dw is None else dw)
 
 

@@ -217,6 +217,27 @@ def test_fp16_under_a_loss_scale(reduction):
         assert_close(name, g, g64, g_ref, reduced_over=k)
 
 
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32-accum", "weight-dtype-accum"])
+def test_fp16_without_a_loss_scale_keeps_small_probabilities(monkeypatch, accum_dtype):
+    """fp16, mean over 128 rows and an upstream gradient of 2^-7 (no loss scale): c · p is ~4e-8 for the
+    typical p ~ 1/V, below fp16's smallest subnormal step, so eager's dZ flushes most of each row to 0 and
+    its dH misses the float64 one by 1.1% of its largest entry. The backward writes dZ / α and scales
+    the GEMMs' fp32 sums by α (kernels/cross_entropy.py, Precision): 0.08% here. Four chunks: the fp32 dW
+    sum applies α at its last store only, the fp16 one in each chunk's GEMM."""
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 32 * 2048 * 2)
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)
+    hidden, weight, target, _ = _inputs(128, 32, 2048, torch.float16, "plain")
+    g = torch.tensor(2.0**-7, device=DEVICE)
+    _, gs = _run(ce.linear_cross_entropy, hidden, weight, target, None, "mean", g, accum_dtype=accum_dtype)
+    _, gs64 = _run(reference.linear_cross_entropy, hidden.double(), weight.double(), target, None, "mean",
+                   g.double())
+    _, gs_ref = _run(reference.linear_cross_entropy, hidden, weight, target, None, "mean", g)
+    for name, got, g64, g_ref, k in zip(["d_hidden", "d_weight"], gs, gs64, gs_ref, [2048, 128]):
+        assert_close(name, got, g64, g_ref, reduced_over=k)
+    err = lambda t: (t.double() - gs64[0]).abs().max().item()  # noqa: E731
+    assert err(gs[0]) < err(gs_ref[0]) / 4, (err(gs[0]), err(gs_ref[0]))
+
+
 def test_leading_dims_and_strided_hidden():
     """hidden (B, S, D) as a slice of a wider buffer (row stride > D): read in place; "none" keeps (B, S)."""
     hidden, weight, target, tw = _inputs(7, 24, 100, torch.float32, "weighted-ignored", seed=4, lead=(2,))
