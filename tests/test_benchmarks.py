@@ -184,6 +184,25 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
         tune.main(["--batches", "0"])
 
 
+def test_residual_cost_times_both_ways(dry_run, monkeypatch, capsys):
+    """residual_cost's GPU path on tiny shapes in fp16 (on a CPU through the interpreter): each pass is
+    timed with and without O's residual, and the forward it times keeps the residual only when asked."""
+    bench = importlib.import_module("residual_cost")
+    for name, value in dict(DEVICE="cuda" if torch.cuda.is_available() else "cpu", DTYPE=torch.float16,
+                            GQA=dict(B=1, S=20, H=2, HKV=1, D=16),
+                            MLA=dict(B=1, S=20, H=2, DN=16, DR=8, DV=12)).items():
+        monkeypatch.setattr(bench, name, value)
+    kept = []
+    launch = bench.A.launch_fwd
+    monkeypatch.setattr(bench.A, "launch_fwd", lambda *a, **kw: kept.append(launch(*a, **kw)[2].numel() > 0)
+                        or launch(*a, **kw))
+    assert bench.main([]) == 0
+    assert bench.A._keeps_residual(True, torch.float16)  # put back after each case
+    lines = [line for line in capsys.readouterr().out.splitlines() if "without the residual" in line]
+    assert len(lines) == 6 and all(line.endswith("x") for line in lines), lines
+    assert True in kept and False in kept
+
+
 def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
     """A bench appending to the tracked benchmarks/results/*.csv leaves the next bench's git sha clean;
     any other change marks it +dirty."""
