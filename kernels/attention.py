@@ -32,7 +32,7 @@ Precision. Statistics, accumulators, P and dS are computed in fp32; P and dS are
 dtype for their tensor-core dots (as in FA2). For fp32 inputs the dots are IEEE fp32 (no TF32), so fp32
 gets fp32 accuracy at a lower speed.
 As in every flash-attention backward, P is recomputed from Q Kᵀ (summed in another order than the
-forward's) and δ from the rounded O, so the gradients' error grows with the logits' magnitude (fp32, S
+forward's) and δ from the forward's O, so the gradients' error grows with the logits' magnitude (fp32, S
 16: at |logits| up to 1e3 dV is within 2e-5 relative, an eager backward's 2e-6). Where the softmax
 saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
 are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
@@ -46,7 +46,8 @@ When the values share a large common part (O ≈ each v_j, so dP − δ is small
 16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (an MLA block of the bf16 model test,
 tests/test_model.py, whose values average 1.56 with a spread of 0.18 over the sequence; and
 test_attention's common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding before
-the P·V dot, which O and so δ inherit.
+the P·V dot, which O and so δ inherit. R costs some configs register spills (_FWD_CONFIGS); on an H200 a
+training step (fwd+bwd) took 0.0 to 0.4% longer (benchmarks/residual_cost.py).
 
 Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
 registers only); any S >= 1, B, H and any strides with a unit stride along D (anything else is copied
@@ -163,7 +164,11 @@ def _key_ranges(q_start, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAU
 # At the attention head dims and DeepSeek-V2's MLA heads every 16-bit config here compiles for sm_90
 # (triton 3.6) without register spills, or with a few dozen bytes (checked with benchmarks/compile_check.py,
 # which also lists the MLA widths that spill more); fp32 tiles (IEEE dots, no tensor cores) spill at head
-# dims >= 128 and are a correctness path.
+# dims >= 128 and are a correctness path. Storing O's residual (STORE_RES, every 16-bit training forward)
+# costs the forward's epilogue registers: at head dim 128, (128, 32, 4, 3) spills 144 / 152 bytes
+# (bidirectional / causal) and at 256 the 128-row tiles 72 to 112; MLA's (128, 64, 8, 2) and (128, 32, 8,
+# 2) spill 24 / 72 and 24 / 40 (none of these spilled without it). Computing the residual before the
+# stores spilled more. On an H200 the MLA forward (its first config) took 2.8% longer with the residual.
 _FWD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3)],

@@ -413,7 +413,7 @@ def ce_backward(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
                 accum_dtype: torch.dtype | None, need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The deferred backward: (dh, dw) for the upstream gradient `grad` (fp32: one element for mean/sum,
     (N,) for "none"), from ce_forward's arguments and its lse, each empty when not needed. The kept rows
-    are found again (a second host sync, on these paths only)."""
+    are found again (a second host sync, on these paths only; fp16 reads α back too: _fp16_grad_scale)."""
     N = hidden.shape[0]
     n_kept, kept = _kept_rows(target, weight.shape[0], ignore_index)
     if reduction == "none":
