@@ -339,7 +339,9 @@ def _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY,
+# STORE_RES in the key: the residual's stores change which configs spill (_FWD_CONFIGS), so a config timed
+# without it (an inference forward) is not reused for a training forward, nor the other way round.
+@triton.autotune(configs=_configs(_FWD_CONFIGS, _INTERPRETER_FWD), key=_KEY + ["STORE_RES"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _attn_fwd_kernel(

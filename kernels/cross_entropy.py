@@ -28,9 +28,10 @@ gradient already in it, as an eager backward rounds its grad_logits. (So fp16, w
 computes its gradients in the backward even for mean/sum: a loss scale must reach dZ before it is
 rounded.) fp16 goes further than eager there: c_n · p underflows fp16 (below 6e-8, subnormal below 6e-5)
 for the typical p ~ 1/V once c_n is small (mean over N rows: c_n = g/N; V 128000 and N 1536 without a
-loss scale lose most of dZ, and eager's dH misses the float64 one by 1% of its largest entry), so the
-backward writes dZ / α with α = max_n |c_n| rounded up to a power of two (|dZ / α| <= 1, the magnitudes of
-an eager backward under an upstream gradient of 1: no GEMM sees larger products than there), and the
+loss scale lose most of dZ, and eager's dH misses the float64 one by 1% of its largest entry), so when
+every |c_n| is below 1 the backward writes dZ / α with α = max_n |c_n| rounded up to a power of two (|dZ / α|
+<= 1, the magnitudes of an eager backward under an upstream gradient of 1: no GEMM sees larger products
+than there; α = 1 from 1 up, and above 2^15 only what keeps dZ / α finite: _fp16_grad_scale), and the
 GEMMs multiply their fp32 sums by α before rounding dH and dW (cuBLAS's alpha; the fp32 dW sum at its
 last store). dW sums the chunks in fp32 by default (accum_dtype=torch.float32: a (V, D) fp32 buffer for
 16-bit weights, when there is more than one chunk); accum_dtype=None sums them in the weight's dtype (one
@@ -336,16 +337,25 @@ def _select(kept: torch.Tensor | None, *rows):
     return tuple(t if t is None or kept is None else t.index_select(0, kept) for t in rows)
 
 
+# The largest |c_n| / α the fp16 backward lets through (a power of two): |dZ / α| stays below fp16's 65504.
+_FP16_DZ_MAX = 2.0**15
+
+
 def _fp16_grad_scale(row_scale: torch.Tensor) -> float:
-    """α for an fp16 backward (see Precision): max |c_n| rounded up to a power of two, so that |dZ / α| <= 1
-    and c_n · p / α is a normal fp16 number down to p ~ 6e-5 · max|c| / |c_n|. 1 when there is no row or
-    no finite, nonzero c_n (dZ is zero, or inf/NaN as eager's would be)."""
+    """α for an fp16 backward (see Precision), a power of two. Every |c_n| below 1: max |c_n| rounded up, so
+    that |dZ / α| <= 1 and c_n · p / α is a normal fp16 number down to p ~ 6e-5 · max|c| / |c_n|. Otherwise
+    1 (eager's dZ), or above 2^15 just enough that |dZ / α| <= 2^15 (no inf in dZ): α > 1 writes every row
+    α times smaller than eager, deeper into the subnormals for a row whose c_n is far below the largest
+    (token weights, a "none" gradient), so it is used only where eager's dZ would overflow. 1 when there is
+    no row or no finite, nonzero c_n (dZ is zero, or inf/NaN as eager's would be)."""
     if row_scale.numel() == 0:
         return 1.0
     top = row_scale.abs().max().item()  # a host sync, beside the backward's count of the kept rows
     if not math.isfinite(top) or top == 0.0:
         return 1.0
-    return 2.0 ** math.ceil(math.log2(top))
+    if top < 1.0:
+        return 2.0 ** math.ceil(math.log2(top))
+    return 2.0 ** max(0, math.ceil(math.log2(top / _FP16_DZ_MAX)))
 
 
 def _deferred(reduction: str, dtype: torch.dtype) -> bool:

@@ -155,6 +155,17 @@ def test_delta_reads_o_before_its_rounding(monkeypatch):
                            residual=True)[2].numel() == 0  # fp32: O is not rounded
 
 
+def test_forward_tunes_training_and_inference_launches_apart(monkeypatch):
+    """STORE_RES is part of the forward's autotune key: a config tuned for a forward without the residual
+    (inference) is not reused for one that stores it (training), whose registers differ (_FWD_CONFIGS)."""
+    monkeypatch.setattr(attn._fwd, "best", {})
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 24, h, 16, generator=gen).to(DEVICE, torch.float16) for h in (2, 1, 1))
+    for residual in (False, True, False, True):
+        attn.launch_fwd(q, k, None, v, False, 0.25, residual=residual)
+    assert len(attn._fwd.best) == 2
+
+
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("shape", [pytest.param((2, 37, 4, 2, 32, None), id="B2-S37-H4/2-D32"),
