@@ -43,9 +43,10 @@ tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ i
 its query row, so dQ = scale · Σ_j P_ij (dP_ij − δ_i) k_j takes it times the keys' P-weighted mean
 (Σ_j dS_ij is 0 exactly), where an eager backward's roundings differ from key to key and average out.
 When the values share a large common part (O ≈ each v_j, so dP − δ is small) and so do the keys, the
-16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (an MLA block of the bf16 model test,
-tests/test_model.py, whose values average 1.56 with a spread of 0.18 over the sequence; and
-test_attention's common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding before
+16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (measured on the CPU: an MLA block of
+the bf16 model test, tests/test_model.py, whose values average 1.56 with a spread of 0.18 over the
+sequence, through the interpreter with its bf16 dot and rounding patched to a GPU's; and
+test_attention's fp16 common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding before
 the P·V dot, which O and so δ inherit. R costs some configs register spills (_FWD_CONFIGS); on an H200 a
 training step (fwd+bwd) took 0.0 to 0.4% longer (benchmarks/residual_cost.py).
 
@@ -166,8 +167,10 @@ def _key_ranges(q_start, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAU
 # which also lists the MLA widths that spill more); fp32 tiles (IEEE dots, no tensor cores) spill at head
 # dims >= 128 and are a correctness path. Storing O's residual (STORE_RES, every 16-bit training forward)
 # costs the forward's epilogue registers: at head dim 128, (128, 32, 4, 3) spills 144 / 152 bytes
-# (bidirectional / causal) and at 256 the 128-row tiles 72 to 112; MLA's (128, 64, 8, 2) and (128, 32, 8,
-# 2) spill 24 / 72 and 24 / 40 (none of these spilled without it). Computing the residual before the
+# (bidirectional / causal; 144 / 208 at fp16 D 96, padded to 128) and at 256 the 128-row tiles 72 to 112;
+# MLA at Dn 128 / Dr 64 / Dv 192, (128, 64, 8, 2) and (128, 32, 8, 2) spill 24 / 72 and 24 / 40, and at
+# 256 / 128 / 256 64 to 96 (none of these spilled without it, but for 24 bytes of (128, 64, 8, 2) causal
+# at 256; DeepSeek-V2's 128 / 64 / 128 heads spill nothing either way). Computing the residual before the
 # stores spilled more. On an H200 the MLA forward (its first config) took 2.8% longer with the residual.
 _FWD_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
