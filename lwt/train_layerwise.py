@@ -48,6 +48,7 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; runs go unlocked, as remove_dead_writers_temps is POSIX only
     fcntl = None
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,7 +56,7 @@ from torch import nn
 from .cache import (ActivationCache, CacheWriter, DiskSpaceError, cache_bytes, check_disk_space, naming_errors,
                     remove_partials)
 from .config import Config, config_from_dict, config_to_dict, load_config
-from .data import build_data
+from .data import _read_into, build_data
 from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sample_t
 from .model import LWTModel
 
@@ -1109,8 +1110,11 @@ def data_identity(data) -> dict:
         width = min(n, 4096)
         for i in range(64):
             start = (n - width) * i // 63
-            window = ids[start:start + width]
-            state.update((window.numpy() if isinstance(window, torch.Tensor) else window).tobytes())
+            if isinstance(ids, torch.Tensor):
+                window = ids[start:start + width].numpy()
+            else:  # read as the batches are (pread): the split's run-long map keeps no pages resident
+                window = _read_into(ids, start, np.empty(width, ids.dtype))
+            state.update(window.tobytes())
     return {"source": data.source, "train_tokens": data.num_tokens("train"), "val_tokens": data.num_tokens("val"),
             "sample_sha256": state.hexdigest()}
 
