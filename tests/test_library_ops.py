@@ -219,6 +219,37 @@ def test_decoder_block_triton_path_compiles_to_one_graph(monkeypatch):
     compare(got, output_and_grads(truth, x.double(), dy.double()), yardstick, 2 * 16)
 
 
+@pytest.mark.parametrize("op", ["attention", "mla_attention"])
+def test_compiled_16_bit_attention_keeps_the_rounding_residual(monkeypatch, op):
+    """In fp16 the compiled graph's forward stores O's rounding residual and hands it to the backward's δ
+    (kernels/attention.py, Precision), as eager mode does: gradients bit-identical to eager. Values and
+    keys share a large common part, where δ read from the rounded O alone moves dQ (tests/test_attention.py,
+    test_delta_reads_o_before_its_rounding): eager without the residual differs, so a graph that dropped
+    it would fail here."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 40, 2, 48 if op == "mla_attention" else 32, generator=gen)
+    k = 1.0 + 0.3 * torch.randn(1, 40, 1 if op == "attention" else 2, 32, generator=gen)
+    v = 1.5 + 0.2 * torch.randn(1, 40, 1 if op == "attention" else 2, 24 if op == "mla_attention" else 32,
+                                generator=gen)
+    inputs = [k, v] if op == "attention" else [k, 1.0 + 0.3 * torch.randn(1, 40, 16, generator=gen), v]
+    inputs = [t.to(DEVICE, torch.float16) for t in [q, *inputs]]
+    do = randn(1, 40, 2, v.shape[-1], dtype=torch.float16, seed=5)
+    fn = getattr(lwtF, op)
+
+    def grads(f):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        return torch.autograd.grad(f(*leaves), leaves, do)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = grads(torch.compile(fn, fullgraph=True, backend=counter))
+    want = grads(fn)
+    assert counter.frame_count == 1
+    for name, a, b in zip(["dq", "dk", "dv"] if op == "attention" else ["dq", "dk_nope", "dk_rope", "dv"], got, want):
+        assert torch.equal(a, b), f"{name}: compiled differs from eager"
+    monkeypatch.setattr(attn, "_keeps_residual", lambda residual, dtype: False)
+    assert not torch.equal(grads(fn)[0], want[0]), "the residual changes nothing here: the test cannot fail"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_compiles_to_one_graph(reduction, dtype):
