@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import triton
 import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
@@ -293,6 +294,16 @@ def launcher(name: str, fake, host_sync: bool = False):
     """Decorator form of Launcher: `@launcher("rms_norm_fwd", fake=...)` over a typed function (the
     annotations are the op's schema)."""
     return lambda fn: Launcher(name, fn, fake, host_sync)
+
+
+def forward_only(*tensors: torch.Tensor) -> bool:
+    """Whether no backward can follow an op on these inputs: grad mode off or none of them requiring
+    grad, and no forward-mode AD level open (a dual tensor does not require grad: inside a dual level the
+    op's autograd.Function runs, and raises, having no jvp, rather than a launcher dropping the tangent).
+    Then an op calls its forward launcher alone, asking it for nothing only a backward reads."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return fwAD._current_level < 0
 
 
 def absent(like: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP
 are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
 passes.)
 δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward
-whose inputs need gradients also stores R = O_fp32 − O, rounded to the input dtype (one more O-sized
+with a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the input dtype (one more O-sized
 tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ is common to every key of
 its query row, so dQ = scale · Σ_j P_ij (dP_ij − δ_i) k_j takes it times the keys' P-weighted mean
 (Σ_j dS_ij is 0 exactly), where an eager backward's roundings differ from key to key and average out.
@@ -65,8 +65,8 @@ import triton
 import triton.language as tl
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
-from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, interpreting, launcher,
-                      next_power_of_2)
+from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, forward_only,
+                      interpreting, launcher, next_power_of_2)
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -796,6 +796,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     check_attention_args(q, k, v, causal, softmax_scale)
     check_kernel_device(q, "q")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if forward_only(q, k, v):  # inference, evaluation: no O residual, no autograd.Function
+        return launch_fwd(_unit_last(q), _unit_last(k), None, _unit_last(v), causal, scale)[0]
     return AttentionFunction.apply(q, k, v, causal, scale)
 
 

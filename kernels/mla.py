@@ -35,7 +35,8 @@ import triton.language as tl
 
 from . import attention as A
 from ._checks import check_latent_args, check_mla_args
-from ._common import TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, launcher, num_sms
+from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, forward_only, launcher,
+                      num_sms)
 
 
 @triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
@@ -138,14 +139,19 @@ def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: tor
     return dq, dk_nope, dk_rope, dv
 
 
+def _launch_views(q, k_nope, k_rope, v):
+    """The forward launcher's arguments: unit stride along the last dim, and v a tensor of its own when
+    one tensor was passed as both k_nope and v (launch_fwd would take it for latent_attention's c)."""
+    q, k_nope, k_rope, v = (A._unit_last(t) for t in (q, k_nope, k_rope, v))
+    return q, k_nope, k_rope, v.view_as(v) if v is k_nope else v
+
+
 class MLAFunction(torch.autograd.Function):
     """Autograd over the launchers; `mla_attention` validates and fixes the scale before `.apply`."""
 
     @staticmethod
     def forward(ctx, q, k_nope, k_rope, v, causal, sm_scale):
-        q, k_nope, k_rope, v = (A._unit_last(t) for t in (q, k_nope, k_rope, v))
-        if v is k_nope:  # one tensor passed as both: launch_fwd would take it for latent_attention's c
-            v = v.view_as(v)
+        q, k_nope, k_rope, v = _launch_views(q, k_nope, k_rope, v)
         o, lse, o_res = A.launch_fwd(q, k_nope, k_rope, v, causal, sm_scale, d_rope=k_rope.shape[-1],
                                      residual=any(ctx.needs_input_grad[:4]))
         ctx.save_for_backward(q, k_nope, k_rope, v, o, lse, o_res)
@@ -185,6 +191,8 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
     check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale)
     check_kernel_device(q, "q")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if forward_only(q, k_nope, k_rope, v):  # inference, evaluation: no O residual, no autograd.Function
+        return A.launch_fwd(*_launch_views(q, k_nope, k_rope, v), causal, scale, d_rope=k_rope.shape[-1])[0]
     return MLAFunction.apply(q, k_nope, k_rope, v, causal, scale)
 
 

@@ -166,6 +166,35 @@ def test_forward_tunes_training_and_inference_launches_apart(monkeypatch):
     assert len(attn._fwd.best) == 2
 
 
+@pytest.mark.parametrize("op", ["attention", "mla_attention"])
+def test_a_forward_with_no_backward_to_come_skips_the_residual(monkeypatch, op):
+    """Under no_grad (even for leaves that require grad), in inference mode and for inputs that do not
+    require grad, the ops call the forward launcher alone, asking it for no O residual; the same output as
+    a training forward, which asks for one."""
+    from kernels import mla
+
+    asked = []
+    real = attn.launch_fwd
+    monkeypatch.setattr(attn, "launch_fwd", lambda *a, **kw: asked.append(kw.get("residual", False)) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    if op == "attention":
+        shapes, fn = [(1, 9, 2, 16), (1, 9, 1, 16), (1, 9, 1, 16)], attn.attention
+    else:
+        shapes, fn = [(1, 9, 2, 24), (1, 9, 2, 16), (1, 9, 8), (1, 9, 2, 12)], mla.mla_attention
+    inputs = [torch.randn(s, generator=gen).to(DEVICE, torch.float16) for s in shapes]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    trained = fn(*leaves)
+    with torch.no_grad():
+        untracked = fn(*leaves)
+    with torch.inference_mode():
+        inferred = fn(*inputs)
+    plain = fn(*inputs)
+    assert asked == [True, False, False, False]
+    assert trained.requires_grad and not untracked.requires_grad
+    for o in (untracked, inferred, plain):
+        assert torch.equal(o, trained.detach())
+
+
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("shape", [pytest.param((2, 37, 4, 2, 32, None), id="B2-S37-H4/2-D32"),
