@@ -298,12 +298,19 @@ def launcher(name: str, fake, host_sync: bool = False):
 
 def forward_only(*tensors: torch.Tensor) -> bool:
     """Whether no backward can follow an op on these inputs: grad mode off or none of them requiring
-    grad, and no forward-mode AD level open (a dual tensor does not require grad: inside a dual level the
-    op's autograd.Function runs, and raises, having no jvp, rather than a launcher dropping the tangent).
-    Then an op calls its forward launcher alone, asking it for nothing only a backward reads."""
+    grad, and no_transform(). Then an op calls its forward launcher alone, asking it for nothing only a
+    backward reads."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return fwAD._current_level < 0
+    return no_transform()
+
+
+def no_transform() -> bool:
+    """Neither a forward-mode AD level nor a torch.func transform is open. A dual tensor, or a vmap's
+    BatchedTensor, does not require grad; inside either the op's autograd.Function must run, and raise
+    (it has no jvp, no setup_context: README), where its launcher alone would drop the tangent or hand
+    Triton a BatchedTensor ("Cannot access storage of BatchedTensorImpl")."""
+    return fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def absent(like: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,12 @@ Inputs need unit stride along N only; any row stride is read in place.
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
 from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, launcher,
-                      num_sms, prune_row_configs, row_configs, row_tile)
+                      no_transform, num_sms, prune_row_configs, row_configs, row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -385,9 +384,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
     # (an `or` chain, not any() over a generator: this is on every call's host path)
     no_backward = not torch.is_grad_enabled() or not (x.requires_grad or (w is not None and w.requires_grad)
                                                       or (residual is not None and residual.requires_grad))
-    # A dual tensor of forward-mode AD does not require grad: inside a dual level the Function runs (and
-    # raises, having no jvp) rather than the launcher silently dropping the tangent.
-    if no_backward and fwAD._current_level < 0:
+    if no_backward and no_transform():
         # No backward to come (no_grad, inference, a frozen prefix): the launcher alone, without the
         # autograd.Function's per-call cost, a visible part of this op's host time (README, Measured).
         y, s, _ = rms_norm_fwd(x2, w, float(eps), None if residual is None else as_rows(residual))

@@ -195,6 +195,23 @@ def test_a_forward_with_no_backward_to_come_skips_the_residual(monkeypatch, op):
         assert torch.equal(o, trained.detach())
 
 
+@pytest.mark.parametrize("op", ["attention", "mla_attention"])
+def test_vmap_is_refused_as_the_readme_says_without_grad_too(op):
+    """README: torch.func transforms run on the reference path only; the Triton path's autograd.Functions
+    have no setup_context. Under no_grad (the forward-only path) vmap must raise that too, not hand Triton
+    a BatchedTensor."""
+    from kernels import mla
+
+    gen = torch.Generator().manual_seed(0)
+    if op == "attention":
+        shapes, fn = [(3, 1, 9, 2, 16), (1, 9, 1, 16), (1, 9, 1, 16)], attn.attention
+    else:
+        shapes, fn = [(3, 1, 9, 2, 24), (1, 9, 2, 16), (1, 9, 8), (1, 9, 2, 12)], mla.mla_attention
+    q, *rest = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    with torch.no_grad(), pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(lambda q: fn(q, *rest))(q)
+
+
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("shape", [pytest.param((2, 37, 4, 2, 32, None), id="B2-S37-H4/2-D32"),

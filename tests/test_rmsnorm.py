@@ -257,6 +257,15 @@ def test_forward_mode_ad_is_refused_not_dropped():
             rmsnorm_kernels.rms_norm(fwAD.make_dual(x, torch.ones_like(x)), w)
 
 
+def test_vmap_is_refused_as_the_readme_says_without_grad_too():
+    """README: torch.func transforms run on the reference path only (the autograd.Function has no
+    setup_context). Without a backward to come (no_grad, the launcher-only path) vmap raises that too,
+    rather than handing Triton a BatchedTensor."""
+    x, w = torch.randn(3, 4, 16).to(DEVICE), torch.randn(16).to(DEVICE)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.vmap(lambda x: rmsnorm_kernels.rms_norm(x, w))(x)
+
+
 def _leaf_pairs():
     def make(*shape):
         return torch.randn(*shape, device=DEVICE, requires_grad=True)
