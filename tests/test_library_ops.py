@@ -78,6 +78,10 @@ def _attention_cases():
     do = randn(1, 9, 2, 12, seed=7)
     yield "mla_bwd", mla.mla_bwd, (do, q, kn, kr, v, o, lse, False, 0.2, True, True)
     yield "mla_bwd-dq-only", mla.mla_bwd, (do, q, kn, kr, v, o, lse, True, 0.2, True, False)
+    qh, knh, krh, vh, doh = (t.half() for t in (q, kn, kr, v, do))
+    yield "attention_fwd-mla-fp16-residual", attn.launch_fwd, (qh, knh, krh, vh, True, 0.2, 8, True)
+    o, lse, o_res = attn.launch_fwd(qh, knh, krh, vh, True, 0.2, 8, True)
+    yield "mla_bwd-fp16-residual", mla.mla_bwd, (doh, qh, knh, krh, vh, o, lse, True, 0.2, True, True, o_res)
 
 
 def _swiglu_cases():
@@ -126,7 +130,8 @@ CASES = {
     "rms_norm": ["rms_norm_fwd", "rms_norm_fwd-residual", "rms_norm_bwd", "rms_norm_bwd-ds_out-no-dw",
                  "rms_norm_fwd-no-weight", "rms_norm_bwd-no-weight", "rms_norm_bwd-separate-dres"],
     "attention": ["attention_fwd", "attention_bwd", "attention_bwd-dkdv-only", "attention_fwd-fp16-residual",
-                  "attention_bwd-fp16-residual", "attention_fwd-mla", "mla_bwd", "mla_bwd-dq-only"],
+                  "attention_bwd-fp16-residual", "attention_fwd-mla", "mla_bwd", "mla_bwd-dq-only",
+                  "attention_fwd-mla-fp16-residual", "mla_bwd-fp16-residual"],
     "swiglu": ["frozen_swiglu_fwd", "frozen_swiglu_fwd-save", "frozen_swiglu_bwd-recompute",
                "frozen_swiglu_bwd-saved-dw-only", "frozen_swiglu_fwd-fp8", "frozen_swiglu_bwd-fp8-recompute"],
     "cross_entropy": ["linear_cross_entropy_fwd-mean", "linear_cross_entropy_fwd-sum", "linear_cross_entropy_fwd-none",
