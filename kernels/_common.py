@@ -7,6 +7,7 @@ unit stride along hidden and any row stride, so slices of a wider buffer need no
 from __future__ import annotations
 
 import functools
+import operator
 import os
 
 import torch
@@ -152,15 +153,17 @@ class TunedKernel:
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
-        self.best = {}
+        self.best = {}  # key -> (config, its all_kwargs(): built once, not at every launch)
         self.last = None
         self._key_slots = [autotuned.arg_names.index(k) for k in autotuned.keys]
+        getter = operator.itemgetter(*self._key_slots)  # (an itemgetter: cheaper per call than a generator)
+        self._key_values = getter if len(self._key_slots) > 1 else lambda values: (getter(values),)
 
     def launch(self, grid, *args, **meta):
         values = args + tuple(meta.values())  # launches pass every argument in declaration order
-        key = tuple(values[i] for i in self._key_slots) + tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
-        config = self.best.get(key)
-        if config is None:
+        key = self._key_values(values) + tuple([a.dtype for a in args if isinstance(a, torch.Tensor)])
+        tuned = self.best.get(key)
+        if tuned is None:
             names = self.autotuned.arg_names
             if list(meta) != names[len(args):len(args) + len(meta)]:
                 raise TypeError(f"TunedKernel: pass {names[len(args):]} in declaration order, got {list(meta)}")
@@ -169,10 +172,11 @@ class TunedKernel:
             else:  # timed (a lone config is launched without timing)
                 self.autotuned[grid](*args, **meta)
                 config = self.autotuned.best_config
-            self.best[key] = self.last = config
-        else:
+            self.best[key] = (config, config.all_kwargs())
             self.last = config
-            self.autotuned.fn[grid](*args, **meta, **config.all_kwargs())
+        else:
+            self.last = tuned[0]
+            self.autotuned.fn[grid](*args, **meta, **tuned[1])
 
     def _first_launchable(self, grid, args, meta):
         """Launch the first config, in order, that the autotuner's early_config_prune keeps for these
