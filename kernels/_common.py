@@ -313,8 +313,12 @@ def no_transform() -> bool:
     """Neither a forward-mode AD level nor a torch.func transform is open. A dual tensor, or a vmap's
     BatchedTensor, does not require grad; inside either the op's autograd.Function must run, and raise
     (it has no jvp, no setup_context: README), where its launcher alone would drop the tangent or hand
-    Triton a BatchedTensor ("Cannot access storage of BatchedTensorImpl")."""
-    return fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None
+    Triton a BatchedTensor ("Cannot access storage of BatchedTensorImpl"). While Dynamo traces, the
+    transforms' stack is not read: Dynamo runs the traced graph's tensors, never BatchedTensors, and how
+    it treats the peek differs between torch versions."""
+    if fwAD._current_level >= 0:
+        return False
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
 
 
 def absent(like: torch.Tensor) -> torch.Tensor:
