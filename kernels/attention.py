@@ -37,18 +37,18 @@ forward's) and δ from the forward's O, so the gradients' error grows with the l
 saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
 are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
 passes.)
-δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward
-with a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the input dtype (one more O-sized
-tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ is common to every key of
-its query row, so dQ = scale · Σ_j P_ij (dP_ij − δ_i) k_j takes it times the keys' P-weighted mean
-(Σ_j dS_ij is 0 exactly), where an eager backward's roundings differ from key to key and average out.
-When the values share a large common part (O ≈ each v_j, so dP − δ is small) and so do the keys, the
-16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (measured on the CPU: an MLA block of
-the bf16 model test, tests/test_model.py, whose values average 1.56 with a spread of 0.18 over the
-sequence, through the interpreter with its bf16 dot and rounding patched to a GPU's; and
-test_attention's fp16 common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding before
-the P·V dot, which O and so δ inherit. R costs some configs register spills (_FWD_CONFIGS); on an H200 a
-training step (fwd+bwd) took 0.0 to 0.4% longer (benchmarks/residual_cost.py).
+δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward with
+a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the
+input dtype (one more O-sized tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ
+is common to every key of its query row, so dQ = scale · Σ_j P_ij (dP_ij − δ_i) k_j takes it times the
+keys' P-weighted mean (Σ_j dS_ij is 0 exactly), where an eager backward's roundings differ from key to
+key and average out. When the values share a large common part (O ≈ each v_j, so dP − δ is small) and so
+do the keys, the 16-bit O made dQ's error 6 to 10 times an eager 16-bit backward's (measured on the CPU:
+an MLA block of the bf16 model test, tests/test_model.py, whose values average 1.56 with a spread of
+0.18 over the sequence, through the interpreter with its bf16 dot and rounding patched to a GPU's; and
+test_attention's fp16 common-mode case); with R it is 1.5 to 4 times. What is left is P's rounding
+before the P·V dot, which O and so δ inherit. R costs some configs register spills (_FWD_CONFIGS); on an
+H200 a training step (fwd+bwd) took 0.0 to 0.4% longer (benchmarks/residual_cost.py).
 
 Limits: head dim 1..256 (a non-power-of-two D is padded to the next power of two, at least 16, in
 registers only); any S >= 1, B, H and any strides with a unit stride along D (anything else is copied
