@@ -8,11 +8,23 @@ import numbers
 import torch
 from torch import nn
 
-from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, check_eps
+from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, autocast_available, check_eps
 from kernels.reference import quantize_rows_fp8
 
 from . import functional as F
 from .config import ATTN_TYPES, mla_head_dims
+
+
+def _check_x(x, d_model: int, weight: torch.Tensor) -> None:
+    """An attention layer's input: (B, S, d_model) in its projections' dtype, unless autocast runs them
+    (then any floating dtype: autocast casts it). ValueError naming x otherwise, rather than nn.Linear's
+    RuntimeError ("expected m1 and m2 to have the same dtype")."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected (batch, seq, {d_model}), got {shape}")
+    if x.dtype != weight.dtype and not (autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x: expected the parameters' dtype ({weight.dtype}), got {x.dtype}; cast the input or the "
+                         f"layer (.to(dtype)), or run it under torch.autocast")
 
 
 class RMSNorm(nn.Module):
@@ -287,13 +299,11 @@ class GQAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
-            x: (B, S, d_model), the parameters' dtype.
+            x: (B, S, d_model), the parameters' dtype (any floating dtype under torch.autocast).
         Returns:
             (B, S, d_model) in x's dtype.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected (batch, seq, {self.d_model}), got {shape}")
+        _check_x(x, self.d_model, self.qkv.weight)
         B, S, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)  # (B, S, (H + 2·Hkv)·D)
@@ -402,15 +412,13 @@ class MLAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, absorb: bool = False) -> torch.Tensor:
         """Args:
-            x: (B, S, d_model), the parameters' dtype.
+            x: (B, S, d_model), the parameters' dtype (any floating dtype under torch.autocast).
             absorb: False (training) decompresses K/V per head; True (inference, no gradient) attends
                 over the latent directly (see the class docstring).
         Returns:
             (B, S, d_model) in x's dtype.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x: expected (batch, seq, {self.d_model}), got {shape}")
+        _check_x(x, self.d_model, self.kv_down.weight)
         if absorb:
             return self._absorbed(x)
         B, S, _ = x.shape
@@ -565,6 +573,10 @@ class FrozenSwiGLU(nn.Module):
         """
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected a last dim of {self.d_model} (d_model), got shape {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.w_down.dtype:
+            # the layer's own argument is x: lwt.functional would blame w_down, which the caller never passed
+            raise ValueError(f"x: expected w_down's dtype ({self.w_down.dtype}), got {x.dtype}; cast it first, "
+                             f"e.g. mlp(h.to(mlp.w_down.dtype)) after an autocast projection")
         scales = {}
         if self.frozen_dtype == torch.float8_e4m3fn:
             scales = dict(w_gate_scale=self.w_gate_scale, w_up_scale=self.w_up_scale)
@@ -688,10 +700,15 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
-            x: (B, S, d_model), the parameters' dtype.
+            x: (B, S, d_model), the parameters' dtype, under torch.autocast too.
         Returns:
             (B, S, d_model) in x's dtype: s + mlp(norm2(s)) with s = x + attn(norm1(x)).
         """
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.mlp.w_down.dtype:
+            # the residual stream and the MLP (whose kernel autocast does not reach) run in the parameters'
+            # dtype, under autocast too
+            raise ValueError(f"x: expected the parameters' dtype ({self.mlp.w_down.dtype}), got {x.dtype}; cast the "
+                             f"input or the block (.to(dtype)); under torch.autocast too, x stays in that dtype")
         a = self.attn(self.norm1(x))  # (B, S, D)
         # Under torch.autocast the projections return 16-bit a beside an fp32 stream: add in x's dtype, as
         # x + a would promote.

@@ -579,6 +579,28 @@ def test_decoder_block_under_autocast(attn_type):
     torch.testing.assert_close(out, block(x), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("layer", ["gqa", "mla", "block", "swiglu"])
+def test_layers_name_x_for_an_input_of_another_dtype(layer):
+    """x in another dtype than the layer's parameters: a ValueError naming x, before any projection (not
+    nn.Linear's "expected m1 and m2 to have the same dtype"), and for FrozenSwiGLU naming x, not the w_down
+    the caller never passed. Under autocast (which casts the projections' inputs) the attention layers
+    take it; the block's residual stream and MLP stay in its parameters' dtype (README)."""
+    from lwt.layers import DecoderBlock, FrozenSwiGLU
+    module = {"gqa": lambda: GQAAttention(32, 4, 2), "mla": lambda: MLAAttention(32, 4, 0, 16, 8, 4, 8),
+              "block": lambda: DecoderBlock(32, 4, 48, attn_type="gqa"),
+              "swiglu": lambda: FrozenSwiGLU(32, 48, 0)}[layer]()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0)).half()
+    expected = "w_down's dtype" if layer == "swiglu" else "the parameters' dtype"
+    with pytest.raises(ValueError, match=rf"^x: expected {expected} \(torch.float32\), got torch.float16"):
+        module(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        if layer in ("gqa", "mla"):
+            assert module(x.bfloat16()).shape == (2, 5, 32)
+        else:  # autocast stops at lwt's ops: FrozenSwiGLU takes x in w_down's dtype (README)
+            with pytest.raises(ValueError, match=rf"^x: expected {expected} \(torch.float32\), got torch.bfloat16"):
+                module(x.bfloat16())
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64, True, 1.0])
 def test_frozen_swiglu_seed_range(seed):
     from lwt.layers import FrozenSwiGLU
