@@ -215,6 +215,11 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
             if fwAD.unpack_dual(t).tangent is not None:
                 raise ValueError(f"{name}: has a forward-mode tangent, but latent_attention has no jvp (a forward-"
                                  f"only kernel); use kernels.reference.latent_attention")
+    if not torch.compiler.is_compiling():  # (Dynamo's traced tensors are never a transform's: _common.no_transform)
+        for name, t in named:
+            if torch._C._functorch.is_functorch_wrapped_tensor(t):
+                raise ValueError(f"{name}: a torch.func transform's tensor (vmap, grad, ...), which the Triton "
+                                 f"kernel cannot read; use kernels.reference.latent_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     c4 = A._unit_last(c)[:, :, None, :]  # (B, S, 1, R): the one K/V head
     o, _, _ = A.launch_fwd(A._unit_last(q), c4, A._unit_last(k_rope), c4, causal, scale, d_rope=k_rope.shape[-1])

@@ -312,6 +312,23 @@ def test_latent_attention_refuses_forward_mode_tangents(dual):
             mla.latent_attention(args["q"], args["c"], args["k_rope"])
 
 
+@pytest.mark.parametrize("batched", ["q", "c", "k_rope"])
+def test_latent_attention_refuses_a_vmapped_input(batched):
+    """Under torch.func.vmap the kernel would be handed a BatchedTensor, whose memory it cannot read: the
+    batched input is refused by name (the reference runs under vmap)."""
+    gen = torch.Generator().manual_seed(6)
+    args = {"q": torch.randn(1, 4, 2, 12, generator=gen), "c": torch.randn(1, 4, 8, generator=gen),
+            "k_rope": torch.randn(1, 4, 4, generator=gen)}
+    args = {k: v.to(DEVICE) for k, v in args.items()}
+    stacked = torch.stack([args[batched]] * 3)
+
+    def call(t):
+        return mla.latent_attention(*(t if k == batched else v for k, v in args.items()))
+
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"^{batched}: a torch.func transform's tensor"):
+        torch.func.vmap(call)(stacked)
+
+
 @HEAVY
 def test_offsets_past_int32_within_a_batch_entry_name_the_argument():
     """The per-entry int32 offset limit (kernels/attention.py, Limits) names mla_attention's own argument, k_nope,
