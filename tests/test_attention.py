@@ -166,22 +166,27 @@ def test_forward_tunes_training_and_inference_launches_apart(monkeypatch):
     assert len(attn._fwd.best) == 2
 
 
-@pytest.mark.parametrize("op", ["attention", "mla_attention"])
-def test_a_forward_with_no_backward_to_come_skips_the_residual(monkeypatch, op):
-    """Under no_grad (even for leaves that require grad), in inference mode and for inputs that do not
-    require grad, the ops call the forward launcher alone, asking it for no O residual; the same output as
-    a training forward, which asks for one."""
+def _op_and_inputs(op: str, dtype: torch.dtype):
+    """attn.attention (GQA 2/1, D 16) or mla.mla_attention (Dn 16, Dr 8, Dv 12) and small inputs for it."""
     from kernels import mla
 
-    asked = []
-    real = attn.launch_fwd
-    monkeypatch.setattr(attn, "launch_fwd", lambda *a, **kw: asked.append(kw.get("residual", False)) or real(*a, **kw))
     gen = torch.Generator().manual_seed(0)
     if op == "attention":
         shapes, fn = [(1, 9, 2, 16), (1, 9, 1, 16), (1, 9, 1, 16)], attn.attention
     else:
         shapes, fn = [(1, 9, 2, 24), (1, 9, 2, 16), (1, 9, 8), (1, 9, 2, 12)], mla.mla_attention
-    inputs = [torch.randn(s, generator=gen).to(DEVICE, torch.float16) for s in shapes]
+    return fn, [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("op", ["attention", "mla_attention"])
+def test_a_forward_with_no_backward_to_come_skips_the_residual(monkeypatch, op):
+    """Under no_grad (even for leaves that require grad), in inference mode and for inputs that do not
+    require grad, the ops call the forward launcher alone, asking it for no O residual; the same output as
+    a training forward, which asks for one."""
+    asked = []
+    real = attn.launch_fwd
+    monkeypatch.setattr(attn, "launch_fwd", lambda *a, **kw: asked.append(kw.get("residual", False)) or real(*a, **kw))
+    fn, inputs = _op_and_inputs(op, torch.float16)
     leaves = [t.clone().requires_grad_() for t in inputs]
     trained = fn(*leaves)
     with torch.no_grad():
@@ -200,16 +205,9 @@ def test_vmap_is_refused_as_the_readme_says_without_grad_too(op):
     """README: torch.func transforms run on the reference path only; the Triton path's autograd.Functions
     have no setup_context. Under no_grad (the forward-only path) vmap must raise that too, not hand Triton
     a BatchedTensor."""
-    from kernels import mla
-
-    gen = torch.Generator().manual_seed(0)
-    if op == "attention":
-        shapes, fn = [(3, 1, 9, 2, 16), (1, 9, 1, 16), (1, 9, 1, 16)], attn.attention
-    else:
-        shapes, fn = [(3, 1, 9, 2, 24), (1, 9, 2, 16), (1, 9, 8), (1, 9, 2, 12)], mla.mla_attention
-    q, *rest = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    fn, (q, *rest) = _op_and_inputs(op, torch.float32)
     with torch.no_grad(), pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.vmap(lambda q: fn(q, *rest))(q)
+        torch.func.vmap(lambda q: fn(q, *rest))(torch.stack([q] * 3))
 
 
 @pytest.mark.parametrize("layout", ["fused", "bhsd"])
