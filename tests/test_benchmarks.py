@@ -161,8 +161,8 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
     """tune_mla's GPU path on tiny shapes in fp16 (on a CPU through the interpreter), one config per list:
     every forced launch runs, gives the autotuned launch's gradients, and prints its line."""
     tune = importlib.import_module("tune_mla")
-    for name, value in dict(DEVICE="cuda" if torch.cuda.is_available() else "cpu", DTYPE=torch.float16, HEADS=2, SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24,
-                            E3F8149_DKDV=[(16, 32, 8, 2, False)]).items():
+    for name, value in dict(DEVICE="cuda" if torch.cuda.is_available() else "cpu", DTYPE=torch.float16, HEADS=2,
+                            SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24, E3F8149_DKDV=[(16, 32, 8, 2, False)]).items():
         monkeypatch.setattr(tune, name, value)
     A = tune.A
     monkeypatch.setitem(A._DKDV_CONFIGS, "mla", [(16, 64, 8, 2, True)])

@@ -618,6 +618,15 @@ def test_two_process_ddp(tmp_path):
     assert "2 process(es)" in proc.stdout and "joint" in proc.stdout and "stage 1" in proc.stdout
 
 
+def _two_nodes(nodes, *args) -> subprocess.CompletedProcess:
+    """The trainer (TINY, then args) under torchrun with 2 ranks, rank r running in <nodes>/node<r>, as if
+    on a node of its own (tests/ddp_local_data_worker.py)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "tests", "ddp_local_data_worker.py"), *TINY, *args]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "LWT_NODES": str(nodes)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_resume_refuses_one_nodes_changed_data_on_every_rank(tmp_path):
     """Each rank reads its own copy of a relative data.path (one per node); rank 1's copy was cut short
     since the checkpoint. Every rank refuses the resume: rank 0 does not go on alone (it said "resumed
@@ -626,15 +635,11 @@ def test_resume_refuses_one_nodes_changed_data_on_every_rank(tmp_path):
     for rank in (0, 1):
         (tmp_path / f"node{rank}").mkdir()
         (tmp_path / f"node{rank}" / "corpus.txt").write_text(corpus)
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "tests", "ddp_local_data_worker.py"), *TINY, "--set", f"train.out_dir={out}",
-           "--set", "data.path=corpus.txt"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "LWT_NODES": str(tmp_path)}
-    proc = subprocess.run(cmd + ["--stop_after", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    args = ["--set", f"train.out_dir={tmp_path / 'ddp'}", "--set", "data.path=corpus.txt"]
+    proc = _two_nodes(tmp_path, *args, "--stop_after", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "node1" / "corpus.txt").write_text(corpus[:len(corpus) // 2])
-    proc = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _two_nodes(tmp_path, *args, "--resume")
     assert proc.returncode != 0
     assert "the training data differs from the checkpoint's" in proc.stderr, proc.stderr[-3000:]
     assert "resumed from" not in proc.stdout and "Connection closed" not in proc.stderr, proc.stderr[-3000:]
@@ -647,11 +652,7 @@ def test_a_dir_one_rank_cannot_make_stops_every_rank(tmp_path):
     for rank in (0, 1):
         (tmp_path / f"node{rank}").mkdir()
     (tmp_path / "node1" / "scratch").write_text("a file where rank 1's cache_dir should go")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "tests", "ddp_local_data_worker.py"), *TINY, "--set", f"train.out_dir={tmp_path / 'out'}",
-           "--set", "train.cache_dir=scratch/c"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "LWT_NODES": str(tmp_path)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _two_nodes(tmp_path, "--set", f"train.out_dir={tmp_path / 'out'}", "--set", "train.cache_dir=scratch/c")
     assert proc.returncode != 0
     assert "OSError: another rank: [Errno 20] train.cache_dir: cannot create the directory" in proc.stderr, \
         proc.stderr[-3000:]
