@@ -31,6 +31,7 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import glob
 import hashlib
@@ -544,6 +545,26 @@ class Trainer:
             else:
                 name, k, _ = self.phases[self.position[0]]
                 print(f"resumed from {self.ckpt_path}: {phase_label(name, k)}, step {self.position[1]}", flush=True)
+            self._note_caches_left_in(saved["train"]["cache_dir"])
+
+    def _note_caches_left_in(self, old: str | None) -> None:
+        """A resume with another train.cache_dir (one moved to a bigger disk, as a DiskSpaceError advises)
+        builds its caches there and never reads or deletes the old directory again, which no lock of this
+        run covers (another run of the same config may use it): say where this config's caches were left."""
+        if not self.cfg.train.cache or not old or os.path.realpath(old) == os.path.realpath(self.cache_dir):
+            return
+        left = []
+        for manifest in sorted(glob.glob(os.path.join(glob.escape(old), "stage*", "rank*.manifest.json"))):
+            try:
+                with open(manifest) as f:
+                    if json.load(f)["meta"]["fingerprint"] == self.fingerprint:
+                        left.append(os.path.dirname(manifest))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        if left:
+            print(f"note: train.cache_dir is now {self.cache_dir!r}; this config's activation caches in the run's "
+                  f"former cache_dir stay there, unread: {', '.join(sorted(set(left)))} (delete them if no other "
+                  f"run of this config needs them)", flush=True)
 
     def save_model(self, file_name: str) -> None:
         """<out_dir>/<file_name>: the config and weights (what lwt.generate reads), written atomically."""
@@ -1267,8 +1288,14 @@ def read_checkpoint(path: str):
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, MemoryError):
-        raise  # the file cannot be read (permissions, I/O) or held: not a question of its contents
+    except OSError as e:
+        if e.errno == errno.EINVAL and e.filename is None:
+            # torch's zip reader looks for the archive's directory in the file's last 64 KiB: a file cut short to
+            # between 4 and 64 KiB fails there as a bare EINVAL (no file name), not as a RuntimeError
+            raise ValueError(f"checkpoint {path!r}: not a readable checkpoint (a damaged file: cut short?)") from None
+        raise  # the file cannot be read (permissions, I/O): not a question of its contents
+    except MemoryError:
+        raise  # the file cannot be held
     except Exception as e:  # noqa: BLE001  bytes that are not a pickle also fail as IndexError, KeyError, ...
         text = str(e)
         if "Unsupported global" in text:  # weights_only refused a class

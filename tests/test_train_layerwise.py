@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -483,6 +484,18 @@ def test_resume_of_a_moved_run_with_other_logging(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_resume_into_another_cache_dir_names_the_caches_left(tmp_path, capsys):
+    """Resumed with another train.cache_dir (as a DiskSpaceError advises), a run rebuilds its cache there
+    and says where the former cache_dir's caches of its config stay, which it never reads or deletes."""
+    _run(tmp_path, "--stop_after", "8", name="r")  # inside stage 1: block 0's cache is in use
+    capsys.readouterr()
+    code, _ = _run(tmp_path, "--resume", "--set", f"train.cache_dir={tmp_path / 'bigger'}", name="r")
+    assert code == 0
+    left = tmp_path / "r" / "cache" / "stage0"
+    assert left.is_dir() and not (tmp_path / "bigger" / "stage0").exists()
+    assert f"caches in the run's former cache_dir stay there, unread: {left} " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("case", ["missing-config", "out_dir-is-a-file"])
 def test_command_line_errors_are_one_line(tmp_path, case):
     """`python -m lwt.train_layerwise` reports a config it cannot read (exit 2) and a machine problem such
@@ -540,6 +553,17 @@ def test_resume_from_an_unreadable_checkpoint(tmp_path, content):
                }.get(content, "not a readable checkpoint")
     with pytest.raises(ValueError, match=message):
         _run(tmp_path, "--resume", name="bad")
+
+
+@pytest.mark.parametrize("size", [100, 5000, 40000, 70000])
+def test_a_checkpoint_cut_short_is_a_value_error_naming_it(tmp_path, size):
+    """A checkpoint copied or written only in part: cut to between 4 and 64 KiB, torch's zip reader fails as a
+    bare OSError EINVAL (no file name); it must read as the damaged file it is, naming it, at any length."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"w": torch.arange(40000, dtype=torch.float32)}, path)  # 160 kB
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {str(path)!r}: not a readable checkpoint (a damaged")):
+        T.read_checkpoint(str(path))
 
 
 def test_quickstart_form_and_bare_key_flags():
