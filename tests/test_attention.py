@@ -267,8 +267,75 @@ def test_padded_head_dim_reads_only_d():
         assert_close(name, a, e, r, reduced_over=S * H)
 
 
+def test_rows_past_the_sequence_are_never_read():
+    """S = 21 ends in a ragged tile (16-key tiles, 32-query tiles): q, k, v and dO are the first S positions
+    of buffers holding 11 more positions of NaN per batch entry, which the tiles past S reach. A masked
+    tile that loaded them (V in P·V, or in dO·Vᵀ, with P = 0 there) would turn 0 · NaN into NaN in every
+    result of the row: loads past S must be masked, not only the logits."""
+    gen = torch.Generator().manual_seed(10)
+    B, S, H, Hkv, D = 2, 21, 4, 2, 32
+
+    def padded(heads):
+        buf = torch.full((B, S + 11, heads, D), float("nan"), device=DEVICE)
+        return buf[:, :S].copy_(torch.randn(B, S, heads, D, generator=gen))
+
+    q, k, v, do = padded(H), padded(Hkv), padded(Hkv), padded(H)
+    for causal in (False, True):
+        (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal), [q, k, v], [do])
+        (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, causal),
+                            [q.double(), k.double(), v.double()], [do.double()])
+        (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, causal), [q, k, v], [do])
+        for name, a, e, r in zip(["o", "dq", "dk", "dv"], [o, *g], [o64, *g64], [o_ref, *g_ref]):
+            assert_close(name, a, e, r, reduced_over=S * H)
+
+
+def test_fp32_inputs_take_ieee_dots_in_every_pass(monkeypatch):
+    """fp32 inputs get IEEE fp32 dots, no TF32 (module docstring, Precision), in every pass of attention and
+    MLA. The interpreter computes each tl.dot in full precision whatever it is told, so on the CPU only the
+    flag the launches pass, and each tl.dot of the kernels' source naming it (triton's default is TF32), can
+    show that: both are checked here."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(attn))
+    dots = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            and n.func.attr == "dot"]
+    assert dots and all(any(kw.arg == "input_precision" for kw in n.keywords) for n in dots), \
+        [ast.unparse(n) for n in dots if not any(kw.arg == "input_precision" for kw in n.keywords)]
+    from kernels import mla
+
+    seen = []
+    for kernel in (attn._fwd, attn._dq, attn._dkdv, mla._dkdv):
+        real = kernel.launch
+        monkeypatch.setattr(kernel, "launch",
+                            lambda *a, _real=real, **kw: seen.append(kw["INPUT_PRECISION"]) or _real(*a, **kw))
+    for op in ("attention", "mla_attention"):
+        fn, inputs = _op_and_inputs(op, torch.float32)
+        leaves = [t.requires_grad_() for t in inputs]
+        fn(*leaves).sum().backward()
+    assert seen == ["ieee"] * 6, seen  # forward, dQ and dK/dV of each op
+
+
+def test_widest_fp32_mla_heads_keep_only_the_dq_config_that_fits(monkeypatch):
+    """_DQ_CONFIGS["fp32"]: (32, 16, 4, 2) is the only dQ config whose shared memory fits MLA's widest heads
+    (q·k 256 + 128, v 256) with 4-byte fp32 elements; pruning drops the other two (an over-permissive size
+    estimate, e.g. 2-byte elements for fp32, would keep all three and pass test_gpu_config_lists_are_consistent)."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    meta = {"HEAD_DIM": 256, "ROPE_DIM": 128, "V_DIM": 256, "INPUT_PRECISION": "ieee"}
+    kept = [attn.as_entry(c) for c in attn._prune_dq(attn._configs(attn._DQ_CONFIGS, None), meta)]
+    assert kept == [(32, 16, 4, 2)]
+
+
+def test_offsets_of_exactly_2_31_elements_pass_and_one_more_is_refused():
+    """A batch entry may span 2^31 elements (offsets up to 2^31 − 1: Limits), not one more. Shapes of
+    contiguous outputs still to be allocated, so nothing is allocated here."""
+    attn._check_offsets(o=(1, 2, 2**30))  # 2^31 elements
+    with pytest.raises(ValueError, match=r"^o: one batch entry spans 2147483649 elements"):
+        attn._check_offsets(o=(1, 3, 715827883))  # 2^31 + 1 elements
+
+
 def test_backward_computes_only_what_is_needed(monkeypatch):
-    """Only v requires grad: no dQ pass; only q: no dK/dV pass. The gradients asked for still match."""
+    """Only v (or only k) requires grad: no dQ pass; only q: no dK/dV pass. The gradients asked for still match."""
     gen = torch.Generator().manual_seed(8)
     q, k, v = _make(1, 23, 4, 2, 32, torch.float32, "contiguous", gen)
     do = torch.randn(1, 23, 4, 32, generator=gen).to(DEVICE)
@@ -276,7 +343,8 @@ def test_backward_computes_only_what_is_needed(monkeypatch):
     real_dq, real_dkdv = attn.launch_dq, attn._dkdv.launch
     monkeypatch.setattr(attn, "launch_dq", lambda *a: calls.append("dq") or real_dq(*a))
     monkeypatch.setattr(attn._dkdv, "launch", lambda *a, **kw: calls.append("dkdv") or real_dkdv(*a, **kw))
-    for wanted, expected_calls in (([False, False, True], ["dkdv"]), ([True, False, False], ["dq"])):
+    for wanted, expected_calls in (([False, False, True], ["dkdv"]), ([False, True, False], ["dkdv"]),
+                                   ([True, False, False], ["dq"])):
         calls.clear()
         (g,) = _wanted_grads(lambda *a: attn.attention(*a, causal=True), (q, k, v), wanted, do)
         assert calls == expected_calls

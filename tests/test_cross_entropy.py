@@ -503,3 +503,17 @@ def test_fp16_grad_scale_never_shrinks_a_row_below_eager(monkeypatch):
     err = lambda g: ((g - want).abs().amax(-1) / want.abs().amax(-1)).max().item()  # noqa: E731
     got, eager = err(dh(hidden, head, "triton")), err(dh(hidden, head, "reference"))
     assert got <= 1.5 * eager, (got, eager)
+
+
+@pytest.mark.parametrize("scales,alpha", [
+    ([0.3, -0.1], 0.5),  # every |c_n| below 1: the largest rounded up to a power of two, so |dZ / α| <= 1
+    ([2.0**-7], 2.0**-7),  # a power of two already: itself
+    ([1.0, 0.2], 1.0), ([3.0], 1.0), ([2.0**15], 1.0),  # from 1 up: eager's dZ (α = 1) ...
+    ([3 * 2.0**15], 4.0),  # ... until it would overflow fp16: just enough that |dZ / α| <= 2^15
+    ([], 1.0), ([0.0], 1.0), ([float("inf"), 0.5], 1.0), ([float("nan")], 1.0),
+])
+def test_fp16_grad_scale(scales, alpha):
+    """α of the fp16 backward (kernels/cross_entropy.py, Precision) as documented: below 1, max|c_n| rounded
+    up to a power of two; 1 from 1 up (no row written smaller or larger than eager's dZ); above 2^15 just
+    what keeps dZ / α finite; 1 without a finite, nonzero c_n."""
+    assert ce._fp16_grad_scale(torch.tensor(scales, dtype=torch.float32)) == alpha

@@ -275,7 +275,8 @@ def test_mla_double_backward_raises(loss):
 
 
 def test_mla_backward_computes_only_what_is_needed(monkeypatch):
-    """Only q requires grad: no dK/dV pass; only k_rope: no dQ pass. The gradients asked for match."""
+    """Only q requires grad: no dK/dV pass; only k_rope, only k_nope or only v: no dQ pass. The gradients
+    asked for match."""
     gen = torch.Generator().manual_seed(11)
     inputs = _make(1, 21, 3, 16, 16, 24, torch.float32, "contiguous", gen)
     do = torch.randn(1, 21, 3, 24, generator=gen).to(DEVICE)
@@ -283,7 +284,8 @@ def test_mla_backward_computes_only_what_is_needed(monkeypatch):
     real_dq, real_dkdv = attn.launch_dq, mla._dkdv.launch
     monkeypatch.setattr(attn, "launch_dq", lambda *a: calls.append("dq") or real_dq(*a))
     monkeypatch.setattr(mla._dkdv, "launch", lambda *a, **kw: calls.append("dkdv") or real_dkdv(*a, **kw))
-    for wanted, expected in (([True, False, False, False], ["dq"]), ([False, False, True, False], ["dkdv"])):
+    for wanted, expected in (([True, False, False, False], ["dq"]), ([False, False, True, False], ["dkdv"]),
+                             ([False, True, False, False], ["dkdv"]), ([False, False, False, True], ["dkdv"])):
         calls.clear()
         leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
         (g,) = torch.autograd.grad(mla.mla_attention(*leaves, causal=True), [t for t in leaves if t.requires_grad], do)

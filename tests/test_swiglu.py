@@ -283,6 +283,49 @@ def test_fp8_backward_epilogue_quantises_blocks(stored):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+def test_columns_past_the_model_dim_are_never_read(recompute):
+    """D 33 ends the dual GEMM in a partial K step (16 wide on the interpreter): x and the frozen weights are
+    the first D columns of buffers whose 8 further columns are NaN, which that step's tiles reach. Each
+    operand's load there must be masked: a NaN times the other operand's masked-out zero is still NaN."""
+    gen = torch.Generator().manual_seed(17)
+    T, D, F = 10, 33, 70
+
+    def padded(rows, cols, scale):
+        buf = torch.full((rows, cols + 8), float("nan"), device=DEVICE)
+        return buf[:, :cols].copy_(torch.randn(rows, cols, generator=gen) * scale)
+
+    x, wg, wu = padded(T, D, 1.0), padded(F, D, D ** -0.5), padded(F, D, D ** -0.5)
+    wd = (torch.randn(D, F, generator=gen) * F ** -0.5).to(DEVICE)
+    dy = torch.randn(T, D, generator=gen).to(DEVICE)
+
+    def ref(x, wd):
+        return reference.frozen_swiglu(x, wg.to(x.dtype), wu.to(x.dtype), wd)
+
+    (y,), (dx, dwd) = grads(lambda x, wd: swiglu.frozen_swiglu(x, wg, wu, wd, recompute), [x, wd], [dy])
+    (y64,), (dx64, dwd64) = grads(ref, [x.double(), wd.double()], [dy.double()])
+    (y_ref,), (dx_ref, dwd_ref) = grads(ref, [x, wd], [dy])
+    assert_close("y", y, y64, y_ref, reduced_over=F)
+    assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
+    assert_close("dw_down", dwd, dwd64, dwd_ref, reduced_over=T)
+
+
+@pytest.mark.parametrize("frozen_dtype", [torch.float32, torch.float16], ids=["fp32-frozen", "fp16-frozen"])
+def test_fp32_activations_take_ieee_dots(monkeypatch, frozen_dtype):
+    """fp32 activations get IEEE fp32 dots, no TF32 (module docstring), in the forward and the recomputing
+    backward, whatever the frozen weights' dtype. The interpreter computes each tl.dot in full precision
+    whatever it is told: on the CPU only the flag the launches pass can show a TF32 dot."""
+    seen = []
+    real = swiglu._dual_gemm.launch
+    monkeypatch.setattr(swiglu._dual_gemm, "launch",
+                        lambda *a, **kw: seen.append(kw["INPUT_PRECISION"]) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(5, 24, generator=gen).to(DEVICE).requires_grad_()
+    wg, wu, wd = _weights(24, 40, gen, torch.float32, frozen_dtype)
+    swiglu.frozen_swiglu(x, wg, wu, wd, recompute=True).sum().backward()
+    assert seen == ["ieee", "ieee"], seen  # the forward, the backward's recomputation
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_backward_in_token_chunks(monkeypatch, recompute):
     """A small CHUNK_ELEMENTS makes both passes walk 37 tokens in chunks of 2: h of DW_GROUP_CHUNKS (4)
     chunks at a time feeds one dW_down GEMM, so 5 groups (the last ragged) summed in fp32, in column
