@@ -442,6 +442,13 @@ def test_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, entry):
                                  *args, **kwargs)
 
 
+def test_widest_head_dim_is_accepted():
+    """D = MAX_HEAD_DIM (256), the widest head dim the kernels take (300 is refused above), on the CPU
+    suite too (its SHAPES stop at D 192; D 256 is otherwise in CUDA_SHAPES only): output and gradients
+    match the float64 reference."""
+    _check((1, 3, 2, 1, 256, None), torch.float32, True)
+
+
 def test_functional_dispatch(monkeypatch):
     """auto: the kernel for CUDA tensors, the reference otherwise; both forced paths agree, and the
     reference path alone takes float64."""

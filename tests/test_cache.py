@@ -211,6 +211,24 @@ def test_malformed_manifest_field_names_the_shard(tmp_path, field, value):
         ActivationCache.open(tmp_path, 0, {"stage": 0})
 
 
+def test_manifest_of_another_rank_or_version_is_refused(tmp_path):
+    """A manifest naming another rank, or another rank's files, or written in another format version, is
+    refused: each check on its own (the other fields left consistent), so none hides behind another."""
+    path = tmp_path / "rank0.manifest.json"
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    for field, value, message in (("rank", 1, "it is rank 1's manifest under rank 0's name"),
+                                  ("version", 2, "has format version 2, this lwt reads version 1")):
+        path.write_text(json.dumps({**m, field: value}))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ActivationCache.open(tmp_path, 0, {})
+    _write(tmp_path, 1, 3, torch.float32)  # rank 1's files exist, of the same sizes and checksums
+    files = json.loads(json.dumps(m["files"]))
+    files["hidden"]["name"] = "rank1.hidden.bin"
+    path.write_text(json.dumps({**m, "files": files}))
+    with pytest.raises(ValueError, match=r"is corrupt: entry for 'hidden'"):
+        ActivationCache.open(tmp_path, 0, {})
+
+
 def test_numpy_sizes_in_expect(tmp_path):
     _write(tmp_path, 0, 4, torch.float32)
     cache = ActivationCache.open(tmp_path, 0, {"entries": np.int64(4), "seq_len": np.int32(S), "stage": np.int64(0)})
@@ -299,6 +317,57 @@ def test_crashed_writers_space_counts_as_free(tmp_path, monkeypatch):
     assert sum(n.startswith("rank1.") for n in seen[0]) == 4
     _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), rows)
     other.abort()
+
+
+def test_leftovers_of_rank_1_are_not_rank_10s(tmp_path):
+    """remove_partials(rank 1) deletes rank1.*.partial only: rank 10's (and 11's...) reserved files, whose
+    names also begin with "rank1", belong to a writer still running, which then publishes its shard."""
+    CacheWriter(tmp_path, 1, 2, S, D, torch.float32, {})  # killed: its leftovers stay
+    other = CacheWriter(tmp_path, 10, 2, S, D, torch.float32, {})
+    rows = _rows(2, torch.float32)
+    with CacheWriter(tmp_path, 1, 2, S, D, torch.float32, {}) as w:
+        w.append(*rows)
+        w.finish()
+    assert sum(n.startswith("rank10.") and n.endswith(".partial") for n in os.listdir(tmp_path)) == 4
+    other.append(*rows)
+    other.finish()
+    for rank in (1, 10):
+        _assert_rows(ActivationCache.open(tmp_path, rank, {}).batch(torch.arange(2)), rows)
+
+
+def test_crash_while_rewriting_leaves_no_manifest(tmp_path, monkeypatch):
+    """Rewriting a shard: the old manifest goes before any old file is replaced, so a crash between the
+    renames leaves no manifest (FileNotFoundError, "rerun it"), never the old manifest beside a mix of old
+    and new files, which verify=False (sizes only) would open silently."""
+    _write(tmp_path, 0, 4, torch.float32, seed=0)
+    w = CacheWriter(tmp_path, 0, 4, S, D, torch.float32, {"stage": 0, "fingerprint": "abc"})
+    w.append(*_rows(4, torch.float32, seed=5))
+    real, renamed = os.replace, []
+
+    def crash_on_second(src, dst):
+        renamed.append(src)
+        if len(renamed) == 2:
+            raise OSError(5, "simulated crash between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(lwt.cache.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="simulated crash"):
+        w.finish()
+    monkeypatch.undo()
+    for verify in (False, True):
+        with pytest.raises(FileNotFoundError, match=r"rank0\.manifest\.json not found"):
+            ActivationCache.open(tmp_path, 0, {}, verify=verify)
+    w.abort()
+
+
+def test_largest_token_id_is_stored(tmp_path):
+    """Token ids must lie in [0, 2**31): 2**31 - 1, the largest int32, is stored and read back."""
+    hidden, tokens, mask, t = _rows(2, torch.float32)
+    tokens[1, 3] = 2**31 - 1
+    with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+        w.append(hidden, tokens, mask, t)
+        w.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), (hidden, tokens, mask, t))
 
 
 def test_failed_disk_check_leaves_no_directory(tmp_path, monkeypatch):

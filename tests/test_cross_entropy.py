@@ -338,6 +338,45 @@ def test_ignore_index_inside_the_class_range():
     assert_close("loss", loss, expected.float(), expected.float())
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_ignore_index_and_token_weights_match_torch(monkeypatch, entry, reduction):
+    """Every path (the kernel, and lwt.functional's reference path, which the CPU trainer runs) against
+    torch's own F.cross_entropy: ignore_index a real class id (rows with that target drop out, all others
+    count), each kept row's loss times its token weight, mean = Σ over kept rows / number of kept rows."""
+    hidden, weight, target, tw = _inputs(12, 16, 20, torch.float32, "weighted", seed=8)
+    target[:4] = 3
+    target[7] = 0
+    if entry == "kernel":
+        fn = ce.linear_cross_entropy
+    else:
+        monkeypatch.setenv("LWT_BACKEND", entry.split("-")[1])
+        fn = lwtF.linear_cross_entropy
+    loss = fn(hidden, weight, target, tw, reduction, ignore_index=3)
+    rows = torch.nn.functional.cross_entropy(hidden.double() @ weight.double().t(), target, ignore_index=3,
+                                             reduction="none") * tw.double()
+    kept = target != 3
+    expected = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / kept.sum()}[reduction]
+    assert loss.shape == expected.shape
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_token_weights_with_fp32_hidden():
+    """token_weight is "an optional float tensor" of any float dtype (the checks take float64 too, beside
+    16/32-bit hidden states): the kernel accepts it, matches the reference, and returns its gradient in
+    float64."""
+    hidden, weight, target, tw = _inputs(9, 16, 12, torch.float32, "weighted-ignored", seed=13)
+    tw = tw.double().requires_grad_()
+    loss = ce.linear_cross_entropy(hidden, weight, target, tw, "sum")
+    (dtw,) = torch.autograd.grad(loss, tw)
+    tw64 = tw.detach().requires_grad_()
+    expected = reference.linear_cross_entropy(hidden.double(), weight.double(), target, tw64, "sum")
+    (dtw64,) = torch.autograd.grad(expected, tw64)
+    assert dtw.dtype == torch.float64
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dtw, dtw64, rtol=1e-5, atol=1e-5)
+
+
 def test_second_backward_raises():
     """mean/sum compute the gradients in the forward; a second backward over the graph is refused."""
     hidden, weight, target, _ = _inputs(5, 16, 9, torch.float32, "plain", seed=9)

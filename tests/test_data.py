@@ -1,4 +1,5 @@
 """lwt.data: the three token sources, the split, the batch sampler, and every error a user can hit."""
+import os
 import re
 import sys
 import types
@@ -290,6 +291,69 @@ def test_token_ids_out_of_range(tmp_path):
     msg = re.escape(f"{path} holds id 300 >= model vocab_size 256 (first at token 2500)")
     with pytest.raises(ValueError, match=msg):
         build_data(_cfg(source="tokens", path=path, token_dtype="uint32"), vocab_size=256)
+
+
+@pytest.mark.parametrize("at", [0, 999, 1000, 2999], ids=["first", "end-of-chunk", "start-of-chunk", "last"])
+def test_token_id_equal_to_vocab_size_is_refused_wherever_it_is(tmp_path, monkeypatch, at):
+    """ids must be < vocab_size: an id equal to it (one past the embedding) is refused, in any chunk of the
+    scan (chunks of 1000 here) and at the file's last token."""
+    monkeypatch.setattr(lwt_data, "_SCAN_CHUNK", 1000)
+    ids = np.zeros(3000, dtype=np.int64)
+    ids[at] = 256
+    path = _write_tokens(tmp_path / "t.bin", ids, np.uint16)
+    with pytest.raises(ValueError, match=re.escape(f"holds id 256 >= model vocab_size 256 (first at token {at})")):
+        build_data(_cfg(source="tokens", path=path), vocab_size=256)
+
+
+def test_largest_uint16_id_is_checked_against_an_equal_vocab_size(tmp_path):
+    """vocab_size 65535: the uint16 id 65535 is out of range (the check is skipped only when no id of the
+    dtype can reach vocab_size, i.e. vocab_size > 65535)."""
+    ids = np.zeros(3000, dtype=np.int64)
+    ids[100] = 65535
+    path = _write_tokens(tmp_path / "t.bin", ids, np.uint16)
+    with pytest.raises(ValueError, match="holds id 65535 >= model vocab_size 65535"):
+        build_data(_cfg(source="tokens", path=path), vocab_size=65535)
+    ids[100] = 65534
+    _write_tokens(tmp_path / "t.bin", ids, np.uint16)
+    build_data(_cfg(source="tokens", path=path), vocab_size=65535)
+
+
+def test_unigram_entropy_over_several_chunks(tmp_path, monkeypatch):
+    """The counts of every chunk add up (chunks of 1000 here, a file of 3500 tokens; the real chunk is 16M
+    tokens), on a memmap split and on a tensor split."""
+    monkeypatch.setattr(lwt_data, "_SCAN_CHUNK", 1000)
+    ids = np.random.default_rng(3).integers(0, 50, size=3500)
+    ids[:1000] = 7  # the first chunk unlike the rest
+    d = build_data(_cfg(source="tokens", path=_write_tokens(tmp_path / "t.bin", ids, np.uint16), val_fraction=0.1),
+                   vocab_size=50)
+    want = lwt_data.entropy_of_counts(np.bincount(np.asarray(d.train, dtype=np.int64)))
+    assert d.unigram_entropy("train") == pytest.approx(want, rel=1e-12)
+    d.train = torch.from_numpy(np.asarray(d.train, dtype=np.int64))
+    assert d.unigram_entropy("train") == pytest.approx(want, rel=1e-12)
+
+
+def test_file_truncated_while_in_use_is_an_error(tmp_path, monkeypatch):
+    """A token file cut short after build_data: a window read past the new end is the documented
+    ValueError, not an endless loop of empty reads (guarded here: after 100 reads the test fails)."""
+    path = _write_tokens(tmp_path / "t.bin", np.arange(2000), np.uint16)
+    d = build_data(_cfg(source="tokens", path=path, val_fraction=0.2), vocab_size=2000)
+    os.truncate(path, 1000 * 2)  # train keeps its first 1000 tokens, val none
+    real, calls = os.preadv, []
+
+    def preadv(*args):
+        calls.append(1)
+        if len(calls) > 100:
+            raise AssertionError("preadv called again and again after the end of the file")
+        return real(*args)
+
+    monkeypatch.setattr(lwt_data.os, "preadv", preadv)
+    with pytest.raises(ValueError, match="shorter than when it was opened"):
+        d.get_batch("val", 2, 16, torch.Generator().manual_seed(0))
+
+
+def test_batch_size_below_one_is_refused(text_data):
+    with pytest.raises(ValueError, match=r"^batch_size: expected >= 1, got 0"):
+        text_data.get_batch("train", 0, 8, torch.Generator())
 
 
 def test_unknown_token_dtype(tmp_path):

@@ -113,6 +113,19 @@ def test_mla_attention_flops_match_the_reference(monkeypatch):
     assert total == reference and "lwt.attention_fwd" in by_op
 
 
+@pytest.mark.parametrize("grads", ["q-k-v", "k-v", "q"])
+def test_mla_op_flops_with_some_gradients_match_the_reference(monkeypatch, grads):
+    """The MLA op alone with gradients for some inputs only (frozen keys, or a frozen query): mla_bwd counts
+    only the passes it runs (dQ; dK_nope, dK_rope and dV), each beside the recomputed scores and dP."""
+    Dn, Dr, Dv = 8, 4, 6
+    q, kn, kr, v = (randn(*shape, seed=i, requires_grad=name in grads) for i, (name, shape) in enumerate(
+        (("q", (B, S, HEADS, Dn + Dr)), ("k", (B, S, HEADS, Dn)), ("k", (B, S, Dr)), ("v", (B, S, HEADS, Dv)))))
+    dy = randn(B, S, HEADS, Dv, seed=5)
+    total, reference, by_op = on_both_paths(monkeypatch, lambda: lwtF.mla_attention(q, kn, kr, v, causal=True).backward(dy))
+    assert total == reference + score_recompute(HEADS, Dn + Dr)
+    assert "lwt.mla_bwd" in by_op
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
 def test_frozen_swiglu_flops_match_the_reference(monkeypatch, recompute):
     """Gate, up and down GEMMs forward; dh, dx (two) and dW_down backward, on both paths (the frozen

@@ -70,6 +70,16 @@ def test_no_weight_reaches_the_op_as_none(monkeypatch, backend):
                  torch.nn.functional.rms_norm(x, (48,), None, 1e-6))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eps_zero_is_accepted(monkeypatch, backend):
+    """eps is "a finite real number >= 0" (kernels/_checks.py): 0 is valid on both paths, as in
+    torch.nn.functional.rms_norm."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    x, w, _ = _inputs()
+    assert_close("y", F.rms_norm(x, w, 0.0), reference.rms_norm(x.double(), w.double(), 0.0),
+                 torch.nn.functional.rms_norm(x, (48,), w, 0.0))
+
+
 def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LWT_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -205,6 +205,12 @@ def _bad_cases():
         ("k_rope", "rope dim", (torch.randn(1, 2, 1, 32 + 200, device=DEVICE), torch.randn(1, 2, 1, 32, device=DEVICE),
                                 torch.randn(1, 2, 200, device=DEVICE), torch.randn(1, 2, 1, 8, device=DEVICE)), {}),
         ("v", "head dim", (q, kn, kr, v[..., :0]), {}),
+        # each head dim's upper bound, and Dn's lower one (Dn + Dr = dq holds, so only the bound can refuse)
+        ("k_nope", "head dim", (torch.randn(1, 2, 1, 300 + 16, device=DEVICE), torch.randn(1, 2, 1, 300, device=DEVICE),
+                                torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, 1, 8, device=DEVICE)), {}),
+        ("k_nope", "head dim", (q[..., :16], kn[..., :0], kr, v), {}),
+        ("v", "head dim", (q, kn, kr, torch.randn(2, 8, 4, 300, device=DEVICE)), {}),
+        ("q", "expected a last dim of Dn \\+ Dr", (torch.cat([q, q[..., :1]], dim=-1), kn, kr, v), {}),
         ("causal", "expected a bool", (q, kn, kr, v), {"causal": None}),
         ("softmax_scale", "real number > 0 that stays a normal fp32", (q, kn, kr, v), {"softmax_scale": float("inf")}),
     ]
@@ -249,6 +255,17 @@ def test_latent_bad_input_is_a_value_error_before_any_launch(monkeypatch, case, 
         assert_refused_before_launch(monkeypatch, entry, mla.latent_attention, lwtF.latent_attention,
                                      [(attn, "launch_fwd"), (reference, "latent_attention")], rf"^{name}: .*{message}",
                                      *args)
+
+
+def test_widest_latent_runs_the_kernel():
+    """R = MAX_HEAD_DIM (256) is the widest latent the kernel takes (the 300 above is refused): accepted by
+    the kernel entry, and its output matches the float64 reference."""
+    g = torch.Generator().manual_seed(6)
+    q, c, kr = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((1, 3, 2, 256 + 4), (1, 3, 256), (1, 3, 4)))
+    with torch.no_grad():
+        o = mla.latent_attention(q, c, kr, causal=True)
+    assert_close("o", o, reference.latent_attention(q.double(), c.double(), kr.double(), True),
+                 reference.latent_attention(q, c, kr, True), reduced_over=3)
 
 
 def test_mla_functional_dispatch(monkeypatch):

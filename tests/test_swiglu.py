@@ -155,6 +155,17 @@ def test_frozen_swiglu_matches_float64_reference(shape, F, dtype, recompute):
     _check(shape, F, dtype, recompute)
 
 
+def test_reference_is_silu_of_the_gate_times_the_up_projection():
+    """The reference the kernel is checked against, pinned to the formula written out with torch's own silu:
+    y = (silu(x W_gateᵀ) · x W_upᵀ) W_downᵀ (the gate, not the up projection, goes through the silu)."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    wg, wu, wd = _weights(16, 24, gen, torch.float64)
+    x, wg, wu, wd = x.to(DEVICE), wg.to(DEVICE), wu.to(DEVICE), wd.to(DEVICE)
+    expected = (torch.nn.functional.silu(x @ wg.t()) * (x @ wu.t())) @ wd.t()
+    torch.testing.assert_close(reference.frozen_swiglu(x, wg, wu, wd), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
 def test_frozen_weights_in_lower_precision(recompute):
     """fp16 frozen matrices beside fp32 activations: cast tile by tile in the kernel."""
@@ -463,6 +474,7 @@ def _bad_cases():
         ("w_up", "expected shape \\(24, 16\\)", (x, wg, wu[:20], wd), {}),
         ("w_down", "expected shape \\(16, 24\\)", (x, wg, wu, wd.t()), {}),
         ("w_down", "expected the dtype of x", (x, wg, wu, wd.half()), {}),
+        ("w_gate", "expected shape \\(F, 16\\) with F >= 1", (x, wg[:0], wu[:0], wd[:, :0]), {}),
         ("x", "expected dtype", (x.int(), wg, wu, wd), {}),
         ("w_gate", "expected 2 dims", (x, wg[None], wu, wd), {}),
         ("w_down", "expected a tensor on", (x, wg, wu, wd.to("meta")), {}),
