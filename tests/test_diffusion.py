@@ -249,6 +249,15 @@ def test_evaluate_nelbo_bad_batches():
         D.evaluate_nelbo(model, model.head_weight(), [], model.mask_id, seed=0)
 
 
+def test_evaluate_nelbo_of_a_diverged_model_reports_a_finite_bound():
+    """A NELBO past exp's float range (~709 nats: a diverged model, confidently wrong): the nelbo itself,
+    and a ppl_bound capped at exp(700), not an OverflowError out of the evaluation."""
+    head = torch.tensor([[0.0], [1.0]])  # (V=2, D=1): token 1's logit is the hidden state
+    tokens = torch.zeros(4, 8, dtype=torch.int64)  # every target is token 0, whose logit stays 0
+    got = D.evaluate_nelbo(lambda noisy: torch.full((*noisy.shape, 1), 1e4), head, [tokens], mask_id=2, seed=0)
+    assert got["nelbo"] > 1000 and got["ppl_bound"] == math.exp(700.0) and got["tokens"] == 32
+
+
 # ---------------------------------------------------------------------------------------------------
 # The sampler
 # ---------------------------------------------------------------------------------------------------
@@ -301,6 +310,13 @@ def test_sampler_unmasks_equal_shares(monkeypatch, length, steps, prompt_len, ex
     D.sample(model, 2, length, steps, prompt=prompt)
     assert seen == [[n, n] for n in expected]
     assert model.training, "the sampler restores the training mode"
+
+
+def test_sampler_restores_eval_mode():
+    """The sampler switches to eval() and back to the mode it found: an eval model stays in eval."""
+    model = tiny_model().eval()
+    D.sample(model, 1, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert not model.training
 
 
 def test_sampler_greedy_follows_the_head():
@@ -379,6 +395,27 @@ def test_sampler_tiny_temperature_is_greedy():
     out = D.sample(FixedLogits([0.3, 0.9, -0.5, 0.899]), 50, 1, 1, temperature=1e-300,
                    generator=torch.Generator().manual_seed(0))
     assert (out == 1).all()
+
+
+def test_confidence_is_the_probability_of_the_drawn_token(monkeypatch):
+    """order="confidence" ranks positions by the log-probability of the token drawn there (LLaDA's
+    low-confidence remasking), not by the position's most probable token. Position 0 is 0.9 / 0.1 and,
+    with u = 0.95, draws the 0.1 token; position 1 is uniform over 4 tokens and draws one of p = 0.25:
+    position 1 is the surer draw and is kept first, although position 0's best token is the likelier."""
+    _fixed_uniforms(monkeypatch, 0.95)
+    logits = torch.full((2, 8), -1e4)
+    logits[0, :2] = torch.tensor([0.9, 0.1]).log()
+    logits[1, :4] = 0.0
+    seen = []
+
+    class TwoRows(FixedLogits):
+        def forward(self, tokens):
+            seen.append(tokens.clone())
+            return logits.expand(tokens.shape[0], 2, 8)
+
+    out = D.sample(TwoRows(logits[0]), 1, 2, 2, order="confidence")
+    assert seen[1].tolist() == [[8, 3]], "position 1 (its draw has p = 0.25, position 0's 0.1) kept first"
+    assert out.tolist() == [[1, 3]]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

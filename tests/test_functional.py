@@ -149,6 +149,30 @@ def test_latent_wider_than_the_kernel_runs_the_reference_whatever_the_backend(mo
     torch.testing.assert_close(F.latent_attention(q, c, kr), reference.latent_attention(q, c, kr))
 
 
+def test_latent_of_the_kernels_widest_size_takes_the_kernel_path(monkeypatch):
+    """A latent of exactly 256 has a kernel: LWT_BACKEND=triton takes it (here, with the interpreter
+    said to be off, the documented RuntimeError), while 257 runs the reference."""
+    import kernels._common as common
+
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    g = torch.Generator().manual_seed(2)
+    for R in (256, 257):
+        q, c, kr = (torch.randn(*shape, generator=g) for shape in ((1, 3, 2, R + 4), (1, 3, R), (1, 3, 4)))
+        if R == 256:
+            with pytest.raises(RuntimeError, match="LWT_BACKEND=triton needs CUDA tensors"):
+                F.latent_attention(q, c, kr)
+        else:
+            torch.testing.assert_close(F.latent_attention(q, c, kr), reference.latent_attention(q, c, kr))
+
+
+def test_backend_names_ignore_case_and_surrounding_spaces(monkeypatch):
+    monkeypatch.setenv("LWT_BACKEND", " Reference ")
+    calls = _spy(monkeypatch, reference, "rms_norm")
+    F.rms_norm(torch.randn(2, 8), torch.ones(8))
+    assert calls == ["rms_norm"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Parity of the two paths: what a caller sees besides the numbers
 # ---------------------------------------------------------------------------------------------------

@@ -101,6 +101,19 @@ def test_rope_matches_complex_rotation(offset):
         assert_close("rope", got, want, want.float())
 
 
+@pytest.mark.parametrize("offset", [0, 5000])
+def test_rope_offset_on_the_float64_and_transform_paths(offset):
+    """The rotations that do not read the cached table (float64 inputs; inside a torch.func transform,
+    as under torch.compile) start at `offset` too."""
+    gen = torch.Generator().manual_seed(0)
+    rope = RotaryEmbedding(32, theta=500000.0)
+    x = torch.randn(2, 9, 4, 32, generator=gen)
+    want = _rope_complex(x, offset, 500000.0)
+    torch.testing.assert_close(rope.rotate(x.double(), offset=offset), want, rtol=1e-12, atol=1e-12)
+    got = torch.func.vmap(lambda xi: rope.rotate(xi, offset=offset))(x[None])[0]
+    assert_close("rope under vmap", got, want, want.float())
+
+
 def test_rope_scores_depend_on_relative_position_only():
     gen = torch.Generator().manual_seed(1)
     rope = RotaryEmbedding(16).to(DEVICE)
@@ -307,6 +320,50 @@ def test_mla_layer_matches_float64(monkeypatch, q_rank, causal):
         assert_close(name, a, e, r, reduced_over=2 * 13 * 3)
 
 
+def _rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+
+def _mla_by_hand(layer, x, causal, theta=10000.0):
+    """MLAAttention spelled out in float64 from its parameters (DeepSeek-V2 §2.1): q from a plain W_q or
+    W_uq · RMSNorm(W_dq x); c = RMSNorm(W_dkv x); [k_nope, v] = W_ukv c; RoPE (the complex-number form) on
+    q's rope part per head and on the one shared rope key W_kr x; the reference MLA core; W_o."""
+    p = {n: w.detach().double() for n, w in layer.named_parameters()}
+    B, S, _ = x.shape
+    H, dn, dr, dv, r = layer.n_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, layer.kv_rank
+    if layer.q_rank:
+        q = _rms(x @ p["q_down.weight"].T, p["q_norm.weight"]) @ p["q_up.weight"].T
+    else:
+        q = x @ p["q_proj.weight"].T
+    q = q.reshape(B, S, H, dn + dr)
+    down = x @ p["kv_down.weight"].T
+    c = _rms(down[..., :r], p["kv_norm.weight"])
+    k_rope = _rope_complex(down[..., None, r:], 0, theta)[:, :, 0]  # (B, S, dr): one per token
+    kv = (c @ p["kv_up.weight"].T).reshape(B, S, H, dn + dv)
+    q = torch.cat([q[..., :dn], _rope_complex(q[..., dn:], 0, theta)], dim=-1)
+    o = reference.mla_attention(q, kv[..., :dn], k_rope, kv[..., dn:], causal)
+    return o.reshape(B, S, H * dv) @ p["out.weight"].T
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("q_rank", [0, 24], ids=["plain-Wq", "q-latent"])
+def test_mla_layer_matches_hand_written_float64(monkeypatch, q_rank, causal):
+    """The layer (float64, reference path, training and absorbed forms) against the computation written
+    out from its parameters: test_mla_layer_matches_float64 compares the module with itself in another
+    dtype, which a mistake in the module (a missing RoPE or norm) passes."""
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    layer = _mla_layer(q_rank, causal).double()
+    with torch.no_grad():  # latent norm scales away from 1
+        for name, w in layer.named_parameters():
+            if "_norm." in name:
+                w.uniform_(0.5, 1.5)
+    x = torch.randn(2, 13, 48, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    want = _mla_by_hand(layer, x, causal)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer(x, absorb=True), want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_mla_absorbed_inference_matches_training_path(monkeypatch, backend, causal):
@@ -458,6 +515,67 @@ def test_frozen_swiglu_frozen_dtype_follows_device_moves():
     assert pinned.w_gate.is_meta and pinned.w_gate.dtype == torch.float16 and pinned.w_down.dtype == torch.float32
     pinned.to_empty(device="cpu")
     assert pinned.w_up.device.type == "cpu" and pinned.w_up.dtype == torch.float16
+
+
+def test_frozen_swiglu_draws_gate_then_up_from_its_seed():
+    """The documented draw: W_gate, then W_up, N(0, 1/d_model) from one CPU generator seeded with `seed`
+    (a checkpoint's frozen_checksum pins these values; a change would refuse every saved checkpoint)."""
+    from lwt.layers import FrozenSwiGLU
+
+    gen = torch.Generator().manual_seed(9)
+    gate, up = (torch.randn(24, 16, generator=gen) * 16 ** -0.5 for _ in range(2))
+    mlp = FrozenSwiGLU(16, 24, seed=9)
+    assert torch.equal(mlp.w_gate, gate) and torch.equal(mlp.w_up, up)
+
+
+def test_frozen_swiglu_state_dicts_cross_the_fp8_boundary():
+    """A full-precision layer's state_dict loads into an FP8 one quantised per output channel (the FP8
+    constructor's buffers, scales included), and an FP8 one with its scales into a full-precision layer
+    dequantised (W = w8 · scale): not a plain cast, which drops the scale."""
+    from lwt.layers import FrozenSwiGLU
+
+    fp8 = torch.float8_e4m3fn
+    full, quant = FrozenSwiGLU(16, 24, seed=4), FrozenSwiGLU(16, 24, seed=4, frozen_dtype=fp8)
+    into_fp8 = FrozenSwiGLU(16, 24, seed=5, frozen_dtype=fp8)
+    into_fp8.load_state_dict(full.state_dict())
+    into_full = FrozenSwiGLU(16, 24, seed=5)
+    into_full.load_state_dict(quant.state_dict())
+    for name in ("w_gate", "w_up"):
+        assert torch.equal(getattr(into_fp8, name).view(torch.uint8), getattr(quant, name).view(torch.uint8))
+        assert torch.equal(getattr(into_fp8, f"{name}_scale"), getattr(quant, f"{name}_scale"))
+        want = getattr(quant, name).float() * getattr(quant, f"{name}_scale")[:, None]
+        assert torch.equal(getattr(into_full, name), want)
+        torch.testing.assert_close(getattr(into_full, name), getattr(full, name), rtol=0.07, atol=1e-3)
+
+
+def test_fp8_layer_on_the_reference_path_applies_each_scale_to_its_matrix(monkeypatch):
+    """An FP8 FrozenSwiGLU on the CPU (the reference path): W_gate and W_up each dequantised with its own
+    per-channel scale, x quantised per token, written out by hand (test_swiglu's FP8 checks need a GPU)."""
+    from lwt.layers import FrozenSwiGLU
+
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    layer = FrozenSwiGLU(16, 24, seed=6, frozen_dtype=torch.float8_e4m3fn)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(6))
+    x8, sx = reference.quantize_rows_fp8(x)
+    xq = x8.float() * sx[:, None]
+    wg = layer.w_gate.float() * layer.w_gate_scale[:, None]
+    wu = layer.w_up.float() * layer.w_up_scale[:, None]
+    want = (torch.nn.functional.silu(xq @ wg.T) * (xq @ wu.T)) @ layer.w_down.detach().T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_frozen_swiglu_forwards_recompute(monkeypatch):
+    """recompute (constructor, DecoderBlock) reaches the op: the Triton path's memory policy."""
+    from lwt.layers import DecoderBlock, FrozenSwiGLU
+
+    seen, real = [], F.frozen_swiglu
+    monkeypatch.setattr(F, "frozen_swiglu", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    x = torch.randn(1, 3, 32)
+    for recompute in (False, True):
+        FrozenSwiGLU(32, 48, 0, recompute=recompute)(x)
+        DecoderBlock(32, 4, 48, recompute=recompute)(x)
+    assert seen == [False, False, True, True]
 
 
 def _model_config(**overrides):
@@ -646,13 +764,25 @@ def test_star_import_exports_only_the_layers():
 
 def test_reference_ops_ignore_an_enclosing_autocast():
     """The references compute as the kernels do, which autocast never reaches: an enclosing torch.autocast
-    must not round their fp32 matmuls (the attention scores, the gate/up GEMM) to 16 bits."""
+    must not round their fp32 matmuls (the attention and MLA scores, the gate/up GEMM, the cross
+    entropy's logits) to 16 bits."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (3 * torch.randn(1, 64, 2, 32, generator=g).bfloat16() for _ in range(3))
     x, wg, wu, wd = (torch.randn(*shape, generator=g) for shape in ((8, 16), (32, 16), (32, 16), (16, 32)))
-    plain = F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd)
+    # fp32 inputs to the MLA cores and the cross entropy: autocast would run their matmuls in bf16
+    mq, kn, kr, mv = (3 * torch.randn(*s, generator=g)
+                      for s in ((1, 16, 2, 24), (1, 16, 2, 16), (1, 16, 8), (1, 16, 2, 8)))
+    lq, c = 3 * torch.randn(1, 16, 2, 40, generator=g), torch.randn(1, 16, 32, generator=g)
+    h, w = torch.randn(12, 16, generator=g), torch.randn(10, 16, generator=g)
+    t = torch.randint(0, 10, (12,), generator=g)
+
+    def ops():
+        return (F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd), F.mla_attention(mq, kn, kr, mv),
+                F.latent_attention(lq, c, kr), F.linear_cross_entropy(h, w, t))
+
+    plain = ops()
     with torch.autocast("cpu", torch.bfloat16):
-        auto = F.attention(q, k, v), F.frozen_swiglu(x, wg, wu, wd)
+        auto = ops()
     for a, b in zip(auto, plain):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 

@@ -129,6 +129,17 @@ def test_model_shapes_and_mask_row():
     assert hidden.shape == (2, 16, D) and hidden.dtype == torch.float32
 
 
+def test_every_norm_takes_norm_eps():
+    """model.norm_eps is the eps of every RMSNorm (config.py): the blocks' two, MLA's latent norms and
+    the final norm before the head."""
+    from lwt.layers import RMSNorm
+
+    for attn_type in ("gqa", "mla"):
+        model = LWTModel(tiny_config(attn_type=attn_type, mla_rq=8, norm_eps=1e-3))
+        norms = {name: m.eps for name, m in model.named_modules() if isinstance(m, RMSNorm)}
+        assert "norm" in norms and set(norms.values()) == {1e-3}, norms
+
+
 def test_head_gradient_never_reaches_the_mask_row():
     """Through the head alone (hidden states not from the embedding) every real row gets a gradient and
     the [MASK] row none: its logit does not exist."""
