@@ -263,3 +263,45 @@ def test_mla_defaults_follow_the_head_dim():
     # Explicit MLA dims do not need d_model to divide into heads.
     explicit = ["attn_type=mla", "d_model=100", "n_heads=3", "mla_nope_dim=32", "mla_rope_dim=16", "mla_v_dim=32"]
     assert load_config(None, explicit).model.d_model == 100
+
+
+@pytest.mark.parametrize("sections, message", [
+    pytest.param({"train": {"joint_lr": 0}}, r"train\.joint_lr: expected a number > 0, or null for train\.lr, got 0\.0",
+                 id="joint-lr-zero"),
+    pytest.param({"objective": {"eval_batches": 0}}, r"objective\.eval_batches: expected an int >= 1, got 0",
+                 id="eval-batches"),
+    pytest.param({"model": {"norm_eps": 0}}, r"model\.norm_eps: expected a number > 0, got 0\.0", id="norm-eps"),
+    pytest.param({"model": {"n_kv_heads": 0}}, r"model\.n_kv_heads: expected an int >= 1, or null", id="kv-heads-zero"),
+    pytest.param({"train": {"cache_draws": 0}}, r"train\.cache_draws: expected an int >= 1, got 0", id="cache-draws"),
+    pytest.param({"train": {"cache_sequences": 0}}, r"train\.cache_sequences: expected an int >= 1, got 0",
+                 id="cache-sequences"),
+    pytest.param({"data": {"batch_size": 0}}, r"data\.batch_size: expected an int >= 1, got 0", id="batch-size"),
+    pytest.param({"train": {"cache_dir": ""}}, r"train\.cache_dir: expected a directory path", id="cache-dir-empty"),
+])
+def test_bad_values_at_the_boundary_name_the_key(sections, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(sections)
+
+
+def test_values_at_the_boundaries_are_accepted():
+    """The closed ends of every documented range: 0 for the ratios, betas, warmup, clip and decay; a 256-wide
+    head (the attention kernels' limit) and MLA's 256/128/256 per-head sizes."""
+    cfg = load_config(None, ["min_lr_ratio=0", "beta1=0", "beta2=0", "warmup_steps=0", "grad_clip=0",
+                             "weight_decay=0", "joint_steps=0", "ckpt_every=0"])
+    assert (cfg.train.min_lr_ratio, cfg.train.beta1, cfg.train.beta2, cfg.train.warmup_steps) == (0, 0, 0, 0)
+    assert load_config(None, ["min_lr_ratio=1", "mask_fraction_min=1", "mask_fraction_max=1"]).train.min_lr_ratio == 1
+    assert load_config(None, ["d_model=512", "n_heads=2", "n_kv_heads=1"]).model.d_model == 512  # head dim 256
+    mla = load_config(None, ["attn_type=mla", "mla_nope_dim=256", "mla_rope_dim=128", "mla_v_dim=256"]).model
+    assert (mla.mla_nope_dim, mla.mla_rope_dim, mla.mla_v_dim) == (256, 128, 256)
+
+
+def test_the_dataclass_defaults_are_config_yaml():
+    """Without --config every key takes its dataclass default: the shipped config.yaml's values (which
+    spell them out), but for its 2 K/V heads."""
+    assert load_config(None, ["n_kv_heads=2"]) == load_config(ROOT / "config.yaml")
+
+
+def test_overrides_may_be_one_string_and_values_are_stripped():
+    assert load_config(None, "train.max_steps=7").train.max_steps == 7
+    cfg = load_config(None, ["train.out_dir = runs/x ", "attn_type= mla"])
+    assert (cfg.train.out_dir, cfg.model.attn_type) == ("runs/x", "mla")

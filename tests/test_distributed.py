@@ -275,6 +275,26 @@ def test_fsdp2_leaves_frozen_buffers_unsharded_and_state_dict_round_trips():
     _spawn(_fsdp_worker)
 
 
+def _collectives_worker(rank: int, world: int, port: int) -> None:
+    _run_worker(rank, world, port, _collectives_body)
+
+
+def _collectives_body(rank: int, world: int) -> None:
+    from lwt.train_layerwise import Dist
+
+    os.environ["WORLD_SIZE"], os.environ["RANK"] = str(world), str(rank)
+    env = Dist("cpu")  # (the process group is up: Dist uses it)
+    assert (env.world, env.rank, env.main) == (world, rank, rank == 0)
+    assert env.all_mean(float(rank + 1)) == 1.5  # the logged loss and the NELBO check: a mean, not a sum
+    assert env.any(rank == 1) and not env.any(False)
+    assert env.gather(10 * rank) == [0, 10]
+
+
+@needs_gloo
+def test_the_trainers_collectives_average_agree_and_gather_in_rank_order():
+    _spawn(_collectives_worker)
+
+
 # -- one process ------------------------------------------------------------------------------------------
 
 
