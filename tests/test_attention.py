@@ -235,6 +235,33 @@ def test_cotangent_layouts():
             assert_close(name, a, e, r, reduced_over=19 * 2)
 
 
+@pytest.mark.parametrize("layout", ["mixed", "strided-head-dim"])
+def test_k_and_v_in_different_layouts_and_a_strided_head_dim(layout):
+    """'mixed': q, k and v each in a layout of its own, so that k's and v's strides differ (each pass must
+    read v through v's strides, not k's); 'strided-head-dim': q, k, v and dO with a non-unit stride along
+    D, which the README allows (copied to unit stride first)."""
+    gen = torch.Generator().manual_seed(21)
+    B, S, H, Hkv, D = 2, 19, 4, 2, 32
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    if layout == "mixed":
+        q, k, v = randn(B, S, H, D), randn(B, Hkv, S, D).transpose(1, 2), randn(B, S, Hkv, 3 * D)[..., D:2 * D]
+        do = randn(B, S, H, D)
+    else:
+        q, k, v = (randn(B, S, D, h).transpose(2, 3) for h in (H, Hkv, Hkv))
+        do = randn(B, S, D, H).transpose(2, 3)
+    assert k.stride() != v.stride() or q.stride(-1) != 1
+    (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal=True), [q, k, v], [do])
+    (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
+                        [do.double()])
+    (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
+    assert_close("o", o, o64, o_ref, reduced_over=S)
+    for name, a, e, r in zip(["dq", "dk", "dv"], g, g64, g_ref):
+        assert_close(name, a, e, r, reduced_over=S * H // Hkv)
+
+
 @pytest.mark.parametrize("shape", [(0, 5, 2, 1, 16), (2, 0, 2, 2, 16), (1, 4, 0, 1, 16)],
                          ids=["B0", "S0", "H0"])
 def test_empty_inputs(shape):

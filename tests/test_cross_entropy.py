@@ -556,3 +556,33 @@ def test_fp16_grad_scale(scales, alpha):
     up to a power of two; 1 from 1 up (no row written smaller or larger than eager's dZ); above 2^15 just
     what keeps dZ / α finite; 1 without a finite, nonzero c_n."""
     assert ce._fp16_grad_scale(torch.tensor(scales, dtype=torch.float32)) == alpha
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed"])
+@pytest.mark.parametrize("accum_dtype", [torch.float32, None], ids=["fp32-accum", "weight-dtype-accum"])
+def test_fp16_hidden_layouts_over_many_chunks(monkeypatch, accum_dtype, layout):
+    """fp16 hidden with every row kept (so it reaches the kernels as the caller's view), in 5-row chunks
+    and a shorter last one: 'sliced', a slice of a wider buffer (row stride 40 > D 24), which the fp32 dW
+    sum's Triton GEMM reads through its row stride; 'transposed', a non-unit stride along D, copied to
+    rows first. accum_dtype=None sums the chunks in the weight's dtype: no fp32 buffer."""
+    V, D, N = 100, 24, 23
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 5 * 112 * 2)  # 5 rows of V 100, padded to 112
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)
+    sums, accumulate = [], ce._accumulate_dw
+    monkeypatch.setattr(ce, "_accumulate_dw", lambda dw, *a, **k: (sums.append(dw.dtype), accumulate(dw, *a, **k)))
+    hidden, weight, target, _ = _inputs(N, D, V, torch.float16, "plain", seed=8)
+    if layout == "sliced":
+        h = torch.zeros(N, 40, dtype=torch.float16, device=DEVICE)
+        h[:, 8:8 + D] = hidden
+        h = h[:, 8:8 + D]
+    else:
+        h = hidden.t().contiguous().t()
+    assert h.stride() == ((40, 1) if layout == "sliced" else (1, N))
+    g = torch.tensor(0.75, device=DEVICE)
+    _, gs = _run(ce.linear_cross_entropy, h, weight, target, None, "sum", g, accum_dtype=accum_dtype)
+    _, gs64 = _run(reference.linear_cross_entropy, hidden.double(), weight.double(), target, None, "sum", g.double())
+    _, gs_ref = _run(reference.linear_cross_entropy, hidden, weight, target, None, "sum", g)
+    for name, got, g64, g_ref, k in zip(["d_hidden", "d_weight"], gs, gs64, gs_ref, [V, N]):
+        assert got.dtype == torch.float16
+        assert_close(name, got, g64, g_ref, reduced_over=k)
+    assert len(sums) == 5 and set(sums) == {torch.float32 if accum_dtype else torch.float16}

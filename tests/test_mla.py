@@ -363,3 +363,28 @@ def test_offsets_past_int32_within_a_batch_entry_name_the_argument():
         mla.mla_attention(q, wide, k_rope, wide)  # one tensor as k_nope and v (Dn == Dv): not latent_attention's c
     with torch.no_grad(), pytest.raises(ValueError, match=r"^c: one batch entry spans 2147483664 elements"):
         mla.latent_attention(q, wide[:, :, 0], k_rope)
+
+
+
+def test_mla_cotangent_and_head_dim_layouts():
+    """dO arriving transposed (a (B, H, S, Dv) buffer: strides unlike o's), with a non-unit stride along
+    Dv, and expanded (stride 0, from a broadcast); then q, k_nope, k_rope, v each with a non-unit stride
+    along its last dim (the README: any strides, a non-unit one along the last dim costs a copy)."""
+    gen = torch.Generator().manual_seed(9)
+    B, S, H, dn, dr, dv = 1, 19, 2, 32, 16, 24
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    contiguous = _make(B, S, H, dn, dr, dv, torch.float32, "contiguous", gen)
+    strided = (randn(B, S, dn + dr, H).transpose(2, 3), randn(B, S, dn, H).transpose(2, 3),
+               randn(B, dr, S).transpose(1, 2), randn(B, S, dv, H).transpose(2, 3))
+    cases = [(contiguous, randn(B, H, S, dv).transpose(1, 2)), (contiguous, randn(B, S, dv, H).transpose(2, 3)),
+             (contiguous, randn(dv).expand(B, S, H, dv)), (strided, randn(B, S, H, dv))]
+    for inputs, do in cases:
+        (o,), g = grads(lambda *a: mla.mla_attention(*a, causal=True), inputs, [do])
+        (o64,), g64 = grads(lambda *a: reference.mla_attention(*a, True), [t.double() for t in inputs], [do.double()])
+        (o_ref,), g_ref = grads(lambda *a: reference.mla_attention(*a, True), inputs, [do])
+        assert_close("o", o, o64, o_ref, reduced_over=S)
+        for name, a, e, r, n in zip(["dq", "dk_nope", "dk_rope", "dv"], g, g64, g_ref, [S, S, S * H, S]):
+            assert_close(name, a, e, r, reduced_over=n)

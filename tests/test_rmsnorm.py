@@ -229,9 +229,10 @@ def test_no_backward_to_come_skips_autograd(monkeypatch, residual):
 @pytest.mark.parametrize("leaf", ["weight", "residual"])
 def test_backward_to_come_for_weight_or_residual_alone(leaf):
     """x not requiring grad while the weight (or the residual) does: the autograd path, whose gradient
-    for that input matches the float64 reference."""
+    for that input matches the float64 reference. The returned s = x + residual is then differentiable
+    (through the residual): a gradient reaching s too reaches the residual."""
     gen = torch.Generator().manual_seed(7)
-    x, r, dy = (torch.randn(6, 40, generator=gen).to(DEVICE) for _ in range(3))
+    x, r, dy, ds = (torch.randn(6, 40, generator=gen).to(DEVICE) for _ in range(4))
     w = torch.randn(40, generator=gen).to(DEVICE)
 
     def only(op, cast=lambda t: t):  # op with `leaf` as its one argument; x and the other input constants
@@ -241,9 +242,11 @@ def test_backward_to_come_for_weight_or_residual_alone(leaf):
         return fn
 
     t = {"weight": w, "residual": r}[leaf]
-    _, (got,) = _grads(only(rmsnorm_kernels.rms_norm), [t], [dy, None])
-    _, (want,) = _grads(only(reference.rms_norm, torch.Tensor.double), [t.double()], [dy.double(), None])
-    _, (same,) = _grads(only(reference.rms_norm), [t], [dy, None])
+    ds = ds if leaf == "residual" else None  # (s does not depend on the weight)
+    _, (got,) = _grads(only(rmsnorm_kernels.rms_norm), [t], [dy, ds])
+    _, (want,) = _grads(only(reference.rms_norm, torch.Tensor.double), [t.double()],
+                        [dy.double(), None if ds is None else ds.double()])
+    _, (same,) = _grads(only(reference.rms_norm), [t], [dy, ds])
     assert_close(f"d {leaf}", got, want, same, reduced_over=6 if leaf == "weight" else 1)
 
 
@@ -357,3 +360,39 @@ def test_residual_and_x_gradients_never_alias_through_pass_through_ops(through):
         out += [a.grad.clone(), r.grad.clone()]
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["backward", "no-grad"])
+def test_each_operand_read_through_its_own_strides(grad):
+    """x, residual, dy and the gradient reaching s each with a row stride of its own, and a weight that
+    is a strided view (stride 2): each is read through its own layout (the weight made contiguous first)."""
+    gen = torch.Generator().manual_seed(7)
+    M, N = 13, 40
+    x = torch.randn(M, N, generator=gen).to(DEVICE)
+    r = (torch.randn(M, N + 9, generator=gen) * 2).to(DEVICE)[:, 3:3 + N]
+    w = (torch.randn(2 * N, generator=gen) + 1.0).to(DEVICE)[::2]
+    dy = torch.randn(M, N + 3, generator=gen).to(DEVICE)[:, :N]
+    ds = torch.randn(M, 2 * N, generator=gen).to(DEVICE)[:, N:]
+    assert len({t.stride(0) for t in (x, r, dy, ds)}) == 4 and w.stride(0) == 2
+    if grad:
+        _compare(0.1, [x, w, r], [dy, ds])
+        return
+    # without a backward to come (the launcher alone), also a residual with a non-unit stride along N
+    for res in (r, torch.randn(N, M, generator=gen).to(DEVICE).t()):
+        with torch.no_grad():
+            y, s = rmsnorm_kernels.rms_norm(x, w, 0.1, res)
+            y64, s64 = reference.rms_norm(x.double(), w.double(), 0.1, res.double())
+            y_ref, s_ref = reference.rms_norm(x, w, 0.1, res)
+        assert_close("y", y, y64, y_ref)
+        assert_close("s", s, s64, s_ref)
+
+
+@pytest.mark.parametrize("n,max_block_n,tile", [
+    (8192, rmsnorm_kernels.BWD_MAX_BLOCK_N, rmsnorm_kernels.BWD_TILE_ELEMENTS),
+    (16384, rmsnorm_kernels.FWD_MAX_BLOCK_N, rmsnorm_kernels.FWD_TILE_ELEMENTS)], ids=["backward", "forward"])
+def test_rows_as_wide_as_the_register_limit_are_read_once(n, max_block_n, tile):
+    """Docstring, Limits: rows of up to 16384 elements (forward) / 8192 (backward) are held in registers and
+    read once: N at the limit takes the single-pass tile, one more element the chunked path."""
+    from kernels._common import row_tile
+    assert row_tile(n, max_block_n, tile)[1:] == (max_block_n, True)
+    assert row_tile(n + 1, max_block_n, tile)[1:] == (max_block_n, False)

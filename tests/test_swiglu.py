@@ -601,3 +601,39 @@ def test_fp8_scale_of_an_underflowing_max():
         assert scale[1].item() == 1 and not t8[1].float().any(), (scale, t8)
     b8, bscale = reference.quantize_blocks_fp8(t, 2)
     assert bscale[1].tolist() == [1.0, 1.0] and not b8[1].float().any()
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-gate-up"])
+def test_backward_launcher_returns_the_weights_dtype_over_several_groups(monkeypatch, saved):
+    """swiglu_bwd (the op a compiled graph calls, whose fake gives w_down's dtype) sums several dW_down
+    groups in fp32 and returns dW_down in w_down's dtype, dx in dy's: autograd would cast a stray fp32
+    gradient silently, a traced graph would not."""
+    monkeypatch.setattr(swiglu, "CHUNK_ELEMENTS", 2 * 40)  # chunks of 2 tokens, groups of 8: 3 groups
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(19, 24, generator=gen).to(DEVICE, torch.float16)
+    wg, wu, wd = _weights(24, 40, gen, torch.float16)
+    dy = torch.randn(19, 24, generator=gen).to(DEVICE, torch.float16)
+    _, g, u = swiglu.swiglu_fwd(x, wg, wu, wd, True)
+    args = (None, g, u) if saved else (x, None, None)
+    dx, dw = swiglu.swiglu_bwd(dy, args[0], wg, wu, wd, args[1], args[2])
+    assert (dx.dtype, dx.shape, dw.dtype, dw.shape) == (torch.float16, (19, 24), torch.float16, (24, 40))
+    h = torch.nn.functional.silu(x.double() @ wg.double().t()) * (x.double() @ wu.double().t())
+    assert_close("dW_down", dw, dy.double().t() @ h, (dy.float().t() @ h.float()).half(), reduced_over=19)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-gate-up", "recompute"])
+@pytest.mark.parametrize("wanted", ["x", "w_down"])
+def test_backward_asks_only_for_the_wanted_gradient(monkeypatch, recompute, wanted):
+    """Only x or only w_down requiring grad: the backward launcher is asked for that gradient alone (the
+    dx pass, two GEMMs of T·D·F each, is skipped for a frozen prefix's input; dW_down for a frozen w_down)."""
+    calls = []
+    real = swiglu.swiglu_bwd
+    monkeypatch.setattr(swiglu, "swiglu_bwd", lambda *a, **k: calls.append((k["need_dx"], k["need_dw_down"])) or
+                        real(*a, **k))
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(5, 32, generator=gen).to(DEVICE)
+    wg, wu, wd = _weights(32, 40, gen, torch.float32)
+    leaf = (x if wanted == "x" else wd).requires_grad_()
+    swiglu.frozen_swiglu(x, wg, wu, wd, recompute).sum().backward()
+    assert calls == [(wanted == "x", wanted == "w_down")]
+    assert leaf.grad is not None
