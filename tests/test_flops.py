@@ -121,7 +121,8 @@ def test_mla_op_flops_with_some_gradients_match_the_reference(monkeypatch, grads
     q, kn, kr, v = (randn(*shape, seed=i, requires_grad=name in grads) for i, (name, shape) in enumerate(
         (("q", (B, S, HEADS, Dn + Dr)), ("k", (B, S, HEADS, Dn)), ("k", (B, S, Dr)), ("v", (B, S, HEADS, Dv)))))
     dy = randn(B, S, HEADS, Dv, seed=5)
-    total, reference, by_op = on_both_paths(monkeypatch, lambda: lwtF.mla_attention(q, kn, kr, v, causal=True).backward(dy))
+    total, reference, by_op = on_both_paths(
+        monkeypatch, lambda: lwtF.mla_attention(q, kn, kr, v, causal=True).backward(dy))
     assert total == reference + score_recompute(HEADS, Dn + Dr)
     assert "lwt.mla_bwd" in by_op
 
