@@ -70,28 +70,33 @@ def _cancelling_terms(q, k, v, do, sm_scale):
             "dk": dp * q.double().abs().max().item() * sm_scale * group}
 
 
-def _check(shape, dtype, causal, layout="contiguous", seed=0):
-    B, S, H, Hkv, D, scale = shape
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = _make(B, S, H, Hkv, D, dtype, layout, gen)
-    do = torch.randn(B, S, H, D, generator=gen).to(DEVICE, dtype)
-
-    def kernel(q, k, v):
-        return attn.attention(q, k, v, causal=causal, softmax_scale=scale)
+def _compare(q, k, v, do, causal, scale=None):
+    """The kernel's output and gradients for these inputs and cotangent, in whatever layout, against the
+    float64 reference, with the reference in the inputs' dtype as the yardstick."""
+    S, H, D, Hkv = q.shape[1], q.shape[2], q.shape[3], k.shape[2]
 
     def ref(q, k, v, upcast=True):
         return reference.attention_with_lse(q, k, v, causal, scale, upcast)[0]
 
-    (o,), g = grads(kernel, [q, k, v], [do])
+    (o,), g = grads(lambda *a: attn.attention(*a, causal=causal, softmax_scale=scale), [q, k, v], [do])
     (o64,), g64 = grads(ref, [q.double(), k.double(), v.double()], [do.double()])
     (o_ref,), g_ref = grads(lambda *a: ref(*a, upcast=False), [q, k, v], [do])
     sm_scale = D ** -0.5 if scale is None else scale
     # Each element of o and dq is an fp32 sum over keys, of dk and dv over the queries of the group.
     assert_close("o", o, o64, o_ref, reduced_over=S)
     for name, a, e, r, n in zip(["dq", "dk", "dv"], g, g64, g_ref, [S, S * H // Hkv, S * H // Hkv]):
-        assert a.dtype == dtype and a.shape == e.shape
+        assert a.dtype == q.dtype and a.shape == e.shape
         terms = _cancelling_terms(q, k, v, do, sm_scale).get(name) if S == 1 else None
         assert_close(name, a, e, r, reduced_over=n, scale=terms)
+
+
+def _check(shape, dtype, causal, layout="contiguous", seed=0):
+    B, S, H, Hkv, D, scale = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _make(B, S, H, Hkv, D, dtype, layout, gen)
+    do = torch.randn(B, S, H, D, generator=gen).to(DEVICE, dtype)
+    _compare(q, k, v, do, causal, scale)
+    sm_scale = D ** -0.5 if scale is None else scale
 
     # The saved log-sum-exp, through the launcher (the public op returns o only).
     with torch.no_grad():
@@ -227,12 +232,7 @@ def test_cotangent_layouts():
     q, k, v = _make(1, 19, 2, 1, 32, torch.float32, "contiguous", gen)
     for do in (torch.randn(32, generator=gen).to(DEVICE).expand(1, 19, 2, 32),
                torch.randn(1, 2, 19, 32, generator=gen).to(DEVICE).transpose(1, 2)):
-        (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, True), [q, k, v], [do])
-        (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
-                            [do.double()])
-        (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
-        for name, a, e, r in zip(["dq", "dk", "dv"], g, g64, g_ref):
-            assert_close(name, a, e, r, reduced_over=19 * 2)
+        _compare(q, k, v, do, True)
 
 
 @pytest.mark.parametrize("layout", ["mixed", "strided-head-dim"])
@@ -253,13 +253,7 @@ def test_k_and_v_in_different_layouts_and_a_strided_head_dim(layout):
         q, k, v = (randn(B, S, D, h).transpose(2, 3) for h in (H, Hkv, Hkv))
         do = randn(B, S, D, H).transpose(2, 3)
     assert k.stride() != v.stride() or q.stride(-1) != 1
-    (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal=True), [q, k, v], [do])
-    (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
-                        [do.double()])
-    (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
-    assert_close("o", o, o64, o_ref, reduced_over=S)
-    for name, a, e, r in zip(["dq", "dk", "dv"], g, g64, g_ref):
-        assert_close(name, a, e, r, reduced_over=S * H // Hkv)
+    _compare(q, k, v, do, True)
 
 
 @pytest.mark.parametrize("shape", [(0, 5, 2, 1, 16), (2, 0, 2, 2, 16), (1, 4, 0, 1, 16)],
@@ -286,12 +280,7 @@ def test_padded_head_dim_reads_only_d():
         return buf[..., :D].copy_(torch.randn(*shape, generator=gen))
 
     q, k, v, do = (padded(B, S, H, D) for _ in range(4))
-    (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal=True), [q, k, v], [do])
-    (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, True), [q.double(), k.double(), v.double()],
-                        [do.double()])
-    (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, True), [q, k, v], [do])
-    for name, a, e, r in zip(["o", "dq", "dk", "dv"], [o, *g], [o64, *g64], [o_ref, *g_ref]):
-        assert_close(name, a, e, r, reduced_over=S * H)
+    _compare(q, k, v, do, True)
 
 
 def test_rows_past_the_sequence_are_never_read():
@@ -308,12 +297,7 @@ def test_rows_past_the_sequence_are_never_read():
 
     q, k, v, do = padded(H), padded(Hkv), padded(Hkv), padded(H)
     for causal in (False, True):
-        (o,), g = grads(lambda a, b, c: attn.attention(a, b, c, causal), [q, k, v], [do])
-        (o64,), g64 = grads(lambda a, b, c: reference.attention(a, b, c, causal),
-                            [q.double(), k.double(), v.double()], [do.double()])
-        (o_ref,), g_ref = grads(lambda a, b, c: reference.attention(a, b, c, causal), [q, k, v], [do])
-        for name, a, e, r in zip(["o", "dq", "dk", "dv"], [o, *g], [o64, *g64], [o_ref, *g_ref]):
-            assert_close(name, a, e, r, reduced_over=S * H)
+        _compare(q, k, v, do, causal)
 
 
 def test_fp32_inputs_take_ieee_dots_in_every_pass(monkeypatch):

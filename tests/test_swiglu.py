@@ -58,6 +58,16 @@ def _check(shape, F, dtype, recompute, frozen_dtype=None, seed=0):
         (wg, sg), (wu, su) = reference.quantize_rows_fp8(wg), reference.quantize_rows_fp8(wu)
         scales = dict(w_gate_scale=sg, w_up_scale=su)
     dy = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    _compare(x, wg, wu, wd, dy, recompute, scales)
+
+
+def _compare(x, wg, wu, wd, dy, recompute, scales=None):
+    """The kernel's y, dx and dW_down for these operands, in whatever layout, against the float64 reference,
+    with the reference in x's dtype as the yardstick (scales: FP8 weights' w_gate_scale and w_up_scale,
+    see _check)."""
+    scales = scales or {}
+    fp8 = bool(scales)
+    D, F = x.shape[-1], wg.shape[0]
 
     def kernel(x, wd):
         return swiglu.frozen_swiglu(x, wg, wu, wd, recompute, **scales)
@@ -76,7 +86,7 @@ def _check(shape, F, dtype, recompute, frozen_dtype=None, seed=0):
     tokens = x.numel() // D
     assert_close("y", y, y64, y_ref, reduced_over=F)
     if fp8:
-        _assert_fp8_dx(dx, dx64, dx_ref, x, wg, sg, wu, su, wd, dy)
+        _assert_fp8_dx(dx, dx64, dx_ref, x, wg, scales["w_gate_scale"], wu, scales["w_up_scale"], wd, dy)
         _assert_dx_from_fp8_operands(dx.reshape(-1, D), operands)
     else:
         assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
@@ -309,15 +319,7 @@ def test_columns_past_the_model_dim_are_never_read(recompute):
     wd = (torch.randn(D, F, generator=gen) * F ** -0.5).to(DEVICE)
     dy = torch.randn(T, D, generator=gen).to(DEVICE)
 
-    def ref(x, wd):
-        return reference.frozen_swiglu(x, wg.to(x.dtype), wu.to(x.dtype), wd)
-
-    (y,), (dx, dwd) = grads(lambda x, wd: swiglu.frozen_swiglu(x, wg, wu, wd, recompute), [x, wd], [dy])
-    (y64,), (dx64, dwd64) = grads(ref, [x.double(), wd.double()], [dy.double()])
-    (y_ref,), (dx_ref, dwd_ref) = grads(ref, [x, wd], [dy])
-    assert_close("y", y, y64, y_ref, reduced_over=F)
-    assert_close("dx", dx, dx64, dx_ref, reduced_over=2 * F)
-    assert_close("dw_down", dwd, dwd64, dwd_ref, reduced_over=T)
+    _compare(x, wg, wu, wd, dy, recompute)
 
 
 @pytest.mark.parametrize("frozen_dtype", [torch.float32, torch.float16], ids=["fp32-frozen", "fp16-frozen"])
