@@ -221,7 +221,7 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
 @torch.no_grad()
 def sample(model, num_samples: int, length: int, steps: int, *, order: str = "random",
            prompt: torch.Tensor | None = None, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, n_blocks: int | None = None) -> torch.Tensor:
     """Iterative unmasking (MDLM/LLaDA reverse process): start from all [MASK] (after the prompt) and, over
     `steps` steps, fill in ceil(remaining / steps_left) positions of every sequence per step.
 
@@ -249,6 +249,8 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
         temperature: >= 0; 0 is greedy (argmax, confidence = its log-probability).
         generator: torch.Generator for the token and order draws (None: the global RNG), on the CPU or
             the model's device.
+        n_blocks: run the model's first n_blocks blocks only (model(x, n_blocks=...), as a layer-wise
+            stage's validation does); None: model(x), every block.
     Returns:
         (num_samples, length) int64 on the model's device, every id in [0, vocab_size).
     """
@@ -286,7 +288,8 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
             k = -(-remaining // (steps - step))  # ceil: equal shares; the last step unmasks the rest
             masked = x == mask_id  # (N, L)
             where = masked.nonzero(as_tuple=True)  # found once (one host sync), row-major: sequence by sequence
-            rows = model(x)[where].float()  # (N · remaining, D)
+            hidden = model(x) if n_blocks is None else model(x, n_blocks=n_blocks)  # (N, L, D)
+            rows = hidden[where].float()  # (N · remaining, D)
             logits = (rows @ head_t).double()  # (N · remaining, V)
             if not bool(torch.isfinite(logits).all()):
                 raise ValueError(f"model: expected finite logits, got NaN or inf at step {step} (diverged weights?)")

@@ -8,6 +8,11 @@ SwiGLU matrices are not stored: they are regenerated from model.frozen_seed and 
 checksum. Text models (data.source "text") are byte-level: the prompt is encoded as UTF-8 bytes and the
 samples decoded with errors="replace"; for other sources the prompt is whitespace-separated token ids and
 the samples are printed as ids.
+
+A run's resume state (checkpoint.pt, written mid-run) also holds the phase it stopped in. Written during
+stage k, it samples through blocks 0..k only (blocks 0..k-1 when stage k had not taken a step yet), as
+that stage's validation does: the later blocks are not trained yet (lwt.train_layerwise), and a note on
+stderr says so.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from .config import config_from_dict
 from .data import TokenData
 from .diffusion import ORDERS, sample
 from .model import LWTModel
-from .train_layerwise import read_checkpoint
+from .train_layerwise import phase_label, phases, read_checkpoint
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTModel, str]:
@@ -35,11 +40,19 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
         device: where the model goes, "cpu" by default.
     Returns:
         (model, source): the LWTModel in eval mode, and the config's data.source ("dummy", "text" or "tokens").
+        The model holds every block; of a resume state written mid-run, trained_depth says how many are
+        trained.
     Raises:
         FileNotFoundError: no file at path.
         ValueError: an unreadable or malformed checkpoint, an invalid config, weights that do not fit it, or
             a frozen-matrix checksum mismatch.
     """
+    model, source, _ = _load(path, device)
+    return model, source
+
+
+def _load(path: str, device) -> tuple[LWTModel, str, dict]:
+    """load_checkpoint's work; also returns the checkpoint's dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
     ckpt = read_checkpoint(path)
@@ -63,7 +76,42 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
                          f"{ckpt['frozen_checksum']} (a different seed, dtype or random generator)")
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
-    return model.eval(), source
+    return model.eval(), source, ckpt
+
+
+def trained_depth(ckpt: dict, path: str) -> tuple[int | None, str | None]:
+    """How many blocks of a checkpoint's model to sample through, and a note saying why when not all.
+
+    Args:
+        ckpt: a loaded checkpoint (load_checkpoint's checks passed). path: its file, for messages.
+    Returns:
+        (None, None) for a model trained through every block: final.pt and end_to_end.pt (which hold no
+        phase), or a resume state written in or after the joint phase. For a resume state written during
+        stage k after s of its steps: (k + 1, note), or (k, note) when s is 0 (block k untrained),
+        the blocks that stage's validation runs; (None, None) when that is every block.
+    Raises:
+        ValueError: a resume state whose phase or step is not an int >= 0 (a damaged checkpoint).
+    """
+    if "phase" not in ckpt:
+        return None, None
+    index, step = ckpt["phase"], ckpt.get("step")
+    for name, value in (("phase", index), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"checkpoint {path!r}: expected {name!r} to be an int >= 0, got {value!r}")
+    cfg = config_from_dict(ckpt["config"])
+    order = phases(cfg, bool(ckpt.get("end_to_end", False)))
+    if index >= len(order) or order[index][0] != "stage":
+        return None, None
+    _, k, steps = order[index]
+    depth = k + 1 if step > 0 else k
+    if depth == cfg.model.n_layers:
+        return None, None
+    if depth == 0:
+        return 0, (f"{path} was written before stage 0's first step: no block is trained yet; sampling from "
+                   f"the embedding and the head alone")
+    return depth, (f"{path} was written during {phase_label('stage', k)} (step {step} of {steps}): sampling "
+                   f"through blocks 0..{depth - 1}, as that stage's validation does; blocks {depth}.."
+                   f"{cfg.model.n_layers - 1} are not trained yet")
 
 
 def tokenizer(source: str, vocab_size: int) -> TokenData:
@@ -127,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed: expected an int in [0, 2**64) (a torch.Generator seed), got {args.seed}")
     device = _device(parser, args.device)
     try:
-        model, source = load_checkpoint(args.checkpoint, device)
+        model, source, ckpt = _load(args.checkpoint, device)
+        depth, note = trained_depth(ckpt, args.checkpoint)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         tok = tokenizer(source, model.vocab_size)
         prompt = tok.encode(args.prompt) if args.prompt else None
         generator = torch.Generator().manual_seed(args.seed)
         out = sample(model, args.num_samples, args.length, args.steps, order=args.order, prompt=prompt,
-                     temperature=args.temperature, generator=generator)
+                     temperature=args.temperature, generator=generator, n_blocks=depth)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     for i, ids in enumerate(out.tolist()):

@@ -552,6 +552,65 @@ def test_generate_unreadable_checkpoints_are_value_errors(tmp_path, capsys):
         assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
+def _resume_state(phase, step, n_layers=3, joint_steps=2, end_to_end=False):
+    """The fields of a trainer's checkpoint.pt that trained_depth reads (max_steps 5 per stage)."""
+    cfg = Config(model=tiny_model(vocab_size=256, n_layers=n_layers).cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=5, joint_steps=joint_steps))
+    return {"config": dataclasses.asdict(cfg), "phase": phase, "step": step, "end_to_end": end_to_end}
+
+
+@pytest.mark.parametrize("phase,step,kwargs,depth", [
+    (0, 3, {}, 1), (0, 5, {}, 1), (1, 0, {}, 1), (1, 2, {}, 2), (2, 0, {}, 2),  # stages: the blocks trained so far
+    (0, 0, {}, 0),                                                           # nothing trained yet
+    (2, 1, {}, None), (3, 1, {}, None), (4, 0, {}, None),           # the last stage, joint, finished: every block
+    (3, 0, {"joint_steps": 0, "end_to_end": True}, None),           # end-to-end (no joint phase)
+    (1, 3, {"n_layers": 2}, None)])
+def test_generate_depth_of_a_resume_state(phase, step, kwargs, depth):
+    """A checkpoint.pt written during stage k samples through the blocks trained so far, as that stage's
+    validation does; a note says which and why. Joint, end-to-end and finished runs use every block."""
+    got, note = generate.trained_depth(_resume_state(phase, step, **kwargs), "ck.pt")
+    assert got == depth
+    if depth is None:
+        assert note is None
+    elif depth == 0:
+        assert "no block is trained yet" in note
+    else:
+        assert note.startswith(f"ck.pt was written during stage {phase} (step {step} of 5): sampling through "
+                               f"blocks 0..{depth - 1}") and f"blocks {depth}..2 are not trained yet" in note
+    assert generate.trained_depth({"config": {}, "model": {}, "frozen_checksum": ""}, "final.pt") == (None, None)
+
+
+@pytest.mark.parametrize("field,value", [("phase", -1), ("phase", "1"), ("step", None), ("step", True)])
+def test_generate_depth_of_a_damaged_resume_state(field, value):
+    state = {**_resume_state(1, 2), field: value}
+    with pytest.raises(ValueError, match=rf"^checkpoint 'ck.pt': expected '{field}' to be an int >= 0, got"):
+        generate.trained_depth(state, "ck.pt")
+
+
+def test_generate_samples_a_mid_stage_checkpoint_through_its_trained_blocks(tmp_path, monkeypatch, capsys):
+    """generate.main passes the depth to the sampler, which runs model(x, n_blocks=depth)."""
+    model = tiny_model(vocab_size=256, seed=4, n_layers=3)
+    path = tmp_path / "checkpoint.pt"
+    state = _resume_state(1, 2)
+    state["config"]["model"] = dataclasses.asdict(model.cfg)
+    torch.save({**state, "model": model.trainable_state_dict(), "frozen_checksum": model.frozen_checksum()}, path)
+    depths, forward = [], LWTModel.forward
+
+    def recording_forward(self, tokens, n_blocks=None):
+        depths.append(n_blocks)
+        return forward(self, tokens, n_blocks)
+
+    monkeypatch.setattr(LWTModel, "forward", recording_forward)
+    argv = ["--checkpoint", str(path), "--length", "6", "--steps", "2", "--device", "cpu", "--seed", "3"]
+    assert generate.main(argv) == 0
+    captured = capsys.readouterr()
+    assert depths == [2, 2] and "note: " in captured.err and "blocks 0..1, as that stage's validation" in captured.err
+    monkeypatch.setattr(LWTModel, "forward", forward)
+    loaded, _ = generate.load_checkpoint(str(path))
+    want = D.sample(loaded, 1, 6, 2, generator=torch.Generator().manual_seed(3), n_blocks=2)
+    assert captured.out.splitlines()[1] == bytes(want[0].tolist()).decode("utf-8", errors="replace")
+
+
 @pytest.mark.parametrize("device,message", [("bogus", "expected auto, cpu, cuda or cuda:N, got 'bogus'"),
                                             ("meta", "expected auto, cpu, cuda or cuda:N, got 'meta'"),
                                             ("cuda:99", "'cuda:99' asked for, but this machine has")])

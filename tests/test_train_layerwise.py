@@ -366,6 +366,24 @@ def test_missing_cache_is_rebuilt_on_resume(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_generate_from_a_mid_stage_checkpoint_runs_the_trained_blocks(tmp_path, capsys):
+    """lwt.generate on a run's checkpoint.pt written inside stage 1 of 3 samples through blocks 0 and 1, the
+    model stage 1 evaluates: its hidden states are the truncated model's, and a note says so."""
+    from lwt import generate
+
+    _run(tmp_path, "--set", "model.n_layers=3", "--stop_after", "8", name="part")  # stage 1, step 2 of 6
+    path = str(tmp_path / "part" / "checkpoint.pt")
+    capsys.readouterr()
+    model, _, ckpt = generate._load(path, "cpu")
+    assert generate.trained_depth(ckpt, path)[0] == 2
+    tokens = torch.randint(0, model.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(model(tokens, n_blocks=2), model(tokens))  # block 2 (untrained) changes them
+    assert generate.main(["--checkpoint", path, "--length", "8", "--steps", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {path} was written during stage 1 (step 2 of 6): sampling through blocks 0..1" in err
+
+
 def _digest_from_scratch(model, k):
     """A cache's weights digest the plain way: the embedding's and blocks 0..k's parameters, hashed now."""
     state = hashlib.sha256()
