@@ -160,14 +160,20 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     return device
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation failure: CUDA's OutOfMemoryError, or the RuntimeError of
+    torch's CPU allocator. (A process the OS kills for memory gets no exception to catch.)"""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring): load the checkpoint, sample, print each sample.
 
     Args:
         argv: the arguments, without the program name; None: sys.argv[1:].
     Returns:
-        0. A bad flag, a missing or invalid checkpoint, or a prompt or setting that sampling refuses exits
-        with status 2 (SystemExit) and a message.
+        0. A bad flag, a missing or invalid checkpoint, a prompt or setting that sampling refuses, or
+        samples too large to allocate exit with status 2 (SystemExit) and a message.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -186,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                      temperature=args.temperature, generator=generator, n_blocks=depth)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.exit(2, f"{parser.prog}: error: --length {args.length} x --num_samples {args.num_samples}: sampling needs "
+                       f"more memory than {device} has ({first}); ask for fewer or shorter samples (on the CPU the "
+                       f"reference attention holds num_samples x heads x length^2 scores)\n")
     for i, ids in enumerate(out.tolist()):
         print(f"=== sample {i} ===")
         print(tok.decode(ids))

@@ -611,6 +611,33 @@ def test_generate_samples_a_mid_stage_checkpoint_through_its_trained_blocks(tmp_
     assert captured.out.splitlines()[1] == bytes(want[0].tolist()).decode("utf-8", errors="replace")
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 57600000000 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 53.64 GiB.")])
+def test_generate_samples_too_large_for_memory_are_a_usage_error(tmp_path, monkeypatch, capsys, error):
+    """An allocation that fails while sampling (a --length whose reference attention scores do not fit)
+    exits 2 naming --length and --num_samples; any other RuntimeError passes through."""
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    argv = ["--checkpoint", str(path), "--length", "60000", "--num_samples", "3", "--device", "cpu"]
+
+    def failing_sample(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(generate, "sample", failing_sample)
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "error: --length 60000 x --num_samples 3: sampling needs more memory than cpu has" in err
+    assert str(error).splitlines()[0] in err and "ask for fewer or shorter samples" in err
+    error = RuntimeError("expected scalar type Float but found Half")
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        generate.main(argv)
+
+
 @pytest.mark.parametrize("device,message", [("bogus", "expected auto, cpu, cuda or cuda:N, got 'bogus'"),
                                             ("meta", "expected auto, cpu, cuda or cuda:N, got 'meta'"),
                                             ("cuda:99", "'cuda:99' asked for, but this machine has")])
