@@ -109,9 +109,10 @@ def trained_depth(ckpt: dict, path: str) -> tuple[int | None, str | None]:
     if depth == 0:
         return 0, (f"{path} was written before stage 0's first step: no block is trained yet; sampling from "
                    f"the embedding and the head alone")
-    return depth, (f"{path} was written during {phase_label('stage', k)} (step {step} of {steps}): sampling "
-                   f"through blocks 0..{depth - 1}, as that stage's validation does; blocks {depth}.."
-                   f"{cfg.model.n_layers - 1} are not trained yet")
+    when = (f"during {phase_label('stage', k)} (step {step} of {steps})" if step > 0
+            else f"at the end of {phase_label('stage', k - 1)}")
+    return depth, (f"{path} was written {when}: sampling through blocks 0..{depth - 1}, as that stage's "
+                   f"validation does; blocks {depth}..{cfg.model.n_layers - 1} are not trained yet")
 
 
 def tokenizer(source: str, vocab_size: int) -> TokenData:

@@ -575,8 +575,9 @@ def test_generate_depth_of_a_resume_state(phase, step, kwargs, depth):
     elif depth == 0:
         assert "no block is trained yet" in note
     else:
-        assert note.startswith(f"ck.pt was written during stage {phase} (step {step} of 5): sampling through "
-                               f"blocks 0..{depth - 1}") and f"blocks {depth}..2 are not trained yet" in note
+        when = f"during stage {phase} (step {step} of 5)" if step else f"at the end of stage {phase - 1}"
+        assert note.startswith(f"ck.pt was written {when}: sampling through blocks 0..{depth - 1}")
+        assert f"blocks {depth}..2 are not trained yet" in note
     assert generate.trained_depth({"config": {}, "model": {}, "frozen_checksum": ""}, "final.pt") == (None, None)
 
 
