@@ -43,7 +43,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
         The model holds every block; of a resume state written mid-run, trained_depth says how many are
         trained.
     Raises:
-        FileNotFoundError: no file at path.
+        FileNotFoundError: no file at path (nothing, or a directory).
         ValueError: an unreadable or malformed checkpoint, an invalid config, weights that do not fit it, or
             a frozen-matrix checksum mismatch.
     """
@@ -53,6 +53,9 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
 
 def _load(path: str, device) -> tuple[LWTModel, str, dict]:
     """load_checkpoint's work; also returns the checkpoint's dict."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint: {path!r} is a directory; pass a checkpoint file in it (final.pt, "
+                                f"end_to_end.pt or checkpoint.pt)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path!r}")
     ckpt = read_checkpoint(path)

@@ -227,3 +227,153 @@ def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
     assert len(sha()) == 12  # no "+dirty"
     (tmp_path / "code.py").write_text("x = 2\n")
     assert sha().endswith("+dirty")
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    """benchmarks/_harness as imported by the benches, with a fixed GPU name and commit for its tables."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    H = importlib.import_module("_harness")
+    monkeypatch.setattr(H, "gpu_name", lambda: "dry run")
+    monkeypatch.setattr(H, "git_sha", lambda: "abc")
+    return H
+
+
+def test_report_rows_metrics_and_ratios(harness, capsys):
+    """Report.add turns bytes or FLOPs and ms into GB/s or TFLOP/s; ms None adds no row; the table's
+    'lwt speedup' is the provider's ms over lwt's in the same case and mode; results_dir None saves nothing."""
+    report = harness.Report("op", "bfloat16")
+    assert report.add("c", "fwd", "lwt", 2.0, "GB/s", 4e9).value == pytest.approx(2000.0)  # 4 GB in 2 ms
+    assert report.add("c", "fwd+bwd", "lwt", 3.0, "TFLOP/s", 6e12).value == pytest.approx(2000.0)  # 6 PFLOP in 3 ms
+    report.add("c", "fwd", "eager", 4.0, "GB/s", 4e9)
+    report.add("c", "fwd+bwd", "eager", 1.5, "TFLOP/s", 6e12)
+    assert report.add("c", "fwd", "broken", None, "GB/s", 4e9) is None
+    assert [(r.mode, r.provider) for r in report.rows] == [("fwd", "lwt"), ("fwd+bwd", "lwt"), ("fwd", "eager"),
+                                                           ("fwd+bwd", "eager")]
+    assert report.ms("c", "fwd+bwd", "lwt") == 3.0 and report.ms("c", "fwd", "broken") is None
+    capsys.readouterr()
+    assert report.finish(["op: summary"]) == ["op: summary"]
+    out = capsys.readouterr().out
+    ratios = {tuple(line.split()[1:3]): line.split()[-1] for line in out.splitlines() if line.split()[:1] == ["c"]}
+    assert ratios == {("fwd", "lwt"): "1.00x", ("fwd+bwd", "lwt"): "1.00x", ("fwd", "eager"): "2.00x",
+                      ("fwd+bwd", "eager"): "0.50x"}, out
+    assert out.endswith("op: summary\n") and "appended" not in out
+
+
+def test_no_save_appends_nothing(dry_run, monkeypatch, tmp_path, capsys):
+    """--no-save: the bench prints its rows but writes no results file, even with --results-dir given."""
+    module = importlib.import_module("bench_swiglu")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    for name, value in TINY["bench_swiglu"].items():
+        monkeypatch.setattr(module, name, value)
+    assert len(module.main(["--quick", "--no-save", "--results-dir", str(tmp_path)])) == 2
+    assert list(tmp_path.iterdir()) == [] and "appended" not in capsys.readouterr().out
+
+
+def test_attempt_isolates_any_exception(harness, capsys):
+    """attempt() returns None and notes one line for any Exception a provider raises (a Triton compile
+    error is no RuntimeError; an AssertionError may have no message); report None: the line is printed."""
+    report = harness.Report("op", "bfloat16")
+    assert harness.attempt(report, "ok", lambda: 5) == 5
+
+    def raising(e):
+        def thunk():
+            raise e
+        return thunk
+
+    assert harness.attempt(report, "c lwt", raising(AssertionError())) is None
+    assert harness.attempt(report, "c eager", raising(KeyError("BLOCK_M"))) is None
+    assert report.notes == ["c lwt: not measured (AssertionError: )", "c eager: not measured (KeyError: 'BLOCK_M')"]
+    assert harness.attempt(None, "c torch", raising(ValueError("bad shape\nsecond line"))) is None
+    assert "  c torch: not measured (ValueError: bad shape)\n" in capsys.readouterr().out
+
+
+def test_time_and_memory_measures_the_asked_peak_of_timed_providers_only(harness, monkeypatch):
+    """transient=True measures peak_transient_mib, else peak_extra_mib; a provider whose timing failed
+    is not run again for its memory (it would fail again, or cost device time for nothing)."""
+    measured = []
+    monkeypatch.setattr(harness, "bench_ms", lambda step: step() or 1.0)
+    monkeypatch.setattr(harness, "peak_extra_mib", lambda step: measured.append("extra") or 10.0)
+    monkeypatch.setattr(harness, "peak_transient_mib", lambda step: measured.append("transient") or 20.0)
+    report, memory = harness.Report("op", "bfloat16"), {}
+    harness.time_and_memory(report, "c", "a", lambda: None, 1e12, memory)
+    harness.time_and_memory(report, "c", "b", lambda: None, 1e12, memory, transient=True)
+    assert memory == {("c", "a"): 10.0, ("c", "b"): 20.0} and measured == ["extra", "transient"]
+
+    def broken():
+        raise RuntimeError("CUDA out of memory")
+
+    harness.time_and_memory(report, "c", "broken", broken, 1e12, memory, transient=True)
+    assert measured == ["extra", "transient"] and ("c", "broken") not in memory and len(report.rows) == 2
+    assert report.notes == ["c fwd+bwd broken: not measured (RuntimeError: CUDA out of memory)"]
+
+
+def test_no_gpu_smoke_runs_its_check(harness, capsys):
+    """Without a GPU a bench's smoke check really runs: 'ok' after it passes, its error when it fails."""
+    ran = []
+    assert harness.no_gpu_smoke("bench_x", lambda: ran.append(1)) == 0 and ran == [1]
+    assert capsys.readouterr().out.endswith("through the Triton interpreter ... ok\n")
+
+    def mismatch():
+        raise AssertionError("Tensor-likes are not close!")
+
+    with pytest.raises(AssertionError, match="not close"):
+        harness.no_gpu_smoke("bench_x", mismatch)
+    assert not capsys.readouterr().out.endswith("ok\n")
+
+
+def test_run_all_runs_every_bench_and_reports_the_failures(harness, monkeypatch, tmp_path, capsys):
+    """run_all runs the benches in name order with its own options, a bench that raises or calls
+    sys.exit costs only its own summary, and the exit code is 1 when one failed."""
+    import types
+    run_all = importlib.import_module("run_all")
+    benches = {"bench_a": "import sys\ndef main(argv):\n    sys.exit(3)\n",
+               "bench_b": "def main(argv):\n    return [f'b: {argv}']\n",
+               "bench_c": "def main(argv):\n    raise RuntimeError('no kernel image')\n",
+               "bench_d": "def main(argv):\n    return ['d: ok']\n"}
+    for name, code in benches.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    paths = [str(tmp_path / f"{name}.py") for name in reversed(benches)]
+    monkeypatch.setattr(run_all, "glob", types.SimpleNamespace(glob=lambda pattern: list(paths)))
+    assert run_all.main(["--quick", "--no-save"]) == 1
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("=== bench")] == [f"=== {n} ===" for n in benches]
+    assert out.split("=== summary ===\n")[1].splitlines() == [
+        "b: ['--quick', '--no-save']", "d: ok",
+        "bench_a: FAILED (traceback above)", "bench_c: FAILED (traceback above)"]
+    paths[:] = [str(tmp_path / "bench_d.py")]
+    assert run_all.main([]) == 0
+
+
+@pytest.mark.parametrize("factor,verdict", [(2.0, "met"), (0.5, "NOT met")])
+def test_goal_lines_read_the_ratios_the_right_way_round(factor, verdict, dry_run, monkeypatch, tmp_path):
+    """The dry run times every provider at 1 ms, so every ratio is 1. Here the baselines (eager, Liger,
+    F.rms_norm, the copy, SDPA) take `factor` ms against lwt's 1 ms: at 2 lwt is twice as fast (every
+    goal met), at 0.5 twice as slow (none met)."""
+    H = importlib.import_module("_harness")
+    add = H.Report.add
+    baselines = ("eager", "Liger-Kernel", "F.rms_norm", "copy (ceiling)")
+
+    def scaled(self, case, mode, provider, ms, *rest):
+        return add(self, case, mode, provider, ms if ms is None or provider not in baselines else ms * factor, *rest)
+
+    monkeypatch.setattr(H.Report, "add", scaled)
+    for bench in ("bench_cross_entropy", "bench_rmsnorm"):
+        module = importlib.import_module(bench)
+        monkeypatch.setattr(module, "DEVICE", "cpu")
+        for name, value in TINY[bench].items():
+            monkeypatch.setattr(module, name, value)
+        goals = [line for line in module.main(["--quick", "--no-save"]) if "goal" in line]
+        assert len(goals) == 2, goals
+        if verdict == "met":  # Liger, when not installed, leaves the cross-entropy goal unjudged
+            assert all(line.endswith(("-> met", "-> Liger not measured")) for line in goals), goals
+        else:
+            assert all(line.endswith("-> NOT met") for line in goals), goals
+    attention = importlib.import_module("bench_attention")
+    report = H.Report("attention", "bfloat16")
+    for mode in ("fwd", "fwd+bwd"):
+        report.add("c", mode, "lwt", 1.0, "TFLOP/s", 1e9)
+        for provider in ("SDPA cuDNN", "SDPA flash (FA2)"):
+            report.add("c", mode, provider, factor, "TFLOP/s", 1e9)
+    lines = attention.summarize(report, ["c"]) + attention.summarize_mla(report, [("c", {"lwt": 1, "SDPA cuDNN": 2})])
+    assert all(line.endswith(f"-> {verdict}") for line in lines) and f"fwd {factor:.2f}x (goal 1.0)" in lines[0], lines

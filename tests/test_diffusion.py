@@ -226,6 +226,8 @@ def test_evaluate_nelbo_skips_empty_batches():
     want = D.evaluate_nelbo(model, model.head_weight(), [good], model.mask_id, seed=0)
     for empty in (torch.zeros(0, 6, dtype=torch.int64), torch.zeros(2, 0, dtype=torch.int64)):
         assert D.evaluate_nelbo(model, model.head_weight(), [good, empty], model.mask_id, seed=0) == want
+        # in front of the batch, too: it draws no t and no mask, so the next batch's masks are unchanged
+        assert D.evaluate_nelbo(model, model.head_weight(), [empty, good], model.mask_id, seed=0) == want
         with pytest.raises(ValueError, match=r"^batches: expected at least one non-empty batch"):
             D.evaluate_nelbo(model, model.head_weight(), [empty], model.mask_id, seed=0)
 
@@ -302,6 +304,7 @@ def test_sampler_unmasks_equal_shares(monkeypatch, length, steps, prompt_len, ex
     forward = model.forward
 
     def recording_forward(tokens, n_blocks=None):
+        assert not model.training, "the sampler runs the model in eval mode"
         seen.append((tokens == model.mask_id).sum(dim=1).tolist())
         return forward(tokens, n_blocks)
 
@@ -326,6 +329,29 @@ def test_sampler_greedy_follows_the_head():
     with torch.no_grad():
         hidden = model(torch.full((2, 6), model.mask_id))
         assert torch.equal(out, (hidden @ model.head_weight().t()).argmax(-1))
+
+
+def test_sampler_takes_an_int32_prompt():
+    """A prompt may be int32 (as documented), not only int64: the same samples as its int64 copy."""
+    model = tiny_model()
+    runs = [D.sample(model, 2, 6, 3, prompt=torch.tensor([3, 1], dtype=dtype),
+                     generator=torch.Generator().manual_seed(0)) for dtype in (torch.int32, torch.int64)]
+    assert torch.equal(runs[0], runs[1]) and (runs[0][:, :2] == torch.tensor([3, 1])).all()
+
+
+def test_sampler_n_blocks_zero_runs_no_block(monkeypatch):
+    """n_blocks=0 (generate on a checkpoint written before stage 0's first step) reaches the model as 0,
+    not as None (every block): 0 is falsy, but it is not "no limit"."""
+    model = tiny_model()
+    seen, forward = [], model.forward
+
+    def recording_forward(tokens, n_blocks=None):
+        seen.append(n_blocks)
+        return forward(tokens, n_blocks)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    D.sample(model, 1, 4, 2, generator=torch.Generator().manual_seed(0), n_blocks=0)
+    assert seen == [0, 0]
 
 
 class FixedLogits(torch.nn.Module):
@@ -416,6 +442,38 @@ def test_confidence_is_the_probability_of_the_drawn_token(monkeypatch):
     out = D.sample(TwoRows(logits[0]), 1, 2, 2, order="confidence")
     assert seen[1].tolist() == [[8, 3]], "position 1 (its draw has p = 0.25, position 0's 0.1) kept first"
     assert out.tolist() == [[1, 3]]
+
+
+def test_greedy_confidence_is_the_log_probability_not_the_logit(monkeypatch):
+    """temperature 0 with order="confidence" ranks positions by the log-probability of their argmax, not by
+    its raw logit. Position 0's logits are all 5 (best logit 5, probability 1/8); position 1's are 0 for
+    token 3 and -30 elsewhere (best logit 0, probability ~1): position 1 is the surer one and is kept first."""
+    logits = torch.full((2, 8), 5.0)
+    logits[1] = -30.0
+    logits[1, 3] = 0.0
+    seen = []
+
+    class TwoRows(FixedLogits):
+        def forward(self, tokens):
+            seen.append(tokens.clone())
+            return logits.expand(tokens.shape[0], 2, 8)
+
+    D.sample(TwoRows(logits[0]), 1, 2, 2, order="confidence", temperature=0.0)
+    assert seen[1].tolist() == [[8, 3]], "position 1 (probability ~1) kept first, not position 0 (logit 5)"
+
+
+def test_sampler_one_non_finite_logit_is_an_error():
+    """A head with one inf row (a diverged token) makes one logit of each row inf, the others finite:
+    still the clear error, not a draw from a NaN cumulative sum."""
+
+    class OneBadToken(FixedLogits):
+        def head_weight(self):
+            head = torch.eye(self.vocab_size)
+            head[1, 1] = math.inf
+            return head
+
+    with pytest.raises(ValueError, match=r"^model: expected finite logits, got NaN or inf at step 0"):
+        D.sample(OneBadToken([0.5, 0.5, 0.5]), 2, 3, 2, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -527,6 +585,72 @@ def test_generate_errors(tmp_path, capsys):
         generate.load_checkpoint(str(path))
 
 
+def test_generate_refuses_a_directory_and_a_checkpoint_without_its_checksum(tmp_path, capsys):
+    """A run's directory given as --checkpoint, and a dict lacking 'frozen_checksum': usage errors (exit 2)
+    naming the problem, not an IsADirectoryError or KeyError traceback."""
+    with pytest.raises(FileNotFoundError, match=r"is a directory; pass a checkpoint file in it \(final.pt, "):
+        generate.load_checkpoint(str(tmp_path))
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "partial.pt"
+    torch.save({"config": dataclasses.asdict(Config(model=model.cfg)), "model": model.trainable_state_dict()}, path)
+    with pytest.raises(ValueError, match=r"expected a dict with keys 'config', 'model' and 'frozen_checksum', "
+                                         r"got \['config', 'model'\]"):
+        generate.load_checkpoint(str(path))
+    for bad in (tmp_path, path):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--checkpoint", str(bad), "--device", "cpu"])
+        assert exit_info.value.code == 2
+
+
+def test_generate_loads_a_bf16_checkpoint_in_fp32_on_the_cpu(tmp_path):
+    """A checkpoint trained in bf16 (the CUDA default): the model is rebuilt in bf16, so the regenerated
+    frozen matrices match the stored checksum, then cast to fp32 for the CPU: the same weights, upcast."""
+    model = tiny_model(vocab_size=64, seed=4)
+    bf16 = LWTModel(model.cfg, dtype=torch.bfloat16)
+    bf16.load_trainable_state_dict({k: v.to(torch.bfloat16) for k, v in model.trainable_state_dict().items()})
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, bf16, source="dummy")
+    loaded, _ = generate.load_checkpoint(str(path))
+    state = loaded.trainable_state_dict()
+    assert all(v.dtype == torch.float32 for v in loaded.state_dict().values() if v.is_floating_point())
+    for key, value in bf16.trainable_state_dict().items():
+        assert torch.equal(state[key], value.float()), key
+
+
+def test_generate_passes_its_flags_to_the_sampler(tmp_path, monkeypatch, capsys):
+    """--num_samples, --length, --steps, --order and --temperature reach diffusion.sample as given."""
+    model = tiny_model(vocab_size=50, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model, source="dummy")
+    calls = []
+
+    def recording_sample(model, num_samples, length, steps, **kwargs):
+        calls.append((num_samples, length, steps, kwargs["order"], kwargs["temperature"]))
+        return D.sample(model, num_samples, length, steps, **kwargs)
+
+    monkeypatch.setattr(generate, "sample", recording_sample)
+    assert generate.main(["--checkpoint", str(path), "--num_samples", "2", "--length", "5", "--steps", "3",
+                          "--order", "confidence", "--temperature", "0", "--device", "cpu"]) == 0
+    assert calls == [(2, 5, 3, "confidence", 0.0)]
+    assert capsys.readouterr().out.count("=== sample") == 2
+
+
+@pytest.mark.parametrize("name,ok", [("cuda:0", True), ("cuda", True), ("cuda:1", False)])
+def test_generate_device_index_past_the_gpu_count(monkeypatch, capsys, name, ok):
+    """On a machine with one GPU, cuda:1 is a usage error; cuda and cuda:0 are that GPU (no CUDA needed:
+    the count is faked and no tensor is made)."""
+    with monkeypatch.context() as fake:  # undone before the fixtures' teardown, which asks torch.cuda too
+        fake.setattr(torch.cuda, "is_available", lambda: True)
+        fake.setattr(torch.cuda, "device_count", lambda: 1)
+        if ok:
+            assert generate._device(generate._parser(), name) == torch.device(name)
+            return
+        with pytest.raises(SystemExit) as exit_info:
+            generate._device(generate._parser(), name)
+    assert exit_info.value.code == 2
+    assert "'cuda:1' asked for, but this machine has 1 CUDA GPU(s)" in capsys.readouterr().err
+
+
 def test_generate_unreadable_checkpoints_are_value_errors(tmp_path, capsys):
     """A file that is not a torch checkpoint, one cut short, one holding code and one whose parts have
     the wrong types: each a ValueError naming the file, and a usage error (exit 2) from the command."""
@@ -615,6 +739,9 @@ def test_generate_samples_a_mid_stage_checkpoint_through_its_trained_blocks(tmp_
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                  "tried to allocate 57600000000 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 57600000000 bytes.\nException raised from alloc_cpu at alloc_cpu.cpp:127 (most recent "
+                 "call first):\nframe #0: c10::Error::Error"),  # TORCH_SHOW_CPP_STACKTRACES=1: its first line shown
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 53.64 GiB.")])
 def test_generate_samples_too_large_for_memory_are_a_usage_error(tmp_path, monkeypatch, capsys, error):
     """An allocation that fails while sampling (a --length whose reference attention scores do not fit)
