@@ -81,7 +81,18 @@ def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == 4 and state["step"] == 0  # after the last of the four phases (fused is an evaluation)
     assert set(state) == T._CHECKPOINT_KEYS  # what resume checks for is what save writes
-    assert not any(name.endswith(("w_gate", "w_up")) for name in state["model"])  # frozen: regenerated
+    for saved in (state, final, e2e):  # frozen: regenerated, never stored (the model files' keys are the checkpoint's)
+        assert saved["model"].keys() == state["model"].keys()
+        assert not any(name.endswith(("w_gate", "w_up")) for name in saved["model"])
+    # table.txt is the table printed, its last line the unigram entropy of the training split
+    table = (out / "table.txt").read_text()
+    assert table.startswith("      phase  val NELBO") and "\n" + table in text
+    cfg = T.load_config(None, T.parse_args(TINY).overrides)
+    unigram = T.build_data(cfg.data, cfg.model.vocab_size).unigram_entropy("train")
+    assert table.splitlines()[-1].startswith(f"unigram entropy of the training tokens: {unigram:.4f} nats/token")
+    rows = json.loads(state["history"])
+    assert [r["phase"] for r in rows] == ["stage 0", "stage 1", "fused", "joint", "end-to-end"]
+    assert all(r["ppl_bound"] == pytest.approx(math.exp(r["nelbo"])) for r in rows), rows
 
 
 def test_tokens_per_second_leaves_out_the_first_step(tmp_path, capsys, monkeypatch):
@@ -251,10 +262,11 @@ def test_nan_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_nan_validation_nelbo_stops_before_the_cache_write(tmp_path, monkeypatch):
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_nan_validation_nelbo_stops_before_the_cache_write(tmp_path, monkeypatch, value):
     evaluate = T.Trainer.evaluate
-    monkeypatch.setattr(T.Trainer, "evaluate", lambda self, n: {**evaluate(self, n), "nelbo": float("nan")})
-    with pytest.raises(T.TrainingDiverged, match=r"^stage 0: the validation NELBO after step 6 is nan: "):
+    monkeypatch.setattr(T.Trainer, "evaluate", lambda self, n: {**evaluate(self, n), "nelbo": float(value)})
+    with pytest.raises(T.TrainingDiverged, match=rf"^stage 0: the validation NELBO after step 6 is {value}: "):
         _run(tmp_path, name="nan")
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
 
@@ -615,6 +627,9 @@ def test_lr_schedule():
     # the cosine: from lr at the end of warmup, halfway (step 6 of the 8 after it) at the mean of lr and the
     # floor, and the floor lr · min_ratio at `total`
     assert lrs[2] == 1.0 and lrs[6] == pytest.approx(0.55) and T.lr_at(10, 10, 1.0, 2, 0.1) == pytest.approx(0.1)
+    # at another peak the whole curve scales with it, the floor included
+    assert [T.lr_at(s, 10, 2e-3, 2, 0.1) for s in (0, 6, 10)] == [pytest.approx(1e-3), pytest.approx(1.1e-3),
+                                                                  pytest.approx(2e-4)]
 
 
 def test_weight_decay_spares_norm_weights(tmp_path, monkeypatch):
@@ -1175,3 +1190,209 @@ def test_a_resumed_phase_counts_the_wall_time_before_the_stop(tmp_path, monkeypa
 def test_dummy_applies_before_the_set_overrides():
     assert T.parse_args(["--dummy", "True", "--set", "data.source=text"]).overrides == ["data.source=dummy",
                                                                                         "data.source=text"]
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, capsys):
+    """--resume of a run whose checkpoint is past its last phase trains nothing, says so and exits 0 with the
+    table (it indexed a phase past the last)."""
+    one = ("--set", "model.n_layers=1", "--set", "train.joint_steps=0", "--set", "train.max_steps=2")
+    assert _run(tmp_path, *one)[0] == 0
+    before = _weights(tmp_path / "run")
+    capsys.readouterr()
+    code, out = _run(tmp_path, *one, "--resume")
+    assert code == 0 and "this run has finished; nothing to resume" in capsys.readouterr().out
+    after = _weights(out)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_a_divergence_after_a_resume_names_the_checkpoint_resumed(tmp_path, monkeypatch):
+    """A run resumed at stage 1, step 2 that diverges before its next checkpoint: the error names what
+    checkpoint.pt holds (stage 1, step 2), not "before its first checkpoint"."""
+    _run(tmp_path, "--stop_after", "8")
+    _nan_loss_at(monkeypatch, 1)  # step 3, seen at the log step 4
+    with pytest.raises(T.TrainingDiverged, match=r"^stage 1, step 4: the training loss is nan: the run diverged and "
+                                                 r"stopped, saving nothing more \(.*checkpoint.pt holds stage 1, "
+                                                 r"step 2\)\. A --resume"):
+        _run(tmp_path, "--resume")
+
+
+def test_resume_refuses_a_change_in_any_section(tmp_path):
+    """Not only train.lr: a changed key of every section (but RESUME_MAY_CHANGE's) refuses the resume, by name."""
+    _run(tmp_path, "--stop_after", "2")
+    for key, value in [("model.frozen_seed", "1"), ("data.seq_len", "8"), ("objective.eval_seed", "7"),
+                       ("train.seed", "1")]:
+        with pytest.raises(ValueError, match=rf"the config differs from the checkpoint's \({re.escape(key)}: "):
+            _run(tmp_path, "--resume", "--set", f"{key}={value}")
+
+
+def test_the_tables_seconds_are_each_phases_own(tmp_path, monkeypatch):
+    """On a shifted clock (stage 0's steps 100 s each, block 0's cache write 1000 s): stage 0's "wall s" is
+    its two steps, its "cache s" the write; stage 1's wall time does not carry stage 0's over (its
+    checkpoint every step kept the phase's wall time so far), and the last stage writes no cache."""
+    shift, loss, write_cache = [0.0], T.Trainer.loss, T.Trainer.write_cache
+
+    def slow_stage0(self, *args):
+        if self.position[0] == 0:
+            shift[0] += 100.0
+        return loss(self, *args)
+
+    def slow_write(self, k):
+        shift[0] += 1000.0
+        return write_cache(self, k)
+
+    monkeypatch.setattr(T.Trainer, "loss", slow_stage0)
+    monkeypatch.setattr(T.Trainer, "write_cache", slow_write)
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
+    code, out = _run(tmp_path, "--set", "train.joint_steps=0", "--set", "train.max_steps=2",
+                     "--set", "train.ckpt_every=1")
+    assert code == 0
+    rows = json.loads(torch.load(out / "checkpoint.pt", weights_only=True)["history"])
+    assert [r["phase"] for r in rows] == ["stage 0", "stage 1"]
+    assert 200 <= rows[0]["wall_s"] < 250 and 1000 <= rows[0]["cache_s"] < 1050, rows[0]
+    assert rows[1]["wall_s"] < 50 and rows[1]["cache_s"] == 0.0, rows[1]
+
+
+def test_no_room_for_the_cache_stops_before_the_first_step(tmp_path, monkeypatch):
+    """A cache_dir without room for the stage's cache is refused before the stage trains, not after it."""
+    from lwt.cache import DiskSpaceError
+
+    steps, loss = [], T.Trainer.loss
+
+    def counting(self, *args):
+        steps.append(1)
+        return loss(self, *args)
+
+    def no_room(directory, nbytes):
+        raise DiskSpaceError(f"{directory}: no room for {nbytes} bytes")
+
+    monkeypatch.setattr(T.Trainer, "loss", counting)
+    monkeypatch.setattr(T, "check_disk_space", no_room)
+    with pytest.raises(DiskSpaceError, match="no room"):
+        _run(tmp_path)
+    assert steps == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_weights_made_nan_by_a_phases_last_update_are_named(tmp_path, monkeypatch):
+    """The last step's update makes a weight NaN (its loss, computed before it, was finite): the phase's end
+    check names the trained weights, before the evaluation runs."""
+    step, calls = torch.optim.AdamW.step, []
+
+    def poisoning_step(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(T.TrainingDiverged, match=r"^stage 0, step 6: the trained weights are no longer finite"):
+        _run(tmp_path)
+    assert not any("eval" in json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_an_infinite_loss_stops_the_run(tmp_path, monkeypatch):
+    """An inf training loss stops the run as a NaN does (here its gradients, hence the weights, stay finite)."""
+    loss = T.Trainer.loss
+    monkeypatch.setattr(T.Trainer, "loss", lambda self, *args: loss(self, *args) + float("inf"))
+    with pytest.raises(T.TrainingDiverged, match=r"^stage 0, step 2: the training loss is inf: "):
+        _run(tmp_path)
+
+
+def test_every_parameter_group_follows_the_schedule_to_min_lr_ratio(tmp_path, monkeypatch):
+    """With weight decay (two AdamW groups) both groups step at lr_at's rate, with train.min_lr_ratio's floor."""
+    lrs, step = [], torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append([g["lr"] for g in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    code, _ = _run(tmp_path, "--set", "train.weight_decay=0.1", "--set", "train.min_lr_ratio=0.5",
+                   "--set", "train.warmup_steps=1", "--set", "model.n_layers=1", "--set", "train.joint_steps=0",
+                   "--set", "train.max_steps=4")
+    assert code == 0
+    want = [T.lr_at(s, 4, 3e-3, 1, 0.5) for s in range(4)]
+    assert lrs == [[pytest.approx(w)] * 2 for w in want]
+    assert want[-1] == pytest.approx(0.625 * 3e-3)  # (with the default floor 0.1: 0.325 of the peak)
+
+
+def test_logged_tokens_and_rate_since_the_last_log(tmp_path, monkeypatch):
+    """metrics.jsonl: `tokens` counts the phase's tokens through the logged step, `tokens_per_s` the tokens
+    of the steps since the previous log over their time (100 s per step on a shifted clock)."""
+    loss, shift = T.Trainer.loss, [0.0]
+
+    def slow(self, *args):
+        shift[0] += 100.0
+        return loss(self, *args)
+
+    monkeypatch.setattr(T.Trainer, "loss", slow)
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
+    code, out = _run(tmp_path, "--set", "model.n_layers=1", "--set", "train.joint_steps=0")
+    assert code == 0
+    per_step = 4 * 16  # data.batch_size · data.seq_len, one rank
+    logged = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert [(r["step"], r["tokens"]) for r in logged] == [(s, s * per_step) for s in (2, 4, 6)]
+    assert all(r["tokens_per_s"] == pytest.approx(per_step / 100, rel=0.02) for r in logged), logged
+
+
+def test_a_resumed_phases_flops_and_rate_count_this_invocations_steps(tmp_path, monkeypatch):
+    """A phase resumed with one step left: its TFLOP/s are step_flops at that step's masked tokens (every
+    token masked: t = 1), and its tok/s, with no second step to time, the phase's tokens over its wall time."""
+    flops, step_flops = [], T.step_flops
+    monkeypatch.setattr(T, "step_flops", lambda *args: flops.append(step_flops(*args)) or flops[-1])
+    one = ("--set", "model.n_layers=1", "--set", "train.joint_steps=0", "--set", "train.max_steps=4",
+           "--set", "objective.mask_fraction_min=1", "--set", "objective.mask_fraction_max=1")
+    _run(tmp_path, *one, "--stop_after", "3")
+    assert _run(tmp_path, *one, "--resume")[0] == 0
+    (row,) = json.loads(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["history"])
+    per_batch, per_masked = flops[-1]
+    tokens = 4 * 16
+    assert row["tflops"] * 1e12 / row["tokens_per_s"] == pytest.approx((per_batch + per_masked * tokens) / tokens)
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["wall_s"])
+
+
+class _RankZeroOfTwo(_Rank):
+    """Rank 0 of a 2-rank run without a process group: the other rank's loss (and NELBO) is this one's + 1."""
+    main = True
+
+    def __init__(self):
+        super().__init__(0)
+
+    def all_mean(self, value):
+        return value + 0.5
+
+    def gather(self, obj):
+        return [obj, obj]
+
+    def barrier(self):
+        pass
+
+
+def test_a_ranks_log_and_table_count_every_rank(tmp_path, monkeypatch):
+    """Rank 0 of a 2-rank run (DDP left out): metrics.jsonl logs the ranks' mean loss and both ranks' tokens;
+    the table row's tokens and tok/s are both ranks', its TFLOP/s one rank's (step_flops at the masked
+    tokens: all of them, t = 1)."""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda core, **kwargs: core)
+    losses, loss, flops, step_flops = [], T.Trainer.loss, [], T.step_flops
+    monkeypatch.setattr(T.Trainer, "loss", lambda self, *args: losses.append(loss(self, *args)) or losses[-1])
+    monkeypatch.setattr(T, "step_flops", lambda *args: flops.append(step_flops(*args)) or flops[-1])
+    args = T.parse_args(TINY + ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "model.n_layers=1",
+                                "--set", "train.joint_steps=0", "--set", "train.max_steps=4",
+                                "--set", "objective.mask_fraction_min=1", "--set", "objective.mask_fraction_max=1"])
+    trainer = T.Trainer(T.load_config(args.config, args.overrides), args, _RankZeroOfTwo())
+    assert trainer.train_phase(0, 0)
+    logged = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    assert [r["loss"] for r in logged] == [pytest.approx(losses[s - 1].item() + 0.5) for s in (2, 4)]
+    per_step = 2 * 4 * 16  # ranks · data.batch_size · data.seq_len
+    assert [r["tokens"] for r in logged] == [2 * per_step, 4 * per_step]
+    (row,) = trainer.history
+    (per_batch, per_masked), tokens = flops[0], 4 * 16
+    assert row["tokens"] == 4 * per_step
+    assert row["tflops"] * 1e12 / (row["tokens_per_s"] / 2) == pytest.approx((per_batch + per_masked * tokens) / tokens)
+
+
+def test_stop_after_needs_a_step():
+    with pytest.raises(SystemExit):
+        T.parse_args(["--stop_after", "0"])
+    assert T.parse_args(["--stop_after", "1"]).stop_after == 1
