@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     H.parse_args(__doc__.splitlines()[0], argv)
     here = os.path.dirname(os.path.abspath(__file__))
     summaries, failed = [], []
-    for path in sorted(glob.glob(os.path.join(here, "bench_*.py"))):
+    for path in sorted(glob.glob(os.path.join(glob.escape(here), "bench_*.py"))):  # (a checkout path may hold [ ])
         name = os.path.splitext(os.path.basename(path))[0]
         print(f"\n=== {name} ===", flush=True)
         try:

@@ -713,7 +713,7 @@ class Trainer:
     def delete_cache(self, k: int) -> None:
         """Remove this rank's shard of block k's cache (and the directory once it is empty)."""
         directory = self._stage_dir(k)
-        for path in glob.glob(os.path.join(directory, f"rank{self.env.rank}.*")):
+        for path in glob.glob(os.path.join(glob.escape(directory), f"rank{self.env.rank}.*")):
             os.remove(path)
         try:
             os.rmdir(directory)

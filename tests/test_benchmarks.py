@@ -7,6 +7,7 @@ tiny shapes of CPU tensors: lwt's ops take their reference path, torch.compile i
 harness's timers call each step and report 1 ms (the numbers mean nothing; the plumbing is what is
 checked)."""
 import csv
+import glob
 import importlib
 import os
 
@@ -334,7 +335,7 @@ def test_run_all_runs_every_bench_and_reports_the_failures(harness, monkeypatch,
     for name, code in benches.items():
         (tmp_path / f"{name}.py").write_text(code)
     paths = [str(tmp_path / f"{name}.py") for name in reversed(benches)]
-    monkeypatch.setattr(run_all, "glob", types.SimpleNamespace(glob=lambda pattern: list(paths)))
+    monkeypatch.setattr(run_all, "glob", types.SimpleNamespace(glob=lambda pattern: list(paths), escape=glob.escape))
     assert run_all.main(["--quick", "--no-save"]) == 1
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith("=== bench")] == [f"=== {n} ===" for n in benches]

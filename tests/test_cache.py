@@ -1,9 +1,12 @@
 """The activation cache (lwt/cache.py): exact round trips, indexed and chunked reads, rank isolation, and
 every way a shard can be wrong (another config, damaged on disk, never finished) failing loudly."""
+import errno
+import hashlib
 import json
 import os
 import re
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -526,3 +529,223 @@ def test_open_cache_is_not_copied(tmp_path, how):
     with pytest.raises(TypeError, match="cannot be copied or pickled"):
         {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how](cache)
     cache.close()
+
+
+# ------------------------------------------------------------------ from a second mutation run over lwt/cache.py
+
+def test_leftovers_are_removed_from_a_directory_named_with_glob_characters(tmp_path):
+    """remove_partials escapes the directory for glob: a cache_dir such as runs/exp[1] (a character class to
+    glob) still has a killed writer's reserved files deleted, whose space the next writer counts as free."""
+    directory = tmp_path / "exp[1]" / "stage0"
+    CacheWriter(directory, 0, 2, S, D, torch.float32, {})  # never finished nor aborted: a killed process
+    assert len(_only_rank0_files(directory)) == 4
+    lwt.cache.remove_partials(directory, 0)
+    assert _only_rank0_files(directory) == []
+
+
+def test_disk_check_needs_the_margin_and_not_a_byte_more(tmp_path, monkeypatch):
+    """Exactly nbytes + DISK_MARGIN_BYTES free is enough; one byte less is a DiskSpaceError."""
+    free = 5 << 30
+    monkeypatch.setattr(lwt.cache.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free))
+    check_disk_space(tmp_path, free - DISK_MARGIN_BYTES)
+    with pytest.raises(lwt.cache.DiskSpaceError, match=rf"needs {free + 1} bytes"):
+        check_disk_space(tmp_path, free - DISK_MARGIN_BYTES + 1)
+
+
+@pytest.mark.parametrize("name, value", [("rank", -1), ("seq_len", 0), ("d_model", 0), ("entries", True),
+                                         ("rank", np.bool_(False)), ("d_model", float(D))])
+def test_writer_refuses_each_bad_size(tmp_path, name, value):
+    """rank >= 0 and entries, seq_len, d_model >= 1, each an int (a bool or a float is not one), checked
+    before anything is written."""
+    sizes = {"rank": 0, "entries": 4, "seq_len": S, "d_model": D, name: value}
+    with pytest.raises(ValueError, match=rf"^{name}: expected an int >= "):
+        CacheWriter(tmp_path, dtype=torch.float32, meta={}, **sizes)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this OS")
+def test_full_disk_at_the_reservation_is_a_disk_space_error(tmp_path, monkeypatch):
+    """posix_fallocate failing with ENOSPC (the disk filled after the free-space check, or a quota) is a
+    DiskSpaceError naming the file, and the writer leaves no temporary files behind."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lwt.cache.os, "posix_fallocate", full)
+    with pytest.raises(lwt.cache.DiskSpaceError, match=r"reserving \d+ bytes for .*rank0\.hidden\.bin\.partial"):
+        CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+    assert _only_rank0_files(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate on this OS")
+@pytest.mark.parametrize("code", ["EOPNOTSUPP", "EINVAL", "ENOSYS", "EIO"])
+def test_filesystem_without_fallocate(tmp_path, monkeypatch, code):
+    """A filesystem that cannot fallocate (EOPNOTSUPP, EINVAL, ENOSYS) gets files of the shard's size
+    (truncate) and a shard that round-trips; any other error (EIO) is an OSError naming the file, with no
+    temporary files left."""
+    def unsupported(fd, offset, length):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(lwt.cache.os, "posix_fallocate", unsupported)
+    if code == "EIO":
+        with pytest.raises(OSError, match=re.escape(str(tmp_path / "rank0.hidden.bin.partial"))):
+            CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+        assert _only_rank0_files(tmp_path) == []
+        return
+    rows = _rows(2, torch.float32)
+    with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+        assert sum(os.path.getsize(tmp_path / n) for n in _only_rank0_files(tmp_path)) == cache_bytes(
+            2, S, D, torch.float32)
+        w.append(*rows)
+        w.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), rows)
+
+
+def test_abort_after_finish_is_a_no_op(tmp_path):
+    """abort() after finish() (the trainer's handlers may abort a writer that finished) keeps the published
+    shard, and leaving the `with` block afterwards is no error."""
+    rows = _rows(2, torch.float32)
+    with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+        w.append(*rows)
+        w.finish()
+        w.abort()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), rows)
+    with pytest.raises(RuntimeError, match="already finished"):
+        w.append(*rows)
+
+
+def test_finish_publishes_in_a_durable_order(tmp_path, monkeypatch):
+    """finish(): each data file is fsynced, then renamed into place; the renames are made durable (a
+    directory fsync) before the manifest is written, fsynced and renamed, and that rename is made durable
+    too. A crash at any point then leaves either no manifest or a manifest whose files are all on disk."""
+    w = CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+    w.append(*_rows(2, torch.float32))
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(lwt.cache.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(lwt.cache.os, "replace",
+                        lambda src, dst: events.append(os.path.basename(dst)) or real_replace(src, dst))
+    monkeypatch.setattr(lwt.cache, "_fsync_dir", lambda directory: events.append("fsync dir"))
+    w.finish()
+    assert events == (["fsync"] * 4 + [f"rank0.{p}.bin" for p in ("hidden", "tokens", "mask", "t")]
+                      + ["fsync dir", "fsync", "rank0.manifest.json", "fsync dir"])
+
+
+def test_meta_may_spell_dtype_as_open_takes_it(tmp_path):
+    """The dict the trainer passes as both meta and expect may spell dtype "torch.float16", as open()'s
+    expect accepts it: that agrees with the writer's float16, it does not contradict it."""
+    expect = {"dtype": "torch.float16", "stage": 0}
+    with CacheWriter(tmp_path, 0, 3, S, D, torch.float16, expect) as w:
+        w.append(*_rows(3, torch.float16))
+        w.finish()
+    assert ActivationCache.open(tmp_path, 0, expect).dtype == torch.float16
+
+
+def test_manifest_of_another_format_is_corrupt(tmp_path):
+    """A JSON file at the manifest's name that is not an lwt-activation-cache manifest (another format
+    name, none, or not an object) is refused as corrupt, naming it."""
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    path = tmp_path / "rank0.manifest.json"
+    without = {k: v for k, v in m.items() if k != "format"}
+    for bad in ({**m, "format": "other-cache"}, without, [m]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: not an lwt-activation-cache"):
+            ActivationCache.open(tmp_path, 0, {})
+
+
+@pytest.mark.parametrize("field, value", [("name", "rank0.other.bin"), ("dtype", "float16"),
+                                          ("shape", [3, S * D]), ("bytes", 1)])
+def test_file_entry_that_disagrees_with_the_shard_is_corrupt(tmp_path, field, value):
+    """Each field of a file's manifest entry (name, dtype, shape, bytes) must be what entries, seq_len,
+    d_model and dtype imply: one edited field is a corrupt manifest naming the entry (bytes: not a
+    "truncated or overwritten" data file, which the file is not)."""
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    m["files"]["hidden"][field] = value
+    path = tmp_path / "rank0.manifest.json"
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: entry for 'hidden'"):
+        ActivationCache.open(tmp_path, 0, {}, verify=False)
+
+
+def test_grown_file_is_detected_without_verify(tmp_path):
+    """A data file longer than its manifest says (appended to, or another shard's file copied over it) is
+    refused on its size alone, as a truncated one is, even with verify=False."""
+    _write(tmp_path, 0, 6, torch.float32)
+    path = tmp_path / "rank0.tokens.bin"
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: {size + 4} bytes, its manifest says {size}"):
+        ActivationCache.open(tmp_path, 0, {}, verify=False)
+
+
+def test_manifest_checksum_algorithm_is_honoured(tmp_path):
+    """open() verifies with the algorithm the manifest names (its "checksum" field), not always sha256: a
+    shard whose manifest lists blake2b digests opens, and a flipped byte is still found."""
+    m = _write(tmp_path, 0, 3, torch.float32)[1]
+    m["checksum"] = "blake2b"
+    for rec in m["files"].values():
+        del rec["sha256"]
+        rec["blake2b"] = hashlib.blake2b((tmp_path / rec["name"]).read_bytes()).hexdigest()
+    (tmp_path / "rank0.manifest.json").write_text(json.dumps(m))
+    ActivationCache.open(tmp_path, 0, {}).close()
+    path = tmp_path / "rank0.t.bin"
+    path.write_bytes(bytes([path.read_bytes()[0] ^ 1]) + path.read_bytes()[1:])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupt: blake2b "):
+        ActivationCache.open(tmp_path, 0, {})
+
+
+def test_boolean_index_is_refused(tmp_path):
+    """A bool mask is not an index: read as 0/1 it would return rows 0 and 1 instead of the masked ones."""
+    _write(tmp_path, 0, 3, torch.float32)
+    with pytest.raises(ValueError, match="1-D integer"):
+        ActivationCache.open(tmp_path, 0, {}).batch(torch.tensor([False, True, True]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_close_releases_the_shards_files(tmp_path):
+    """close() closes the shard's files and drops its maps at once, not at garbage collection: the trainer
+    closes a stage's input cache before deleting it, and open descriptors would keep its disk space taken."""
+    _write(tmp_path, 0, 3, torch.float32)
+
+    def open_here():
+        fds = os.listdir("/proc/self/fd")
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)) for fd in fds
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    cache = ActivationCache.open(tmp_path, 0, {})
+    cache.batch(torch.arange(3))
+    assert open_here() > 0
+    cache.close()
+    assert open_here() == 0
+
+
+def test_unfinished_shard_names_only_its_own_temporary_files(tmp_path):
+    """A missing manifest of rank 1 beside rank 10's live temporary files (names that also begin with
+    "rank1") is "not finished", not "a writer of this shard did not finish"; nor is a missing directory."""
+    other = CacheWriter(tmp_path, 10, 2, S, D, torch.float32, {})
+    with pytest.raises(FileNotFoundError, match="the stage that writes this shard has not finished"):
+        ActivationCache.open(tmp_path, 1, {})
+    with pytest.raises(FileNotFoundError, match="the stage that writes this shard has not finished"):
+        ActivationCache.open(tmp_path / "stage9", 0, {})
+    other.abort()
+
+
+def test_append_refuses_each_wrong_dtype(tmp_path):
+    """hidden and t must be floating, tokens integer and not bool: an integer hidden or t, or bool tokens,
+    is a ValueError naming the argument, never silently cast and stored."""
+    hidden, tokens, mask, t = _rows(2, torch.float32)
+    w = CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+    for args, msg in (((hidden.to(torch.int32), tokens, mask, t), "hidden: expected a floating dtype"),
+                      ((hidden, tokens, mask, torch.ones(2, dtype=torch.int64)), "t: expected a floating dtype"),
+                      ((hidden, tokens > 0, mask, t), "tokens: expected an integer dtype")):
+        with pytest.raises(ValueError, match=msg):
+            w.append(*args)
+    assert w.rows == 0
+    w.abort()
+
+
+def test_empty_index_gives_empty_rows(tmp_path):
+    """batch() of an empty index returns zero rows of each part, with the right trailing shapes."""
+    _write(tmp_path, 0, 3, torch.bfloat16)
+    hidden, tokens, mask, t = ActivationCache.open(tmp_path, 0, {}).batch(torch.tensor([], dtype=torch.int64))
+    assert (hidden.shape, tokens.shape, mask.shape, t.shape) == ((0, S, D), (0, S), (0, S), (0,))
+    assert hidden.dtype == torch.bfloat16

@@ -382,3 +382,127 @@ def test_encode_ids_for_non_text_sources():
         d.encode("hello")
     with pytest.raises(ValueError, match=r"encode: ids must be in \[0, 10\), got 12"):
         d.encode("1 12")
+
+
+# ------------------------------------------------------------------- from a second mutation run over lwt/data.py
+
+def test_dummy_split_survives_the_floor_of_the_split_point():
+    """(seq_len 1520, val_fraction 0.009): (1520 + 1) / 0.009 rounds up to 169000 tokens, and
+    int(169000 * 0.009) = 1520 in floating point, one short of a window; the extra token makes it 1521."""
+    d = build_data(_cfg(source="dummy", seq_len=1520, val_fraction=0.009), vocab_size=7)
+    assert d.num_tokens("val") == 1521
+    d.get_batch("val", 1, 1520, torch.Generator().manual_seed(0))
+
+
+def test_seq_len_and_vocab_size_below_one_are_refused():
+    """build_data names data.seq_len 0 and a vocab_size of 0 itself, rather than building a corpus that
+    fails later (get_batch) or a bare torch.randint error."""
+    with pytest.raises(ValueError, match=r"^data\.seq_len: expected >= 1, got 0"):
+        build_data(_cfg(source="dummy", seq_len=0), vocab_size=256)
+    with pytest.raises(ValueError, match=r"^model vocab_size: expected a positive int, got 0"):
+        build_data(_cfg(source="dummy"), vocab_size=0)
+
+
+def test_split_point_is_the_floor(tmp_path):
+    """val is the last floor(n * val_fraction) tokens (1009 * 0.3 = 302.7: 302, not 303). The split lengths
+    are part of the data identity a checkpoint stores, so a change of rounding would refuse every resume."""
+    path = _write_tokens(tmp_path / "t.bin", np.arange(1009), np.uint16)
+    d = build_data(_cfg(source="tokens", path=path, val_fraction=0.3), vocab_size=1009)
+    assert (d.num_tokens("train"), d.num_tokens("val")) == (707, 302)
+    assert int(d.val[0]) == 707
+
+
+@pytest.mark.skipif(not hasattr(os, "preadv"), reason="no preadv on this OS")
+def test_short_reads_are_continued_where_they_stopped(tmp_path, monkeypatch):
+    """preadv may return fewer bytes than asked (a signal, a network filesystem), even half a token: the
+    read goes on from the byte where it stopped, and the window is still the file's."""
+    path = _write_tokens(tmp_path / "t.bin", np.arange(2000), np.uint16)
+    d = build_data(_cfg(source="tokens", path=path, val_fraction=0.2), vocab_size=2000)
+    real = os.preadv
+    monkeypatch.setattr(lwt_data.os, "preadv", lambda fd, buffers, offset: real(fd, [buffers[0][:5]], offset))
+    x = d.get_batch("val", 4, 16, torch.Generator().manual_seed(0))
+    assert bool((x[:, 1:] - x[:, :-1] == 1).all()) and int(x.min()) >= 1600
+
+
+def test_default_text_joins_the_topics_in_sorted_order(monkeypatch):
+    """The topics are joined in sorted key order, not the dict's (the generator script's): the default
+    corpus, hence its split and data identity, is the same whatever order a Python build stores them in."""
+    fake = types.ModuleType("pydoc_data.topics")
+    fake.topics = {"b": "B" * 60_000, "a": "A" * 60_000}
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", fake)
+    text, _ = lwt_data.default_text()
+    assert text == "A" * 60_000 + "\n\n" + "B" * 60_000
+
+
+def test_fallback_docstrings_are_not_repeated(monkeypatch):
+    """A docstring reached twice (a re-exported object, a module listed twice) enters the fallback corpus
+    once: a repeat could land in both splits, and validation would score text it trained on."""
+    monkeypatch.setattr(lwt_data, "FALLBACK_DOC_MODULES", ("json",))
+    once = lwt_data._stdlib_docstrings()
+    monkeypatch.setattr(lwt_data, "FALLBACK_DOC_MODULES", ("json", "json"))
+    assert lwt_data._stdlib_docstrings() == once
+
+
+def test_encode_refuses_ids_outside_the_vocab_at_both_ends():
+    """encode's ids must lie in [0, vocab_size): vocab_size itself and -1 are refused, 0 and vocab_size - 1
+    taken."""
+    d = build_data(_cfg(source="dummy"), vocab_size=10)
+    assert d.encode("0 9").tolist() == [0, 9]
+    for text, bad in (("10", 10), ("3 -1", -1)):
+        with pytest.raises(ValueError, match=rf"encode: ids must be in \[0, 10\), got {bad}$"):
+            d.encode(text)
+
+
+def test_text_decode_of_a_negative_id_is_a_replacement_character(text_data):
+    """Any id outside 0..255, negative ones too, decodes to U+FFFD (not a bytearray ValueError)."""
+    assert text_data.decode([104, -1, 105]) == "h\ufffdi"
+
+
+def test_data_identity_sees_each_splits_first_and_last_token(tmp_path):
+    """The data identity a checkpoint stores reaches both ends of both splits: one token changed at the
+    start or the end of train or val (lengths unchanged) changes it, so --resume refuses that file."""
+    ids = np.arange(20_000) % 60_000
+    path = _write_tokens(tmp_path / "t.bin", ids, np.uint16)
+    cfg = _cfg(source="tokens", path=path, val_fraction=0.25)
+    base = data_identity(build_data(cfg, vocab_size=60_000))
+    for at in (0, 14_999, 15_000, 19_999):  # train is tokens 0..14999, val 15000..19999
+        changed = ids.copy()
+        changed[at] += 1
+        _write_tokens(path, changed, np.uint16)
+        now = data_identity(build_data(cfg, vocab_size=60_000))
+        assert (now["train_tokens"], now["val_tokens"]) == (15_000, 5_000)
+        assert now["sample_sha256"] != base["sample_sha256"], at
+    _write_tokens(path, ids, np.uint16)
+    assert data_identity(build_data(cfg, vocab_size=60_000)) == base
+
+
+def test_data_identity_is_stable_across_versions():
+    """The identity's recipe (64 windows of up to 4096 tokens spread over each split, train then val, the
+    ids' bytes as stored) is part of the checkpoint format: a change would make --resume refuse every older
+    checkpoint as "the training data differs". Pinned on a tensor corpus with a split shorter than a window."""
+    d = TokenData(torch.arange(9000) % 251, torch.arange(1000) % 97, 256, "dummy")
+    assert data_identity(d) == {"source": "dummy", "train_tokens": 9000, "val_tokens": 1000,
+                                "sample_sha256": "aa69b061a48182ee3caf29039f93acd4534a318bfc516cb52298b3384bb8f01e"}
+
+
+def test_encode_takes_any_whitespace_between_ids():
+    """Ids for the non-text sources are whitespace-separated: newlines, tabs and runs of spaces all separate."""
+    d = build_data(_cfg(source="dummy"), vocab_size=10)
+    assert d.encode("3\n1\t4   1\n").tolist() == [3, 1, 4, 1]
+
+
+def test_unigram_entropy_when_a_later_chunk_has_smaller_ids(tmp_path, monkeypatch):
+    """A chunk whose largest id is below an earlier chunk's (a short last chunk, a section of the file with
+    a smaller vocabulary) adds its counts to the earlier ones (chunks of 1000 here)."""
+    monkeypatch.setattr(lwt_data, "_SCAN_CHUNK", 1000)
+    ids = np.zeros(3000, dtype=np.int64)
+    ids[:1000] = np.arange(1000) % 40  # ids 0..39 in the first chunk, only 0s after
+    d = TokenData(torch.from_numpy(ids), torch.zeros(100, dtype=torch.int64), 40, "dummy")
+    want = lwt_data.entropy_of_counts(np.bincount(ids))
+    assert d.unigram_entropy("train") == pytest.approx(want, rel=1e-12)
+
+
+def test_get_batch_refuses_seq_len_below_one(text_data):
+    """seq_len 0 is a ValueError naming the range, not a batch of empty windows."""
+    with pytest.raises(ValueError, match=r"^seq_len: expected 1\.\.\d+ .*got 0"):
+        text_data.get_batch("train", 2, 0, torch.Generator())

@@ -1396,3 +1396,16 @@ def test_stop_after_needs_a_step():
     with pytest.raises(SystemExit):
         T.parse_args(["--stop_after", "0"])
     assert T.parse_args(["--stop_after", "1"]).stop_after == 1
+
+
+def test_a_run_dir_named_with_glob_characters_deletes_its_own_caches_only(tmp_path):
+    """An out_dir such as runs/exp[12] (a character class to glob; Hydra-style directories hold brackets):
+    each stage's cache is deleted once read, as anywhere else, and a sibling runs/exp1's cache, which the
+    unescaped pattern also matched, is left alone."""
+    sibling = tmp_path / "exp1" / "cache" / "stage0"
+    sibling.mkdir(parents=True)
+    (sibling / "rank0.manifest.json").write_text("another run's cache")
+    code, out = _run(tmp_path, "--set", "model.n_layers=3", "--set", "train.joint_steps=0", name="exp[12]")
+    assert code == 0
+    assert os.listdir(sibling) == ["rank0.manifest.json"]
+    assert not list((out / "cache").glob("stage*/rank0.*"))
