@@ -545,8 +545,9 @@ class FrozenSwiGLU(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Frozen matrices cross the FP8 boundary with their scales: a full-precision W_gate/W_up loaded
         into an FP8 layer is quantised per output channel (as the constructor does), and an FP8 one with
-        its scale loaded into a full-precision layer is dequantised. A plain cast would drop the scale,
-        silently under strict=False. (load_state_dict hands each module its own copy of the dict.)"""
+        its scale (or one cast from FP8 to a wider dtype, the scale kept) loaded into a full-precision
+        layer is dequantised. A plain cast would drop the scale, silently under strict=False.
+        (load_state_dict hands each module its own copy of the dict.)"""
         fp8 = torch.float8_e4m3fn
         for name in ("w_gate", "w_up"):
             key, scale_key = prefix + name, prefix + name + "_scale"
@@ -555,7 +556,9 @@ class FrozenSwiGLU(nn.Module):
                 continue
             if self.frozen_dtype == fp8 and w.dtype != fp8 and scale_key not in state_dict:
                 state_dict[key], state_dict[scale_key] = quantize_rows_fp8(w)
-            elif self.frozen_dtype != fp8 and w.dtype == fp8 and scale_key in state_dict:
+            elif self.frozen_dtype != fp8 and scale_key in state_dict:
+                # FP8 values with their scale, as FP8 or cast to a wider dtype on the way (the values are
+                # still the unscaled FP8 ones): dequantise either way, never drop the scale
                 state_dict[key] = w.float() * state_dict.pop(scale_key).float()[:, None]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -71,7 +71,7 @@ def test_override_values_are_read_as_yaml():
 
 
 @pytest.mark.parametrize("text,value", [("+.003", 0.003), (".5E3", 500.0), ("+.5", 0.5), ("5e-1", 0.5),
-                                        ("+2.5e-3", 2.5e-3)])
+                                        ("+2.5e-3", 2.5e-3), ("1e6", 1e6), ("2E3", 2000.0)])
 def test_floats_that_yaml_1_1_reads_as_strings(text, value):
     """Leading-dot numbers with a sign or an exponent, and exponents without a dot, are floats."""
     assert load_config(None, [f"train.lr={text}"]).train.lr == value
@@ -130,6 +130,10 @@ def test_validate_returns_a_new_config_and_coerces_floats():
                  r"model\.n_kv_heads: expected a divisor of model\.n_heads=4.*got 3", id="gqa-heads"),
     pytest.param({"model": {"d_model": 130, "n_heads": 4}},
                  r"model\.d_model: expected a multiple of model\.n_heads=4.*got 130", id="d_model-heads"),
+    pytest.param({"model": {"attn_type": "mla", "d_model": 100, "n_heads": 3}},
+                 r"model\.d_model: expected a multiple of model\.n_heads=3.*got 100", id="mla-derived-head-dims"),
+    pytest.param({"model": {"d_model": 130, "n_heads": 4, "mla_nope_dim": 8, "mla_rope_dim": 4, "mla_v_dim": 8}},
+                 r"model\.d_model: expected a multiple of model\.n_heads=4.*got 130", id="gqa-with-mla-dims-set"),
     pytest.param({"model": {"d_model": 120, "n_heads": 8, "n_kv_heads": 8}},
                  r"model\.d_model: .*here 15\) that is even", id="odd-head-dim"),
     pytest.param({"model": {"d_model": 1024, "n_heads": 2}}, r"model\.d_model: .*at most 256.*got 1024",
@@ -146,6 +150,8 @@ def test_validate_returns_a_new_config_and_coerces_floats():
                  r"model\.mla_rope_dim: .*at most 128.*got 192", id="mla-rope-too-big"),
     pytest.param({"model": {"attn_type": "mla", "mla_rope_dim": 128, "mla_nope_dim": 320}},
                  r"model\.mla_nope_dim: expected at most 256 \(the MLA kernel's limit\), got 320", id="mla-nope-dim"),
+    pytest.param({"model": {"attn_type": "mla", "mla_v_dim": 258}},
+                 r"model\.mla_v_dim: expected at most 256, got 258", id="mla-v-dim"),
     pytest.param({"model": {"rope_theta": 1.0}}, r"model\.rope_theta: expected a number > 1, got 1\.0", id="theta"),
     pytest.param({"objective": {"mask_fraction_min": 0.0}},
                  r"objective\.mask_fraction_min: expected a fraction in \(0, 1\], got 0\.0", id="fraction-zero"),
@@ -160,6 +166,7 @@ def test_validate_returns_a_new_config_and_coerces_floats():
                  r"data\.path: expected a token file path with data\.source tokens, got None", id="tokens-no-path"),
     pytest.param({"data": {"source": "tokens", "path": "t.bin", "token_dtype": "int32"}},
                  r"data\.token_dtype: expected one of uint16 \| uint32, got 'int32'", id="token-dtype"),
+    pytest.param({"data": {"path": ""}}, r"data\.path: expected a file path or null, got ''", id="empty-path"),
     pytest.param({"data": {"source": "web"}}, r"data\.source: expected one of dummy \| text \| tokens", id="source"),
     pytest.param({"data": {"val_fraction": 1}}, r"data\.val_fraction: expected a fraction in \(0, 1\), got 1\.0",
                  id="val-fraction"),
@@ -193,6 +200,9 @@ def test_bad_values_name_the_key(sections, message):
     pytest.param("n_heads=3", r"model\.d_model: expected a multiple of model\.n_heads=3", id="cross-key"),
     pytest.param("train=1", r"^train: a section, not a key; expected train\.<key>=value", id="section-as-key"),
     pytest.param("t_min=0.1", r"^t_min: unknown key(?!; did you mean train\?)", id="no-section-suggested"),
+    pytest.param("model.lr=1e-3", r"^model\.lr: unknown key; did you mean train\.lr\?", id="short-key-in-other-section"),
+    pytest.param("vocab=300", r"^vocab: unknown key; did you mean model\.vocab_size\?", id="bare-prefix-of-a-key"),
+    pytest.param("dropout=0.1", r"^dropout: unknown key \((?!.*did you mean)", id="no-close-key"),
     pytest.param("model.=1", r"^model\.: unknown key(?!; did you mean model\?)", id="empty-key"),
     pytest.param("max_steps=010", r"'010' is read by YAML 1\.1 as octal", id="octal"),
     pytest.param("max_steps=1:30", r"'1:30' is read by YAML 1\.1 as octal or base 60", id="base-60"),

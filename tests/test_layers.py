@@ -57,6 +57,7 @@ def test_rmsnorm_layer_defaults_and_repr():
     (dict(dim=0), r"^dim: expected a positive int, got 0"),
     (dict(dim=8.0), r"^dim: expected a positive int, got 8.0"),
     (dict(dim=8, eps=-1.0), r"^eps: expected a finite real number >= 0, got -1.0"),
+    (dict(normalized_shape=8, dim=16), r"^dim: expected either normalized_shape or dim \(the same thing\), got both"),
 ])
 def test_rmsnorm_layer_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -204,6 +205,45 @@ def test_rope_bad_input():
         rope.rotate(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match=r"^offset: expected an int >= 0, got -1"):
         rope.rotate(torch.randn(1, 3, 1, 8), offset=-1)
+    with pytest.raises(ValueError, match=r"^offset: expected an int >= 0, got True"):
+        rope.rotate(torch.randn(1, 3, 1, 8), offset=True)  # a bool is not a position
+
+
+def test_rope_table_grows_by_doubling():
+    """The documented growth: at least 256 rows, doubled when a longer sequence arrives (amortised), or
+    the length asked when that is longer still."""
+    rope = RotaryEmbedding(8)
+    for S, rows in ((10, 256), (300, 512), (1200, 1200)):
+        rope.rotate(torch.zeros(1, S, 1, 8))
+        assert rope._cos.shape[0] == rope._sin.shape[0] == rows, S
+
+
+def test_rope_table_on_another_device_is_rebuilt_on_the_inputs():
+    """A table filled on meta (a shape-only forward of a module built there, which load_state_dict(assign=True)
+    leaves in place, the cache being no buffer) is long enough for the next input but on the wrong device:
+    rebuilt on the input's."""
+    rope = RotaryEmbedding(8, device="meta")
+    rope.rotate(torch.empty(1, 5, 1, 8, device="meta"))
+    assert rope._cos.is_meta and rope._cos.shape[0] >= 5
+    x = torch.randn(1, 5, 2, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = rope.rotate(x)
+    assert got.device == x.device and rope._cos.device == x.device
+    assert torch.equal(got, RotaryEmbedding(8).to(DEVICE).rotate(x))
+
+
+def test_rope_copied_under_inference_mode_still_trains():
+    """A RotaryEmbedding deep-copied under torch.inference_mode (it has no parameters: the copy is whole)
+    carries an inference-tensor table, which autograd cannot save: the table is rebuilt, and gradients flow."""
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 5, 2, 8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = rope.rotate(x)  # fills the table
+    with torch.inference_mode():
+        twin = copy.deepcopy(rope)
+    assert twin._cos.is_inference()
+    leaf = x.clone().requires_grad_()
+    got = twin.rotate(leaf)
+    got.square().sum().backward()
+    assert torch.equal(got.detach(), want) and leaf.grad is not None and not twin._cos.is_inference()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +297,8 @@ def test_gqa_attention_shapes_and_defaults():
     assert set(layer.state_dict()) == {"qkv.weight", "out.weight"}
     biased = GQAAttention(32, 2, 2, head_dim=32, bias=True, causal=True)
     assert biased.qkv.bias is not None and tuple(biased.out.weight.shape) == (32, 64)
+    assert biased.out.bias is not None and set(biased.state_dict()) == {"qkv.weight", "qkv.bias", "out.weight",
+                                                                         "out.bias"}  # bias: both projections
     y = biased(torch.randn(1, 5, 32))
     assert y.shape == (1, 5, 32)
 
@@ -399,9 +441,12 @@ def test_latent_attention_is_forward_only(monkeypatch):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(q_rank=-1), r"^q_rank: expected an int >= 0"),
+    (dict(q_rank=True), r"^q_rank: expected an int >= 0 \(0: no query latent\), got True"),
     (dict(kv_rank=0), r"^kv_rank: expected a positive int"),
     (dict(rope_dim=7), r"^rope_dim: expected an even number <= 128"),
     (dict(nope_dim=512), r"^nope_dim, v_dim: expected at most 256"),
+    (dict(v_dim=258), r"^nope_dim, v_dim: expected at most 256, got 16, 258"),
+    (dict(rope_dim=130), r"^rope_dim: expected an even number <= 128, got 130"),
     (dict(causal=1), r"^causal: expected a bool"),
     (dict(rope_theta=-5.0), r"^rope_theta: expected a finite number > 1"),
 ])
@@ -409,6 +454,18 @@ def test_mla_layer_bad_arguments(kwargs, message):
     args = dict(d_model=48, n_heads=3, q_rank=0, kv_rank=32, nope_dim=16, rope_dim=8, v_dim=24) | kwargs
     with pytest.raises(ValueError, match=message):
         MLAAttention(**args)
+
+
+def test_attention_layers_take_the_kernels_widest_heads(monkeypatch):
+    """The documented limits are inclusive: a GQA head of 256, MLA's nope_dim and v_dim of 256 and rope_dim
+    of 128 (the model.* limits lwt.config accepts) build and run."""
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2))
+    gqa = GQAAttention(16, 1, 1, head_dim=256)
+    mla = MLAAttention(16, 1, 0, 8, nope_dim=256, rope_dim=128, v_dim=256)
+    assert (gqa.head_dim, mla.nope_dim, mla.rope_dim, mla.v_dim) == (256, 256, 128, 256)
+    with torch.no_grad():
+        assert gqa(x).shape == mla(x).shape == mla(x, absorb=True).shape == (1, 3, 16)
 
 
 def test_mla_layer_shapes_and_bad_input():
@@ -544,6 +601,56 @@ def test_frozen_swiglu_state_dicts_cross_the_fp8_boundary():
         torch.testing.assert_close(getattr(into_full, name), getattr(full, name), rtol=0.07, atol=1e-3)
 
 
+def test_frozen_swiglu_frozen_dtype_beside_dtype():
+    """frozen_dtype wins for the frozen matrices, dtype for W_down (bf16 frozen beside fp64 parameters):
+    the draw rounded once to frozen_dtype, not held in dtype."""
+    from lwt.layers import FrozenSwiGLU
+
+    mlp = FrozenSwiGLU(16, 24, seed=3, frozen_dtype=torch.bfloat16, dtype=torch.float64)
+    assert mlp.w_gate.dtype == mlp.w_up.dtype == torch.bfloat16 and mlp.w_down.dtype == torch.float64
+    assert torch.equal(mlp.w_gate, FrozenSwiGLU(16, 24, seed=3).w_gate.bfloat16())
+
+
+def test_frozen_swiglu_wrong_width_names_x():
+    """An input of another width than d_model: the layer names x and d_model (lwt.functional would blame
+    w_gate's shape, a buffer the caller never passed)."""
+    from lwt.layers import FrozenSwiGLU
+
+    with pytest.raises(ValueError, match=r"^x: expected a last dim of 16 \(d_model\), got shape \(2, 3, 24\)"):
+        FrozenSwiGLU(16, 24, seed=0)(torch.randn(2, 3, 24))
+
+
+def test_frozen_swiglu_reset_parameters_redraws_w_down():
+    """reset_parameters() re-initialises the trained W_down as nn.Linear(d_ff, d_model) does (the same
+    draw under the same torch seed), besides restoring the frozen matrices from `seed`."""
+    from lwt.layers import FrozenSwiGLU
+
+    torch.manual_seed(0)
+    want = FrozenSwiGLU(16, 24, seed=2).w_down.detach().clone()
+    mlp = FrozenSwiGLU(16, 24, seed=2)
+    with torch.no_grad():
+        mlp.w_down.zero_()
+        mlp.w_gate.zero_()
+    torch.manual_seed(0)
+    mlp.reset_parameters()
+    assert torch.equal(mlp.w_down, want) and torch.equal(mlp.w_gate, FrozenSwiGLU(16, 24, seed=2).w_gate)
+
+
+def test_fp8_state_dict_cast_to_float_loads_back():
+    """An FP8 layer's state_dict with every tensor cast to fp32 (a format without FP8) still carries the
+    scales: it loads back into an FP8 layer bit for bit, the stored matrices taken as FP8 values beside their
+    scales, not quantised afresh (which would drop the scales they go with)."""
+    from lwt.layers import FrozenSwiGLU
+
+    fp8 = torch.float8_e4m3fn
+    src = FrozenSwiGLU(16, 24, seed=4, frozen_dtype=fp8)
+    dst = FrozenSwiGLU(16, 24, seed=5, frozen_dtype=fp8)
+    dst.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    for name in ("w_gate", "w_up"):
+        assert torch.equal(getattr(dst, name).view(torch.uint8), getattr(src, name).view(torch.uint8))
+        assert torch.equal(getattr(dst, f"{name}_scale"), getattr(src, f"{name}_scale"))
+
+
 def test_fp8_layer_on_the_reference_path_applies_each_scale_to_its_matrix(monkeypatch):
     """An FP8 FrozenSwiGLU on the CPU (the reference path): W_gate and W_up each dequantised with its own
     per-channel scale, x quantised per token, written out by hand (test_swiglu's FP8 checks need a GPU)."""
@@ -583,6 +690,8 @@ def _model_config(**overrides):
 
 @pytest.mark.parametrize("overrides,cls", [
     pytest.param(dict(attn_type="gqa"), GQAAttention, id="gqa"),
+    pytest.param(dict(attn_type="gqa", rope_theta=500.0), GQAAttention, id="gqa-theta"),
+    pytest.param(dict(attn_type="mla", causal=True), MLAAttention, id="mla-causal"),
     pytest.param(dict(attn_type="standard", n_kv_heads=None, causal=True), GQAAttention, id="standard-causal"),
     pytest.param(dict(attn_type="mla", mla_rq=8, rope_theta=500.0, norm_eps=1e-3), MLAAttention, id="mla-rq8"),
     pytest.param(dict(attn_type="mla", mla_nope_dim=6, mla_rope_dim=2, mla_v_dim=10), MLAAttention, id="mla-dims"),

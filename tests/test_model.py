@@ -101,12 +101,21 @@ def test_block_from_config_seeds_each_layer():
     (dict(attn_type="mla", mla_rq=-1), r"^mla_rq: expected an int >= 0"),
     (dict(attn_type="mla", mla_rope_dim=3), r"^mla_rope_dim: expected an even number"),
     (dict(attn_type="mla", mla_v_dim=0), r"^mla_v_dim: expected a positive int, got 0"),
+    (dict(attn_type="mla", n_heads=3), r"^n_heads: expected a divisor of d_model=32 when an MLA head size is None"),
 ])
 def test_block_bad_arguments(kwargs, message):
     args = dict(d_model=32, n_heads=4, d_ff=48)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         DecoderBlock(args.pop("d_model"), args.pop("n_heads"), args.pop("d_ff"), **args)
+
+
+def test_mla_block_with_every_head_size_given_needs_no_divisible_width():
+    """MLA derives only its default head sizes from d_model // n_heads: with all three given, n_heads need
+    not divide d_model (as lwt.config allows), and the sizes are the ones given."""
+    block = DecoderBlock(32, 3, 48, attn_type="mla", mla_rkv=16, mla_nope_dim=8, mla_rope_dim=4, mla_v_dim=6)
+    assert (block.attn.n_heads, block.attn.nope_dim, block.attn.rope_dim, block.attn.v_dim) == (3, 8, 4, 6)
+    assert block(torch.randn(1, 4, 32)).shape == (1, 4, 32)
 
 
 def test_block_from_config_bad_layer_idx():
@@ -127,6 +136,34 @@ def test_model_shapes_and_mask_row():
     assert model.head_weight().data_ptr() == model.embed.weight.data_ptr()  # tied: a view, not a copy
     hidden = model(random_tokens(cfg))
     assert hidden.shape == (2, 16, D) and hidden.dtype == torch.float32
+
+
+def test_int32_tokens_embed_as_int64_ones():
+    """tokens may be int32, as documented, not only int64: the same hidden states."""
+    cfg = tiny_config()
+    model = LWTModel(cfg)
+    tokens = random_tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(tokens.int()), model(tokens))
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "n_layers"])
+def test_model_refuses_an_empty_vocabulary_or_stack(key):
+    """A ModelConfig not passed through lwt.config.validate: vocab_size or n_layers 0 is refused by name
+    (n_layers 0 would otherwise build a model without blocks, silently)."""
+    with pytest.raises(ValueError, match=rf"^{key}: expected a positive int, got 0"):
+        LWTModel(tiny_config(**{key: 0}))
+
+
+def test_num_params_counts_parameters_frozen_by_hand():
+    """trainable_only=False counts every parameter, those set to requires_grad=False too (an embedding
+    frozen by the user), plus the frozen buffers; the default counts only the ones that train."""
+    cfg = tiny_config()
+    model = LWTModel(cfg)
+    total = model.num_params(trainable_only=False)
+    model.embed.weight.requires_grad_(False)
+    assert model.num_params(trainable_only=False) == total
+    assert model.num_params() == total - model.embed.weight.numel() - 2 * cfg.n_layers * cfg.d_ff * cfg.d_model
 
 
 def test_every_norm_takes_norm_eps():
@@ -175,12 +212,17 @@ def test_partial_forward_runs_the_first_blocks():
         assert torch.equal(model(tokens), model(tokens, n_blocks=3))
     with pytest.raises(ValueError, match=r"^start, end: expected 0 <= start <= end <= n_layers=3, got start=2, end=1"):
         model.run_blocks(h, 2, 1)
+    for start, end, bad in ((True, None, "start: expected an int, got True"), (0, 2.0, "end: expected an int, got 2.0")):
+        with pytest.raises(ValueError, match=rf"^{bad}$"):
+            model.run_blocks(h, start, end)
     for n_blocks in (4, -1, 1.0, True):
         message = rf"^n_blocks: expected an int in \[0, n_layers=3\] or None, got {n_blocks}$"
         with pytest.raises(ValueError, match=message):
             model(tokens, n_blocks=n_blocks)
     with pytest.raises(ValueError, match=r"^tokens: expected an int64 or int32 \(batch, seq\) tensor"):
         model(tokens.float())
+    with pytest.raises(ValueError, match=r"^tokens: expected .*\(batch, seq\) tensor.*got torch\.int64 \(16,\)$"):
+        model(tokens[0])  # one unbatched sequence: named as tokens, not as some block's x
 
 
 def test_state_dicts_and_frozen_buffers():
@@ -232,6 +274,18 @@ def test_load_trainable_state_dict_takes_an_fp8_models_full_state_dict():
     assert trainable.frozen_checksum() == strict.frozen_checksum()
     tokens = random_tokens(cfg)
     assert torch.equal(trainable(tokens), strict(tokens))
+
+
+def test_load_trainable_state_dict_takes_an_fp8_state_dict_cast_to_float():
+    """An FP8 model's full state_dict with every tensor cast to fp32 (saved through a format without FP8)
+    still carries the scales: a full-precision model dequantises with them as from the FP8 tensors, rather
+    than loading the raw FP8 values (up to 448) and dropping the scales under strict=False."""
+    cfg = tiny_config()
+    sd = LWTModel(cfg, frozen_dtype=torch.float8_e4m3fn).state_dict()
+    want, got = LWTModel(cfg), LWTModel(cfg)
+    want.load_trainable_state_dict(sd)
+    got.load_trainable_state_dict({k: v.float() for k, v in sd.items()})
+    assert got.frozen_checksum() == want.frozen_checksum()
 
 
 def test_frozen_checksum_depends_on_seed_and_dtype_only():
