@@ -62,10 +62,13 @@ from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sampl
 from .model import LWTModel
 
 CHECKPOINT_FORMAT = 1
-# Keys a resumed run may change: where the run lives (a run directory copied or moved elsewhere) and
-# how often it logs and checkpoints. Nothing else, since the weights it ends with depend on the rest;
-# these are also left out of the fingerprint that activation caches are checked against.
-RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "log_every"), ("train", "ckpt_every")}
+# Keys a resumed run may change: where the run lives (a run directory copied or moved elsewhere), where its
+# data file is (a relative path resumed from another working directory, a file moved to a local disk: the
+# data itself is checked by content, data_identity) and how often it logs and checkpoints. Nothing else,
+# since the weights it ends with depend on the rest; these are also left out of the fingerprint that
+# activation caches are checked against (which holds the data's identity instead of its path).
+RESUME_MAY_CHANGE = {("train", "out_dir"), ("train", "cache_dir"), ("train", "log_every"), ("train", "ckpt_every"),
+                     ("data", "path")}
 # What Trainer.save writes and resume reads.
 _CHECKPOINT_KEYS = {"format", "config", "end_to_end", "rng", "model", "frozen_checksum", "phase", "step",
                     "optimizer", "master", "history", "phase_wall", "metrics_lines", "data"}
@@ -438,6 +441,7 @@ class Trainer:
         self.terminated = False  # a SIGTERM reached some rank: every rank stops (agreed by Dist.any)
         identity = {s: {k: v for k, v in keys.items() if (s, k) not in RESUME_MAY_CHANGE}
                     for s, keys in config_to_dict(cfg).items()}
+        identity["data_identity"] = self.data_identity  # the data by content, not by the name of its file
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- checkpoints ---------------------------------------------------------------------------------
@@ -487,13 +491,15 @@ class Trainer:
             raise ValueError(f"{self.ckpt_path}: not a complete checkpoint (no {', '.join(missing)})")
         saved = config_to_dict(config_from_dict(state["config"]))
         now = config_to_dict(self.cfg)
+        saved_data = state.get("data")
+        # data.path may change only where the checkpoint can check the data by content
+        may_change = RESUME_MAY_CHANGE if saved_data is not None else RESUME_MAY_CHANGE - {("data", "path")}
         diff = [f"{s}.{k}: {saved[s][k]!r} -> {now[s][k]!r}" for s in now for k in now[s]
-                if saved[s][k] != now[s][k] and (s, k) not in RESUME_MAY_CHANGE]
+                if saved[s][k] != now[s][k] and (s, k) not in may_change]
         if diff or state["end_to_end"] != self.args.end_to_end:
             what = "; ".join(diff) or "--end_to_end"
             raise ValueError(f"--resume: the config differs from the checkpoint's ({what}); resume with the same "
                              f"config, or start a new out_dir")
-        saved_data = state.get("data")
         differs = saved_data is not None and saved_data != self.data_identity
         # A collective: each node may read its own copy of data.path, so the ranks need not agree; none may
         # go on alone (into a collective that the refused ranks never reach).
@@ -504,7 +510,9 @@ class Trainer:
             now, then = self.data_identity, saved_data
             same_size = (now["train_tokens"], now["val_tokens"]) == (then.get("train_tokens"), then.get("val_tokens"))
             d = self.cfg.data
-            why = ("data.path cut short or rewritten?" if d.path is not None
+            moved = saved["data"]["path"] != d.path
+            why = (f"data.path was {saved['data']['path']!r}, now {d.path!r}: another file?" if moved
+                   else "data.path cut short or rewritten?" if d.path is not None
                    else "the default text is this Python's pydoc_data.topics: another Python version?"
                    if d.source == "text" else f"ids drawn from data.seed {d.seed}: another torch version?")
             raise ValueError(

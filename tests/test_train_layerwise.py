@@ -556,6 +556,28 @@ def test_resume_refuses_a_data_file_changed_since_the_checkpoint(tmp_path, chang
         _run(tmp_path, *data, "--resume", name="part")
 
 
+def test_resume_reads_the_same_data_under_another_path(tmp_path, monkeypatch, capsys):
+    """A relative data.path resumed from another working directory (a job script's), or the data file
+    moved (to a node's local disk): the same data by another name resumes, with its activation cache
+    (checked by content, as the data is), to the uninterrupted run's weights."""
+    lines = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(2000))
+    (tmp_path / "corpus.txt").write_text(lines)
+    _, full = _run(tmp_path, "--set", f"data.path={tmp_path / 'corpus.txt'}", name="full")
+    monkeypatch.chdir(tmp_path)
+    _, part = _run(tmp_path, "--set", "data.path=corpus.txt", "--stop_after", "8", name="part")
+    assert (part / "cache" / "stage0").is_dir()
+    os.makedirs(tmp_path / "scratch")
+    os.replace(tmp_path / "corpus.txt", tmp_path / "scratch" / "moved.txt")
+    (tmp_path / "other.txt").write_text(lines.replace("fox", "cat"))
+    with pytest.raises(ValueError, match=r"data.path was 'corpus.txt', now 'other.txt': another file\?"):
+        _run(tmp_path, "--set", "data.path=other.txt", "--resume", name="part")  # other data: still refused
+    capsys.readouterr()
+    assert _run(tmp_path, "--set", "data.path=scratch/moved.txt", "--resume", name="part")[0] == 0
+    assert "rebuilding" not in capsys.readouterr().out  # the cache written before the move was read
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_of_a_checkpoint_without_data_identity(tmp_path):
     """Checkpoints written before the data identity was stored still resume, to the uninterrupted weights."""
     _, full = _run(tmp_path, name="full")
