@@ -362,6 +362,11 @@ def _memmap(path: str, dtype, start: int = 0, count: int | None = None) -> np.me
     """Read-only memmap of items [start, start + count) (count None: to the end) of a raw file of `dtype`
     items, with the errors a user can act on, holding the file open for _read_into (attribute source_fd)."""
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise ValueError(f"data.path: {path} is a directory; name a file in it")
+        if os.path.exists(path):  # a pipe (bash's <(zcat corpus.gz)), a device: np.memmap maps regular files only
+            raise ValueError(f"data.path: {path} is not a regular file (a pipe or a device?); the data is "
+                             f"memory-mapped: write it to a file first")
         raise ValueError(f"data.path: no such file: {path}")
     size = os.path.getsize(path)
     itemsize = np.dtype(dtype).itemsize

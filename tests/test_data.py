@@ -262,6 +262,17 @@ def test_missing_file(tmp_path, source):
         build_data(_cfg(source=source, path=path), vocab_size=256)
 
 
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, kind):
+    """A directory (data.path=data/ instead of a file in it) or a pipe (bash's <(zcat corpus.gz)) exists:
+    "no such file" would send the user looking for a typo."""
+    path = tmp_path / "corpus"
+    path.mkdir() if kind == "directory" else os.mkfifo(path)
+    want = "is a directory" if kind == "directory" else "is not a regular file"
+    with pytest.raises(ValueError, match=f"data.path: {re.escape(str(path))} {want}"):
+        build_data(_cfg(source="text", path=str(path)), vocab_size=256)
+
+
 def test_tokens_needs_path():
     with pytest.raises(ValueError, match=r"data\.path: the tokens source needs a path"):
         build_data(_cfg(source="tokens"), vocab_size=256)
