@@ -239,7 +239,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
     Args:
         path: a YAML file with sections model / objective / data / train (see the module docstring);
-            None: every key takes its default.
+            None: every key takes its default. A leading ~ is expanded.
         overrides: `key=value` strings, applied in order after the file. `key` is `section.key`, or a bare
             key that exists in exactly one section (`max_steps=50`; `seed` needs `data.` or `train.`).
             `value` is parsed as YAML: `true`, `3e-3`, `null`, `gqa`; for a string key it is the text as
@@ -252,6 +252,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     """
     raw = {}
     if path is not None:
+        path = os.path.expanduser(path)  # `--config=~/exp.yaml`: a shell expands no ~ after `=` (see validate)
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()

@@ -36,7 +36,8 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
     in training and the checksum can match), then kept in that dtype on CUDA and cast to fp32 on the CPU.
 
     Args:
-        path: a checkpoint written by lwt.train_layerwise (final.pt, end_to_end.pt or checkpoint.pt).
+        path: a checkpoint written by lwt.train_layerwise (final.pt, end_to_end.pt or checkpoint.pt); a
+            leading ~ is expanded.
         device: where the model goes, "cpu" by default.
     Returns:
         (model, source): the LWTModel in eval mode, and the config's data.source ("dummy", "text" or "tokens").
@@ -53,6 +54,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTM
 
 def _load(path: str, device) -> tuple[LWTModel, str, dict]:
     """load_checkpoint's work; also returns the checkpoint's dict."""
+    path = os.path.expanduser(os.fspath(path))  # `--checkpoint=~/runs/...`: a shell expands no ~ after `=`
     if os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint: {path!r} is a directory; pass a checkpoint file in it (final.pt, "
                                 f"end_to_end.pt or checkpoint.pt)")

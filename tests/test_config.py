@@ -257,6 +257,13 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config(twice)
 
 
+def test_the_config_path_expands_a_tilde(tmp_path, monkeypatch):
+    """`--config=~/exp.yaml`: the shell leaves a ~ after `=` as it is (lwt.config expands the path keys)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "exp.yaml").write_text("train:\n  max_steps: 7\n")
+    assert load_config("~/exp.yaml").train.max_steps == 7
+
+
 def test_bad_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: [1, 2\n")

@@ -548,6 +548,15 @@ def test_generate_token_ids_checkpoint_prints_ids(tmp_path, capsys):
     assert len(ids) == 10 and ids[:2] == [7, 49] and all(0 <= i < 50 for i in ids)
 
 
+def test_generate_expands_a_tilde_in_the_checkpoint_path(tmp_path, monkeypatch, capsys):
+    """`--checkpoint=~/runs/default/final.pt`: the shell leaves a ~ after `=` as it is (as in --set
+    train.out_dir=~/runs, which lwt.config expands)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_checkpoint(tmp_path / "final.pt", tiny_model(vocab_size=50, seed=4), source="dummy")
+    assert generate.main(["--checkpoint=~/final.pt", "--length", "6", "--steps", "2", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("=== sample 0 ===")
+
+
 def test_generate_loads_the_trained_weights(tmp_path):
     model = tiny_model(vocab_size=256, seed=4)
     path = tmp_path / "final.pt"
