@@ -56,6 +56,9 @@ def run_case(name: str, fwd, op, inputs: list, do: torch.Tensor) -> dict:
 
 def main(argv=None) -> int:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    if not H.HAS_GPU:
+        print("residual_cost: no CUDA GPU here; nothing to time")
+        return 0
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     randn = lambda *s: torch.randn(*s, device=DEVICE, dtype=DTYPE, generator=gen)  # noqa: E731
     print(f"residual_cost on {H.gpu_name()}, {DTYPE}, bidirectional", flush=True)

@@ -29,6 +29,18 @@ def test_benchmarks_smoke_check_without_gpu():
         assert f"{bench}: no CUDA GPU here, so no timings; smoke check of a tiny shape through the Triton interpreter ... ok" in out.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it times the real shapes")
+@pytest.mark.parametrize("script", ["residual_cost.py", "tune_mla.py", "tune_rmsnorm.py"])
+def test_gpu_only_scripts_exit_0_without_gpu(script):
+    """The GPU-only timing scripts the README names say so in one line and exit 0 on a CPU (residual_cost
+    used to die on torch.Generator(device="cuda") with a CUDA-library traceback)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines() == [f"{script[:-3]}: no CUDA GPU here; "
+                                               f"{'nothing to tune' if script == 'tune_rmsnorm.py' else 'nothing to time'}"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU suite (CI) runs it; on a GPU machine every kernel "
                     "compiles and runs for real, and compile_check's 90 s would come out of the GPU run's budget")
 def test_kernels_compile_for_hopper():
