@@ -38,11 +38,16 @@ EXPECTED = {
 }
 
 
+def _harness_module(monkeypatch):
+    """benchmarks/_harness, imported as the benches import it (benchmarks/ on sys.path)."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    return importlib.import_module("_harness")
+
+
 @pytest.fixture
 def dry_run(monkeypatch):
     """The harness as on a GPU machine, with timers that run each step twice and report 1 ms."""
-    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    H = importlib.import_module("_harness")
+    H = _harness_module(monkeypatch)
     calls = []
 
     def run(fn, *args, **kwargs):
@@ -211,8 +216,7 @@ def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
     """A bench appending to the tracked benchmarks/results/*.csv leaves the next bench's git sha clean;
     any other change marks it +dirty."""
     import subprocess
-    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    H = importlib.import_module("_harness")
+    H = _harness_module(monkeypatch)
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "op.csv").write_text("a\n")
     (tmp_path / "code.py").write_text("x = 1\n")
@@ -233,8 +237,7 @@ def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
 @pytest.fixture
 def harness(monkeypatch):
     """benchmarks/_harness as imported by the benches, with a fixed GPU name and commit for its tables."""
-    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
-    H = importlib.import_module("_harness")
+    H = _harness_module(monkeypatch)
     monkeypatch.setattr(H, "gpu_name", lambda: "dry run")
     monkeypatch.setattr(H, "git_sha", lambda: "abc")
     return H
@@ -351,7 +354,7 @@ def test_goal_lines_read_the_ratios_the_right_way_round(factor, verdict, dry_run
     """The dry run times every provider at 1 ms, so every ratio is 1. Here the baselines (eager, Liger,
     F.rms_norm, the copy, SDPA) take `factor` ms against lwt's 1 ms: at 2 lwt is twice as fast (every
     goal met), at 0.5 twice as slow (none met)."""
-    H = importlib.import_module("_harness")
+    H = _harness_module(monkeypatch)
     add = H.Report.add
     baselines = ("eager", "Liger-Kernel", "F.rms_norm", "copy (ceiling)")
 

@@ -506,10 +506,11 @@ def test_sampler_bad_arguments(kwargs, message):
 # python -m lwt.generate
 # ---------------------------------------------------------------------------------------------------
 
-def write_checkpoint(path, model, source="text"):
+def write_checkpoint(path, model, source="text", **extra):
+    """A checkpoint as lwt.generate reads it; extra: more keys (a resume state's phase, step, ...)."""
     cfg = Config(model=model.cfg, data=DataConfig(source=source))
     torch.save({"config": dataclasses.asdict(cfg), "model": model.trainable_state_dict(),
-                "frozen_checksum": model.frozen_checksum()}, path)
+                "frozen_checksum": model.frozen_checksum(), **extra}, path)
 
 
 def test_generate_text_checkpoint(tmp_path, monkeypatch, capsys):
@@ -725,9 +726,7 @@ def test_generate_samples_a_mid_stage_checkpoint_through_its_trained_blocks(tmp_
     """generate.main passes the depth to the sampler, which runs model(x, n_blocks=depth)."""
     model = tiny_model(vocab_size=256, seed=4, n_layers=3)
     path = tmp_path / "checkpoint.pt"
-    state = _resume_state(1, 2)
-    state["config"]["model"] = dataclasses.asdict(model.cfg)
-    torch.save({**state, "model": model.trainable_state_dict(), "frozen_checksum": model.frozen_checksum()}, path)
+    write_checkpoint(path, model, phase=1, step=2, end_to_end=False)  # stage 1 of 3, after 2 of its steps
     depths, forward = [], LWTModel.forward
 
     def recording_forward(self, tokens, n_blocks=None):

@@ -46,6 +46,21 @@ def _weights(out):
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
+def _shifted_clock(monkeypatch) -> list:
+    """The trainer's clock, shifted by shift[0] seconds (the returned one-item list): a test adds to it to make
+    a step or a cache write take that long on the trainer's clock, without sleeping."""
+    shift = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
+    return shift
+
+
+def _recording(monkeypatch, owner, name) -> list:
+    """Replace owner.name by a wrapper that appends each of its results to the returned list."""
+    results, fn = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args: results.append(fn(*args)) or results[-1])
+    return results
+
+
 def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
     saves, atomic_save = [], T._atomic_save
 
@@ -100,7 +115,7 @@ def test_tokens_per_second_leaves_out_the_first_step(tmp_path, capsys, monkeypat
     the second step on, while "wall s" includes the first. Here the first step of each phase takes 100 s
     more on the trainer's clock (shifted, not slept: the other steps' real time, however loaded the
     machine, stays far below it)."""
-    loss, seen, shift = T.Trainer.loss, set(), [0.0]
+    loss, seen, shift = T.Trainer.loss, set(), _shifted_clock(monkeypatch)
 
     def slow_first(self, *args):
         phase = self.position[0]
@@ -110,7 +125,6 @@ def test_tokens_per_second_leaves_out_the_first_step(tmp_path, capsys, monkeypat
         return loss(self, *args)
 
     monkeypatch.setattr(T.Trainer, "loss", slow_first)
-    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
     code, _ = _run(tmp_path)
     assert code == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
@@ -1251,7 +1265,7 @@ def test_the_tables_seconds_are_each_phases_own(tmp_path, monkeypatch):
     """On a shifted clock (stage 0's steps 100 s each, block 0's cache write 1000 s): stage 0's "wall s" is
     its two steps, its "cache s" the write; stage 1's wall time does not carry stage 0's over (its
     checkpoint every step kept the phase's wall time so far), and the last stage writes no cache."""
-    shift, loss, write_cache = [0.0], T.Trainer.loss, T.Trainer.write_cache
+    shift, loss, write_cache = _shifted_clock(monkeypatch), T.Trainer.loss, T.Trainer.write_cache
 
     def slow_stage0(self, *args):
         if self.position[0] == 0:
@@ -1264,7 +1278,6 @@ def test_the_tables_seconds_are_each_phases_own(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T.Trainer, "loss", slow_stage0)
     monkeypatch.setattr(T.Trainer, "write_cache", slow_write)
-    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
     code, out = _run(tmp_path, "--set", "train.joint_steps=0", "--set", "train.max_steps=2",
                      "--set", "train.ckpt_every=1")
     assert code == 0
@@ -1342,14 +1355,13 @@ def test_every_parameter_group_follows_the_schedule_to_min_lr_ratio(tmp_path, mo
 def test_logged_tokens_and_rate_since_the_last_log(tmp_path, monkeypatch):
     """metrics.jsonl: `tokens` counts the phase's tokens through the logged step, `tokens_per_s` the tokens
     of the steps since the previous log over their time (100 s per step on a shifted clock)."""
-    loss, shift = T.Trainer.loss, [0.0]
+    loss, shift = T.Trainer.loss, _shifted_clock(monkeypatch)
 
     def slow(self, *args):
         shift[0] += 100.0
         return loss(self, *args)
 
     monkeypatch.setattr(T.Trainer, "loss", slow)
-    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + shift[0]))
     code, out = _run(tmp_path, "--set", "model.n_layers=1", "--set", "train.joint_steps=0")
     assert code == 0
     per_step = 4 * 16  # data.batch_size · data.seq_len, one rank
@@ -1361,8 +1373,7 @@ def test_logged_tokens_and_rate_since_the_last_log(tmp_path, monkeypatch):
 def test_a_resumed_phases_flops_and_rate_count_this_invocations_steps(tmp_path, monkeypatch):
     """A phase resumed with one step left: its TFLOP/s are step_flops at that step's masked tokens (every
     token masked: t = 1), and its tok/s, with no second step to time, the phase's tokens over its wall time."""
-    flops, step_flops = [], T.step_flops
-    monkeypatch.setattr(T, "step_flops", lambda *args: flops.append(step_flops(*args)) or flops[-1])
+    flops = _recording(monkeypatch, T, "step_flops")
     one = ("--set", "model.n_layers=1", "--set", "train.joint_steps=0", "--set", "train.max_steps=4",
            "--set", "objective.mask_fraction_min=1", "--set", "objective.mask_fraction_max=1")
     _run(tmp_path, *one, "--stop_after", "3")
@@ -1396,9 +1407,7 @@ def test_a_ranks_log_and_table_count_every_rank(tmp_path, monkeypatch):
     the table row's tokens and tok/s are both ranks', its TFLOP/s one rank's (step_flops at the masked
     tokens: all of them, t = 1)."""
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda core, **kwargs: core)
-    losses, loss, flops, step_flops = [], T.Trainer.loss, [], T.step_flops
-    monkeypatch.setattr(T.Trainer, "loss", lambda self, *args: losses.append(loss(self, *args)) or losses[-1])
-    monkeypatch.setattr(T, "step_flops", lambda *args: flops.append(step_flops(*args)) or flops[-1])
+    losses, flops = _recording(monkeypatch, T.Trainer, "loss"), _recording(monkeypatch, T, "step_flops")
     args = T.parse_args(TINY + ["--set", f"train.out_dir={tmp_path / 'run'}", "--set", "model.n_layers=1",
                                 "--set", "train.joint_steps=0", "--set", "train.max_steps=4",
                                 "--set", "objective.mask_fraction_min=1", "--set", "objective.mask_fraction_max=1"])
