@@ -9,8 +9,12 @@ compiles each autotune config through triton's own ptxas (shipped in the wheel) 
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
 spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
 --quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened),
-what the test suite runs; the default compiles every config of every list. Exit code 1 if any compile
-failed.
+what the test suite runs; the default compiles every config of every list, and the specialisations
+some launches add (the attention forward without O's residual, MLA's dK/dV with one head per program,
+RMSNorm's missing operands as None). `SMEM` of an attention or MLA config also shows what the autotune
+prune counts for it (`prune counts`). Exit code 1 if any compile failed, or if a config's shared memory
+exceeds what the prune counts by more than the margin the prune leaves under 227 KiB (a config it keeps
+could then fail to launch).
 """
 from __future__ import annotations
 
@@ -75,6 +79,24 @@ def _mma(ptx: str) -> str:
     return ("wgmma" if m.group(1).startswith("wgmma") else "mma.sync") + m.group(2)
 
 
+def _smem_estimate(label, dtype, const, stages):
+    """Bytes of shared memory kernels/attention.py's prune counts for an attention or MLA job, and the
+    most it may compile to: that plus the margin the prune leaves under sm_90's 227 KiB a block; None
+    for other kernels."""
+    from kernels import attention as A
+
+    if not label.startswith(("attention ", "mla ")):
+        return None
+    count = {"fwd": A._fwd_smem, "dQ": A._dq_smem,
+             "dK/dV": A._mla_dkdv_smem if label.startswith("mla") else A._dkdv_smem}.get(label.split()[-1])
+    if count is None:  # the δ pass: a row reduction, not pruned (256 bytes of shared memory at most)
+        return None
+    elements = count(const["BLOCK_M"], const["BLOCK_N"], stages, const.get("FLATTEN", False),
+                     const["HEAD_DIM"] + const["ROPE_DIM"], const["V_DIM"], const["ROPE_DIM"])
+    counted = elements * (4 if dtype == "fp32" else 2)
+    return counted, counted + 227 * 1024 - A._SMEM_BYTES
+
+
 def _blocks(entry):
     """The constexprs of an attention table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN])."""
     from kernels import attention as A
@@ -91,11 +113,15 @@ def _picked(configs, quick):
     return configs[:1] + other[:1]
 
 
-def _fwd_extra(kernel, dtype):
-    """The forward's STORE_RES as a training step launches it: O's residual kept for 16-bit inputs."""
+def _fwd_variants(kernel, dtype, first):
+    """The forward's STORE_RES as a training step launches it (O's residual kept for 16-bit inputs) and,
+    for a list's first entry, as a call with no backward to come launches it (no residual); {} for the
+    other kernels."""
     from kernels import attention as A
 
-    return {"STORE_RES": dtype != "fp32"} if kernel is A._attn_fwd_kernel else {}
+    if kernel is not A._attn_fwd_kernel:
+        return [{}]
+    return [{"STORE_RES": dtype != "fp32"}] + ([{"STORE_RES": False}] if first and dtype != "fp32" else [])
 
 
 def _attention_jobs(quick):
@@ -113,11 +139,12 @@ def _attention_jobs(quick):
             configs = table["fp32" if dtype == "fp32" else max(64, head_dim)]
             for causal in (False, True):
                 for entry in _picked(configs, quick):
-                    const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim, IS_CAUSAL=causal,
-                                 INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_blocks(entry),
-                                 **({} if group is None else {"GROUP": group}), **_fwd_extra(kernel, dtype))
-                    warps, stages = entry[2:4]
-                    yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
+                    for extra in _fwd_variants(kernel, dtype, first=entry == configs[0] and not quick):
+                        const = dict(D=d, HEAD_DIM=head_dim, D_R=0, ROPE_DIM=0, D_V=d, V_DIM=head_dim,
+                                     IS_CAUSAL=causal, INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                                     **_blocks(entry), **({} if group is None else {"GROUP": group}), **extra)
+                        warps, stages = entry[2:4]
+                        yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
     pre = A._bwd_preprocess_kernel
     for head_dim in (64, 128, 256):
         const = dict(D=head_dim, HEAD_DIM=head_dim, HAS_RES=True, BLOCK_M=A._PREPROCESS_TILE // head_dim)
@@ -143,11 +170,16 @@ def _mla_jobs(quick):
             precision = "ieee" if dtype == "fp32" else "tf32"
             for causal in (False, True):
                 for entry in _picked(configs, quick):
-                    const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry),
-                             **_fwd_extra(kernel, dtype)}
-                    warps, stages = entry[2:4]
-                    yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
-                           {"LSE", "Delta", "DKR_partial"})
+                    first = entry == configs[0] and not quick
+                    # dK/dV with one head per program (as many head chunks as heads: few key tiles), a
+                    # HEADS_PER_PROGRAM of 1 that triton specialises, for a list's first entry
+                    for extra in _fwd_variants(kernel, dtype, first) + (
+                            [{"HEADS_PER_PROGRAM": 1}] if first and kernel is M._mla_bwd_dkdv_kernel else []):
+                        const = {**meta, "IS_CAUSAL": causal, "INPUT_PRECISION": precision, **_blocks(entry),
+                                 **extra}
+                        warps, stages = entry[2:4]
+                        yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"},
+                               {"LSE", "Delta", "DKR_partial"})
 
 
 def _swiglu_jobs(quick):
@@ -183,28 +215,49 @@ def _swiglu_jobs(quick):
                    warps, stages, ints, set(), {"SA"}, {"A": "fp8e4nv", "BT": "fp8e4nv"}, ("K",))
 
 
+def _row_warps(block_m, block_n, quick):
+    """The warp counts the row kernels' prune keeps for a tile, in its order; quick: the first, which an
+    untuned launch (LWT_AUTOTUNE=0) takes."""
+    from kernels._common import prune_row_configs, row_configs
+
+    kept = [c.num_warps for c in prune_row_configs(row_configs(), {}, BLOCK_M=block_m, BLOCK_N=block_n)]
+    return kept[:1] if quick else kept
+
+
 def _rmsnorm_jobs(quick):
     from kernels import rmsnorm as R
 
     ints, floats, fp32 = {"M", "N"}, {"eps"}, {"Rstd", "RowDot", "DW_partial"}
-    tiles = [(2, 4096, True), (1, 8192, True), (1, 4096, False)]
-    for block_m, block_n, single in (tiles[:1] if quick else tiles):
-        for warps in ((8,) if quick else (4, 8, 16)):
+    rows = 16384
+    # The tiles rms_norm_fwd / rms_norm_bwd launch: hidden 4096 (the goal's) whole; 16384, whole in the
+    # forward and in chunks (with the row-dot pass) in the backward; 32768 in chunks in the forward. A
+    # pointer the launch passes as None (no residual, no weight, no ds_out, no dw) is the constant None
+    # triton specialises it to.
+    for n in ((4096,) if quick else (4096, 8192, 16384, 32768)):
+        block_m, block_n, single = R.launch_tile(n, rows, backward=False)
+        for warps in _row_warps(block_m, block_n, quick):
             yield ("rmsnorm fwd", R._rms_norm_fwd_kernel.fn, "bf16",
                    dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=True, HAS_WEIGHT=True, SINGLE_PASS=single),
                    warps, 1, ints, floats, fp32)
+            if not quick:
+                yield ("rmsnorm fwd, no residual, no weight", R._rms_norm_fwd_kernel.fn, "bf16",
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=False, HAS_WEIGHT=False, SINGLE_PASS=single,
+                            R=None, W=None), warps, 1, ints, floats, fp32)
+    for n in ((4096, 16384) if quick else (4096, 8192, 16384)):
+        block_m, block_n, single = R.launch_tile(n, rows, backward=True)
+        for warps in _row_warps(block_m, block_n, quick):
+            if not single:
+                yield ("rmsnorm bwd row dot", R._rms_norm_bwd_row_dot_kernel.fn, "bf16",
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_WEIGHT=True), warps, 1, ints, floats, fp32)
             yield ("rmsnorm bwd", R._rms_norm_bwd_kernel.fn, "bf16",
                    dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=True, HAS_WEIGHT=True,
-                        COMPUTE_DW=True, HAS_DRES=True),
+                        COMPUTE_DW=True, HAS_DRES=True, **({"RowDot": None} if single else {})),
                    warps, 1, ints, floats, fp32)
-    if not quick:  # weight=None: W is not read, and there is no dw
-        block_m, block_n, single = tiles[0]
-        yield ("rmsnorm fwd, no weight", R._rms_norm_fwd_kernel.fn, "bf16",
-               dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_RESIDUAL=False, HAS_WEIGHT=False, SINGLE_PASS=single),
-               8, 1, ints, floats, fp32)
-        yield ("rmsnorm bwd, no weight", R._rms_norm_bwd_kernel.fn, "bf16",
-               dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=False, HAS_WEIGHT=False,
-                    COMPUTE_DW=False, HAS_DRES=False), 8, 1, ints, floats, fp32)
+            if not quick:  # weight=None: no dw; no ds_out, no separate residual gradient
+                yield ("rmsnorm bwd, no weight", R._rms_norm_bwd_kernel.fn, "bf16",
+                       dict(BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, HAS_DS_OUT=False, HAS_WEIGHT=False,
+                            COMPUTE_DW=False, HAS_DRES=False, W=None, DS_OUT=None, DW_partial=None,
+                            **({"RowDot": None} if single else {})), warps, 1, ints, floats, fp32)
 
 
 def _cross_entropy_jobs(quick):
@@ -257,8 +310,12 @@ def main(argv=None) -> int:
                 print(f"FAILED {label} {dtype} {shown} w{warps} s{stages}: {type(e).__name__}: {msg}", flush=True)
                 continue
             regs, stack = _usage(compiled)
-            print(f"ok {label} {dtype} {shown} w{warps} s{stages}: REG {regs} SPILL {stack} "
-                  f"SMEM {compiled.metadata.shared} MMA {_mma(compiled.asm['ptx'])}", flush=True)
+            smem, estimate = compiled.metadata.shared, _smem_estimate(label, dtype, const, stages)
+            under = estimate is not None and smem > estimate[1]
+            failed += under
+            print(f"{'FAILED' if under else 'ok'} {label} {dtype} {shown} w{warps} s{stages}: REG {regs} SPILL {stack} "
+                  f"SMEM {smem}{'' if estimate is None else f' (prune counts {estimate[0]})'} "
+                  f"MMA {_mma(compiled.asm['ptx'])}", flush=True)
     print(f"{failed} failed" if failed else "all compiled")
     return 1 if failed else 0
 

@@ -254,14 +254,14 @@ def _table_key(qk_dim: int, v_dim: int) -> int | str:
 
 def _make_prune(table, smem_elements, divides):
     """early_config_prune: the configs listed for these head dims whose shared memory fits, in their
-    list's order (LWT_AUTOTUNE=0 launches the first). smem_elements(BM, BN, stages, QK, V): elements a
-    config holds in shared memory, with QK and V the padded widths of q·k (rope part included) and of v;
-    divides(BM, BN): the block alignment the mask split needs."""
+    list's order (LWT_AUTOTUNE=0 launches the first). smem_elements(BM, BN, stages, FLATTEN, QK, V, R):
+    elements a config holds in shared memory (below); divides(BM, BN): the block alignment the mask
+    split needs."""
     def prune(configs, nargs, **kwargs):
         meta = {**nargs, **kwargs}
         if interpreting():
             return configs
-        qk, vd = meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"]
+        qk, vd, rope = meta["HEAD_DIM"] + meta["ROPE_DIM"], meta["V_DIM"], meta["ROPE_DIM"]
         fp32 = meta["INPUT_PRECISION"] == "ieee"
         order = {entry: i for i, entry in enumerate(table["fp32" if fp32 else _table_key(qk, vd)])}
         kept = []
@@ -269,7 +269,8 @@ def _make_prune(table, smem_elements, divides):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             if not divides(bm, bn):
                 continue
-            if smem_elements(bm, bn, c.num_stages, qk, vd) * (4 if fp32 else 2) <= _SMEM_BYTES:
+            flatten = c.kwargs.get("FLATTEN", False)
+            if smem_elements(bm, bn, c.num_stages, flatten, qk, vd, rope) * (4 if fp32 else 2) <= _SMEM_BYTES:
                 kept.append(c)
         if not kept:  # tests/test_attention.py checks that every head dim keeps some
             raise RuntimeError(f"no listed launch config fits {_SMEM_BYTES} bytes of shared memory for q·k width "
@@ -278,14 +279,36 @@ def _make_prune(table, smem_elements, divides):
     return prune
 
 
-# Streamed tiles (K and V in the forward and dQ, q and dO in dK/dV) have `stages` copies in flight; the
-# resident ones (q; k and v; q and dO) one.
-_prune_fwd = _make_prune(_FWD_CONFIGS, lambda bm, bn, st, qk, vd: st * bn * (qk + vd) + bm * qk,
-                         lambda bm, bn: bm % bn == 0)
-_prune_dkdv = _make_prune(_DKDV_CONFIGS, lambda bm, bn, st, qk, vd: (st * bm + bn) * (qk + vd),
-                          lambda bm, bn: bn % bm == 0)
-_prune_dq = _make_prune(_DQ_CONFIGS, lambda bm, bn, st, qk, vd: (st * bn + bm) * (qk + vd),
-                        lambda bm, bn: bm % bn == 0)
+# Shared memory of a config, in elements of the inputs' dtype, for tiles BM x BN, `st` stages, FLATTEN (the
+# dK/dV field), QK and V the padded widths of q·k (rope part included) and of v, R the padded rope width.
+# Streamed tiles (K and V in the forward and dQ, q and dO in dK/dV) have `st` copies in flight; the
+# resident ones (q; k and v; q and dO) one. benchmarks/compile_check.py fails a config whose compiled
+# shared memory exceeds its estimate by more than the margin _SMEM_BYTES leaves.
+def _fwd_smem(bm, bn, st, flatten, qk, vd, rope):
+    return st * bn * (qk + vd) + bm * qk
+
+
+def _dkdv_smem(bm, bn, st, flatten, qk, vd, rope):
+    # One stage: sm_90 compiles 32-key tiles (mma.sync) with a second copy of dO's tile (16 KiB more for
+    # (32, 32) at v 256); counted for every one-stage config, which overcounts the others by that much.
+    return (st * bm + bn) * (qk + vd) + (bm * vd if st == 1 else 0)
+
+
+def _mla_dkdv_smem(bm, bn, st, flatten, qk, vd, rope):
+    """MLA's heads have keys and values of their own: flattened, the loop over a chunk's heads streams
+    k_nope and v as well, `st` copies of them beside the shared rope key's tile (sm_90 compiles
+    DeepSeek-V2's heads and half-size ones to this within 512 bytes; nested, GQA's count holds)."""
+    return st * (bm + bn) * (qk + vd) + bn * rope if flatten else _dkdv_smem(bm, bn, st, flatten, qk, vd, rope)
+
+
+def _dq_smem(bm, bn, st, flatten, qk, vd, rope):
+    return (st * bn + bm) * (qk + vd)
+
+
+_prune_fwd = _make_prune(_FWD_CONFIGS, _fwd_smem, lambda bm, bn: bm % bn == 0)
+_prune_dkdv = _make_prune(_DKDV_CONFIGS, _dkdv_smem, lambda bm, bn: bn % bm == 0)
+_prune_mla_dkdv = _make_prune(_DKDV_CONFIGS, _mla_dkdv_smem, lambda bm, bn: bn % bm == 0)
+_prune_dq = _make_prune(_DQ_CONFIGS, _dq_smem, lambda bm, bn: bm % bn == 0)
 _KEY = ["D", "HEAD_DIM", "D_R", "ROPE_DIM", "D_V", "V_DIM", "IS_CAUSAL", "INPUT_PRECISION", "seq_bucket"]
 
 

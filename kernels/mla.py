@@ -40,7 +40,7 @@ from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, fir
 
 
 @triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
-                 prune_configs_by={"early_config_prune": A._prune_dkdv})
+                 prune_configs_by={"early_config_prune": A._prune_mla_dkdv})
 @triton.jit
 def _mla_bwd_dkdv_kernel(
     Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV,

@@ -235,6 +235,15 @@ _row_dot = TunedKernel(_rms_norm_bwd_row_dot_kernel)
 _bwd = TunedKernel(_rms_norm_bwd_kernel)
 
 
+def launch_tile(N: int, M: int, backward: bool) -> tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_N, SINGLE_PASS) of a forward or backward launch over M rows of N: whole rows up to
+    the direction's widest (narrow ones packed several to a program), else one row at a time in CHUNK_N
+    column chunks."""
+    block_m, block_n, single = (row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M) if backward
+                                else row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M))
+    return (block_m, block_n, True) if single else (1, CHUNK_N, False)
+
+
 def _rms_norm_fwd_fake(x, weight, eps, residual=None):
     M, N = x.shape
     s_shape = (M, N) if residual is not None else (0,)
@@ -253,9 +262,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     rstd = empty((M,), torch.float32, x.device)
     if M == 0:
         return y, s, rstd
-    block_m, block_n, single = row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M)
-    if not single:
-        block_m, block_n = 1, CHUNK_N
+    block_m, block_n, single = launch_tile(N, M, backward=False)
     has_res = residual is not None
     s_arg = s if has_res else x  # S is neither read nor written without a residual
     _fwd.launch(
@@ -291,10 +298,9 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None,
     if M == 0:
         return dx, (torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if compute_dw
                     else absent(s)), dres
-    block_m, block_n, single = row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M)
+    block_m, block_n, single = launch_tile(N, M, backward=True)
     row_dot = None
     if not single:
-        block_m, block_n = 1, CHUNK_N
         row_dot = empty((M,), torch.float32, s.device)
         _row_dot.launch(
             (M,),

@@ -510,7 +510,8 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim,
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for name, table, prune, aligned in [
         ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
-        ("dkdv", attn._DKDV_CONFIGS, attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
+        ("dkdv", attn._DKDV_CONFIGS, attn._prune_mla_dkdv if rope_dim else attn._prune_dkdv,
+         lambda bm, bn: bn % bm == 0),
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
         listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim + rope_dim, v_dim)]
