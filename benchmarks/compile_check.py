@@ -94,7 +94,7 @@ def _smem_estimate(label, dtype, const, stages):
     elements = count(const["BLOCK_M"], const["BLOCK_N"], stages, const.get("FLATTEN", False),
                      const["HEAD_DIM"] + const["ROPE_DIM"], const["V_DIM"], const["ROPE_DIM"])
     counted = elements * (4 if dtype == "fp32" else 2)
-    return counted, counted + 227 * 1024 - A._SMEM_BYTES
+    return counted, counted + A._SMEM_LIMIT - A._SMEM_BYTES
 
 
 def _blocks(entry):

@@ -183,6 +183,17 @@ def test_validate_returns_a_new_config_and_coerces_floats():
     pytest.param({"train": {"device": "cuda:01"}}, r"train\.device: expected one of auto \| cpu \| cuda \| cuda:N, "
                  r"got 'cuda:01'", id="device-leading-zero"),
     pytest.param({"train": {"dtype": "fp8"}}, r"train\.dtype: expected one of auto \| float32", id="dtype"),
+    pytest.param({"train": {"joint_lr": 0}}, r"train\.joint_lr: expected a number > 0, or null for train\.lr, got 0\.0",
+                 id="joint-lr-zero"),
+    pytest.param({"objective": {"eval_batches": 0}}, r"objective\.eval_batches: expected an int >= 1, got 0",
+                 id="eval-batches"),
+    pytest.param({"model": {"norm_eps": 0}}, r"model\.norm_eps: expected a number > 0, got 0\.0", id="norm-eps"),
+    pytest.param({"model": {"n_kv_heads": 0}}, r"model\.n_kv_heads: expected an int >= 1, or null", id="kv-heads-zero"),
+    pytest.param({"train": {"cache_draws": 0}}, r"train\.cache_draws: expected an int >= 1, got 0", id="cache-draws"),
+    pytest.param({"train": {"cache_sequences": 0}}, r"train\.cache_sequences: expected an int >= 1, got 0",
+                 id="cache-sequences"),
+    pytest.param({"data": {"batch_size": 0}}, r"data\.batch_size: expected an int >= 1, got 0", id="batch-size"),
+    pytest.param({"train": {"cache_dir": ""}}, r"train\.cache_dir: expected a directory path", id="cache-dir-empty"),
 ])
 def test_bad_values_name_the_key(sections, message):
     with pytest.raises(ValueError, match=message):
@@ -280,24 +291,6 @@ def test_mla_defaults_follow_the_head_dim():
     # Explicit MLA dims do not need d_model to divide into heads.
     explicit = ["attn_type=mla", "d_model=100", "n_heads=3", "mla_nope_dim=32", "mla_rope_dim=16", "mla_v_dim=32"]
     assert load_config(None, explicit).model.d_model == 100
-
-
-@pytest.mark.parametrize("sections, message", [
-    pytest.param({"train": {"joint_lr": 0}}, r"train\.joint_lr: expected a number > 0, or null for train\.lr, got 0\.0",
-                 id="joint-lr-zero"),
-    pytest.param({"objective": {"eval_batches": 0}}, r"objective\.eval_batches: expected an int >= 1, got 0",
-                 id="eval-batches"),
-    pytest.param({"model": {"norm_eps": 0}}, r"model\.norm_eps: expected a number > 0, got 0\.0", id="norm-eps"),
-    pytest.param({"model": {"n_kv_heads": 0}}, r"model\.n_kv_heads: expected an int >= 1, or null", id="kv-heads-zero"),
-    pytest.param({"train": {"cache_draws": 0}}, r"train\.cache_draws: expected an int >= 1, got 0", id="cache-draws"),
-    pytest.param({"train": {"cache_sequences": 0}}, r"train\.cache_sequences: expected an int >= 1, got 0",
-                 id="cache-sequences"),
-    pytest.param({"data": {"batch_size": 0}}, r"data\.batch_size: expected an int >= 1, got 0", id="batch-size"),
-    pytest.param({"train": {"cache_dir": ""}}, r"train\.cache_dir: expected a directory path", id="cache-dir-empty"),
-])
-def test_bad_values_at_the_boundary_name_the_key(sections, message):
-    with pytest.raises(ValueError, match=message):
-        config_from_dict(sections)
 
 
 def test_values_at_the_boundaries_are_accepted():

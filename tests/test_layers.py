@@ -362,6 +362,11 @@ def test_mla_layer_matches_float64(monkeypatch, q_rank, causal):
         assert_close(name, a, e, r, reduced_over=2 * 13 * 3)
 
 
+def _rms(x, w, eps=1e-6):
+    """torch's own RMSNorm, not kernels/reference.py's: the layer's reference path runs that one."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps)
+
+
 def _mla_by_hand(layer, x, causal, theta=10000.0):
     """MLAAttention spelled out in float64 from its parameters (DeepSeek-V2 §2.1): q from a plain W_q or
     W_uq · RMSNorm(W_dq x); c = RMSNorm(W_dkv x); [k_nope, v] = W_ukv c; RoPE (the complex-number form) on
@@ -370,12 +375,12 @@ def _mla_by_hand(layer, x, causal, theta=10000.0):
     B, S, _ = x.shape
     H, dn, dr, dv, r = layer.n_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, layer.kv_rank
     if layer.q_rank:
-        q = reference.rms_norm(x @ p["q_down.weight"].T, p["q_norm.weight"]) @ p["q_up.weight"].T
+        q = _rms(x @ p["q_down.weight"].T, p["q_norm.weight"]) @ p["q_up.weight"].T
     else:
         q = x @ p["q_proj.weight"].T
     q = q.reshape(B, S, H, dn + dr)
     down = x @ p["kv_down.weight"].T
-    c = reference.rms_norm(down[..., :r], p["kv_norm.weight"])  # (pinned to torch.nn.RMSNorm)
+    c = _rms(down[..., :r], p["kv_norm.weight"])
     k_rope = _rope_complex(down[..., None, r:], 0, theta)[:, :, 0]  # (B, S, dr): one per token
     kv = (c @ p["kv_up.weight"].T).reshape(B, S, H, dn + dv)
     q = torch.cat([q[..., :dn], _rope_complex(q[..., dn:], 0, theta)], dim=-1)

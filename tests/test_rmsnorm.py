@@ -387,12 +387,9 @@ def test_each_operand_read_through_its_own_strides(grad):
         assert_close("s", s, s64, s_ref)
 
 
-@pytest.mark.parametrize("n,max_block_n,tile", [
-    (8192, rmsnorm_kernels.BWD_MAX_BLOCK_N, rmsnorm_kernels.BWD_TILE_ELEMENTS),
-    (16384, rmsnorm_kernels.FWD_MAX_BLOCK_N, rmsnorm_kernels.FWD_TILE_ELEMENTS)], ids=["backward", "forward"])
-def test_rows_as_wide_as_the_register_limit_are_read_once(n, max_block_n, tile):
+@pytest.mark.parametrize("n,backward", [(8192, True), (16384, False)], ids=["backward", "forward"])
+def test_rows_as_wide_as_the_register_limit_are_read_once(n, backward):
     """Docstring, Limits: rows of up to 16384 elements (forward) / 8192 (backward) are held in registers and
-    read once: N at the limit takes the single-pass tile, one more element the chunked path."""
-    from kernels._common import row_tile
-    assert row_tile(n, max_block_n, tile)[1:] == (max_block_n, True)
-    assert row_tile(n + 1, max_block_n, tile)[1:] == (max_block_n, False)
+    read once: N at the limit takes the single-pass tile the launcher uses, one more element the chunked path."""
+    assert rmsnorm_kernels.launch_tile(n, 4, backward)[1:] == (n, True)
+    assert rmsnorm_kernels.launch_tile(n + 1, 4, backward)[1:] == (rmsnorm_kernels.CHUNK_N, False)
