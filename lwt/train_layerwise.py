@@ -671,8 +671,12 @@ class Trainer:
         config (a cache_dir outside out_dir only: out_dir, hence its caches, belong to this run). An explicit
         cache_dir shared by runs (a scratch path in a config file) would otherwise lose a stopped run's cache
         to the next run started, or resumed, on it, and that run's --resume would be refused on the new run's
-        cache. A collective."""
-        foreign = []
+        cache. Also refused: a stage's path that is not a directory (a file named stage0), which would fail
+        the run only when it writes that cache, after the stage trained. A collective."""
+        foreign = [f"train.cache_dir: {self._stage_dir(k)} is not a directory, and this run writes block {k}'s "
+                   f"activation cache there: move it away or choose another train.cache_dir"
+                   for k in range(self.cfg.model.n_layers)
+                   if os.path.lexists(self._stage_dir(k)) and not os.path.isdir(self._stage_dir(k))]
         own = os.path.realpath(self.out_dir)
         inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's
         pattern = os.path.join(glob.escape(self.cache_dir), "stage*", f"rank{self.env.rank}.manifest.json")
@@ -1325,9 +1329,10 @@ def main(argv=None) -> int:
         Either way a stopped run wrote a checkpoint to resume from.
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
-            without --resume, a cache_dir holding another config's cache (refuse_foreign_caches), or a
-            checkpoint or cache that does not match. DiskSpaceError: no room for a cache. OSError: an out_dir
-            or cache_dir that cannot be made or locked (lock_run_dirs names the key).
+            without --resume, a cache_dir holding another config's cache or a file where a stage's cache goes
+            (refuse_foreign_caches), or a checkpoint or cache that does not match. DiskSpaceError: no room
+            for a cache. OSError: an out_dir or cache_dir that cannot be made or locked (lock_run_dirs names
+            the key).
         TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
             saved after it).
     """
