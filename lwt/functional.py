@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from kernels import reference
 from kernels._checks import (KERNEL_DTYPES, MAX_HEAD_DIM, REFERENCE_DTYPES, autocast_available, check_attention_args,
@@ -64,6 +65,14 @@ def backend_for(x: torch.Tensor) -> str:
                            "kernels on the CPU set TRITON_INTERPRET=1 before triton is imported, or unset "
                            "LWT_BACKEND to run the PyTorch reference")
     return "triton"
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read on the host now: not while torch.compile traces, and not for a tensor
+    without data (meta, a FakeTensor) or a torch.func transform's wrapper (vmap's BatchedTensor has no
+    storage to read)."""
+    return not (torch.compiler.is_compiling() or t.is_meta or is_fake(t)
+                or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _reference_autocast_off(x):
@@ -206,8 +215,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         hidden: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
         weight: (V, D), hidden's dtype and device.
         target: (...) int64/int32 class indices in [0, V), or ignore_index (those rows cost nothing and
-            get a zero gradient). Any other value is a ValueError, not a wrong loss (under torch.compile on
-            the reference path, where the up-front check would sync, it is gather's RuntimeError instead).
+            get a zero gradient). Any other value is a ValueError, not a wrong loss (on the reference path
+            under torch.compile, where the up-front check would sync, and under torch.func.vmap, FakeTensorMode
+            or on meta, where there are no values to check, it is gather's RuntimeError instead).
         token_weight: optional (...) float tensor multiplying each row's loss (the 1/t of the
             mask-diffusion NELBO); it gets a gradient if it requires one.
         reduction: "mean": sum of the (weighted) row losses over the number of non-ignored rows (NaN if
@@ -231,7 +241,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         return ce_triton(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype=accum_dtype)
     check_linear_cross_entropy_args(hidden, weight, target, token_weight, reduction, ignore_index, accum_dtype,
                                     dtypes=REFERENCE_DTYPES)
-    if not torch.compiler.is_compiling():  # the range check syncs with the host: left to gather's own check
+    if _values_readable(target):  # the range check syncs with the host; where it cannot, gather's own check
         count_valid_targets(target, weight.shape[0], ignore_index)
     with _reference_autocast_off(hidden):
         return reference.linear_cross_entropy(hidden, weight, target, token_weight, reduction, ignore_index)

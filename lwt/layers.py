@@ -454,7 +454,8 @@ class FrozenSwiGLU(nn.Module):
     Args:
         d_model: model width; d_ff: hidden width F.
         seed: W_gate and W_up are drawn, in that order, from a CPU torch.Generator seeded with it, as
-            N(0, 1/d_model) entries: the same seed gives the same matrices on every machine and rank.
+            N(0, 1/d_model) entries (drawn in float64, rounded to fp32): the same seed gives the same
+            matrices on every machine and rank, whatever its CPU or torch's default dtype.
         recompute: the backward recomputes gate/up from x (True) instead of keeping them (False). The
             Triton path's policy: on the reference path (CPU tensors, LWT_BACKEND=reference) it changes
             nothing (see lwt.functional.frozen_swiglu).
@@ -505,7 +506,12 @@ class FrozenSwiGLU(nn.Module):
                 if self.frozen_dtype == torch.float8_e4m3fn:
                     out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta", dtype=torch.float32)
                 continue
-            out[name] = torch.randn(self.d_ff, self.d_model, generator=gen) * self.d_model ** -0.5
+            # Drawn in float64 and rounded once to fp32: torch's fp32 randn on the CPU takes a vectorised
+            # path on x86 CPUs with AVX2 and a scalar one elsewhere (aarch64, ATEN_CPU_CAPABILITY=default),
+            # whose values differ in the last bits; its float64 draw is the same on both (and the dtype is
+            # explicit: under another default dtype randn would draw other values).
+            out[name] = (torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64)
+                         * self.d_model ** -0.5).float()
             if self.frozen_dtype == torch.float8_e4m3fn:
                 out[name], out[f"{name}_scale"] = quantize_rows_fp8(out[name])
         return out

@@ -586,3 +586,24 @@ def test_fp16_hidden_layouts_over_many_chunks(monkeypatch, accum_dtype, layout):
         assert got.dtype == torch.float16
         assert_close(name, got, g64, g_ref, reduced_over=k)
     assert len(sums) == 5 and set(sums) == {torch.float32 if accum_dtype else torch.float16}
+
+
+def test_reference_path_runs_under_vmap_fake_tensors_and_meta(monkeypatch):
+    """The reference path (the CPU default) under torch.func.vmap (per-sample gradients), FakeTensorMode and
+    on meta: the up-front range check of the targets has no values to read there (vmap's BatchedTensor has
+    no storage), so it is left to gather's, as under torch.compile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 6, 8, generator=g), torch.randn(10, 8, generator=g)
+    t = torch.randint(0, 10, (4, 6), generator=g)
+    t[1, 2] = -100
+    loss = lambda w_, h_, t_: lwtF.linear_cross_entropy(h_, w_, t_)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(w, h, t)
+    for i in range(4):
+        torch.testing.assert_close(per_sample[i], torch.func.grad(loss)(w, h[i], t[i]))
+    assert lwtF.linear_cross_entropy(h.to("meta"), w.to("meta"), t.to("meta")).is_meta
+    with FakeTensorMode():
+        hf = torch.randn(6, 8, requires_grad=True)
+        lwtF.linear_cross_entropy(hf, torch.randn(10, 8), torch.randint(0, 10, (6,))).backward()
+        assert hf.grad.shape == (6, 8)

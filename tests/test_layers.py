@@ -1,5 +1,6 @@
 """lwt.layers modules: parameters, state_dict compatibility with torch, and the call into the op."""
 import copy
+import os
 
 import pytest
 import torch
@@ -581,7 +582,7 @@ def test_frozen_swiglu_draws_gate_then_up_from_its_seed():
     from lwt.layers import FrozenSwiGLU
 
     gen = torch.Generator().manual_seed(9)
-    gate, up = (torch.randn(24, 16, generator=gen) * 16 ** -0.5 for _ in range(2))
+    gate, up = ((torch.randn(24, 16, generator=gen, dtype=torch.float64) * 16 ** -0.5).float() for _ in range(2))
     mlp = FrozenSwiGLU(16, 24, seed=9)
     assert torch.equal(mlp.w_gate, gate) and torch.equal(mlp.w_up, up)
 
@@ -913,3 +914,45 @@ def test_kernel_backward_ignores_an_enclosing_autocast(recompute):
             grads.append(torch.autograd.grad(y, (x, wd), dy))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_frozen_swiglu_draw_ignores_the_default_dtype(default):
+    """The frozen matrices are the seed's whatever torch's default dtype: randn draws other values in
+    float64 than in fp32, so a process that set another default (a float64 check, say) would build, and
+    reset_parameters() would restore, another model (and another frozen_checksum)."""
+    from lwt.layers import FrozenSwiGLU
+    want = FrozenSwiGLU(16, 24, seed=3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        explicit = FrozenSwiGLU(16, 24, seed=3, dtype=torch.float32)
+        implicit = FrozenSwiGLU(16, 24, seed=3)
+        explicit.w_gate.zero_()
+        explicit.reset_parameters()
+    finally:
+        torch.set_default_dtype(previous)
+    for name in ("w_gate", "w_up"):
+        assert torch.equal(getattr(explicit, name), getattr(want, name))
+        assert torch.equal(getattr(implicit, name), getattr(want, name).to(default))
+
+
+def test_frozen_swiglu_draw_is_the_same_on_every_cpu():
+    """torch's fp32 randn takes a vectorised path on AVX2 CPUs and a scalar one elsewhere (aarch64 hosts such
+    as a GH200's), with other last bits: the frozen matrices (and every frozen_checksum) must not depend on
+    which, or a checkpoint trained on one machine is refused on the other. ATEN_CPU_CAPABILITY=default
+    forces the scalar path in a subprocess."""
+    import subprocess
+    import sys
+    code = ("import hashlib, torch; from lwt.layers import FrozenSwiGLU; m = FrozenSwiGLU(32, 96, seed=5); "
+            "print(hashlib.sha256(m.w_gate.numpy().tobytes() + m.w_up.numpy().tobytes()).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = set()
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        digests.add(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                   text=True).stdout.strip())
+    assert len(digests) == 1
