@@ -419,6 +419,8 @@ class MLAAttention(nn.Module):
             (B, S, d_model) in x's dtype.
         """
         _check_x(x, self.d_model, self.kv_down.weight)
+        if not isinstance(absorb, bool):  # (a string such as "False" would be true)
+            raise ValueError(f"absorb: expected a bool, got {absorb!r}")
         if absorb:
             return self._absorbed(x)
         B, S, _ = x.shape
@@ -486,8 +488,9 @@ class FrozenSwiGLU(nn.Module):
         self.d_model, self.d_ff, self.seed, self.recompute = d_model, d_ff, seed, recompute
         self.frozen_dtype = frozen_dtype
         matrix_dtype = frozen_dtype or dtype or torch.get_default_dtype()
-        meta = device is not None and torch.device(device).type == "meta"
-        for name, w in self._draw_frozen(shapes_only=meta).items():  # FP8 scales stay fp32
+        # where W_down goes: `device`, else the default device (a `with torch.device(...)` block's)
+        device = torch.get_default_device() if device is None else torch.device(device)
+        for name, w in self._draw_frozen(shapes_only=device.type == "meta").items():  # FP8 scales stay fp32
             self.register_buffer(name, w.to(device=device, dtype=w.dtype if name.endswith("_scale") else matrix_dtype))
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
@@ -510,7 +513,8 @@ class FrozenSwiGLU(nn.Module):
             # path on x86 CPUs with AVX2 and a scalar one elsewhere (aarch64, ATEN_CPU_CAPABILITY=default),
             # whose values differ in the last bits; its float64 draw is the same on both (and the dtype is
             # explicit: under another default dtype randn would draw other values).
-            out[name] = (torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64)
+            # (on the CPU, as its generator is, also inside a `with torch.device("cuda")` block)
+            out[name] = (torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64, device="cpu")
                          * self.d_model ** -0.5).float()
             if self.frozen_dtype == torch.float8_e4m3fn:
                 out[name], out[f"{name}_scale"] = quantize_rows_fp8(out[name])

@@ -481,6 +481,8 @@ def test_mla_layer_shapes_and_bad_input():
     assert tuple(layer.kv_down.weight.shape) == (32 + 8, 48) and tuple(layer.kv_up.weight.shape) == (3 * 40, 32)
     with pytest.raises(ValueError, match=r"^x: expected \(batch, seq, 48\), got \(2, 5, 40\)"):
         layer(torch.randn(2, 5, 40))
+    with pytest.raises(ValueError, match=r"^absorb: expected a bool, got 'False'"):  # (a true string)
+        layer(torch.randn(2, 5, 48), absorb="False")
 
 
 def test_rope_table_stays_fp32_and_usable_for_training():
@@ -956,3 +958,26 @@ def test_frozen_swiglu_draw_is_the_same_on_every_cpu():
         digests.add(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                                    text=True).stdout.strip())
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("frozen_dtype", [None, torch.float8_e4m3fn], ids=["full", "fp8"])
+@pytest.mark.parametrize("where", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_layers_built_under_a_default_device(where, frozen_dtype):
+    """Built inside `with torch.device(where)` (deferred init on meta, or straight on the GPU), a block's
+    frozen matrices (and FP8 scales) go where its parameters go and hold the seed's values: they are drawn
+    on the CPU, as their generator is (randn on the default device refused the CPU generator on CUDA)."""
+    from lwt.layers import DecoderBlock
+    torch.manual_seed(0)
+    want = DecoderBlock(32, 4, 48, attn_type="mla", mla_rkv=16, frozen_dtype=frozen_dtype)
+    torch.manual_seed(0)
+    with torch.device(where):
+        block = DecoderBlock(32, 4, 48, attn_type="mla", mla_rkv=16, frozen_dtype=frozen_dtype)
+    assert {t.device.type for t in [*block.parameters(), *block.buffers()]} == {where}
+    if where == "meta":
+        block = block.to_empty(device="cpu")
+        for module in block.modules():
+            if hasattr(module, "reset_parameters") and module is not block:
+                module.reset_parameters()
+    for name, w in want.mlp.named_buffers():
+        got = getattr(block.mlp, name).cpu()
+        assert got.dtype == w.dtype and torch.equal(got.view(torch.uint8), w.view(torch.uint8)), name
