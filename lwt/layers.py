@@ -511,9 +511,9 @@ class FrozenSwiGLU(nn.Module):
                 continue
             # Drawn in float64 and rounded once to fp32: torch's fp32 randn on the CPU takes a vectorised
             # path on x86 CPUs with AVX2 and a scalar one elsewhere (aarch64, ATEN_CPU_CAPABILITY=default),
-            # whose values differ in the last bits; its float64 draw is the same on both (and the dtype is
-            # explicit: under another default dtype randn would draw other values).
-            # (on the CPU, as its generator is, also inside a `with torch.device("cuda")` block)
+            # whose values differ in the last bits; its float64 draw is the same on both. The dtype is
+            # explicit (under another default dtype randn would draw other values), and so is the device:
+            # the generator's, also inside a `with torch.device("cuda")` block.
             out[name] = (torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64, device="cpu")
                          * self.d_model ** -0.5).float()
             if self.frozen_dtype == torch.float8_e4m3fn:

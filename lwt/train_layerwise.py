@@ -675,7 +675,7 @@ class Trainer:
         the run only when it writes that cache, after the stage trained. A collective."""
         foreign = [f"train.cache_dir: {self._stage_dir(k)} is not a directory, and this run writes block {k}'s "
                    f"activation cache there: move it away or choose another train.cache_dir"
-                   for k in range(self.cfg.model.n_layers)
+                   for k in range(self.cfg.model.n_layers - 1)  # (the last stage writes no cache)
                    if os.path.lexists(self._stage_dir(k)) and not os.path.isdir(self._stage_dir(k))]
         own = os.path.realpath(self.out_dir)
         inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's

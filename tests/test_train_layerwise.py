@@ -839,15 +839,19 @@ def test_a_dir_that_cannot_be_made_names_its_key_and_leaves_nothing(tmp_path):
 
 
 def test_a_file_in_place_of_a_stage_cache_is_refused_before_training(tmp_path, monkeypatch):
-    """A file where a stage's cache directory goes (stage1 in cache_dir) is a ValueError naming
-    train.cache_dir and the path before any step, not a bare FileExistsError once block 1 trained."""
-    (tmp_path / "scratch").mkdir()
-    (tmp_path / "scratch" / "stage1").write_text("x")
+    """A file where a stage's cache directory goes (stage1 in cache_dir, 3 layers) is a ValueError naming
+    train.cache_dir and the path before any step, not a bare FileExistsError once block 1 trained. With 2
+    layers the last stage, 1, writes no cache: the run goes through and leaves the file alone."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "stage1").write_text("x")
     steps = _recording(monkeypatch, T.Trainer, "loss")
     with pytest.raises(ValueError, match=r"^train.cache_dir: .*scratch/stage1 is not a directory, and this run "
                                          r"writes block 1's activation cache there"):
-        _run(tmp_path, "--set", f"train.cache_dir={tmp_path / 'scratch'}")
-    assert steps == [] and (tmp_path / "scratch" / "stage1").read_text() == "x"
+        _run(tmp_path, "--set", f"train.cache_dir={scratch}", "--set", "model.n_layers=3")
+    assert steps == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
+    code, out = _run(tmp_path, "--set", f"train.cache_dir={scratch}", name="two")
+    assert code == 0 and (out / "final.pt").exists() and (scratch / "stage1").read_text() == "x"
 
 
 def test_resume_in_another_dtype_names_it(tmp_path, monkeypatch):
