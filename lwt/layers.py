@@ -624,14 +624,16 @@ def _mla_head_dims(d_model: int, n_heads: int, nope_dim: int | None, rope_dim: i
 
 @contextlib.contextmanager
 def _caller_names(**names):
-    """A sub-layer's ValueError under the name its caller took the argument by: raised as "eps: ..." inside
-    RMSNorm, it reads "norm_eps: ..." from DecoderBlock."""
+    """A sub-layer's ValueError under the names its caller took the arguments by: raised as "eps: ..." inside
+    RMSNorm, it reads "norm_eps: ..." from DecoderBlock (and "nope_dim, v_dim: ..." reads "mla_nope_dim,
+    mla_v_dim: ...")."""
     try:
         yield
     except ValueError as e:
         name, sep, rest = str(e).partition(": ")
-        if sep and name in names:
-            raise ValueError(f"{names[name]}: {rest}") from None
+        parts = name.split(", ")
+        if sep and any(part in names for part in parts):
+            raise ValueError(f"{', '.join(names.get(part, part) for part in parts)}: {rest}") from None
         raise
 
 
@@ -675,7 +677,8 @@ class DecoderBlock(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.d_model, self.attn_type = d_model, attn_type
         with _caller_names(eps="norm_eps", seed="frozen_seed", q_rank="mla_rq", kv_rank="mla_rkv",
-                           nope_dim="mla_nope_dim", rope_dim="mla_rope_dim", v_dim="mla_v_dim"):
+                           nope_dim="mla_nope_dim", rope_dim="mla_rope_dim", v_dim="mla_v_dim",
+                           head_dim="head_dim (d_model // n_heads)"):
             self.norm1 = RMSNorm(d_model, norm_eps, **factory)
             if attn_type == "mla":
                 nope_dim, rope_dim, v_dim = _mla_head_dims(d_model, n_heads, mla_nope_dim, mla_rope_dim, mla_v_dim)

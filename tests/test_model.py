@@ -101,6 +101,8 @@ def test_block_from_config_seeds_each_layer():
     (dict(attn_type="mla", mla_rq=-1), r"^mla_rq: expected an int >= 0"),
     (dict(attn_type="mla", mla_rope_dim=3), r"^mla_rope_dim: expected an even number"),
     (dict(attn_type="mla", mla_v_dim=0), r"^mla_v_dim: expected a positive int, got 0"),
+    (dict(attn_type="mla", mla_nope_dim=300), r"^mla_nope_dim, mla_v_dim: expected at most 256, got 300, 8"),
+    (dict(d_model=1200), r"^head_dim \(d_model // n_heads\): expected an even number <= 256 .*got 300"),
     (dict(attn_type="mla", n_heads=3), r"^n_heads: expected a divisor of d_model=32 when an MLA head size is None"),
 ])
 def test_block_bad_arguments(kwargs, message):
