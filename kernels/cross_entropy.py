@@ -77,13 +77,12 @@ _ROW_ALIGN = 16
 @triton.jit
 def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
                     COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: Lse[row] = log2 Σ_v 2^(z_v·log2 e)
-    (the log-sum-exp in base-2 units: lse · log2 e) and ℓ = lse − z_t from one online pass over the row
-    (otherwise Lse[row] is read). WRITE_GRAD: a second pass overwrites the row with c · (softmax −
-    onehot(t)), c = RowScale[row]. The backward's exponents z·log2 e − Lse use the forward's base-2 value
-    as it is, with no round trip through natural-log units: a row whose softmax is exactly one-hot (V = 1)
-    gets p = 2^0 = 1 (up to the contraction of z·log2 e − Lse into one fma), not 1 plus the round trip's
-    rounding."""
+    """One program per row of the (C, V) logits chunk Z. COMPUTE_LSE: Lse[row] = log2 Σ_v 2^(z_v·log2 e) (the
+    log-sum-exp in base-2 units: lse · log2 e) and ℓ = lse − z_t (summed as (max − z_t) + log Σ) from one online
+    pass over the row (otherwise Lse[row] is read). WRITE_GRAD: a second pass overwrites the row with c · (softmax −
+    onehot(t)), c = RowScale[row]. The backward's exponents z·log2 e − Lse use the forward's base-2 value as it is,
+    with no round trip through natural-log units: a row whose softmax is exactly one-hot (V = 1) gets p = 2^0 = 1
+    (up to the contraction of z·log2 e − Lse into one fma), not 1 plus the round trip's rounding."""
     row = tl.program_id(0).to(tl.int64)
     z_row = Z + row * stride_z_row
     cols = tl.arange(0, BLOCK_V)
@@ -100,9 +99,13 @@ def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
             s_lane = s_lane * tl.exp2(m_lane - m_ref) + tl.exp2(z - m_ref)
             m_lane = m_new
         m = tl.max(m_lane, 0)
-        lse2 = m + tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))
+        log2_s = tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))
+        lse2 = m + log2_s
         tl.store(Lse + row, lse2)
-        tl.store(Loss + row, (lse2 - tl.load(z_row + target).to(tl.float32) * LOG2E) * LN2)
+        # (m − z_t) + log2 Σ, not lse − z_t: lse rounded to fp32 is ulps of the largest logit off, which a
+        # confident row's loss (log2 Σ itself when the target is the top logit: 2e-6 at logits 30 and 17)
+        # would take whole, as F.cross_entropy's log_softmax does not.
+        tl.store(Loss + row, ((m - tl.load(z_row + target).to(tl.float32) * LOG2E) + log2_s) * LN2)
     else:
         lse2 = tl.load(Lse + row)
     if WRITE_GRAD:
