@@ -33,8 +33,9 @@ def test_sample_t_is_the_documented_formula(t_min, t_max):
 
 
 def test_evaluate_nelbo_is_the_documented_estimator():
-    """One generator seeded once for all batches, t over the whole (0, 1] whatever training used, the 1/t
-    (elbo) weighting, normalised by every token; batches of different sizes weighted by their tokens."""
+    """One generator seeded once for all batches; per sequence n masked positions, n stratified uniform on
+    {1..S} whatever training used (LLaDA eq. 6), a uniformly random subset, weighted S/n (1/t at t = n/S),
+    normalised by every token; batches of different sizes weighted by their tokens."""
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 8, (b, 12), generator=gen) for b in (2, 3, 5)]
@@ -46,9 +47,12 @@ def test_evaluate_nelbo_is_the_documented_estimator():
             B, S = tokens.shape
             u = torch.rand((), generator=g, dtype=torch.float64)
             perm = torch.randperm(B, generator=g)
-            t = ((torch.arange(B, dtype=torch.float64) + 1.0 - u) / B)[perm].float()  # (0, 1]
-            r = torch.rand((B, S), generator=g, dtype=torch.float64)
-            mask = r < t.double()[:, None]
+            strata = ((torch.arange(B, dtype=torch.float64) + 1.0 - u) / B)[perm].float().double()  # (0, 1]
+            n = (strata * S).ceil().clamp(1, S).long()  # (B,) in 1..S
+            ranks = torch.rand((B, S), generator=g, dtype=torch.float64).argsort(1).argsort(1)
+            mask = ranks < n[:, None]  # exactly n[b] masked in row b
+            assert torch.equal(mask.sum(1), n)
+            t = n.double() / S
             logits = model(tokens.masked_fill(mask, model.mask_id)).double() @ model.head_weight().double().t()
             ce = torch.nn.functional.cross_entropy(logits[mask], tokens[mask], reduction="none")
             total += float((ce / t.double()[:, None].expand(B, S)[mask]).sum())
