@@ -171,7 +171,8 @@ def _exact_count_mask(batch: int, seq: int, generator: torch.Generator) -> tuple
     and mask (batch, seq) bool, on the CPU generator's device."""
     strata = sample_t(batch, 0.0, 1.0, generator).double()  # (batch,) in (0, 1], stratified and shuffled
     n = (strata * seq).ceil().clamp_(1, seq).long()  # (batch,) uniform on {1, ..., seq}
-    ranks = torch.rand((batch, seq), generator=generator, dtype=torch.float64).argsort(1).argsort(1)
+    ranks = _rand((batch, seq), generator, generator.device, torch.float64).argsort(1).argsort(1)  # (not the
+    # default device's rand: inside `with torch.device("cuda")` that refuses the CPU generator)
     return n.double() / seq, ranks < n[:, None]
 
 
@@ -200,6 +201,7 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
     Returns:
         dict(nelbo=nats per token, ppl_bound=exp(nelbo), tokens=number of tokens scored).
     """
+    _check_int(mask_id, "mask_id", 0)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for tokens in batches:

@@ -78,7 +78,8 @@ def _load(path: str, device) -> tuple[LWTModel, str, dict]:
     if checksum != ckpt["frozen_checksum"]:
         raise ValueError(f"checkpoint {path!r}: the frozen SwiGLU matrices regenerated from frozen_seed="
                          f"{model_cfg.frozen_seed} have checksum {checksum}, but the checkpoint was trained with "
-                         f"{ckpt['frozen_checksum']} (a different seed, dtype or random generator)")
+                         f"{ckpt['frozen_checksum']} (a different seed, dtype or random generator; an lwt before "
+                         f"d2e59f9 drew them in fp32, not float64: sample its checkpoints with that lwt)")
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype if device.type == "cuda" else torch.float32)
     return model.eval(), source, ckpt

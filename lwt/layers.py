@@ -686,6 +686,9 @@ class DecoderBlock(nn.Module):
                                          rope_dim=rope_dim, v_dim=v_dim, causal=causal, rope_theta=rope_theta,
                                          norm_eps=norm_eps, **factory)
             else:
+                if d_model % n_heads:  # (GQAAttention's own message would offer a head_dim argument the block lacks)
+                    raise ValueError(f"n_heads: expected a divisor of d_model={d_model} (head_dim is d_model // "
+                                     f"n_heads), got {n_heads}")
                 self.attn = GQAAttention(d_model, n_heads, _kv_heads(attn_type, n_heads, n_kv_heads), causal=causal,
                                          rope_theta=rope_theta, **factory)
             self.norm2 = RMSNorm(d_model, norm_eps, **factory)

@@ -535,7 +535,8 @@ class Trainer:
         self._forget_digests(0)
         if self.frozen_checksum != state["frozen_checksum"]:
             raise ValueError(f"{self.ckpt_path}: the frozen SwiGLU matrices regenerated from frozen_seed do not "
-                             f"match the checkpoint's checksum (another torch version's generator?)")
+                             f"match the checkpoint's checksum (another torch version's generator, or an lwt before "
+                             f"d2e59f9, which drew them in fp32: resume with that lwt)")
         rng = state["rng"][self.env.rank]
         self.data_gen.set_state(rng["data"])
         self.mask_gen.set_state(rng["mask"])

@@ -839,3 +839,18 @@ def test_evaluate_nelbo_is_unbiased_and_low_variance_for_a_context_free_model():
     std = (sum((e - mean) ** 2 for e in est) / (len(est) - 1)) ** 0.5
     assert abs(mean - exact) < 4 * std / len(est) ** 0.5 + 1e-9
     assert std < 0.02, std
+
+
+def test_evaluate_nelbo_under_a_default_device_and_a_bad_mask_id():
+    """evaluate_nelbo draws its masks from its CPU generator whatever the default device (inside `with
+    torch.device("cuda")` the default device's rand refuses a CPU generator; meta stands in for it here),
+    and checks mask_id as mask_tokens did before the exact-count masks."""
+    w = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 8, (3, 5), generator=torch.Generator().manual_seed(2))
+    hidden_fn = lambda noisy: w[noisy.clamp(max=7)].to("cpu")  # (B, S, 4), CPU whatever the default device
+    want = D.evaluate_nelbo(hidden_fn, w, [tokens], mask_id=7, seed=0)
+    with torch.device("meta"):
+        assert D.evaluate_nelbo(hidden_fn, w, [tokens], mask_id=7, seed=0) == want
+    for bad in (-1, True, 2.5, None):
+        with pytest.raises(ValueError, match=r"^mask_id: expected an int >= 0"):
+            D.evaluate_nelbo(hidden_fn, w, [tokens], mask_id=bad, seed=0)

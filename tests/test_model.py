@@ -104,6 +104,7 @@ def test_block_from_config_seeds_each_layer():
     (dict(attn_type="mla", mla_nope_dim=300), r"^mla_nope_dim, mla_v_dim: expected at most 256, got 300, 8"),
     (dict(d_model=1200), r"^head_dim \(d_model // n_heads\): expected an even number <= 256 .*got 300"),
     (dict(attn_type="mla", n_heads=3), r"^n_heads: expected a divisor of d_model=32 when an MLA head size is None"),
+    (dict(n_heads=3), r"^n_heads: expected a divisor of d_model=32 \(head_dim is d_model // n_heads\), got 3$"),
 ])
 def test_block_bad_arguments(kwargs, message):
     args = dict(d_model=32, n_heads=4, d_ff=48)
