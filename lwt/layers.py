@@ -457,7 +457,7 @@ class FrozenSwiGLU(nn.Module):
         d_model: model width; d_ff: hidden width F.
         seed: W_gate and W_up are drawn, in that order, from a CPU torch.Generator seeded with it, as
             N(0, 1/d_model) entries (drawn in float64, rounded to fp32): the same seed gives the same
-            matrices on every machine and rank, whatever its CPU or torch's default dtype.
+            matrices on every machine and rank, whatever its CPU's vector unit or torch's default dtype.
         recompute: the backward recomputes gate/up from x (True) instead of keeping them (False). The
             Triton path's policy: on the reference path (CPU tensors, LWT_BACKEND=reference) it changes
             nothing (see lwt.functional.frozen_swiglu).
