@@ -96,7 +96,10 @@ def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
             z = tl.load(z_row + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) * LOG2E
             m_new = tl.maximum(m_lane, z)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_lane = s_lane * tl.exp2(m_lane - m_ref) + tl.exp2(z - m_ref)
+            # The lane's max adds 2^0 = 1 by a comparison of the rounded products: compiled, z − m_ref is
+            # contracted into one fma with the exact product, which adds 2^(ulps of m) to the sum, and log2 Σ
+            # (a confident row's whole loss below: 2e-6 at logits 30 and 17) took that in (37% there).
+            s_lane = s_lane * tl.exp2(m_lane - m_ref) + tl.exp2(tl.where(z == m_ref, 0.0, z - m_ref))
             m_lane = m_new
         m = tl.max(m_lane, 0)
         log2_s = tl.log2(tl.sum(s_lane * tl.exp2(m_lane - m), 0))
@@ -105,8 +108,8 @@ def _ce_rows_kernel(Z, stride_z_row, Target, stride_t, RowScale, Lse, Loss, V,
         # (m − z_t) + log2 Σ, not lse − z_t: lse rounded to fp32 is ulps of the largest logit off, which a
         # confident row's loss (log2 Σ itself when the target is the top logit: 2e-6 at logits 30 and 17)
         # would take whole, as F.cross_entropy's log_softmax does not. For the top logit m − z_t is 0 by a
-        # comparison of the rounded products: compiled, m − z_t·log2 e is contracted into one fma with the
-        # exact product, which is ulps of m off again (36% of the loss at 30 and 17). Below the top logit the
+        # comparison of the rounded products, as the top term of Σ is 2^0 above: compiled, m − z_t·log2 e is
+        # contracted into one fma with the exact product, which is ulps of m off again. Below the top logit the
         # loss is at least ln 2, and the fma's half ulp of m nothing beside it.
         z_t = tl.load(z_row + target).to(tl.float32) * LOG2E
         tl.store(Loss + row, (tl.where(z_t >= m, 0.0, m - z_t) + log2_s) * LN2)
