@@ -171,8 +171,9 @@ def _exact_count_mask(batch: int, seq: int, generator: torch.Generator) -> tuple
     and mask (batch, seq) bool, on the CPU generator's device."""
     strata = sample_t(batch, 0.0, 1.0, generator).double()  # (batch,) in (0, 1], stratified and shuffled
     n = (strata * seq).ceil().clamp_(1, seq).long()  # (batch,) uniform on {1, ..., seq}
-    ranks = _rand((batch, seq), generator, generator.device, torch.float64).argsort(1).argsort(1)  # (not the
-    # default device's rand: inside `with torch.device("cuda")` that refuses the CPU generator)
+    # (on the generator's device, not the default one: inside `with torch.device("cuda")` the default
+    # device's rand refuses a CPU generator)
+    ranks = _rand((batch, seq), generator, generator.device, torch.float64).argsort(1).argsort(1)
     return n.double() / seq, ranks < n[:, None]
 
 
