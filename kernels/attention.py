@@ -35,8 +35,8 @@ As in every flash-attention backward, P is recomputed from Q Kᵀ (summed in ano
 forward's) and δ from the forward's O, so the gradients' error grows with the logits' magnitude (fp32, S
 16: at |logits| up to 1e3 dV is within 2e-5 relative, an eager backward's 2e-6). Where the softmax
 saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
-are of order scale · 1e-7 · |dO|·|V| instead. The forward is unaffected. (The MLA kernels share these
-passes.)
+are of order scale · 1e-7 · |dO|·|V|·|K| (|Q| for dK) instead. The forward is unaffected. (The MLA
+kernels share these passes.)
 δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward with
 a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the
 input dtype (one more O-sized tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ
