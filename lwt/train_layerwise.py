@@ -674,10 +674,10 @@ class Trainer:
         to the next run started, or resumed, on it, and that run's --resume would be refused on the new run's
         cache. Also refused: a stage's path that is not a directory (a file named stage0), which would fail
         the run only when it writes that cache, after the stage trained. A collective."""
-        foreign = [f"train.cache_dir: {self._stage_dir(k)} is not a directory, and this run writes block {k}'s "
-                   f"activation cache there: move it away or choose another train.cache_dir"
-                   for k in range(self.cfg.model.n_layers - 1)  # (the last stage writes no cache)
-                   if os.path.lexists(self._stage_dir(k)) and not os.path.isdir(self._stage_dir(k))]
+        stages = [(k, self._stage_dir(k)) for k in range(self.cfg.model.n_layers - 1)]  # (the last writes none)
+        foreign = [f"train.cache_dir: {path} is not a directory, and this run writes block {k}'s activation "
+                   f"cache there: move it away or choose another train.cache_dir"
+                   for k, path in stages if os.path.lexists(path) and not os.path.isdir(path)]
         own = os.path.realpath(self.out_dir)
         inside = os.path.commonpath([own, os.path.realpath(self.cache_dir)]) == own  # <out_dir>/cache: this run's
         pattern = os.path.join(glob.escape(self.cache_dir), "stage*", f"rank{self.env.rank}.manifest.json")
