@@ -401,7 +401,7 @@ def test_mla_layer_matches_hand_written_float64(monkeypatch, q_rank, causal):
         for name, w in layer.named_parameters():
             if "_norm." in name:
                 w.uniform_(0.5, 1.5)
-    x = torch.randn(2, 13, 48, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = torch.randn(2, 13, 48, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
     want = _mla_by_hand(layer, x, causal)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
