@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -449,6 +452,40 @@ class MLAAttention(nn.Module):
                 f"nope_dim={self.nope_dim}, rope_dim={self.rope_dim}, v_dim={self.v_dim}, causal={self.causal}")
 
 
+# The FrozenSwiGLUs built inside parallel_frozen_draws(), waiting for their frozen matrices (None outside).
+_PENDING_DRAWS: contextvars.ContextVar[list | None] = contextvars.ContextVar("lwt_pending_frozen_draws", default=None)
+
+
+@contextlib.contextmanager
+def parallel_frozen_draws(max_workers: int | None = None):
+    """FrozenSwiGLUs built inside this block draw their frozen matrices when it ends, several at once on a
+    thread pool (torch's CPU randn runs on one core, about 1.6 s per 14336 x 4096 matrix in float64, and
+    releases the GIL). Each module draws from its own seeded generator, so the values are the ones it draws
+    alone, bit for bit. max_workers: threads, default min(modules, CPU count, 8); each holds one float64
+    matrix (8·d_ff·d_model bytes) while it draws. Modules built on meta draw nothing, as always. Nested
+    blocks draw at the end of the outermost; a block left by an exception draws nothing (its modules are
+    unusable: their frozen buffers hold no values). LWTModel builds its blocks inside one."""
+    if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
+                                    or max_workers < 1):
+        raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
+    if _PENDING_DRAWS.get() is not None:
+        yield
+        return
+    pending: list = []
+    token = _PENDING_DRAWS.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING_DRAWS.reset(token)
+    workers = max_workers or min(len(pending), os.cpu_count() or 1, 8)
+    if workers <= 1 or len(pending) <= 1:
+        for module in pending:
+            module._fill_frozen()
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="lwt-frozen-draw") as pool:
+        list(pool.map(FrozenSwiGLU._fill_frozen, pending))  # list(): a worker's exception is raised here
+
+
 class FrozenSwiGLU(nn.Module):
     """SwiGLU MLP whose gate and up projections are fixed random matrices: y = (silu(x W_gateᵀ) ·
     (x W_upᵀ)) W_downᵀ, with W_down trained.
@@ -490,8 +527,14 @@ class FrozenSwiGLU(nn.Module):
         matrix_dtype = frozen_dtype or dtype or torch.get_default_dtype()
         # where W_down goes: `device`, else the default device (a `with torch.device(...)` block's)
         device = torch.get_default_device() if device is None else torch.device(device)
-        for name, w in self._draw_frozen(shapes_only=device.type == "meta").items():  # FP8 scales stay fp32
-            self.register_buffer(name, w.to(device=device, dtype=w.dtype if name.endswith("_scale") else matrix_dtype))
+        pending = _PENDING_DRAWS.get()  # inside parallel_frozen_draws(): drawn on leaving it
+        defer = pending is not None and device.type != "meta"
+        for name, w in self._draw_frozen(shapes_only=device.type == "meta" or defer).items():
+            dtype_w = w.dtype if name.endswith("_scale") else matrix_dtype  # FP8 scales stay fp32
+            self.register_buffer(name, torch.empty(w.shape, device=device, dtype=dtype_w) if defer
+                                 else w.to(device=device, dtype=dtype_w))
+        if defer:
+            pending.append(self)
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
 
@@ -514,8 +557,8 @@ class FrozenSwiGLU(nn.Module):
             # whose values differ in the last bits; its float64 draw is the same on both. The dtype is
             # explicit (under another default dtype randn would draw other values), and so is the device:
             # the generator's, also inside a `with torch.device("cuda")` block.
-            out[name] = (torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64, device="cpu")
-                         * self.d_model ** -0.5).float()
+            out[name] = torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64,
+                                    device="cpu").mul_(self.d_model ** -0.5).float()  # one float64 matrix at a time
             if self.frozen_dtype == torch.float8_e4m3fn:
                 out[name], out[f"{name}_scale"] = quantize_rows_fp8(out[name])
         return out
@@ -527,6 +570,10 @@ class FrozenSwiGLU(nn.Module):
         self._reset_w_down()
         if any(self._buffers[name].is_meta for name in self.frozen_buffer_names()):
             return  # nothing to hold the values yet (to_empty() comes first)
+        self._fill_frozen()
+
+    def _fill_frozen(self) -> None:
+        """Draw the frozen matrices into their buffers (in the buffers' dtype: copy_ rounds as .to() does)."""
         with torch.no_grad():
             for name, w in self._draw_frozen().items():
                 self._buffers[name].copy_(w)

@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm, _positive_int
+from .layers import DecoderBlock, FrozenSwiGLU, RMSNorm, _positive_int, parallel_frozen_draws
 
 
 class _TokenEmbedding(nn.Embedding):
@@ -44,8 +44,9 @@ class LWTModel(nn.Module):
         self.mask_id = cfg.vocab_size
         factory = dict(device=device, dtype=dtype)
         self.embed = _TokenEmbedding(cfg.vocab_size + 1, cfg.d_model, **factory)  # the last row is [MASK]
-        self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, frozen_dtype=frozen_dtype, **factory)
-                                    for i in range(cfg.n_layers))
+        with parallel_frozen_draws():  # every block's gate/up matrices drawn at once, on several CPU threads
+            self.blocks = nn.ModuleList(DecoderBlock.from_config(cfg, i, frozen_dtype=frozen_dtype, **factory)
+                                        for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, **factory)
         if cfg.tie_embeddings:
             self.register_parameter("lm_head", None)

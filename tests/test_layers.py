@@ -981,3 +981,50 @@ def test_layers_built_under_a_default_device(where, frozen_dtype):
     for name, w in want.mlp.named_buffers():
         got = getattr(block.mlp, name).cpu()
         assert got.dtype == w.dtype and torch.equal(got.view(torch.uint8), w.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("frozen_dtype", [None, torch.bfloat16, torch.float8_e4m3fn], ids=["fp32", "bf16", "fp8"])
+def test_parallel_frozen_draws_are_the_sequential_ones(frozen_dtype):
+    """Modules built inside parallel_frozen_draws() get their frozen matrices (and FP8 scales) when it ends,
+    drawn on a thread pool: bit for bit what each draws alone, on the default device; a module built on
+    meta inside it stays meta and draws nothing; W_down's draw from the global RNG is unchanged."""
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+
+    seeds = [3, 11, 3, 2**63]
+    torch.manual_seed(0)
+    alone = [FrozenSwiGLU(24, 40, seed=s, frozen_dtype=frozen_dtype, device=DEVICE) for s in seeds]
+    torch.manual_seed(0)
+    with parallel_frozen_draws(max_workers=3):
+        pooled = [FrozenSwiGLU(24, 40, seed=s, frozen_dtype=frozen_dtype, device=DEVICE) for s in seeds]
+        on_meta = FrozenSwiGLU(24, 40, seed=3, frozen_dtype=frozen_dtype, device="meta")
+        assert not any(torch.equal(m.w_gate.view(torch.uint8), a.w_gate.view(torch.uint8))
+                       for m, a in zip(pooled, alone))  # nothing drawn yet
+    assert on_meta.w_gate.is_meta
+    for m, a in zip(pooled, alone):
+        assert torch.equal(m.w_down, a.w_down)
+        for name, w in a.named_buffers():
+            got = getattr(m, name)
+            assert got.dtype == w.dtype and got.device == w.device
+            assert torch.equal(got.view(torch.uint8), w.view(torch.uint8)), name
+
+
+def test_parallel_frozen_draws_nest_fail_and_check_max_workers():
+    """Nested blocks draw at the end of the outermost; a block left by an exception draws nothing and
+    leaves no pending state behind (a module built after it draws at once); max_workers is checked."""
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+
+    want = FrozenSwiGLU(16, 24, seed=4).w_up
+    with parallel_frozen_draws():
+        with parallel_frozen_draws():
+            inner = FrozenSwiGLU(16, 24, seed=4)
+        assert not torch.equal(inner.w_up, want)  # not yet: the outer block draws
+    assert torch.equal(inner.w_up, want)
+    with pytest.raises(RuntimeError, match="boom"):
+        with parallel_frozen_draws():
+            FrozenSwiGLU(16, 24, seed=4)
+            raise RuntimeError("boom")
+    assert torch.equal(FrozenSwiGLU(16, 24, seed=4).w_up, want)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="max_workers"):
+            with parallel_frozen_draws(max_workers=bad):
+                pass
