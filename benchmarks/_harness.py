@@ -16,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -88,7 +89,13 @@ def bench_graph_ms(fn):
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:
+        # the whole traceback to the log: the report's note keeps one line, and a failed capture leaves the
+        # next ones failing with "a previous error during capture" (seen at 871b73f, cause not yet known)
+        traceback.print_exc()
+        raise
 
 
 def first_line(e: BaseException, width: int = 160) -> str:
