@@ -6,6 +6,8 @@ import contextvars
 import math
 import numbers
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -452,38 +454,88 @@ class MLAAttention(nn.Module):
                 f"nope_dim={self.nope_dim}, rope_dim={self.rope_dim}, v_dim={self.v_dim}, causal={self.causal}")
 
 
-# The FrozenSwiGLUs built inside parallel_frozen_draws(), waiting for their frozen matrices (None outside).
-_PENDING_DRAWS: contextvars.ContextVar[list | None] = contextvars.ContextVar("lwt_pending_frozen_draws", default=None)
+class _PendingDraws:
+    """The FrozenSwiGLUs built inside one parallel_frozen_draws() block, waiting for their frozen matrices;
+    closed once the block ends (a module built later, in a context copied inside the block, draws at once)."""
+
+    def __init__(self):
+        self.modules: list = []
+        self.closed = False
+
+
+_PENDING_DRAWS: contextvars.ContextVar[_PendingDraws | None] = contextvars.ContextVar("lwt_pending_draws",
+                                                                                     default=None)
+
+
+def _draw_threads() -> int:
+    """CPU threads for the frozen draws: the CPUs this process may run on (its affinity, not the machine's
+    count), shared with the other local ranks of a torchrun launch (each draws the same matrices), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        cpus = os.cpu_count() or 1
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, min(8, cpus // max(1, int(local_ranks) if local_ranks.isdigit() else 1)))
 
 
 @contextlib.contextmanager
 def parallel_frozen_draws(max_workers: int | None = None):
     """FrozenSwiGLUs built inside this block draw their frozen matrices when it ends, several at once on a
-    thread pool (torch's CPU randn runs on one core, about 1.6 s per 14336 x 4096 matrix in float64, and
-    releases the GIL). Each module draws from its own seeded generator, so the values are the ones it draws
-    alone, bit for bit. max_workers: threads, default min(modules, CPU count, 8); each holds one float64
-    matrix (8·d_ff·d_model bytes) while it draws. Modules built on meta draw nothing, as always. Nested
-    blocks draw at the end of the outermost; a block left by an exception draws nothing (its modules are
-    unusable: their frozen buffers hold no values). LWTModel builds its blocks inside one."""
+    thread pool (torch's CPU randn runs on one core, 1.3 to 1.6 s per 14336 x 4096 matrix in float64 on a
+    2-core x86 CPU, and releases the GIL). Each module draws from its own seeded generator, so the values
+    are the ones it draws alone, bit for bit. The workers only draw, on the CPU, one matrix at a time (its
+    float64 draw and fp32 rounding, 12 bytes an entry, at the peak); the thread that leaves the block
+    copies each into its buffer as it comes, under that thread's inference mode and CUDA stream.
+    max_workers: threads, default: the CPUs this process may use, divided among torchrun's local ranks, at
+    most 8 and at most one a module. Modules built on meta draw nothing, as always. Nested blocks draw at
+    the end of the outermost; a block left by an exception draws nothing (its modules are unusable: their
+    frozen buffers hold no values). LWTModel builds its blocks inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
-    if _PENDING_DRAWS.get() is not None:
+    if _PENDING_DRAWS.get() is not None and not _PENDING_DRAWS.get().closed:
         yield
         return
-    pending: list = []
+    pending = _PendingDraws()
     token = _PENDING_DRAWS.set(pending)
     try:
         yield
     finally:
         _PENDING_DRAWS.reset(token)
-    workers = max_workers or min(len(pending), os.cpu_count() or 1, 8)
-    if workers <= 1 or len(pending) <= 1:
-        for module in pending:
+        pending.closed = True
+    modules = pending.modules
+    workers = min(max_workers or _draw_threads(), len(modules))
+    if workers <= 1:
+        for module in modules:
             module._fill_frozen()
         return
+    arrived: queue.SimpleQueue = queue.SimpleQueue()  # (module, buffer name, CPU tensor); None: a module done
+    stop = threading.Event()  # this thread failed: the workers stop after their current matrix
+
+    def draw(module):
+        try:
+            for name, w in module._frozen_draws():
+                if stop.is_set():
+                    return
+                arrived.put((module, name, w))
+                del w  # (the queue's reference is the only one)
+        finally:
+            arrived.put(None)
+
     with ThreadPoolExecutor(workers, thread_name_prefix="lwt-frozen-draw") as pool:
-        list(pool.map(FrozenSwiGLU._fill_frozen, pending))  # list(): a worker's exception is raised here
+        futures = [pool.submit(draw, module) for module in modules]
+        try:
+            with torch.no_grad():
+                for _ in range(len(modules)):
+                    while (item := arrived.get()) is not None:
+                        item[0]._buffers[item[1]].copy_(item[2])  # rounds to the buffer's dtype as .to() does
+                        del item
+        except BaseException:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        for future in futures:
+            future.result()  # a worker's exception
 
 
 class FrozenSwiGLU(nn.Module):
@@ -527,41 +579,50 @@ class FrozenSwiGLU(nn.Module):
         matrix_dtype = frozen_dtype or dtype or torch.get_default_dtype()
         # where W_down goes: `device`, else the default device (a `with torch.device(...)` block's)
         device = torch.get_default_device() if device is None else torch.device(device)
-        pending = _PENDING_DRAWS.get()  # inside parallel_frozen_draws(): drawn on leaving it
-        defer = pending is not None and device.type != "meta"
-        for name, w in self._draw_frozen(shapes_only=device.type == "meta" or defer).items():
+        pending = _PENDING_DRAWS.get()  # inside parallel_frozen_draws(): drawn when it ends
+        defer = pending is not None and not pending.closed and device.type != "meta"
+        drawn = self._frozen_shapes() if device.type == "meta" or defer else dict(self._frozen_draws())
+        for name, w in drawn.items():
             dtype_w = w.dtype if name.endswith("_scale") else matrix_dtype  # FP8 scales stay fp32
             self.register_buffer(name, torch.empty(w.shape, device=device, dtype=dtype_w) if defer
                                  else w.to(device=device, dtype=dtype_w))
+        del drawn
         if defer:
-            pending.append(self)
+            pending.modules.append(self)
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
 
     def _reset_w_down(self) -> None:
         nn.init.kaiming_uniform_(self.w_down, a=math.sqrt(5))  # as nn.Linear(d_ff, d_model) initialises it
 
-    def _draw_frozen(self, shapes_only: bool = False) -> dict[str, torch.Tensor]:
-        """W_gate then W_up (then, with FP8, their scales), on the CPU, from a generator seeded with `seed`;
-        shapes_only: meta tensors of their shapes and dtypes, nothing drawn (a module built on meta)."""
-        gen = torch.Generator().manual_seed(self.seed)
+    def _frozen_shapes(self) -> dict[str, torch.Tensor]:
+        """Meta tensors of the frozen buffers' shapes (the scales' in their fp32 dtype): nothing drawn."""
         out = {}
+        for name in ("w_gate", "w_up"):
+            out[name] = torch.empty(self.d_ff, self.d_model, device="meta")
+            if self.frozen_dtype == torch.float8_e4m3fn:
+                out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta", dtype=torch.float32)
+        return out
+
+    def _frozen_draws(self):
+        """Yield (buffer name, CPU tensor): W_gate then W_up (with FP8, each followed by its scale), drawn one
+        at a time from a generator seeded with `seed`."""
+        gen = torch.Generator().manual_seed(self.seed)
         for name in ("w_gate", "w_up"):  # drawn in this order from the one generator
-            if shapes_only:
-                out[name] = torch.empty(self.d_ff, self.d_model, device="meta")
-                if self.frozen_dtype == torch.float8_e4m3fn:
-                    out[f"{name}_scale"] = torch.empty(self.d_ff, device="meta", dtype=torch.float32)
-                continue
             # Drawn in float64 and rounded once to fp32: torch's fp32 randn on the CPU takes a vectorised
             # path on x86 CPUs with AVX2 and a scalar one elsewhere (aarch64, ATEN_CPU_CAPABILITY=default),
             # whose values differ in the last bits; its float64 draw is the same on both. The dtype is
             # explicit (under another default dtype randn would draw other values), and so is the device:
             # the generator's, also inside a `with torch.device("cuda")` block.
-            out[name] = torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64,
-                                    device="cpu").mul_(self.d_model ** -0.5).float()  # one float64 matrix at a time
+            w = torch.randn(self.d_ff, self.d_model, generator=gen, dtype=torch.float64,
+                            device="cpu").mul_(self.d_model ** -0.5).float()
             if self.frozen_dtype == torch.float8_e4m3fn:
-                out[name], out[f"{name}_scale"] = quantize_rows_fp8(out[name])
-        return out
+                w, scale = quantize_rows_fp8(w)
+                yield name, w
+                yield f"{name}_scale", scale
+            else:
+                yield name, w
+            del w  # before the next draw: one matrix at a time
 
     def reset_parameters(self) -> None:
         """Re-draw W_down as nn.Linear(d_ff, d_model) initialises its weight, and the frozen matrices from
@@ -575,8 +636,9 @@ class FrozenSwiGLU(nn.Module):
     def _fill_frozen(self) -> None:
         """Draw the frozen matrices into their buffers (in the buffers' dtype: copy_ rounds as .to() does)."""
         with torch.no_grad():
-            for name, w in self._draw_frozen().items():
+            for name, w in self._frozen_draws():
                 self._buffers[name].copy_(w)
+                del w  # before the next draw
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.half()/.bfloat16()/.cuda()/... go through here. With a frozen_dtype the frozen

@@ -983,8 +983,22 @@ def test_layers_built_under_a_default_device(where, frozen_dtype):
         assert got.dtype == w.dtype and torch.equal(got.view(torch.uint8), w.view(torch.uint8)), name
 
 
+def _count_frozen_draws(monkeypatch):
+    """Counts FrozenSwiGLU._frozen_draws calls (each draws one module's frozen matrices)."""
+    from lwt.layers import FrozenSwiGLU
+
+    calls = []
+    draws = FrozenSwiGLU._frozen_draws
+
+    def counted(self):
+        calls.append(self.seed)
+        return draws(self)
+    monkeypatch.setattr(FrozenSwiGLU, "_frozen_draws", counted)
+    return calls
+
+
 @pytest.mark.parametrize("frozen_dtype", [None, torch.bfloat16, torch.float8_e4m3fn], ids=["fp32", "bf16", "fp8"])
-def test_parallel_frozen_draws_are_the_sequential_ones(frozen_dtype):
+def test_parallel_frozen_draws_are_the_sequential_ones(monkeypatch, frozen_dtype):
     """Modules built inside parallel_frozen_draws() get their frozen matrices (and FP8 scales) when it ends,
     drawn on a thread pool: bit for bit what each draws alone, on the default device; a module built on
     meta inside it stays meta and draws nothing; W_down's draw from the global RNG is unchanged."""
@@ -993,12 +1007,13 @@ def test_parallel_frozen_draws_are_the_sequential_ones(frozen_dtype):
     seeds = [3, 11, 3, 2**63]
     torch.manual_seed(0)
     alone = [FrozenSwiGLU(24, 40, seed=s, frozen_dtype=frozen_dtype, device=DEVICE) for s in seeds]
+    calls = _count_frozen_draws(monkeypatch)
     torch.manual_seed(0)
     with parallel_frozen_draws(max_workers=3):
         pooled = [FrozenSwiGLU(24, 40, seed=s, frozen_dtype=frozen_dtype, device=DEVICE) for s in seeds]
-        on_meta = FrozenSwiGLU(24, 40, seed=3, frozen_dtype=frozen_dtype, device="meta")
-        assert not any(torch.equal(m.w_gate.view(torch.uint8), a.w_gate.view(torch.uint8))
-                       for m, a in zip(pooled, alone))  # nothing drawn yet
+        on_meta = FrozenSwiGLU(24, 40, seed=5, frozen_dtype=frozen_dtype, device="meta")
+        assert calls == []  # nothing drawn yet
+    assert sorted(calls) == sorted(seeds)  # each pooled module once, the meta one never
     assert on_meta.w_gate.is_meta
     for m, a in zip(pooled, alone):
         assert torch.equal(m.w_down, a.w_down)
@@ -1008,23 +1023,51 @@ def test_parallel_frozen_draws_are_the_sequential_ones(frozen_dtype):
             assert torch.equal(got.view(torch.uint8), w.view(torch.uint8)), name
 
 
-def test_parallel_frozen_draws_nest_fail_and_check_max_workers():
+def test_parallel_frozen_draws_nest_fail_and_check_max_workers(monkeypatch):
     """Nested blocks draw at the end of the outermost; a block left by an exception draws nothing and
-    leaves no pending state behind (a module built after it draws at once); max_workers is checked."""
+    leaves no pending state behind (a module built after it draws at once), nor does a worker's exception;
+    max_workers is checked."""
     from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
 
     want = FrozenSwiGLU(16, 24, seed=4).w_up
+    calls = _count_frozen_draws(monkeypatch)
     with parallel_frozen_draws():
         with parallel_frozen_draws():
             inner = FrozenSwiGLU(16, 24, seed=4)
-        assert not torch.equal(inner.w_up, want)  # not yet: the outer block draws
-    assert torch.equal(inner.w_up, want)
+        assert calls == []  # not yet: the outer block draws
+    assert calls == [4] and torch.equal(inner.w_up, want)
     with pytest.raises(RuntimeError, match="boom"):
         with parallel_frozen_draws():
             FrozenSwiGLU(16, 24, seed=4)
             raise RuntimeError("boom")
-    assert torch.equal(FrozenSwiGLU(16, 24, seed=4).w_up, want)
+    assert calls == [4]
+    assert torch.equal(FrozenSwiGLU(16, 24, seed=4).w_up, want) and calls == [4, 4]
+    monkeypatch.setattr(FrozenSwiGLU, "_frozen_draws", lambda self: iter([("w_gate", 1 / 0)]))
+    with pytest.raises(ZeroDivisionError):
+        with parallel_frozen_draws(max_workers=2):
+            FrozenSwiGLU(16, 24, seed=1), FrozenSwiGLU(16, 24, seed=2)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="max_workers"):
             with parallel_frozen_draws(max_workers=bad):
                 pass
+
+
+def test_parallel_frozen_draws_under_inference_mode_and_in_a_copied_context():
+    """The matrices are copied into their buffers by the thread that leaves the block, so a model built
+    under torch.inference_mode() works as without the pool (worker threads are outside inference mode,
+    and inference tensors refuse in-place updates there); a module built in a context copied inside the
+    block, after it ended, draws at once instead of waiting for a block that will not draw it."""
+    import contextvars
+
+    from lwt.config import ModelConfig
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+    from lwt.model import LWTModel
+
+    cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=3, n_heads=2, d_ff=24)
+    want = LWTModel(cfg).frozen_checksum()
+    with torch.inference_mode():
+        assert LWTModel(cfg).frozen_checksum() == want
+    with parallel_frozen_draws():
+        copied = contextvars.copy_context()
+    late = copied.run(FrozenSwiGLU, 16, 24, 4)
+    assert torch.equal(late.w_up, FrozenSwiGLU(16, 24, seed=4).w_up)
