@@ -461,6 +461,19 @@ class _PendingDraws:
     def __init__(self):
         self.modules: list = []
         self.closed = False
+        self._lock = threading.Lock()  # a module built in another thread (a copied context) vs the block's end
+
+    def add(self, module) -> bool:
+        """Queue `module` for the block's draws; False once the block has ended (it draws by itself)."""
+        with self._lock:
+            if not self.closed:
+                self.modules.append(module)
+            return not self.closed
+
+    def close(self) -> list:
+        with self._lock:
+            self.closed = True
+            return list(self.modules)
 
 
 _PENDING_DRAWS: contextvars.ContextVar[_PendingDraws | None] = contextvars.ContextVar("lwt_pending_draws",
@@ -475,7 +488,7 @@ def _draw_threads() -> int:
     except AttributeError:  # (not on every platform)
         cpus = os.cpu_count() or 1
     local_ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return max(1, min(8, cpus // max(1, int(local_ranks) if local_ranks.isdigit() else 1)))
+    return max(1, min(8, cpus // max(1, int(local_ranks) if local_ranks.isdecimal() else 1)))
 
 
 @contextlib.contextmanager
@@ -487,7 +500,8 @@ def parallel_frozen_draws(max_workers: int | None = None):
     float64 draw and fp32 rounding, 12 bytes an entry, at the peak); the thread that leaves the block
     copies each into its buffer as it comes, under that thread's inference mode and CUDA stream.
     max_workers: threads, default: the CPUs this process may use, divided among torchrun's local ranks, at
-    most 8 and at most one a module. Modules built on meta draw nothing, as always. Nested blocks draw at
+    most 8 and at most one a module. Modules built on meta draw nothing, as always, and modules built under a
+TorchDispatchMode (FakeTensorMode) draw at once, as without the block. Nested blocks draw at
     the end of the outermost; a block left by an exception draws nothing (its modules are unusable: their
     frozen buffers hold no values). LWTModel builds its blocks inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
@@ -502,15 +516,14 @@ def parallel_frozen_draws(max_workers: int | None = None):
         yield
     finally:
         _PENDING_DRAWS.reset(token)
-        pending.closed = True
-    modules = pending.modules
+        modules = pending.close()
     workers = min(max_workers or _draw_threads(), len(modules))
     if workers <= 1:
         for module in modules:
             module._fill_frozen()
         return
     arrived: queue.SimpleQueue = queue.SimpleQueue()  # (module, buffer name, CPU tensor); None: a module done
-    stop = threading.Event()  # this thread failed: the workers stop after their current matrix
+    stop = threading.Event()  # a draw or a copy failed: the workers stop after their current matrix
 
     def draw(module):
         try:
@@ -519,6 +532,9 @@ def parallel_frozen_draws(max_workers: int | None = None):
                     return
                 arrived.put((module, name, w))
                 del w  # (the queue's reference is the only one)
+        except BaseException:
+            stop.set()
+            raise
         finally:
             arrived.put(None)
 
@@ -526,9 +542,9 @@ def parallel_frozen_draws(max_workers: int | None = None):
         futures = [pool.submit(draw, module) for module in modules]
         try:
             with torch.no_grad():
-                for _ in range(len(modules)):
+                for _ in range(len(futures)):
                     while (item := arrived.get()) is not None:
-                        item[0]._buffers[item[1]].copy_(item[2])  # rounds to the buffer's dtype as .to() does
+                        item[0]._copy_frozen(item[1], item[2])
                         del item
         except BaseException:
             stop.set()
@@ -580,15 +596,18 @@ class FrozenSwiGLU(nn.Module):
         # where W_down goes: `device`, else the default device (a `with torch.device(...)` block's)
         device = torch.get_default_device() if device is None else torch.device(device)
         pending = _PENDING_DRAWS.get()  # inside parallel_frozen_draws(): drawn when it ends
-        defer = pending is not None and not pending.closed and device.type != "meta"
+        # (not under a TorchDispatchMode such as FakeTensorMode: the workers' draws would be real tensors
+        # for its fake buffers)
+        defer = (pending is not None and not pending.closed and device.type != "meta"
+                 and torch._C._len_torch_dispatch_stack() == 0)
         drawn = self._frozen_shapes() if device.type == "meta" or defer else dict(self._frozen_draws())
         for name, w in drawn.items():
             dtype_w = w.dtype if name.endswith("_scale") else matrix_dtype  # FP8 scales stay fp32
             self.register_buffer(name, torch.empty(w.shape, device=device, dtype=dtype_w) if defer
                                  else w.to(device=device, dtype=dtype_w))
         del drawn
-        if defer:
-            pending.modules.append(self)
+        if defer and not pending.add(self):  # the block ended meanwhile (another thread): draw now
+            self._fill_frozen()
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
 
@@ -637,8 +656,16 @@ class FrozenSwiGLU(nn.Module):
         """Draw the frozen matrices into their buffers (in the buffers' dtype: copy_ rounds as .to() does)."""
         with torch.no_grad():
             for name, w in self._frozen_draws():
-                self._buffers[name].copy_(w)
+                self._copy_frozen(name, w)
                 del w  # before the next draw
+
+    def _copy_frozen(self, name: str, w: torch.Tensor) -> None:
+        """One drawn matrix (or FP8 scale) into its buffer, rounded to the buffer's dtype as .to() rounds; a
+        buffer made under torch.inference_mode() is written in it (inference tensors refuse in-place updates
+        outside it)."""
+        buffer = self._buffers[name]
+        with torch.inference_mode(buffer.is_inference()):
+            buffer.copy_(w)
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.half()/.bfloat16()/.cuda()/... go through here. With a frozen_dtype the frozen

@@ -1052,22 +1052,37 @@ def test_parallel_frozen_draws_nest_fail_and_check_max_workers(monkeypatch):
                 pass
 
 
-def test_parallel_frozen_draws_under_inference_mode_and_in_a_copied_context():
-    """The matrices are copied into their buffers by the thread that leaves the block, so a model built
-    under torch.inference_mode() works as without the pool (worker threads are outside inference mode,
-    and inference tensors refuse in-place updates there); a module built in a context copied inside the
-    block, after it ended, draws at once instead of waiting for a block that will not draw it."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_frozen_draws_under_inference_mode_fake_tensors_and_a_copied_context(monkeypatch, threads):
+    """The matrices are copied into their buffers by the thread that leaves the block (one draw thread, or
+    a pool of three), so a model built under torch.inference_mode() works as without the pool (worker
+    threads are outside inference mode, and inference tensors refuse in-place updates there), and so does
+    a module built under inference mode in a block left outside it; under FakeTensorMode (memory estimates)
+    a module draws at once, as without the block; a module built in a context copied inside the block,
+    after it ended, draws at once instead of waiting for a block that will not draw it."""
     import contextvars
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import lwt.layers
     from lwt.config import ModelConfig
     from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
     from lwt.model import LWTModel
 
+    monkeypatch.setattr(lwt.layers, "_draw_threads", lambda: threads)
     cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=3, n_heads=2, d_ff=24)
     want = LWTModel(cfg).frozen_checksum()
     with torch.inference_mode():
         assert LWTModel(cfg).frozen_checksum() == want
+    want_up = FrozenSwiGLU(16, 24, seed=4).w_up
+    with parallel_frozen_draws():
+        with torch.inference_mode():
+            inside = [FrozenSwiGLU(16, 24, seed=4) for _ in range(2)]
+    assert all(m.w_up.is_inference() and torch.equal(m.w_up, want_up) for m in inside)
+    with FakeTensorMode():
+        fake = LWTModel(cfg)
+    assert all(type(b).__name__ == "FakeTensor" for b in fake.buffers())
     with parallel_frozen_draws():
         copied = contextvars.copy_context()
     late = copied.run(FrozenSwiGLU, 16, 24, 4)
-    assert torch.equal(late.w_up, FrozenSwiGLU(16, 24, seed=4).w_up)
+    assert torch.equal(late.w_up, want_up)
