@@ -500,10 +500,10 @@ def parallel_frozen_draws(max_workers: int | None = None):
     float64 draw and fp32 rounding, 12 bytes an entry, at the peak); the thread that leaves the block
     copies each into its buffer as it comes, under that thread's inference mode and CUDA stream.
     max_workers: threads, default: the CPUs this process may use, divided among torchrun's local ranks, at
-    most 8 and at most one a module. Modules built on meta draw nothing, as always, and modules built under a
-TorchDispatchMode (FakeTensorMode) draw at once, as without the block. Nested blocks draw at
-    the end of the outermost; a block left by an exception draws nothing (its modules are unusable: their
-    frozen buffers hold no values). LWTModel builds its blocks inside one."""
+    most 8 and at most one a module. Modules built on meta draw nothing, as always, and modules built under
+    a TorchDispatchMode (FakeTensorMode) draw at once, as without the block. Nested blocks draw at the end
+    of the outermost; a block left by an exception draws nothing (its modules are unusable: their frozen
+    buffers hold no values). LWTModel builds its blocks inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
