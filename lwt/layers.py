@@ -874,7 +874,7 @@ class DecoderBlock(nn.Module):
         return f"d_model={self.d_model}, attn_type={self.attn_type!r}"
 
 
-# The layers (and parallel_frozen_draws) only: `from lwt.layers import *` must not hand out this module's imports (its `F` is
-# lwt.functional, and would replace the usual `import torch.nn.functional as F`).
+# The layers (and parallel_frozen_draws) only: `from lwt.layers import *` must not hand out this module's
+# imports (its `F` is lwt.functional, and would replace the usual `import torch.nn.functional as F`).
 __all__ = ["RMSNorm", "RotaryEmbedding", "GQAAttention", "MLAAttention", "FrozenSwiGLU", "DecoderBlock",
            "parallel_frozen_draws"]
