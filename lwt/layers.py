@@ -480,6 +480,13 @@ _PENDING_DRAWS: contextvars.ContextVar[_PendingDraws | None] = contextvars.Conte
                                                                                      default=None)
 
 
+def _deferrable() -> bool:
+    """Inside an open parallel_frozen_draws() block, and not under a TorchDispatchMode such as
+    FakeTensorMode (the workers' draws would be real tensors for its fake buffers)."""
+    pending = _PENDING_DRAWS.get()
+    return pending is not None and not pending.closed and torch._C._len_torch_dispatch_stack() == 0
+
+
 def _draw_threads() -> int:
     """CPU threads for the frozen draws: the CPUs this process may run on (its affinity, not the machine's
     count), shared with the other local ranks of a torchrun launch (each draws the same matrices), at most 8."""
@@ -493,17 +500,18 @@ def _draw_threads() -> int:
 
 @contextlib.contextmanager
 def parallel_frozen_draws(max_workers: int | None = None):
-    """FrozenSwiGLUs built inside this block draw their frozen matrices when it ends, several at once on a
-    thread pool (torch's CPU randn runs on one core, 1.3 to 1.6 s per 14336 x 4096 matrix in float64 on a
-    2-core x86 CPU, and releases the GIL). Each module draws from its own seeded generator, so the values
-    are the ones it draws alone, bit for bit. The workers only draw, on the CPU, one matrix at a time (its
-    float64 draw and fp32 rounding, 12 bytes an entry, at the peak); the thread that leaves the block
-    copies each into its buffer as it comes, under that thread's inference mode and CUDA stream.
-    max_workers: threads, default: the CPUs this process may use, divided among torchrun's local ranks, at
-    most 8 and at most one a module. Modules built on meta draw nothing, as always, and modules built under
-    a TorchDispatchMode (FakeTensorMode) draw at once, as without the block. Nested blocks draw at the end
-    of the outermost; a block left by an exception draws nothing (its modules are unusable: their frozen
-    buffers hold no values). LWTModel builds its blocks inside one."""
+    """FrozenSwiGLUs built inside this block (or reset there: reset_parameters(), after to_empty() from
+    meta, say) draw their frozen matrices when it ends, several at once on a thread pool (torch's CPU randn
+    runs on one core, 1.3 to 1.6 s per 14336 x 4096 matrix in float64 on a 2-core x86 CPU, and releases the
+    GIL). Each module draws from its own seeded generator, so the values are the ones it draws alone, bit
+    for bit. The workers only draw, on the CPU, one matrix at a time (its float64 draw and fp32 rounding, 12
+    bytes an entry, at the peak); the thread that leaves the block copies each into its buffer as it comes,
+    under that thread's inference mode and CUDA stream. max_workers: threads, default: the CPUs this process
+    may use, divided among torchrun's local ranks, at most 8 and at most one a module. Modules built on meta
+    draw nothing, as always, and modules built under a TorchDispatchMode (FakeTensorMode) draw at once, as
+    without the block. Nested blocks draw at the end of the outermost; a block left by an exception draws
+    nothing (its modules are unusable: their frozen buffers hold no values). LWTModel builds its blocks
+    inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
@@ -596,10 +604,7 @@ class FrozenSwiGLU(nn.Module):
         # where W_down goes: `device`, else the default device (a `with torch.device(...)` block's)
         device = torch.get_default_device() if device is None else torch.device(device)
         pending = _PENDING_DRAWS.get()  # inside parallel_frozen_draws(): drawn when it ends
-        # (not under a TorchDispatchMode such as FakeTensorMode: the workers' draws would be real tensors
-        # for its fake buffers)
-        defer = (pending is not None and not pending.closed and device.type != "meta"
-                 and torch._C._len_torch_dispatch_stack() == 0)
+        defer = device.type != "meta" and _deferrable()
         drawn = self._frozen_shapes() if device.type == "meta" or defer else dict(self._frozen_draws())
         for name, w in drawn.items():
             dtype_w = w.dtype if name.endswith("_scale") else matrix_dtype  # FP8 scales stay fp32
@@ -646,11 +651,13 @@ class FrozenSwiGLU(nn.Module):
     def reset_parameters(self) -> None:
         """Re-draw W_down as nn.Linear(d_ff, d_model) initialises its weight, and the frozen matrices from
         `seed` (the same values as at construction, in the buffers' dtype and device): a module built on
-        the meta device and materialised with to_empty() gets its frozen matrices back from here."""
+        the meta device and materialised with to_empty() gets its frozen matrices back from here. Inside
+        parallel_frozen_draws() the frozen matrices are drawn when the block ends, with the others'."""
         self._reset_w_down()
         if any(self._buffers[name].is_meta for name in self.frozen_buffer_names()):
             return  # nothing to hold the values yet (to_empty() comes first)
-        self._fill_frozen()
+        if not (_deferrable() and _PENDING_DRAWS.get().add(self)):
+            self._fill_frozen()
 
     def _fill_frozen(self) -> None:
         """Draw the frozen matrices into their buffers (in the buffers' dtype: copy_ rounds as .to() does)."""

@@ -1086,3 +1086,25 @@ def test_parallel_frozen_draws_under_inference_mode_fake_tensors_and_a_copied_co
         copied = contextvars.copy_context()
     late = copied.run(FrozenSwiGLU, 16, 24, 4)
     assert torch.equal(late.w_up, want_up)
+
+
+def test_parallel_frozen_draws_defer_reset_parameters_after_to_empty(monkeypatch):
+    """A model built on meta, materialised with to_empty() and reset module by module inside the block gets
+    its frozen matrices when the block ends, drawn together: the checksum of the model built directly."""
+    import lwt.layers
+    from lwt.config import ModelConfig
+    from lwt.layers import parallel_frozen_draws
+    from lwt.model import LWTModel
+
+    monkeypatch.setattr(lwt.layers, "_draw_threads", lambda: 3)
+    cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=3, n_heads=2, d_ff=24)
+    want = LWTModel(cfg).frozen_checksum()
+    model = LWTModel(cfg, device="meta").to_empty(device="cpu")
+    calls = _count_frozen_draws(monkeypatch)
+    with parallel_frozen_draws():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        assert calls == []
+    assert sorted(calls) == [cfg.frozen_seed + i for i in range(3)]
+    assert model.frozen_checksum() == want
