@@ -173,8 +173,10 @@ def _exact_count_mask(batch: int, seq: int, generator: torch.Generator) -> tuple
     n = (strata * seq).ceil().clamp_(1, seq).long()  # (batch,) uniform on {1, ..., seq}
     # (on the generator's device, not the default one: inside `with torch.device("cuda")` the default
     # device's rand refuses a CPU generator)
-    ranks = _rand((batch, seq), generator, generator.device, torch.float64).argsort(1).argsort(1)
-    return n.double() / seq, ranks < n[:, None]
+    order = _rand((batch, seq), generator, generator.device, torch.float64).argsort(1)  # a random permutation
+    # the first n of each row's permutation are masked (one sort; the same mask as ranks < n, ranks its inverse)
+    first_n = torch.arange(seq, device=order.device) < n[:, None]
+    return n.double() / seq, torch.zeros_like(first_n).scatter_(1, order, first_n)
 
 
 @torch.no_grad()

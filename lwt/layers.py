@@ -515,7 +515,8 @@ def parallel_frozen_draws(max_workers: int | None = None):
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
-    if _PENDING_DRAWS.get() is not None and not _PENDING_DRAWS.get().closed:
+    outer = _PENDING_DRAWS.get()
+    if outer is not None and not outer.closed:
         yield
         return
     pending = _PendingDraws()
