@@ -15,6 +15,10 @@
 #                                           # train, then bench_block (compiled vs eager DecoderBlock step)
 #   bash benchmarks/device_check.sh mla     # benchmarks/tune_mla.py: MLA's passes, each launch config
 #                                           # forced (~4-5 minutes; its output comes back as tune_mla.log)
+#   bash benchmarks/device_check.sh diag [pytest -k expr]  # benchmarks/diagnose_rmsnorm.py (its output
+#                                           # comes back as diagnose_rmsnorm.log), then the CUDA tests of
+#                                           # what has not run on a GPU yet (default: the MLA layer's
+#                                           # float64 test, the thread-pool draws, LWTModel)
 # Benches run their quick grids unless FULL=1; ONLY="attention swiglu" runs just those benches (bench,
 # all). Liger-Kernel is installed from .whl/ when a wheel is there (git-ignored: the device tool must
 # carry it, carry [".whl"]; see README "Benchmarks").
@@ -31,7 +35,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
-case $what in bench|test|all|train|layers|mla) ;; *) echo "usage: $0 bench|test|all|train|layers|mla [pytest -k expr]" >&2; exit 2 ;; esac
+case $what in bench|test|all|train|layers|mla|diag) ;; *) echo "usage: $0 bench|test|all|train|layers|mla|diag [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
@@ -119,6 +123,13 @@ fi
 if [ "$what" = mla ]; then
   step tune_mla 420 "$PY" benchmarks/tune_mla.py
   cp "$WORK/tune_mla.log" "$OUT/tune_mla.log"
+  exit $failed
+fi
+if [ "$what" = diag ]; then
+  step diagnose_rmsnorm 240 "$PY" benchmarks/diagnose_rmsnorm.py
+  cp "$WORK/diagnose_rmsnorm.log" "$OUT/diagnose_rmsnorm.log"
+  test_cap=150 run_tests "${2:-hand_written_float64 or parallel_frozen or test_model}" \
+    tests/test_layers.py tests/test_model.py
   exit $failed
 fi
 train_caps=(300 300)

@@ -6,7 +6,9 @@ run_all).
 DeepSeek-V2's heads (H 32, Dn 128, Dr 64, Dv 128), S 2048, bf16, bidirectional and causal. For each batch
 size: the forward (autotuned) and δ, then δ + the dK/dV pass once with each config of
 attention._DKDV_CONFIGS["mla"] (the autotuner bypassed) and with the two nested configs the H200 run of
-e3f8149 chose from the 256 list, for comparison; at the largest batch size, the dQ pass with each config
+e3f8149 chose from the 256 list, for comparison; the flattened configs also with the heads split into more
+chunks than mla._head_chunks picks, at the largest batch size (4 heads per program, and 1: more
+programs, more fp32 partial dk_rope tiles to sum); and at that batch size the dQ pass with each config
 of _DQ_CONFIGS["mla"]. Each forced run's gradients are compared with the autotuned launch's (the max
 absolute difference is printed: the configs differ only in summation order). TFLOP/s count the products
 each pass computes, recomputation included (per query, key and head: forward 2·(Dqk + Dv); dK/dV the
@@ -51,6 +53,17 @@ def _time_forced(module, name: str, entry: tuple, run):
         setattr(module, name, tuned)
 
 
+def _time_with_chunks(chunks: int, timing):
+    """timing() with mla_bwd splitting the heads into `chunks` chunks for its dK/dV pass (mla._head_chunks
+    picks the fewest that give two programs per multiprocessor)."""
+    picks = M._head_chunks
+    M._head_chunks = lambda B, S, H, device: chunks
+    try:
+        return timing()
+    finally:
+        M._head_chunks = picks
+
+
 def _max_diff(got, want) -> float:
     return max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want) if g.numel())
 
@@ -73,12 +86,18 @@ def run_case(B: int, causal: bool, dq_too: bool) -> None:
     dkdv = lambda: M.mla_bwd(do, q, k_nope, k_rope, v, o, lse, causal, scale, need_dq=False,  # noqa: E731
                              o_res=o_res)[1:]
     want = dkdv()  # the autotuned launch
+    chunks = M._head_chunks(B, SEQ, HEADS, q.device)
     for entry in A._DKDV_CONFIGS["mla"] + E3F8149_DKDV:
-        timed = _time_forced(M, "_dkdv", entry, dkdv)
-        if timed is not None:
-            ms, got = timed
-            print(f"{tag}: delta + dK/dV {entry}: {ms:.3f} ms, {tflops(2 * (2 * d_qk + 2 * D_V), ms)}, max |diff| "
-                  f"{_max_diff(got, want):.1e}", flush=True)
+        # at the largest batch, the flattened configs also with more, smaller head chunks: 4 heads per
+        # program, and 1
+        more = [c for c in (HEADS // 4, HEADS) if c > chunks and HEADS % c == 0] if entry[4] and dq_too else []
+        for n_chunks in dict.fromkeys([chunks] + more):
+            timed = _time_with_chunks(n_chunks, lambda entry=entry: _time_forced(M, "_dkdv", entry, dkdv))
+            if timed is not None:
+                ms, got = timed
+                heads = "" if n_chunks == chunks else f", {HEADS // n_chunks} head(s) per program"
+                print(f"{tag}: delta + dK/dV {entry}{heads}: {ms:.3f} ms, {tflops(2 * (2 * d_qk + 2 * D_V), ms)}, "
+                      f"max |diff| {_max_diff(got, want):.1e}", flush=True)
     if not dq_too:
         return
     delta = A.launch_delta(o, do, o_res)

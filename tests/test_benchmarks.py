@@ -180,11 +180,19 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
         launch(self, grid, *args, **meta)
 
     monkeypatch.setattr(tune.Forced, "launch", recording)
+    monkeypatch.setattr(tune.M, "_head_chunks", lambda B, S, H, device: 1)  # both heads in one program
+    chunks = []
+    mla_bwd = tune.M.mla_bwd
+    monkeypatch.setattr(tune.M, "mla_bwd", lambda *a, **k: chunks.append(tune.M._head_chunks(1, 1, 2, None))
+                        or mla_bwd(*a, **k))
     tune.main(["--batches", "1"])
     assert set(launched) == {(16, 64, 8, 2, True), (16, 32, 8, 2, False), (64, 32, 8, 2)}
+    assert set(chunks) == {1, 2} and tune.M._head_chunks(1, 1, 2, None) == 1  # put back after the split run
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "max |diff|" in line]
-    assert len(lines) == 6 and "not measured" not in out, out  # 2 dK/dV + 1 dQ configs, both masks
+    # 2 dK/dV configs, the flattened one also with 1 head per program, and 1 dQ config; both masks
+    assert len(lines) == 8 and "not measured" not in out, out
+    assert sum(", 1 head(s) per program:" in line for line in lines) == 2, out
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-2 for line in lines), out
     with pytest.raises(SystemExit):
         tune.main(["--batches", "0"])
@@ -210,6 +218,50 @@ def test_residual_cost_times_both_ways(dry_run, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "without the residual" in line]
     assert len(lines) == 6 and all(line.endswith("x") for line in lines), lines
     assert True in kept and False in kept
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a dry run for CPU machines; a GPU runs the script itself")
+def test_diagnose_rmsnorm_runs_every_section(dry_run, monkeypatch, capsys):
+    """diagnose_rmsnorm's GPU path on tiny fp32 CPU tensors, lwt through the interpreter: sections 1-4 measure
+    every provider and piece (the CUDA-only calls stubbed), section 5 asks a child process for each capture
+    and prints its verdict, or a failed child's last lines. (The children's capture code needs a GPU.)"""
+    diag = importlib.import_module("diagnose_rmsnorm")
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    for name, value in dict(DEVICE="cpu", DTYPE=torch.float32, SMALL_ROWS=4, BACK_TO_BACK=2, PROFILED_STEPS=2,
+                            PIECE_STEPS=2).items():
+        monkeypatch.setattr(diag, name, value)
+    monkeypatch.setattr(diag, "sync", lambda: None)
+    monkeypatch.setattr(diag, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(diag, "profiler_activities", lambda: [torch.profiler.ProfilerActivity.CPU])
+    asked = []
+
+    def child(cmd):
+        kind = cmd[cmd.index("--capture") + 1]
+        asked.append((kind, cmd[cmd.index("--rows") + 1], cmd[cmd.index("--hidden") + 1]))
+        ok = kind != "lwt-bench"
+        out = f"capture {kind}: ok, 1.000 ms per step replayed\n" if ok else "Traceback\n  where\ncapture lwt-bench: FAILED (x)\n"
+        return diag.subprocess.CompletedProcess(cmd, 0 if ok else 1, out, "")
+    monkeypatch.setattr(diag, "run_child", child)
+
+    assert diag.main(["--rows", "8", "--hidden", "64"]) == 0
+
+    out = capsys.readouterr().out
+    assert "not measured" not in out, out
+    timed = [line for line in out.splitlines() if " eager 1.000 | host " in line]
+    assert [line.split()[:2] for line in timed] == [["lwt", "leaves"], ["lwt", "bench"], ["F.rms_norm", "leaves"],
+                                                    ["F.rms_norm", "bench"]], out
+    assert out.count(": 0 synchronizing operation(s)") == 2
+    assert "GPU time " in out, out
+    section4 = out.split("== 4.")[1].split("== 5.")[0].splitlines()[1:]
+    pieces = {line[:46].strip(): float(line[46:].split()[0]) for line in section4}
+    assert list(pieces) == ["the whole step", "rms_norm_fwd + rms_norm_bwd (launchers)", "TunedKernel.launch",
+                            "triton's InterpretedFunction.run"], out
+    assert all(v > 0 for v in pieces.values()), out
+    assert asked == [(kind, "8", "64") for kind in diag.CAPTURES]
+    assert "capture lwt-leaves: ok, 1.000 ms per step replayed" in out
+    assert "capture lwt-bench: FAILED (x)\n  | Traceback\n  |   where\n" in out
+    with pytest.raises(SystemExit):
+        diag.main(["--rows", "0"])
 
 
 def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):

@@ -30,7 +30,7 @@ def test_benchmarks_smoke_check_without_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU it times the real shapes")
-@pytest.mark.parametrize("script", ["residual_cost.py", "tune_mla.py", "tune_rmsnorm.py"])
+@pytest.mark.parametrize("script", ["diagnose_rmsnorm.py", "residual_cost.py", "tune_mla.py", "tune_rmsnorm.py"])
 def test_gpu_only_scripts_exit_0_without_gpu(script):
     """The GPU-only timing scripts the README names say so in one line and exit 0 on a CPU (residual_cost
     used to die on torch.Generator(device="cuda") with a CUDA-library traceback)."""

@@ -1,0 +1,304 @@
+"""Where an eager fwd+bwd step of lwt's RMSNorm spends its time on a GPU, and whether bench_rmsnorm's step
+can be captured in a CUDA graph: a diagnostic for the two RMSNorm questions README "Measured on a GPU"
+leaves open (not part of run_all).
+
+    python benchmarks/diagnose_rmsnorm.py [--rows 16384] [--hidden 4096]
+
+At 871b73f, on an H200, lwt's eager step at 16384 x 4096 bf16 took 0.64-0.81 ms against 0.18 ms of GPU
+time, and every CUDA-graph row of bench_rmsnorm failed with "operation failed due to a previous error
+during capture". Launches issued back to back make a step last about the longer of its host and GPU
+times; a step in which the host waits for the GPU lasts about their sum. Printed, bf16:
+
+1. per provider (lwt, F.rms_norm, Liger-Kernel when importable) and step style ("leaves": x and the weight
+   leaves, .backward() into their .grad; "bench": bench_rmsnorm's step, on clones, torch.autograd.grad):
+   the eager time (do_bench, as the bench), then over 50 back-to-back steps the host's time to issue one
+   and the wall time per step, at this shape and at 64 rows (where the GPU is never the limit);
+2. the synchronisations torch reports in one lwt step (torch.cuda.set_sync_debug_mode("warn"));
+3. torch.profiler over 10 lwt steps: the events with the most self CPU time (CUDA runtime and driver
+   calls among them: a cudaStreamSynchronize or cuCtxSynchronize is a wait) and the GPU time per step;
+4. the host time per lwt step at 64 rows, and how much of it the launchers (rms_norm_fwd, rms_norm_bwd),
+   TunedKernel.launch and triton's JITFunction.run inside them take;
+5. CUDA-graph captures, each in a fresh process (a failed capture can leave a process unable to capture
+   again): lwt's step with leaves under torch.cuda.graph; bench_rmsnorm's order (the forward timed, the
+   eager fwd+bwd timed, then do_bench_cudagraph of the step) for lwt and for F.rms_norm; and lwt's bench
+   step captured in thread-local error mode (where another thread's calls, the autograd engine's, cannot
+   invalidate it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import _harness as H  # first: sets up the interpreter on CPU-only machines  # isort: skip
+import torch
+import triton
+import triton.testing
+
+import bench_rmsnorm as B
+from kernels import rmsnorm as R
+from kernels._common import TunedKernel
+
+DEVICE, DTYPE = "cuda", torch.bfloat16  # module constants only so that a dry run can point them at the CPU
+SMALL_ROWS = 64
+BACK_TO_BACK = 50
+PROFILED_STEPS = 10
+CAPTURES = ("lwt-leaves", "lwt-bench", "F.rms_norm-bench", "lwt-bench-thread-local")
+CAPTURE_TIMEOUT_S = 150
+PIECE_STEPS = 300
+
+
+def providers() -> dict:
+    """name -> fn(x, w, r): bench_rmsnorm's providers without a residual, torch.compile left out."""
+    provs = B.providers(False)
+    return {k: provs[k] for k in ("lwt", "F.rms_norm", "Liger-Kernel") if k in provs}
+
+
+def inputs(rows: int, hidden: int):
+    """(x, w, dy) as bench_rmsnorm makes them: random, bf16, none requiring grad."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    randn = lambda *s: torch.randn(*s, device=DEVICE, dtype=DTYPE, generator=gen)  # noqa: E731
+    return randn(rows, hidden), randn(hidden) * 0.1 + 1, randn(rows, hidden)
+
+
+def make_step(fn, style: str, x, w, dy):
+    """One fwd+bwd step of fn, in `style` (see the module docstring), on inputs of its own."""
+    w = w.detach().requires_grad_(True)
+    if style == "bench":
+        return B._step(fn, x.detach().requires_grad_(True).clone(), w, None, [dy], True)
+    x = x.detach().requires_grad_(True)
+
+    def step():
+        x.grad = w.grad = None
+        fn(x, w, None).backward(dy)
+    return step
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def host_and_wall_ms(step, n: int = BACK_TO_BACK) -> tuple[float, float]:
+    """Per step over n back-to-back steps: (the host's time until the last one was issued, the time until
+    the GPU had finished it), in ms."""
+    for _ in range(3):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3 / n, (t2 - t0) * 1e3 / n
+
+
+def section_times(rows: int, hidden: int) -> None:
+    print(f"== 1. per step, ms: eager (do_bench) | {BACK_TO_BACK} steps back to back: host, wall | the same "
+          f"at {SMALL_ROWS} rows ({rows} x {hidden}, {DTYPE})", flush=True)
+    big, small = inputs(rows, hidden), inputs(SMALL_ROWS, hidden)
+    for name, fn in providers().items():
+        for style in ("leaves", "bench"):
+            label = f"{name:<12} {style:<6}"
+
+            def measure(fn=fn, style=style):
+                eager = H.bench_ms(make_step(fn, style, *big))
+                return (eager, *host_and_wall_ms(make_step(fn, style, *big)),
+                        *host_and_wall_ms(make_step(fn, style, *small)))
+            got = H.attempt(None, label, measure)
+            if got is not None:
+                print(f"{label} eager {got[0]:.3f} | host {got[1]:.3f}, wall {got[2]:.3f} | host {got[3]:.3f}, "
+                      f"wall {got[4]:.3f}", flush=True)
+
+
+def set_sync_debug_mode(mode: str) -> None:
+    torch.cuda.set_sync_debug_mode(mode)
+
+
+def section_syncs(rows: int, hidden: int) -> None:
+    print("== 2. synchronisations torch reports in one lwt step (set_sync_debug_mode('warn'))", flush=True)
+    fn = providers()["lwt"]
+    for style in ("leaves", "bench"):
+        step = make_step(fn, style, *inputs(rows, hidden))
+        step()
+        sync()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                set_sync_debug_mode("default")
+        sync()
+        found = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()]
+        print(f"lwt {style}: {len(found)} synchronizing operation(s)" + "".join(f"\n  {m}" for m in found),
+              flush=True)
+
+
+def profiler_activities() -> list:
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+
+
+def _self_device_us(event) -> float:
+    """An averaged profiler event's self time on the device (the attribute's name differs across torch
+    versions)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def section_profile(rows: int, hidden: int) -> None:
+    from torch.profiler import profile
+
+    steps = PROFILED_STEPS
+    print(f"== 3. torch.profiler, lwt leaves, {steps} steps ({rows} x {hidden}): per step", flush=True)
+    step = make_step(providers()["lwt"], "leaves", *inputs(rows, hidden))
+    for _ in range(3):
+        step()
+    sync()
+    with profile(activities=profiler_activities()) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = prof.key_averages()
+    on_device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    on_host = [e for e in events if e not in on_device]
+    print(f"GPU time {sum(_self_device_us(e) for e in on_device) / steps:.1f} us (kernels and copies); host events' "
+          f"self CPU time {sum(e.self_cpu_time_total for e in on_host) / steps:.1f} us (all threads)")
+    for e in sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
+        print(f"  {e.key[:64]:<64} calls {e.count / steps:5.1f}  self CPU {e.self_cpu_time_total / steps:8.1f} us")
+    waits = [e for e in on_host if any(s in e.key for s in ("ynchroniz", "Memcpy", "Query", "Malloc", "Free"))]
+    print("waits, copies, allocations:" + ("".join(f"\n  {e.key[:64]:<64} calls {e.count / steps:5.1f}  self CPU "
+                                                    f"{e.self_cpu_time_total / steps:8.1f} us" for e in waits)
+                                           or " none"), flush=True)
+
+
+def _instrument(owner, name: str, totals: dict, label: str):
+    """Replace owner.<name> by a wrapper adding each call's wall time to totals[label]; returns the undo."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+    setattr(owner, name, timed)
+    return lambda: setattr(owner, name, original)
+
+
+def section_pieces(rows: int, hidden: int) -> None:
+    n = PIECE_STEPS
+    print(f"== 4. host time per lwt step at {SMALL_ROWS} x {hidden}, us (mean of {n}; nested: each line "
+          "includes the ones below it)", flush=True)
+    step = make_step(providers()["lwt"], "leaves", *inputs(SMALL_ROWS, hidden))
+    for _ in range(5):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    whole = time.perf_counter() - t
+    sync()
+    kernel_class = type(R._fwd.autotuned.fn)  # triton's JITFunction (the interpreter's InterpretedFunction)
+    labels = ["rms_norm_fwd + rms_norm_bwd (launchers)", "TunedKernel.launch", f"triton's {kernel_class.__name__}.run"]
+    totals = dict.fromkeys(labels, 0.0)
+    undo = [_instrument(R, "rms_norm_fwd", totals, labels[0]), _instrument(R, "rms_norm_bwd", totals, labels[0]),
+            _instrument(TunedKernel, "launch", totals, labels[1]), _instrument(kernel_class, "run", totals, labels[2])]
+    try:
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        instrumented = time.perf_counter() - t
+        sync()
+    finally:
+        for u in reversed(undo):
+            u()
+    print(f"  {'the whole step':<44} {whole / n * 1e6:8.1f}  ({instrumented / n * 1e6:.1f} with the timers)")
+    for label, total in totals.items():
+        print(f"  {label:<44} {total / n * 1e6:8.1f}")
+    sys.stdout.flush()
+
+
+def capture(kind: str, rows: int, hidden: int) -> int:
+    """In a fresh process: capture one kind of step (CAPTURES) and print whether it worked."""
+    name = "F.rms_norm" if kind.startswith("F.rms_norm") else "lwt"
+    fn = providers()[name]
+    x, w, dy = inputs(rows, hidden)
+    try:
+        if kind == "lwt-leaves" or kind == "lwt-bench-thread-local":
+            step = make_step(fn, "leaves" if kind == "lwt-leaves" else "bench", x, w, dy)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            mode = "thread_local" if kind.endswith("thread-local") else "global"
+            with torch.cuda.graph(graph, capture_error_mode=mode):
+                step()
+            graph.replay()
+            sync()
+            ms = triton.testing.do_bench(graph.replay, return_mode="median")
+        else:  # bench_rmsnorm's order: the forward timed without gradients, the eager fwd+bwd, the graph
+            H.bench_ms(lambda: fn(x, w, None))
+            step = make_step(fn, "bench", x, w, dy)
+            H.bench_ms(step)
+            ms = H.bench_graph_ms(step)
+    except Exception as e:
+        traceback.print_exc(file=sys.stdout)
+        print(f"capture {kind}: FAILED ({H.first_line(e)})", flush=True)
+        return 1
+    print(f"capture {kind}: ok, {ms:.3f} ms per step replayed", flush=True)
+    return 0
+
+
+def run_child(cmd: list) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=CAPTURE_TIMEOUT_S)
+
+
+def section_captures(rows: int, hidden: int) -> None:
+    print(f"== 5. CUDA-graph captures, each in a fresh process ({rows} x {hidden})", flush=True)
+    for kind in CAPTURES:
+        cmd = [sys.executable, os.path.abspath(__file__), "--capture", kind, "--rows", str(rows), "--hidden", str(hidden)]
+        try:
+            out = run_child(cmd)
+        except subprocess.TimeoutExpired:
+            print(f"capture {kind}: no answer within {CAPTURE_TIMEOUT_S} s", flush=True)
+            continue
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        verdict = [line for line in lines if line.startswith(f"capture {kind}:")]
+        print(verdict[-1] if verdict else f"capture {kind}: exit {out.returncode}, no verdict", flush=True)
+        if out.returncode != 0:  # the traceback's last lines say where
+            print("".join(f"  | {line}\n" for line in lines[-40:]), end="", flush=True)
+
+
+SECTIONS = (section_times, section_syncs, section_profile, section_pieces, section_captures)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--rows", type=int, default=16384, help="tokens (default 16384)")
+    p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
+    p.add_argument("--capture", choices=CAPTURES, help=argparse.SUPPRESS)  # section 5's child processes
+    args = p.parse_args(argv)
+    if args.rows < 1 or args.hidden < 1:
+        p.error(f"--rows and --hidden: expected ints >= 1, got {args.rows} and {args.hidden}")
+    if not H.HAS_GPU:
+        print("diagnose_rmsnorm: no CUDA GPU here; nothing to time")
+        return 0
+    if args.capture:
+        return capture(args.capture, args.rows, args.hidden)
+    print(f"diagnose_rmsnorm on {H.gpu_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"commit {H.git_sha()}, LWT_AUTOTUNE={os.environ.get('LWT_AUTOTUNE', '1')}", flush=True)
+    for section in SECTIONS:
+        H.attempt(None, section.__name__, lambda section=section: section(args.rows, args.hidden))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
