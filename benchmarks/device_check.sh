@@ -86,6 +86,15 @@ if [ -z "${LWT_GIT_SHA:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "note: no git checkout and LWT_GIT_SHA unset: the results' commit column says 'unknown'"
 fi
 
+# Liger-Kernel, a baseline of the benches and of diagnose_rmsnorm, from a carried wheel (no network there)
+shopt -s nullglob
+wheels=(.whl/liger_kernel-*.whl)
+shopt -u nullglob
+if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c "import liger_kernel" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lwt-site "${wheels[@]}" \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
+fi
+
 run_tests() {  # run_tests [-k expr] [test files, then pytest options; default: every file, kernels first]
   # xdist spreads the many first-call compilations over the CPU cores (one config per kernel and key:
   # tests/conftest.py sets LWT_AUTOTUNE=0); loadgroup (xdist 2.5+) keeps the GPU-memory-heavy tests
@@ -126,7 +135,7 @@ if [ "$what" = mla ]; then
   exit $failed
 fi
 if [ "$what" = diag ]; then
-  step diagnose_rmsnorm 240 "$PY" benchmarks/diagnose_rmsnorm.py
+  step diagnose_rmsnorm 300 "$PY" benchmarks/diagnose_rmsnorm.py
   cp "$WORK/diagnose_rmsnorm.log" "$OUT/diagnose_rmsnorm.log"
   test_cap=150 run_tests "${2:-hand_written_float64 or parallel_frozen or test_model}" \
     tests/test_layers.py tests/test_model.py
@@ -170,13 +179,6 @@ bench() {
   [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" ${name#bench_} "* ]] && return
   step "$name" $((cap * scale / 100)) "$@"
 }
-shopt -s nullglob
-wheels=(.whl/liger_kernel-*.whl)
-shopt -u nullglob
-if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c "import liger_kernel" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/lwt-site "${wheels[@]}" \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/lwt-site
-fi
 quick=(--quick); [ "${FULL:-0}" = 1 ] && quick=()
 plot=(); "$PY" -c "import matplotlib" 2>/dev/null && plot=(--plot "$WORK/attention.png")
 # 360: in `all` (60%) 216 s; at 871b73f on a fresh H200 its GQA cases alone took about 150 s (autotuning

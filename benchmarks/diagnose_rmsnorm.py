@@ -13,20 +13,33 @@ times; a step in which the host waits for the GPU lasts about their sum. Printed
    leaves, .backward() into their .grad; "bench": bench_rmsnorm's step, on clones, torch.autograd.grad):
    the eager time (do_bench, as the bench), then over 50 back-to-back steps the host's time to issue one
    and the wall time per step, at this shape and at 64 rows (where the GPU is never the limit);
-2. the synchronisations torch reports in one lwt step (torch.cuda.set_sync_debug_mode("warn"));
-3. torch.profiler over 10 lwt steps: the events with the most self CPU time (CUDA runtime and driver
-   calls among them: a cudaStreamSynchronize or cuCtxSynchronize is a wait) and the GPU time per step;
+2. the synchronisations torch reports in one lwt step (torch.cuda.set_sync_debug_mode("warn"), with
+   where each was reported): only those torch's own CUDA calls make, not a wait in Triton's launcher or
+   the driver;
+3. torch.profiler over 10 lwt steps: the events with the most self CPU time and the GPU time per step.
+   The CUDA runtime calls are among the events (a cudaStreamSynchronize or cudaDeviceSynchronize there is
+   a wait), but of the driver's calls only kernel launches are recorded: no wait found is no proof;
 4. the host time per lwt step at 64 rows, and how much of it the launchers (rms_norm_fwd, rms_norm_bwd),
    TunedKernel.launch and triton's JITFunction.run inside them take;
 5. CUDA-graph captures, each in a fresh process (a failed capture can leave a process unable to capture
-   again): lwt's step with leaves under torch.cuda.graph; bench_rmsnorm's order (the forward timed, the
-   eager fwd+bwd timed, then do_bench_cudagraph of the step) for lwt and for F.rms_norm; and lwt's bench
-   step captured in thread-local error mode (where another thread's calls, the autograd engine's, cannot
-   invalidate it).
+   again; each child has CAPTURE_TIMEOUT_S seconds, and dumps its threads' stacks if it hangs):
+   lwt-leaves     lwt's step with leaves, warmed up on a side stream, one step captured under
+                  torch.cuda.graph, replayed (its gradients checked against an eager step's);
+   lwt-bench-global, lwt-bench-thread-local
+                  the same with bench_rmsnorm's step, in the default (global) and in thread-local error
+                  mode, where another thread's calls (the autograd engine's) cannot invalidate it;
+   lwt-bench, F.rms_norm-bench
+                  bench_rmsnorm's order for one provider alone: the forward timed, the eager fwd+bwd
+                  timed, then do_bench_cudagraph (unrolled steps) of the step;
+   bench-case     bench_rmsnorm's own run_case (every provider, torch.compile left out), whose CUDA-graph
+                  rows all failed at 871b73f: which of its rows were measured.
+   The replayed times of the hand-made captures come from do_bench (L2 flushed between replays), those of
+   do_bench_cudagraph without flushes: compare a kind's time with its own kind only.
 """
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import subprocess
 import sys
@@ -47,8 +60,9 @@ DEVICE, DTYPE = "cuda", torch.bfloat16  # module constants only so that a dry ru
 SMALL_ROWS = 64
 BACK_TO_BACK = 50
 PROFILED_STEPS = 10
-CAPTURES = ("lwt-leaves", "lwt-bench", "F.rms_norm-bench", "lwt-bench-thread-local")
-CAPTURE_TIMEOUT_S = 150
+CAPTURES = ("lwt-leaves", "lwt-bench-global", "lwt-bench-thread-local", "lwt-bench", "F.rms_norm-bench",
+            "bench-case")
+CAPTURE_TIMEOUT_S = 50  # a healthy child takes 15-25 s
 PIECE_STEPS = 300
 
 
@@ -75,6 +89,7 @@ def make_step(fn, style: str, x, w, dy):
     def step():
         x.grad = w.grad = None
         fn(x, w, None).backward(dy)
+    step.leaves = (x, w)
     return step
 
 
@@ -134,7 +149,8 @@ def section_syncs(rows: int, hidden: int) -> None:
             finally:
                 set_sync_debug_mode("default")
         sync()
-        found = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()]
+        found = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:160]}" for w in caught
+                 if "synchroniz" in str(w.message).lower()]
         print(f"lwt {style}: {len(found)} synchronizing operation(s)" + "".join(f"\n  {m}" for m in found),
               flush=True)
 
@@ -159,10 +175,10 @@ def section_profile(rows: int, hidden: int) -> None:
     for _ in range(3):
         step()
     sync()
-    with profile(activities=profiler_activities()) as prof:
+    with profile(activities=profiler_activities()) as prof:  # (its exit waits for the GPU: one sync in the list)
         for _ in range(steps):
             step()
-        sync()
+    sync()
     events = prof.key_averages()
     on_device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
     on_host = [e for e in events if e not in on_device]
@@ -171,9 +187,9 @@ def section_profile(rows: int, hidden: int) -> None:
     for e in sorted(on_host, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]:
         print(f"  {e.key[:64]:<64} calls {e.count / steps:5.1f}  self CPU {e.self_cpu_time_total / steps:8.1f} us")
     waits = [e for e in on_host if any(s in e.key for s in ("ynchroniz", "Memcpy", "Query", "Malloc", "Free"))]
-    print("waits, copies, allocations:" + ("".join(f"\n  {e.key[:64]:<64} calls {e.count / steps:5.1f}  self CPU "
-                                                    f"{e.self_cpu_time_total / steps:8.1f} us" for e in waits)
-                                           or " none"), flush=True)
+    print(f"waits, copies, allocations over the {steps} steps (the profiler's exit adds one synchronisation):"
+          + ("".join(f"\n  {e.key[:64]:<64} calls {e.count:4d}  self CPU {e.self_cpu_time_total:8.1f} us"
+                     for e in waits) or " none"), flush=True)
 
 
 def _instrument(owner, name: str, totals: dict, label: str):
@@ -223,58 +239,97 @@ def section_pieces(rows: int, hidden: int) -> None:
     sys.stdout.flush()
 
 
+def _capture_by_hand(fn, step, dy, mode: str) -> float:
+    """Warm step (make_step's, of fn) up on a side stream, capture one step in `mode`, replay it (a step
+    with leaves: its gradients checked against an eager step's); ms per replay (do_bench)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=mode):
+        step()
+    leaves = getattr(step, "leaves", ())
+    for t in leaves:  # the gradients the replay must write (zeroed: the capture itself ran no kernel)
+        t.grad.zero_()
+    graph.replay()
+    sync()
+    got = [t.grad.clone() for t in leaves]
+    expected = [t.detach().requires_grad_(True) for t in leaves]
+    if expected:
+        x, w = expected
+        fn(x, w, None).backward(dy)
+        for g, e, name in zip(got, expected, ("x", "w")):
+            if not torch.equal(g, e.grad):
+                raise RuntimeError(f"the replay's {name}.grad differs from an eager step's by up to "
+                                   f"{(g.float() - e.grad.float()).abs().max().item():.3g}")
+    return triton.testing.do_bench(graph.replay, return_mode="median")
+
+
+def _bench_case(rows: int, hidden: int) -> str:
+    """bench_rmsnorm.run_case, no residual, torch.compile left out: which CUDA-graph rows it measured."""
+    report = H.Report("rmsnorm", "bfloat16", skip_compiled=True)
+    B.run_case(report, rows, hidden, False, DTYPE)
+    case = f"{rows}x{hidden}"
+    graph = {r.provider: r.ms for r in report.rows if (r.case, r.mode) == (case, "fwd+bwd graph")}
+    failed = [n for n in report.notes if " graph " in n]
+    if failed:
+        raise RuntimeError(f"measured {sorted(graph)}; " + "; ".join(failed))
+    return ", ".join(f"{name} {ms:.3f} ms" for name, ms in graph.items())
+
+
 def capture(kind: str, rows: int, hidden: int) -> int:
     """In a fresh process: capture one kind of step (CAPTURES) and print whether it worked."""
-    name = "F.rms_norm" if kind.startswith("F.rms_norm") else "lwt"
-    fn = providers()[name]
-    x, w, dy = inputs(rows, hidden)
+    # a hang shows its threads' stacks (to the real stderr: the parent reads it, merged with stdout)
+    faulthandler.dump_traceback_later(max(1, CAPTURE_TIMEOUT_S - 5), exit=True, file=sys.__stderr__)
     try:
-        if kind == "lwt-leaves" or kind == "lwt-bench-thread-local":
-            step = make_step(fn, "leaves" if kind == "lwt-leaves" else "bench", x, w, dy)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            mode = "thread_local" if kind.endswith("thread-local") else "global"
-            with torch.cuda.graph(graph, capture_error_mode=mode):
-                step()
-            graph.replay()
-            sync()
-            ms = triton.testing.do_bench(graph.replay, return_mode="median")
-        else:  # bench_rmsnorm's order: the forward timed without gradients, the eager fwd+bwd, the graph
-            H.bench_ms(lambda: fn(x, w, None))
-            step = make_step(fn, "bench", x, w, dy)
-            H.bench_ms(step)
-            ms = H.bench_graph_ms(step)
+        if kind == "bench-case":
+            result = _bench_case(rows, hidden)
+        else:
+            fn = providers()["F.rms_norm" if kind.startswith("F.rms_norm") else "lwt"]
+            x, w, dy = inputs(rows, hidden)
+            if kind == "lwt-leaves" or kind.startswith("lwt-bench-"):
+                step = make_step(fn, "leaves" if kind == "lwt-leaves" else "bench", x, w, dy)
+                mode = "thread_local" if kind.endswith("thread-local") else "global"
+                result = f"{_capture_by_hand(fn, step, dy, mode):.3f} ms per step replayed (do_bench)"
+            else:  # bench_rmsnorm's order: the forward timed without gradients, the eager fwd+bwd, the graph
+                H.bench_ms(lambda: fn(x, w, None))
+                step = make_step(fn, "bench", x, w, dy)
+                H.bench_ms(step)
+                result = f"{H.bench_graph_ms(step):.3f} ms per step replayed (do_bench_cudagraph)"
     except Exception as e:
         traceback.print_exc(file=sys.stdout)
-        print(f"capture {kind}: FAILED ({H.first_line(e)})", flush=True)
+        print(f"capture {kind}: FAILED ({H.first_line(e, 400)})", flush=True)
         return 1
-    print(f"capture {kind}: ok, {ms:.3f} ms per step replayed", flush=True)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    print(f"capture {kind}: ok, {result}", flush=True)
     return 0
 
 
-def run_child(cmd: list) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=CAPTURE_TIMEOUT_S)
+def run_child(cmd: list) -> tuple[int | None, str]:
+    """(exit code, or None when it ran out of time; its output, stderr interleaved with stdout)."""
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=CAPTURE_TIMEOUT_S + 10,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # nothing lost if it is killed
+    except subprocess.TimeoutExpired as e:
+        return None, (e.stdout or b"").decode(errors="replace")
+    return out.returncode, out.stdout.decode(errors="replace")
 
 
 def section_captures(rows: int, hidden: int) -> None:
     print(f"== 5. CUDA-graph captures, each in a fresh process ({rows} x {hidden})", flush=True)
     for kind in CAPTURES:
         cmd = [sys.executable, os.path.abspath(__file__), "--capture", kind, "--rows", str(rows), "--hidden", str(hidden)]
-        try:
-            out = run_child(cmd)
-        except subprocess.TimeoutExpired:
-            print(f"capture {kind}: no answer within {CAPTURE_TIMEOUT_S} s", flush=True)
-            continue
-        lines = (out.stdout + out.stderr).strip().splitlines()
+        code, out = run_child(cmd)
+        lines = out.strip().splitlines()
         verdict = [line for line in lines if line.startswith(f"capture {kind}:")]
-        print(verdict[-1] if verdict else f"capture {kind}: exit {out.returncode}, no verdict", flush=True)
-        if out.returncode != 0:  # the traceback's last lines say where
-            print("".join(f"  | {line}\n" for line in lines[-40:]), end="", flush=True)
+        print(verdict[-1] if verdict else f"capture {kind}: "
+              f"{'no answer in time' if code is None else f'exit {code}'}, no verdict", flush=True)
+        if code != 0:  # the traceback's (or the hang's stacks') last lines say where
+            print("".join(f"  | {line}\n" for line in lines[-60:]), end="", flush=True)
 
 
 SECTIONS = (section_times, section_syncs, section_profile, section_pieces, section_captures)
@@ -295,9 +350,15 @@ def main(argv=None) -> int:
         return capture(args.capture, args.rows, args.hidden)
     print(f"diagnose_rmsnorm on {H.gpu_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {H.git_sha()}, LWT_AUTOTUNE={os.environ.get('LWT_AUTOTUNE', '1')}", flush=True)
+    failed = 0
     for section in SECTIONS:
-        H.attempt(None, section.__name__, lambda section=section: section(args.rows, args.hidden))
-    return 0
+        try:
+            section(args.rows, args.hidden)
+        except Exception:  # the whole traceback: these sections first run on a GPU machine
+            traceback.print_exc(file=sys.stdout)
+            print(f"{section.__name__}: FAILED; the next section runs", flush=True)
+            failed = 1
+    return failed
 
 
 if __name__ == "__main__":

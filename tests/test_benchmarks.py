@@ -238,9 +238,11 @@ def test_diagnose_rmsnorm_runs_every_section(dry_run, monkeypatch, capsys):
     def child(cmd):
         kind = cmd[cmd.index("--capture") + 1]
         asked.append((kind, cmd[cmd.index("--rows") + 1], cmd[cmd.index("--hidden") + 1]))
-        ok = kind != "lwt-bench"
-        out = f"capture {kind}: ok, 1.000 ms per step replayed\n" if ok else "Traceback\n  where\ncapture lwt-bench: FAILED (x)\n"
-        return diag.subprocess.CompletedProcess(cmd, 0 if ok else 1, out, "")
+        if kind == "lwt-bench":
+            return 1, "Traceback\n  where\ncapture lwt-bench: FAILED (x)\n"
+        if kind == "bench-case":
+            return None, "Thread 0x1 (most recent call first):\n  File x\n"  # out of time, stacks dumped
+        return 0, f"capture {kind}: ok, 1.000 ms per step replayed\n"
     monkeypatch.setattr(diag, "run_child", child)
 
     assert diag.main(["--rows", "8", "--hidden", "64"]) == 0
@@ -260,8 +262,19 @@ def test_diagnose_rmsnorm_runs_every_section(dry_run, monkeypatch, capsys):
     assert asked == [(kind, "8", "64") for kind in diag.CAPTURES]
     assert "capture lwt-leaves: ok, 1.000 ms per step replayed" in out
     assert "capture lwt-bench: FAILED (x)\n  | Traceback\n  |   where\n" in out
+    assert "capture bench-case: no answer in time, no verdict\n  | Thread 0x1" in out
     with pytest.raises(SystemExit):
         diag.main(["--rows", "0"])
+
+    # The children of the kinds that follow bench_rmsnorm's code (the hand-made captures need a GPU).
+    monkeypatch.setattr(diag, "CAPTURE_TIMEOUT_S", 900)  # its hang watchdog would end the test process
+    monkeypatch.setattr(diag.B, "DEVICE", "cpu")
+    for kind in ("lwt-bench", "F.rms_norm-bench", "bench-case"):
+        assert diag.main(["--capture", kind, "--rows", "8", "--hidden", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "capture lwt-bench: ok, 1.000 ms per step replayed (do_bench_cudagraph)" in out, out
+    assert "capture F.rms_norm-bench: ok, 1.000 ms per step replayed (do_bench_cudagraph)" in out, out
+    assert "capture bench-case: ok, lwt 1.000 ms, F.rms_norm 1.000 ms\n" in out, out
 
 
 def test_appended_results_do_not_mark_the_tree_dirty(monkeypatch, tmp_path):
