@@ -97,10 +97,10 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def host_and_wall_ms(step, n: int = BACK_TO_BACK) -> tuple[float, float]:
-    """Per step over n back-to-back steps: (the host's time until the last one was issued, the time until
-    the GPU had finished it), in ms."""
-    for _ in range(3):
+def host_and_wall_ms(step, n: int = BACK_TO_BACK, warmup: int = 3) -> tuple[float, float]:
+    """Per step over n back-to-back steps, after `warmup` more: (the host's time until the last one was
+    issued, the time until the GPU had finished it), in ms."""
+    for _ in range(warmup):
         step()
     sync()
     t0 = time.perf_counter()
@@ -211,29 +211,18 @@ def section_pieces(rows: int, hidden: int) -> None:
     print(f"== 4. host time per lwt step at {SMALL_ROWS} x {hidden}, us (mean of {n}; nested: each line "
           "includes the ones below it)", flush=True)
     step = make_step(providers()["lwt"], "leaves", *inputs(SMALL_ROWS, hidden))
-    for _ in range(5):
-        step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    whole = time.perf_counter() - t
-    sync()
+    whole, _ = host_and_wall_ms(step, n)
     kernel_class = type(R._fwd.autotuned.fn)  # triton's JITFunction (the interpreter's InterpretedFunction)
     labels = ["rms_norm_fwd + rms_norm_bwd (launchers)", "TunedKernel.launch", f"triton's {kernel_class.__name__}.run"]
     totals = dict.fromkeys(labels, 0.0)
     undo = [_instrument(R, "rms_norm_fwd", totals, labels[0]), _instrument(R, "rms_norm_bwd", totals, labels[0]),
             _instrument(TunedKernel, "launch", totals, labels[1]), _instrument(kernel_class, "run", totals, labels[2])]
     try:
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        instrumented = time.perf_counter() - t
-        sync()
+        instrumented, _ = host_and_wall_ms(step, n, warmup=0)  # (warm already: totals count the n steps only)
     finally:
         for u in reversed(undo):
             u()
-    print(f"  {'the whole step':<44} {whole / n * 1e6:8.1f}  ({instrumented / n * 1e6:.1f} with the timers)")
+    print(f"  {'the whole step':<44} {whole * 1e3:8.1f}  ({instrumented * 1e3:.1f} with the timers)")
     for label, total in totals.items():
         print(f"  {label:<44} {total / n * 1e6:8.1f}")
     sys.stdout.flush()
