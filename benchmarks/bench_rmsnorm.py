@@ -112,8 +112,13 @@ def run_case(report, M, N, residual, dtype):
     # The same step replayed from a CUDA graph: GPU time only. Eager timing above includes the host's
     # Python and launch cost, which exceeds the GPU time of these shapes for Python-launched kernels
     # (lwt, Liger, torch.compile) on slow host CPUs. torch.compile last: a capture it fails is noted
-    # (attempt) after every other provider has its number.
+    # (attempt) after every other provider has its number. The gradients are taken at leaves here, not
+    # at the clones: a clone's backward node belongs to the stream it was made on (the legacy default
+    # stream, outside the capture), and the autograd engine makes that stream wait for the captured
+    # gradient, which ends a capture with cudaErrorStreamCaptureImplicit (every provider's capture
+    # failed so until 2af8f80: benchmarks/diagnose_rmsnorm.py). The kernels' work is the same.
     graph_providers = {k: v for k, v in provs.items() if k != "eager reference"}
+    x, r = (None if t is None else t.detach().requires_grad_(True) for t in (x, r))
     for name in sorted(graph_providers, key=lambda k: k.startswith("torch.compile")):
         step = _step(graph_providers[name], x, w, r, cotangents, True)
         ms = H.attempt(report, f"{case} fwd+bwd graph {name}", lambda step=step: H.bench_graph_ms(step))

@@ -15,10 +15,11 @@
 #                                           # train, then bench_block (compiled vs eager DecoderBlock step)
 #   bash benchmarks/device_check.sh mla     # benchmarks/tune_mla.py: MLA's passes, each launch config
 #                                           # forced (~5-8 minutes; its output comes back as tune_mla.log)
-#   bash benchmarks/device_check.sh diag [pytest -k expr]  # benchmarks/diagnose_rmsnorm.py (its output
-#                                           # comes back as diagnose_rmsnorm.log), then the CUDA tests of
-#                                           # what has not run on a GPU yet (default: the MLA layer's
-#                                           # float64 test, the thread-pool draws, LWTModel)
+#   bash benchmarks/device_check.sh diag [pytest -k expr]  # RMSNorm's host time, in ~7 minutes:
+#                                           # benchmarks/diagnose_rmsnorm.py (DIAG_SECTIONS, default 1,4:
+#                                           # the step times and the host time's pieces; its output comes
+#                                           # back as diagnose_rmsnorm.log), bench_rmsnorm --quick, then the
+#                                           # kernels' and layers' CUDA tests with the time left
 # Benches run their quick grids unless FULL=1; ONLY="attention swiglu" runs just those benches (bench,
 # all). Liger-Kernel is installed from .whl/ when a wheel is there (git-ignored: the device tool must
 # carry it, carry [".whl"]; see README "Benchmarks").
@@ -135,10 +136,14 @@ if [ "$what" = mla ]; then
   exit $failed
 fi
 if [ "$what" = diag ]; then
-  step diagnose_rmsnorm 300 "$PY" benchmarks/diagnose_rmsnorm.py
+  step diagnose_rmsnorm 150 "$PY" benchmarks/diagnose_rmsnorm.py --sections "${DIAG_SECTIONS:-1,4}"
   cp "$WORK/diagnose_rmsnorm.log" "$OUT/diagnose_rmsnorm.log"
-  test_cap=150 run_tests "${2:-hand_written_float64 or parallel_frozen or test_model}" \
+  step bench_rmsnorm 120 "$PY" benchmarks/bench_rmsnorm.py --quick --skip-compiled-baselines --results-dir "$WORK"
+  # (every kernel's launches go through TunedKernel: the tests of all of them, RMSNorm's first)
+  test_cap=$((budget - (SECONDS - start))) run_tests "${2:-}" tests/test_rmsnorm.py tests/test_attention.py \
+    tests/test_mla.py tests/test_swiglu.py tests/test_cross_entropy.py tests/test_launch_configs.py \
     tests/test_layers.py tests/test_model.py
+  cat "$WORK/steps.txt" "$OUT/summary.txt"
   exit $failed
 fi
 train_caps=(300 300)

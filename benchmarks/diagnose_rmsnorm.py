@@ -2,12 +2,17 @@
 can be captured in a CUDA graph: a diagnostic for the two RMSNorm questions README "Measured on a GPU"
 leaves open (not part of run_all).
 
-    python benchmarks/diagnose_rmsnorm.py [--rows 16384] [--hidden 4096]
+    python benchmarks/diagnose_rmsnorm.py [--rows 16384] [--hidden 4096] [--sections 1,2,3,4,5]
 
 At 871b73f, on an H200, lwt's eager step at 16384 x 4096 bf16 took 0.64-0.81 ms against 0.18 ms of GPU
 time, and every CUDA-graph row of bench_rmsnorm failed with "operation failed due to a previous error
 during capture". Launches issued back to back make a step last about the longer of its host and GPU
-times; a step in which the host waits for the GPU lasts about their sum. Printed, bf16:
+times; a step in which the host waits for the GPU lasts about their sum. Its first run, at 2af8f80 on an
+H200, answered both: lwt's step was bound by its host time (0.31 ms to issue a step, at 16384 rows and
+at 64 alike, against 0.17 ms of GPU time; triton's JITFunction.run took about 57 us per launch), and
+every capture of bench_rmsnorm's step failed with cudaErrorStreamCaptureImplicit because the step takes
+its gradients at clones made outside the capture (see bench_rmsnorm.run_case), while lwt's step with
+leaves was captured and replayed in 0.181 ms. The kinds below are kept as they were. Printed, bf16:
 
 1. per provider (lwt, F.rms_norm, Liger-Kernel when importable) and step style ("leaves": x and the weight
    leaves, .backward() into their .grad; "bench": bench_rmsnorm's step, on clones, torch.autograd.grad):
@@ -32,7 +37,7 @@ times; a step in which the host waits for the GPU lasts about their sum. Printed
                   bench_rmsnorm's order for one provider alone: the forward timed, the eager fwd+bwd
                   timed, then do_bench_cudagraph (unrolled steps) of the step;
    bench-case     bench_rmsnorm's own run_case (every provider, torch.compile left out), whose CUDA-graph
-                  rows all failed at 871b73f: which of its rows were measured.
+                  rows all failed until 2af8f80 (they take leaves since): which of its rows were measured.
    The replayed times of the hand-made captures come from do_bench (L2 flushed between replays), those of
    do_bench_cudagraph without flushes: compare a kind's time with its own kind only.
 """
@@ -328,10 +333,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--rows", type=int, default=16384, help="tokens (default 16384)")
     p.add_argument("--hidden", type=int, default=4096, help="hidden size (default 4096)")
+    p.add_argument("--sections", default="1,2,3,4,5",
+                   help="which sections to run, comma-separated numbers (default: all five)")
     p.add_argument("--capture", choices=CAPTURES, help=argparse.SUPPRESS)  # section 5's child processes
     args = p.parse_args(argv)
     if args.rows < 1 or args.hidden < 1:
         p.error(f"--rows and --hidden: expected ints >= 1, got {args.rows} and {args.hidden}")
+    chosen = [part.strip() for part in args.sections.split(",")]
+    if not chosen or any(c not in {str(i) for i in range(1, len(SECTIONS) + 1)} for c in chosen):
+        p.error(f"--sections: expected comma-separated numbers from 1 to {len(SECTIONS)}, got {args.sections!r}")
     if not H.HAS_GPU:
         print("diagnose_rmsnorm: no CUDA GPU here; nothing to time")
         return 0
@@ -340,7 +350,9 @@ def main(argv=None) -> int:
     print(f"diagnose_rmsnorm on {H.gpu_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {H.git_sha()}, LWT_AUTOTUNE={os.environ.get('LWT_AUTOTUNE', '1')}", flush=True)
     failed = 0
-    for section in SECTIONS:
+    for number, section in enumerate(SECTIONS, 1):
+        if str(number) not in chosen:
+            continue
         try:
             section(args.rows, args.hidden)
         except Exception:  # the whole traceback: these sections first run on a GPU machine

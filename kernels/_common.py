@@ -16,6 +16,15 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
+from triton.runtime.jit import JITFunction
+
+try:  # triton 3.6's pieces of JITFunction.run that TunedKernel's direct launch uses (see _DirectLaunch)
+    from triton import knobs as _knobs
+    from triton._C.libtriton import native_specialize_impl as _specialize
+    from triton.backends.compiler import BaseBackend as _BaseBackend
+    from triton.compiler import CompiledKernel as _CompiledKernel
+except ImportError:  # another triton: every launch goes through JITFunction.run
+    _specialize = None
 
 from . import flops
 from ._checks import autocast_available
@@ -138,22 +147,26 @@ def autotuning() -> bool:
 
 
 class TunedKernel:
-    """Launches an autotuned kernel, skipping the autotuner's per-call bookkeeping once a key is tuned.
+    """Launches an autotuned kernel, skipping the autotuner's per-call bookkeeping once a key is tuned,
+    and, once a key's compiled binary is known, triton's own per-launch bookkeeping too.
 
     triton.autotune rebuilds a dict of every argument on each call to look up its cache; on the slow
     host CPUs of GPU servers that is a visible share of a small op's launch cost. The cache key here is
     the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
     After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
     is launched with it directly: the config, arguments and compiled binary the autotuner would use.
+    From then on each launch also skips triton's JITFunction.run (see _DirectLaunch): about 55 us of
+    host time per launch on an H200 server's CPU at 2af8f80 (benchmarks/diagnose_rmsnorm.py, section 4).
     With LWT_AUTOTUNE=0 (see autotuning) the first call launches the first config that survives the
     autotuner's pruning and compiles for this GPU, instead of timing them all: one compilation per key,
     the GPU test suite's setting (tests/conftest.py). `last` is the config of the latest launch (the
     benchmarks report it); a key's first launch also leaves it in the autotuner's `best_config`.
+    Clearing `best` forgets every tuned config and every binary found for it.
     """
 
     def __init__(self, autotuned):
         self.autotuned = autotuned
-        self.best = {}  # key -> (config, its all_kwargs(): built once, not at every launch)
+        self.best = {}  # key -> (config, its all_kwargs(): built once, not at every launch, _DirectLaunch or None)
         self.last = None
         self._key_slots = [autotuned.arg_names.index(k) for k in autotuned.keys]
         getter = operator.itemgetter(*self._key_slots)  # (an itemgetter: cheaper per call than a generator)
@@ -172,11 +185,15 @@ class TunedKernel:
             else:  # timed (a lone config is launched without timing)
                 self.autotuned[grid](*args, **meta)
                 config = self.autotuned.best_config
-            self.best[key] = (config, config.all_kwargs())
+            self.best[key] = (config, config.all_kwargs(), _DirectLaunch.make(self.autotuned.fn, len(values), config))
             self.last = config
-        else:
-            self.last = tuned[0]
-            self.autotuned.fn[grid](*args, **meta, **tuned[1])
+            return
+        config, kwargs, direct = tuned
+        self.last = config
+        if direct is None or not direct.launch(grid, values):
+            kernel = self.autotuned.fn[grid](*args, **meta, **kwargs)
+            if direct is not None:
+                direct.remember(values, kernel)
 
     def _first_launchable(self, grid, args, meta):
         """Launch the first config, in order, that the autotuner's early_config_prune keeps for these
@@ -198,6 +215,73 @@ class TunedKernel:
                 continue
             self.autotuned.best_config = config
             return config
+
+
+class _DirectLaunch:
+    """The compiled binaries of one tuned key, launched without triton's JITFunction.run.
+
+    JITFunction.run binds every argument into a dict, derives the kernel's specialisation (each tensor's
+    dtype and 16-byte alignment, each int's width and whether it is 1 or a multiple of 16, the constexpr
+    values), turns it with the options into a string key, looks that up, checks the kernel's globals, and
+    builds launch metadata for the launch hooks before calling the compiled binary's C launcher. Here the
+    specialisation is derived by triton's own function (native_specialize_impl, as its binder calls it)
+    for the non-constexpr arguments, and the constexpr values are taken as they are; a launch whose
+    specialisation was seen before calls that binary's launcher at once, with triton's arguments (no
+    launch metadata: only a launch hook reads it, and with a hook installed every launch takes triton's
+    path). Any other launch goes through JITFunction.run, which compiles what is missing, and its binary
+    is remembered. The options (the config's warps and stages) are fixed per tuned key; debug and
+    instrumentation settings changed after a binary was remembered are not seen (as for the autotuner's
+    cached configs). Only for triton 3.6's JITFunction (not the interpreter), and only when the launch
+    passes every parameter, the config's own last (checked when the key is tuned)."""
+
+    __slots__ = ("constexpr", "names", "tail", "binaries")
+
+    def __init__(self, fn, config):
+        self.constexpr = tuple(p.is_constexpr for p in fn.params)
+        self.names = fn.arg_names
+        self.tail = tuple(config.kwargs.values())  # the config's meta-parameters, the last parameters
+        self.binaries = {}  # (device, specialisation) -> (C launcher, function handle, packed metadata)
+
+    @classmethod
+    def make(cls, fn, n_passed: int, config):
+        """A _DirectLaunch for the key tuned to `config`, or None where triton's path must be kept."""
+        if _specialize is None or not isinstance(fn, JITFunction) or fn.pre_run_hooks:
+            return None
+        if n_passed + len(config.kwargs) != len(fn.arg_names) or \
+                list(config.kwargs) != fn.arg_names[n_passed:]:
+            return None
+        return cls(fn, config)
+
+    def _key(self, params):
+        # The specialisation JITFunction.run's binder derives (flags as for a parameter without
+        # do_not_specialize: a flag there only makes triton's key coarser, never finer than this one).
+        return (torch._C._cuda_getDevice(),) + tuple([
+            p if cx else _specialize(_BaseBackend, p, False, True, True) for p, cx in zip(params, self.constexpr)])
+
+    def launch(self, grid, values) -> bool:
+        """Launch the remembered binary for these arguments; False (nothing launched) if there is none
+        yet, or a launch hook is installed."""
+        hooks = _knobs.runtime
+        if getattr(hooks.launch_enter_hook, "calls", hooks.launch_enter_hook) or \
+                getattr(hooks.launch_exit_hook, "calls", hooks.launch_exit_hook):
+            return False
+        params = values + self.tail
+        key = self._key(params)
+        binary = self.binaries.get(key)
+        if binary is None:
+            return False
+        if callable(grid):
+            grid = grid(dict(zip(self.names, params)))
+        run, function, packed = binary
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(key[0]),
+            function, packed, None, None, None, *params)
+        return True
+
+    def remember(self, values, kernel) -> None:
+        """Keep the binary JITFunction.run just launched for these arguments."""
+        if isinstance(kernel, _CompiledKernel) and kernel.function is not None:
+            self.binaries[self._key(values + self.tail)] = (kernel.run, kernel.function, kernel.packed_metadata)
 
 
 class Launcher:

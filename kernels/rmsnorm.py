@@ -10,7 +10,8 @@ Backward. With ŝ = s·rstd and g = dy·w, and d(rstd)/ds = -rstd³·s/N:
     dw = Σ_rows dy·ŝ
     dx = dresidual = ds
 dw is reduced deterministically: each program of a persistent grid accumulates its own rows in fp32
-and writes one partial row; one torch sum over the (programs, N) partials follows. No atomics, so two
+and writes one partial row; a second kernel sums the (programs, N) partials in a fixed order, in fp32,
+and stores dw in the weight's dtype (one launch where a torch sum and a cast were two ops). No atomics, so two
 runs give bit-identical gradients (on one GPU, within one process: the warp count the autotuner picks
 sets the order of the in-row fp32 sums, so another process may round the last bit differently).
 The backward issues the loads of a program's next row block before working on the current one.
@@ -29,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, launcher,
-                      no_transform, num_sms, prune_row_configs, row_configs, row_tile)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, interpreting,
+                      launcher, no_transform, num_sms, prune_row_configs, row_configs, row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -229,19 +230,65 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_partial + pid_m.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
+# Columns per program and partial rows per step of the dW reduction: 4096 columns make 32 programs,
+# each summing (programs, 128) fp32 partials, 32 rows at a time.
+DW_REDUCE_BLOCK_N = 128
+DW_REDUCE_BLOCK_P = 32
+
+
+@triton.jit
+def _to_bf16_rtne(x):
+    """fp32 -> bf16 rounded to nearest, ties to even (a GPU's cast), in integer arithmetic: the same result
+    on the interpreter, whose fp32 -> bf16 cast truncates (triton 3.6, interpreter.py cast_impl; its
+    explicit "rtne" rounds ties up and drops the carry into the exponent). NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, x.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+
+
+@triton.autotune(configs=[triton.Config({}, num_warps=1 if interpreting() else 4, num_stages=1)], key=["N"])
+@triton.jit
+def _rms_norm_dw_reduce_kernel(DW_partial, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dw[cols] = the sum over the P partial rows, in fp32, BLOCK_P rows at a time in row order (a fixed
+    order: deterministic), stored in DW's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.sum(tl.load(_row_ptrs(DW_partial, rows, N, cols), mask=mask, other=0.0), axis=0)
+    if DW.dtype.element_ty == tl.bfloat16:
+        dw = _to_bf16_rtne(acc)
+    else:
+        dw = acc.to(DW.dtype.element_ty)
+    tl.store(DW + cols, dw, mask=col_mask)
+
+
 # Launched through the tuned-config cache (kernels/_common.py), with every argument in declaration order.
 _fwd = TunedKernel(_rms_norm_fwd_kernel)
 _row_dot = TunedKernel(_rms_norm_bwd_row_dot_kernel)
 _bwd = TunedKernel(_rms_norm_bwd_kernel)
+_dw_reduce = TunedKernel(_rms_norm_dw_reduce_kernel)
+
+
+# Rows per program at most (row_tile's limit): M beyond it does not change a launch's tile.
+MAX_BLOCK_M = 64
+_tiles = {}  # launch_tile's answers, keyed by everything they depend on (the tuning script sets the constants)
 
 
 def launch_tile(N: int, M: int, backward: bool) -> tuple[int, int, bool]:
     """(BLOCK_M, BLOCK_N, SINGLE_PASS) of a forward or backward launch over M rows of N: whole rows up to
     the direction's widest (narrow ones packed several to a program), else one row at a time in CHUNK_N
-    column chunks."""
-    block_m, block_n, single = (row_tile(N, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS, rows=M) if backward
-                                else row_tile(N, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, rows=M))
-    return (block_m, block_n, True) if single else (1, CHUNK_N, False)
+    column chunks. Remembered: this is on every launch's host path."""
+    key = (N, min(M, MAX_BLOCK_M), backward, FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS, BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS,
+           CHUNK_N)
+    tile = _tiles.get(key)
+    if tile is None:
+        max_n, elements = (BWD_MAX_BLOCK_N, BWD_TILE_ELEMENTS) if backward else (FWD_MAX_BLOCK_N, FWD_TILE_ELEMENTS)
+        block_m, block_n, single = row_tile(N, max_n, elements, max_block_m=MAX_BLOCK_M, rows=key[1])
+        tile = _tiles[key] = (block_m, block_n, True) if single else (1, CHUNK_N, False)
+    return tile
 
 
 def _rms_norm_fwd_fake(x, weight, eps, residual=None):
@@ -321,7 +368,11 @@ def rms_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None,
         SINGLE_PASS=single, HAS_DS_OUT=has_dso, HAS_WEIGHT=has_weight, COMPUTE_DW=compute_dw,
         HAS_DRES=separate_dres,
     )
-    dw = dw_partial.sum(dim=0).to(weight.dtype) if compute_dw else absent(s)
+    if not compute_dw:
+        return dx, absent(s), dres
+    dw = empty((N,), weight.dtype, s.device)
+    _dw_reduce.launch((cdiv(N, DW_REDUCE_BLOCK_N),), dw_partial, dw, n_row_progs, N,
+                      BLOCK_P=DW_REDUCE_BLOCK_P, BLOCK_N=DW_REDUCE_BLOCK_N)
     return dx, dw, dres
 
 

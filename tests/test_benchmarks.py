@@ -265,6 +265,13 @@ def test_diagnose_rmsnorm_runs_every_section(dry_run, monkeypatch, capsys):
     assert "capture bench-case: no answer in time, no verdict\n  | Thread 0x1" in out
     with pytest.raises(SystemExit):
         diag.main(["--rows", "0"])
+    for bad in ("0", "6", "1,x", ""):
+        with pytest.raises(SystemExit):
+            diag.main(["--rows", "8", "--hidden", "64", "--sections", bad])
+    capsys.readouterr()
+    assert diag.main(["--rows", "8", "--hidden", "64", "--sections", "4,1"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:5] for line in out.splitlines() if line.startswith("== ")] == ["== 1.", "== 4."], out
 
     # The children of the kinds that follow bench_rmsnorm's code (the hand-made captures need a GPU).
     monkeypatch.setattr(diag, "CAPTURE_TIMEOUT_S", 900)  # its hang watchdog would end the test process

@@ -301,6 +301,138 @@ def test_autotune_switch_refuses_other_values(monkeypatch, value):
         _scale(tuner, 10)
 
 
+# -- TunedKernel's direct launch (kernels._common._DirectLaunch) ---------------------------------------
+
+def _axpy_kernel(X, Y, n, alpha, SCALE: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    pass  # never compiled: triton's JITFunction.run and the binary's launcher are stood in for below
+
+
+class _Recorded:
+    """Stands in for triton: JITFunction.run (recorded in `slow`, returns a CompiledKernel whose C launcher
+    records into `direct`), and the CUDA device and stream queries of the direct launch."""
+
+    def __init__(self, monkeypatch):
+        from triton.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+
+        self.slow, self.direct = [], []
+        jit = JITFunction(_axpy_kernel)  # compiled, not interpreted: the kind of kernel a GPU launches
+        config = triton.Config({"BLOCK": 64}, num_warps=2)
+        self.tuner = TunedKernel(triton.autotune(configs=[config], key=["K"])(jit))
+
+        def run(*args, grid, warmup, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            kernel = object.__new__(CompiledKernel)
+            kernel._run = lambda *a: self.direct.append(a)
+            kernel.function, kernel.packed_metadata = 1000 + len(self.slow), ("packed", len(self.slow))
+            return kernel
+
+        monkeypatch.setattr(jit, "run", run)
+        monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+
+    def launch(self, x, y, n=100, alpha=2.0, scale=3.0, k=1, grid=(4,)):
+        self.tuner.launch(grid, x, y, n, alpha, SCALE=scale, K=k)
+
+
+def test_direct_launch_reuses_a_binary_only_for_the_same_specialisation(monkeypatch):
+    """After a key is tuned, the first launch of each specialisation goes through triton (JITFunction.run)
+    and later ones call that binary's launcher directly, with every parameter in declaration order; a
+    change triton specialises on (16-byte alignment, an int's divisibility by 16 or value 1, a constexpr
+    not in the autotune key, the device) goes through triton again, one that it does not (another int of
+    the same kind, the data itself) does not."""
+    rec = _Recorded(monkeypatch)
+    base = torch.zeros(64)
+    x, y = base[:32], base[32:]  # 128-byte offset: both 16-byte aligned
+    rec.launch(x, y)  # tunes the key (a lone config: launched untimed)
+    rec.launch(x, y)  # its first launch with a binary to remember
+    assert len(rec.slow) == 2 and rec.direct == []
+    rec.launch(x, y)
+    (call,) = rec.direct
+    assert call[:9] == (4, 1, 1, 7, 1002, ("packed", 2), None, None, None)
+    assert call[9:] == (x, y, 100, 2.0, 3.0, 1, 64)  # X, Y, n, alpha, SCALE, K, BLOCK
+    rec.launch(base[:31], base[36:], n=101, alpha=-1.0)  # other data, the same kinds: still direct
+    assert len(rec.slow) == 2 and len(rec.direct) == 2
+    for changed in (dict(x=base[1:33]), dict(n=96), dict(n=1), dict(n=2 ** 31), dict(scale=4.0)):
+        args = {"x": x, "y": y, **changed}
+        before = len(rec.slow)
+        rec.launch(**args)
+        assert len(rec.slow) == before + 1, changed  # through triton
+        rec.launch(**args)
+        assert len(rec.slow) == before + 1, changed  # then direct
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 1)
+    rec.launch(x, y)
+    assert len(rec.slow) == 8
+
+
+def test_direct_launch_steps_aside_for_launch_hooks_and_cleared_caches(monkeypatch):
+    """With a launch hook installed (a profiler's), every launch goes through triton, which calls the hook;
+    clearing `best` (as the tuning scripts and force_config do) forgets the remembered binaries; a grid
+    given as a function gets the parameters by name."""
+    from triton import knobs
+
+    rec = _Recorded(monkeypatch)
+    x, y = torch.zeros(32), torch.zeros(32)
+    for _ in range(3):
+        rec.launch(x, y, grid=lambda meta: (meta["n"] // meta["BLOCK"] + 1, 2))
+    assert len(rec.slow) == 2 and rec.direct[0][:3] == (2, 2, 1)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        rec.launch(x, y)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(rec.slow) == 3 and len(rec.direct) == 1
+    rec.tuner.best.clear()
+    rec.launch(x, y)
+    rec.launch(x, y)
+    assert len(rec.slow) == 5 and len(rec.direct) == 1
+    rec.launch(x, y)
+    assert len(rec.direct) == 2
+
+
+@pytest.mark.cuda
+def test_direct_launches_give_the_results_of_triton_launches(monkeypatch):
+    """On a GPU: RMSNorm's fwd+bwd (three kernels) on aligned and unaligned views, in turn, so that each
+    key's later launches are direct ones of both specialisations; each result is bit for bit the one
+    triton's own launch path gives for the same inputs (these kernels are deterministic)."""
+    from kernels import rmsnorm
+    from kernels._common import _DirectLaunch
+
+    direct = []
+    launch = _DirectLaunch.launch
+
+    def counted(self, grid, values):
+        direct.append(launch(self, grid, values))
+        return direct[-1]
+
+    monkeypatch.setattr(_DirectLaunch, "launch", counted)
+    for kernel in (rmsnorm._fwd, rmsnorm._bwd, rmsnorm._dw_reduce):
+        monkeypatch.setattr(kernel, "best", {})  # (other tests in this process may have launched these keys)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    M, N = 37, 1000
+    buf = torch.randn(4, M * N + 1, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weight = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def step(x, dy):
+        x, w = x.detach().requires_grad_(), weight.detach().requires_grad_()
+        y = rmsnorm.rms_norm(x, w, 1e-6)
+        y.backward(dy)
+        return y.detach(), x.grad, w.grad
+
+    # offset 1: a 2-byte shift, no pointer 16-byte aligned; rows stay unit-stride views (no copy)
+    views = [(buf[i % 3, o:o + M * N].view(M, N), buf[3, o:o + M * N].view(M, N))
+             for i, o in enumerate((0, 0, 0, 1, 1, 1, 0, 1))]
+    got = [step(x, dy) for x, dy in views]
+    # each kernel: 2 of its 4 aligned launches direct (the first tunes, the second remembers), 3 of its 4
+    # unaligned ones (a new specialisation: its first goes through triton)
+    assert sum(direct) == 3 * 5, direct
+    monkeypatch.setattr(_DirectLaunch, "launch", lambda self, grid, values: False)
+    for (x, dy), results in zip(views, got):
+        for name, a, b in zip(("y", "dx", "dweight"), results, step(x, dy)):
+            assert torch.equal(a, b), name
+
+
 @pytest.mark.cuda
 def test_timed_autotuning_picks_a_correct_config(monkeypatch):
     """The suite runs untimed (tests/conftest.py); here the attention kernels autotune as in training
