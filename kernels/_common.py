@@ -224,28 +224,33 @@ class _DirectLaunch:
     dtype and 16-byte alignment, each int's width and whether it is 1 or a multiple of 16, the constexpr
     values), turns it with the options into a string key, looks that up, checks the kernel's globals, and
     builds launch metadata for the launch hooks before calling the compiled binary's C launcher. Here the
-    specialisation is derived by triton's own function (native_specialize_impl, as its binder calls it)
-    for the non-constexpr arguments, and the constexpr values are taken as they are; a launch whose
-    specialisation was seen before calls that binary's launcher at once, with triton's arguments (no
-    launch metadata: only a launch hook reads it, and with a hook installed every launch takes triton's
-    path). Any other launch goes through JITFunction.run, which compiles what is missing, and its binary
-    is remembered. The options (the config's warps and stages) are fixed per tuned key; debug and
-    instrumentation settings changed after a binary was remembered are not seen (as for the autotuner's
-    cached configs). Only for triton 3.6's JITFunction (not the interpreter), and only when the launch
-    passes every parameter, the config's own last (checked when the key is tuned)."""
+    specialisation is derived by triton's own function (native_specialize_impl, as its binder calls it
+    on NVIDIA GPUs) for the non-constexpr arguments, the constexpr values are taken with their types,
+    and the debug and instrumentation settings that enter triton's options are added; a launch whose key
+    was seen before calls that binary's launcher at once, with triton's arguments (no launch metadata:
+    only a launch hook reads it). Any other launch goes through JITFunction.run, which compiles what is
+    missing, and its binary is remembered. While a launch hook (a profiler's) or a pre-run hook is
+    installed every launch takes triton's path and nothing is remembered: a profiler's instrumented
+    binaries are never launched after it has gone. The options (the config's warps and stages) are fixed
+    per tuned key. Skipped from triton's run: its check that the kernel's globals kept their values.
+    Only for triton 3.6's JITFunction on CUDA (not the interpreter, not ROCm, whose specialisation
+    differs), and only when the launch passes every parameter, the config's own last (checked when the
+    key is tuned). (benchmarks/diagnose_rmsnorm.py measured the cost this saves; a second reading checked
+    it against triton 3.6's run, binder and launcher.)"""
 
-    __slots__ = ("constexpr", "names", "tail", "binaries")
+    __slots__ = ("constexpr", "names", "tail", "binaries", "pre_run_hooks")
 
     def __init__(self, fn, config):
         self.constexpr = tuple(p.is_constexpr for p in fn.params)
         self.names = fn.arg_names
         self.tail = tuple(config.kwargs.values())  # the config's meta-parameters, the last parameters
-        self.binaries = {}  # (device, specialisation) -> (C launcher, function handle, packed metadata)
+        self.binaries = {}  # _key -> (C launcher, function handle, packed metadata)
+        self.pre_run_hooks = fn.pre_run_hooks  # (triton's own list: hooks added later are seen)
 
     @classmethod
     def make(cls, fn, n_passed: int, config):
         """A _DirectLaunch for the key tuned to `config`, or None where triton's path must be kept."""
-        if _specialize is None or not isinstance(fn, JITFunction) or fn.pre_run_hooks:
+        if _specialize is None or not isinstance(fn, JITFunction) or torch.version.hip is not None:
             return None
         if n_passed + len(config.kwargs) != len(fn.arg_names) or \
                 list(config.kwargs) != fn.arg_names[n_passed:]:
@@ -254,16 +259,21 @@ class _DirectLaunch:
 
     def _key(self, params):
         # The specialisation JITFunction.run's binder derives (flags as for a parameter without
-        # do_not_specialize: a flag there only makes triton's key coarser, never finer than this one).
-        return (torch._C._cuda_getDevice(),) + tuple([
-            p if cx else _specialize(_BaseBackend, p, False, True, True) for p, cx in zip(params, self.constexpr)])
+        # do_not_specialize: a flag there only makes triton's key coarser, never finer than this one);
+        # constexprs with their types (triton keys on their text: True and 1 differ there, not in a dict).
+        return (torch._C._cuda_getDevice(), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode) + tuple([
+            (p.__class__, p) if cx else _specialize(_BaseBackend, p, False, True, True)
+            for p, cx in zip(params, self.constexpr)])
+
+    def _hooked(self) -> bool:
+        hooks = _knobs.runtime
+        return bool(self.pre_run_hooks or getattr(hooks.launch_enter_hook, "calls", hooks.launch_enter_hook)
+                    or getattr(hooks.launch_exit_hook, "calls", hooks.launch_exit_hook))
 
     def launch(self, grid, values) -> bool:
         """Launch the remembered binary for these arguments; False (nothing launched) if there is none
-        yet, or a launch hook is installed."""
-        hooks = _knobs.runtime
-        if getattr(hooks.launch_enter_hook, "calls", hooks.launch_enter_hook) or \
-                getattr(hooks.launch_exit_hook, "calls", hooks.launch_exit_hook):
+        yet, or a hook is installed."""
+        if self._hooked():
             return False
         params = values + self.tail
         key = self._key(params)
@@ -279,8 +289,9 @@ class _DirectLaunch:
         return True
 
     def remember(self, values, kernel) -> None:
-        """Keep the binary JITFunction.run just launched for these arguments."""
-        if isinstance(kernel, _CompiledKernel) and kernel.function is not None:
+        """Keep the binary JITFunction.run just launched for these arguments (not while a hook is
+        installed: a profiler may have had it compiled with its instrumentation)."""
+        if isinstance(kernel, _CompiledKernel) and kernel.function is not None and not self._hooked():
             self.binaries[self._key(values + self.tail)] = (kernel.run, kernel.function, kernel.packed_metadata)
 
 

@@ -365,30 +365,51 @@ def test_direct_launch_reuses_a_binary_only_for_the_same_specialisation(monkeypa
     assert len(rec.slow) == 8
 
 
-def test_direct_launch_steps_aside_for_launch_hooks_and_cleared_caches(monkeypatch):
-    """With a launch hook installed (a profiler's), every launch goes through triton, which calls the hook;
-    clearing `best` (as the tuning scripts and force_config do) forgets the remembered binaries; a grid
-    given as a function gets the parameters by name."""
+def test_direct_launch_steps_aside_for_hooks_settings_and_cleared_caches(monkeypatch):
+    """While a launch hook (a profiler's) or a pre-run hook is installed, every launch goes through triton,
+    which calls it, and no binary is remembered (a profiler's may be instrumented); a change of triton's
+    debug setting, or a constexpr of another type (True for 1), goes through triton too; clearing `best`
+    (as the tuning scripts and force_config do) forgets the remembered binaries; a grid given as a
+    function gets the parameters by name."""
     from triton import knobs
 
     rec = _Recorded(monkeypatch)
     x, y = torch.zeros(32), torch.zeros(32)
     for _ in range(3):
         rec.launch(x, y, grid=lambda meta: (meta["n"] // meta["BLOCK"] + 1, 2))
-    assert len(rec.slow) == 2 and rec.direct[0][:3] == (2, 2, 1)
+    assert len(rec.slow) == 2 and len(rec.direct) == 1 and rec.direct[0][:3] == (2, 2, 1)
+
+    def counts():
+        return len(rec.slow), len(rec.direct)
+
     hook = lambda metadata: None  # noqa: E731
     knobs.runtime.launch_enter_hook.add(hook)
     try:
         rec.launch(x, y)
+        assert counts() == (3, 1)
+        rec.tuner.best.clear()
+        rec.launch(x, y)  # tunes
+        rec.launch(x, y)  # through triton, and not remembered
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
-    assert len(rec.slow) == 3 and len(rec.direct) == 1
-    rec.tuner.best.clear()
+    assert counts() == (5, 1)
+    rec.launch(x, y)  # the hook gone: through triton once more, remembered
     rec.launch(x, y)
+    assert counts() == (6, 2)
+    rec.tuner.autotuned.fn.pre_run_hooks.append(hook)
     rec.launch(x, y)
-    assert len(rec.slow) == 5 and len(rec.direct) == 1
+    rec.tuner.autotuned.fn.pre_run_hooks.remove(hook)
+    assert counts() == (7, 2)
+    with monkeypatch.context() as patch:
+        patch.setattr(knobs.runtime, "debug", True)  # (a plain value in triton 3.6, read once from TRITON_DEBUG)
+        rec.launch(x, y)
+    assert counts() == (8, 2)
+    rec.launch(x, y, scale=1)
+    rec.launch(x, y, scale=1)
+    rec.launch(x, y, scale=True)
+    assert counts() == (10, 3)
     rec.launch(x, y)
-    assert len(rec.direct) == 2
+    assert counts() == (10, 4)
 
 
 @pytest.mark.cuda
