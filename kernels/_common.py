@@ -155,7 +155,7 @@ class TunedKernel:
     the autotuner's own (its key arguments and the dtypes of the tensor arguments), read by position.
     After the first call for a key (which autotunes), the winning config is kept and the jitted kernel
     is launched with it directly: the config, arguments and compiled binary the autotuner would use.
-    From then on each launch also skips triton's JITFunction.run (see _DirectLaunch): about 55 us of
+    From then on each launch also skips triton's JITFunction.run (see _DirectLaunch): about 57 us of
     host time per launch on an H200 server's CPU at 2af8f80 (benchmarks/diagnose_rmsnorm.py, section 4).
     With LWT_AUTOTUNE=0 (see autotuning) the first call launches the first config that survives the
     autotuner's pruning and compiles for this GPU, instead of timing them all: one compilation per key,
