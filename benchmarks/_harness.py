@@ -16,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -93,9 +94,28 @@ def bench_graph_ms(fn):
         return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
     except Exception:
         # the whole traceback to the log: the report's note keeps one line, and a failed capture leaves the
-        # next ones failing with "a previous error during capture" (seen at 871b73f, cause not yet known)
+        # next ones failing with "a previous error during capture" (every graph row at 871b73f: the cause,
+        # gradients taken at clones made before the capture, is in bench_rmsnorm.run_case)
         traceback.print_exc()
         raise
+
+
+def host_and_wall_ms(step, n: int, warmup: int = 3, sync=None) -> tuple[float, float]:
+    """Per step over n back-to-back calls of step(), after `warmup` more: (the host's time until the last
+    one was issued, the time until the GPU had finished it), in ms. Launches issued back to back make a
+    step last about the longer of its host and GPU times. sync: waits for the GPU (torch.cuda.synchronize;
+    a dry run passes a stub)."""
+    sync = sync or torch.cuda.synchronize
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3 / n, (t2 - t0) * 1e3 / n
 
 
 def first_line(e: BaseException, width: int = 160) -> str:

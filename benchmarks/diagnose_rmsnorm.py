@@ -103,18 +103,8 @@ def sync() -> None:
 
 
 def host_and_wall_ms(step, n: int = BACK_TO_BACK, warmup: int = 3) -> tuple[float, float]:
-    """Per step over n back-to-back steps, after `warmup` more: (the host's time until the last one was
-    issued, the time until the GPU had finished it), in ms."""
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    t1 = time.perf_counter()
-    sync()
-    t2 = time.perf_counter()
-    return (t1 - t0) * 1e3 / n, (t2 - t0) * 1e3 / n
+    """The harness's host_and_wall_ms, with this script's sync (a dry run stubs it)."""
+    return H.host_and_wall_ms(step, n, warmup, sync=sync)
 
 
 def section_times(rows: int, hidden: int) -> None:

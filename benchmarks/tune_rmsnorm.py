@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 
 import _harness as H  # isort: skip
 import torch
@@ -48,14 +47,7 @@ def _fwd_bwd_values(fn, inputs, cotangents):
 
 def _host_us(step, n=200):
     """Host time per call with the GPU never waited on: what a step costs the CPU."""
-    step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    host = (time.perf_counter() - t) / n
-    torch.cuda.synchronize()
-    return host * 1e6
+    return H.host_and_wall_ms(step, n, warmup=1)[0] * 1e3
 
 
 def sweep(M, N, residual, settings):
