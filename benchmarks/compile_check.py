@@ -8,8 +8,8 @@ returning different types from two branches, say) and says nothing about registe
 compiles each autotune config through triton's own ptxas (shipped in the wheel) for `--arch` (90 =
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
 spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
---quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened),
-what the test suite runs; the default compiles every config of every list, and the specialisations
+--quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened;
+for DeepSeek-V2's MLA heads one fused, one SPLIT), what the test suite runs; the default compiles every config of every list, and the specialisations
 some launches add (the attention forward without O's residual, MLA's dK/dV with one head per program,
 RMSNorm's missing operands as None). `SMEM` of an attention or MLA config also shows what the autotune
 prune counts for it (`prune counts`). Exit code 1 if any compile failed, or if a config's shared memory
@@ -106,7 +106,7 @@ def _blocks(entry):
 
 def _picked(configs, quick):
     """The entries of a config list to compile: all; with quick the first, and in a dK/dV list also the
-    first that runs its loops the other way (FLATTEN), so both kernels compile."""
+    first whose FLATTEN (or MLA's SPLIT) differs from it, so both kernels compile."""
     if not quick:
         return configs
     other = [e for e in configs[1:] if e[4:] != configs[0][4:]]
@@ -155,9 +155,9 @@ def _mla_jobs(quick):
     from kernels import attention as A
     from kernels import mla as M
 
-    ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "seq_bucket"}
+    ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "B", "seq_bucket"}
     kernels = [("mla fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("mla dK/dV", M._mla_bwd_dkdv_kernel,
-               A._DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
+               A._MLA_DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
     # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr, the widest heads taken
     variants = [("bf16", 128, 64, 128), ("bf16", 64, 32, 64), ("bf16", 128, 64, 192), ("bf16", 256, 128, 256),
                 ("fp32", 256, 128, 256)]

@@ -5,14 +5,15 @@ run_all).
 
 DeepSeek-V2's heads (H 32, Dn 128, Dr 64, Dv 128), S 2048, bf16, bidirectional and causal. For each batch
 size: the forward (autotuned) and δ, then δ + the dK/dV pass once with each config of
-attention._DKDV_CONFIGS["mla"] (the autotuner bypassed) and with the two nested configs the H200 run of
+attention._MLA_DKDV_CONFIGS["mla"] (the autotuner bypassed) and with the two nested configs the H200 run of
 e3f8149 chose from the 256 list, for comparison; the flattened configs also with the heads split into more
 chunks than mla._head_chunks picks, at the largest batch size (4 heads per program, and 1: more
 programs, more fp32 partial dk_rope tiles to sum); and at that batch size the dQ pass with each config
 of _DQ_CONFIGS["mla"]. Each forced run's gradients are compared with the autotuned launch's (the max
 absolute difference is printed: the configs differ only in summation order). TFLOP/s count the products
 each pass computes, recomputation included (per query, key and head: forward 2·(Dqk + Dv); dK/dV the
-scores again, dP, dV and dK, 2·(2·Dqk + 2·Dv); dQ the scores again, dP and dQ, 2·(2·Dqk + Dv)), halved
+scores again, dP, dV and dK, 2·(2·Dqk + 2·Dv), or with SPLIT, whose dv programs compute the
+scores once more, 2·(3·Dqk + 2·Dv); dQ the scores again, dP and dQ, 2·(2·Dqk + Dv)), halved
 for causal. The autotuner's own pick would be the fastest config at each shape: this shows by how much,
 and which config LWT_AUTOTUNE=0 (the first of the list) should be.
 """
@@ -30,7 +31,7 @@ from kernels import mla as M
 DEVICE, DTYPE = "cuda", torch.bfloat16
 HEADS, SEQ, D_NOPE, D_ROPE, D_V = 32, 2048, 128, 64, 128
 # The nested dK/dV configs e3f8149 ran MLA with (head dim 256 list): the baseline of the flattened ones.
-E3F8149_DKDV = [(16, 32, 8, 2, False), (32, 32, 8, 1, False)]
+E3F8149_DKDV = [(16, 32, 8, 2, False, False), (32, 32, 8, 1, False, False)]
 
 
 class Forced:
@@ -87,7 +88,7 @@ def run_case(B: int, causal: bool, dq_too: bool) -> None:
                              o_res=o_res)[1:]
     want = dkdv()  # the autotuned launch
     chunks = M._head_chunks(B, SEQ, HEADS, q.device)
-    for entry in A._DKDV_CONFIGS["mla"] + E3F8149_DKDV:
+    for entry in A._MLA_DKDV_CONFIGS["mla"] + E3F8149_DKDV:
         # at the largest batch, the flattened configs also with more, smaller head chunks: 4 heads per
         # program, and 1
         more = [c for c in (HEADS // 4, HEADS) if c > chunks and HEADS % c == 0] if entry[4] and dq_too else []
@@ -96,7 +97,8 @@ def run_case(B: int, causal: bool, dq_too: bool) -> None:
             if timed is not None:
                 ms, got = timed
                 heads = "" if n_chunks == chunks else f", {HEADS // n_chunks} head(s) per program"
-                print(f"{tag}: delta + dK/dV {entry}{heads}: {ms:.3f} ms, {tflops(2 * (2 * d_qk + 2 * D_V), ms)}, "
+                products = 2 * ((3 if entry[5] else 2) * d_qk + 2 * D_V)  # SPLIT computes the scores twice
+                print(f"{tag}: delta + dK/dV {entry}{heads}: {ms:.3f} ms, {tflops(products, ms)}, "
                       f"max |diff| {_max_diff(got, want):.1e}", flush=True)
     if not dq_too:
         return

@@ -135,13 +135,18 @@ def _program_coords(S, BLOCK: tl.constexpr, heads, REVERSE: tl.constexpr):
     (no 65535 limit on B·heads). Row blocks vary fastest, so the programs running at once share K/V
     heads in L2. REVERSE hands out the costliest causal query blocks (the last ones) first, which evens
     out the tail of the grid; in the dK/dV pass the costliest key blocks come first anyway."""
-    num_blocks = tl.cdiv(S, BLOCK)
-    pid = tl.program_id(0)
-    block = pid % num_blocks
+    block, b, h = _block_coords(tl.program_id(0), S, BLOCK, heads)
     if REVERSE:
-        block = num_blocks - 1 - block
+        block = tl.cdiv(S, BLOCK) - 1 - block
+    return block, b, h
+
+
+@triton.jit
+def _block_coords(pid, S, BLOCK: tl.constexpr, heads):
+    """(row block, batch, head) of program `pid` of a grid as _program_coords', row blocks fastest."""
+    num_blocks = tl.cdiv(S, BLOCK)
     bh = pid // num_blocks
-    return block, bh // heads, bh % heads
+    return pid % num_blocks, bh // heads, bh % heads
 
 
 @triton.jit
@@ -194,14 +199,29 @@ _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows str
     128: [(32, 64, 8, 2, False), (32, 64, 8, 1, False), (32, 128, 8, 2, False), (16, 128, 8, 2, False),
           (64, 64, 8, 1, False), (64, 128, 8, 2, True), (32, 128, 8, 2, True), (32, 64, 8, 2, True)],
     256: [(16, 32, 8, 2, False), (32, 32, 8, 1, False), (16, 32, 4, 1, False), (16, 64, 8, 2, False)],
-    # MLA's key tile holds three fp32 accumulators (dk_nope 128, dk_rope 64, dv 128 wide). On an H200, at
-    # e3f8149, with the 256 list (query tiles of 16 or 32 rows) and nested head and query loops, its
-    # fwd+bwd ran at 0.27-0.34x SDPA-cuDNN's. Nested, 32x64 tiles spilled 40 / 192 bytes (bidirectional /
-    # causal); flattened, these compile without spills (registers: 64x64 252 / 255, 32x64 229 / 241 or,
-    # one stage, 255 / 255, 16x64 214 / 222), while 128-key tiles, 4 warps and 32x32 (mma.sync) spill.
-    # Which is fastest is the autotuner's measurement (not yet made on a GPU).
-    "mla": [(32, 64, 8, 2, True), (64, 64, 8, 2, True), (16, 64, 8, 2, True), (32, 64, 8, 1, True)],
     "fp32": [(16, 32, 4, 2, False), (16, 32, 8, 2, False)],
+}
+# MLA's dK/dV kernel (kernels/mla.py) takes GQA's lists with a sixth field, SPLIT, False there; DeepSeek-V2's
+# heads have a list of their own.
+# Its key tile holds three fp32 accumulators (dk_nope 128, dk_rope 64, dv 128 wide). On an H200, at
+# e3f8149, with the 256 list (query tiles of 16 or 32 rows) and nested head and query loops, its
+# fwd+bwd ran at 0.27-0.34x SDPA-cuDNN's. Nested, 32x64 tiles spilled 40 / 192 bytes (bidirectional /
+# causal); flattened, these compile without spills (registers: 64x64 252 / 255, 32x64 229 / 241 or,
+# one stage, 255 / 255, 16x64 214 / 222), while 128-key tiles, 4 warps and 32x32 (mma.sync) spill. At
+# 871b73f the autotuner picked 64x64 flattened, and the pass ran at about 200 TFLOP/s where dQ ran at 540.
+# SPLIT gives the pass two kinds of programs in one launch: ones that hold dk_nope and dk_rope (192
+# wide), head chunk by head chunk, and ones that hold dv, one head each. The scores are computed twice
+# (the pass does 2·(3·Dqk + 2·Dv) products per query, key and head instead of 2·(2·Dqk + 2·Dv): 30%
+# more at DeepSeek-V2's heads) so that 128-key tiles fit: compiled for sm_90 without spills, flattened,
+# 32x128 (registers 254 / 252) and 16x128 (254 / 254); nested, 32x128 spills 0 / 200 bytes; 64x128
+# spills 8 / 56 flattened (and needs 256 KiB of shared memory), 168 / 664 nested, in its dk programs.
+# Which is fastest is the autotuner's measurement (not yet made on a GPU: the fused configs come first,
+# the ones LWT_AUTOTUNE=0 takes).
+_MLA_DKDV_CONFIGS = {
+    **{key: [(*entry, False) for entry in entries] for key, entries in _DKDV_CONFIGS.items()},
+    "mla": [(32, 64, 8, 2, True, False), (64, 64, 8, 2, True, False), (16, 64, 8, 2, True, False),
+            (32, 64, 8, 1, True, False), (32, 128, 8, 2, True, True), (16, 128, 8, 2, True, True),
+            (32, 128, 8, 2, False, True)],
 }
 _DQ_CONFIGS = {
     64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
@@ -215,30 +235,34 @@ _DQ_CONFIGS = {
 # several inner tiles there too.
 _INTERPRETER_FWD = (32, 16)
 _INTERPRETER_DKDV = (16, 32, False)  # nested; the tests force the flattened loops too
+_INTERPRETER_MLA_DKDV = (*_INTERPRETER_DKDV, False)  # fused; the tests force SPLIT too
 _INTERPRETER_DQ = (32, 16)
 _SMEM_LIMIT = 227 * 1024  # shared memory an H100/H200 (sm_90) block may use
 _SMEM_BYTES = _SMEM_LIMIT - 7 * 1024  # what the prunes allow: a margin for the compiler's scratch
 
 
+_OPTIONAL_FIELDS = ("FLATTEN", "SPLIT")  # a table entry's fields after (BLOCK_M, BLOCK_N, warps, stages)
+
+
 def as_config(entry: tuple) -> triton.Config:
-    """The triton.Config of a table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN])."""
-    bm, bn, warps, stages, *flatten = entry
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"FLATTEN": flatten[0]} if flatten else {})},
+    """The triton.Config of a table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN[, SPLIT]])."""
+    bm, bn, warps, stages, *optional = entry
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **dict(zip(_OPTIONAL_FIELDS, optional))},
                          num_warps=warps, num_stages=stages)
 
 
 def as_entry(config: triton.Config) -> tuple:
     """The table entry of a config: as_config's inverse."""
     kw = config.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, *(
-        (kw["FLATTEN"],) if "FLATTEN" in kw else ()))
+    return (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages,
+            *(kw[name] for name in _OPTIONAL_FIELDS if name in kw))
 
 
 def _configs(table, interpreter_blocks):
     """Every distinct config of `table` (pruned per head dim at launch), or the one interpreter config."""
     if interpreting():
-        bm, bn, *flatten = interpreter_blocks
-        return [as_config((bm, bn, 1, 1, *flatten))]
+        bm, bn, *optional = interpreter_blocks
+        return [as_config((bm, bn, 1, 1, *optional))]
     entries = dict.fromkeys(e for dim_configs in table.values() for e in dim_configs)  # distinct, in order
     return [as_config(e) for e in entries]
 
@@ -308,7 +332,7 @@ def _dq_smem(bm, bn, st, flatten, qk, vd, rope):
 
 _prune_fwd = _make_prune(_FWD_CONFIGS, _fwd_smem, lambda bm, bn: bm % bn == 0)
 _prune_dkdv = _make_prune(_DKDV_CONFIGS, _dkdv_smem, lambda bm, bn: bn % bm == 0)
-_prune_mla_dkdv = _make_prune(_DKDV_CONFIGS, _mla_dkdv_smem, lambda bm, bn: bn % bm == 0)
+_prune_mla_dkdv = _make_prune(_MLA_DKDV_CONFIGS, _mla_dkdv_smem, lambda bm, bn: bn % bm == 0)
 _prune_dq = _make_prune(_DQ_CONFIGS, _dq_smem, lambda bm, bn: bm % bn == 0)
 _KEY = ["D", "HEAD_DIM", "D_R", "ROPE_DIM", "D_V", "V_DIM", "IS_CAUSAL", "INPUT_PRECISION", "seq_bucket"]
 
@@ -440,31 +464,37 @@ def _bwd_preprocess_kernel(O, ORES, DO, Delta, stride_ob, stride_os, stride_oh, 
 def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, lo, hi, S, qk_scale,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
                 D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                CAUSAL_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                CAUSAL_MASK: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
     """Accumulate dK (and dK_rope), dV of one key tile over the query tiles [lo, hi) of one query head,
     working in the transposed orientation (keys along rows) so that they come out without a transpose.
     Query rows past S load as zeros (q, dO, LSE, δ), and a zero q and dO row adds exactly nothing to
     dK = Σ dS·q or dV = Σ P·dO, so no tile needs a bounds mask here; CAUSAL_MASK: apply the causal mask
-    to P (_dkdv_head sets it for the diagonal tiles alone, or for every tile of a flattened loop)."""
+    to P (_dkdv_head sets it for the diagonal tiles alone, or for every tile of a flattened loop).
+    WANT_DK / WANT_DV: which gradients to accumulate (the other is returned as it came; MLA's split
+    dK/dV pass computes them in programs of their own, kernels/mla.py)."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_rows = start_m + tl.arange(0, BLOCK_M)
         q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
         do = _load_tile(DO, q_rows, stride_dos, S, D_V, V_DIM, True)
         lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0) * LOG2E
-        delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
+        if WANT_DK:
+            delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if ROPE_DIM > 0:
             qk_t = tl.dot(kr, tl.trans(qr), qk_t, input_precision=INPUT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(k_cols[:, None] <= q_rows[None, :], p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision=INPUT_PRECISION)
-        if ROPE_DIM > 0:
-            dkr = tl.dot(ds_t, qr, dkr, input_precision=INPUT_PRECISION)
+        if WANT_DV:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if WANT_DK:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision=INPUT_PRECISION)
+            if ROPE_DIM > 0:
+                dkr = tl.dot(ds_t, qr, dkr, input_precision=INPUT_PRECISION)
     return dk, dkr, dv
 
 
@@ -472,23 +502,28 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
 def _dkdv_head(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
                D_V: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, FLATTEN: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, FLATTEN: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
     """All the query tiles of one query head for the key tile starting at k_start. Causal: queries before
     k_start see none of these keys; [k_start, k_start + BLOCK_N) is the diagonal (k_start + BLOCK_N is a
     multiple of BLOCK_M); later queries see all of them. FLATTEN (for a head loop to be flattened around
-    it): a single query loop, every tile masked when causal; otherwise the diagonal tiles apart."""
+    it): a single query loop, every tile masked when causal; otherwise the diagonal tiles apart. WANT_DK,
+    WANT_DV: as in _dkdv_inner."""
     if IS_CAUSAL and not FLATTEN:
         diag_end = k_start + BLOCK_N
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   k_start, tl.minimum(diag_end, S), S, qk_scale,
-                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, True, INPUT_PRECISION)
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, True, WANT_DK, WANT_DV,
+                                  INPUT_PRECISION)
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   diag_end, S, S, qk_scale,
-                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, INPUT_PRECISION)
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, False, WANT_DK, WANT_DV,
+                                  INPUT_PRECISION)
     else:  # one query loop: every key visible (bidirectional), or every tile masked (causal, FLATTEN)
         dk, dkr, dv = _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos, k_cols,
                                   k_start if IS_CAUSAL else 0, S, S, qk_scale,
-                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, IS_CAUSAL, INPUT_PRECISION)
+                                  D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, IS_CAUSAL, WANT_DK, WANT_DV,
+                                  INPUT_PRECISION)
     return dk, dkr, dv
 
 
@@ -524,7 +559,7 @@ def _attn_bwd_dkdv_kernel(
                                LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
                                stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
                                D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, FLATTEN,
-                               INPUT_PRECISION)
+                               True, True, INPUT_PRECISION)
     _store_tile(DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh, k_cols, stride_dks, S,
                 dk * tl.cast(sm_scale, tl.float32), D, HEAD_DIM)
     _store_tile(DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)

@@ -19,6 +19,10 @@ flattened loop: attention._DKDV_CONFIGS). Each chunk writes one fp32 partial dk_
 sum over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
 bit-identical gradients). The backward is not itself differentiable (double backward raises).
 There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
+Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The SPLIT launch configs
+(attention._MLA_DKDV_CONFIGS) trade 30% more products for 128-key tiles: the launch's first programs
+hold dk_nope and dk_rope alone, chunk by chunk as above, and as many more hold one head's dv, computing
+the scores again (dV = Pᵀ dO needs P, not dP); the autotuner times both kinds of config.
 
 Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H
 and any strides with a unit stride along the last dim, as long as one batch entry of each tensor spans at most
@@ -39,34 +43,29 @@ from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, fir
                       num_sms)
 
 
-@triton.autotune(configs=A._configs(A._DKDV_CONFIGS, A._INTERPRETER_DKDV), key=A._KEY,
-                 prune_configs_by={"early_config_prune": A._prune_mla_dkdv})
 @triton.jit
-def _mla_bwd_dkdv_kernel(
-    Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
-    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    H, HEADS_PER_PROGRAM, S, sm_scale, seq_bucket,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
-    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLATTEN: tl.constexpr,
-):
-    """dk_nope, dv of BLOCK_N keys for each head of one chunk, and the chunk's partial dk_rope:
-    DKR_partial is (B, H / HEADS_PER_PROGRAM, S, D_R) fp32. FLATTEN: the head loop and the query loop run
-    as one (see attention._DKDV_CONFIGS)."""
-    tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    tl.static_assert(ROPE_DIM > 0)
-    n_chunks = H // HEADS_PER_PROGRAM
-    block_n, b, chunk = A._program_coords(S, BLOCK_N, n_chunks, False)
+def _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV,
+                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
+                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                      pid, H, heads_per_program, S, sm_scale,
+                      D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+                      D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      FLATTEN: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
+    """The work of program `pid` among cdiv(S, BLOCK_N) · B · (H / heads_per_program): one key tile of
+    one batch entry, for each head of its chunk. WANT_DK: dk_nope per head and the chunk's partial
+    dk_rope (stored to DKR_partial, (B, chunks, S, D_R) fp32); WANT_DV: dv per head."""
+    n_chunks = H // heads_per_program
+    block_n, b, chunk = A._block_coords(pid, S, BLOCK_N, n_chunks)
     scale = tl.cast(sm_scale, tl.float32)
     qk_scale = scale * A.LOG2E
     k_start = block_n * BLOCK_N
     k_cols = k_start + tl.arange(0, BLOCK_N)
     kr = A._load_tile(KR + b.to(tl.int64) * stride_krb, k_cols, stride_krs, S, D_R, ROPE_DIM, True)
     dkr = tl.zeros((BLOCK_N, ROPE_DIM), tl.float32)
-    for i in tl.range(0, HEADS_PER_PROGRAM, flatten=FLATTEN):
-        h = chunk * HEADS_PER_PROGRAM + i
+    for i in tl.range(0, heads_per_program, flatten=FLATTEN):
+        h = chunk * heads_per_program + i
         k = A._load_tile(KN + b.to(tl.int64) * stride_kb + h * stride_kh, k_cols, stride_ks, S, D, HEAD_DIM, True)
         v = A._load_tile(V + b.to(tl.int64) * stride_vb + h * stride_vh, k_cols, stride_vs, S, D_V, V_DIM, True)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
@@ -76,12 +75,60 @@ def _mla_bwd_dkdv_kernel(
                                    LSE + (b * H + h).to(tl.int64) * S, Delta + (b * H + h).to(tl.int64) * S,
                                    stride_qs, stride_dos, k_cols, k_start, S, qk_scale,
                                    D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, FLATTEN,
-                                   INPUT_PRECISION)
-        A._store_tile(DKN + b.to(tl.int64) * stride_dkb + h * stride_dkh, k_cols, stride_dks, S, dk * scale,
-                      D, HEAD_DIM)
-        A._store_tile(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)
-    A._store_tile(DKR_partial + (b * n_chunks + chunk).to(tl.int64) * S * D_R, k_cols, D_R, S, dkr * scale,
-                  D_R, ROPE_DIM)
+                                   WANT_DK, WANT_DV, INPUT_PRECISION)
+        if WANT_DK:
+            A._store_tile(DKN + b.to(tl.int64) * stride_dkb + h * stride_dkh, k_cols, stride_dks, S, dk * scale,
+                          D, HEAD_DIM)
+        if WANT_DV:
+            A._store_tile(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh, k_cols, stride_dvs, S, dv, D_V, V_DIM)
+    if WANT_DK:
+        A._store_tile(DKR_partial + (b * n_chunks + chunk).to(tl.int64) * S * D_R, k_cols, D_R, S, dkr * scale,
+                      D_R, ROPE_DIM)
+
+
+@triton.autotune(configs=A._configs(A._MLA_DKDV_CONFIGS, A._INTERPRETER_MLA_DKDV), key=A._KEY,
+                 prune_configs_by={"early_config_prune": A._prune_mla_dkdv})
+@triton.jit
+def _mla_bwd_dkdv_kernel(
+    Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    H, HEADS_PER_PROGRAM, S, B, sm_scale, seq_bucket,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
+    D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """dk_nope, dv of BLOCK_N keys for each head of one chunk, and the chunk's partial dk_rope:
+    DKR_partial is (B, H / HEADS_PER_PROGRAM, S, D_R) fp32. FLATTEN: the head loop and the query loop run
+    as one (see attention._DKDV_CONFIGS). SPLIT: the first cdiv(S, BLOCK_N) · B · chunks programs compute
+    dk_nope and dk_rope alone, and cdiv(S, BLOCK_N) · B · H more compute dv, one head each
+    (attention._MLA_DKDV_CONFIGS)."""
+    tl.static_assert(BLOCK_N % BLOCK_M == 0)
+    tl.static_assert(ROPE_DIM > 0)
+    pid = tl.program_id(0)
+    dk_programs = tl.cdiv(S, BLOCK_N) * B * (H // HEADS_PER_PROGRAM)
+    if not SPLIT:
+        _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
+                          stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
+                          stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                          stride_dvb, stride_dvs, stride_dvh, pid, H, HEADS_PER_PROGRAM, S, sm_scale,
+                          D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                          FLATTEN, True, True)
+    elif pid < dk_programs:
+        _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
+                          stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
+                          stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                          stride_dvb, stride_dvs, stride_dvh, pid, H, HEADS_PER_PROGRAM, S, sm_scale,
+                          D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                          FLATTEN, True, False)
+    else:
+        _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
+                          stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
+                          stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                          stride_dvb, stride_dvs, stride_dvh, pid - dk_programs, H, 1, S, sm_scale,
+                          D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
+                          FLATTEN, False, True)
 
 
 _dkdv = TunedKernel(_mla_bwd_dkdv_kernel)
@@ -126,13 +173,13 @@ def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: tor
     chunks = _head_chunks(B, S, H, q.device)
     dkr_partial = empty((B, chunks, S, d_rope), torch.float32, q.device)
     _dkdv.launch(
-        lambda m: (cdiv(S, m["BLOCK_N"]) * B * chunks,),
+        lambda m: (cdiv(S, m["BLOCK_N"]) * B * (chunks + (H if m["SPLIT"] else 0)),),
         q, k_nope, k_rope, v, do, lse, delta, dk_nope, dkr_partial, dv,
         q.stride(0), q.stride(1), q.stride(2), k_nope.stride(0), k_nope.stride(1), k_nope.stride(2),
         k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk_nope.stride(0), dk_nope.stride(1), dk_nope.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H, H // chunks, S, sm_scale, A._seq_bucket(S),
+        H, H // chunks, S, B, sm_scale, A._seq_bucket(S),
         **A.head_meta(d, d_rope, d_v, q.dtype, causal),
     )
     dk_rope = dkr_partial.sum(dim=1).to(k_rope.dtype)  # (B, S, Dr): the chunks in a fixed order

@@ -512,14 +512,16 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim,
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for name, table, prune, aligned in [
         ("fwd", attn._FWD_CONFIGS, attn._prune_fwd, lambda bm, bn: bm % bn == 0),
-        ("dkdv", attn._DKDV_CONFIGS, attn._prune_mla_dkdv if rope_dim else attn._prune_dkdv,
-         lambda bm, bn: bn % bm == 0),
+        ("dkdv", attn._MLA_DKDV_CONFIGS if rope_dim else attn._DKDV_CONFIGS,
+         attn._prune_mla_dkdv if rope_dim else attn._prune_dkdv, lambda bm, bn: bn % bm == 0),
         ("dq", attn._DQ_CONFIGS, attn._prune_dq, lambda bm, bn: bm % bn == 0),
     ]:
         listed = table["fp32" if precision == "ieee" else attn._table_key(head_dim + rope_dim, v_dim)]
-        for bm, bn, warps, stages, *flatten in listed:
+        for bm, bn, warps, stages, *optional in listed:
             assert aligned(bm, bn) and min(bm, bn) >= 16 and warps in (4, 8) and stages >= 1, (name, bm, bn)
-            assert flatten in ([True], [False]) if name == "dkdv" else not flatten, (name, bm, bn, flatten)
+            # dK/dV: FLATTEN, and for MLA's kernel SPLIT too (kernels/mla.py takes both, GQA's FLATTEN alone)
+            fields = (1 + bool(rope_dim)) if name == "dkdv" else 0
+            assert len(optional) == fields and all(f in (True, False) for f in optional), (name, bm, bn, optional)
         meta = {"HEAD_DIM": head_dim, "ROPE_DIM": rope_dim, "V_DIM": v_dim, "INPUT_PRECISION": precision}
         kept = [attn.as_entry(c) for c in prune(attn._configs(table, None), meta)]
         assert kept and set(kept) <= set(listed), (name, kept)

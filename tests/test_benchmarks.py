@@ -168,10 +168,10 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
     every forced launch runs, gives the autotuned launch's gradients, and prints its line."""
     tune = importlib.import_module("tune_mla")
     for name, value in dict(DEVICE="cuda" if torch.cuda.is_available() else "cpu", DTYPE=torch.float16, HEADS=2,
-                            SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24, E3F8149_DKDV=[(16, 32, 8, 2, False)]).items():
+                            SEQ=40, D_NOPE=32, D_ROPE=16, D_V=24, E3F8149_DKDV=[(16, 32, 8, 2, False, False)]).items():
         monkeypatch.setattr(tune, name, value)
     A = tune.A
-    monkeypatch.setitem(A._DKDV_CONFIGS, "mla", [(16, 64, 8, 2, True)])
+    monkeypatch.setitem(A._MLA_DKDV_CONFIGS, "mla", [(16, 64, 8, 2, True, False), (16, 64, 8, 2, True, True)])
     monkeypatch.setitem(A._DQ_CONFIGS, "mla", [(64, 32, 8, 2)])
     launched, launch = [], tune.Forced.launch
 
@@ -186,13 +186,15 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
     monkeypatch.setattr(tune.M, "mla_bwd", lambda *a, **k: chunks.append(tune.M._head_chunks(1, 1, 2, None))
                         or mla_bwd(*a, **k))
     tune.main(["--batches", "1"])
-    assert set(launched) == {(16, 64, 8, 2, True), (16, 32, 8, 2, False), (64, 32, 8, 2)}
+    assert set(launched) == {(16, 64, 8, 2, True, False), (16, 64, 8, 2, True, True), (16, 32, 8, 2, False, False),
+                             (64, 32, 8, 2)}
     assert set(chunks) == {1, 2} and tune.M._head_chunks(1, 1, 2, None) == 1  # put back after the split run
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if "max |diff|" in line]
-    # 2 dK/dV configs, the flattened one also with 1 head per program, and 1 dQ config; both masks
-    assert len(lines) == 8 and "not measured" not in out, out
-    assert sum(", 1 head(s) per program:" in line for line in lines) == 2, out
+    # 3 dK/dV configs, the flattened ones (fused and SPLIT) also with 1 head per program, and 1 dQ config;
+    # both masks
+    assert len(lines) == 12 and "not measured" not in out, out
+    assert sum(", 1 head(s) per program:" in line for line in lines) == 4, out
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-2 for line in lines), out
     with pytest.raises(SystemExit):
         tune.main(["--batches", "0"])

@@ -72,8 +72,9 @@ def _run_id(configs):
     return " | ".join(f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for c in configs)
 
 
-# -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN]) lists keyed by padded head dim ------
-# (or "mla", "fp32"); on the CPU a nested and a flattened dK/dV config of one block shape both run.
+# -- attention and MLA: (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN[, SPLIT]]) lists keyed by padded head dim
+# (or "mla", "fp32"); on the CPU a nested and a flattened dK/dV config of one block shape both run (and
+# MLA's SPLIT ones).
 
 def _blocks(table, keys):
     return [attn.as_config(entry) for key in keys for entry in table[key]]
@@ -88,9 +89,9 @@ MASKS = ([pytest.param([False], id="bidirectional"), pytest.param([True], id="ca
          [pytest.param([False, True], id="alternating-masks")])
 
 
-def _attention_runs(keys, dkdv_kernel):
+def _attention_runs(keys, dkdv_kernel, dkdv_table=attn._DKDV_CONFIGS):
     """(kernels, runs) of the forward, dK/dV and dQ configs of the lists `keys`."""
-    tables = (attn._FWD_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS)
+    tables = (attn._FWD_CONFIGS, dkdv_table, attn._DQ_CONFIGS)
     return (attn._fwd, dkdv_kernel, attn._dq), _runs(*(_blocks(table, keys) for table in tables))
 
 
@@ -116,9 +117,10 @@ MLA_CASES = [("x".join(map(str, shape[3:6])), shape, keys) for shape, keys in ML
 
 
 @pytest.mark.parametrize("masks", MASKS)
-@pytest.mark.parametrize("name,shape,keys,i", _indexed(MLA_CASES, lambda c: len(_attention_runs(c[2], None)[1])))
+@pytest.mark.parametrize("name,shape,keys,i", _indexed(MLA_CASES, lambda c: len(
+    _attention_runs(c[2], None, attn._MLA_DKDV_CONFIGS)[1])))
 def test_mla_configs(monkeypatch, name, shape, keys, i, masks):
-    kernels, runs = _attention_runs(keys, mla._dkdv)
+    kernels, runs = _attention_runs(keys, mla._dkdv, attn._MLA_DKDV_CONFIGS)
     for kernel, config in zip(kernels, runs[i]):
         force_config(monkeypatch, kernel, config)
     _check_forced(kernels, runs[i], lambda: test_mla._check(shape, HALF, masks[i % len(masks)]))

@@ -122,10 +122,34 @@ def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal
     head's query loop as one, causal with every query tile from the key tile's start masked), all heads in
     one chunk so that the loop spans them. The interpreter's own config nests the loops."""
     _skip_slow_fp32_compiles(shape, True)  # its forced dK/dV config would be one more fp32 compile
-    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True)))
+    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True, False)))
     monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: 1)
     _check(shape, torch.float32, causal)
     assert mla._dkdv.autotuned.best_config.kwargs["FLATTEN"]  # the forced config is the one that ran
+
+
+# S 1, a ragged last key tile (17, 130), Dv above Dn + Dr, padded head dims, an odd head count (one chunk)
+SPLIT_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5]]
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+def test_split_dkdv_pass_matches_float64_reference(monkeypatch, shape, causal, flatten):
+    """The dK/dV pass as its SPLIT configs run it (attention._MLA_DKDV_CONFIGS): the launch's first
+    programs compute dk_nope and dk_rope, the rest dv, one head each. The heads are in two chunks where
+    their count allows, so that the dv programs come after several chunks' dk programs."""
+    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, flatten, True)))
+    monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: 2 if H % 2 == 0 else 1)
+    _check(shape, torch.float32, causal)
+    assert mla._dkdv.autotuned.best_config.kwargs["SPLIT"]  # the forced config is the one that ran
+
+
+def test_split_dkdv_pass_in_half_precision(monkeypatch):
+    """SPLIT in 16-bit inputs (fp16 on the CPU, bf16 on a GPU), the dv programs' P rounded for their dot."""
+    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True, True)))
+    _check((2, 37, 4, 32, 16, 24, None), torch.bfloat16 if CUDA else torch.float16, True, seed=3)
+    assert mla._dkdv.autotuned.best_config.kwargs["SPLIT"]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -183,7 +207,11 @@ def test_mla_empty_inputs(shape):
 
 
 @pytest.mark.cuda
-def test_mla_backward_is_deterministic():
+@pytest.mark.parametrize("split", [False, True], ids=["untuned-config", "first-SPLIT-config"])
+def test_mla_backward_is_deterministic(monkeypatch, split):
+    if split:  # DeepSeek-V2's heads: the "mla" list
+        entry = next(e for e in attn._MLA_DKDV_CONFIGS["mla"] if e[5])
+        force_config(monkeypatch, mla._dkdv, attn.as_config(entry))
     gen = torch.Generator().manual_seed(4)
     inputs = _make(2, 1537, 16, 128, 64, 128, torch.bfloat16, "contiguous", gen)
     do = torch.randn(2, 1537, 16, 128, generator=gen).to(DEVICE, torch.bfloat16)
