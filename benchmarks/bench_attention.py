@@ -87,13 +87,14 @@ def _step(fn, q, k, v, causal, do):
 
 
 def _config(kernel) -> str:
-    """The launch config a TunedKernel last ran with (tiles BLOCK_M x BLOCK_N, flattened loops, warps,
-    stages)."""
+    """The launch config a TunedKernel last ran with (tiles BLOCK_M x BLOCK_N, flattened loops, MLA's
+    split dK/dV pass, warps, stages)."""
     c = kernel.last
     if c is None:
         return "-"
     flat = " flat" if c.kwargs.get("FLATTEN") else ""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}{flat} w{c.num_warps} s{c.num_stages}"
+    split = " split" if c.kwargs.get("SPLIT") else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}{flat}{split} w{c.num_warps} s{c.num_stages}"
 
 
 def note_passes(report, case, setup):

@@ -98,7 +98,7 @@ def _smem_estimate(label, dtype, const, stages):
 
 
 def _blocks(entry):
-    """The constexprs of an attention table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN])."""
+    """The constexprs of an attention table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN[, SPLIT]])."""
     from kernels import attention as A
 
     return A.as_config(entry).kwargs
@@ -155,7 +155,7 @@ def _mla_jobs(quick):
     from kernels import attention as A
     from kernels import mla as M
 
-    ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "B", "seq_bucket"}
+    ints = {"H", "GROUP", "HEADS_PER_PROGRAM", "S", "seq_bucket"}
     kernels = [("mla fwd", A._attn_fwd_kernel, A._FWD_CONFIGS), ("mla dK/dV", M._mla_bwd_dkdv_kernel,
                A._MLA_DKDV_CONFIGS), ("mla dQ", A._attn_bwd_dq_kernel, A._DQ_CONFIGS)]
     # (Dn, Dr, Dv): DeepSeek-V2's heads, a half-size variant, Dv == Dn + Dr, the widest heads taken

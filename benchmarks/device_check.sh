@@ -131,7 +131,7 @@ if [ "$what" = test ]; then
   exit $failed
 fi
 if [ "$what" = mla ]; then
-  step tune_mla 500 "$PY" benchmarks/tune_mla.py  # (the head-chunk variants compile 8 kernels more)
+  step tune_mla 500 "$PY" benchmarks/tune_mla.py  # (every config and head-chunk variant compiles its own kernels)
   cp "$WORK/tune_mla.log" "$OUT/tune_mla.log"
   exit $failed
 fi

@@ -20,6 +20,7 @@ and which config LWT_AUTOTUNE=0 (the first of the list) should be.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import _harness as H  # isort: skip
@@ -66,7 +67,9 @@ def _time_with_chunks(chunks: int, timing):
 
 
 def _max_diff(got, want) -> float:
-    return max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want) if g.numel())
+    """The largest |got - want| over the gradients; NaN if any is NaN (Python's max() would drop it)."""
+    diffs = [float((g.float() - w.float()).abs().max()) for g, w in zip(got, want) if g.numel()]
+    return math.nan if any(map(math.isnan, diffs)) else max(diffs)
 
 
 def run_case(B: int, causal: bool, dq_too: bool) -> None:

@@ -15,14 +15,15 @@ The dK/dV pass is MLA's own: its gradients are per head for k_nope and v but sum
 k_rope, dk_rope = scale · Σ_h dS_hᵀ q_rope_h. One program takes a key tile of one batch entry and a chunk
 of heads; for each head it accumulates dk_nope and dv in registers and stores them, while dk_rope keeps
 accumulating over the chunk's heads (for DeepSeek-V2's head dims the head and query loops run as one
-flattened loop: attention._DKDV_CONFIGS). Each chunk writes one fp32 partial dk_rope tile, and one torch
+flattened loop in most configs: attention._MLA_DKDV_CONFIGS). Each chunk writes one fp32 partial dk_rope tile, and one torch
 sum over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
 bit-identical gradients). The backward is not itself differentiable (double backward raises).
 There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
 Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The SPLIT launch configs
 (attention._MLA_DKDV_CONFIGS) trade 30% more products for 128-key tiles: the launch's first programs
-hold dk_nope and dk_rope alone, chunk by chunk as above, and as many more hold one head's dv, computing
-the scores again (dV = Pᵀ dO needs P, not dP); the autotuner times both kinds of config.
+hold dk_nope and dk_rope alone, chunk by chunk as above, and the others (H per key tile where there are
+`chunks` of the first kind) hold one head's dv each, computing the scores again (dV = Pᵀ dO needs P,
+not dP); the autotuner times both kinds of config.
 
 Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H
 and any strides with a unit stride along the last dim, as long as one batch entry of each tensor spans at most
@@ -94,7 +95,7 @@ def _mla_bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs,
     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    H, HEADS_PER_PROGRAM, S, B, sm_scale, seq_bucket,
+    H, HEADS_PER_PROGRAM, S, sm_scale, seq_bucket,
     D: tl.constexpr, HEAD_DIM: tl.constexpr, D_R: tl.constexpr, ROPE_DIM: tl.constexpr,
     D_V: tl.constexpr, V_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr,
@@ -107,7 +108,6 @@ def _mla_bwd_dkdv_kernel(
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     tl.static_assert(ROPE_DIM > 0)
     pid = tl.program_id(0)
-    dk_programs = tl.cdiv(S, BLOCK_N) * B * (H // HEADS_PER_PROGRAM)
     if not SPLIT:
         _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
                           stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
@@ -115,20 +115,25 @@ def _mla_bwd_dkdv_kernel(
                           stride_dvb, stride_dvs, stride_dvh, pid, H, HEADS_PER_PROGRAM, S, sm_scale,
                           D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
                           FLATTEN, True, True)
-    elif pid < dk_programs:
-        _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
-                          stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
-                          stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
-                          stride_dvb, stride_dvs, stride_dvh, pid, H, HEADS_PER_PROGRAM, S, sm_scale,
-                          D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
-                          FLATTEN, True, False)
     else:
-        _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs, stride_qh,
-                          stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs, stride_vh,
-                          stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
-                          stride_dvb, stride_dvs, stride_dvh, pid - dk_programs, H, 1, S, sm_scale,
-                          D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M, BLOCK_N,
-                          FLATTEN, False, True)
+        # The grid is key tiles · B · (chunks + H) programs. (B is no argument: triton would compile a
+        # binary of its own for B 1 and for B a multiple of 16.)
+        n_chunks = H // HEADS_PER_PROGRAM
+        dk_programs = tl.num_programs(0) // (n_chunks + H) * n_chunks
+        if pid < dk_programs:
+            _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs,
+                              stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs,
+                              stride_vh, stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                              stride_dvb, stride_dvs, stride_dvh, pid, H, HEADS_PER_PROGRAM, S, sm_scale,
+                              D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M,
+                              BLOCK_N, FLATTEN, True, False)
+        else:
+            _mla_dkdv_program(Q, KN, KR, V, DO, LSE, Delta, DKN, DKR_partial, DV, stride_qb, stride_qs,
+                              stride_qh, stride_kb, stride_ks, stride_kh, stride_krb, stride_krs, stride_vb, stride_vs,
+                              stride_vh, stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh,
+                              stride_dvb, stride_dvs, stride_dvh, pid - dk_programs, H, 1, S, sm_scale,
+                              D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, IS_CAUSAL, INPUT_PRECISION, BLOCK_M,
+                              BLOCK_N, FLATTEN, False, True)
 
 
 _dkdv = TunedKernel(_mla_bwd_dkdv_kernel)
@@ -138,7 +143,9 @@ _CHUNK_SIZING_BLOCK_N = 64
 
 def _head_chunks(B: int, S: int, H: int, device) -> int:
     """How many chunks to split the H heads into for the dK/dV pass: the fewest (each chunk adds one
-    (B, S, Dr) fp32 partial to sum) that still give two programs per multiprocessor; a divisor of H."""
+    (B, S, Dr) fp32 partial to sum) that still give two programs per multiprocessor; a divisor of H.
+    (Sized for the fused configs' 64-key tiles; a SPLIT config's dk programs hold 128 keys, and its dv
+    programs, H per key tile, fill the GPU beside them.)"""
     tiles = cdiv(S, _CHUNK_SIZING_BLOCK_N) * B
     for chunks in range(1, H + 1):
         if H % chunks == 0 and tiles * chunks >= 2 * num_sms(device):
@@ -179,7 +186,7 @@ def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: tor
         k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dk_nope.stride(0), dk_nope.stride(1), dk_nope.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H, H // chunks, S, B, sm_scale, A._seq_bucket(S),
+        H, H // chunks, S, sm_scale, A._seq_bucket(S),
         **A.head_meta(d, d_rope, d_v, q.dtype, causal),
     )
     dk_rope = dkr_partial.sum(dim=1).to(k_rope.dtype)  # (B, S, Dr): the chunks in a fixed order

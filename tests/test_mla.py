@@ -128,8 +128,9 @@ def test_flattened_dkdv_loops_match_float64_reference(monkeypatch, shape, causal
     assert mla._dkdv.autotuned.best_config.kwargs["FLATTEN"]  # the forced config is the one that ran
 
 
-# S 1, a ragged last key tile (17, 130), Dv above Dn + Dr, padded head dims, an odd head count (one chunk)
-SPLIT_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5]]
+# S 1, a ragged last key tile (17, 130), two heads per chunk (H 4), Dv above Dn + Dr, padded head dims, an
+# odd head count (one chunk)
+SPLIT_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[4], SHAPES[5]]
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
