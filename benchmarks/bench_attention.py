@@ -3,7 +3,7 @@
 (softmax(q kᵀ) v with bf16 matmuls and an fp32 softmax: kernels/reference.py with upcast=False; run
 where its S x S matrices fit, S <= 2048 at 16384 tokens), forward and forward+backward, bf16.
 
-    python benchmarks/bench_attention.py [--quick] [--plot PNG]
+    python benchmarks/bench_attention.py [--quick] [--only gqa|mla] [--plot PNG]
 
 Cases: head dim 64 and 128; H32/Hkv32 (MHA), H32/Hkv8 (GQA), H32/Hkv1 (MQA); S 1024..16384 at 16384
 tokens per batch (B = 16384 / S); causal and bidirectional. FLOPs counted (the FlashAttention papers'
@@ -318,6 +318,7 @@ def smoke():
 
 def _add_args(p):
     p.add_argument("--plot", metavar="PNG", help="also write TFLOP/s against sequence length to this PNG (matplotlib)")
+    p.add_argument("--only", choices=("gqa", "mla"), help="run only the GQA/MHA cases, or only the MLA ones")
 
 
 def main(argv=None) -> list[str]:
@@ -328,6 +329,8 @@ def main(argv=None) -> list[str]:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("--plot needs matplotlib: pip install matplotlib (nothing was run)")
     cases = QUICK if args.quick else [(d, h, s) for d in HEAD_DIMS for h in HEADS for s in SEQ_LENS]
+    mla_cases = MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in MLA_SEQ_LENS]
+    cases, mla_cases = ([] if args.only == "mla" else cases), ([] if args.only == "gqa" else mla_cases)
     # Each goal line is also printed as soon as its case is measured: a run cut off by a time limit
     # (benchmarks/device_check.sh) keeps the verdicts it reached.
     goal_cases = []
@@ -339,7 +342,7 @@ def main(argv=None) -> list[str]:
                 goal_cases.append(case)
                 print(*summarize(report, [case]), flush=True)
     mla_goal = []
-    for H_, S in (MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in MLA_SEQ_LENS]):
+    for H_, S in mla_cases:
         for causal in (False, True):
             case, mem = run_mla_case(report, H_, S, causal, passes=(H_, S) == MLA_GOAL)
             if (H_, S) == MLA_GOAL:

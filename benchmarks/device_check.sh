@@ -13,8 +13,10 @@
 #   bash benchmarks/device_check.sh layers  # what issues #7-#9 ask of a GPU, in ~6 minutes: the CUDA tests
 #                                           # of the model, torch.compile and the trainer (-m cuda), then
 #                                           # train, then bench_block (compiled vs eager DecoderBlock step)
-#   bash benchmarks/device_check.sh mla     # benchmarks/tune_mla.py: MLA's passes, each launch config
-#                                           # forced (~5-8 minutes; its output comes back as tune_mla.log)
+#   bash benchmarks/device_check.sh mla [pytest -k expr]  # MLA in ~9 minutes: its CUDA tests (-k mla),
+#                                           # bench_attention --only mla, then benchmarks/tune_mla.py
+#                                           # --batches ${MLA_BATCHES:-8}: MLA's passes, each launch config
+#                                           # forced (its output comes back as tune_mla.log)
 #   bash benchmarks/device_check.sh diag [pytest -k expr]  # RMSNorm's host time, in ~7 minutes:
 #                                           # benchmarks/diagnose_rmsnorm.py (DIAG_SECTIONS, default 1,4:
 #                                           # the step times and the host time's pieces; its output comes
@@ -131,7 +133,12 @@ if [ "$what" = test ]; then
   exit $failed
 fi
 if [ "$what" = mla ]; then
-  step tune_mla 500 "$PY" benchmarks/tune_mla.py  # (every config and head-chunk variant compiles its own kernels)
+  # MLA's CUDA tests (-k mla: test_mla.py, and test_launch_configs.py's MLA configs forced one by one),
+  # the MLA cases of the attention bench, then each config of each pass timed (every config and
+  # head-chunk variant compiles its own kernels)
+  test_cap=150 run_tests "${2:-mla}" tests/test_mla.py tests/test_launch_configs.py
+  step bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --only mla --results-dir "$WORK"
+  step tune_mla 500 "$PY" benchmarks/tune_mla.py --batches "${MLA_BATCHES:-8}"
   cp "$WORK/tune_mla.log" "$OUT/tune_mla.log"
   exit $failed
 fi

@@ -107,6 +107,24 @@ def test_bench_gpu_path_runs_end_to_end(bench, dry_run, monkeypatch, tmp_path, c
                                                   for line in passes), out
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("only", ["gqa", "mla"])
+def test_bench_attention_only_runs_one_kind_of_case(only, dry_run, monkeypatch, tmp_path, capsys):
+    """--only gqa / --only mla (device_check.sh mla): the other kind's cases are not run, and this
+    kind's goal lines are all there."""
+    module = importlib.import_module("bench_attention")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    for name, value in TINY["bench_attention"].items():
+        monkeypatch.setattr(module, name, value)
+    summary = module.main(["--quick", "--only", only, "--results-dir", str(tmp_path)])
+    with open(tmp_path / "attention.csv") as f:
+        cases = {r["case"] for r in csv.DictReader(f)}
+    is_mla = ["MLA" in case for case in cases]
+    assert cases and (all(is_mla) if only == "mla" else not any(is_mla)), cases
+    # the MLA goal case under both masks, or the two GQA/MHA goal cases under both
+    assert len(summary) == (2 if only == "mla" else 4) and all("goal" in line for line in summary), summary
+
+
 @pytest.mark.parametrize("bench", ["bench_cross_entropy", "bench_rmsnorm", "bench_swiglu"])
 def test_skipping_the_compiled_baselines_keeps_every_goal(bench, dry_run, monkeypatch, tmp_path, capsys):
     """--skip-compiled-baselines (device_check.sh all): no torch.compile row, and the same goal lines,
