@@ -15,11 +15,11 @@ The dK/dV pass is MLA's own: its gradients are per head for k_nope and v but sum
 k_rope, dk_rope = scale · Σ_h dS_hᵀ q_rope_h. One program takes a key tile of one batch entry and a chunk
 of heads; for each head it accumulates dk_nope and dv in registers and stores them, while dk_rope keeps
 accumulating over the chunk's heads (for DeepSeek-V2's head dims the head and query loops run as one
-flattened loop in most configs: attention._MLA_DKDV_CONFIGS). Each chunk writes one fp32 partial dk_rope tile, and one torch
-sum over the chunks follows (no atomics, no per-head intermediate; two runs in one process give
-bit-identical gradients). The backward is not itself differentiable (double backward raises).
-There are as few chunks as keep the GPU busy (at least two programs per multiprocessor).
-Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The SPLIT launch configs
+flattened loop in most configs: attention._MLA_DKDV_CONFIGS). Each chunk writes one fp32 partial
+dk_rope tile, and one torch sum over the chunks follows (no atomics, no per-head intermediate; two runs
+in one process give bit-identical gradients). The backward is not itself differentiable (double
+backward raises). There are as few chunks as keep the GPU busy (at least two programs per
+multiprocessor). Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The SPLIT launch configs
 (attention._MLA_DKDV_CONFIGS) trade 30% more products for 128-key tiles: the launch's first programs
 hold dk_nope and dk_rope alone, chunk by chunk as above, and the others (H per key tile where there are
 `chunks` of the first kind) hold one head's dv each, computing the scores again (dV = Pᵀ dO needs P,
