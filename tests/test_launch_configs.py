@@ -5,9 +5,9 @@ of the GPU lists that mishandled a mask, a ragged tile or the causal diagonal at
 would be found only on the day the autotuner picked it on a GPU. Here each config is forced (the
 autotuner then launches it without tuning) and the op is checked as in its own test file. On the CPU the
 interpreter runs each distinct block shape once (warps and stages mean nothing there; the dK/dV pass's
-FLATTEN and MLA's SPLIT do: its nested and its flattened loops both run, and MLA's split pass); on a GPU every config of every list runs,
-compiled, at one head dim (or dtype) its list is for. Sizes leave a ragged last tile of every block size
-listed.
+FLATTEN and MLA's SPLIT do: its nested and its flattened loops both run, and MLA's split pass); on a
+GPU every config of every list runs, compiled, at one head dim (or dtype) its list is for. Sizes leave
+a ragged last tile of every block size listed.
 """
 import pytest
 import torch
