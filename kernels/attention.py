@@ -217,9 +217,13 @@ _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows str
 # 32x128 (registers 254 / 252) and 16x128 (254 / 254); nested, 32x128 spills 0 / 200 bytes; 64x128
 # spills 8 / 56 flattened (and needs 256 KiB of shared memory), 168 / 664 nested, in its dk programs.
 # Which is fastest is the autotuner's measurement (not yet made on a GPU: the fused configs come first,
-# the ones LWT_AUTOTUNE=0 takes).
+# the ones LWT_AUTOTUNE=0 takes). MLA heads with Dv = Dn + Dr (128 / 64 / 192) take the 256 list, whose
+# 16x64 spills 96 / 344 bytes there; SPLIT at 32x64 (registers 233 / 240) and 16x64 (199 / 232) spills
+# nothing. At the widest heads (256 / 128 / 256) SPLIT's 16x64 spills 32 / 40 bytes and its 32x64 needs
+# more shared memory than sm_90 has (the prune drops it).
 _MLA_DKDV_CONFIGS = {
     **{key: [(*entry, False) for entry in entries] for key, entries in _DKDV_CONFIGS.items()},
+    256: [(*entry, False) for entry in _DKDV_CONFIGS[256]] + [(32, 64, 8, 2, True, True), (16, 64, 8, 2, True, True)],
     "mla": [(32, 64, 8, 2, True, False), (64, 64, 8, 2, True, False), (16, 64, 8, 2, True, False),
             (32, 64, 8, 1, True, False), (32, 128, 8, 2, True, True), (16, 128, 8, 2, True, True),
             (32, 128, 8, 2, False, True)],
