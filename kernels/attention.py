@@ -221,13 +221,11 @@ _DKDV_CONFIGS = {  # BLOCK_N (keys) is the resident tile; BLOCK_M query rows str
 # 16x64 spills 96 / 344 bytes there; SPLIT at 32x64 (registers 233 / 240) and 16x64 (199 / 232) spills
 # nothing. At the widest heads (256 / 128 / 256) SPLIT's 16x64 spills 32 / 40 bytes and its 32x64 needs
 # more shared memory than sm_90 has (the prune drops it).
-_MLA_DKDV_CONFIGS = {
-    **{key: [(*entry, False) for entry in entries] for key, entries in _DKDV_CONFIGS.items()},
-    256: [(*entry, False) for entry in _DKDV_CONFIGS[256]] + [(32, 64, 8, 2, True, True), (16, 64, 8, 2, True, True)],
-    "mla": [(32, 64, 8, 2, True, False), (64, 64, 8, 2, True, False), (16, 64, 8, 2, True, False),
-            (32, 64, 8, 1, True, False), (32, 128, 8, 2, True, True), (16, 128, 8, 2, True, True),
-            (32, 128, 8, 2, False, True)],
-}
+_MLA_DKDV_CONFIGS = {key: [(*entry, False) for entry in entries] for key, entries in _DKDV_CONFIGS.items()}
+_MLA_DKDV_CONFIGS[256] += [(32, 64, 8, 2, True, True), (16, 64, 8, 2, True, True)]
+_MLA_DKDV_CONFIGS["mla"] = [(32, 64, 8, 2, True, False), (64, 64, 8, 2, True, False), (16, 64, 8, 2, True, False),
+                            (32, 64, 8, 1, True, False), (32, 128, 8, 2, True, True), (16, 128, 8, 2, True, True),
+                            (32, 128, 8, 2, False, True)]
 _DQ_CONFIGS = {
     64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
     128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)],
