@@ -8,10 +8,12 @@ of one head and streams BLOCK_N-row tiles of K and V through an online softmax h
     t  = (Q Kᵀ) · scale · log2(e)           logits in base 2: exp2 is the hardware instruction
     m' = max(m, rowmax(t));  p = 2^(t - m');  l = l · 2^(m - m') + rowsum(p)
     acc = acc · 2^(m - m') + p V
-    O = acc / l;  LSE = (m + log2 l) · ln 2   (natural log, fp32, kept for the backward)
+    O = acc / l;  LSE₂ = m + log2 l          (base 2, fp32, kept for the backward)
 No S × S matrix exists in memory. p is rounded to the input dtype for the tensor-core dot, as in FA2.
 
-Backward (FA2 Algorithm 2). With P = exp(scale · Q Kᵀ - LSE) recomputed tile by tile:
+Backward (FA2 Algorithm 2). With P = 2^(t - LSE₂) recomputed tile by tile from the stored LSE₂ as it is:
+in natural-log units and back (LSE · ln 2 · log2 e) it came back an ulp off in one row of seven, and an ulp
+of a large LSE₂ is a factor on P (at |logits| 1e6 dV was 2% off, at softmax_scale 1e30 inf):
     δ  = rowsum(dO ∘ O)                      (a small preprocess kernel, fp32, from O + R: see Precision)
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP - δ);  dK = scale · dSᵀ Q;  dQ = scale · dS K
 Two kernels, so that no gradient needs atomics: one program per (key block, K/V head) accumulates dK and
@@ -33,10 +35,11 @@ dtype for their tensor-core dots (as in FA2). For fp32 inputs the dots are IEEE 
 gets fp32 accuracy at a lower speed.
 As in every flash-attention backward, P is recomputed from Q Kᵀ (summed in another order than the
 forward's) and δ from the forward's O, so the gradients' error grows with the logits' magnitude (fp32, S
-16: at |logits| up to 1e3 dV is within 2e-5 relative, an eager backward's 2e-6). Where the softmax
-saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and the kernel's
-are of order scale · 1e-7 · |dO|·|V|·|K| (|Q| for dK) instead. The forward is unaffected. (The MLA
-kernels share these passes.)
+16, head dim 32, on the CPU: at |logits| up to 1e3 dV is within 7e-6 of the float64 one, relative to its
+largest entry, an eager fp32 backward within 1.4e-5; 2.7e-5 while LSE went through natural log). Where
+the softmax saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and
+the kernel's are of order scale · 1e-7 · |dO|·|V|·|K| (|Q| for dK) instead. The forward is unaffected.
+(The MLA kernels share these passes.)
 δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward with
 a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the
 input dtype (one more O-sized tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ
@@ -70,7 +73,6 @@ from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, fir
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,7 +410,7 @@ def _attn_fwd_kernel(
     STORE_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O and LSE for BLOCK_M query rows of one (batch, head). Q (B, S, H, D + D_R): the rope part of a
-    query follows its first D dims. LSE: (B, H, S) fp32, natural log. STORE_RES: ORES (O's shape and
+    query follows its first D dims. LSE: (B, H, S) fp32, base 2. STORE_RES: ORES (O's shape and
     strides) gets O's rounding residual, O_fp32 − O, in O's dtype."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
@@ -437,8 +439,7 @@ def _attn_fwd_kernel(
     if STORE_RES:
         ORES += b.to(tl.int64) * stride_ob + h * stride_oh
         _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D_V, V_DIM)
-    lse = (m_i + tl.math.log2(l_i)) * LN2
-    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, lse, mask=q_rows < S)
+    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, m_i + tl.math.log2(l_i), mask=q_rows < S)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,7 +482,7 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
         q_rows = start_m + tl.arange(0, BLOCK_M)
         q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
         do = _load_tile(DO, q_rows, stride_dos, S, D_V, V_DIM, True)
-        lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0) * LOG2E
+        lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0)
         if WANT_DK:
             delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -618,7 +619,7 @@ def _attn_bwd_dq_kernel(
         dqr = tl.zeros((BLOCK_M, ROPE_DIM), tl.float32)
     do = _load_tile(DO + b.to(tl.int64) * stride_dob + h * stride_doh, q_rows, stride_dos, S, D_V, V_DIM, True)
     bh = (b * H + h).to(tl.int64)
-    lse2 = tl.load(LSE + bh * S + q_rows, mask=q_rows < S, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + bh * S + q_rows, mask=q_rows < S, other=0.0)
     delta = tl.load(Delta + bh * S + q_rows, mask=q_rows < S, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     split, end = _key_ranges(q_start, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
@@ -699,7 +700,8 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
     """The forward, for attention (kr None, d_rope 0) and MLA. q (B, S, H, D + d_rope); k (B, S, Hkv, D);
     kr (B, S, d_rope): rope keys shared by all heads; v (B, S, Hkv, D_V); unit stride along the last dim.
     residual: also return O's rounding residual for the backward's δ (fp16/bf16 only; see Precision).
-    Returns (o, lse, o_res): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, natural log;
+    Returns (o, lse, o_res): o (B, S, H, D_V) contiguous in q's dtype; lse (B, H, S) fp32, base 2 (the
+    natural-log LSE times log2 e: what the backward takes);
     o_res like o, O_fp32 − o rounded to o's dtype, or empty when not kept."""
     B, S, H, _ = q.shape
     Hkv, d, d_v = k.shape[2], k.shape[3], v.shape[3]
@@ -766,8 +768,8 @@ def launch_dq(do, q, k, kr, v, lse, delta, causal: bool, sm_scale: float, d_rope
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float):
     """Launch the forward. q (B, S, H, D); k, v (B, S, Hkv, D); unit stride along D. Returns
     (o, lse): o (B, S, H, D) contiguous in q's dtype; lse (B, H, S) fp32, natural log."""
-    o, lse, _ = launch_fwd(q, k, None, v, causal, sm_scale)
-    return o, lse
+    o, lse2, _ = launch_fwd(q, k, None, v, causal, sm_scale)
+    return o, lse2 * math.log(2)
 
 
 def grads_like(need: tuple, *inputs: torch.Tensor, zero: bool = False) -> tuple:
@@ -788,8 +790,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   need_dkdv: bool = True, o_res: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: δ, then dQ and dK/dV (each pass only if needed, else its result is empty).
-    Shapes as in attention_fwd; do like o; o_res: launch_fwd's residual of o, or None. Returns (dq, dk,
-    dv), contiguous, in the dtypes of q, k, v."""
+    Shapes as in attention_fwd; do like o; lse: launch_fwd's (base 2, not attention_fwd's natural-log one);
+    o_res: launch_fwd's residual of o, or None. Returns (dq, dk, dv), contiguous, in the dtypes of q, k, v."""
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:

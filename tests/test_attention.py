@@ -136,6 +136,36 @@ def _dq_error(monkeypatch, fn, inputs, do, reference_fn, keep_residual):
     return (g[0].double() - g64[0]).abs().max().item()
 
 
+# (causal, the interpreter's numpy warns of exp2 overflowing to inf for keys the mask then drops)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_saturated_softmax_backward_recomputes_p_exactly(causal):
+    """Logits of 1e6 (softmax_scale 0.1, no power of two) saturate every row's softmax on one key, whose
+    P is then exactly 1. The backward recomputes P = 2^(t − LSE₂) from the forward's base-2 LSE as it is:
+    through natural-log units and back, LSE₂ came an ulp off in some rows, a factor of 2^ulp on P there
+    (dV 2% off at these logits; inf and NaN gradients at softmax_scale 1e30, which the contract allows).
+    O, the LSE and dV against the float64 reference; dQ and dK, whose exact values nearly cancel (see
+    attention.py, Precision), finite."""
+    gen = torch.Generator().manual_seed(0)
+    B, S, H, Hkv, D = 1, 20, 2, 1, 16
+    unit = [torch.nn.functional.normalize(torch.randn(B, S, h, D, generator=gen), dim=-1) for h in (H, Hkv)]
+    v = torch.randn(B, S, Hkv, D, generator=gen).to(DEVICE)
+    do = torch.randn(B, S, H, D, generator=gen).to(DEVICE)
+    for q, k, scale in ((unit[0] * 1e6 ** 0.5 / 0.1 ** 0.5, unit[1] * 1e6 ** 0.5 / 0.1 ** 0.5, 0.1),
+                        (unit[0], unit[1], 1e30)):
+        q, k = q.to(DEVICE), k.to(DEVICE)
+        (o,), (dq, dk, dv) = grads(lambda *a: attn.attention(*a, causal=causal, softmax_scale=scale), [q, k, v], [do])
+        ref = lambda *a: reference.attention_with_lse(*a, causal, scale)  # noqa: E731
+        (o64, lse64), (_, _, dv64) = grads(ref, [q.double(), k.double(), v.double()], [do.double(), None])
+        (o32, lse32), (_, _, dv32) = grads(lambda *a: reference.attention_with_lse(*a, causal, scale, False),
+                                           [q, k, v], [do, None])
+        assert_close("o", o, o64, o32, reduced_over=S)
+        assert_close("dv", dv, dv64, dv32, reduced_over=S * H // Hkv)
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all(), scale
+        with torch.no_grad():
+            assert_close("lse", attn.attention_fwd(q, k, v, causal, scale)[1], lse64, lse32, reduced_over=S)
+
+
 def test_delta_reads_o_before_its_rounding(monkeypatch):
     """δ = rowsum(dO ∘ O) from O + R (R = O_fp32 − O, kept by the forward), not from the fp16 O: with
     values and keys that share a large common part (O ≈ every v_j, so dP − δ is small), an error in δ
@@ -526,3 +556,18 @@ def test_gpu_config_lists_are_consistent(monkeypatch, head_dim, rope_dim, v_dim,
         kept = [attn.as_entry(c) for c in prune(attn._configs(table, None), meta)]
         assert kept and set(kept) <= set(listed), (name, kept)
         assert kept == [e for e in listed if e in kept], (name, kept)  # in the list's order (LWT_AUTOTUNE=0)
+
+
+def test_mla_dkdv_lists_put_fused_configs_first_and_split_ones_where_documented():
+    """attention._MLA_DKDV_CONFIGS: GQA's dK/dV lists with SPLIT False (then any SPLIT additions), every
+    list led by a fused config (LWT_AUTOTUNE=0 launches the first), and SPLIT configs on the lists of
+    the heads the comment names (Dv = Dn + Dr on the 256 list, DeepSeek-V2's on "mla"), or the GPU never
+    runs that pass there."""
+    mla_lists = attn._MLA_DKDV_CONFIGS
+    assert set(mla_lists) == set(attn._DKDV_CONFIGS) | {"mla"}
+    for key, gqa in attn._DKDV_CONFIGS.items():
+        assert mla_lists[key][:len(gqa)] == [(*entry, False) for entry in gqa], key
+    for key, listed in mla_lists.items():
+        assert len(set(listed)) == len(listed) and listed[0][5] is False, (key, listed)
+    for key in (256, "mla"):
+        assert any(entry[5] for entry in mla_lists[key]), key

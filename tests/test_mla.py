@@ -1,5 +1,7 @@
 """MLA attention core (kernels/mla.py) against the float64 reference: output, LSE and the gradients of
 q, k_nope, k_rope (summed over heads) and v."""
+import math
+
 import pytest
 import torch
 
@@ -78,8 +80,9 @@ def _check(shape, dtype, causal, layout="contiguous", seed=0):
     _compare(inputs, do, causal, scale)
     sm_scale = (dn + dr) ** -0.5 if scale is None else scale
     with torch.no_grad():
-        _, lse, _ = attn.launch_fwd(*(attn._unit_last(t) for t in inputs[:2]), attn._unit_last(inputs[2]),
-                                 attn._unit_last(inputs[3]), causal, sm_scale, d_rope=dr)
+        _, lse2, _ = attn.launch_fwd(*(attn._unit_last(t) for t in inputs[:2]), attn._unit_last(inputs[2]),
+                                  attn._unit_last(inputs[3]), causal, sm_scale, d_rope=dr)
+        lse = lse2 * math.log(2)  # (the launcher's is in base 2)
         _, lse64 = reference.mla_attention_with_lse(*(t.double() for t in inputs), causal, scale)
         _, lse_ref = reference.mla_attention_with_lse(*inputs, causal, scale, upcast=False)
     assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
@@ -150,6 +153,23 @@ def test_split_dkdv_pass_in_half_precision(monkeypatch):
     """SPLIT in 16-bit inputs (fp16 on the CPU, bf16 on a GPU), the dv programs' P rounded for their dot."""
     force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, True, True)))
     _check((2, 37, 4, 32, 16, 24, None), torch.bfloat16 if CUDA else torch.float16, True, seed=3)
+    assert mla._dkdv.autotuned.best_config.kwargs["SPLIT"]
+
+
+@pytest.mark.skipif(CUDA, reason="reorders the interpreter's programs (a GPU keeps no order of its own)")
+def test_split_dkdv_pass_in_reverse_program_order(monkeypatch):
+    """A GPU runs a launch's programs in no set order: SPLIT's dv programs may finish before its dk programs.
+    The interpreter runs them in pid order, dk programs first (a dv program's store over dk_nope or a dk_rope
+    partial shows there); here last, so that a dk program's store over dv shows too. (Patches triton 3.6's
+    interpreter_builder.set_grid_idx.)"""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_idx = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(builder.grid_dim[0] - 1 - x, y, z))
+    force_config(monkeypatch, mla._dkdv, attn.as_config((*attn._INTERPRETER_DKDV[:2], 4, 1, False, True)))
+    monkeypatch.setattr(mla, "_head_chunks", lambda B, S, H, device: 2)
+    _check(SHAPES[1].values[0], torch.float32, True)
     assert mla._dkdv.autotuned.best_config.kwargs["SPLIT"]
 
 
