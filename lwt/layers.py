@@ -27,6 +27,8 @@ def _check_x(x, d_model: int, weight: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected (batch, seq, {d_model}), got {shape}")
+    if not isinstance(weight, torch.Tensor):  # a projection swapped for another kind (quantize_dynamic's:
+        return  # `weight` a method), which takes what it takes
     if x.dtype != weight.dtype and not (autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x: expected the parameters' dtype ({weight.dtype}), got {x.dtype}; cast the input or the "
                          f"layer (.to(dtype)), or run it under torch.autocast")
@@ -306,7 +308,7 @@ class GQAAttention(nn.Module):
         """Args:
             x: (B, S, d_model), the parameters' dtype (any floating dtype under torch.autocast).
         Returns:
-            (B, S, d_model) in x's dtype.
+            (B, S, d_model) in x's dtype; under torch.autocast in the output projection's (autocast's).
         """
         _check_x(x, self.d_model, self.qkv.weight)
         B, S, _ = x.shape
@@ -421,7 +423,7 @@ class MLAAttention(nn.Module):
             absorb: False (training) decompresses K/V per head; True (inference, no gradient) attends
                 over the latent directly (see the class docstring).
         Returns:
-            (B, S, d_model) in x's dtype.
+            (B, S, d_model) in x's dtype; under torch.autocast in the output projection's (autocast's).
         """
         _check_x(x, self.d_model, self.kv_down.weight)
         if not isinstance(absorb, bool):  # (a string such as "False" would be true)
@@ -460,13 +462,15 @@ class _PendingDraws:
 
     def __init__(self):
         self.modules: list = []
+        self._queued: set[int] = set()  # id() of each queued module: one draw each, however often it is queued
         self.closed = False
         self._lock = threading.Lock()  # a module built in another thread (a copied context) vs the block's end
 
     def add(self, module) -> bool:
         """Queue `module` for the block's draws; False once the block has ended (it draws by itself)."""
         with self._lock:
-            if not self.closed:
+            if not self.closed and id(module) not in self._queued:
+                self._queued.add(id(module))
                 self.modules.append(module)
             return not self.closed
 
@@ -510,8 +514,11 @@ def parallel_frozen_draws(max_workers: int | None = None):
     may use, divided among torchrun's local ranks, at most 8 and at most one a module. Modules built on meta
     draw nothing, as always, and modules built under a TorchDispatchMode (FakeTensorMode) draw at once, as
     without the block. Nested blocks draw at the end of the outermost; a block left by an exception draws
-    nothing (its modules are unusable: their frozen buffers hold no values). LWTModel builds its blocks
-    inside one."""
+    nothing. Until its draw a module's frozen buffers hold no values: its forward() and state_dict() draw
+    them first (at once, on the calling thread: inside the block, or after a block left by an exception), a
+    copy of it (deepcopy, pickle) made inside the block is drawn with the others (made outside one, at once),
+    and matrices that load_state_dict() loads into it inside the block stay (the block draws the others).
+    LWTModel builds its blocks inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
@@ -525,11 +532,11 @@ def parallel_frozen_draws(max_workers: int | None = None):
         yield
     finally:
         _PENDING_DRAWS.reset(token)
-        modules = pending.close()
+        modules = [module for module in pending.close() if module._frozen_pending]  # (loaded, or drawn by use)
     workers = min(max_workers or _draw_threads(), len(modules))
     if workers <= 1:
         for module in modules:
-            module._fill_frozen()
+            module._fill_frozen(module._frozen_pending)
         return
     arrived: queue.SimpleQueue = queue.SimpleQueue()  # (module, buffer name, CPU tensor); None: a module done
     stop = threading.Event()  # a draw or a copy failed: the workers stop after their current matrix
@@ -553,7 +560,8 @@ def parallel_frozen_draws(max_workers: int | None = None):
             with torch.no_grad():
                 for _ in range(len(futures)):
                     while (item := arrived.get()) is not None:
-                        item[0]._copy_frozen(item[1], item[2])
+                        if item[1] in item[0]._frozen_pending:
+                            item[0]._copy_frozen(item[1], item[2])
                         del item
         except BaseException:
             stop.set()
@@ -561,6 +569,8 @@ def parallel_frozen_draws(max_workers: int | None = None):
             raise
         for future in futures:
             future.result()  # a worker's exception
+    for module in modules:
+        module._frozen_pending = frozenset()
 
 
 class FrozenSwiGLU(nn.Module):
@@ -587,6 +597,10 @@ class FrozenSwiGLU(nn.Module):
     forward(x): x (..., d_model), W_down's dtype.
     """
 
+    # Names of the frozen buffers still waiting for an open parallel_frozen_draws() block to draw them
+    # (empty: every frozen buffer holds its values). An instance attribute once set, so copies carry it.
+    _frozen_pending: frozenset = frozenset()
+
     def __init__(self, d_model: int, d_ff: int, seed: int, recompute: bool = False, frozen_dtype=None,
                  device=None, dtype=None):
         super().__init__()
@@ -612,8 +626,10 @@ class FrozenSwiGLU(nn.Module):
             self.register_buffer(name, torch.empty(w.shape, device=device, dtype=dtype_w) if defer
                                  else w.to(device=device, dtype=dtype_w))
         del drawn
-        if defer and not pending.add(self):  # the block ended meanwhile (another thread): draw now
-            self._fill_frozen()
+        if defer:
+            self._frozen_pending = frozenset(self.frozen_buffer_names())
+            if not pending.add(self):  # the block ended meanwhile (another thread): draw now
+                self._fill_frozen()
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
         self._reset_w_down()  # reset_parameters() without drawing the frozen matrices a second time
 
@@ -657,15 +673,40 @@ class FrozenSwiGLU(nn.Module):
         self._reset_w_down()
         if any(self._buffers[name].is_meta for name in self.frozen_buffer_names()):
             return  # nothing to hold the values yet (to_empty() comes first)
-        if not (_deferrable() and _PENDING_DRAWS.get().add(self)):
-            self._fill_frozen()
+        self._defer_or_fill(self.frozen_buffer_names())
 
-    def _fill_frozen(self) -> None:
-        """Draw the frozen matrices into their buffers (in the buffers' dtype: copy_ rounds as .to() does)."""
+    def _defer_or_fill(self, names) -> None:
+        """Queue the frozen buffers `names` (and any still pending) for the open parallel_frozen_draws()
+        block, or draw them now."""
+        names = frozenset(names) | self._frozen_pending
+        if _deferrable():
+            self._frozen_pending = names
+            if _PENDING_DRAWS.get().add(self):
+                return
+        self._fill_frozen(names)
+
+    def _fill_frozen(self, names=None) -> None:
+        """Draw the frozen matrices (all, or the buffers `names`) into their buffers (in the buffers' dtype:
+        copy_ rounds as .to() does); none of them is pending after."""
         with torch.no_grad():
             for name, w in self._frozen_draws():
-                self._copy_frozen(name, w)
+                if names is None or name in names:
+                    self._copy_frozen(name, w)
                 del w  # before the next draw
+        self._frozen_pending = frozenset()
+
+    def _draw_pending(self) -> None:
+        """A module still waiting for its block's draw is used (forward, state_dict): draw now; the block
+        then skips it."""
+        if self._frozen_pending:
+            self._fill_frozen(self._frozen_pending)
+
+    def __setstate__(self, state) -> None:
+        """A copy (deepcopy, pickle) of a module waiting for its draw: queued for the open block's draw as
+        the original is, or drawn at once outside one (it is in no block's list)."""
+        super().__setstate__(state)
+        if self._frozen_pending:
+            self._defer_or_fill(self._frozen_pending)
 
     def _copy_frozen(self, name: str, w: torch.Tensor) -> None:
         """One drawn matrix (or FP8 scale) into its buffer, rounded to the buffer's dtype as .to() rounds; a
@@ -696,11 +737,17 @@ class FrozenSwiGLU(nn.Module):
             self._buffers[name] = after
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._draw_pending()  # (inside parallel_frozen_draws(): values, not an empty buffer's)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         """Frozen matrices cross the FP8 boundary with their scales: a full-precision W_gate/W_up loaded
         into an FP8 layer is quantised per output channel (as the constructor does), and an FP8 one with
         its scale (or one cast from FP8 to a wider dtype, the scale kept) loaded into a full-precision
-        layer is dequantised. A plain cast would drop the scale, silently under strict=False.
+        layer is dequantised. A plain cast would drop the scale, silently under strict=False. Frozen
+        buffers loaded while a parallel_frozen_draws() block waits to draw them are no longer drawn there.
         (load_state_dict hands each module its own copy of the dict.)"""
         fp8 = torch.float8_e4m3fn
         for name in ("w_gate", "w_up"):
@@ -714,7 +761,11 @@ class FrozenSwiGLU(nn.Module):
                 # FP8 values with their scale, as FP8 or cast to a wider dtype on the way (the values are
                 # still the unscaled FP8 ones): dequantise either way, never drop the scale
                 state_dict[key] = w.float() * state_dict.pop(scale_key).float()[:, None]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self._frozen_pending and len(error_msgs) == errors:
+            self._frozen_pending = frozenset(name for name in self._frozen_pending if prefix + name not in state_dict)
 
     def frozen_buffer_names(self) -> tuple[str, ...]:
         """Names of the frozen buffers: the two matrices, and with FP8 their scales. Returns: a tuple of str.
@@ -734,6 +785,7 @@ class FrozenSwiGLU(nn.Module):
             # the layer's own argument is x: lwt.functional would blame w_down, which the caller never passed
             raise ValueError(f"x: expected w_down's dtype ({self.w_down.dtype}), got {x.dtype}; cast it first, "
                              f"e.g. mlp(h.to(mlp.w_down.dtype)) after an autocast projection")
+        self._draw_pending()
         scales = {}
         if self.frozen_dtype == torch.float8_e4m3fn:
             scales = dict(w_gate_scale=self.w_gate_scale, w_up_scale=self.w_up_scale)

@@ -832,6 +832,33 @@ def test_layers_name_x_for_an_input_of_another_dtype(layer):
                 module(x.bfloat16())
 
 
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_blocks_take_projections_whose_weight_is_no_tensor(attn_type):
+    """Projections swapped for modules whose `weight` is not a tensor (torch.ao's quantize_dynamic makes
+    it a method): the attention layers' input check leaves x to them (it read weight.dtype: an
+    AttributeError) and the block computes as before."""
+    from lwt.layers import DecoderBlock
+
+    class Wrapped(torch.nn.Module):  # a quantized Linear's interface: weight() a method
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def weight(self):
+            return self.linear.weight
+
+        def forward(self, x):
+            return self.linear(x)
+
+    block = DecoderBlock(32, 4, 64, n_kv_heads=2, attn_type=attn_type, mla_rq=16, mla_rkv=16)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    want = block(x)
+    for name, child in list(block.attn.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            setattr(block.attn, name, Wrapped(child))
+    assert torch.equal(block(x), want)
+
+
 @pytest.mark.parametrize("seed", [-1, 2**64, True, 1.0])
 def test_frozen_swiglu_seed_range(seed):
     from lwt.layers import FrozenSwiGLU
@@ -1086,6 +1113,55 @@ def test_parallel_frozen_draws_under_inference_mode_fake_tensors_and_a_copied_co
         copied = contextvars.copy_context()
     late = copied.run(FrozenSwiGLU, 16, 24, 4)
     assert torch.equal(late.w_up, want_up)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_frozen_draws_with_modules_used_copied_or_loaded_inside(monkeypatch, workers):
+    """Inside the block a module waiting for its draw is never read empty: forward() and state_dict()
+    draw it first (and the block does not draw it again), a deepcopy or pickle of it is drawn with the
+    others, matrices load_state_dict() loads stay (the block draws only what was not loaded, FP8 scales
+    with their matrices), and after a block left by an exception a module draws at its first use."""
+    import pickle
+
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+
+    fp8 = torch.float8_e4m3fn
+    want = {s: FrozenSwiGLU(16, 24, seed=s).state_dict() for s in (0, 1, 2, 3, 9)}
+    want_fp8 = {s: FrozenSwiGLU(16, 24, seed=s, frozen_dtype=fp8).state_dict() for s in (0, 9)}
+    x = torch.randn(3, 16)
+    calls = _count_frozen_draws(monkeypatch)
+
+    def same_frozen(m, ref, names=None):
+        return all(torch.equal(m.state_dict()[k].view(torch.uint8), ref[k].view(torch.uint8))
+                   for k in names or m.frozen_buffer_names())
+
+    with parallel_frozen_draws(max_workers=workers):
+        used, saved, copied, loaded, partly = (FrozenSwiGLU(16, 24, seed=s) for s in (1, 2, 3, 0, 0))
+        partly_fp8 = FrozenSwiGLU(16, 24, seed=0, frozen_dtype=fp8)
+        y = used(x)
+        assert calls == [1]  # drawn for its forward, at once
+        assert torch.equal(saved.state_dict()["w_up"], want[2]["w_up"]) and calls == [1, 2]
+        deep, pickled = copy.deepcopy(copied), pickle.loads(pickle.dumps(copied))
+        loaded.load_state_dict(want[9])
+        partly.load_state_dict({"w_gate": want[9]["w_gate"]}, strict=False)
+        partly_fp8.load_state_dict({k: v for k, v in want_fp8[9].items() if k.startswith("w_up")}, strict=False)
+        assert calls == [1, 2]
+    assert sorted(calls) == [0, 0, 1, 2, 3, 3, 3]  # the partly loaded ones once each; used and saved not again
+    assert torch.equal(y, used(x)) and same_frozen(used, want[1]) and same_frozen(saved, want[2])
+    assert same_frozen(copied, want[3]) and same_frozen(deep, want[3]) and same_frozen(pickled, want[3])
+    assert same_frozen(loaded, want[9])
+    assert same_frozen(partly, want[9], ["w_gate"]) and same_frozen(partly, want[0], ["w_up"])
+    assert same_frozen(partly_fp8, want_fp8[9], ["w_up", "w_up_scale"])
+    assert same_frozen(partly_fp8, want_fp8[0], ["w_gate", "w_gate_scale"])
+    with pytest.raises(RuntimeError, match="boom"):
+        with parallel_frozen_draws(max_workers=workers):
+            failed = FrozenSwiGLU(16, 24, seed=1)
+            raise RuntimeError("boom")
+    late_copy = copy.deepcopy(failed)  # a copy made outside any block draws at once
+    assert same_frozen(late_copy, want[1])
+    with torch.no_grad():
+        used.w_down.copy_(failed.w_down)
+    assert torch.equal(failed(x), used(x)) and same_frozen(failed, want[1])  # drawn for its forward
 
 
 def test_parallel_frozen_draws_defer_reset_parameters_after_to_empty(monkeypatch):
