@@ -9,6 +9,7 @@ checked)."""
 import csv
 import glob
 import importlib
+import math
 import os
 
 import pytest
@@ -203,6 +204,8 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
     mla_bwd = tune.M.mla_bwd
     monkeypatch.setattr(tune.M, "mla_bwd", lambda *a, **k: chunks.append(tune.M._head_chunks(1, 1, 2, None))
                         or mla_bwd(*a, **k))
+    bench_ms = tune.H.bench_ms  # the dry run's 1 ms, as 1e-9 ms: TFLOP/s = the products counted, in units
+    monkeypatch.setattr(tune.H, "bench_ms", lambda fn, *a, **k: bench_ms(fn, *a, **k) * 1e-9)
     tune.main(["--batches", "1"])
     assert set(launched) == {(16, 64, 8, 2, True, False), (16, 64, 8, 2, True, True), (16, 32, 8, 2, False, False),
                              (64, 32, 8, 2)}
@@ -214,8 +217,34 @@ def test_tune_mla_times_each_forced_config(dry_run, monkeypatch, capsys):
     assert len(lines) == 12 and "not measured" not in out, out
     assert sum(", 1 head(s) per program:" in line for line in lines) == 4, out
     assert all(float(line.rsplit(" ", 1)[1]) < 1e-2 for line in lines), out
+    # products per (query, key, head), times 2 · 40² of them (half under the causal mask): fused dK/dV
+    # 2·(2·Dqk + 2·Dv), SPLIT 2·(3·Dqk + 2·Dv) (its dv programs compute the scores again), dQ 2·(2·Dqk + Dv)
+    d_qk, d_v = 32 + 16, 24
+    for mask, pairs in (("bidirectional", 2 * 40 * 40), ("causal", 40 * 40)):
+        tflops = {line.split(": ")[1].split(" 0.000 ms")[0]: int(line.split(" ms, ")[1].split(" TFLOP/s")[0])
+                  for line in lines if f"B1 {mask} " in line and "head(s)" not in line}
+        assert tflops == {"delta + dK/dV (16, 64, 8, 2, True, False)": 2 * (2 * d_qk + 2 * d_v) * pairs,
+                          "delta + dK/dV (16, 64, 8, 2, True, True)": 2 * (3 * d_qk + 2 * d_v) * pairs,
+                          "delta + dK/dV (16, 32, 8, 2, False, False)": 2 * (2 * d_qk + 2 * d_v) * pairs,
+                          "dQ (64, 32, 8, 2)": 2 * (2 * d_qk + d_v) * pairs}, out
     with pytest.raises(SystemExit):
         tune.main(["--batches", "0"])
+
+
+def test_tune_mla_helpers_keep_nan_and_put_the_chunking_back(dry_run):
+    """_max_diff is NaN where any gradient has a NaN (Python's max() keeps or drops one by its place), and
+    _time_with_chunks overrides mla._head_chunks for its timing alone, put back even when that raises."""
+    tune = importlib.import_module("tune_mla")
+    want = [torch.zeros(3), torch.zeros(0), torch.zeros(2)]
+    assert tune._max_diff([torch.tensor([0.0, 0.5, 0.0]), torch.zeros(0), torch.zeros(2)], want) == 0.5
+    got = [torch.tensor([0.0, 0.5, 0.0]), torch.zeros(0), torch.tensor([0.0, math.nan])]
+    assert math.isnan(tune._max_diff(got, want))
+    picks = tune.M._head_chunks
+    assert tune._time_with_chunks(5, lambda: tune.M._head_chunks(1, 1, 2, None)) == 5
+    assert tune.M._head_chunks is picks
+    with pytest.raises(ZeroDivisionError):
+        tune._time_with_chunks(3, lambda: 1 / 0)
+    assert tune.M._head_chunks is picks
 
 
 def test_residual_cost_times_both_ways(dry_run, monkeypatch, capsys):
@@ -473,3 +502,50 @@ def test_goal_lines_read_the_ratios_the_right_way_round(factor, verdict, dry_run
             report.add("c", mode, provider, factor, "TFLOP/s", 1e9)
     lines = attention.summarize(report, ["c"]) + attention.summarize_mla(report, [("c", {"lwt": 1, "SDPA cuDNN": 2})])
     assert all(line.endswith(f"-> {verdict}") for line in lines) and f"fwd {factor:.2f}x (goal 1.0)" in lines[0], lines
+
+
+def test_bench_attention_labels_the_configs_it_ran(dry_run):
+    """bench_attention's pass lines name each kernel's last config: tiles, flattened loops, MLA's split
+    dK/dV pass (only GPU lists have SPLIT configs: the dry run never shows one), warps, stages."""
+    import triton
+
+    module = importlib.import_module("bench_attention")
+
+    class Ran:
+        def __init__(self, **kwargs):
+            self.last = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, **kwargs}, num_warps=8, num_stages=2)
+
+    assert module._config(Ran(FLATTEN=True, SPLIT=True)) == "16x128 flat split w8 s2"
+    assert module._config(Ran(FLATTEN=False, SPLIT=True)) == "16x128 split w8 s2"
+    assert module._config(Ran(FLATTEN=True, SPLIT=False)) == "16x128 flat w8 s2"
+    assert module._config(Ran()) == "16x128 w8 s2"
+    none = Ran()
+    none.last = None
+    assert module._config(none) == "-"
+
+
+def test_tune_mla_sweeps_the_head_chunks_of_flattened_configs_at_the_largest_batch(dry_run, monkeypatch):
+    """Which (config, head chunks) runs tune_mla times, no kernel launched: every config of the "mla" list
+    and the e3f8149 baselines at the chunk count mla._head_chunks picks; at the largest batch the flattened
+    ones also at 4 heads per program and at 1 (chunk counts above the pick that divide the heads)."""
+    tune = importlib.import_module("tune_mla")
+    monkeypatch.setattr(tune, "HEADS", 8)
+    monkeypatch.setattr(tune, "DEVICE", "cpu")
+    for name, value in dict(SEQ=4, D_NOPE=4, D_ROPE=2, D_V=4, DTYPE=torch.float32).items():
+        monkeypatch.setattr(tune, name, value)
+    monkeypatch.setattr(tune.A, "launch_fwd", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(tune.A, "launch_delta", lambda *a, **k: None)
+    monkeypatch.setattr(tune.A, "launch_dq", lambda *a, **k: None)
+    monkeypatch.setattr(tune.M, "mla_bwd", lambda *a, **k: (None,) * 4)
+    monkeypatch.setattr(tune.M, "_head_chunks", lambda B, S, H, device: 1)
+    monkeypatch.setitem(tune.A._MLA_DKDV_CONFIGS, "mla", [(32, 64, 8, 2, True, False), (32, 128, 8, 2, True, True),
+                                                           (32, 128, 8, 2, False, True)])
+    monkeypatch.setattr(tune, "_time_forced", lambda module, name, entry, run: None)  # (nothing timed, nothing printed)
+    timed = []
+    monkeypatch.setattr(tune, "_time_with_chunks", lambda n, timing: timed.append(n) or timing())
+    flat, nested = [1, 2, 8], [1]  # 8 heads: all in one program (the pick), then 4 per program, and 1
+    tune.run_case(1, False, dq_too=True)
+    assert timed == flat + flat + nested + nested + nested, timed  # 2 flattened, 1 nested, 2 e3f8149 nested
+    timed.clear()
+    tune.run_case(1, False, dq_too=False)
+    assert timed == [1] * 5, timed
