@@ -39,7 +39,11 @@ forward's) and δ from the forward's O, so the gradients' error grows with the l
 largest entry, an eager fp32 backward within 1.4e-5; 2.7e-5 while LSE went through natural log). Where
 the softmax saturates on one key the exact dQ and dK are near 0, but δ no longer cancels dP exactly and
 the kernel's are of order scale · 1e-7 · |dO|·|V|·|K| (|Q| for dK) instead. The forward is unaffected.
-(The MLA kernels share these passes.)
+(The MLA kernels share these passes.) Compiled, each exponent t − m (forward) and t − LSE₂ (backward) is
+one FMA of the exact product qk · scale · log2 e, where m, and so LSE₂, come from the rounded one (as in
+FA2's kernels): the top key's P is then 2^e instead of 1, |e| up to half an ulp of LSE₂, about 4e-5 at
+|logits| 1e3 (by this reasoning, not measured on a GPU); the forward's O divides it out, the backward's P
+keeps it. The interpreter rounds the product first (tests/test_attention.py, saturated softmax).
 δ is read from O's fp32 value, not from O rounded to 16 bits (FA2 reads the rounded one): a forward with
 a backward to come (grad mode on, an input requiring grad) also stores R = O_fp32 − O, rounded to the
 input dtype (one more O-sized tensor kept for the backward), and δ = rowsum(dO ∘ (O + R)). An error in δ
@@ -482,12 +486,12 @@ def _dkdv_inner(dk, dkr, dv, k, kr, v, Q, DO, LSE, Delta, stride_qs, stride_dos,
         q_rows = start_m + tl.arange(0, BLOCK_M)
         q, qr = _load_query(Q, q_rows, stride_qs, S, D, HEAD_DIM, D_R, ROPE_DIM)
         do = _load_tile(DO, q_rows, stride_dos, S, D_V, V_DIM, True)
-        lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0)
         if WANT_DK:
             delta = tl.load(Delta + q_rows, mask=q_rows < S, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if ROPE_DIM > 0:
             qk_t = tl.dot(kr, tl.trans(qr), qk_t, input_precision=INPUT_PRECISION)
+        lse2 = tl.load(LSE + q_rows, mask=q_rows < S, other=0.0)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(k_cols[:, None] <= q_rows[None, :], p_t, 0.0)
