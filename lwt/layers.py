@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
+from torch.utils import _python_dispatch
 
 from kernels._checks import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_ROPE_DIM, autocast_available, check_eps
 from kernels.reference import quantize_rows_fp8
@@ -514,11 +515,13 @@ def parallel_frozen_draws(max_workers: int | None = None):
     may use, divided among torchrun's local ranks, at most 8 and at most one a module. Modules built on meta
     draw nothing, as always, and modules built under a TorchDispatchMode (FakeTensorMode) draw at once, as
     without the block. Nested blocks draw at the end of the outermost; a block left by an exception draws
-    nothing. Until its draw a module's frozen buffers hold no values: its forward() and state_dict() draw
-    them first (at once, on the calling thread: inside the block, or after a block left by an exception), a
-    copy of it (deepcopy, pickle) made inside the block is drawn with the others (made outside one, at once),
-    and matrices that load_state_dict() loads into it inside the block stay (the block draws the others).
-    LWTModel builds its blocks inside one."""
+    nothing. Until its draw a module's frozen buffers hold no values: its forward() and state_dict() (and
+    LWTModel.frozen_checksum()) draw them first, at once, on the calling thread (inside the block, or after
+    a block left by an exception; under torch.compile outside the graph, which fullgraph=True refuses);
+    other reads of the buffers (.w_gate, named_buffers()) see no values until then. A copy of such a module
+    (deepcopy, pickle) made inside the block is drawn with the others (made outside one, at once); frozen
+    buffers that load_state_dict() loads inside the block, or that are replaced by other tensors there, are
+    kept (the block draws the others). LWTModel builds its blocks inside one."""
     if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)
                                     or max_workers < 1):
         raise ValueError(f"max_workers: expected a positive int or None, got {max_workers!r}")
@@ -532,11 +535,18 @@ def parallel_frozen_draws(max_workers: int | None = None):
         yield
     finally:
         _PENDING_DRAWS.reset(token)
-        modules = [module for module in pending.close() if module._frozen_pending]  # (loaded, or drawn by use)
+        modules = pending.close()
+    # What each module still waits for: neither loaded nor drawn for a use; a frozen buffer replaced by
+    # another tensor inside the block is the replacement's to keep. Until drawn, the rest stays pending (a
+    # failed draw leaves it to the module's first use).
+    targets = {id(module): module._own_pending() for module in modules}
+    for module in modules:
+        module._frozen_pending = {n: t for n, t in module._frozen_pending.items() if n in targets[id(module)]}
+    modules = [module for module in modules if targets[id(module)]]
     workers = min(max_workers or _draw_threads(), len(modules))
     if workers <= 1:
         for module in modules:
-            module._fill_frozen(module._frozen_pending)
+            module._fill_frozen(targets[id(module)])
         return
     arrived: queue.SimpleQueue = queue.SimpleQueue()  # (module, buffer name, CPU tensor); None: a module done
     stop = threading.Event()  # a draw or a copy failed: the workers stop after their current matrix
@@ -560,7 +570,7 @@ def parallel_frozen_draws(max_workers: int | None = None):
             with torch.no_grad():
                 for _ in range(len(futures)):
                     while (item := arrived.get()) is not None:
-                        if item[1] in item[0]._frozen_pending:
+                        if item[1] in targets[id(item[0])]:
                             item[0]._copy_frozen(item[1], item[2])
                         del item
         except BaseException:
@@ -570,7 +580,7 @@ def parallel_frozen_draws(max_workers: int | None = None):
         for future in futures:
             future.result()  # a worker's exception
     for module in modules:
-        module._frozen_pending = frozenset()
+        module._frozen_pending = {}
 
 
 class FrozenSwiGLU(nn.Module):
@@ -597,9 +607,11 @@ class FrozenSwiGLU(nn.Module):
     forward(x): x (..., d_model), W_down's dtype.
     """
 
-    # Names of the frozen buffers still waiting for an open parallel_frozen_draws() block to draw them
-    # (empty: every frozen buffer holds its values). An instance attribute once set, so copies carry it.
-    _frozen_pending: frozenset = frozenset()
+    # The frozen buffers still waiting for a parallel_frozen_draws() block to draw them, {name: the buffer
+    # tensor that is to receive the values} (empty: every frozen buffer holds its values). An instance
+    # attribute once set, replaced, never changed in place; a copy (deepcopy, pickle) carries it, its
+    # tensors the copy's own buffers (the copy keeps shared references shared).
+    _frozen_pending: dict = {}
 
     def __init__(self, d_model: int, d_ff: int, seed: int, recompute: bool = False, frozen_dtype=None,
                  device=None, dtype=None):
@@ -627,7 +639,7 @@ class FrozenSwiGLU(nn.Module):
                                  else w.to(device=device, dtype=dtype_w))
         del drawn
         if defer:
-            self._frozen_pending = frozenset(self.frozen_buffer_names())
+            self._pend(self.frozen_buffer_names())
             if not pending.add(self):  # the block ended meanwhile (another thread): draw now
                 self._fill_frozen()
         self.w_down = nn.Parameter(torch.empty(d_model, d_ff, device=device, dtype=dtype))
@@ -675,38 +687,59 @@ class FrozenSwiGLU(nn.Module):
             return  # nothing to hold the values yet (to_empty() comes first)
         self._defer_or_fill(self.frozen_buffer_names())
 
+    def _pend(self, names) -> None:
+        """Mark the frozen buffers `names` (with those already pending) as waiting for the block's draw."""
+        names = set(names) | set(self._frozen_pending)
+        self._frozen_pending = {name: self._buffers[name] for name in self.frozen_buffer_names() if name in names}
+
+    def _own_pending(self) -> frozenset:
+        """The pending frozen buffers still in place: not swapped for another tensor (torch.func.functional_call
+        swaps the caller's in for a call, a user may assign one)."""
+        return frozenset(name for name, t in self._frozen_pending.items() if self._buffers.get(name) is t)
+
     def _defer_or_fill(self, names) -> None:
         """Queue the frozen buffers `names` (and any still pending) for the open parallel_frozen_draws()
         block, or draw them now."""
-        names = frozenset(names) | self._frozen_pending
+        names = frozenset(names) | frozenset(self._frozen_pending)
         if _deferrable():
-            self._frozen_pending = names
+            self._pend(names)
             if _PENDING_DRAWS.get().add(self):
                 return
         self._fill_frozen(names)
 
     def _fill_frozen(self, names=None) -> None:
         """Draw the frozen matrices (all, or the buffers `names`) into their buffers (in the buffers' dtype:
-        copy_ rounds as .to() does); none of them is pending after."""
+        copy_ rounds as .to() does); those are no longer pending."""
         with torch.no_grad():
             for name, w in self._frozen_draws():
                 if names is None or name in names:
                     self._copy_frozen(name, w)
                 del w  # before the next draw
-        self._frozen_pending = frozenset()
+        self._frozen_pending = {} if names is None else {
+            name: t for name, t in self._frozen_pending.items() if name not in names}
 
     def _draw_pending(self) -> None:
-        """A module still waiting for its block's draw is used (forward, state_dict): draw now; the block
-        then skips it."""
+        """Used (forward, state_dict, LWTModel.frozen_checksum) while waiting for its block's draw: draw the
+        pending buffers now (the block then skips them)."""
         if self._frozen_pending:
-            self._fill_frozen(self._frozen_pending)
+            self._draw_pending_now()
+
+    @torch.compiler.disable  # (eager, under torch.compile: a generator's draw has no graph)
+    def _draw_pending_now(self) -> None:
+        """_draw_pending's draw: real values into the real buffers under a TorchDispatchMode too
+        (FakeTensorMode: deferral is refused under one, so these were built without it), never into the
+        tensors torch.func.functional_call swapped in (those buffers stay pending)."""
+        names = self._own_pending()
+        if names:
+            with _python_dispatch._disable_current_modes():
+                self._fill_frozen(names)
 
     def __setstate__(self, state) -> None:
         """A copy (deepcopy, pickle) of a module waiting for its draw: queued for the open block's draw as
         the original is, or drawn at once outside one (it is in no block's list)."""
         super().__setstate__(state)
         if self._frozen_pending:
-            self._defer_or_fill(self._frozen_pending)
+            self._defer_or_fill(self._own_pending())
 
     def _copy_frozen(self, name: str, w: torch.Tensor) -> None:
         """One drawn matrix (or FP8 scale) into its buffer, rounded to the buffer's dtype as .to() rounds; a
@@ -722,7 +755,9 @@ class FrozenSwiGLU(nn.Module):
         targets, from the original values (re-casting afterwards would keep the rounding of, e.g., .half()).
         Conversions that keep the dtype (device moves, to_empty, share_memory_) apply as to any buffer."""
         if self.frozen_dtype is None:
-            return super()._apply(fn, recurse)
+            super()._apply(fn, recurse)
+            self._repend()
+            return self
         frozen = {name: self._buffers.pop(name) for name in self.frozen_buffer_names()}
         try:
             super()._apply(fn, recurse)
@@ -735,7 +770,14 @@ class FrozenSwiGLU(nn.Module):
                 # a meta tensor holds no values to move: take the converted one, back in frozen_dtype
                 after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
             self._buffers[name] = after
+        self._repend()
         return self
+
+    def _repend(self) -> None:
+        """After a conversion replaced the buffers (.to(), .half(), to_empty(), ...): the pending ones are
+        the new tensors."""
+        if self._frozen_pending:
+            self._frozen_pending = {name: self._buffers[name] for name in self._frozen_pending}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         self._draw_pending()  # (inside parallel_frozen_draws(): values, not an empty buffer's)
@@ -765,7 +807,7 @@ class FrozenSwiGLU(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self._frozen_pending and len(error_msgs) == errors:
-            self._frozen_pending = frozenset(name for name in self._frozen_pending if prefix + name not in state_dict)
+            self._frozen_pending = {name: t for name, t in self._frozen_pending.items() if prefix + name not in state_dict}
 
     def frozen_buffer_names(self) -> tuple[str, ...]:
         """Names of the frozen buffers: the two matrices, and with FP8 their scales. Returns: a tuple of str.

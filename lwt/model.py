@@ -147,6 +147,9 @@ class LWTModel(nn.Module):
         construction, not loaded; a checkpoint stores this checksum so that a changed seed, dtype or
         generator shows up as an error instead of a silently different model."""
         digest = hashlib.sha256()
+        for module in self.modules():
+            if isinstance(module, FrozenSwiGLU):
+                module._draw_pending()  # (inside a parallel_frozen_draws() block: their values, not empty buffers)
         buffers = dict(self.named_buffers())
         for name in self.frozen_buffer_names():
             t = buffers[name].detach().to("cpu").contiguous()

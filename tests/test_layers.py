@@ -1164,6 +1164,37 @@ def test_parallel_frozen_draws_with_modules_used_copied_or_loaded_inside(monkeyp
     assert torch.equal(failed(x), used(x)) and same_frozen(failed, want[1])  # drawn for its forward
 
 
+def test_parallel_frozen_draws_with_modules_faked_swapped_converted_or_hashed_inside():
+    """Inside the block: a forward under FakeTensorMode (a memory estimate) draws real values into the
+    real buffers; torch.func.functional_call's tensors are never drawn into (the module's own are drawn by
+    the block); a frozen buffer replaced by another tensor is kept; a conversion (.double()) moves what is
+    pending to the new buffers; LWTModel.frozen_checksum() hashes drawn values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lwt.config import ModelConfig
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+    from lwt.model import LWTModel
+
+    want = FrozenSwiGLU(16, 24, seed=1).state_dict()
+    cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=24)
+    checksum = LWTModel(cfg).frozen_checksum()
+    x = torch.randn(3, 16)
+    mine = {"w_gate": torch.zeros(24, 16), "w_up": torch.zeros(24, 16)}
+    with parallel_frozen_draws(max_workers=2):
+        faked, swapped, replaced, converted = (FrozenSwiGLU(16, 24, seed=1) for _ in range(4))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            faked(torch.empty(3, 16))
+        assert not faked._frozen_pending and torch.equal(faked.w_gate, want["w_gate"])
+        torch.func.functional_call(swapped, mine, (x,))
+        assert not mine["w_gate"].any() and set(swapped._frozen_pending) == {"w_gate", "w_up"}
+        replaced.w_up = torch.ones(24, 16)
+        converted.double()
+        assert LWTModel(cfg).frozen_checksum() == checksum
+    assert torch.equal(swapped.w_gate, want["w_gate"]) and not mine["w_up"].any()
+    assert torch.equal(replaced.w_gate, want["w_gate"]) and torch.equal(replaced.w_up, torch.ones(24, 16))
+    assert converted.w_up.dtype == torch.float64 and torch.equal(converted.w_up, want["w_up"].double())
+
+
 def test_parallel_frozen_draws_defer_reset_parameters_after_to_empty(monkeypatch):
     """A model built on meta, materialised with to_empty() and reset module by module inside the block gets
     its frozen matrices when the block ends, drawn together: the checksum of the model built directly."""
