@@ -430,6 +430,9 @@ class MLAAttention(nn.Module):
         if not isinstance(absorb, bool):  # (a string such as "False" would be true)
             raise ValueError(f"absorb: expected a bool, got {absorb!r}")
         if absorb:
+            if not isinstance(self.kv_up.weight, torch.Tensor):
+                raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, a tensor; this "
+                                 f"layer's kv_up ({type(self.kv_up).__name__}) has none: use absorb=False")
             return self._absorbed(x)
         B, S, _ = x.shape
         H, dn, dv = self.n_heads, self.nope_dim, self.v_dim

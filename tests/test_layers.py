@@ -836,7 +836,8 @@ def test_layers_name_x_for_an_input_of_another_dtype(layer):
 def test_blocks_take_projections_whose_weight_is_no_tensor(attn_type):
     """Projections swapped for modules whose `weight` is not a tensor (torch.ao's quantize_dynamic makes
     it a method): the attention layers' input check leaves x to them (it read weight.dtype: an
-    AttributeError) and the block computes as before."""
+    AttributeError) and the block computes as before; MLA's absorbed form, which needs kv_up's weight
+    tensor, refuses by name (an AttributeError too)."""
     from lwt.layers import DecoderBlock
 
     class Wrapped(torch.nn.Module):  # a quantized Linear's interface: weight() a method
@@ -857,6 +858,9 @@ def test_blocks_take_projections_whose_weight_is_no_tensor(attn_type):
         if isinstance(child, torch.nn.Linear):
             setattr(block.attn, name, Wrapped(child))
     assert torch.equal(block(x), want)
+    if attn_type == "mla":  # the absorbed form folds kv_up's weight tensor into the queries: named refusal
+        with pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Wrapped\) has none"):
+            block.attn(x, absorb=True)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64, True, 1.0])
