@@ -164,8 +164,8 @@ def mla_bwd(do: torch.Tensor, q: torch.Tensor, k_nope: torch.Tensor, k_rope: tor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: δ, dQ, the dK/dV pass (each only if needed, else its results are empty).
     Shapes as in mla_attention, unit stride along the last dims; do like o; lse: launch_fwd's (base 2);
-    o_res: launch_fwd's residual of o, or None (kernels/attention.py, Precision). Returns (dq, dk_nope, dk_rope, dv), contiguous, in
-    the inputs' dtypes."""
+    o_res: launch_fwd's residual of o, or None (kernels/attention.py, Precision). Returns (dq, dk_nope,
+    dk_rope, dv), contiguous, in the inputs' dtypes."""
     B, S, H, _ = q.shape
     d, d_rope, d_v = k_nope.shape[3], k_rope.shape[2], v.shape[3]
     if q.numel() == 0:

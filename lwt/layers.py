@@ -757,9 +757,10 @@ class FrozenSwiGLU(nn.Module):
         matrices keep it: a conversion that would change their dtype only moves them to the device it
         targets, from the original values (re-casting afterwards would keep the rounding of, e.g., .half()).
         Conversions that keep the dtype (device moves, to_empty, share_memory_) apply as to any buffer."""
+        own = self._own_pending()
         if self.frozen_dtype is None:
             super()._apply(fn, recurse)
-            self._repend()
+            self._repend(own)
             return self
         frozen = {name: self._buffers.pop(name) for name in self.frozen_buffer_names()}
         try:
@@ -773,14 +774,14 @@ class FrozenSwiGLU(nn.Module):
                 # a meta tensor holds no values to move: take the converted one, back in frozen_dtype
                 after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
             self._buffers[name] = after
-        self._repend()
+        self._repend(own)
         return self
 
-    def _repend(self) -> None:
-        """After a conversion replaced the buffers (.to(), .half(), to_empty(), ...): the pending ones are
-        the new tensors."""
+    def _repend(self, own) -> None:
+        """After a conversion replaced the buffers (.to(), .half(), to_empty(), ...): the buffers that were
+        pending in place (`own`) are pending in their new tensors (one replaced before is the replacement's)."""
         if self._frozen_pending:
-            self._frozen_pending = {name: self._buffers[name] for name in self._frozen_pending}
+            self._frozen_pending = {name: self._buffers[name] for name in own}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         self._draw_pending()  # (inside parallel_frozen_draws(): values, not an empty buffer's)
@@ -810,7 +811,8 @@ class FrozenSwiGLU(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self._frozen_pending and len(error_msgs) == errors:
-            self._frozen_pending = {name: t for name, t in self._frozen_pending.items() if prefix + name not in state_dict}
+            self._frozen_pending = {name: t for name, t in self._frozen_pending.items()
+                                    if prefix + name not in state_dict}
 
     def frozen_buffer_names(self) -> tuple[str, ...]:
         """Names of the frozen buffers: the two matrices, and with FP8 their scales. Returns: a tuple of str.

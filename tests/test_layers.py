@@ -1192,6 +1192,7 @@ def test_parallel_frozen_draws_with_modules_faked_swapped_converted_or_hashed_in
         torch.func.functional_call(swapped, mine, (x,))
         assert not mine["w_gate"].any() and set(swapped._frozen_pending) == {"w_gate", "w_up"}
         replaced.w_up = torch.ones(24, 16)
+        replaced.double().float()  # (conversions keep the replacement the replacement's)
         converted.double()
         assert LWTModel(cfg).frozen_checksum() == checksum
     assert torch.equal(swapped.w_gate, want["w_gate"]) and not mine["w_up"].any()
