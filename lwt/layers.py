@@ -479,9 +479,12 @@ class _PendingDraws:
             return not self.closed
 
     def close(self) -> list:
+        """End the block: the queued modules, handed over (a context copied inside the block keeps this
+        object, and must not keep them alive)."""
         with self._lock:
             self.closed = True
-            return list(self.modules)
+            modules, self.modules, self._queued = self.modules, [], set()
+            return modules
 
 
 _PENDING_DRAWS: contextvars.ContextVar[_PendingDraws | None] = contextvars.ContextVar("lwt_pending_draws",
@@ -540,8 +543,8 @@ def parallel_frozen_draws(max_workers: int | None = None):
         _PENDING_DRAWS.reset(token)
         modules = pending.close()
     # What each module still waits for: neither loaded nor drawn for a use; a frozen buffer replaced by
-    # another tensor inside the block is the replacement's to keep. Until drawn, the rest stays pending (a
-    # failed draw leaves it to the module's first use).
+    # another tensor inside the block is the replacement's to keep. A module stays pending until all of it
+    # is drawn (a failed draw leaves the rest to each module's first use).
     targets = {id(module): module._own_pending() for module in modules}
     for module in modules:
         module._frozen_pending = {n: t for n, t in module._frozen_pending.items() if n in targets[id(module)]}
@@ -551,11 +554,14 @@ def parallel_frozen_draws(max_workers: int | None = None):
         for module in modules:
             module._fill_frozen(targets[id(module)])
         return
-    arrived: queue.SimpleQueue = queue.SimpleQueue()  # (module, buffer name, CPU tensor); None: a module done
+    # (module, buffer name, CPU tensor); (module, None, None): that module's draws are over
+    arrived: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()  # a draw or a copy failed: the workers stop after their current matrix
 
     def draw(module):
         try:
+            if stop.is_set():
+                return
             for name, w in module._frozen_draws():
                 if stop.is_set():
                     return
@@ -565,25 +571,30 @@ def parallel_frozen_draws(max_workers: int | None = None):
             stop.set()
             raise
         finally:
-            arrived.put(None)
+            arrived.put((module, None, None))
 
+    copied = {id(module): set() for module in modules}
     with ThreadPoolExecutor(workers, thread_name_prefix="lwt-frozen-draw") as pool:
         futures = [pool.submit(draw, module) for module in modules]
         try:
             with torch.no_grad():
-                for _ in range(len(futures)):
-                    while (item := arrived.get()) is not None:
-                        if item[1] in targets[id(item[0])]:
-                            item[0]._copy_frozen(item[1], item[2])
-                        del item
+                over = 0
+                while over < len(futures):
+                    module, name, w = arrived.get()
+                    if name is None:
+                        over += 1
+                        if copied[id(module)] >= targets[id(module)]:
+                            module._frozen_pending = {}
+                    elif name in targets[id(module)]:
+                        module._copy_frozen(name, w)
+                        copied[id(module)].add(name)
+                    del module, w
         except BaseException:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         for future in futures:
             future.result()  # a worker's exception
-    for module in modules:
-        module._frozen_pending = {}
 
 
 class FrozenSwiGLU(nn.Module):
@@ -691,9 +702,10 @@ class FrozenSwiGLU(nn.Module):
         self._defer_or_fill(self.frozen_buffer_names())
 
     def _pend(self, names) -> None:
-        """Mark the frozen buffers `names` (with those already pending) as waiting for the block's draw."""
-        names = set(names) | set(self._frozen_pending)
-        self._frozen_pending = {name: self._buffers[name] for name in self.frozen_buffer_names() if name in names}
+        """Mark the frozen buffers `names` (with those pending in place) as waiting for the block's draw."""
+        names = set(names) | self._own_pending()
+        self._frozen_pending = {name: self._buffers[name] for name in self.frozen_buffer_names()
+                                if name in names and isinstance(self._buffers.get(name), torch.Tensor)}
 
     def _own_pending(self) -> frozenset:
         """The pending frozen buffers still in place: not swapped for another tensor (torch.func.functional_call
@@ -703,7 +715,7 @@ class FrozenSwiGLU(nn.Module):
     def _defer_or_fill(self, names) -> None:
         """Queue the frozen buffers `names` (and any still pending) for the open parallel_frozen_draws()
         block, or draw them now."""
-        names = frozenset(names) | frozenset(self._frozen_pending)
+        names = frozenset(names) | self._own_pending()
         if _deferrable():
             self._pend(names)
             if _PENDING_DRAWS.get().add(self):
@@ -724,25 +736,28 @@ class FrozenSwiGLU(nn.Module):
     def _draw_pending(self) -> None:
         """Used (forward, state_dict, LWTModel.frozen_checksum) while waiting for its block's draw: draw the
         pending buffers now (the block then skips them)."""
-        if self._frozen_pending:
+        if self._frozen_pending and self._own_pending():
             self._draw_pending_now()
 
     @torch.compiler.disable  # (eager, under torch.compile: a generator's draw has no graph)
     def _draw_pending_now(self) -> None:
         """_draw_pending's draw: real values into the real buffers under a TorchDispatchMode too
         (FakeTensorMode: deferral is refused under one, so these were built without it), never into the
-        tensors torch.func.functional_call swapped in (those buffers stay pending)."""
-        names = self._own_pending()
-        if names:
-            with _python_dispatch._disable_current_modes():
-                self._fill_frozen(names)
+        tensors torch.func.functional_call swapped in (those buffers stay pending), nor into a tensor that
+        replaced a frozen buffer (it stays listed, inert, until a conversion or the block's end drops it)."""
+        # (and outside torch.func transforms: vmap refuses a random draw, grad an in-place copy)
+        with _python_dispatch._disable_current_modes(), torch._C._DisableFuncTorch():
+            self._fill_frozen(self._own_pending())
 
     def __setstate__(self, state) -> None:
         """A copy (deepcopy, pickle) of a module waiting for its draw: queued for the open block's draw as
         the original is, or drawn at once outside one (it is in no block's list)."""
         super().__setstate__(state)
         if self._frozen_pending:
-            self._defer_or_fill(self._own_pending())
+            own = self._own_pending()  # (a buffer replaced, or swapped by functional_call, is not drawn into)
+            self._frozen_pending = {name: t for name, t in self._frozen_pending.items() if name in own}
+            if own:
+                self._defer_or_fill(own)
 
     def _copy_frozen(self, name: str, w: torch.Tensor) -> None:
         """One drawn matrix (or FP8 scale) into its buffer, rounded to the buffer's dtype as .to() rounds; a
@@ -758,24 +773,24 @@ class FrozenSwiGLU(nn.Module):
         targets, from the original values (re-casting afterwards would keep the rounding of, e.g., .half()).
         Conversions that keep the dtype (device moves, to_empty, share_memory_) apply as to any buffer."""
         own = self._own_pending()
-        if self.frozen_dtype is None:
-            super()._apply(fn, recurse)
-            self._repend(own)
-            return self
-        frozen = {name: self._buffers.pop(name) for name in self.frozen_buffer_names()}
-        try:
-            super()._apply(fn, recurse)
-        finally:
+        try:  # (a conversion that fails midway leaves the pending buffers pending where they are then)
+            if self.frozen_dtype is None:
+                return super()._apply(fn, recurse)
+            frozen = {name: self._buffers.pop(name) for name in self.frozen_buffer_names()}
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                for name, before in frozen.items():
+                    self._buffers[name] = before
             for name, before in frozen.items():
-                self._buffers[name] = before
-        for name, before in frozen.items():
-            after = fn(before)
-            if after.dtype != before.dtype:
-                # a meta tensor holds no values to move: take the converted one, back in frozen_dtype
-                after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
-            self._buffers[name] = after
-        self._repend(own)
-        return self
+                after = fn(before)
+                if after.dtype != before.dtype:
+                    # a meta tensor holds no values to move: take the converted one, back in frozen_dtype
+                    after = after.to(before.dtype) if before.is_meta else before.to(device=after.device)
+                self._buffers[name] = after
+            return self
+        finally:
+            self._repend(own)
 
     def _repend(self, own) -> None:
         """After a conversion replaced the buffers (.to(), .half(), to_empty(), ...): the buffers that were

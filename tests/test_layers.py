@@ -1200,6 +1200,67 @@ def test_parallel_frozen_draws_with_modules_faked_swapped_converted_or_hashed_in
     assert converted.w_up.dtype == torch.float64 and torch.equal(converted.w_up, want["w_up"].double())
 
 
+def test_parallel_frozen_draws_with_modules_replaced_transformed_or_failing_inside(monkeypatch):
+    """Inside the block: a copy of a module whose buffer was replaced keeps the replacement, as the module
+    does; a forward under torch.func.vmap draws outside the transform (vmap refuses a random draw); a
+    conversion that fails midway leaves what it converted pending where it is. A worker's failure leaves
+    the modules drawn whole not pending, the others pending until their first use. A context copied
+    inside the block does not keep its modules alive."""
+    import contextvars
+    import gc
+    import threading
+    import weakref
+
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+
+    want = {s: FrozenSwiGLU(16, 24, seed=s).state_dict() for s in range(5)}
+    with parallel_frozen_draws(max_workers=2):
+        replaced, mapped, converted = (FrozenSwiGLU(16, 24, seed=s) for s in (0, 1, 2))
+        replaced.w_up = torch.ones(24, 16)
+        copied = copy.deepcopy(replaced)
+        torch.func.vmap(mapped)(torch.randn(4, 3, 16))
+        assert not mapped._frozen_pending
+
+        def fails_third(t, seen=[]):
+            seen.append(t)
+            if len(seen) == 3:  # w_down and w_gate converted, then w_up fails
+                raise MemoryError("simulated")
+            return t.double()
+        with pytest.raises(MemoryError):
+            converted._apply(fails_third)
+        assert converted.w_gate.dtype == torch.float64 and set(converted._frozen_pending) == {"w_gate", "w_up"}
+        late = contextvars.copy_context().run(lambda: weakref.ref(FrozenSwiGLU(16, 24, seed=3)))
+    gc.collect()
+    assert late() is None
+    for m in (replaced, copied):
+        assert torch.equal(m.w_gate, want[0]["w_gate"]) and torch.equal(m.w_up, torch.ones(24, 16))
+    assert torch.equal(mapped.w_up, want[1]["w_up"])
+    assert torch.equal(converted.w_gate, want[2]["w_gate"].double()) and torch.equal(converted.w_up, want[2]["w_up"])
+
+    drawn, draws, seed_0_drawn = [], FrozenSwiGLU._frozen_draws, threading.Event()
+
+    def fail_seed_1(self):  # seed 1 fails on its second matrix, once seed 0 has drawn both of its own
+        for name, w in draws(self):
+            if self.seed == 1 and name == "w_up":
+                seed_0_drawn.wait(timeout=60)
+                raise RuntimeError("boom")
+            drawn.append(self.seed)
+            yield name, w
+        if self.seed == 0:
+            seed_0_drawn.set()
+    monkeypatch.setattr(FrozenSwiGLU, "_frozen_draws", fail_seed_1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with parallel_frozen_draws(max_workers=2):
+            modules = [FrozenSwiGLU(16, 24, seed=s) for s in range(5)]
+    assert not modules[0]._frozen_pending and torch.equal(modules[0].w_up, want[0]["w_up"])
+    assert modules[1]._frozen_pending and all(m._frozen_pending for m in modules if drawn.count(m.seed) < 2)
+    monkeypatch.setattr(FrozenSwiGLU, "_frozen_draws", draws)
+    x = torch.randn(3, 16)
+    for m in modules:
+        m(x)
+        assert torch.equal(m.w_gate, want[m.seed]["w_gate"]) and not m._frozen_pending
+
+
 def test_parallel_frozen_draws_defer_reset_parameters_after_to_empty(monkeypatch):
     """A model built on meta, materialised with to_empty() and reset module by module inside the block gets
     its frozen matrices when the block ends, drawn together: the checksum of the model built directly."""
