@@ -713,7 +713,7 @@ class FrozenSwiGLU(nn.Module):
         return frozenset(name for name, t in self._frozen_pending.items() if self._buffers.get(name) is t)
 
     def _defer_or_fill(self, names) -> None:
-        """Queue the frozen buffers `names` (and any still pending) for the open parallel_frozen_draws()
+        """Queue the frozen buffers `names` (and those pending in place) for the open parallel_frozen_draws()
         block, or draw them now."""
         names = frozenset(names) | self._own_pending()
         if _deferrable():
