@@ -9,9 +9,9 @@ compiles each autotune config through triton's own ptxas (shipped in the wheel) 
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
 spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
 --quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened;
-for DeepSeek-V2's MLA heads one fused, one SPLIT), what the test suite runs; the default compiles every config of every list, and the specialisations
-some launches add (the attention forward without O's residual, MLA's dK/dV with one head per program,
-RMSNorm's missing operands as None). `SMEM` of an attention or MLA config also shows what the autotune
+for DeepSeek-V2's MLA heads one fused, one SPLIT), what the test suite runs; the default compiles every
+config of every list, and the specialisations some launches add (the attention forward without O's
+residual, MLA's dK/dV with one head per program, RMSNorm's missing operands as None). `SMEM` of an attention or MLA config also shows what the autotune
 prune counts for it (`prune counts`). Exit code 1 if any compile failed, or if a config's shared memory
 exceeds what the prune counts by more than the margin the prune leaves under 227 KiB (a config it keeps
 could then fail to launch).

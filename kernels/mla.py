@@ -19,11 +19,11 @@ flattened loop in most configs: attention._MLA_DKDV_CONFIGS). Each chunk writes 
 dk_rope tile, and one torch sum over the chunks follows (no atomics, no per-head intermediate; two runs
 in one process give bit-identical gradients). The backward is not itself differentiable (double
 backward raises). There are as few chunks as keep the GPU busy (at least two programs per
-multiprocessor). Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The SPLIT launch configs
-(attention._MLA_DKDV_CONFIGS) trade 30% more products for 128-key tiles: the launch's first programs
-hold dk_nope and dk_rope alone, chunk by chunk as above, and the others (H per key tile where there are
-`chunks` of the first kind) hold one head's dv each, computing the scores again (dV = Pᵀ dO needs P,
-not dP); the autotuner times both kinds of config.
+multiprocessor). Holding dk_nope, dk_rope and dv at once limits a program to 64 keys on sm_90. The
+SPLIT launch configs (attention._MLA_DKDV_CONFIGS) trade 30% more products for 128-key tiles: the
+launch's first programs hold dk_nope and dk_rope alone, chunk by chunk as above, and the others (H per
+key tile where there are `chunks` of the first kind) hold one head's dv each, computing the scores
+again (dV = Pᵀ dO needs P, not dP); the autotuner times both kinds of config.
 
 Limits: Dn and Dv in 1..256, Dr in 1..128 (each padded to a power of two >= 16 in registers); any S, B, H
 and any strides with a unit stride along the last dim, as long as one batch entry of each tensor spans at most
