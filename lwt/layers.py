@@ -21,15 +21,24 @@ from . import functional as F
 from .config import ATTN_TYPES, mla_head_dims
 
 
-def _check_x(x, d_model: int, weight: torch.Tensor) -> None:
-    """An attention layer's input: (B, S, d_model) in its projections' dtype, unless autocast runs them
-    (then any floating dtype: autocast casts it). ValueError naming x otherwise, rather than nn.Linear's
-    RuntimeError ("expected m1 and m2 to have the same dtype")."""
+def _float_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    """module.<name> where it is a floating-point tensor, else None: a sub-module swapped for another kind
+    (a LoRA wrapper without a `weight`, quantize_dynamic's Linear whose `weight` is a method, an int8
+    weight-only Linear, a user's own MLP without `w_down`) is left to take what it takes."""
+    t = getattr(module, name, None)
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
+
+def _check_x(x, d_model: int, weight: torch.Tensor | None) -> None:
+    """An attention layer's input: (B, S, d_model) in its projections' dtype (that of `weight`, the first
+    projection's; None: not known, not checked), unless autocast runs them (then any floating dtype:
+    autocast casts it). ValueError naming x otherwise, rather than nn.Linear's RuntimeError ("expected m1
+    and m2 to have the same dtype")."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != d_model:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected (batch, seq, {d_model}), got {shape}")
-    if not isinstance(weight, torch.Tensor):  # a projection swapped for another kind (quantize_dynamic's:
-        return  # `weight` a method), which takes what it takes
+    if weight is None:
+        return
     if x.dtype != weight.dtype and not (autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         raise ValueError(f"x: expected the parameters' dtype ({weight.dtype}), got {x.dtype}; cast the input or the "
                          f"layer (.to(dtype)), or run it under torch.autocast")
@@ -127,7 +136,8 @@ class RotaryEmbedding(nn.Module):
 
     Args:
         head_dim: even size of the last dim rotated.
-        theta: the frequency base, 10000.0 by default.
+        theta: the frequency base, 10000.0 by default; the `theta` attribute may be set later (the cos/sin
+            cache is then rebuilt from it).
         device: where the cos/sin cache starts.
     forward(q, k, offset=0):
         q, k: (B, S, heads, head_dim), any float dtype (their head counts may differ). Positions are
@@ -145,11 +155,22 @@ class RotaryEmbedding(nn.Module):
         _positive_int(head_dim, "head_dim")
         if head_dim % 2:
             raise ValueError(f"head_dim: expected an even number (RoPE rotates pairs of dims), got {head_dim}")
-        _check_theta(theta, "theta")
         self.head_dim = head_dim
-        self.theta = float(theta)
         self._cos = torch.empty(0, head_dim // 2, device=device)  # plain attributes (see the class docstring)
         self._sin = torch.empty(0, head_dim // 2, device=device)
+        self.theta = theta
+
+    @property
+    def theta(self) -> float:
+        """The frequency base. Setting it (to extend the context, say) checks it and empties the cos/sin
+        cache, which is rebuilt from the new base at the next call."""
+        return self._theta
+
+    @theta.setter
+    def theta(self, value) -> None:
+        _check_theta(value, "theta")
+        self._theta = float(value)
+        self._cos, self._sin = self._cos[:0], self._sin[:0]
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache (a plain attribute,
@@ -311,7 +332,7 @@ class GQAAttention(nn.Module):
         Returns:
             (B, S, d_model) in x's dtype; under torch.autocast in the output projection's (autocast's).
         """
-        _check_x(x, self.d_model, self.qkv.weight)
+        _check_x(x, self.d_model, _float_tensor(self.qkv, "weight"))
         B, S, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)  # (B, S, (H + 2·Hkv)·D)
@@ -345,8 +366,9 @@ class MLAAttention(nn.Module):
     forward(x, absorb=False): x (B, S, d_model) -> (B, S, d_model). No attention or padding mask, as in
     GQAAttention.
         absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
-        absorb=True (inference: runs under no_grad, the result carries no gradient): never decompress
-            K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after
+        absorb=True (inference: runs under no_grad, the result carries no gradient; refused with a
+            ValueError while the layer trains: train() mode, grad enabled, parameters requiring grad):
+            never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after
             attending over the latent, so every head attends over the same (c, k_rope) per token,
             MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank (DeepSeek-V2's
             512) runs the PyTorch reference, which holds the (B, H, S, S) scores.
@@ -421,18 +443,23 @@ class MLAAttention(nn.Module):
     def forward(self, x: torch.Tensor, absorb: bool = False) -> torch.Tensor:
         """Args:
             x: (B, S, d_model), the parameters' dtype (any floating dtype under torch.autocast).
-            absorb: False (training) decompresses K/V per head; True (inference, no gradient) attends
-                over the latent directly (see the class docstring).
+            absorb: False (training) decompresses K/V per head; True (inference, no gradient; in eval()
+                mode or under torch.no_grad()) attends over the latent directly (see the class docstring).
         Returns:
             (B, S, d_model) in x's dtype; under torch.autocast in the output projection's (autocast's).
         """
-        _check_x(x, self.d_model, self.kv_down.weight)
+        _check_x(x, self.d_model, _float_tensor(self.kv_down, "weight"))
         if not isinstance(absorb, bool):  # (a string such as "False" would be true)
             raise ValueError(f"absorb: expected a bool, got {absorb!r}")
         if absorb:
-            if not isinstance(self.kv_up.weight, torch.Tensor):
-                raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, a tensor; this "
-                                 f"layer's kv_up ({type(self.kv_up).__name__}) has none: use absorb=False")
+            if _float_tensor(self.kv_up, "weight") is None:
+                raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, a floating-point "
+                                 f"tensor; this layer's kv_up ({type(self.kv_up).__name__}) has none: use absorb=False")
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                # (its output carries no gradient: in a training step the layer would silently learn nothing)
+                raise ValueError("absorb: True is the inference form, whose output carries no gradient, but the layer "
+                                 "is training (train() mode, grad enabled, parameters requiring grad): call it in "
+                                 "eval() mode or under torch.no_grad(), or train with absorb=False")
             return self._absorbed(x)
         B, S, _ = x.shape
         H, dn, dv = self.n_heads, self.nope_dim, self.v_dim
@@ -981,10 +1008,11 @@ class DecoderBlock(nn.Module):
         Returns:
             (B, S, d_model) in x's dtype: s + mlp(norm2(s)) with s = x + attn(norm1(x)).
         """
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.mlp.w_down.dtype:
+        w_down = _float_tensor(self.mlp, "w_down")  # (None: the MLP swapped for another kind)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and w_down is not None and x.dtype != w_down.dtype:
             # the residual stream and the MLP (whose kernel autocast does not reach) run in the parameters'
             # dtype, under autocast too
-            raise ValueError(f"x: expected the parameters' dtype ({self.mlp.w_down.dtype}), got {x.dtype}; cast the "
+            raise ValueError(f"x: expected the parameters' dtype ({w_down.dtype}), got {x.dtype}; cast the "
                              f"input or the block (.to(dtype)); under torch.autocast too, x stays in that dtype")
         a = self.attn(self.norm1(x))  # (B, S, D)
         # Under torch.autocast the projections return 16-bit a beside an fp32 stream: add in x's dtype, as

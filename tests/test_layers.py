@@ -200,6 +200,23 @@ def test_rope_bad_arguments(kwargs, message):
         RotaryEmbedding(**kwargs)
 
 
+def test_rope_theta_set_later_rebuilds_the_table():
+    """Setting theta after a call (a larger base to extend the context) rotates with the new base: the
+    cached table was kept, and eager calls disagreed with a fresh layer and with torch.compile's own table.
+    A bad value is refused as in the constructor."""
+    rope = RotaryEmbedding(16)
+    x = torch.randn(1, 40, 2, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    rope.rotate(x)  # fills the table from 10000
+    rope.theta = 500000
+    assert rope.theta == 500000.0 and isinstance(rope.theta, float)
+    want = _rope_complex(x, 0, 500000.0)
+    assert_close("rope after theta set", rope.rotate(x), want, want.float())
+    assert torch.equal(rope.rotate(x), RotaryEmbedding(16, theta=500000.0).to(DEVICE).rotate(x))
+    with pytest.raises(ValueError, match=r"^theta: expected a finite number > 1"):
+        rope.theta = 0.5
+    assert rope.theta == 500000.0
+
+
 def test_rope_bad_input():
     rope = RotaryEmbedding(8)
     with pytest.raises(ValueError, match=r"^x: expected \(batch, seq, heads, 8\), got \(2, 3, 8\)"):
@@ -425,10 +442,27 @@ def test_mla_absorbed_inference_matches_training_path(monkeypatch, backend, caus
     calls = []
     real = layer.kv_up.forward
     layer.kv_up.forward = lambda c: calls.append(c.shape) or real(c)
+    layer.eval()  # (grad mode stays on: the form itself carries no gradient)
     y = layer(x, absorb=True)
     assert not calls, "the absorbed path decompressed the latent through kv_up"
     assert not y.requires_grad
     assert_close("y", y, y64, y_ref, reduced_over=13 * 32)
+
+
+def test_mla_absorbed_form_is_refused_while_training():
+    """absorb=True in a training step (train() mode, grad enabled, parameters requiring grad) returned an
+    output without a gradient: in a residual block the loss still backpropagated and the attention silently
+    learned nothing. Refused by name; in eval() mode, under no_grad, or with frozen parameters it runs."""
+    layer = _mla_layer(24, False)
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"^absorb: True is the inference form, whose output carries no gradient, "
+                                         r"but the layer is training"):
+        layer(x, absorb=True)
+    with torch.no_grad():
+        want = layer(x, absorb=True)
+    assert torch.equal(layer.eval()(x, absorb=True), want)
+    layer.train().requires_grad_(False)
+    assert torch.equal(layer(x, absorb=True), want)
 
 
 def test_latent_attention_is_forward_only(monkeypatch):
@@ -860,6 +894,62 @@ def test_blocks_take_projections_whose_weight_is_no_tensor(attn_type):
     assert torch.equal(block(x), want)
     if attn_type == "mla":  # the absorbed form folds kv_up's weight tensor into the queries: named refusal
         with pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Wrapped\) has none"):
+            block.attn(x, absorb=True)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_blocks_take_swapped_projections_and_mlp(attn_type):
+    """Sub-modules swapped the way researchers do (a LoRA wrapper, which has no `weight`; a weight-only int8
+    Linear, whose `weight` is int8; a trainable MLP of one's own in place of FrozenSwiGLU): the layers'
+    input checks read those sub-modules' attributes and raised AttributeError, or refused x for not being
+    int8. Such a sub-module now takes what it takes, and the block computes."""
+    from lwt.layers import DecoderBlock
+
+    class LoRA(torch.nn.Module):  # no `weight` attribute
+        def __init__(self, base, rank=2):
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Parameter(torch.zeros(rank, base.in_features))
+            self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+        def forward(self, x):
+            return self.base(x) + x @ self.a.t() @ self.b.t()
+
+    class Int8Linear(torch.nn.Module):  # weight-only int8 with a per-row scale
+        def __init__(self, base):
+            super().__init__()
+            scale = base.weight.detach().abs().amax(1, keepdim=True) / 127
+            self.register_buffer("weight", (base.weight.detach() / scale).round().to(torch.int8))
+            self.register_buffer("scale", scale)
+
+        def forward(self, x):
+            return x @ (self.weight.to(x.dtype) * self.scale.to(x.dtype)).t()
+
+    class SwiGLU(torch.nn.Module):  # trainable: no w_down
+        def __init__(self, d, f):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(d, 2 * f, bias=False), torch.nn.Linear(f, d, bias=False)
+
+        def forward(self, x):
+            g, u = self.up(x).chunk(2, -1)
+            return self.down(torch.nn.functional.silu(g) * u)
+
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    for wrap in (LoRA, Int8Linear):
+        block = DecoderBlock(32, 4, 64, n_kv_heads=2, attn_type=attn_type, mla_rq=16, mla_rkv=16)
+        first = "qkv" if attn_type == "gqa" else "kv_down"
+        setattr(block.attn, first, wrap(getattr(block.attn, first)))
+        block.mlp = SwiGLU(32, 64)
+        y = block(x)
+        assert y.shape == x.shape and torch.isfinite(y).all(), wrap.__name__
+        y.square().mean().backward()
+        assert block.mlp.down.weight.grad is not None
+        if attn_type == "mla" and wrap is LoRA:  # kv_down swapped; kv_up's weight tensor still folds
+            with torch.no_grad():
+                torch.testing.assert_close(block.attn(x, absorb=True), block.attn(x), rtol=1e-5, atol=1e-5)
+    if attn_type == "mla":  # kv_up's weight int8: no floating-point weight to fold, named refusal
+        block.attn.kv_up = Int8Linear(block.attn.kv_up)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Int8Linear\)"):
             block.attn(x, absorb=True)
 
 
