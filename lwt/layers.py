@@ -368,10 +368,10 @@ class MLAAttention(nn.Module):
         absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
         absorb=True (inference: runs under no_grad, the result carries no gradient; refused with a
             ValueError while the layer trains: train() mode, grad enabled, parameters requiring grad):
-            never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and W_uv applied after
-            attending over the latent, so every head attends over the same (c, k_rope) per token,
-            MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank (DeepSeek-V2's
-            512) runs the PyTorch reference, which holds the (B, H, S, S) scores.
+            never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and
+            W_uv applied after attending over the latent, so every head attends over the same (c, k_rope)
+            per token, MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank
+            (DeepSeek-V2's 512) runs the PyTorch reference, which holds the (B, H, S, S) scores.
     Config keys mla_rq and mla_rkv (config.yaml) are q_rank and kv_rank.
     """
 
