@@ -401,9 +401,13 @@ class RMSNormFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, dy, ds_out=None):
         s, w, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(s)
         need = ctx.needs_input_grad
+        if dy is None:
+            # Only s = x + residual reached the loss: its gradient passes to both unchanged, and the weight
+            # gets none (None, as on the reference path: a zero .grad would still feed the optimizer's
+            # momentum and weight decay). Never one tensor for both (see below).
+            dres = ds_out.clone() if need[0] and need[2] else ds_out
+            return ds_out, None, dres, None
         # dx is also the residual's gradient, but the two get separate buffers whenever both are wanted:
         # when x reaches a leaf through ops whose backward hands the gradient on unchanged (a clone, a
         # same-shape add, a view), autograd can store dx itself as that leaf's .grad and the residual's leaf

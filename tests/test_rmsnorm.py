@@ -424,3 +424,27 @@ def test_rows_as_wide_as_the_register_limit_are_read_once(n, backward):
     read once: N at the limit takes the single-pass tile the launcher uses, one more element the chunked path."""
     assert rmsnorm_kernels.launch_tile(n, 4, backward)[1:] == (n, True)
     assert rmsnorm_kernels.launch_tile(n + 1, 4, backward)[1:] == (rmsnorm_kernels.CHUNK_N, False)
+
+
+@pytest.mark.parametrize("through", ["leaves", "clone"])
+def test_only_the_residual_stream_reaching_the_loss(through):
+    """y unused, s = x + residual used (a block whose norm output is dropped, or an ablation): x and the
+    residual get s's gradient unchanged, in separate tensors, and the weight no gradient at all, None as on
+    the reference path and in torch (the kernel wrote a zero dW, which AdamW's momentum and weight decay
+    would still apply)."""
+    gen = torch.Generator().manual_seed(11)
+    a, r = (torch.randn(3, 5, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    cot = torch.randn(3, 5, 16, generator=gen).to(DEVICE)
+    for fn in (rmsnorm_kernels.rms_norm, reference.rms_norm):
+        w = torch.randn(16, generator=gen).to(DEVICE).requires_grad_()
+        a.grad = r.grad = None
+        _, s = fn(a.clone() if through == "clone" else a, w, 1e-6, r)
+        (s * cot).sum().backward()
+        assert w.grad is None, fn.__module__
+        assert torch.equal(a.grad, cot) and torch.equal(r.grad, cot), fn.__module__
+        a.grad.mul_(2.0)
+        assert torch.equal(r.grad, cot), f"{fn.__module__}: .grad tensors alias"
+    x = torch.randn(4, 16, generator=gen).to(DEVICE).requires_grad_()  # residual constant: x's gradient alone
+    _, s = rmsnorm_kernels.rms_norm(x, torch.ones(16, device=DEVICE, requires_grad=True), 1e-6, torch.randn_like(x))
+    s.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
