@@ -18,8 +18,9 @@ schedule. Every phase ends with the validation NELBO
 logged step and every evaluation), table.txt, checkpoint.pt (the resume state), final.pt (the fused,
 joint-tuned model), end_to_end.pt, and with --plot curves.png; the .pt files are written atomically. Only the
 cache the next stage reads is kept; a missing one is rebuilt from the weights on --resume. Each rank locks
-out_dir (and cache_dir, when it caches) for the run's life: a second run on them is refused. A SIGTERM stops
-the run at the next step (with DDP: the next log step, where the ranks agree) with a checkpoint; exit 143.
+out_dir (and cache_dir, when it caches) for the run's life: a second run on them is refused. A SIGTERM, or a
+SIGINT (Ctrl-C; a second one interrupts at once), stops the run at the next step (with DDP: the next log step,
+where the ranks agree) with a checkpoint; exit 143 (SIGTERM) or 130 (SIGINT).
 A NaN or inf loss (read at log steps), trained weights (checked before each save and at a phase's end) or
 validation NELBO stops it with TrainingDiverged (exit 1), saving nothing more.
 
@@ -437,8 +438,9 @@ class Trainer:
         self.metrics_lines = 0    # lines of metrics.jsonl this run has written (a resume cuts back to it)
         self.phase_wall = 0.0   # wall seconds spent in the current phase before this invocation
         self.steps_run = 0      # optimizer steps in this invocation (for --stop_after)
-        self.sigterm = False    # set by main's SIGTERM handler, on this rank
-        self.terminated = False  # a SIGTERM reached some rank: every rank stops (agreed by Dist.any)
+        self.sigterm = False    # set by main's SIGTERM (or first SIGINT) handler, on this rank
+        self.stop_signal = None  # which of the two reached this rank first
+        self.terminated = False  # one reached some rank: every rank stops (agreed by Dist.any)
         identity = {s: {k: v for k, v in keys.items() if (s, k) not in RESUME_MAY_CHANGE}
                     for s, keys in config_to_dict(cfg).items()}
         identity["data_identity"] = self.data_identity  # the data by content, not by the name of its file
@@ -977,7 +979,7 @@ class Trainer:
             self.delete_cache(k - 1)  # stage k+1 reads block k's; a resume rebuilds a missing one
 
     def stop_requested(self) -> bool:
-        """Whether to stop now: a SIGTERM reached some rank, or --stop_after's steps have run."""
+        """Whether to stop now: a SIGTERM or SIGINT reached some rank, or --stop_after's steps have run."""
         return self.terminated or (self.args.stop_after is not None and self.steps_run >= self.args.stop_after)
 
     @property
@@ -1011,7 +1013,7 @@ class Trainer:
 
     def run(self) -> bool:
         """All phases from the saved position; True when every phase finished, False when --stop_after or a
-        SIGTERM stopped the run (after writing a checkpoint)."""
+        SIGTERM or SIGINT stopped the run (after writing a checkpoint)."""
         index, step = self.position
         while index < len(self.phases):
             name = self.phases[index][0]
@@ -1021,7 +1023,9 @@ class Trainer:
             self.terminated = self.env.any(self.sigterm)  # one that came during the evaluation or cache write
             if stopped or (self.stop_requested() and self.position[0] < len(self.phases)):
                 if self.env.main:
-                    why = "SIGTERM" if self.terminated else "--stop_after"
+                    why = "--stop_after" if not self.terminated else (
+                        "SIGTERM or SIGINT on another rank" if self.stop_signal is None
+                        else signal.Signals(self.stop_signal).name)
                     print(f"stopped after {self.steps_run} steps ({why}; a checkpoint was written); continue "
                           f"with --resume", flush=True)
                 return False
@@ -1326,7 +1330,8 @@ def main(argv=None) -> int:
     Args:
         argv: the arguments, without the program name; None: sys.argv[1:].
     Returns:
-        0 when the run finished or --stop_after stopped it; 143 (128 + SIGTERM) when a SIGTERM stopped it.
+        0 when the run finished or --stop_after stopped it; 143 (128 + SIGTERM) when a SIGTERM stopped it,
+        130 (128 + SIGINT) when a SIGINT (Ctrl-C) did (on another rank: 143).
         Either way a stopped run wrote a checkpoint to resume from.
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
@@ -1345,14 +1350,21 @@ def main(argv=None) -> int:
         except ImportError:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib); nothing was trained")
     env = Dist(cfg.train.device)
-    trainer, locks, handler_installed, previous_handler = None, [], False, None
+    trainer, locks, previous_handlers = None, [], {}
     try:
         trainer = Trainer(cfg, args, env)
         if threading.current_thread() is threading.main_thread():  # (signal handlers are the main thread's)
             # A scheduler preempting the job (SLURM, Kubernetes; torchrun passes it on to every rank) sends
-            # SIGTERM, then SIGKILL after a grace period: stop at the next step, with a checkpoint.
-            previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(trainer, "sigterm", True))
-            handler_installed = True
+            # SIGTERM, then SIGKILL after a grace period; a user's Ctrl-C sends SIGINT: stop at the next step,
+            # with a checkpoint. A second SIGINT interrupts at once (KeyboardInterrupt), without one.
+            def stop(signum, frame):
+                trainer.sigterm = True
+                trainer.stop_signal = trainer.stop_signal or signum
+                if signum == signal.SIGINT:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous_handlers[signum] = signal.signal(signum, stop)
         # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
         t = cfg.train
         dirs = {"train.out_dir": t.out_dir}
@@ -1390,7 +1402,8 @@ def main(argv=None) -> int:
                   f"parameters; data: {trainer.data.description or cfg.data.source}", flush=True)
         if not trainer.run():
             env.barrier()
-            return 128 + int(signal.SIGTERM) if trainer.terminated else 0  # 143, as a process killed by it
+            # 143 or 130, as a process killed by the signal
+            return 128 + int(trainer.stop_signal or signal.SIGTERM) if trainer.terminated else 0
         if env.main:
             unigram = trainer.data.unigram_entropy("train") if cfg.data.source != "dummy" else None
             table = print_table(trainer.history, unigram)
@@ -1405,8 +1418,8 @@ def main(argv=None) -> int:
         env.barrier()
         return 0
     finally:
-        if handler_installed:  # (None: a handler installed outside Python; the default stands in for it)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
+        for signum, previous in previous_handlers.items():  # (None: a handler installed outside Python; the
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # default stands in for it)
         # DDP holds the process group, and reference cycles (its autograd hooks) would keep the trainer
         # alive until interpreter shutdown, where gloo's worker threads, freeing tensors, abort on the GIL
         # (pytorch#179291 describes it): free them now, while the interpreter is whole.

@@ -200,11 +200,13 @@ def test_resume_is_bit_identical(tmp_path, stop):
     assert logged[0] == logged[1]
 
 
-@pytest.mark.parametrize("at", [3, 6], ids=["mid-stage0", "stage0-last-step"])
-def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, monkeypatch, at):
-    """A SIGTERM (a scheduler preempting the job) during step `at`: the run finishes that step, writes a
-    checkpoint (at the last step of a phase: the phase's end, cache included), exits 143, and a resumed
-    run ends with exactly the weights of an uninterrupted one. The handler is the run's only."""
+@pytest.mark.parametrize("at,sig", [(3, "SIGTERM"), (6, "SIGTERM"), (3, "SIGINT")],
+                         ids=["mid-stage0", "stage0-last-step", "ctrl-c-mid-stage0"])
+def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, monkeypatch, capsys, at, sig):
+    """A SIGTERM (a scheduler preempting the job) or a SIGINT (Ctrl-C) during step `at`: the run finishes
+    that step, writes a checkpoint (at the last step of a phase: the phase's end, cache included), exits
+    143 (130 for SIGINT, which raised KeyboardInterrupt and lost the steps since the last checkpoint), and
+    a resumed run ends with exactly the weights of an uninterrupted one. The handlers are the run's only."""
     import signal
 
     _, full = _run(tmp_path, name="full")
@@ -213,14 +215,16 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, mon
     def loss_then_term(self, *args):
         calls.append(1)
         if len(calls) == at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, sig))
         return loss(self, *args)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
     with monkeypatch.context() as m:
         m.setattr(T.Trainer, "loss", loss_then_term)
         code, part = _run(tmp_path, name="part")
-    assert code == 143 and signal.getsignal(signal.SIGTERM) == before
+    assert code == 128 + getattr(signal, sig) and (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert f"({sig}; a checkpoint was written)" in capsys.readouterr().out
     mid = torch.load(part / "checkpoint.pt", weights_only=True)
     assert (mid["phase"], mid["step"]) == ((0, 3) if at == 3 else (1, 0))
     code, _ = _run(tmp_path, "--resume", name="part")
@@ -228,6 +232,31 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, mon
     a, b = _weights(full), _weights(part)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_second_sigint_interrupts_at_once(tmp_path, monkeypatch):
+    """Ctrl-C twice: the first asks for a stop at the end of the step, the second interrupts then and there
+    (KeyboardInterrupt, no checkpoint of that step), as a user pressing it again expects; the handlers
+    are restored either way."""
+    import signal
+
+    calls, loss = [], T.Trainer.loss
+
+    def loss_then_two_interrupts(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # (its handler runs before this returns)
+            calls.append("past the first")
+            signal.raise_signal(signal.SIGINT)
+        return loss(self, *args)
+
+    before = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setattr(T.Trainer, "loss", loss_then_two_interrupts)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, name="twice")
+    assert signal.getsignal(signal.SIGINT) == before and calls[-1] == "past the first"
+    assert not (tmp_path / "twice" / "checkpoint.pt").exists()
 
 
 def _nan_loss_at(monkeypatch, call):
