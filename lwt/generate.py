@@ -12,7 +12,8 @@ the samples are printed as ids.
 A run's resume state (checkpoint.pt, written mid-run) also holds the phase it stopped in. Written during
 stage k, it samples through blocks 0..k only (blocks 0..k-1 when stage k had not taken a step yet), as
 that stage's validation does: the later blocks are not trained yet (lwt.train_layerwise), and a note on
-stderr says so.
+stderr says so. Written during or after a run's --end_to_end phase, it holds that comparison model, not
+the layer-wise one (final.pt), and a note says that too.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def trained_depth(ckpt: dict, path: str) -> tuple[int | None, str | None]:
         ckpt: a loaded checkpoint (load_checkpoint's checks passed). path: its file, for messages.
     Returns:
         (None, None) for a model trained through every block: final.pt and end_to_end.pt (which hold no
-        phase), or a resume state written in or after the joint phase. For a resume state written during
+        phase), or a resume state written in or after the joint phase; (None, note) for a resume state
+        holding the --end_to_end comparison model (written during or after its phase). For one written during
         stage k after s of its steps: (k + 1, note), or (k, note) when s is 0 (block k untrained),
         the blocks that stage's validation runs; (None, None) when that is every block.
     Raises:
@@ -106,6 +108,13 @@ def trained_depth(ckpt: dict, path: str) -> tuple[int | None, str | None]:
             raise ValueError(f"checkpoint {path!r}: expected {name!r} to be an int >= 0, got {value!r}")
     cfg = config_from_dict(ckpt["config"])
     order = phases(cfg, bool(ckpt.get("end_to_end", False)))
+    e2e = [i for i, (name, _, _) in enumerate(order) if name == "end-to-end"]
+    if e2e and (index > e2e[0] or (index == e2e[0] and step > 0)):  # the comparison model has replaced it
+        when = (f"during the end-to-end phase (step {step} of {order[e2e[0]][2]})" if index == e2e[0]
+                else "after the end-to-end phase")
+        return None, (f"{path} was written {when}: this is the --end_to_end comparison model, trained from scratch "
+                      f"for {step if index == e2e[0] else 'all'} of its steps, not the layer-wise model "
+                      f"(final.pt)")
     if index >= len(order) or order[index][0] != "stage":
         return None, None
     _, k, steps = order[index]

@@ -715,6 +715,19 @@ def test_generate_depth_of_a_resume_state(phase, step, kwargs, depth):
     assert generate.trained_depth({"config": {}, "model": {}, "frozen_checksum": ""}, "final.pt") == (None, None)
 
 
+@pytest.mark.parametrize("phase,step,when", [(4, 3, "during the end-to-end phase (step 3 of 17)"),
+                                             (5, 0, "after the end-to-end phase")])
+def test_generate_notes_a_resume_state_holding_the_end_to_end_model(phase, step, when):
+    """Written during (or after) the --end_to_end phase, checkpoint.pt holds the comparison model trained
+    from scratch, not the layer-wise one: sampled silently, it read as a barely trained layer-wise model.
+    At that phase's step 0 it still holds the layer-wise model (no note)."""
+    got, note = generate.trained_depth(_resume_state(phase, step, end_to_end=True), "ck.pt")
+    assert got is None and note == (f"ck.pt was written {when}: this is the --end_to_end comparison model, "
+                                    f"trained from scratch for {step if phase == 4 else 'all'} of its steps, "
+                                    f"not the layer-wise model (final.pt)")
+    assert generate.trained_depth(_resume_state(4, 0, end_to_end=True), "ck.pt") == (None, None)
+
+
 @pytest.mark.parametrize("field,value", [("phase", -1), ("phase", "1"), ("step", None), ("step", True)])
 def test_generate_depth_of_a_damaged_resume_state(field, value):
     state = {**_resume_state(1, 2), field: value}
