@@ -114,11 +114,15 @@ def parse_args(argv=None):
     overrides = list(args.set)
     if args.dummy:
         overrides.insert(0, "data.source=dummy")
+    flags = {option for action in p._actions for option in action.option_strings if option.startswith("--")}
     i = 0
     while i < len(rest):  # --key value / --key=value pairs: overrides resolved (and checked) by lwt.config
         item = rest[i]
         if not item.startswith("--"):
             p.error(f"unexpected argument {item!r}")
+        spelled = "--" + item[2:].split("=", 1)[0].replace("-", "_")
+        if spelled in flags:  # --end-to-end, --stop-after: a flag misspelled, not a config key
+            p.error(f"{item.split('=', 1)[0]}: unknown flag; did you mean {spelled}?")
         if "=" in item:
             overrides.append(item[2:])
             i += 1
@@ -718,8 +722,9 @@ class Trainer:
         mismatched one stays an error (lwt.cache names the shard)."""
         try:
             return ActivationCache.open(self._stage_dir(k), self.env.rank, self._cache_expect(k))
-        except FileNotFoundError as e:
-            print(f"rank {self.env.rank}: {e}; rebuilding it", flush=True)
+        except FileNotFoundError:  # (deleted, wiped, or its writer killed: lwt.cache's "rerun it" is done here)
+            print(f"rank {self.env.rank}: block {k}'s activation cache in {self._stage_dir(k)} is missing or "
+                  f"incomplete; rebuilding it from the weights", flush=True)
         self.write_cache(k)  # opens (or rebuilds, recursively) its input, block k-1's cache
         if k > 0:
             self.delete_cache(k - 1)

@@ -409,13 +409,19 @@ def test_resume_of_a_one_group_optimizer_state(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_missing_cache_is_rebuilt_on_resume(tmp_path):
+def test_missing_cache_is_rebuilt_on_resume(tmp_path, capsys):
     """A wiped cache directory (a scratch disk lost to a preemption) is rebuilt from the checkpoint:
-    the resumed run still ends bit-identical to an uninterrupted one."""
+    the resumed run still ends bit-identical to an uninterrupted one. What it prints says so (it said
+    "rerun it" of the stage it was rerunning)."""
     _, full = _run(tmp_path, "--set", "model.n_layers=3", name="full")
     _run(tmp_path, "--set", "model.n_layers=3", "--stop_after", "14", name="part")  # inside stage 2
     shutil.rmtree(tmp_path / "part" / "cache")
+    capsys.readouterr()
     _run(tmp_path, "--set", "model.n_layers=3", "--resume", name="part")
+    out = capsys.readouterr().out
+    stage1 = tmp_path / "part" / "cache" / "stage1"
+    assert (f"rank 0: block 1's activation cache in {stage1} is missing or incomplete; rebuilding it from the "
+            f"weights") in out and "rerun it" not in out
     a, b = _weights(full), _weights(tmp_path / "part")
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -669,6 +675,17 @@ def test_quickstart_form_and_bare_key_flags():
     assert args.overrides == ["data.source=dummy", "max_steps=50", "lr=1e-3"]
     with pytest.raises(SystemExit):
         T.parse_args(["--max_steps"])
+
+
+@pytest.mark.parametrize("argv,flag", [(["--end-to-end", "--plot"], "--end_to_end"), (["--stop-after", "2"], "--stop_after"),
+                                       (["--stop-after=2"], "--stop_after")])
+def test_a_flag_spelled_with_hyphens_is_named(capsys, argv, flag):
+    """--end-to-end was read as a config override wanting a value ("expected a value"), --stop-after as an
+    unknown config key: the flag with underscores is suggested instead."""
+    with pytest.raises(SystemExit) as exit_info:
+        T.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert f"{argv[0].split('=')[0]}: unknown flag; did you mean {flag}?" in capsys.readouterr().err
 
 
 def test_quickstart_runs_on_dummy_tokens(tmp_path, capsys):
