@@ -403,10 +403,11 @@ class RMSNormFunction(torch.autograd.Function):
         s, w, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         if dy is None:
-            # Only s = x + residual reached the loss: its gradient passes to both unchanged, and the weight
-            # gets none (None, as on the reference path: a zero .grad would still feed the optimizer's
-            # momentum and weight decay). Never one tensor for both (see below).
-            dres = ds_out.clone() if need[0] and need[2] else ds_out
+            # Only s = x + residual reached the loss (or neither output: None throughout): its gradient passes
+            # to both unchanged, and the weight gets none (None, as on the reference path: a zero .grad would
+            # still feed the optimizer's momentum and weight decay). Never one tensor for both (see below).
+            # (Eager only: AOTAutograd hands a traced backward zeros for y's gradient, and that one computes.)
+            dres = ds_out.clone() if need[0] and need[2] and ds_out is not None else ds_out
             return ds_out, None, dres, None
         # dx is also the residual's gradient, but the two get separate buffers whenever both are wanted:
         # when x reaches a leaf through ops whose backward hands the gradient on unchanged (a clone, a

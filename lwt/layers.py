@@ -22,11 +22,12 @@ from .config import ATTN_TYPES, mla_head_dims
 
 
 def _float_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
-    """module.<name> where it is a floating-point tensor, else None: a sub-module swapped for another kind
-    (a LoRA wrapper without a `weight`, quantize_dynamic's Linear whose `weight` is a method, an int8
-    weight-only Linear, a user's own MLP without `w_down`) is left to take what it takes."""
+    """module.<name> where it is a floating-point tensor of 16 bits or more, else None: a sub-module swapped
+    for another kind (a LoRA wrapper without a `weight`, quantize_dynamic's Linear whose `weight` is a
+    method, an int8 or FP8 weight-only Linear, a user's own MLP without `w_down`) is left to take what it
+    takes."""
     t = getattr(module, name, None)
-    return t if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+    return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() > 1 else None
 
 
 def _check_x(x, d_model: int, weight: torch.Tensor | None) -> None:
@@ -170,7 +171,15 @@ class RotaryEmbedding(nn.Module):
     def theta(self, value) -> None:
         _check_theta(value, "theta")
         self._theta = float(value)
-        self._cos, self._sin = self._cos[:0], self._sin[:0]
+        device = self._cos.device  # (new empty tensors: an empty view would keep the old table's storage)
+        self._cos = torch.empty(0, self.head_dim // 2, device=device)
+        self._sin = torch.empty(0, self.head_dim // 2, device=device)
+
+    def __setstate__(self, state) -> None:
+        """A module pickled before theta became a property (its value then in the instance's dict)."""
+        if "theta" in state:
+            state["_theta"] = state.pop("theta")
+        super().__setstate__(state)
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to/.cuda()/.half()/to_empty()/... go through here: the cos/sin cache (a plain attribute,
@@ -367,7 +376,7 @@ class MLAAttention(nn.Module):
     GQAAttention.
         absorb=False (training): decompress the latent to per-head k_nope and v and run the MLA kernel.
         absorb=True (inference: runs under no_grad, the result carries no gradient; refused with a
-            ValueError while the layer trains: train() mode, grad enabled, parameters requiring grad):
+            ValueError while the layer trains: train() mode, grad enabled, x or parameters requiring grad):
             never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and
             W_uv applied after attending over the latent, so every head attends over the same (c, k_rope)
             per token, MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank
@@ -455,11 +464,13 @@ class MLAAttention(nn.Module):
             if _float_tensor(self.kv_up, "weight") is None:
                 raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, a floating-point "
                                  f"tensor; this layer's kv_up ({type(self.kv_up).__name__}) has none: use absorb=False")
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-                # (its output carries no gradient: in a training step the layer would silently learn nothing)
+            if self.training and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                                                      for p in self.parameters())):
+                # (its output carries no gradient: in a training step the layer, or what feeds x, would silently
+                # learn nothing through it)
                 raise ValueError("absorb: True is the inference form, whose output carries no gradient, but the layer "
-                                 "is training (train() mode, grad enabled, parameters requiring grad): call it in "
-                                 "eval() mode or under torch.no_grad(), or train with absorb=False")
+                                 "is training (train() mode, grad enabled, x or parameters requiring grad): call it "
+                                 "in eval() mode or under torch.no_grad(), or train with absorb=False")
             return self._absorbed(x)
         B, S, _ = x.shape
         H, dn, dv = self.n_heads, self.nope_dim, self.v_dim

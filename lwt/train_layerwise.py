@@ -1369,6 +1369,8 @@ def main(argv=None) -> int:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
 
             for signum in (signal.SIGTERM, signal.SIGINT):
+                if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # a background job's: a Ctrl-C meant for the shell's foreground job stays ignored
                 previous_handlers[signum] = signal.signal(signum, stop)
         # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
         t = cfg.train

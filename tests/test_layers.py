@@ -463,6 +463,26 @@ def test_mla_absorbed_form_is_refused_while_training():
     assert torch.equal(layer.eval()(x, absorb=True), want)
     layer.train().requires_grad_(False)
     assert torch.equal(layer(x, absorb=True), want)
+    with pytest.raises(ValueError, match=r"^absorb: True is the inference form"):  # a frozen layer in a model
+        layer(x.clone().requires_grad_(), absorb=True)  # that trains what feeds it: cut there too
+
+
+def test_rope_pickled_before_theta_became_a_property_loads():
+    """A whole module pickled before theta was a property holds it in its instance dict: it loads, with its
+    base. Setting theta leaves no view of the old table behind (a zero-row view kept its whole storage,
+    which pickles and copies carried)."""
+    import pickle
+
+    rope = RotaryEmbedding(8, theta=500.0)
+    state = rope.__dict__.copy()
+    state["theta"] = state.pop("_theta")  # the old layout
+    old = RotaryEmbedding.__new__(RotaryEmbedding)
+    old.__setstate__(state)
+    x = torch.randn(1, 5, 2, 8, generator=torch.Generator().manual_seed(6))
+    assert old.theta == 500.0 and torch.equal(old.rotate(x), rope.rotate(x))
+    assert torch.equal(pickle.loads(pickle.dumps(old)).rotate(x), rope.rotate(x))
+    rope.theta = 600.0
+    assert rope._cos.untyped_storage().nbytes() == rope._sin.untyped_storage().nbytes() == 0
 
 
 def test_latent_attention_is_forward_only(monkeypatch):
@@ -947,6 +967,12 @@ def test_blocks_take_swapped_projections_and_mlp(attn_type):
         if attn_type == "mla" and wrap is LoRA:  # kv_down swapped; kv_up's weight tensor still folds
             with torch.no_grad():
                 torch.testing.assert_close(block.attn(x, absorb=True), block.attn(x), rtol=1e-5, atol=1e-5)
+    block = DecoderBlock(32, 4, 64, n_kv_heads=2, attn_type=attn_type, mla_rq=16, mla_rkv=16)
+    first = "qkv" if attn_type == "gqa" else "kv_down"  # weight-only FP8: not a dtype x can take either
+    fp8 = Int8Linear(getattr(block.attn, first))
+    fp8.weight = fp8.weight.float().to(torch.float8_e4m3fn)
+    setattr(block.attn, first, fp8)
+    assert torch.isfinite(block(x)).all()
     if attn_type == "mla":  # kv_up's weight int8: no floating-point weight to fold, named refusal
         block.attn.kv_up = Int8Linear(block.attn.kv_up)
         with torch.no_grad(), pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Int8Linear\)"):

@@ -448,3 +448,25 @@ def test_only_the_residual_stream_reaching_the_loss(through):
     _, s = rmsnorm_kernels.rms_norm(x, torch.ones(16, device=DEVICE, requires_grad=True), 1e-6, torch.randn_like(x))
     s.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_neither_output_reaching_the_loss():
+    """Both outputs' gradients undefined (an op after the norm that returns None for them, beside another
+    path to the loss): no gradient for any input, as on the reference path (ds_out.clone() raised)."""
+    class Drop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, s):
+            return y.sum() * 0
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, None
+
+    gen = torch.Generator().manual_seed(12)
+    x, r = (torch.randn(3, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    z = torch.randn(3, generator=gen).to(DEVICE).requires_grad_()
+    for fn in (rmsnorm_kernels.rms_norm, reference.rms_norm):
+        w = torch.randn(16, generator=gen).to(DEVICE).requires_grad_()
+        x.grad = r.grad = None
+        (Drop.apply(*fn(x, w, 1e-6, r)) + z.sum()).backward()
+        assert x.grad is None and r.grad is None and w.grad is None, fn.__module__

@@ -259,6 +259,29 @@ def test_a_second_sigint_interrupts_at_once(tmp_path, monkeypatch):
     assert not (tmp_path / "twice" / "checkpoint.pt").exists()
 
 
+def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
+    """A background job of a non-interactive shell starts with SIGINT ignored: a Ctrl-C meant for the
+    foreground job must not stop the run (it stopped it once the trainer handled SIGINT)."""
+    import signal
+
+    calls, loss = [], T.Trainer.loss
+
+    def loss_then_interrupt(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return loss(self, *args)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(T.Trainer, "loss", loss_then_interrupt)
+            code, _ = _run(tmp_path, name="ignored")
+        assert code == 0 and len(calls) > 3 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _nan_loss_at(monkeypatch, call):
     """Make the training loss of the `call`-th step of the run (1-based, over all phases) NaN: its
     gradients, hence the weights after its update, are NaN too."""
