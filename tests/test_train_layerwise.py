@@ -223,7 +223,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_bit_identical(tmp_path, mon
     with monkeypatch.context() as m:
         m.setattr(T.Trainer, "loss", loss_then_term)
         code, part = _run(tmp_path, name="part")
-    assert code == 128 + getattr(signal, sig) and (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert code == 128 + getattr(signal, sig)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert f"({sig}; a checkpoint was written)" in capsys.readouterr().out
     mid = torch.load(part / "checkpoint.pt", weights_only=True)
     assert (mid["phase"], mid["step"]) == ((0, 3) if at == 3 else (1, 0))
@@ -700,8 +701,8 @@ def test_quickstart_form_and_bare_key_flags():
         T.parse_args(["--max_steps"])
 
 
-@pytest.mark.parametrize("argv,flag", [(["--end-to-end", "--plot"], "--end_to_end"), (["--stop-after", "2"], "--stop_after"),
-                                       (["--stop-after=2"], "--stop_after")])
+@pytest.mark.parametrize("argv,flag", [(["--end-to-end", "--plot"], "--end_to_end"),
+                                       (["--stop-after", "2"], "--stop_after"), (["--stop-after=2"], "--stop_after")])
 def test_a_flag_spelled_with_hyphens_is_named(capsys, argv, flag):
     """--end-to-end was read as a config override wanting a value ("expected a value"), --stop-after as an
     unknown config key: the flag with underscores is suggested instead."""
