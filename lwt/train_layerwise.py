@@ -1372,6 +1372,8 @@ def main(argv=None) -> int:
                 if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
                     continue  # a background job's: a Ctrl-C meant for the shell's foreground job stays ignored
                 previous_handlers[signum] = signal.signal(signum, stop)
+        if args.resume and not os.path.exists(trainer.ckpt_path):  # (every rank sees out_dir: all raise here)
+            trainer.resume()  # its "no checkpoint" error, before the locks make out_dir: nothing is left behind
         # Nothing so far wrote to out_dir or cache_dir; from here on this run owns them, or stops on every rank.
         t = cfg.train
         dirs = {"train.out_dir": t.out_dir}

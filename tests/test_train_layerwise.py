@@ -664,8 +664,10 @@ def test_resume_of_a_checkpoint_without_data_identity(tmp_path):
 
 
 def test_resume_without_checkpoint(tmp_path):
+    """Refused before anything is made: the out_dir, its lock file and an empty cache/ were left behind."""
     with pytest.raises(ValueError, match="no checkpoint at"):
         _run(tmp_path, "--resume", name="none")
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", "list", "incomplete"], ids=["garbage", "not-a-dict",
