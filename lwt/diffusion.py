@@ -40,6 +40,11 @@ def _check_tokens(tokens, name: str = "tokens") -> None:
         raise ValueError(f"{name}: expected an int64 or int32 (batch, seq) tensor of token ids, got {got}")
 
 
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None (the global RNG), got {generator!r}")
+
+
 def _check_t(t, batch: int, positive: bool = False, in_range: torch.Tensor | None = None) -> None:
     """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). The range is read on
     the host: free for the CPU tensors sample_t returns. A caller that syncs anyway passes in_range =
@@ -88,6 +93,7 @@ def sample_t(batch: int, t_min: float, t_max: float, generator: torch.Generator 
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if not 0.0 <= t_min <= t_max <= 1.0 or t_max <= 0.0:
         raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1 and t_max > 0, got {t_min}, {t_max}")
+    _check_generator(generator)
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
     strata = (torch.arange(batch, device=device, dtype=torch.float64) + 1.0 - u) / batch  # (batch,) in (0, 1]
@@ -109,6 +115,7 @@ def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
     _check_tokens(tokens)
     _check_t(t, tokens.shape[0])
     _check_int(mask_id, "mask_id", 0)
+    _check_generator(generator)
     # float64 uniforms: P(r < t) = t up to float64 rounding (float32 ones sit on a 2^-24 grid, which would
     # turn every t below 6e-8 into 6e-8 while the elbo weight is still 1/t)
     r = _rand(tokens.shape, generator, tokens.device, torch.float64)  # (B, S) in [0, 1)
@@ -123,7 +130,8 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     Args:
         hidden: (B, S, D) final hidden states of the noisy sequence (the model's forward()).
         head_weight: (V, D), hidden's dtype: the tied embedding without its [MASK] row.
-        tokens: (B, S) the clean ids (targets). mask: (B, S) bool, True where the input was masked.
+        tokens: (B, S) the clean ids (targets), in [0, V) at the masked positions (there is no ignored id:
+            leave padding unmasked). mask: (B, S) bool, True where the input was masked.
         t: (B,) the masking rate each sequence was drawn with, in (0, 1] for "elbo" ([0, 1] for "uniform").
         weighting: "elbo": Σ_masked (1/t) · CE / (B·S), the MDLM/LLaDA NELBO estimate per token (every token
             counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
@@ -158,11 +166,29 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     rows = hidden.reshape(B * S, -1).index_select(0, flat)  # (M, D): only these reach the head
     targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":
-        return F.linear_cross_entropy(rows, head_weight, targets, reduction="sum") / M
+        return _masked_cross_entropy(rows, head_weight, targets, flat, S) / M
     weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 path: 1/t in float64
     inv_t = (1.0 / t.to(device=hidden.device, dtype=weight_dtype)).index_select(0, flat // S)  # (M,)
-    loss = F.linear_cross_entropy(rows, head_weight, targets, token_weight=inv_t, reduction="sum")
-    return loss / (B * S)
+    return _masked_cross_entropy(rows, head_weight, targets, flat, S, token_weight=inv_t) / (B * S)
+
+
+def _masked_cross_entropy(rows, head_weight, targets, flat, S: int, token_weight=None) -> torch.Tensor:
+    """Σ (token_weight ·) CE over the masked rows, every one a target: linear_cross_entropy's ignore_index is
+    moved from -100 (a -100 id, PyTorch's padding convention, was dropped from the sum but still counted in
+    B·S or M) to the lowest id the tokens' dtype holds, and an id outside [0, V) is a ValueError naming
+    `tokens` and its (batch, seq) position, found only once the op has refused it (no sync of its own)."""
+    try:
+        return F.linear_cross_entropy(rows, head_weight, targets, token_weight=token_weight, reduction="sum",
+                                      ignore_index=torch.iinfo(targets.dtype).min)
+    except ValueError as e:
+        V = head_weight.shape[0] if isinstance(head_weight, torch.Tensor) and head_weight.dim() == 2 else None
+        bad = ((targets < 0) | (targets >= V)).nonzero().squeeze(1) if V is not None else targets[:0]
+        if not str(e).startswith("target:") or bad.numel() == 0:
+            raise
+        i = int(bad[0])
+        b, s = divmod(int(flat[i]), S)
+        raise ValueError(f"tokens: expected ids in [0, {V}) (the head's rows) at the masked positions, got "
+                         f"{int(targets[i])} at position ({b}, {s}) ({bad.numel()} such)") from None
 
 
 def _exact_count_mask(batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,17 +224,20 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
     Args:
         hidden_fn: noisy tokens (B, S) -> final hidden states (B, S, D) (e.g. an LWTModel).
         head_weight: (V, D), the head (LWTModel.head_weight()).
-        batches: iterable of (B, S) int64 clean token batches (ids < V).
+        batches: iterable of (B, S) int64 clean token batches (ids in [0, V)).
         mask_id: the [MASK] id.
-        seed: seeds one CPU torch.Generator for every t and mask, so evaluations see identical masks.
+        seed: an int in [0, 2**64): seeds one CPU torch.Generator for every t and mask, so evaluations see
+            identical masks.
     Returns:
         dict(nelbo=nats per token, ppl_bound=exp(nelbo), tokens=number of tokens scored).
     """
     _check_int(mask_id, "mask_id", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64) (a torch.Generator seed), got {seed!r}")
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for tokens in batches:
-        _check_tokens(tokens)
+    for i, tokens in enumerate(batches):
+        _check_tokens(tokens, f"batches[{i}]")
         B, S = tokens.shape
         if B * S == 0:  # nothing to score (and sample_t needs B >= 1)
             continue
@@ -216,7 +245,13 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
         mask = mask.to(tokens.device)
         noisy = tokens.masked_fill(mask, mask_id)
         hidden = hidden_fn(noisy)  # (B, S, D)
-        total += masked_diffusion_loss(hidden, head_weight, tokens, mask, t, "elbo").item() * (B * S)
+        try:
+            loss = masked_diffusion_loss(hidden, head_weight, tokens, mask, t, "elbo")
+        except ValueError as e:  # (its `tokens` is this batch)
+            if not str(e).startswith("tokens: "):
+                raise
+            raise ValueError(f"batches[{i}]: {str(e)[len('tokens: '):]}") from None
+        total += loss.item() * (B * S)
         count += B * S
     if count == 0:
         raise ValueError("batches: expected at least one non-empty batch of tokens")
@@ -277,6 +312,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
     _check_int(num_samples, "num_samples", 1)
     _check_int(length, "length", 1)
     _check_int(steps, "steps", 1)
+    _check_generator(generator)
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)

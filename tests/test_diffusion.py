@@ -165,8 +165,48 @@ def test_loss_bad_arguments():
         D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, TOY_T, "mean")
     with pytest.raises(ValueError, match=r"^mask: expected a bool tensor of shape \(2, 3\)"):
         D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK.long(), TOY_T, "elbo")
-    with pytest.raises(ValueError, match=r"^target: expected class indices in \[0, 5\)"):  # a [MASK] target
+    with pytest.raises(ValueError, match=r"^tokens: expected ids in \[0, 5\) \(the head's rows\) at the masked "
+                                         r"positions, got 5 at position \(0, 0\) \(3 such\)"):  # [MASK] targets
         D.masked_diffusion_loss(hidden, w, TOY_TOKENS.masked_fill(TOY_MASK, 5), TOY_MASK, TOY_T, "elbo")
+
+
+@pytest.mark.parametrize("weighting", ["elbo", "uniform"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_loss_refuses_a_minus_100_id_at_a_masked_position(monkeypatch, weighting, backend):
+    """-100 (PyTorch's padding convention) was linear_cross_entropy's ignore_index: its row was dropped from
+    the sum but still counted in B·S or M, a loss too low by the padding's share, silently. It is an id
+    out of range like any other, named by its (batch, seq) position; other ids' losses are unchanged."""
+    monkeypatch.setenv("LWT_BACKEND", backend)
+    gen = torch.Generator().manual_seed(3)
+    hidden, w = torch.randn(2, 3, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    padded = TOY_TOKENS.clone()
+    padded[1, 2] = -100
+    with pytest.raises(ValueError, match=r"^tokens: expected ids in \[0, 5\) \(the head's rows\) at the masked "
+                                         r"positions, got -100 at position \(1, 2\) \(1 such\)"):
+        D.masked_diffusion_loss(hidden, w, padded, mask, TOY_T, weighting)
+    unmasked = TOY_TOKENS.clone()
+    unmasked[0, 1] = -100  # an unmasked position is no target
+    assert torch.equal(D.masked_diffusion_loss(hidden, w, unmasked, mask, TOY_T, weighting),
+                       D.masked_diffusion_loss(hidden, w, TOY_TOKENS, mask, TOY_T, weighting))
+
+
+def test_objective_argument_errors_name_the_argument():
+    """A generator that is no torch.Generator (an int seed, say) and a seed outside a Generator's range
+    were AttributeError / "Overflow when unpacking long long"; a bad batch of evaluate_nelbo is named as
+    one of its `batches`."""
+    model_fn = lambda noisy: torch.randn(*noisy.shape, 4)  # noqa: E731
+    with pytest.raises(ValueError, match=r"^generator: expected a torch.Generator or None"):
+        D.sample_t(2, 0.0, 1.0, generator=5)
+    with pytest.raises(ValueError, match=r"^generator: expected a torch.Generator or None"):
+        D.mask_tokens(TOY_TOKENS, TOY_T, 5, generator=5)
+    for seed in (-1, 2**64, 1.0):
+        with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, 2\*\*64\)"):
+            D.evaluate_nelbo(model_fn, torch.randn(5, 4), [TOY_TOKENS], 5, seed=seed)
+    with pytest.raises(ValueError, match=r"^batches\[1\]: expected an int64 or int32 \(batch, seq\) tensor"):
+        D.evaluate_nelbo(model_fn, torch.randn(5, 4), [TOY_TOKENS, TOY_TOKENS[0]], 5, seed=0)
+    with pytest.raises(ValueError, match=r"^batches\[0\]: expected ids in \[0, 5\) .* got 5 at position"):
+        D.evaluate_nelbo(model_fn, torch.randn(5, 4), [TOY_TOKENS.clamp(min=5)], 5, seed=0)
 
 
 def test_unigram_entropy():
