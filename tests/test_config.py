@@ -32,7 +32,7 @@ def test_default_config_is_small_byte_level_text():
 def test_presets_have_their_shapes():
     llama = load_config(ROOT / "configs" / "llama-4k-gqa.yaml").model
     assert (llama.vocab_size, llama.d_model, llama.n_layers, llama.n_heads, llama.n_kv_heads, llama.d_ff,
-            llama.rope_theta) == (128000, 4096, 32, 32, 8, 14336, 500000.0)
+            llama.rope_theta) == (128256, 4096, 32, 32, 8, 14336, 500000.0)
     mla = load_config(ROOT / "configs" / "deepseek-mla.yaml").model
     assert (mla.attn_type, mla.d_model, mla.n_heads, mla.mla_rq, mla.mla_rkv, mla.mla_nope_dim, mla.mla_rope_dim,
             mla.mla_v_dim) == ("mla", 2048, 16, 0, 512, 128, 64, 128)
