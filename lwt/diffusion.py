@@ -173,15 +173,16 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
 
 
 def _masked_cross_entropy(rows, head_weight, targets, flat, S: int, token_weight=None) -> torch.Tensor:
-    """Σ (token_weight ·) CE over the masked rows, every one a target: linear_cross_entropy's ignore_index is
-    moved from -100 (a -100 id, PyTorch's padding convention, was dropped from the sum but still counted in
-    B·S or M) to the lowest id the tokens' dtype holds, and an id outside [0, V) is a ValueError naming
-    `tokens` and its (batch, seq) position, found only once the op has refused it (no sync of its own)."""
+    """Σ (token_weight ·) CE over the masked rows, every one a target. A -100 id (PyTorch's padding
+    convention, linear_cross_entropy's ignore_index) was dropped from the sum while B·S or M still counted
+    it: it reaches the op as V, out of range like any other id outside [0, V) (no id is ignored, and no
+    sync is added). In eager mode the op's refusal becomes a ValueError naming `tokens` and the (batch,
+    seq) position of the first bad id (compiled, the op's own error comes out)."""
+    V = head_weight.shape[0] if isinstance(head_weight, torch.Tensor) and head_weight.dim() == 2 else None
+    kept = targets if V is None else targets.masked_fill(targets == -100, V)  # (None: the op names weight)
     try:
-        return F.linear_cross_entropy(rows, head_weight, targets, token_weight=token_weight, reduction="sum",
-                                      ignore_index=torch.iinfo(targets.dtype).min)
+        return F.linear_cross_entropy(rows, head_weight, kept, token_weight=token_weight, reduction="sum")
     except ValueError as e:
-        V = head_weight.shape[0] if isinstance(head_weight, torch.Tensor) and head_weight.dim() == 2 else None
         bad = ((targets < 0) | (targets >= V)).nonzero().squeeze(1) if V is not None else targets[:0]
         if not str(e).startswith("target:") or bad.numel() == 0:
             raise
@@ -247,8 +248,8 @@ def evaluate_nelbo(hidden_fn, head_weight: torch.Tensor, batches, mask_id: int, 
         hidden = hidden_fn(noisy)  # (B, S, D)
         try:
             loss = masked_diffusion_loss(hidden, head_weight, tokens, mask, t, "elbo")
-        except ValueError as e:  # (its `tokens` is this batch)
-            if not str(e).startswith("tokens: "):
+        except ValueError as e:  # (its `tokens` is this batch; a shape it names is hidden_fn's doing)
+            if not str(e).startswith("tokens: expected ids in "):
                 raise
             raise ValueError(f"batches[{i}]: {str(e)[len('tokens: '):]}") from None
         total += loss.item() * (B * S)

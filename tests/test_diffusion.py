@@ -185,6 +185,11 @@ def test_loss_refuses_a_minus_100_id_at_a_masked_position(monkeypatch, weighting
     with pytest.raises(ValueError, match=r"^tokens: expected ids in \[0, 5\) \(the head's rows\) at the masked "
                                          r"positions, got -100 at position \(1, 2\) \(1 such\)"):
         D.masked_diffusion_loss(hidden, w, padded, mask, TOY_T, weighting)
+    lowest = TOY_TOKENS.clone()  # the lowest int64 (a NaN cast to int64 on x86) is no ignored id either
+    lowest[0, 2] = torch.iinfo(torch.int64).min
+    with pytest.raises(ValueError, match=r"^tokens: expected ids in \[0, 5\) .* got -9223372036854775808 at "
+                                         r"position \(0, 2\) \(1 such\)"):
+        D.masked_diffusion_loss(hidden, w, lowest, mask, TOY_T, weighting)
     unmasked = TOY_TOKENS.clone()
     unmasked[0, 1] = -100  # an unmasked position is no target
     assert torch.equal(D.masked_diffusion_loss(hidden, w, unmasked, mask, TOY_T, weighting),
@@ -207,6 +212,8 @@ def test_objective_argument_errors_name_the_argument():
         D.evaluate_nelbo(model_fn, torch.randn(5, 4), [TOY_TOKENS, TOY_TOKENS[0]], 5, seed=0)
     with pytest.raises(ValueError, match=r"^batches\[0\]: expected ids in \[0, 5\) .* got 5 at position"):
         D.evaluate_nelbo(model_fn, torch.randn(5, 4), [TOY_TOKENS.clamp(min=5)], 5, seed=0)
+    with pytest.raises(ValueError, match=r"^tokens: expected shape \(2, 4\) \(the leading dims of hidden\)"):
+        D.evaluate_nelbo(lambda noisy: torch.randn(2, 4, 4), torch.randn(5, 4), [TOY_TOKENS], 5, seed=0)  # hidden_fn's
 
 
 def test_unigram_entropy():
