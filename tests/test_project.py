@@ -56,6 +56,13 @@ def test_kernels_compile_for_hopper():
     assert len(fp8) == 5 and all(line.endswith("MMA wgmma.f32.e4m3.e4m3") for line in fp8), "\n".join(fp8)
 
 
+def test_compile_check_takes_only_the_targets_its_configs_are_written_for():
+    """--arch 9 (a typo for 90) aborted inside LLVM; any target outside 80, 86, 89, 90 is refused up front."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--arch", "9"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "argument --arch: invalid choice: 9 (choose from 80, 86, 89, 90)" in out.stderr
+
+
 @pytest.mark.parametrize("workers", [None, "2"], ids=["one-process", "xdist"])
 def test_test_log_keeps_each_outcome_as_it_lands(tmp_path, workers):
     """LWT_TEST_LOG (tests/conftest.py, set by benchmarks/device_check.sh): one line per test, a failure
