@@ -583,9 +583,7 @@ def parallel_frozen_draws(max_workers: int | None = None):
     # What each module still waits for: neither loaded nor drawn for a use; a frozen buffer replaced by
     # another tensor inside the block is the replacement's to keep. A module stays pending until all of it
     # is drawn (a failed draw leaves the rest to each module's first use).
-    targets = {id(module): module._own_pending() for module in modules}
-    for module in modules:
-        module._frozen_pending = {n: t for n, t in module._frozen_pending.items() if n in targets[id(module)]}
+    targets = {id(module): module._drop_replaced_pending() for module in modules}
     modules = [module for module in modules if targets[id(module)]]
     workers = min(max_workers or _draw_threads(), len(modules))
     if workers <= 1:
@@ -750,6 +748,12 @@ class FrozenSwiGLU(nn.Module):
         swaps the caller's in for a call, a user may assign one)."""
         return frozenset(name for name, t in self._frozen_pending.items() if self._buffers.get(name) is t)
 
+    def _drop_replaced_pending(self) -> frozenset:
+        """Forget the pending buffers that another tensor has replaced (theirs to keep); return those left."""
+        own = self._own_pending()
+        self._frozen_pending = {name: t for name, t in self._frozen_pending.items() if name in own}
+        return own
+
     def _defer_or_fill(self, names) -> None:
         """Queue the frozen buffers `names` (and those pending in place) for the open parallel_frozen_draws()
         block, or draw them now."""
@@ -792,8 +796,7 @@ class FrozenSwiGLU(nn.Module):
         the original is, or drawn at once outside one (it is in no block's list)."""
         super().__setstate__(state)
         if self._frozen_pending:
-            own = self._own_pending()  # (a buffer replaced, or swapped by functional_call, is not drawn into)
-            self._frozen_pending = {name: t for name, t in self._frozen_pending.items() if name in own}
+            own = self._drop_replaced_pending()  # (a buffer replaced, or swapped by functional_call, is not drawn into)
             if own:
                 self._defer_or_fill(own)
 
