@@ -78,7 +78,8 @@ class ObjectiveConfig:
 
     Args:
         mask_fraction_min, mask_fraction_max: training masking rates t are drawn from
-            (mask_fraction_min, mask_fraction_max]; each in (0, 1], min <= max.
+            (mask_fraction_min, mask_fraction_max]; each in (0, 1], min <= max, max >= 1.18e-38 (float32's
+            smallest normal number, so that 1/t is finite).
         loss_weighting: "elbo" (1/t-weighted, a NELBO estimate) | "uniform" (mean CE over masked tokens).
         eval_batches: validation batches per NELBO evaluation, >= 1.
         eval_seed: seed of the evaluation's batches, t and masks (the same every evaluation); in [0, 2**64).
@@ -510,6 +511,9 @@ def _check_objective(o: ObjectiveConfig) -> None:
     for key in ("mask_fraction_min", "mask_fraction_max"):
         value = getattr(o, key)
         _require(0 < value <= 1, f"objective.{key}", value, "a fraction in (0, 1]")
+    tiny = 2.0 ** -126  # torch.finfo(torch.float32).tiny
+    _require(o.mask_fraction_max >= tiny, "objective.mask_fraction_max", o.mask_fraction_max,
+             f"at least {tiny:.3g} (float32's smallest normal: the elbo weight 1/t stays finite)")
     _require(o.mask_fraction_min <= o.mask_fraction_max, "objective.mask_fraction_min", o.mask_fraction_min,
              f"at most objective.mask_fraction_max={o.mask_fraction_max}")
     _one_of("objective.loss_weighting", o.loss_weighting, LOSS_WEIGHTINGS)

@@ -45,14 +45,18 @@ def _check_generator(generator) -> None:
         raise ValueError(f"generator: expected a torch.Generator or None (the global RNG), got {generator!r}")
 
 
-def _check_t(t, batch: int, positive: bool = False, in_range: torch.Tensor | None = None) -> None:
-    """t: (batch,) floats in [0, 1] ((0, 1] where `positive`: the elbo weight is 1/t). The range is read on
-    the host: free for the CPU tensors sample_t returns. A caller that syncs anyway passes in_range =
+def _check_t(t, batch: int, positive: torch.dtype | None = None, in_range: torch.Tensor | None = None) -> None:
+    """t: (batch,) floats in [0, 1], or, where `positive` (the dtype the elbo weight 1/t is computed in), in
+    (0, 1] and at least that dtype's smallest normal number, so that 1/t is finite. The range is read on the
+    host: free for the CPU tensors sample_t returns. A caller that syncs anyway passes in_range =
     _t_in_range(t, positive) computed before its sync, and calls this after it, so reading adds none."""
     _check_t_shape(t, batch)
     ok = _t_in_range(t, positive) if in_range is None else in_range
     if not bool(ok.all()):  # NaN fails both bounds
-        raise ValueError(f"t: expected masking rates in {'(0' if positive else '[0'}, 1], got {t[~ok][0].item()}")
+        expected = "[0, 1]" if positive is None else (
+            f"(0, 1], at least {torch.finfo(positive).tiny:.3g} ({str(positive)[6:]}'s smallest normal: "
+            f"the elbo weight 1/t stays finite)")
+        raise ValueError(f"t: expected masking rates in {expected}, got {t[~ok][0].item()}")
 
 
 def _check_t_shape(t, batch: int) -> None:
@@ -61,9 +65,13 @@ def _check_t_shape(t, batch: int) -> None:
         raise ValueError(f"t: expected a float tensor of shape ({batch},) (one masking rate per sequence), got {got}")
 
 
-def _t_in_range(t: torch.Tensor, positive: bool) -> torch.Tensor:
-    """(batch,) bool on t's device: t in (0, 1] where `positive`, else in [0, 1]."""
-    return ((t > 0) if positive else (t >= 0)) & (t <= 1)
+def _t_in_range(t: torch.Tensor, positive: torch.dtype | None) -> torch.Tensor:
+    """(batch,) bool on t's device: t in [0, 1], or in [tiny, 1] for the smallest normal `tiny` of the dtype
+    `positive` (t as that dtype: a float64 t of 1e-300 is 0 in float32)."""
+    if positive is None:
+        return (t >= 0) & (t <= 1)
+    t = t.to(positive)
+    return (t >= torch.finfo(positive).tiny) & (t <= 1)
 
 
 def _rand(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -81,25 +89,30 @@ def sample_t(batch: int, t_min: float, t_max: float, generator: torch.Generator 
     1 - u form here keeps t > t_min, so t is never 0 even when t_min is, and 1/t stays finite).
 
     Args:
-        batch: number of sequences (>= 1). t_min, t_max: 0 <= t_min <= t_max <= 1, t_max > 0.
+        batch: number of sequences (>= 1). t_min, t_max: 0 <= t_min <= t_max <= 1, t_max at least float32's
+            smallest normal number (1.18e-38).
         generator: torch.Generator (None: the global RNG); the numbers are drawn on its device.
     Returns:
         (batch,) float32 on the generator's device (CPU without one): values in (t_min, t_max] (all t_max
-        when t_min == t_max) computed in float64, then rounded to float32 (which may round one onto t_min).
+        when t_min == t_max) computed in float64, then rounded to float32 (which may round one onto t_min),
+        and raised to float32's smallest normal number where they fall below it (with t_min 0, a t that
+        rounding would make subnormal or 0, whose 1/t overflows).
     """
     _check_int(batch, "batch", 1)
     for name, value in (("t_min", t_min), ("t_max", t_max)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if not 0.0 <= t_min <= t_max <= 1.0 or t_max <= 0.0:
-        raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1 and t_max > 0, got {t_min}, {t_max}")
+    tiny = torch.finfo(torch.float32).tiny
+    if not 0.0 <= t_min <= t_max <= 1.0 or t_max < tiny:
+        raise ValueError(f"t_min, t_max: expected 0 <= t_min <= t_max <= 1 and t_max >= {tiny:.3g} (float32's "
+                         f"smallest normal: the elbo weight 1/t stays finite), got {t_min}, {t_max}")
     _check_generator(generator)
     device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
     strata = (torch.arange(batch, device=device, dtype=torch.float64) + 1.0 - u) / batch  # (batch,) in (0, 1]
     t = t_min + (t_max - t_min) * strata
     perm = torch.randperm(batch, generator=generator, device=device)
-    return t[perm].to(torch.float32)
+    return t[perm].to(torch.float32).clamp_min_(tiny)
 
 
 def mask_tokens(tokens: torch.Tensor, t: torch.Tensor, mask_id: int,
@@ -132,7 +145,8 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
         head_weight: (V, D), hidden's dtype: the tied embedding without its [MASK] row.
         tokens: (B, S) the clean ids (targets), in [0, V) at the masked positions (there is no ignored id:
             leave padding unmasked). mask: (B, S) bool, True where the input was masked.
-        t: (B,) the masking rate each sequence was drawn with, in (0, 1] for "elbo" ([0, 1] for "uniform").
+        t: (B,) the masking rate each sequence was drawn with, in (0, 1] for "elbo", where 1/t must be finite
+            in fp32 (float64 for float64 hidden): t >= 1.18e-38 ([0, 1] for "uniform").
         weighting: "elbo": Σ_masked (1/t) · CE / (B·S), the MDLM/LLaDA NELBO estimate per token (every token
             counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
             masked tokens.
@@ -153,10 +167,12 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
         got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a bool tensor of shape {(B, S)}, got {got}")
     _check_t_shape(t, B)
-    in_range = _t_in_range(t, weighting == "elbo")  # read after the masked positions' sync below
+    weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 path: 1/t in float64
+    positive = weight_dtype if weighting == "elbo" else None
+    in_range = _t_in_range(t, positive)  # read after the masked positions' sync below
     # The masked positions, found once (one host sync; boolean indexing would sync for each gather).
     flat = mask.reshape(-1).nonzero().squeeze(1)  # (M,), row-major: hidden[mask]'s order
-    _check_t(t, B, weighting == "elbo", in_range)
+    _check_t(t, B, positive, in_range)
     M = flat.shape[0]
     if M == 0:
         # the cross entropy of no rows: validates head_weight as any other batch would, and is an exact 0
@@ -167,7 +183,6 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
     targets = tokens.reshape(-1).index_select(0, flat)  # (M,)
     if weighting == "uniform":
         return _masked_cross_entropy(rows, head_weight, targets, flat, S) / M
-    weight_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # float64 path: 1/t in float64
     inv_t = (1.0 / t.to(device=hidden.device, dtype=weight_dtype)).index_select(0, flat // S)  # (M,)
     return _masked_cross_entropy(rows, head_weight, targets, flat, S, token_weight=inv_t) / (B * S)
 

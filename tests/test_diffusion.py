@@ -56,11 +56,21 @@ def test_sample_t_is_reproducible_and_bad_arguments():
     assert torch.equal(a, D.sample_t(8, 0.0, 1.0, torch.Generator().manual_seed(3)))
     for args, message in [((0, 0.1, 1.0), r"^batch: expected an int >= 1, got 0"),
                           ((4, 0.5, 0.2), r"^t_min, t_max: expected 0 <= t_min <= t_max <= 1"),
-                          ((4, 0.0, 0.0), r"^t_min, t_max: expected .* t_max > 0"),
+                          ((4, 0.0, 0.0), r"^t_min, t_max: expected .* t_max >= 1.18e-38"),
                           ((4, -0.1, 1.0), r"^t_min, t_max"),
-                          ((4, 0.0, float("nan")), r"^t_max: expected a finite number")]:
+                          ((4, 0.0, float("nan")), r"^t_max: expected a finite number"),
+                          ((4, 0.0, 1e-39), r"^t_min, t_max: expected .* t_max >= 1.18e-38")]:
         with pytest.raises(ValueError, match=message):
             D.sample_t(*args)
+
+
+def test_sample_t_keeps_the_elbo_weight_finite():
+    """With t_min 0 and a t_max just above float32's smallest normal, the float64 t of the lowest strata
+    round to float32 subnormals (or 0), whose 1/t overflows: they are raised to the smallest normal."""
+    tiny = torch.finfo(torch.float32).tiny
+    t = D.sample_t(64, 0.0, 2 * tiny, torch.Generator().manual_seed(0))
+    assert (t >= tiny).all() and (t <= 2 * tiny).all() and torch.isfinite(1.0 / t).all()
+    assert (t == tiny).any(), "some stratum fell below the smallest normal"
 
 
 def test_mask_fraction_matches_t():
@@ -875,10 +885,16 @@ def test_masking_rates_outside_the_unit_interval_are_refused(bad):
     with pytest.raises(ValueError, match=r"^t: expected masking rates in \[0, 1\]"):
         D.mask_tokens(tokens, torch.tensor([bad, 0.5]), 9)
     hidden, w = torch.randn(2, 3, 4), torch.randn(5, 4)
-    for t in (torch.tensor([bad, 0.5]), torch.tensor([0.0, 0.5])):
-        with pytest.raises(ValueError, match=r"^t: expected masking rates in \(0, 1\]"):
+    # 1e-39 is a float32 subnormal (1/t overflows), and 1e-300 in float64 is 0 in float32
+    for t in (torch.tensor([bad, 0.5]), torch.tensor([0.0, 0.5]), torch.tensor([1e-39, 0.5]),
+              torch.tensor([1e-300, 0.5], dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"^t: expected masking rates in \(0, 1\], at least 1.18e-38 "):
             D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, t, "elbo")
     D.masked_diffusion_loss(hidden, w, TOY_TOKENS, TOY_MASK, torch.tensor([0.0, 0.5]), "uniform")
+    # float64 hidden (the reference path's float64 loss) computes 1/t in float64: 1e-300 is a weight there
+    loss = D.masked_diffusion_loss(hidden.double(), w.double(), TOY_TOKENS, TOY_MASK,
+                                   torch.tensor([1e-300, 0.5], dtype=torch.float64), "elbo")
+    assert torch.isfinite(loss)
 
 
 def test_evaluate_nelbo_is_unbiased_and_low_variance_for_a_context_free_model():
