@@ -72,8 +72,8 @@ import triton
 import triton.language as tl
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
-from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, forward_only,
-                      interpreting, launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, cdiv, check_kernel_device, distinct, empty, first_order_only,
+                      forward_only, interpreting, launcher, next_power_of_2)
 
 # Module constants read inside kernels must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -866,7 +866,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if forward_only(q, k, v):  # inference, evaluation: no O residual, no autograd.Function
         return launch_fwd(_unit_last(q), _unit_last(k), None, _unit_last(v), causal, scale)[0]
-    return AttentionFunction.apply(q, k, v, causal, scale)
+    return AttentionFunction.apply(*distinct(q, k, v), causal, scale)
 
 
 __all__ = ["attention", "attention_fwd", "attention_bwd", "AttentionFunction", "MAX_HEAD_DIM"]

@@ -461,8 +461,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, dh, dw, dloss_dtw, lse = ce_forward(hidden, weight, target, token_weight, reduction, ignore_index,
                                                   accum_dtype, need_dh, need_dw, need_dtw)
         later = _deferred(reduction, hidden.dtype) and (need_dh or need_dw)
-        ctx.save_for_backward(*((hidden, weight, token_weight, lse) if later else (None,) * 4), target, dh, dw,
-                              dloss_dtw)
+        # target only where the backward reads it: a loader may refill its buffer before backward()
+        ctx.save_for_backward(*((hidden, weight, token_weight, lse) if later else (None,) * 4),
+                              target if later or need_dtw else None, dh, dw, dloss_dtw)
         ctx.options = (reduction, ignore_index, accum_dtype, need_dh, need_dw, need_dtw, later)
         ctx.token_weight_dtype = None if token_weight is None else token_weight.dtype
         ctx.scaled = False

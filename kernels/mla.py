@@ -40,8 +40,8 @@ import triton.language as tl
 
 from . import attention as A
 from ._checks import check_latent_args, check_mla_args
-from ._common import (TunedKernel, absent, cdiv, check_kernel_device, empty, first_order_only, forward_only, launcher,
-                      num_sms)
+from ._common import (TunedKernel, absent, cdiv, check_kernel_device, distinct, empty, first_order_only, forward_only,
+                      launcher, num_sms)
 
 
 @triton.jit
@@ -247,7 +247,7 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if forward_only(q, k_nope, k_rope, v):  # inference, evaluation: no O residual, no autograd.Function
         return A.launch_fwd(*_launch_views(q, k_nope, k_rope, v), causal, scale, d_rope=k_rope.shape[-1])[0]
-    return MLAFunction.apply(q, k_nope, k_rope, v, causal, scale)
+    return MLAFunction.apply(*distinct(q, k_nope, k_rope, v), causal, scale)
 
 
 def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,

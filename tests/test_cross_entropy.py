@@ -388,6 +388,26 @@ def test_second_backward_raises():
         loss.backward()
 
 
+def test_target_refilled_before_backward():
+    """fp32 mean/sum without a token_weight gradient: the gradients were computed in the forward, so the
+    backward never reads target, and a loader may refill its buffer before backward() (as on the reference
+    path): the gradients are those of the forward's targets. Where the backward does read it (a token_weight
+    gradient), the refill is torch's version-counter error, not a gradient of other targets."""
+    hidden, weight, target, token_weight = _inputs(6, 16, 9, torch.float32, "weighted", seed=3)
+    _, want = _run(ce.linear_cross_entropy, hidden, weight, target, None, "mean", torch.tensor(1.0))
+    buffer = target.clone()
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = ce.linear_cross_entropy(h, w, buffer)
+    buffer.copy_(torch.flip(target, (0,)))
+    loss.backward()
+    assert torch.equal(h.grad, want[0]) and torch.equal(w.grad, want[1]), "the refilled targets' gradients"
+    buffer = target.clone()
+    loss = ce.linear_cross_entropy(h, w, buffer, token_weight.detach().requires_grad_())
+    buffer.copy_(torch.flip(target, (0,)))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_functional_dispatch_runs_the_kernel(monkeypatch):
     """LWT_BACKEND=triton routes lwt.functional to the kernel (the interpreter on CPU)."""
     monkeypatch.setenv("LWT_BACKEND", "triton")

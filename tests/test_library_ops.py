@@ -321,6 +321,31 @@ def test_linear_cross_entropy_compiled_still_checks_targets():
         loss_fn(randn(3, 16), randn(33, 16, seed=1), target)
 
 
+@pytest.mark.parametrize("case", ["attention(q, kv, kv)", "attention(q, q, q)", "mla_attention(q, kv, k_rope, kv)"])
+def test_attention_with_one_tensor_passed_twice_compiles_to_one_graph(case):
+    """One tensor as two inputs (K and V from one projection; self-similarity q = k = v) reaches the
+    autograd.Function as two objects (Dynamo refuses an apply with a duplicate tensor input): one graph,
+    and the same output and summed gradients as eager mode."""
+    q, kv, qm, kr = randn(1, 9, 2, 16), randn(1, 9, 2, 16, seed=1), randn(1, 9, 2, 24, seed=2), randn(1, 9, 8, seed=3)
+    cotangent = randn(1, 9, 2, 16, seed=4)
+    fn, inputs = {"attention(q, kv, kv)": (lambda a, b: lwtF.attention(a, b, b, causal=True), (q, kv)),
+                  "attention(q, q, q)": (lambda a: lwtF.attention(a, a, a, causal=True), (q,)),
+                  "mla_attention(q, kv, k_rope, kv)": (lambda a, b, c: lwtF.mla_attention(a, b, c, b, causal=True),
+                                                       (qm, kv, kr))}[case]
+
+    def output_and_grads_of(f):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = output_and_grads_of(torch.compile(fn, fullgraph=True, backend=counter))
+    want = output_and_grads_of(fn)
+    assert counter.frame_count == 1
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"{'output' if i == 0 else f'gradient {i}'}: compiled differs from eager"
+
+
 def test_latent_attention_compiles_to_one_graph():
     """MLA's absorbed (inference) form, forward only, in one graph: the same result as eager mode."""
     q, c, kr = randn(1, 9, 2, 24), randn(1, 9, 16, seed=1), randn(1, 9, 8, seed=2)
