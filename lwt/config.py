@@ -96,16 +96,17 @@ class DataConfig:
     """The `data` section: the token source (see lwt.data.build_data) and the batch shape.
 
     Args:
-        source: "dummy" (random ids) | "text" (UTF-8 bytes) | "tokens" (a raw token file).
-        path: text: a UTF-8 file, None for Python's documentation topics; tokens: the file (required).
-            A leading ~ is expanded by validate.
+        source: "dummy" (random ids) | "text" (a file's bytes, one token each) | "tokens" (a raw token file).
+        path: text: any file, read as raw bytes (UTF-8 text for samples that read as text; nothing checks
+            it), None for Python's documentation topics; tokens: the file (required). A leading ~ is
+            expanded by validate; a relative path is read from the working directory (not the config's).
         token_dtype: item type of a tokens file: "uint16" | "uint32".
         seq_len, batch_size: tokens per sequence and sequences per batch, each >= 1.
         val_fraction: the last fraction of the corpus held out for validation, in (0, 1).
         seed: seed of the dummy corpus, in [0, 2**64).
     """
     source: str = "text"            # dummy | text | tokens
-    path: str | None = None         # text: a UTF-8 file (None: Python's own documentation topics);
+    path: str | None = None         # text: a file, one token per byte (None: Python's own documentation topics);
                                     # tokens: a raw uint16/uint32 token file
     token_dtype: str = "uint16"     # tokens: uint16 | uint32
     seq_len: int = 128
@@ -493,14 +494,14 @@ def _check_model(m: ModelConfig) -> ModelConfig:
                  f"dims) and at most {MAX_HEAD_DIM} (the attention kernel's limit)")
     else:
         _at_least("model", m, ("mla_rkv",), 1)
-        for name, given in zip(("mla_nope_dim", "mla_rope_dim", "mla_v_dim"), mla_dims):
+        for name, given in zip(("mla_nope_dim", "mla_v_dim"), mla_dims[::2]):
             derived = "" if given is not None else (f" (null: derived from d_model // n_heads = {head_dim}; "
                                                     f"set it, or change d_model or n_heads)")
             _require(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), f"an int >= 1{derived}")
         derived = "" if mla_dims[1] is not None else f" (null: (d_model // n_heads) // 2 = {m.mla_rope_dim}; set it)"
-        _require(m.mla_rope_dim % 2 == 0 and m.mla_rope_dim <= MAX_ROPE_DIM, "model.mla_rope_dim", m.mla_rope_dim,
-                 f"an even number (RoPE rotates pairs of dims) at most {MAX_ROPE_DIM} (the MLA kernel's "
-                 f"limit){derived}")
+        _require(m.mla_rope_dim % 2 == 0 and 2 <= m.mla_rope_dim <= MAX_ROPE_DIM, "model.mla_rope_dim",
+                 m.mla_rope_dim, f"an even number (RoPE rotates pairs of dims) from 2 to {MAX_ROPE_DIM} (the MLA "
+                 f"kernel's limit){derived}")
         _require(m.mla_nope_dim <= MAX_HEAD_DIM, "model.mla_nope_dim", m.mla_nope_dim,
                  f"at most {MAX_HEAD_DIM} (the MLA kernel's limit)")
         _require(m.mla_v_dim <= MAX_HEAD_DIM, "model.mla_v_dim", m.mla_v_dim, f"at most {MAX_HEAD_DIM}")

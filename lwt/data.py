@@ -367,7 +367,8 @@ def _memmap(path: str, dtype, start: int = 0, count: int | None = None) -> np.me
         if os.path.exists(path):  # a pipe (bash's <(zcat corpus.gz)), a device: np.memmap maps regular files only
             raise ValueError(f"data.path: {path} is not a regular file (a pipe or a device?); the data is "
                              f"memory-mapped: write it to a file first")
-        raise ValueError(f"data.path: no such file: {path}")
+        where = "" if os.path.isabs(path) else f" (relative to the working directory, {os.getcwd()})"
+        raise ValueError(f"data.path: no such file: {path}{where}")
     size = os.path.getsize(path)
     itemsize = np.dtype(dtype).itemsize
     if size == 0:

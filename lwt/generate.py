@@ -159,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# sample()'s arguments that come from flags of the same name
+_SAMPLER_FLAGS = ("prompt", "length", "steps", "order", "num_samples", "temperature")
+
+
 def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     """--device as a torch.device this machine has, else a usage error naming the flag."""
     if name == "auto":
@@ -207,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         out = sample(model, args.num_samples, args.length, args.steps, order=args.order, prompt=prompt,
                      temperature=args.temperature, generator=generator, n_blocks=depth)
     except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        message = str(e)
+        if message.split(":", 1)[0] in _SAMPLER_FLAGS:  # sample()'s own name for a flag's value: name the flag
+            message = "--" + message
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise

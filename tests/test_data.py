@@ -258,8 +258,17 @@ def test_text_needs_byte_vocab():
 @pytest.mark.parametrize("source", ["text", "tokens"])
 def test_missing_file(tmp_path, source):
     path = str(tmp_path / "nope.bin")
-    with pytest.raises(ValueError, match=f"no such file: {re.escape(path)}"):
+    with pytest.raises(ValueError, match=f"no such file: {re.escape(path)}$"):
         build_data(_cfg(source=source, path=path), vocab_size=256)
+
+
+def test_missing_relative_path_names_the_working_directory(tmp_path, monkeypatch):
+    """A relative data.path is read from the working directory (not the config file's): the error says
+    which directory that was."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no such file: \.\./corpus\.txt \(relative to the working directory, "
+                                         + re.escape(os.getcwd()) + r"\)$"):
+        build_data(_cfg(source="text", path="../corpus.txt"), vocab_size=256)
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo"])

@@ -702,6 +702,21 @@ def test_generate_passes_its_flags_to_the_sampler(tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().out.count("=== sample") == 2
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--length", "0"], "--length: expected an int >= 1, got 0"),
+    (["--steps", "0"], "--steps: expected an int >= 1, got 0"),
+    (["--num_samples", "0"], "--num_samples: expected an int >= 1, got 0"),
+    (["--temperature", "-1"], "--temperature: expected a finite number >= 0"),
+    (["--length", "3", "--prompt", "7 8 9 10"], "--prompt: expected at most length=3 tokens, got 4")])
+def test_generate_names_the_flag_the_sampler_refused(tmp_path, capsys, flags, message):
+    model = tiny_model(vocab_size=50, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model, source="dummy")
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--checkpoint", str(path), "--device", "cpu", *flags])
+    assert exit_info.value.code == 2 and f"error: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name,ok", [("cuda:0", True), ("cuda", True), ("cuda:1", False)])
 def test_generate_device_index_past_the_gpu_count(monkeypatch, capsys, name, ok):
     """On a machine with one GPU, cuda:1 is a usage error; cuda and cuda:0 are that GPU (no CUDA needed:
