@@ -63,6 +63,8 @@ from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sampl
 from .model import LWTModel
 
 CHECKPOINT_FORMAT = 1
+# A finished run's outputs beside checkpoint.pt (metrics.jsonl aside: a fresh run starts its own log)
+OUTPUTS = ("final.pt", "end_to_end.pt", "table.txt", "curves.png")
 # Keys a resumed run may change: where the run lives (a run directory copied or moved elsewhere), where its
 # data file is (a relative path resumed from another working directory, a file moved to a local disk: the
 # data itself is checked by content, data_identity) and how often it logs and checkpoints. Nothing else,
@@ -1340,8 +1342,8 @@ def main(argv=None) -> int:
         Either way a stopped run wrote a checkpoint to resume from.
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
-            without --resume, a cache_dir holding another config's cache or a file where a stage's cache goes
-            (refuse_foreign_caches), or a checkpoint or cache that does not match. DiskSpaceError: no room
+            without --resume (or a finished run's outputs without their checkpoint), a cache_dir holding
+            another config's cache or a file where a stage's cache goes (refuse_foreign_caches), or a checkpoint or cache that does not match. DiskSpaceError: no room
             for a cache. OSError: an out_dir or cache_dir that cannot be made or locked (lock_run_dirs names
             the key).
         TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
@@ -1398,6 +1400,11 @@ def main(argv=None) -> int:
         elif os.path.exists(trainer.ckpt_path):  # every rank checks: none may go on alone
             raise ValueError(f"{trainer.ckpt_path} exists: pass --resume to continue that run, or choose another "
                              f"train.out_dir")
+        else:  # a finished run whose checkpoint.pt was deleted: its outputs would sit beside this run's
+            stale = [name for name in OUTPUTS if os.path.exists(os.path.join(trainer.out_dir, name))]
+            if stale:
+                raise ValueError(f"train.out_dir: {trainer.out_dir} holds another run's {', '.join(stale)} (and no "
+                                 f"checkpoint.pt to resume): choose another train.out_dir, or move them away")
         if t.cache:  # (a resumed run too: its cache_dir may be another than the one it started with)
             trainer.refuse_foreign_caches()  # (before anything in out_dir or cache_dir is deleted)
         if not args.resume and env.main and os.path.exists(trainer.metrics_path):

@@ -575,6 +575,20 @@ def test_existing_run_needs_resume_and_the_same_config(tmp_path):
         _run(tmp_path, "--resume", "--set", "train.lr=1e-3", name="d")
 
 
+def test_a_finished_runs_outputs_without_its_checkpoint_are_refused(tmp_path):
+    """A fresh run in an out_dir whose checkpoint.pt was deleted but whose final.pt and table.txt remain
+    is refused before it trains or deletes anything: it would leave another run's model beside its log."""
+    assert _run(tmp_path, name="f")[0] == 0
+    out = tmp_path / "f"
+    (out / "checkpoint.pt").unlink()
+    kept = {name: (out / name).read_bytes() for name in ("final.pt", "table.txt", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"^train\.out_dir: .* holds another run's final\.pt, table\.txt \(and no "
+                                         r"checkpoint\.pt to resume\)"):
+        _run(tmp_path, "--set", "model.d_model=16", name="f")
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_resume_of_a_moved_run_with_other_logging(tmp_path):
     """A run directory copied elsewhere resumes there (out_dir and the derived cache_dir differ from the
     checkpoint's), also with another log_every and ckpt_every, and ends as the uninterrupted run."""
