@@ -1343,9 +1343,9 @@ def main(argv=None) -> int:
     Raises:
         ValueError: a bad config, an out_dir or cache_dir locked by another run, an existing checkpoint
             without --resume (or a finished run's outputs without their checkpoint), a cache_dir holding
-            another config's cache or a file where a stage's cache goes (refuse_foreign_caches), or a checkpoint or cache that does not match. DiskSpaceError: no room
-            for a cache. OSError: an out_dir or cache_dir that cannot be made or locked (lock_run_dirs names
-            the key).
+            another config's cache or a file where a stage's cache goes (refuse_foreign_caches), or a
+            checkpoint or cache that does not match. DiskSpaceError: no room for a cache. OSError: an out_dir
+            or cache_dir that cannot be made or locked (lock_run_dirs names the key).
         TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
             saved after it).
     """
