@@ -166,7 +166,7 @@ def remove_partials(directory, rank: int) -> None:
         os.remove(path)
 
 
-def check_disk_space(directory, nbytes: int) -> None:
+def check_disk_space(directory, nbytes: int, what: str = "") -> None:
     """Fail early, with a clear message, when `nbytes` will not fit on the disk holding `directory`.
 
     The directory need not exist yet: the free space is read from its nearest existing parent. When
@@ -175,6 +175,7 @@ def check_disk_space(directory, nbytes: int) -> None:
     Args:
         directory: where the files will be written.
         nbytes: bytes about to be written; DISK_MARGIN_BYTES more must be free.
+        what: what those bytes are, for the message (e.g. "2 shards of 8.1 MiB, one per rank writing here").
 
     Raises:
         DiskSpaceError (a RuntimeError): naming the directory, the bytes needed and the bytes free.
@@ -191,9 +192,10 @@ def check_disk_space(directory, nbytes: int) -> None:
     if need > free:
         raise DiskSpaceError(
             f"not enough disk space for the activation cache in {path}: needs {need} bytes "
-            f"({need / 2**30:.2f} GiB, including a {DISK_MARGIN_BYTES >> 20} MiB margin), "
+            f"({need / 2**30:.2f} GiB{': ' + what if what else ''}, and a {DISK_MARGIN_BYTES >> 20} MiB margin), "
             f"{free} bytes ({free / 2**30:.2f} GiB) free on the disk holding {probe}. Free space, point "
-            f"train.cache_dir at a bigger disk, or lower train.cache_sequences / train.cache_draws")
+            f"train.cache_dir at a bigger disk (a resumed run may move it), or lower train.cache_sequences / "
+            f"train.cache_draws (a new run: a resumed one keeps them)")
 
 
 class CacheWriter:

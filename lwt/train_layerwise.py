@@ -422,6 +422,8 @@ class Trainer:
         self.out_dir = t.out_dir
         self.cache_dir = t.cache_dir  # resolved by lwt.config (<out_dir>/cache when null)
         self.cache_entries = t.cache_sequences * t.cache_draws
+        # ranks whose shards share cache_dir's disk: this node's until main counts them (count_cache_sharers)
+        self.cache_sharers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.data = build_data(cfg.data, cfg.model.vocab_size)
         self.data_identity = data_identity(self.data)  # checked on --resume: the same config, other data?
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -661,11 +663,29 @@ class Trainer:
         """Drop the kept hash states from module `first` on (0: the embedding, i + 1: block i)."""
         del self._digests[first:]
 
-    def _cache_bytes_here(self) -> int:
-        """Bytes of one stage's cache on this machine: a shard per local rank."""
-        c = self.cfg
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return local * cache_bytes(self.cache_entries, c.data.seq_len, c.model.d_model, self.dtype)
+    def count_cache_sharers(self) -> int:
+        """How many of the run's ranks write their shards to this rank's cache_dir: all of them on a
+        filesystem the nodes share (the default <out_dir>/cache of a multi-node run), the node's own on a
+        node-local disk. Each rank creates a marker named with a token of rank 0's and counts the markers
+        it sees. A collective; call it once cache_dir exists (lock_run_dirs made it)."""
+        if self.env.world == 1:
+            return 1
+        token = self.env.gather(os.urandom(8).hex())[0]
+        marker = os.path.join(self.cache_dir, f".sharers-{token}.rank{self.env.rank}")
+        try:
+            open(marker, "x").close()
+            made = True
+        except OSError:  # (not counted by the others then; every rank still reaches both barriers)
+            made = False
+        self.env.barrier()
+        seen = len(glob.glob(os.path.join(glob.escape(self.cache_dir), f".sharers-{token}.rank*")))
+        self.env.barrier()  # every rank has counted before any marker goes
+        if made:
+            try:
+                os.remove(marker)
+            except OSError:
+                pass
+        return max(1, seen + (0 if made else 1))
 
     def remove_crashed_writers_files(self) -> None:
         """Delete the temporary files that this rank's cache writers left when a run was killed mid-write
@@ -715,8 +735,12 @@ class Trainer:
                 self.delete_cache(int(j))
 
     def check_cache_room(self) -> None:
-        """DiskSpaceError unless one stage's cache for every local rank fits in cache_dir (see check_disk_space)."""
-        check_disk_space(self.cache_dir, self._cache_bytes_here())
+        """DiskSpaceError unless one stage's cache fits in cache_dir, a shard for every rank that writes to
+        its disk (cache_sharers; see check_disk_space). Before a stage trains: no shard is reserved yet."""
+        c = self.cfg
+        shard = cache_bytes(self.cache_entries, c.data.seq_len, c.model.d_model, self.dtype)
+        check_disk_space(self.cache_dir, self.cache_sharers * shard,
+                         f"{self.cache_sharers} shard(s) of {shard / 2**20:.1f} MiB, one per rank writing to it")
 
     def open_cache(self, k: int) -> ActivationCache:
         """Block k's cache. A missing one (deleted, or on a scratch disk wiped by a preemption) is rebuilt
@@ -752,14 +776,20 @@ class Trainer:
         S, D = c.data.seq_len, c.model.d_model
         nbytes = cache_bytes(entries, S, D, self.dtype)
         directory = self._stage_dir(k)
+        # The input first: the shard this stage trained on (opened and verified once), else opened, or
+        # rebuilt, here, before this shard is reserved: a rebuild of blocks k-1, k-2, ... then holds two
+        # shards on the disk at a time, as the run did, not one reserved shard per stage it goes back.
+        source = None if k == 0 else (
+            self._input_cache[1] if self._input_cache[0] == k - 1 else self.open_cache(k - 1))
         if self.env.main:
             print(f"writing block {k}'s activation cache: {c.train.cache_sequences} sequences x "
                   f"{c.train.cache_draws} mask draws = {entries} entries of {S} tokens, "
                   f"{nbytes / 2**20:.1f} MiB per rank, to {directory}", flush=True)
-        self.check_cache_room()
         self.model.eval()
         B = c.data.batch_size
         meta = self._cache_expect(k)
+        # CacheWriter checks the disk for this rank's shard; the other local ranks' shards are either
+        # reserved already (no longer free) or checked by their own writers
         with CacheWriter(directory, self.env.rank, entries, S, D, self.dtype, meta) as writer:
             if k == 0:
                 gen = torch.Generator().manual_seed(c.train.seed * 1_000_003 + 7919 * self.env.rank + 3)
@@ -772,8 +802,6 @@ class Trainer:
                     hidden = self.model.run_blocks(self.model.embed_tokens(noisy.to(self.device)), 0, 1)
                     writer.append(hidden, tokens, mask, t)
             else:
-                # the shard this stage trained on, opened (and verified) once, else opened here
-                source = self._input_cache[1] if self._input_cache[0] == k - 1 else self.open_cache(k - 1)
                 for _, hidden, tokens, mask, t in source.iter_chunks(B):
                     out = self.model.blocks[k](hidden.to(self.device, self.dtype))
                     writer.append(out, tokens, mask, t)
@@ -1407,6 +1435,7 @@ def main(argv=None) -> int:
                                  f"checkpoint.pt to resume): choose another train.out_dir, or move them away")
         if t.cache:  # (a resumed run too: its cache_dir may be another than the one it started with)
             trainer.refuse_foreign_caches()  # (before anything in out_dir or cache_dir is deleted)
+            trainer.cache_sharers = trainer.count_cache_sharers()  # what each disk check counts
         if not args.resume and env.main and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a run that never checkpointed: start its log afresh
         if env.main:  # rank 0 writes every .pt; not before a refusal: this run owns out_dir only from here

@@ -1401,7 +1401,7 @@ def test_no_room_for_the_cache_stops_before_the_first_step(tmp_path, monkeypatch
         steps.append(1)
         return loss(self, *args)
 
-    def no_room(directory, nbytes):
+    def no_room(directory, nbytes, what=""):
         raise DiskSpaceError(f"{directory}: no room for {nbytes} bytes")
 
     monkeypatch.setattr(T.Trainer, "loss", counting)
@@ -1409,6 +1409,74 @@ def test_no_room_for_the_cache_stops_before_the_first_step(tmp_path, monkeypatch
     with pytest.raises(DiskSpaceError, match="no room"):
         _run(tmp_path)
     assert steps == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_rebuild_holds_two_shards_on_the_disk_at_a_time(tmp_path, monkeypatch):
+    """A wiped cache_dir resumed inside stage 3 rebuilds blocks 0, 1 and 2's caches one from the other:
+    each writer reserves its shard with only its input on the disk (two shards, as the run itself held),
+    not with a writer open for every stage it goes back (which reserved all three at once)."""
+    held, writer = [], T.CacheWriter
+
+    def counting(directory, rank, *args, **kwargs):
+        stages = {os.path.basename(d) for d in os.listdir(tmp_path / "run" / "cache") if d.startswith("stage")
+                  and any(f.startswith("rank0.") for f in os.listdir(tmp_path / "run" / "cache" / d))}
+        held.append(len(stages | {os.path.basename(directory)}))
+        return writer(directory, rank, *args, **kwargs)
+
+    four = ("--set", "model.n_layers=4", "--set", "train.max_steps=2", "--set", "train.joint_steps=0")
+    _run(tmp_path, *four, "--stop_after", "7")  # inside stage 3, which reads block 2's cache
+    shutil.rmtree(tmp_path / "run" / "cache")
+    monkeypatch.setattr(T, "CacheWriter", counting)
+    assert _run(tmp_path, *four, "--resume")[0] == 0
+    assert held == [1, 2, 2], held  # blocks 0, 1, 2 rebuilt; stage 3 writes none
+
+
+def test_disk_checks_count_the_shards_of_the_ranks_writing_to_the_disk(tmp_path, monkeypatch):
+    """Before a stage trains, the disk must hold a shard for every rank writing to cache_dir (here two
+    local ranks); at the write itself only this rank's shard is checked (by its CacheWriter): another
+    rank's shard reserved first is no longer free space, and counting it again refused a disk that fits."""
+    checks = []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(T, "check_disk_space", lambda directory, nbytes, what="": checks.append((nbytes, what)))
+    trainer = _trainer(tmp_path / "run")
+    shard = T.cache_bytes(trainer.cache_entries, 16, 32, torch.float32)
+    trainer.train_phase(0, 0)
+    assert checks == [(2 * shard, f"2 shard(s) of {shard / 2**20:.1f} MiB, one per rank writing to it")]
+    trainer.finish_phase(0)
+    assert len(checks) == 1
+
+
+class _TwoRanks:
+    """Rank 0 of a 2-rank run, for count_cache_sharers: rank 1 makes its marker at the first barrier when
+    it writes to the same cache_dir (a filesystem the nodes share), and elsewhere when it does not."""
+
+    world, rank = 2, 0
+
+    def __init__(self, elsewhere):
+        self.elsewhere, self.barriers = elsewhere, 0
+
+    def gather(self, obj):
+        return [obj, "rank 1's token"]
+
+    def barrier(self):
+        self.barriers += 1
+        if self.barriers == 1:
+            token = next(n for n in os.listdir(self.cache_dir) if n.startswith(".sharers-")).split(".")[1]
+            where = self.elsewhere or self.cache_dir
+            open(os.path.join(where, f".{token}.rank1"), "x").close()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-filesystem", "node-local"])
+def test_cache_sharers_are_counted_on_the_disk(tmp_path, shared):
+    trainer = _trainer(tmp_path / "run")
+    os.makedirs(trainer.cache_dir)
+    other = tmp_path / "other-node"
+    other.mkdir()
+    trainer.env = _TwoRanks(None if shared else str(other))
+    trainer.env.cache_dir = trainer.cache_dir
+    assert trainer.count_cache_sharers() == (2 if shared else 1)
+    assert trainer.env.barriers == 2
+    assert not [n for n in os.listdir(trainer.cache_dir) if n.endswith(".rank0")], "rank 0's marker is removed"
 
 
 def test_weights_made_nan_by_a_phases_last_update_are_named(tmp_path, monkeypatch):
