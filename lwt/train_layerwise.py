@@ -60,6 +60,7 @@ from .cache import (ActivationCache, CacheWriter, DiskSpaceError, cache_bytes, c
 from .config import Config, config_from_dict, config_to_dict, load_config
 from .data import _read_into, build_data
 from .diffusion import evaluate_nelbo, mask_tokens, masked_diffusion_loss, sample_t
+from .functional import backend_for
 from .model import LWTModel
 
 CHECKPOINT_FORMAT = 1
@@ -418,6 +419,10 @@ class Trainer:
         self.cfg, self.args, self.env = cfg, args, env
         t = cfg.train
         self.device = env.device
+        try:  # an LWT_BACKEND this device cannot run fails here, before anything is built or written
+            backend_for(torch.empty(0, device=self.device))
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.out_dir = t.out_dir
         self.cache_dir = t.cache_dir  # resolved by lwt.config (<out_dir>/cache when null)

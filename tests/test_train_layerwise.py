@@ -1411,6 +1411,20 @@ def test_no_room_for_the_cache_stops_before_the_first_step(tmp_path, monkeypatch
     assert steps == [] and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("value,match", [("triton", r"^LWT_BACKEND=triton needs CUDA tensors \(got a tensor on cpu\)"),
+                                         ("tritn", r"^LWT_BACKEND: expected one of auto, triton, reference")])
+def test_an_lwt_backend_the_device_cannot_run_is_refused_before_anything_is_made(tmp_path, monkeypatch, value, match):
+    """LWT_BACKEND=triton on the CPU without the interpreter (or a misspelt value) is a ValueError from
+    the trainer's start, not a traceback from the first step with out_dir and its cache directory made."""
+    import kernels._common
+
+    monkeypatch.setenv("LWT_BACKEND", value)
+    monkeypatch.setattr(kernels._common, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rebuild_holds_two_shards_on_the_disk_at_a_time(tmp_path, monkeypatch):
     """A wiped cache_dir resumed inside stage 3 rebuilds blocks 0, 1 and 2's caches one from the other:
     each writer reserves its shard with only its input on the disk (two shards, as the run itself held),
