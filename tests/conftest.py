@@ -19,6 +19,13 @@ import kernels._common  # noqa: E402  (imports triton: after the switch above)
 
 
 def pytest_configure(config):
+    import numpy
+
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    if os.environ.get("TRITON_INTERPRET") == "1" and numpy_version >= (2, 4):  # (see setup.py's pin)
+        raise pytest.UsageError(f"triton 3.6's interpreter, which runs the kernels on the CPU, fails with numpy "
+                                f">= 2.4 (TypeError: only 0-dimensional arrays can be converted to Python "
+                                f"scalars); this environment has numpy {numpy.__version__}: pip install 'numpy<2.4'")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped, with the reason, on CPU-only machines")
     # pytest-xdist's own marker, registered here too for runs without xdist (the CPU suite)
     config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one xdist worker, in turn "

@@ -46,6 +46,15 @@ def test_no_path_gives_the_resolved_defaults():
     assert cfg.objective == ObjectiveConfig() and cfg.data == DataConfig()
 
 
+def test_the_defaults_are_config_yamls_but_n_kv_heads():
+    """What README's main job says of a run without --config (an installed lwt has no config.yaml): the
+    dataclass defaults are config.yaml's values, except n_kv_heads (null: n_heads, multi-head attention)."""
+    shipped, defaults = config_to_dict(load_config(ROOT / "config.yaml")), config_to_dict(load_config(None))
+    differ = [(section, key) for section in shipped for key in shipped[section]
+              if shipped[section][key] != defaults[section][key]]
+    assert differ == [("model", "n_kv_heads")]
+
+
 def test_missing_sections_and_keys_take_defaults(tmp_path):
     path = tmp_path / "partial.yaml"
     path.write_text("model:\n  d_model: 64\ndata:\n")

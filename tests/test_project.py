@@ -3,6 +3,7 @@ run (as a smoke check) on a machine without a GPU."""
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -17,6 +18,26 @@ def test_ci_runs_the_readme_test_command():
         readme = f.read()
     assert commands and any("pytest" in c for c in commands)
     assert "\n".join(commands) in readme, "README.md must show exactly the commands .ci/run runs"
+
+
+def test_the_sdist_carries_every_tracked_file_but_the_measurements(tmp_path):
+    """`setup.py sdist` (MANIFEST.in) packs the tests with their helpers, pytest.ini, config.yaml, the
+    presets, the examples and the benchmarks: an unpacked sdist runs the README's commands and the suite.
+    Left out: the measured CSVs and logs under benchmarks/results/, and .gitignore."""
+    pytest.importorskip("setuptools")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout (an unpacked sdist, for one): nothing to compare the sdist with")
+    built = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path), "sdist", "-d",
+                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (archive,) = tmp_path.glob("lwt-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    measured = ("benchmarks/results/",)
+    wanted = {path for path in tracked.stdout.split() if path != ".gitignore"
+              and not (path.startswith(measured) and not path.endswith("README.md"))}
+    assert not wanted - packed, f"missing from the sdist: {sorted(wanted - packed)}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU run_all.py times the real shapes; run it directly")
