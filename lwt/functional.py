@@ -181,7 +181,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     Args:
         x: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
         w_gate, w_up: (F, D), frozen (must not require grad; no gradient is computed for them), any of
-            those dtypes (the Triton path casts them to x's dtype tile by tile), or both float8_e4m3fn
+            those dtypes (the Triton path's gate/up GEMM casts them to x's dtype tile by tile; its
+            backward's dx GEMMs take a transient (F, D) copy of each in x's dtype), or both float8_e4m3fn
             with w_gate_scale and w_up_scale.
         w_down: (D, F), x's dtype, trained.
         recompute: on the Triton path, True keeps only x for the backward (the gate/up GEMM runs again
@@ -214,10 +215,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Args:
         hidden: (..., D), float32/float16/bfloat16 (float64 too on the reference path).
         weight: (V, D), hidden's dtype and device.
-        target: (...) int64/int32 class indices in [0, V), or ignore_index (those rows cost nothing and
-            get a zero gradient). Any other value is a ValueError, not a wrong loss (on the reference path
-            under torch.compile, where the up-front check would sync, and under torch.func.vmap, FakeTensorMode
-            or on meta, where there are no values to check, it is gather's RuntimeError instead).
+        target: (...) int64/int32 class indices in [0, V), or ignore_index (those rows get a zero gradient,
+            and on the Triton path cost nothing). Any other value is a ValueError, not a wrong loss (on the
+            reference path under torch.compile, where the up-front check would sync, and under
+            torch.func.vmap, it is gather's RuntimeError instead; under FakeTensorMode or on meta there are
+            no values, and nothing is checked).
         token_weight: optional (...) float tensor multiplying each row's loss (the 1/t of the
             mask-diffusion NELBO); it gets a gradient if it requires one.
         reduction: "mean": sum of the (weighted) row losses over the number of non-ignored rows (NaN if
