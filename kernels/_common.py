@@ -93,12 +93,13 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2
 
 
-def distinct(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors for an `autograd.Function.apply`, each a Python object of its own: one passed again
-    (attention(q, kv, kv), mla_attention(q, kv, k_rope, kv)) becomes a view of itself. Dynamo refuses to
-    trace an apply that takes one tensor as two inputs ("duplicate tensor input"); autograd sums the
-    view's gradient into the tensor as before. (The ops that reshape with as_rows get new objects anyway.)"""
-    return tuple(t.view_as(t) if any(t is u for u in tensors[:i]) else t for i, t in enumerate(tensors))
+def distinct(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors (or Nones) for an `autograd.Function.apply`, each a Python object of its own: one passed
+    again (attention(q, kv, kv), mla_attention(q, kv, k_rope, kv), one FP8 scale for both frozen matrices)
+    becomes a view of itself. Dynamo refuses to trace an apply that takes one tensor as two inputs
+    ("duplicate tensor input"); autograd sums the view's gradient into the tensor as before."""
+    return tuple(t.view_as(t) if t is not None and any(t is u for u in tensors[:i]) else t
+                 for i, t in enumerate(tensors))
 
 
 def cdiv(a: int, b: int) -> int:

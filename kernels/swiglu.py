@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, grouped_tile,
-                      interpreting, launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, distinct, empty, first_order_only,
+                      grouped_tile, interpreting, launcher, next_power_of_2)
 from .reference import FP8_MAX
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
@@ -670,7 +670,8 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     shape = x.shape
     training = torch.is_grad_enabled() and (x.requires_grad or w_down.requires_grad)
     scales = (None, None) if w_gate_scale is None else (w_gate_scale.contiguous(), w_up_scale.contiguous())
-    y = FrozenSwiGLUFunction.apply(as_rows(x), as_rows(w_gate), as_rows(w_up), w_down, recompute, training, *scales)
+    x2, wg, wu, wd, *scales = distinct(as_rows(x), as_rows(w_gate), as_rows(w_up), w_down, *scales)
+    y = FrozenSwiGLUFunction.apply(x2, wg, wu, wd, recompute, training, *scales)
     return y.view(*shape[:-1], w_down.shape[0])
 
 

@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                      temperature=args.temperature, generator=generator, n_blocks=depth)
     except (FileNotFoundError, ValueError) as e:
         message = str(e)
-        if message.split(":", 1)[0] in _SAMPLER_FLAGS:  # sample()'s own name for a flag's value: name the flag
+        if message.startswith("encode:"):  # the tokenizer refused the prompt
+            message = "--prompt" + message[len("encode"):]
+        elif message.split(":", 1)[0] in _SAMPLER_FLAGS:  # sample()'s own name for a flag's value: name the flag
             message = "--" + message
         parser.exit(2, f"{parser.prog}: error: {message}\n")
     except (torch.OutOfMemoryError, RuntimeError) as e:

@@ -739,13 +739,46 @@ class Trainer:
             if j.isdigit() and int(j) != keep and os.path.isdir(directory):
                 self.delete_cache(int(j))
 
-    def check_cache_room(self) -> None:
-        """DiskSpaceError unless one stage's cache fits in cache_dir, a shard for every rank that writes to
-        its disk (cache_sharers; see check_disk_space). Before a stage trains: no shard is reserved yet."""
+    def check_cache_room(self, shards: int = 1) -> None:
+        """DiskSpaceError unless `shards` more shards for every rank that writes to cache_dir's disk
+        (cache_sharers; see check_disk_space) fit there. A collective: every rank checks its disk, and all
+        raise (each its own error, or the first rank's), so that none goes on alone into a collective."""
         c = self.cfg
         shard = cache_bytes(self.cache_entries, c.data.seq_len, c.model.d_model, self.dtype)
-        check_disk_space(self.cache_dir, self.cache_sharers * shard,
-                         f"{self.cache_sharers} shard(s) of {shard / 2**20:.1f} MiB, one per rank writing to it")
+        try:
+            check_disk_space(self.cache_dir, shards * self.cache_sharers * shard,
+                             f"{shards * self.cache_sharers} shard(s) of {shard / 2**20:.1f} MiB: {shards} for "
+                             f"each of the {self.cache_sharers} rank(s) writing to it")
+            error = None
+        except DiskSpaceError as e:
+            error = str(e)
+        errors = [message for message in self.env.gather(error) if message is not None]
+        if errors:
+            raise DiskSpaceError(error or f"another rank: {errors[0]}")
+
+    def open_input(self, index: int) -> ActivationCache | None:
+        """Phase `index`'s input cache (block k-1's, for stage k > 0 with caches; else None), held in
+        _input_cache. A collective, before the phase reserves anything on the disk: first the room for what
+        the phase adds there is checked on every rank (check_cache_room): its own cache if it writes one, and
+        where some rank has lost its input (a wiped scratch disk), the input too, rebuilt from block k-2's
+        (two shards at once while it is written). Then a missing input is rebuilt (open_cache)."""
+        name, k, _ = self.phases[index]
+        cached = self.cfg.train.cache and name == "stage" and k > 0
+        cache = None
+        if cached:
+            try:
+                cache = ActivationCache.open(self._stage_dir(k - 1), self.env.rank, self._cache_expect(k - 1))
+            except FileNotFoundError:  # rebuilt below, once the disk is checked
+                pass
+        rebuild = cached and self.env.any(cache is None)
+        writes = self.writes_cache(index)
+        shards = (2 if k > 1 or writes else 1) if rebuild else int(writes)
+        if shards:
+            self.check_cache_room(shards)
+        if cached and cache is None:
+            cache = self.open_cache(k - 1)
+        self._input_cache = (k - 1, cache) if cached else (None, None)
+        return cache
 
     def open_cache(self, k: int) -> ActivationCache:
         """Block k's cache. A missing one (deleted, or on a scratch disk wiped by a preemption) is rebuilt
@@ -824,8 +857,11 @@ class Trainer:
             self.remove_crashed_writers_files()  # before anything checks the disk or writes a cache
             self.remove_unneeded_caches(index)
         self.env.barrier()  # every rank's leftovers gone before any rank checks the disk for all of them
-        if start_step < total and not self.train_phase(index, start_step):
-            return False
+        if start_step < total:
+            if not self.train_phase(index, start_step):
+                return False
+        elif self.writes_cache(index):  # resumed after the steps, before the cache write: its input and room
+            self.open_input(index)
         self.finish_phase(index)
         return True
 
@@ -839,10 +875,7 @@ class Trainer:
             torch.manual_seed(c.train.seed)  # a fresh model with the layer-wise run's initial weights
             self.model = LWTModel(c.model, device=self.device, dtype=self.dtype)
         cached = c.train.cache and name == "stage" and k > 0
-        cache = self.open_cache(k - 1) if cached else None
-        self._input_cache = (k - 1, cache) if cached else (None, None)
-        if self.writes_cache(index):
-            self.check_cache_room()  # before training, not after it
+        cache = self.open_input(index)  # and the disk checked for this stage's cache: before training
         core = trainable_core(self.model, name, k)
         params = set_trainable(self.model, core)
         self._forget_digests(k + 1 if name == "stage" and k > 0 else 0)  # what this phase trains changes

@@ -22,7 +22,7 @@ def pytest_configure(config):
     import numpy
 
     numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
-    if os.environ.get("TRITON_INTERPRET") == "1" and numpy_version >= (2, 4):  # (see setup.py's pin)
+    if kernels._common.interpreting() and numpy_version >= (2, 4):  # (see setup.py's pin)
         raise pytest.UsageError(f"triton 3.6's interpreter, which runs the kernels on the CPU, fails with numpy "
                                 f">= 2.4 (TypeError: only 0-dimensional arrays can be converted to Python "
                                 f"scalars); this environment has numpy {numpy.__version__}: pip install 'numpy<2.4'")

@@ -707,7 +707,8 @@ def test_generate_passes_its_flags_to_the_sampler(tmp_path, monkeypatch, capsys)
     (["--steps", "0"], "--steps: expected an int >= 1, got 0"),
     (["--num_samples", "0"], "--num_samples: expected an int >= 1, got 0"),
     (["--temperature", "-1"], "--temperature: expected a finite number >= 0"),
-    (["--length", "3", "--prompt", "7 8 9 10"], "--prompt: expected at most length=3 tokens, got 4")])
+    (["--length", "3", "--prompt", "7 8 9 10"], "--prompt: expected at most length=3 tokens, got 4"),
+    (["--prompt", "7 999"], "--prompt: ids must be in [0, 50), got 999")])
 def test_generate_names_the_flag_the_sampler_refused(tmp_path, capsys, flags, message):
     model = tiny_model(vocab_size=50, seed=4)
     path = tmp_path / "final.pt"

@@ -321,17 +321,22 @@ def test_linear_cross_entropy_compiled_still_checks_targets():
         loss_fn(randn(3, 16), randn(33, 16, seed=1), target)
 
 
-@pytest.mark.parametrize("case", ["attention(q, kv, kv)", "attention(q, q, q)", "mla_attention(q, kv, k_rope, kv)"])
-def test_attention_with_one_tensor_passed_twice_compiles_to_one_graph(case):
-    """One tensor as two inputs (K and V from one projection; self-similarity q = k = v) reaches the
-    autograd.Function as two objects (Dynamo refuses an apply with a duplicate tensor input): one graph,
-    and the same output and summed gradients as eager mode."""
+@pytest.mark.parametrize("case", ["attention(q, kv, kv)", "attention(q, q, q)", "mla_attention(q, kv, k_rope, kv)",
+                                  "frozen_swiglu(x, wg8, wu8, wd, scale, scale)"])
+def test_one_tensor_passed_twice_compiles_to_one_graph(case):
+    """One tensor as two inputs (K and V from one projection; self-similarity q = k = v; one FP8 scale for
+    both frozen matrices) reaches the autograd.Function as two objects (Dynamo refuses an apply with a
+    duplicate tensor input): one graph, and the same output and summed gradients as eager mode."""
     q, kv, qm, kr = randn(1, 9, 2, 16), randn(1, 9, 2, 16, seed=1), randn(1, 9, 2, 24, seed=2), randn(1, 9, 8, seed=3)
     cotangent = randn(1, 9, 2, 16, seed=4)
+    (wg8, scale), (wu8, _) = quantize_rows_fp8(randn(24, 16, seed=5)), quantize_rows_fp8(randn(24, 16, seed=6))
     fn, inputs = {"attention(q, kv, kv)": (lambda a, b: lwtF.attention(a, b, b, causal=True), (q, kv)),
                   "attention(q, q, q)": (lambda a: lwtF.attention(a, a, a, causal=True), (q,)),
                   "mla_attention(q, kv, k_rope, kv)": (lambda a, b, c: lwtF.mla_attention(a, b, c, b, causal=True),
-                                                       (qm, kv, kr))}[case]
+                                                       (qm, kv, kr)),
+                  "frozen_swiglu(x, wg8, wu8, wd, scale, scale)": (
+                      lambda x, wd: lwtF.frozen_swiglu(x, wg8, wu8, wd, True, w_gate_scale=scale, w_up_scale=scale),
+                      (q, randn(16, 24, seed=7)))}[case]
 
     def output_and_grads_of(f):
         leaves = [t.detach().requires_grad_() for t in inputs]

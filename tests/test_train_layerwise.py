@@ -1445,6 +1445,60 @@ def test_a_rebuild_holds_two_shards_on_the_disk_at_a_time(tmp_path, monkeypatch)
     assert held == [1, 2, 2], held  # blocks 0, 1, 2 rebuilt; stage 3 writes none
 
 
+def _disk_events(monkeypatch, tmp_path) -> list:
+    """A log of ("check", bytes) for every trainer disk check and ("write", stage dir) for every cache writer."""
+    events, writer = [], T.CacheWriter
+    monkeypatch.setattr(T, "check_disk_space", lambda directory, nbytes, what="": events.append(("check", nbytes)))
+    monkeypatch.setattr(T, "CacheWriter", lambda directory, *args: events.append(
+        ("write", os.path.basename(directory))) or writer(directory, *args))
+    return events
+
+
+def test_a_rebuild_is_checked_for_room_on_every_rank_before_it_writes(tmp_path, monkeypatch):
+    """Resumed inside stage 2 (the last, which writes no cache) with the cache wiped: before any shard is
+    reserved, every rank checks room for the two the rebuild holds at once (block 0's, then block 1's
+    written from it), so that a disk too small stops every rank together, not one rank inside the rebuild
+    while the others go on into a collective."""
+    three = ("--set", "model.n_layers=3", "--set", "train.max_steps=2", "--set", "train.joint_steps=0")
+    _run(tmp_path, *three, "--stop_after", "5")  # inside stage 2
+    shutil.rmtree(tmp_path / "run" / "cache")
+    events = _disk_events(monkeypatch, tmp_path)
+    assert _run(tmp_path, *three, "--resume")[0] == 0
+    shard = T.cache_bytes(16, 16, 32, torch.float32)
+    assert events == [("check", 2 * shard), ("write", "stage0"), ("write", "stage1")], events
+
+
+def test_a_cache_write_resumed_after_its_stage_is_checked_for_room(tmp_path, monkeypatch):
+    """A run stopped by a failed cache write resumes at the write (its checkpoint is after the steps): the
+    disk is checked, on every rank, before the shard is reserved, as before a stage's steps."""
+    writer, calls = T.CacheWriter, []
+
+    def full_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise T.DiskSpaceError("the disk filled up")
+        return writer(*args)
+
+    one = ("--set", "train.joint_steps=0")
+    with monkeypatch.context() as m:
+        m.setattr(T, "CacheWriter", full_once)
+        with pytest.raises(T.DiskSpaceError, match="filled up"):
+            _run(tmp_path, *one)
+    events = _disk_events(monkeypatch, tmp_path)
+    assert _run(tmp_path, *one, "--resume")[0] == 0
+    shard = T.cache_bytes(16, 16, 32, torch.float32)
+    assert events[:2] == [("check", shard), ("write", "stage0")], events
+
+
+def test_a_disk_check_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatch):
+    """check_cache_room is a collective: a rank whose disk has room still raises when another's has none."""
+    trainer = _trainer(tmp_path / "run")
+    trainer.env = types.SimpleNamespace(gather=lambda message: [message, "not enough disk space on rank 1"])
+    monkeypatch.setattr(T, "check_disk_space", lambda *args: None)
+    with pytest.raises(T.DiskSpaceError, match="^another rank: not enough disk space on rank 1$"):
+        trainer.check_cache_room()
+
+
 def test_disk_checks_count_the_shards_of_the_ranks_writing_to_the_disk(tmp_path, monkeypatch):
     """Before a stage trains, the disk must hold a shard for every rank writing to cache_dir (here two
     local ranks); at the write itself only this rank's shard is checked (by its CacheWriter): another
@@ -1455,7 +1509,8 @@ def test_disk_checks_count_the_shards_of_the_ranks_writing_to_the_disk(tmp_path,
     trainer = _trainer(tmp_path / "run")
     shard = T.cache_bytes(trainer.cache_entries, 16, 32, torch.float32)
     trainer.train_phase(0, 0)
-    assert checks == [(2 * shard, f"2 shard(s) of {shard / 2**20:.1f} MiB, one per rank writing to it")]
+    assert checks == [(2 * shard, f"2 shard(s) of {shard / 2**20:.1f} MiB: 1 for each of the 2 rank(s) writing "
+                                  f"to it")]
     trainer.finish_phase(0)
     assert len(checks) == 1
 
