@@ -102,6 +102,18 @@ def distinct(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
                  for i, t in enumerate(tensors))
 
 
+# CUDA's limit on a launch grid's second and third dims (the first takes 2^31 - 1)
+MAX_GRID_YZ = 65535
+
+
+def check_grid_columns(n: int, block: int, name: str, what: str) -> None:
+    """ValueError, naming the argument, when a launch that puts cdiv(n, block) programs on the grid's
+    second dim would pass MAX_GRID_YZ (what: the dim's meaning, for the message)."""
+    if cdiv(n, block) > MAX_GRID_YZ:
+        raise ValueError(f"{name}: expected {what} of at most {MAX_GRID_YZ * block} on the Triton path (a grid "
+                         f"dim of one program per {block}, at most {MAX_GRID_YZ}), got {n}")
+
+
 def cdiv(a: int, b: int) -> int:
     """Host-side ceil(a / b). (triton.cdiv and triton.next_power_of_2 are constexpr functions in
     triton 3.6: called from Python they cost several microseconds each, on every launch.)"""

@@ -16,7 +16,8 @@ runs give bit-identical gradients (on one GPU, within one process: the warp coun
 sets the order of the in-row fp32 sums, so another process may round the last bit differently).
 The backward issues the loads of a program's next row block before working on the current one.
 
-Limits and paths: any N >= 1 (tested to 65536) and any row count (0 rows returns empty tensors). A row
+Limits and paths: any N from 1 to 268,431,360 (tested to 65536; beyond, the backward's grid would pass
+CUDA's 65535 column programs of 4096) and any row count (0 rows returns empty tensors). A row
 of up to 16384 elements (forward) / 8192 (backward) is held in registers and read once; wider rows are
 processed in 4096-wide chunks, which costs the forward a second read of the row (mostly from L2) and the
 backward a separate pass for mean(g·ŝ). Rows narrower than the tile (4096 elements forward, 8192
@@ -30,8 +31,9 @@ import triton
 import triton.language as tl
 
 from ._checks import check_rms_norm_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, empty, first_order_only, interpreting,
-                      launcher, no_transform, num_sms, prune_row_configs, row_configs, row_tile)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_grid_columns, check_kernel_device, empty,
+                      first_order_only, interpreting, launcher, no_transform, num_sms, prune_row_configs, row_configs,
+                      row_tile)
 
 # Widest row kept whole in registers. The backward holds four row tiles (dy, s, w, the dw accumulator)
 # against the forward's two, hence the lower limit.
@@ -182,7 +184,10 @@ def _rms_norm_bwd_kernel(
     buffer: a second store, not a copy that would read dx again)."""
     tl.static_assert(HAS_WEIGHT or not COMPUTE_DW)
     pid_m = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK_M
+    # int64 row starts, as in the forward: below M = 2^31 (then an int32 argument), start + step would wrap
+    # to a negative row that the mask rows < M lets through
+    first = pid_m.to(tl.int64) * BLOCK_M
+    step = tl.num_programs(0).to(tl.int64) * BLOCK_M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     if HAS_WEIGHT:
@@ -193,9 +198,9 @@ def _rms_norm_bwd_kernel(
     # arithmetic and stores, so each program keeps two blocks in flight instead of waiting a full memory
     # latency per block. (num_stages does not pipeline these loads: they feed no tl.dot.)
     dy_next, s_next, rstd_next, dso_next = _load_bwd_block(
-        DY, S, Rstd, DS_OUT, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), cols, col_mask, M,
+        DY, S, Rstd, DS_OUT, first + tl.arange(0, BLOCK_M), cols, col_mask, M,
         stride_dy_row, stride_s_row, stride_dso_row, HAS_DS_OUT)
-    for start in tl.range(pid_m * BLOCK_M, M, step):
+    for start in tl.range(first, M, step):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
         dy = dy_next.to(tl.float32)
@@ -440,6 +445,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, re
     """
     check_rms_norm_args(x, weight, residual, eps)
     check_kernel_device(x, "x")
+    check_grid_columns(x.shape[-1], CHUNK_N, "x", "a hidden size (last dim)")  # the backward's column chunks
     shape = x.shape
     x2 = as_rows(x)  # (M, N)
     w = None if weight is None else weight.contiguous()  # (differentiable: a copy passes its gradient on)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_swiglu_args
-from ._common import (TunedKernel, absent, as_rows, cdiv, check_kernel_device, distinct, empty, first_order_only,
-                      grouped_tile, interpreting, launcher, next_power_of_2)
+from ._common import (TunedKernel, absent, as_rows, cdiv, check_grid_columns, check_kernel_device, distinct, empty,
+                      first_order_only, grouped_tile, interpreting, launcher, next_power_of_2)
 from .reference import FP8_MAX
 
 # Token chunks: tokens per chunk × F stays under this many elements, for each (chunk × F) transient (h in
@@ -663,6 +663,7 @@ def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     """
     check_swiglu_args(x, w_gate, w_up, w_down, recompute, w_gate_scale, w_up_scale)
     check_kernel_device(x, "x")
+    check_grid_columns(w_gate.shape[0], _ELEMENTWISE_BLOCK[1], "w_gate", "a d_ff (first dim)")  # backward's grid
     if w_gate_scale is not None and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(x.device)
         raise ValueError(f"w_gate: float8_e4m3fn frozen weights need FP8 tensor cores (compute capability 8.9 or "

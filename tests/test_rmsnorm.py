@@ -358,6 +358,17 @@ def test_kernel_entry_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
         rmsnorm_kernels.rms_norm(x, torch.ones(8))
 
 
+def test_a_hidden_size_past_the_backward_grid_is_refused(monkeypatch):
+    """The backward launches one program per 4096 features on its grid's second dim, which CUDA caps at
+    65535: a wider row is a ValueError before any launch (zero-stride tensors: no memory behind them)."""
+    n = 65535 * 4096 + 1
+    x, w = torch.zeros(1, device=DEVICE).expand(2, n), torch.ones(1, device=DEVICE).expand(n)
+    monkeypatch.setattr(rmsnorm_kernels, "rms_norm_fwd", lambda *a: pytest.fail("launched"))
+    with pytest.raises(ValueError, match=r"^x: expected a hidden size \(last dim\) of at most 268431360 on the "
+                                         r"Triton path .*, got 268431361$"):
+        rmsnorm_kernels.rms_norm(x, w)
+
+
 @pytest.mark.parametrize("shape", [(37, 64), (3, 10000), (2, 20000)], ids=["M37-N64", "M3-N10000", "M2-N20000"])
 def test_residual_output_normalises_the_returned_sum(shape):
     """With a residual, y is the norm of the returned s = x + residual rounded to x's dtype (not of the

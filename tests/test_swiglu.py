@@ -639,3 +639,14 @@ def test_backward_asks_only_for_the_wanted_gradient(monkeypatch, recompute, want
     swiglu.frozen_swiglu(x, wg, wu, wd, recompute).sum().backward()
     assert calls == [(wanted == "x", wanted == "w_down")]
     assert leaf.grad is not None
+
+
+def test_a_d_ff_past_the_backward_grid_is_refused():
+    """The backward's elementwise kernel launches one program per 128 of d_ff on its grid's second dim,
+    which CUDA caps at 65535: a wider F is a ValueError before any launch (zero-stride tensors)."""
+    f = 65535 * 128 + 1
+    x = torch.zeros(2, 16, device=DEVICE)
+    w = torch.zeros(1, device=DEVICE).expand(f, 16)
+    with pytest.raises(ValueError, match=r"^w_gate: expected a d_ff \(first dim\) of at most 8388480 on the "
+                                         r"Triton path .*, got 8388481$"):
+        swiglu.frozen_swiglu(x, w, w, torch.zeros(1, device=DEVICE).expand(16, f))
