@@ -146,7 +146,8 @@ def masked_diffusion_loss(hidden: torch.Tensor, head_weight: torch.Tensor, token
         tokens: (B, S) the clean ids (targets), in [0, V) at the masked positions (there is no ignored id:
             leave padding unmasked). mask: (B, S) bool, True where the input was masked.
         t: (B,) the masking rate each sequence was drawn with, in (0, 1] for "elbo", where 1/t must be finite
-            in fp32 (float64 for float64 hidden): t >= 1.18e-38 ([0, 1] for "uniform").
+            in fp32 (float64 for float64 hidden): t at least that dtype's smallest normal number, 1.18e-38 in
+            fp32 ([0, 1] for "uniform").
         weighting: "elbo": Σ_masked (1/t) · CE / (B·S), the MDLM/LLaDA NELBO estimate per token (every token
             counts in the denominator, masked or not); "uniform": Σ_masked CE / M, the mean over the M
             masked tokens.
