@@ -32,6 +32,7 @@ writes metrics and checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import glob
@@ -154,7 +155,8 @@ class Dist:
         device_name: train.device: "auto" (cuda when available) | "cpu" | "cuda" (LOCAL_RANK's GPU when
             WORLD_SIZE > 1, else the current one) | "cuda:N".
     Attributes: world, rank (from WORLD_SIZE, RANK), device (a torch.device, made current on CUDA), main
-    (rank 0). With WORLD_SIZE > 1 it initialises the default process group (nccl on CUDA, gloo otherwise).
+    (rank 0). With WORLD_SIZE > 1 it initialises the default process group (nccl on CUDA, gloo otherwise),
+    unless one exists: then it uses that one, and close() leaves it to whoever made it.
     Raises:
         ValueError: a CUDA device is asked for but none is visible, or its index is not below the GPU count.
     """
@@ -179,7 +181,9 @@ class Dist:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
+        # a group the caller made (dist.init_process_group before main()) is used, and left to the caller
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
 
@@ -213,8 +217,8 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
-        """Destroy the process group, if this is a multi-process run and it is still initialised."""
-        if self.world > 1 and dist.is_initialized():
+        """Destroy the process group, if this Dist made it and it is still initialised."""
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -1250,6 +1254,8 @@ def _atomic_save(state: dict, path: str) -> None:
         # inline_container.cc:...] unexpected pos ..."), the OSError (ENOSPC, EIO) only as its context; and
         # write, flush and fsync raise OSErrors that name no file.
         cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None  # a Ctrl-C inside the write: an interrupt, not a writer's error
         if isinstance(cause, OSError) and cause.filename is None:
             raise OSError(cause.errno, cause.strerror or str(cause), path) from e  # (tmp is removed: name path)
         raise
@@ -1414,6 +1420,13 @@ def main(argv=None) -> int:
             or cache_dir that cannot be made or locked (lock_run_dirs names the key).
         TrainingDiverged: the loss, the trained weights or a validation NELBO became NaN or inf (nothing was
             saved after it).
+        SystemExit: a flag argparse refuses (usage error, status 2), or --plot without matplotlib.
+        KeyboardInterrupt: a second SIGINT (the first stops the run with a checkpoint).
+    Called from Python: torch's global RNG (the initial weights are drawn from it, seeded with train.seed)
+    is restored on return, gradients are on and autocast off inside whatever mode the caller is in, the
+    process group is made and destroyed only when none exists (under torchrun, one the caller made is used
+    and kept: make it yourself to call main more than once), and signals are handled only from the main
+    thread (from another thread, --stop_after is the way to stop).
     """
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -1424,7 +1437,15 @@ def main(argv=None) -> int:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib); nothing was trained")
     env = Dist(cfg.train.device)
     trainer, locks, previous_handlers = None, [], {}
+    numerics = contextlib.ExitStack()
     try:
+        # Called from Python, the run is the same as from the shell: the caller's global RNG (which seeds the
+        # initial weights) is restored when main returns, and its no_grad, inference_mode or autocast do not
+        # reach the training.
+        numerics.enter_context(torch.random.fork_rng(devices=[env.device.index] if env.device.type == "cuda" else []))
+        numerics.enter_context(torch.inference_mode(False))
+        numerics.enter_context(torch.enable_grad())
+        numerics.enter_context(torch.autocast(env.device.type, enabled=False))
         trainer = Trainer(cfg, args, env)
         if threading.current_thread() is threading.main_thread():  # (signal handlers are the main thread's)
             # A scheduler preempting the job (SLURM, Kubernetes; torchrun passes it on to every rank) sends
@@ -1501,16 +1522,19 @@ def main(argv=None) -> int:
         env.barrier()
         return 0
     finally:
-        for signum, previous in previous_handlers.items():  # (None: a handler installed outside Python; the
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # default stands in for it)
-        # DDP holds the process group, and reference cycles (its autograd hooks) would keep the trainer
-        # alive until interpreter shutdown, where gloo's worker threads, freeing tensors, abort on the GIL
-        # (pytorch#179291 describes it): free them now, while the interpreter is whole.
-        del trainer
-        gc.collect()
-        for f in locks:
-            f.close()
-        env.close()
+        try:
+            for signum, previous in previous_handlers.items():  # (None: a handler installed outside Python;
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # the default stands in)
+            # DDP holds the process group, and reference cycles (its autograd hooks) would keep the trainer
+            # alive until interpreter shutdown, where gloo's worker threads, freeing tensors, abort on the GIL
+            # (pytorch#179291 describes it): free them now, while the interpreter is whole.
+            del trainer
+            gc.collect()
+        finally:  # the locks go even when a second Ctrl-C lands in the above (a notebook's kernel lives on)
+            for f in locks:
+                f.close()
+            env.close()
+            numerics.close()
 
 
 if __name__ == "__main__":

@@ -260,6 +260,70 @@ def test_a_second_sigint_interrupts_at_once(tmp_path, monkeypatch):
     assert not (tmp_path / "twice" / "checkpoint.pt").exists()
 
 
+def test_a_second_sigint_during_the_cleanup_still_releases_the_locks(tmp_path, monkeypatch):
+    """A KeyboardInterrupt that lands while main tidies up (freeing the trainer) still closes the lock
+    files: a notebook, whose process lives on, can resume at once instead of being told its own pid holds
+    the run."""
+    collect = T.gc.collect
+
+    def interrupted_collect():
+        collect()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(T.gc, "collect", interrupted_collect)
+        with pytest.raises(KeyboardInterrupt) as kept:  # (its traceback holds main's frame, as IPython's does)
+            _run(tmp_path, "--stop_after", "2")
+    assert _run(tmp_path, "--resume")[0] == 0
+    del kept
+
+
+def test_main_called_from_python_keeps_the_callers_rng_and_modes(tmp_path):
+    """main() under the caller's no_grad and autocast trains as from the shell (bit-identical weights),
+    and the caller's global RNG stream goes on as if main had not run (it seeds the weights from it)."""
+    torch.manual_seed(123)
+    want = torch.rand(2)
+    assert _run(tmp_path, name="plain")[0] == 0
+    torch.manual_seed(123)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _run(tmp_path, name="inside")[0] == 0
+    assert torch.equal(torch.rand(2), want)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "inside")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_dist_leaves_a_process_group_it_did_not_make(tmp_path, monkeypatch):
+    """Under torchrun, a caller that made the process group itself keeps it after main (which used it)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # (Dist reads the world from the environment, as under torchrun)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        env = T.Dist("cpu")
+        assert not env.owns_group
+        env.close()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_interrupt_inside_a_checkpoint_write_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """torch.save's zip writer turns a KeyboardInterrupt in a write into a RuntimeError ('[enforce fail at
+    inline_container.cc] ...'), the interrupt only its context: _atomic_save raises the interrupt, and
+    leaves no temporary file."""
+    def interrupted_save(state, f):
+        f.write(b"x" * 4096)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 46 vs 0")
+
+    monkeypatch.setattr(T.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        T._atomic_save({"step": 1}, str(tmp_path / "checkpoint.pt"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_ignored_sigint_stays_ignored(tmp_path, monkeypatch):
     """A background job of a non-interactive shell starts with SIGINT ignored: a Ctrl-C meant for the
     foreground job must not stop the run (it stopped it once the trainer handled SIGINT)."""
