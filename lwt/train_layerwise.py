@@ -148,6 +148,15 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
+def seed_model_rng(seed: int, device: torch.device) -> None:
+    """torch.manual_seed(seed) for the generators a model built on `device` draws from: the CPU's and, on
+    CUDA, the current GPU's (Dist made `device` current). torch.manual_seed would reseed every GPU, which
+    main, restoring its caller's RNG, would then have to save and restore on each."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 class Dist:
     """Rank, world size and device; a process group when launched by torchrun with WORLD_SIZE > 1.
 
@@ -156,15 +165,24 @@ class Dist:
             WORLD_SIZE > 1, else the current one) | "cuda:N".
     Attributes: world, rank (from WORLD_SIZE, RANK), device (a torch.device, made current on CUDA), main
     (rank 0). With WORLD_SIZE > 1 it initialises the default process group (nccl on CUDA, gloo otherwise),
-    unless one exists: then it uses that one, and close() leaves it to whoever made it.
+    unless one exists: then it takes the world and rank from that one (WORLD_SIZE and RANK, if set, must
+    agree), and close() leaves it to whoever made it.
     Raises:
-        ValueError: a CUDA device is asked for but none is visible, or its index is not below the GPU count.
+        ValueError: a CUDA device is asked for but none is visible, or its index is not below the GPU count;
+            WORLD_SIZE or RANK that contradict an existing process group.
     """
 
     def __init__(self, device_name: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        made = dist.is_available() and dist.is_initialized()
+        if made:  # a group the caller made: its world and rank, which torchrun's variables must not contradict
+            group = (dist.get_world_size(), dist.get_rank())
+            if "WORLD_SIZE" in os.environ and (self.world, self.rank) != group:
+                raise ValueError(f"WORLD_SIZE={self.world}, RANK={self.rank}: expected the world size and rank of "
+                                 f"the process group made before main, {group[0]} and {group[1]}")
+            self.world, self.rank = group
         if device_name == "auto":
             device_name = "cuda" if torch.cuda.is_available() else "cpu"
         if device_name.startswith("cuda"):
@@ -182,7 +200,7 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         # a group the caller made (dist.init_process_group before main()) is used, and left to the caller
-        self.owns_group = self.world > 1 and not dist.is_initialized()
+        self.owns_group = self.world > 1 and not made
         if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
@@ -435,7 +453,7 @@ class Trainer:
         self.cache_sharers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.data = build_data(cfg.data, cfg.model.vocab_size)
         self.data_identity = data_identity(self.data)  # checked on --resume: the same config, other data?
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        seed_model_rng(t.seed, self.device)  # the same initial weights on every rank
         self.model = LWTModel(cfg.model, device=self.device, dtype=self.dtype)
         # The frozen matrices come from the config's seeds and never change (the end-to-end model is rebuilt
         # from the same seeds): hashed once, not at every checkpoint.
@@ -876,7 +894,7 @@ class Trainer:
         name, k, total = self.phases[index]
         label = phase_label(name, k)
         if name == "end-to-end" and start_step == 0:
-            torch.manual_seed(c.train.seed)  # a fresh model with the layer-wise run's initial weights
+            seed_model_rng(c.train.seed, self.device)  # a fresh model with the layer-wise run's initial weights
             self.model = LWTModel(c.model, device=self.device, dtype=self.dtype)
         cached = c.train.cache and name == "stage" and k > 0
         cache = self.open_input(index)  # and the disk checked for this stage's cache: before training
@@ -1531,10 +1549,12 @@ def main(argv=None) -> int:
             del trainer
             gc.collect()
         finally:  # the locks go even when a second Ctrl-C lands in the above (a notebook's kernel lives on)
-            for f in locks:
-                f.close()
-            env.close()
-            numerics.close()
+            try:
+                for f in locks:
+                    f.close()
+                env.close()
+            finally:
+                numerics.close()  # the caller's RNG and modes, however the rest went
 
 
 if __name__ == "__main__":

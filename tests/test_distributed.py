@@ -288,6 +288,14 @@ def _collectives_body(rank: int, world: int) -> None:
     assert env.all_mean(float(rank + 1)) == 1.5  # the logged loss and the NELBO check: a mean, not a sum
     assert env.any(rank == 1) and not env.any(False)
     assert env.gather(10 * rank) == [0, 10]
+    env.close()
+    assert dist.is_initialized(), "a group the caller made is the caller's to destroy"
+    del os.environ["WORLD_SIZE"], os.environ["RANK"]
+    assert (Dist("cpu").world, Dist("cpu").rank) == (world, rank)  # the group's, without torchrun's variables
+    os.environ["WORLD_SIZE"], os.environ["RANK"] = str(world), str(1 - rank)
+    with pytest.raises(ValueError, match=rf"^WORLD_SIZE=2, RANK={1 - rank}: expected the world size and rank of "
+                                         rf"the process group made before main, 2 and {rank}$"):
+        Dist("cpu")
 
 
 @needs_gloo

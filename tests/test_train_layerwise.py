@@ -292,19 +292,25 @@ def test_main_called_from_python_keeps_the_callers_rng_and_modes(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_dist_leaves_a_process_group_it_did_not_make(tmp_path, monkeypatch):
-    """Under torchrun, a caller that made the process group itself keeps it after main (which used it)."""
-    import torch.distributed as dist
+def test_the_callers_modes_come_back_even_when_the_teardown_is_interrupted(tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the process group's teardown (the last step of main's cleanup) still hands
+    the caller back its grad mode and RNG at once, not when the kept traceback is collected."""
+    close = T.Dist.close
 
-    monkeypatch.setenv("WORLD_SIZE", "2")  # (Dist reads the world from the environment, as under torchrun)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
-    try:
-        env = T.Dist("cpu")
-        assert not env.owns_group
-        env.close()
-        assert dist.is_initialized()
-    finally:
-        dist.destroy_process_group()
+    def interrupted_close(self):
+        close(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Dist, "close", interrupted_close)
+    torch.manual_seed(5)
+    want = torch.rand(2)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt) as kept:
+            _run(tmp_path, "--stop_after", "2")
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.rand(2), want)
+    del kept
 
 
 def test_an_interrupt_inside_a_checkpoint_write_is_a_keyboard_interrupt(tmp_path, monkeypatch):
@@ -1102,7 +1108,9 @@ def test_cuda_device_has_an_index(monkeypatch, name, world, local, expected):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
-    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)  # no process group for world 2
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)  # no process group for world 2: its sizes faked
+    monkeypatch.setattr(T.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(T.dist, "get_rank", lambda: 0)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local))
     env = T.Dist(name)
@@ -1118,6 +1126,8 @@ def test_cuda_device_the_machine_lacks_is_a_value_error(monkeypatch, name, world
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
     monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(T.dist, "get_rank", lambda: 0)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local))
     with pytest.raises(ValueError, match=rf"^train\.device: expected a device this machine has, got '{name}' "
