@@ -27,7 +27,7 @@ from .config import config_from_dict
 from .data import TokenData
 from .diffusion import ORDERS, sample
 from .model import LWTModel
-from .train_layerwise import phase_label, phases, read_checkpoint
+from .train_layerwise import out_of_memory, phase_label, phases, read_checkpoint
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTModel, str]:
@@ -180,12 +180,6 @@ def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     return device
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether an exception is an allocation failure: CUDA's OutOfMemoryError, or the RuntimeError of
-    torch's CPU allocator. (A process the OS kills for memory gets no exception to catch.)"""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring): load the checkpoint, sample, print each sample.
 
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             message = "--" + message
         parser.exit(2, f"{parser.prog}: error: {message}\n")
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         parser.exit(2, f"{parser.prog}: error: --length {args.length} x --num_samples {args.num_samples}: sampling needs "

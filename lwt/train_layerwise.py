@@ -148,6 +148,12 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation failure: CUDA's OutOfMemoryError, or the RuntimeError of
+    torch's CPU allocator. (A process the OS kills for memory gets no exception to catch.)"""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def seed_model_rng(seed: int, device: torch.device) -> None:
     """torch.manual_seed(seed) for the generators a model built on `device` draws from: the CPU's and, on
     CUDA, the current GPU's (Dist made `device` current). torch.manual_seed would reseed every GPU, which
@@ -1557,7 +1563,9 @@ def main(argv=None) -> int:
                 numerics.close()  # the caller's RNG and modes, however the rest went
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m lwt.train_layerwise`: main(), its errors printed as one line with an exit status (2: the
+    input; 1: the machine or the training), not as tracebacks."""
     try:
         sys.exit(main())
     except ValueError as e:  # a bad config, flag, checkpoint or cache: the message says which and why
@@ -1566,3 +1574,15 @@ if __name__ == "__main__":
     except (DiskSpaceError, OSError, TrainingDiverged) as e:  # the machine (no room, a path that cannot be made)
         print(f"error: {e}", file=sys.stderr)  # or the training itself (NaN): not the input
         sys.exit(1)
+    except RuntimeError as e:  # (torch.OutOfMemoryError is one)
+        if not out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: out of memory ({first}); lower data.batch_size or data.seq_len (or the model's sizes, or "
+              f"train.cache_sequences if it failed writing a cache). What was saved is intact; a resumed run keeps "
+              f"its config, so smaller settings mean a new run", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

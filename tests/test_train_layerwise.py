@@ -313,6 +313,23 @@ def test_the_callers_modes_come_back_even_when_the_teardown_is_interrupted(tmp_p
     del kept
 
 
+def test_the_command_line_reports_an_allocation_failure_in_one_line(monkeypatch, capsys):
+    """python -m lwt.train_layerwise: running out of memory (a batch size with a zero too many) is one line
+    saying so and what to lower, exit status 1; any other RuntimeError stays a traceback."""
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+
+    monkeypatch.setattr(T, "main", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        T.cli()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("error: out of memory (CUDA out of memory. Tried to allocate 2.00 "
+                                              "GiB.); lower data.batch_size or data.seq_len")
+    monkeypatch.setattr(T, "main", lambda: torch.zeros(2) @ torch.zeros(3))
+    with pytest.raises(RuntimeError, match="size mismatch|cannot be multiplied|inconsistent"):
+        T.cli()
+
+
 def test_an_interrupt_inside_a_checkpoint_write_is_a_keyboard_interrupt(tmp_path, monkeypatch):
     """torch.save's zip writer turns a KeyboardInterrupt in a write into a RuntimeError ('[enforce fail at
     inline_container.cc] ...'), the interrupt only its context: _atomic_save raises the interrupt, and
