@@ -27,7 +27,7 @@ from .config import config_from_dict
 from .data import TokenData
 from .diffusion import ORDERS, sample
 from .model import LWTModel
-from .train_layerwise import out_of_memory, phase_label, phases, read_checkpoint
+from .train_layerwise import first_line, out_of_memory, phase_label, phases, read_checkpoint
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[LWTModel, str]:
@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        parser.exit(2, f"{parser.prog}: error: --length {args.length} x --num_samples {args.num_samples}: sampling needs "
-                       f"more memory than {device} has ({first}); ask for fewer or shorter samples (on the CPU the "
-                       f"reference attention holds num_samples x heads x length^2 scores)\n")
+        parser.exit(2, f"{parser.prog}: error: --length {args.length} x --num_samples {args.num_samples}: sampling "
+                       f"needs more memory than {device} has ({first_line(e)}); ask for fewer or shorter samples (on "
+                       f"the CPU the reference attention holds num_samples x heads x length^2 scores)\n")
     for i, ids in enumerate(out.tolist()):
         print(f"=== sample {i} ===")
         print(tok.decode(ids))

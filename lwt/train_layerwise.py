@@ -148,6 +148,13 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (torch's carry a C++ trace after it); its type's name
+    when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether an exception is an allocation failure: CUDA's OutOfMemoryError, or the RuntimeError of
     torch's CPU allocator. (A process the OS kills for memory gets no exception to catch.)"""
@@ -1421,7 +1428,7 @@ def read_checkpoint(path: str):
         if "Unsupported global" in text:  # weights_only refused a class
             why = "it holds objects other than weights, which could run code on loading"
         elif isinstance(e, (RuntimeError, EOFError)):
-            why = f"a damaged file: {text.splitlines()[0] if text else type(e).__name__}"
+            why = f"a damaged file: {first_line(e)}"
         else:  # the unpickler's own errors: UnpicklingError, or IndexError/KeyError on a text file
             why = "not a torch checkpoint, or a damaged one"
         raise ValueError(f"checkpoint {path!r}: not a readable checkpoint ({why})") from None
@@ -1577,10 +1584,9 @@ def cli() -> None:
     except RuntimeError as e:  # (torch.OutOfMemoryError is one)
         if not out_of_memory(e):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: out of memory ({first}); lower data.batch_size or data.seq_len (or the model's sizes, or "
-              f"train.cache_sequences if it failed writing a cache). What was saved is intact; a resumed run keeps "
-              f"its config, so smaller settings mean a new run", file=sys.stderr)
+        print(f"error: out of memory ({first_line(e)}); lower data.batch_size or data.seq_len (or the model's "
+              f"sizes, or train.cache_sequences if it failed writing a cache). What was saved is intact; a resumed "
+              f"run keeps its config, so smaller settings mean a new run", file=sys.stderr)
         sys.exit(1)
 
 
