@@ -146,6 +146,17 @@ def _attention_jobs(quick):
                                      **_blocks(entry), **({} if group is None else {"GROUP": group}), **extra)
                         warps, stages = entry[2:4]
                         yield (label, kernel.fn, dtype, const, warps, stages, ints, {"sm_scale"}, {"LSE", "Delta"})
+    # the opt-in TMA forward (sm_90 only: main skips it for other archs); WS configs report "WS" below
+    tma_ints = {"B", "H", "GROUP", "S", "seq_bucket"}
+    for d in ((64, 128) if quick else A._TMA_HEAD_DIMS):
+        configs = A._TMA_FWD_CONFIGS[d]
+        for causal in (False, True):
+            for even in ((True,) if quick else (True, False)):
+                for entry in (configs[:1] + [e for e in configs if not e[4]][:1] if quick else configs):
+                    bm, bn, warps, stages, ws = entry
+                    const = dict(D=d, IS_CAUSAL=causal, STORE_RES=True, EVEN_S=even, BLOCK_M=bm, BLOCK_N=bn, WS=ws)
+                    yield ("attention fwd TMA", A._attn_fwd_tma_kernel.fn, "bf16", const, warps, stages, tma_ints,
+                           {"sm_scale"}, {"LSE"})
     pre = A._bwd_preprocess_kernel
     for head_dim in (64, 128, 256):
         const = dict(D=head_dim, HEAD_DIM=head_dim, HAS_RES=True, BLOCK_M=A._PREPROCESS_TILE // head_dim)
@@ -305,6 +316,8 @@ def main(argv=None) -> int:
         for label, fn, dtype, const, warps, stages, ints, floats, fp32, *extra in JOBS[group](args.quick):
             if args.arch < 89 and "fp8e4nv" in repr(extra):  # FP8 kernels need compute capability 8.9+
                 continue  # (kernels/swiglu.py refuses FP8 weights below it: never launched there)
+            if args.arch != 90 and label.endswith(" TMA"):  # launched on sm_90 only (attention._tma_forward)
+                continue
             sig, attrs = _signature(fn, const, dtype, ints, floats, fp32, *extra)
             shown = " ".join(f"{k}={v}" for k, v in const.items())
             try:
@@ -322,6 +335,7 @@ def main(argv=None) -> int:
             print(f"{'FAILED' if under else 'ok'} {label} {dtype} {shown} w{warps} s{stages}: REG {regs} SPILL {stack} "
                   f"SMEM {smem}{'' if estimate is None else f' (prune counts {estimate[0]})'} "
                   f"MMA {_mma(compiled.asm['ptx'])}"
+                  f"{' WS' if 'setmaxnreg' in compiled.asm['ptx'] else ''}"
                   f"{f' (compiled, but SMEM is over the {estimate[1]} bytes the prune allows for it)' if under else ''}",
                   flush=True)
     print(f"{failed} failed" if failed else "all compiled")

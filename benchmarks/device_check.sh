@@ -17,6 +17,9 @@
 #                                           # bench_attention --only mla, then benchmarks/tune_mla.py
 #                                           # --batches ${MLA_BATCHES:-8}: MLA's passes, each launch config
 #                                           # forced (its output comes back as tune_mla.log)
+#   bash benchmarks/device_check.sh tma [pytest -k expr]  # the opt-in TMA attention forward
+#                                           # (LWT_ATTN_TMA), in ~8 minutes: its CUDA tests (-k test_tma),
+#                                           # then bench_attention --only gqa, which times it as "lwt TMA"
 #   bash benchmarks/device_check.sh diag [pytest -k expr]  # RMSNorm's host time, in ~7 minutes:
 #                                           # benchmarks/diagnose_rmsnorm.py (DIAG_SECTIONS, default 1,4:
 #                                           # the step times and the host time's pieces; its output comes
@@ -38,7 +41,7 @@ mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
-case $what in bench|test|all|train|layers|mla|diag) ;; *) echo "usage: $0 bench|test|all|train|layers|mla|diag [pytest -k expr]" >&2; exit 2 ;; esac
+case $what in bench|test|all|train|layers|mla|tma|diag) ;; *) echo "usage: $0 bench|test|all|train|layers|mla|tma|diag [pytest -k expr]" >&2; exit 2 ;; esac
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
@@ -140,6 +143,14 @@ if [ "$what" = mla ]; then
   step bench_attention 150 "$PY" benchmarks/bench_attention.py --quick --only mla --results-dir "$WORK"
   step tune_mla 500 "$PY" benchmarks/tune_mla.py --batches "${MLA_BATCHES:-8}"
   cp "$WORK/tune_mla.log" "$OUT/tune_mla.log"
+  exit $failed
+fi
+if [ "$what" = tma ]; then
+  # The opt-in TMA forward's CUDA tests (each listed config forced, the float64 checks through the
+  # backward, the batch entries kept apart; -k test_tma: a bare "tma" also matches "softmax"), then the
+  # GQA/MHA cases of the attention bench with its "lwt TMA" row beside lwt's default forward and SDPA
+  test_cap=200 run_tests "${2:-test_tma}" tests/test_attention.py
+  step bench_attention 300 "$PY" benchmarks/bench_attention.py --quick --only gqa --results-dir "$WORK"
   exit $failed
 fi
 if [ "$what" = diag ]; then

@@ -62,14 +62,21 @@ registers only); any S >= 1, B, H and any strides with a unit stride along D (an
 first), as long as one batch entry of each tensor spans at most 2^31 elements through its strides
 (offsets inside an entry are int32: S·H·D <= 2^31 for a contiguous tensor; a view keeps its buffer's
 strides, so q of a fused QKV output spans S·(H + 2·Hkv)·D); a larger one raises ValueError.
+
+Opt-in (LWT_ATTN_TMA=1): a second forward kernel for sm_90 that loads its tiles through TMA descriptors
+and warp-specialises its key loop (_attn_fwd_tma_kernel, where its section says when it applies). Not
+yet run on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation  # the allocator's context variable (_tma_scratch)
 
 from ._checks import MAX_HEAD_DIM, check_attention_args
 from ._common import (TunedKernel, absent, cdiv, check_kernel_device, distinct, empty, first_order_only,
@@ -447,6 +454,111 @@ def _attn_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
+# Forward through TMA, warp-specialised (opt-in, LWT_ATTN_TMA=1; sm_90)
+# ---------------------------------------------------------------------------------------------------
+# The same forward for plain attention heads (no rope part, 16-bit, head dim 32, 64 or 128), with its
+# tiles loaded by the Hopper tensor-memory accelerator (TMA) through descriptors the kernel builds
+# (tl.make_tensor_descriptor), and its key loop warp-specialised (tl.range(warp_specialize=True)): at 4
+# warps, triton's Hopper pass (triton-lang/triton#7136, #7658) splits the program into a producer warp
+# group issuing the TMA loads and two consumer warp groups of 64 query rows each (12 warps, registers
+# rebalanced by setmaxnreg), FlashAttention-3's layout (Shah et al. 2024, arXiv:2407.08608, section 3.1).
+# Configs with WS False keep 8 ordinary warps and only the TMA loads. Compiled for sm_90 (triton 3.6),
+# no config spills; at head dim 128 a training forward's 128 x 64 tile at 8 warps takes 146 registers
+# where _attn_fwd_kernel's takes 188 (bidirectional; TMA computes no addresses per element).
+# Not yet run on a GPU: opt-in until a GPU session has tested and timed it (LWT_ATTN_TMA, launch_fwd).
+#
+# What triton 3.6's pass accepts shaped the kernel: one key loop (a second loop, such as the ragged tail
+# or causal diagonal kept apart as _attn_fwd_kernel does, fails in its data partitioning), and
+# two-dimensional descriptors (a 4-D (B, S, H, D) one's reshape fails there too). So Q, K and V are read
+# as (B·S, heads·D) matrices: a tile past the sequence end reads the next batch entry's rows (the last
+# entry's read as zeros), which the mask hides: keys past S get -inf logits, their V rows are zeroed
+# (a finite P of 0 times an inf there would be NaN), and query rows past S are never stored. EVEN_S (S a
+# multiple of 128, so of every BLOCK_N) drops the key mask of the bidirectional loop; the causal loop
+# masks every tile (one select per logit) instead of the diagonal ones alone.
+_TMA_FWD_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages, WS)
+    32: [(128, 64, 4, 3, True), (128, 128, 4, 2, True), (128, 64, 8, 3, False), (128, 128, 8, 2, False)],
+    64: [(128, 64, 4, 3, True), (128, 128, 4, 2, True), (128, 64, 8, 3, False), (128, 128, 8, 2, False)],
+    128: [(128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 8, 2, False), (128, 64, 8, 3, False)],
+}
+_TMA_HEAD_DIMS = tuple(_TMA_FWD_CONFIGS)
+_INTERPRETER_TMA_FWD = (32, 16, False)
+
+
+def _tma_fwd_configs():
+    if interpreting():
+        bm, bn, ws = _INTERPRETER_TMA_FWD
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=1, num_stages=1)]
+    entries = dict.fromkeys(e for dim_configs in _TMA_FWD_CONFIGS.values() for e in dim_configs)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=st)
+            for bm, bn, w, st, ws in entries]
+
+
+def _prune_tma_fwd(configs, nargs, **kwargs):
+    """The configs listed for this head dim, in their list's order."""
+    if interpreting():
+        return configs
+    order = {entry: i for i, entry in enumerate(_TMA_FWD_CONFIGS[kwargs.get("D", nargs.get("D"))])}
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WS"])  # noqa: E731
+    return sorted((c for c in configs if key(c) in order), key=lambda c: order[key(c)])
+
+
+@triton.autotune(configs=_tma_fwd_configs(), key=["D", "IS_CAUSAL", "STORE_RES", "seq_bucket"],
+                 prune_configs_by={"early_config_prune": _prune_tma_fwd})
+@triton.jit
+def _attn_fwd_tma_kernel(
+    Q, K, V, O, ORES, LSE, stride_qs, stride_ks, stride_vs, stride_ob, stride_os, stride_oh,
+    B, H, GROUP, S, sm_scale, seq_bucket,
+    D: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_RES: tl.constexpr, EVEN_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
+):
+    """_attn_fwd_kernel's O, LSE and residual for heads without a rope part, q·k and v both D wide (a
+    power of two), through TMA descriptors of Q (B·S, H·D), K and V (B·S, Hkv·D) whose rows are stride_qs,
+    stride_ks, stride_vs elements apart (a batch entry's S rows in a row: launch_fwd checks)."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    # 16-bit operands only (launch_fwd sends fp32 to _attn_fwd_kernel's IEEE dots): input_precision is moot
+    tl.static_assert(Q.dtype.element_ty == tl.float16 or Q.dtype.element_ty == tl.bfloat16)
+    block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
+    hk = h // GROUP
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B * S, H * D], strides=[stride_qs, 1], block_shape=[BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K, shape=[B * S, (H // GROUP) * D], strides=[stride_ks, 1],
+                                       block_shape=[BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B * S, (H // GROUP) * D], strides=[stride_vs, 1],
+                                       block_shape=[BLOCK_N, D])
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
+    q_start = block_m * BLOCK_M
+    q_rows = q_start + tl.arange(0, BLOCK_M)
+    row0 = b * S  # the batch entry's first row in the descriptors (B·S < 2^31: launch_fwd checks)
+    q = q_desc.load([row0 + q_start, h * D])
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    end = tl.minimum(q_start + BLOCK_M, S) if IS_CAUSAL else S
+    for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WS):
+        k_cols = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([row0 + start_n, hk * D])
+        qk = tl.dot(q, tl.trans(k), input_precision="tf32")
+        if IS_CAUSAL or not EVEN_S:
+            qk = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([row0 + start_n, hk * D])
+        if not EVEN_S:
+            v = tl.where((k_cols < S)[:, None], v, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32")
+        m_i = m_new
+    # As in _attn_fwd_kernel: every row saw key 0, so m_i is finite and l_i >= 1.
+    o = acc / l_i[:, None]
+    O += b.to(tl.int64) * stride_ob + h * stride_oh
+    _store_tile(O, q_rows, stride_os, S, o, D, D)
+    if STORE_RES:
+        ORES += b.to(tl.int64) * stride_ob + h * stride_oh
+        _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D, D)
+    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, m_i + tl.math.log2(l_i), mask=q_rows < S)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------
 
@@ -641,6 +753,7 @@ def _attn_bwd_dq_kernel(
 
 # Launched through the tuned-config cache (kernels/_common.py), every argument in declaration order.
 _fwd = TunedKernel(_attn_fwd_kernel)
+_fwd_tma = TunedKernel(_attn_fwd_tma_kernel)
 _dkdv = TunedKernel(_attn_bwd_dkdv_kernel)
 _dq = TunedKernel(_attn_bwd_dq_kernel)
 # δ preprocess: rows per program so that each of its two (rows, HEAD_DIM) tiles holds 4096 elements
@@ -722,6 +835,15 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
         _check_offsets(q=q, c=k, k_rope=kr, o=o)
     else:
         _check_offsets(q=q, k_nope=k, v=v, k_rope=kr, o=o)
+    if kr is None and _tma_forward(q, k, v):
+        with _tma_scratch(q.device):
+            _fwd_tma.launch(
+                lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
+                q, k, v, o, o_res if keep else o, lse, q.stride(1), k.stride(1), v.stride(1),
+                o.stride(0), o.stride(1), o.stride(2), B, H, H // Hkv, S, sm_scale, _seq_bucket(S),
+                D=d, IS_CAUSAL=bool(causal), STORE_RES=keep, EVEN_S=S % 128 == 0,
+            )
+        return o, lse, o_res
     kr_strides = (0, 0) if kr is None else (kr.stride(0), kr.stride(1))
     _fwd.launch(
         lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
@@ -733,6 +855,56 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
         **head_meta(d, d_rope, d_v, q.dtype, causal), STORE_RES=keep,
     )
     return o, lse, o_res
+
+
+def tma_requested() -> bool:
+    """LWT_ATTN_TMA=1: attention's forward takes _attn_fwd_tma_kernel where it can (_tma_forward); 0 or
+    unset: never. Read at each launch."""
+    value = os.environ.get("LWT_ATTN_TMA", "0").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"LWT_ATTN_TMA: expected 1 (the TMA forward where it applies) or 0, got {value!r}")
+    return value == "1"
+
+
+def _tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this attention forward runs _attn_fwd_tma_kernel: asked for (tma_requested), an sm_90 GPU
+    (or the interpreter), 16-bit inputs, one head dim D of 32, 64 or 128 for q, k and v, and each of them
+    readable as the (B·S, heads·D) matrix a 2-D descriptor describes: unit stride along D, heads D apart,
+    a batch entry's rows one row stride after the previous entry's, rows at least heads·D apart, and
+    16-byte aligned rows and start (TMA's rules)."""
+    if not tma_requested():
+        return False
+    B, S, _, D = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or D not in _TMA_HEAD_DIMS or B * S >= 2**31:
+        return False
+    if not interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    for t in (q, k, v):
+        heads = t.shape[2]
+        if t.shape[3] != D or t.stride(3) != 1 or (heads > 1 and t.stride(2) != D):
+            return False
+        if (B > 1 and t.stride(0) != S * t.stride(1)) or t.stride(1) < heads * D:
+            return False
+        if (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _tma_scratch(device: torch.device):
+    """Global memory for the descriptors a kernel builds (tl.make_tensor_descriptor: 128 bytes each per
+    program), from torch's caching allocator on the inputs' device, for this launch only: triton takes
+    it from a context variable (triton.set_allocator sets it for good; the caller's, if any, is restored
+    here). The interpreter needs none."""
+    if interpreting():
+        yield
+        return
+    token = _allocation._allocator.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                                  device=device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def launch_delta(o, do, o_res=None):

@@ -1,12 +1,16 @@
 """Attention kernel (kernels/attention.py) against the float64 reference: output, LSE, dQ, dK, dV."""
+import math
+
+import numpy as np
 import pytest
 import torch
+import triton
 
 import lwt.functional as lwtF
 from kernels import attention as attn
 from kernels import reference
 from tests.helpers import ENTRIES, HEAVY, assert_refused_before_launch, force_config, grads
-from tests.tolerances import assert_close
+from tests.tolerances import RTOL, assert_close
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -142,26 +146,40 @@ def _dq_error(monkeypatch, fn, inputs, do, reference_fn, keep_residual):
                                  "Precision)")
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_saturated_softmax_backward_recomputes_p_exactly(causal):
-    """Logits of 1e6 (softmax_scale 0.1, no power of two) saturate every row's softmax on one key, whose
-    P is then exactly 1. The backward recomputes P = 2^(t − LSE₂) from the forward's base-2 LSE as it is:
-    through natural-log units and back, LSE₂ came an ulp off in some rows, a factor of 2^ulp on P there
-    (dV 2% off at these logits; inf and NaN gradients at softmax_scale 1e30, which the contract allows).
-    O, the LSE and dV against the float64 reference; dQ and dK, whose exact values nearly cancel (see
-    attention.py, Precision), finite. The interpreter rounds t = qk · scale · log2 e before subtracting,
-    as the forward's max does; a GPU's FMA does not (see attention.py, Precision), so this runs on the CPU."""
+    """Logits of order 1e5 (softmax_scale 0.1, no power of two) saturate every row's softmax on one key,
+    whose P is then exactly 1. The backward recomputes P = 2^(t − LSE₂) from the forward's base-2 LSE as
+    it is: through natural-log units and back, LSE₂ came an ulp off in some rows, a factor of 2^ulp on P
+    there (dV 1% off at these logits; inf and NaN gradients at softmax_scale 1e30, which the contract
+    allows). O, the LSE and dV against the float64 reference; dQ and dK, whose exact
+    values nearly cancel (see attention.py, Precision), finite. The interpreter rounds t = qk · scale ·
+    log2 e before subtracting, as the forward's max does; a GPU's FMA does not (see attention.py,
+    Precision), so this runs on the CPU. q and k hold integers whose every partial dot product is exact
+    in fp32, so the forward's Q Kᵀ and the backward's K Qᵀ agree bit for bit whatever order the BLAS
+    behind the interpreter's dot sums them in (with real-valued unit vectors they did on one CPU's
+    OpenBLAS kernel and not on another's, and this test failed there on the orientation, not the LSE)."""
     gen = torch.Generator().manual_seed(0)
     B, S, H, Hkv, D = 1, 20, 2, 1, 16
-    unit = [torch.nn.functional.normalize(torch.randn(B, S, h, D, generator=gen), dim=-1) for h in (H, Hkv)]
     v = torch.randn(B, S, Hkv, D, generator=gen).to(DEVICE)
     do = torch.randn(B, S, H, D, generator=gen).to(DEVICE)
-    for q, k, scale in ((unit[0] * 1e6 ** 0.5 / 0.1 ** 0.5, unit[1] * 1e6 ** 0.5 / 0.1 ** 0.5, 0.1),
-                        (unit[0], unit[1], 1e30)):
+    # |q·k| <= D · 1000² = 1.6e7 < 2^24: every partial sum is an integer fp32 holds exactly
+    big, small = ([torch.randint(-bound, bound + 1, (B, S, h, D), generator=gen).float() for h in (H, Hkv)]
+                  for bound in (1000, 100))
+    for q, k, scale in ((*big, 0.1), (*small, 1e30)):
+        # no row's two largest visible logits tie (the float64 reference's LSE loses log 2 to rounding
+        # at scale 1e30 and would give two tied keys P = 1 each)
+        logits = torch.einsum("bshd,btd->bsht", q, k[:, :, 0]).masked_fill(
+            causal & ~torch.ones(S, S, dtype=torch.bool).tril()[None, :, None], -math.inf)
+        top2 = logits.topk(2, dim=-1).values
+        assert (top2[..., 0] > top2[..., 1]).all()
         q, k = q.to(DEVICE), k.to(DEVICE)
         (o,), (dq, dk, dv) = grads(lambda *a: attn.attention(*a, causal=causal, softmax_scale=scale), [q, k, v], [do])
         ref = lambda *a: reference.attention_with_lse(*a, causal, scale)  # noqa: E731
         (o64, lse64), (_, _, dv64) = grads(ref, [q.double(), k.double(), v.double()], [do.double(), None])
         (o32, lse32), (_, _, dv32) = grads(lambda *a: reference.attention_with_lse(*a, causal, scale, False),
                                            [q, k, v], [do, None])
+        # the test's reach: an ulp of the largest LSE₂ is a factor on P far outside dV's tolerance
+        lse2_ulp = np.spacing(np.float32(lse64.abs().max().item() * math.log2(math.e)))
+        assert lse2_ulp * math.log(2) > 100 * RTOL[torch.float32], lse2_ulp  # 2^ulp − 1 >= ulp · ln 2
         assert_close("o", o, o64, o32, reduced_over=S)
         assert_close("dv", dv, dv64, dv32, reduced_over=S * H // Hkv)
         assert torch.isfinite(dq).all() and torch.isfinite(dk).all(), scale
@@ -574,3 +592,133 @@ def test_mla_dkdv_lists_put_fused_configs_first_and_split_ones_where_documented(
         assert len(set(listed)) == len(listed) and listed[0][5] is False, (key, listed)
     for key in (256, "mla"):
         assert any(entry[5] for entry in mla_lists[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------
+# The opt-in TMA forward (LWT_ATTN_TMA=1, attention._attn_fwd_tma_kernel)
+# ---------------------------------------------------------------------------------------------------
+
+# SHAPES' head dims the TMA forward takes, but for the two S 130 ones (the slowest through the interpreter;
+# B2-S64 has exact and B1-S47 ragged tiles), and the GPU's
+TMA_SHAPES = [p for p in SHAPES + CUDA_SHAPES if p.values[0][4] in attn._TMA_HEAD_DIMS and "S130" not in p.id]
+TMA_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """LWT_ATTN_TMA=1 and a list that counts the TMA forward's launches; skips on a GPU other than sm_90,
+    which never takes it."""
+    if CUDA and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA forward runs on sm_90 (H100/H200) only")
+    monkeypatch.setenv("LWT_ATTN_TMA", "1")
+    launches, launch = [], attn._fwd_tma.launch
+    monkeypatch.setattr(attn._fwd_tma, "launch", lambda *a, **kw: (launches.append(kw), launch(*a, **kw))[1])
+    return launches
+
+
+@pytest.mark.parametrize("dtype", TMA_DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", TMA_SHAPES)
+def test_tma_forward_matches_float64_reference(tma_launches, shape, causal, dtype):
+    """O, the LSE and, through the backward it feeds (LSE and O's residual), dQ, dK, dV, as the pointer
+    forward's test checks them; the TMA kernel ran (once for o, once for the LSE check)."""
+    _check(shape, dtype, causal)
+    assert len(tma_launches) == 2 and [kw["STORE_RES"] for kw in tma_launches] == [True, False]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_tma_forward_reads_fused_projection_views(tma_launches, causal):
+    """q, k, v as slices of one (B, S, (H + 2·Hkv)·D) projection output (rows wider than their heads), as
+    GQAAttention hands v over: the descriptors take the row stride, so the TMA path applies."""
+    shape = (2, 37, 4, 2, 32, None)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _make(*shape[:5], torch.float16, "fused", gen)
+    _compare(q, k, v, torch.randn(q.shape, generator=gen).to(DEVICE, torch.float16), causal)
+    assert len(tma_launches) == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the second entry's NaN rows (interpreter)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_tma_forward_keeps_batch_entries_apart(tma_launches, causal):
+    """A key tile past the sequence end reads the next batch entry's rows (the descriptors see B·S rows):
+    with that entry's queries NaN and its keys and values inf, the first entry's output is still its
+    own, finite and right (S 20: a ragged last tile of 16-key tiles on the interpreter, of every GPU
+    tile)."""
+    B, S, H, Hkv, D = 2, 20, 2, 1, 32
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _make(B, S, H, Hkv, D, torch.float16, "contiguous", gen)
+    q[1], k[1], v[1] = float("nan"), float("inf"), float("inf")
+    with torch.no_grad():
+        o = attn.attention(q, k, v, causal)
+        first = [t[:1] for t in (q, k, v)]
+        o64 = reference.attention(*(t.double() for t in first), causal)
+        o_ref = reference.attention_with_lse(*first, causal, None, False)[0]
+    assert len(tma_launches) == 1
+    assert_close("o", o[:1], o64, o_ref, reduced_over=S)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("D", attn._TMA_HEAD_DIMS)
+def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
+    """Each config of the head dim's TMA list forced in turn (the suite's LWT_AUTOTUNE=0 launches the
+    first alone; an autotuned run may pick any): O and the LSE against float64, at a ragged S with two
+    batch entries (EVEN_S off) and at S 1024 (on)."""
+    for S in (1000, 1024):
+        gen = torch.Generator().manual_seed(S)
+        q, k, v = _make(2, S, 8, 2, D, torch.bfloat16, "contiguous", gen)
+        with torch.no_grad():
+            o64, lse64 = reference.attention_with_lse(q.double(), k.double(), v.double(), causal)
+            o_ref, lse_ref = reference.attention_with_lse(q, k, v, causal, None, False)
+            for bm, bn, warps, stages, ws in attn._TMA_FWD_CONFIGS[D]:
+                force_config(monkeypatch, attn._fwd_tma, triton.Config(
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=warps, num_stages=stages))
+                o, lse = attn.attention_fwd(q, k, v, causal, D ** -0.5)
+                assert_close("o", o, o64, o_ref, reduced_over=S)
+                assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
+    assert len(tma_launches) == 2 * len(attn._TMA_FWD_CONFIGS[D])
+
+
+def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
+    """attention._tma_forward: off unless LWT_ATTN_TMA=1; then 16-bit q, k, v of one head dim in 32, 64,
+    128, laid out as (B·S, heads·D) matrices with 16-byte aligned rows. Everything else keeps the pointer
+    kernel (the attention tests cover those layouts)."""
+    def make(dtype=torch.float16, D=32, layout="contiguous"):
+        return _make(2, 24, 4, 2, D, dtype, layout, torch.Generator().manual_seed(0))
+
+    def unaligned():  # rows 16-byte aligned, the start 2 bytes off
+        q, k, v = make()
+        buf = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)
+        return buf[1:].view(q.shape).copy_(q), k, v
+
+    monkeypatch.delenv("LWT_ATTN_TMA", raising=False)
+    assert not attn._tma_forward(*make())
+    monkeypatch.setenv("LWT_ATTN_TMA", "0")
+    assert not attn._tma_forward(*make())
+    monkeypatch.setenv("LWT_ATTN_TMA", "1")
+    assert attn._tma_forward(*make()) and attn._tma_forward(*make(layout="fused"))
+    assert attn._tma_forward(*make(D=64))
+    for inputs in (make(torch.float32), make(D=48), make(D=16), make(layout="bhsd"), unaligned()):
+        assert not attn._tma_forward(*inputs)
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    assert not attn._tma_forward(*make())  # CPU tensors without the interpreter; on a GPU, sm_90 only
+    monkeypatch.setenv("LWT_ATTN_TMA", "yes")
+    with pytest.raises(ValueError, match=r"^LWT_ATTN_TMA: expected 1 .* or 0, got 'yes'"):
+        attn.tma_requested()
+
+
+def test_tma_config_lists_are_consistent(monkeypatch):
+    """Every TMA config: BLOCK_N divides BLOCK_M and 128 (EVEN_S is S % 128 == 0), 128-row query tiles,
+    warp-specialised ones at 4 warps (triton's Hopper pass splits them into 3 warp groups; at 8 its data
+    partitioning fails to compile); the prune keeps a head dim's list in its order (LWT_AUTOTUNE=0 takes
+    the first, a warp-specialised one)."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    configs = attn._tma_fwd_configs()
+    for d, listed in attn._TMA_FWD_CONFIGS.items():
+        for bm, bn, warps, stages, ws in listed:
+            assert bm == 128 and bm % bn == 0 and 128 % bn == 0 and stages >= 1, (d, bm, bn)
+            assert warps == 4 if ws else warps == 8, (d, bm, bn, warps, ws)
+        assert listed[0][4] is True, d
+        kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WS"])
+                for c in attn._prune_tma_fwd(configs, {}, D=d)]
+        assert kept == listed, d

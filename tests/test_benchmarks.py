@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per bench: module constants that pick its shapes, made tiny (the goal cases among them).
 TINY = {
     "bench_attention": dict(QUICK=[(128, (4, 4), 16), (128, (4, 2), 32), (64, (4, 1), 16)], TOKENS=64,
-                            GOAL_SEQ=(16, 32), MLA_QUICK=[(4, 16)], MLA_GOAL=(4, 16), MLA_DIMS=(32, 16, 24)),
+                            GOAL_SEQ=(16, 32), MLA_QUICK=[(4, 16)], MLA_GOAL=(4, 16), MLA_DIMS=(32, 16, 24),
+                            tma_gpu=lambda: True),  # the opt-in TMA forward's row too, as on an H100/H200
     "bench_swiglu": dict(QUICK=[(16, 32, 48)], GOAL=(16, 32, 48)),
     "bench_cross_entropy": dict(QUICK=[(16, 100, 32)], GOAL=(16, 100, 32)),
     "bench_rmsnorm": dict(QUICK=((16, 64),), RESIDUAL_CASES=((16, 64),), GOAL_CASE=(16, 64)),
@@ -30,7 +31,7 @@ TINY = {
 # how many summary lines it must print.
 EXPECTED = {
     # (2 GQA/MHA goal cases + MLA) x 2 masks
-    "bench_attention": ({"lwt", "SDPA flash (FA2)", "repeat_interleave+SDPA", "eager"}, 6),
+    "bench_attention": ({"lwt", "lwt TMA", "SDPA flash (FA2)", "repeat_interleave+SDPA", "eager"}, 6),
     "bench_swiglu": ({"lwt (keep gate/up)", "lwt (recompute)", "lwt (fp8 frozen, keep)",
                       "lwt (fp8 frozen, recompute)", "eager", "torch.compile(eager)"}, 2),
     "bench_cross_entropy": ({"lwt", "lwt (dW in bf16)", "eager", "torch.compile(eager)"}, 2),
@@ -101,6 +102,9 @@ def test_bench_gpu_path_runs_end_to_end(bench, dry_run, monkeypatch, tmp_path, c
     assert f"appended {len(rows)} rows to" in out
     if bench == "bench_attention":  # each goal line also printed as soon as its case was measured
         assert all(out.count(line + "\n") == 2 for line in summary), out
+        # the GQA/MHA goal lines carry the opt-in TMA forward's ratios (the MLA ones have no such path)
+        assert sum("; opt-in lwt TMA vs cuDNN fwd n/a, fwd+bwd n/a, vs lwt fwd 1.00x, fwd+bwd 1.00x -> " in line
+                   for line in summary) == 4, summary  # (no cuDNN on the CPU)
         # and lwt's passes of each goal case timed one by one, with the configs their autotuners chose
         # (each line printed three times: indented and plain as measured, plain again under the table)
         passes = [line for line in out.splitlines() if " lwt passes: fwd " in line]
