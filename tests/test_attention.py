@@ -599,8 +599,9 @@ def test_mla_dkdv_lists_put_fused_configs_first_and_split_ones_where_documented(
 # ---------------------------------------------------------------------------------------------------
 
 # SHAPES' head dims the TMA forward takes, but for the two S 130 ones (the slowest through the interpreter;
-# B2-S64 has exact and B1-S47 ragged tiles), and the GPU's
-TMA_SHAPES = [p for p in SHAPES + CUDA_SHAPES if p.values[0][4] in attn._TMA_HEAD_DIMS and "S130" not in p.id]
+# B2-S64 has exact and B1-S47 ragged tiles, both with the key mask on), the GPU's, and one with EVEN_S
+TMA_SHAPES = [p for p in SHAPES + CUDA_SHAPES if p.values[0][4] in attn._TMA_HEAD_DIMS and "S130" not in p.id] + [
+    pytest.param((2, 128, 2, 1, 32, None), id="B2-S128-H2/1-D32")]  # S % 128 == 0: EVEN_S, no key mask
 TMA_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.cuda)]
 
 
@@ -662,8 +663,9 @@ def test_tma_forward_keeps_batch_entries_apart(tma_launches, causal):
 @pytest.mark.parametrize("D", attn._TMA_HEAD_DIMS)
 def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
     """Each config of the head dim's TMA list forced in turn (the suite's LWT_AUTOTUNE=0 launches the
-    first alone; an autotuned run may pick any): O and the LSE against float64, at a ragged S with two
-    batch entries (EVEN_S off) and at S 1024 (on)."""
+    first alone; an autotuned run may pick any), as a training forward launches it (O's residual
+    stored): O, O + residual and the LSE against float64, at a ragged S with two batch entries (EVEN_S
+    off) and at S 1024 (on)."""
     for S in (1000, 1024):
         gen = torch.Generator().manual_seed(S)
         q, k, v = _make(2, S, 8, 2, D, torch.bfloat16, "contiguous", gen)
@@ -673,10 +675,12 @@ def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
             for bm, bn, warps, stages, ws in attn._TMA_FWD_CONFIGS[D]:
                 force_config(monkeypatch, attn._fwd_tma, triton.Config(
                     {"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=warps, num_stages=stages))
-                o, lse = attn.attention_fwd(q, k, v, causal, D ** -0.5)
+                o, lse2, o_res = attn.launch_fwd(q, k, None, v, causal, D ** -0.5, residual=True)
                 assert_close("o", o, o64, o_ref, reduced_over=S)
-                assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
+                assert_close("o + residual", o.double() + o_res.double(), o64, o_ref, reduced_over=S)
+                assert_close("lse", lse2 * math.log(2), lse64, lse_ref, reduced_over=S)
     assert len(tma_launches) == 2 * len(attn._TMA_FWD_CONFIGS[D])
+    assert all(kw["STORE_RES"] for kw in tma_launches)
 
 
 def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
@@ -696,12 +700,13 @@ def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
     monkeypatch.setenv("LWT_ATTN_TMA", "0")
     assert not attn._tma_forward(*make())
     monkeypatch.setenv("LWT_ATTN_TMA", "1")
-    assert attn._tma_forward(*make()) and attn._tma_forward(*make(layout="fused"))
-    assert attn._tma_forward(*make(D=64))
+    here = not CUDA or torch.cuda.get_device_capability()[0] == 9  # the interpreter, or an sm_90 GPU
+    assert attn._tma_forward(*make()) == here and attn._tma_forward(*make(layout="fused")) == here
+    assert attn._tma_forward(*make(D=64)) == here
     for inputs in (make(torch.float32), make(D=48), make(D=16), make(layout="bhsd"), unaligned()):
         assert not attn._tma_forward(*inputs)
     monkeypatch.setattr(attn, "interpreting", lambda: False)
-    assert not attn._tma_forward(*make())  # CPU tensors without the interpreter; on a GPU, sm_90 only
+    assert not attn._tma_forward(*(t.cpu() for t in make()))  # CPU tensors without the interpreter
     monkeypatch.setenv("LWT_ATTN_TMA", "yes")
     with pytest.raises(ValueError, match=r"^LWT_ATTN_TMA: expected 1 .* or 0, got 'yes'"):
         attn.tma_requested()
