@@ -7,14 +7,17 @@ The Triton interpreter runs kernels as Python, so it accepts code the compiler r
 returning different types from two branches, say) and says nothing about register pressure. This
 compiles each autotune config through triton's own ptxas (shipped in the wheel) for `--arch` (90 =
 H100/H200) and prints `REG` (registers per thread, 255 at most), `SPILL` (bytes of local-memory stack:
-spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types).
+spills, which cost bandwidth), `SMEM` and `MMA` (the tensor-core instruction and its operand types), then
+`WS` where a loop came out warp-specialised (setmaxnreg in the PTX: the opt-in TMA attention forward's WS
+configs, compiled for sm_90 only).
 --quick compiles one config per kernel variant (two for dK/dV: one with nested loops, one flattened;
-for DeepSeek-V2's MLA heads one fused, one SPLIT), what the test suite runs; the default compiles every
+for DeepSeek-V2's MLA heads one fused, one SPLIT; two for the TMA forward: one WS, one not), what the
+test suite runs; the default compiles every
 config of every list, and the specialisations some launches add (the attention forward without O's
 residual, MLA's dK/dV with one head per program, RMSNorm's missing operands as None). `SMEM` of an attention or MLA config also shows what the autotune
 prune counts for it (`prune counts`). Exit code 1 if any compile failed, or if a config's shared memory
 exceeds what the prune counts by more than the margin the prune leaves under 227 KiB (a config it keeps
-could then fail to launch; the line says so). The full run compiles about 480 configs: some 8 minutes on
+could then fail to launch; the line says so). The full run compiles about 530 configs: some 9 minutes on
 a 2-core CPU.
 """
 from __future__ import annotations
