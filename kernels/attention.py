@@ -463,18 +463,18 @@ def _attn_fwd_kernel(
 # group issuing the TMA loads and two consumer warp groups of 64 query rows each (12 warps, registers
 # rebalanced by setmaxnreg), FlashAttention-3's layout (Shah et al. 2024, arXiv:2407.08608, section 3.1).
 # Configs with WS False keep 8 ordinary warps and only the TMA loads. Compiled for sm_90 (triton 3.6),
-# no config spills; at head dim 128 a training forward's 128 x 64 tile at 8 warps takes 146 registers
+# no config spills; at head dim 128 a training forward's 128 x 64 tile at 8 warps takes 145 registers
 # where _attn_fwd_kernel's takes 188 (bidirectional; TMA computes no addresses per element).
 # Not yet run on a GPU: opt-in until a GPU session has tested and timed it (LWT_ATTN_TMA, launch_fwd).
 #
 # What triton 3.6's pass accepts shaped the kernel: one key loop (a second loop, such as the ragged tail
 # or causal diagonal kept apart as _attn_fwd_kernel does, fails in its data partitioning), and
-# two-dimensional descriptors (a 4-D (B, S, H, D) one's reshape fails there too). So Q, K and V are read
-# as (B·S, heads·D) matrices: a tile past the sequence end reads the next batch entry's rows (the last
-# entry's read as zeros), which the mask hides: keys past S get -inf logits, their V rows are zeroed
-# (a finite P of 0 times an inf there would be NaN), and query rows past S are never stored. EVEN_S (S a
-# multiple of 128, so of every BLOCK_N) drops the key mask of the bidirectional loop; the causal loop
-# masks every tile (one select per logit) instead of the diagonal ones alone.
+# descriptors of (B, S, heads·D) (a 4-D (B, S, H, D) one's tile reshape fails there). A tile past the
+# sequence end reads zeros (TMA fills what lies outside the descriptor's shape, and the batch entry is
+# a dimension of it: no row of another entry is read); keys past S get -inf logits, and query rows past
+# S are never stored. EVEN_S (S a multiple of 128, so of every BLOCK_N) drops that key mask from the
+# bidirectional loop; the causal loop masks every tile (one select per logit) instead of the diagonal
+# ones alone.
 _TMA_FWD_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages, WS)
     32: [(128, 64, 4, 3, True), (128, 128, 4, 2, True), (128, 64, 8, 3, False), (128, 128, 8, 2, False)],
     64: [(128, 64, 4, 3, True), (128, 128, 4, 2, True), (128, 64, 8, 3, False), (128, 128, 8, 2, False)],
@@ -506,46 +506,44 @@ def _prune_tma_fwd(configs, nargs, **kwargs):
                  prune_configs_by={"early_config_prune": _prune_tma_fwd})
 @triton.jit
 def _attn_fwd_tma_kernel(
-    Q, K, V, O, ORES, LSE, stride_qs, stride_ks, stride_vs, stride_ob, stride_os, stride_oh,
-    B, H, GROUP, S, sm_scale, seq_bucket,
+    Q, K, V, O, ORES, LSE, stride_qb, stride_qs, stride_kb, stride_ks, stride_vb, stride_vs,
+    stride_ob, stride_os, stride_oh, B, H, GROUP, S, sm_scale, seq_bucket,
     D: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_RES: tl.constexpr, EVEN_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr,
 ):
     """_attn_fwd_kernel's O, LSE and residual for heads without a rope part, q·k and v both D wide (a
-    power of two), through TMA descriptors of Q (B·S, H·D), K and V (B·S, Hkv·D) whose rows are stride_qs,
-    stride_ks, stride_vs elements apart (a batch entry's S rows in a row: launch_fwd checks)."""
+    power of two), through TMA descriptors of Q as (B, S, H·D), K and V as (B, S, Hkv·D), each with its
+    batch and row strides (a query's or key's heads D apart: launch_fwd checks)."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     # 16-bit operands only (launch_fwd sends fp32 to _attn_fwd_kernel's IEEE dots): input_precision is moot
     tl.static_assert(Q.dtype.element_ty == tl.float16 or Q.dtype.element_ty == tl.bfloat16)
     block_m, b, h = _program_coords(S, BLOCK_M, H, IS_CAUSAL)
     hk = h // GROUP
-    q_desc = tl.make_tensor_descriptor(Q, shape=[B * S, H * D], strides=[stride_qs, 1], block_shape=[BLOCK_M, D])
-    k_desc = tl.make_tensor_descriptor(K, shape=[B * S, (H // GROUP) * D], strides=[stride_ks, 1],
-                                       block_shape=[BLOCK_N, D])
-    v_desc = tl.make_tensor_descriptor(V, shape=[B * S, (H // GROUP) * D], strides=[stride_vs, 1],
-                                       block_shape=[BLOCK_N, D])
+    kv_width = (H // GROUP) * D
+    q_desc = tl.make_tensor_descriptor(Q, shape=[B, S, H * D], strides=[stride_qb, stride_qs, 1],
+                                       block_shape=[1, BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K, shape=[B, S, kv_width], strides=[stride_kb, stride_ks, 1],
+                                       block_shape=[1, BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V, shape=[B, S, kv_width], strides=[stride_vb, stride_vs, 1],
+                                       block_shape=[1, BLOCK_N, D])
     qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E
     q_start = block_m * BLOCK_M
     q_rows = q_start + tl.arange(0, BLOCK_M)
-    row0 = b * S  # the batch entry's first row in the descriptors (B·S < 2^31: launch_fwd checks)
-    q = q_desc.load([row0 + q_start, h * D])
+    q = q_desc.load([b, q_start, h * D]).reshape(BLOCK_M, D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     end = tl.minimum(q_start + BLOCK_M, S) if IS_CAUSAL else S
     for start_n in tl.range(0, end, BLOCK_N, warp_specialize=WS):
-        k_cols = start_n + tl.arange(0, BLOCK_N)
-        k = k_desc.load([row0 + start_n, hk * D])
+        k = k_desc.load([b, start_n, hk * D]).reshape(BLOCK_N, D)
         qk = tl.dot(q, tl.trans(k), input_precision="tf32")
         if IS_CAUSAL or not EVEN_S:
-            qk = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), qk, float("-inf"))
+            qk = tl.where(_visible(q_rows, start_n + tl.arange(0, BLOCK_N), S, IS_CAUSAL), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([row0 + start_n, hk * D])
-        if not EVEN_S:
-            v = tl.where((k_cols < S)[:, None], v, 0.0)
+        v = v_desc.load([b, start_n, hk * D]).reshape(BLOCK_N, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32")
         m_i = m_new
     # As in _attn_fwd_kernel: every row saw key 0, so m_i is finite and l_i >= 1.
@@ -839,7 +837,7 @@ def launch_fwd(q: torch.Tensor, k: torch.Tensor, kr: torch.Tensor | None, v: tor
         with _tma_scratch(q.device):
             _fwd_tma.launch(
                 lambda m: (cdiv(S, m["BLOCK_M"]) * B * H,),
-                q, k, v, o, o_res if keep else o, lse, q.stride(1), k.stride(1), v.stride(1),
+                q, k, v, o, o_res if keep else o, lse, *_tma_strides(q), *_tma_strides(k), *_tma_strides(v),
                 o.stride(0), o.stride(1), o.stride(2), B, H, H // Hkv, S, sm_scale, _seq_bucket(S),
                 D=d, IS_CAUSAL=bool(causal), STORE_RES=keep, EVEN_S=S % 128 == 0,
             )
@@ -869,25 +867,29 @@ def tma_requested() -> bool:
 def _tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether this attention forward runs _attn_fwd_tma_kernel: asked for (tma_requested), an sm_90 GPU
     (or the interpreter), 16-bit inputs, one head dim D of 32, 64 or 128 for q, k and v, and each of them
-    readable as the (B·S, heads·D) matrix a 2-D descriptor describes: unit stride along D, heads D apart,
-    a batch entry's rows one row stride after the previous entry's, rows at least heads·D apart, and
-    16-byte aligned rows and start (TMA's rules)."""
+    readable as the (B, S, heads·D) tensor a descriptor describes: unit stride along D, heads D apart,
+    batch and row strides that are positive multiples of 16 bytes (TMA's rule), a 16-byte aligned start."""
     if not tma_requested():
         return False
-    B, S, _, D = q.shape
-    if q.dtype not in (torch.float16, torch.bfloat16) or D not in _TMA_HEAD_DIMS or B * S >= 2**31:
+    D = q.shape[3]
+    if q.dtype not in (torch.float16, torch.bfloat16) or D not in _TMA_HEAD_DIMS:
         return False
     if not interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
     for t in (q, k, v):
-        heads = t.shape[2]
-        if t.shape[3] != D or t.stride(3) != 1 or (heads > 1 and t.stride(2) != D):
+        if t.shape[3] != D or t.stride(3) != 1 or (t.shape[2] > 1 and t.stride(2) != D) or t.data_ptr() % 16:
             return False
-        if (B > 1 and t.stride(0) != S * t.stride(1)) or t.stride(1) < heads * D:
-            return False
-        if (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16:
+        if any(st <= 0 or (st * t.element_size()) % 16 for st in _tma_strides(t)):
             return False
     return True
+
+
+def _tma_strides(t: torch.Tensor) -> tuple[int, int]:
+    """The batch and row strides of t (B, S, heads, D) for its descriptor: a dim of size 1 takes the
+    contiguous stride in its place (torch leaves any stride there; only index 0 is read)."""
+    B, S, heads, D = t.shape
+    row = t.stride(1) if S > 1 else heads * D
+    return (t.stride(0) if B > 1 else S * row), row
 
 
 @contextlib.contextmanager

@@ -627,13 +627,18 @@ def test_tma_forward_matches_float64_reference(tma_launches, shape, causal, dtyp
     assert len(tma_launches) == 2 and [kw["STORE_RES"] for kw in tma_launches] == [True, False]
 
 
+@pytest.mark.parametrize("layout", ["fused", "first-rows"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_tma_forward_reads_fused_projection_views(tma_launches, causal):
+def test_tma_forward_reads_strided_views(tma_launches, causal, layout):
     """q, k, v as slices of one (B, S, (H + 2·Hkv)·D) projection output (rows wider than their heads), as
-    GQAAttention hands v over: the descriptors take the row stride, so the TMA path applies."""
-    shape = (2, 37, 4, 2, 32, None)
+    GQAAttention hands v over, or as the first 37 positions of 50-long sequences (a batch stride of 50
+    rows): the descriptors take both strides, so the TMA path applies, and reads only these rows."""
+    B, S, H, Hkv, D = 2, 37, 4, 2, 32
     gen = torch.Generator().manual_seed(1)
-    q, k, v = _make(*shape[:5], torch.float16, "fused", gen)
+    if layout == "fused":
+        q, k, v = _make(B, S, H, Hkv, D, torch.float16, "fused", gen)
+    else:
+        q, k, v = (t[:, :S] for t in _make(B, 50, H, Hkv, D, torch.float16, "contiguous", gen))
     _compare(q, k, v, torch.randn(q.shape, generator=gen).to(DEVICE, torch.float16), causal)
     assert len(tma_launches) == 1
 
@@ -641,10 +646,10 @@ def test_tma_forward_reads_fused_projection_views(tma_launches, causal):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the second entry's NaN rows (interpreter)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_tma_forward_keeps_batch_entries_apart(tma_launches, causal):
-    """A key tile past the sequence end reads the next batch entry's rows (the descriptors see B·S rows):
-    with that entry's queries NaN and its keys and values inf, the first entry's output is still its
-    own, finite and right (S 20: a ragged last tile of 16-key tiles on the interpreter, of every GPU
-    tile)."""
+    """A tile past the sequence end reads zeros, not the next batch entry's rows (the batch entry is a
+    dimension of the descriptors; with (B·S, heads·D) ones it was the next entry's): with that entry's
+    queries NaN and its keys and values inf, the first entry's output is still its own, finite and
+    right (S 20: a ragged last tile of 16-key tiles on the interpreter, of every GPU tile)."""
     B, S, H, Hkv, D = 2, 20, 2, 1, 32
     gen = torch.Generator().manual_seed(2)
     q, k, v = _make(B, S, H, Hkv, D, torch.float16, "contiguous", gen)
@@ -685,10 +690,14 @@ def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
 
 def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
     """attention._tma_forward: off unless LWT_ATTN_TMA=1; then 16-bit q, k, v of one head dim in 32, 64,
-    128, laid out as (B·S, heads·D) matrices with 16-byte aligned rows. Everything else keeps the pointer
-    kernel (the attention tests cover those layouts)."""
+    128, each a (B, S, heads·D) tensor (heads D apart) with batch and row strides of whole 16-byte units
+    and a 16-byte aligned start. Everything else keeps the pointer kernel (the attention tests cover
+    those layouts)."""
     def make(dtype=torch.float16, D=32, layout="contiguous"):
         return _make(2, 24, 4, 2, D, dtype, layout, torch.Generator().manual_seed(0))
+
+    def first_rows():  # the first 17 positions of longer sequences: the batch stride is not S rows
+        return tuple(t[:, :17] for t in make())
 
     def unaligned():  # rows 16-byte aligned, the start 2 bytes off
         q, k, v = make()
@@ -702,7 +711,7 @@ def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
     monkeypatch.setenv("LWT_ATTN_TMA", "1")
     here = not CUDA or torch.cuda.get_device_capability()[0] == 9  # the interpreter, or an sm_90 GPU
     assert attn._tma_forward(*make()) == here and attn._tma_forward(*make(layout="fused")) == here
-    assert attn._tma_forward(*make(D=64)) == here
+    assert attn._tma_forward(*make(D=64)) == here and attn._tma_forward(*first_rows()) == here
     for inputs in (make(torch.float32), make(D=48), make(D=16), make(layout="bhsd"), unaligned()):
         assert not attn._tma_forward(*inputs)
     monkeypatch.setattr(attn, "interpreting", lambda: False)
