@@ -723,8 +723,8 @@ def test_tma_forward_applies_where_its_descriptors_can_read(monkeypatch):
 
 def test_tma_config_lists_are_consistent(monkeypatch):
     """Every TMA config: BLOCK_N divides BLOCK_M and 128 (EVEN_S is S % 128 == 0), 128-row query tiles,
-    warp-specialised ones at 4 warps (triton's Hopper pass splits them into 3 warp groups; at 8 its data
-    partitioning fails to compile); the prune keeps a head dim's list in its order (LWT_AUTOTUNE=0 takes
+    warp-specialised ones at 4 warps (triton's Hopper pass splits them into 3 warp groups; at 8 it leaves
+    the loop unspecialised); the prune keeps a head dim's list in its order (LWT_AUTOTUNE=0 takes
     the first, a warp-specialised one)."""
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     configs = attn._tma_fwd_configs()
