@@ -37,11 +37,11 @@
 # Outside a git checkout set LWT_GIT_SHA, or the results say "unknown" for the commit. The exit code is 1 if a step failed or was cut.
 set -uo pipefail
 OUT=${OUT:-device-out}; WORK=${WORK:-/tmp/lwt-device}
-mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the GPU image promises python3 (the one with torch), not a `python`
 what=${1:-bench}
 case $what in bench|test|all|train|layers|mla|tma|diag) ;; *) echo "usage: $0 bench|test|all|train|layers|mla|tma|diag [pytest -k expr]" >&2; exit 2 ;; esac
+mkdir -p "$OUT" "$WORK"  # (after the usage check: a mistyped group leaves no empty device-out/ behind)
 start=$SECONDS
 budget=${BUDGET:-540}
 failed=0
