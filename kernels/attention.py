@@ -260,27 +260,28 @@ _SMEM_BYTES = _SMEM_LIMIT - 7 * 1024  # what the prunes allow: a margin for the 
 _OPTIONAL_FIELDS = ("FLATTEN", "SPLIT")  # a table entry's fields after (BLOCK_M, BLOCK_N, warps, stages)
 
 
-def as_config(entry: tuple) -> triton.Config:
-    """The triton.Config of a table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN[, SPLIT]])."""
+def as_config(entry: tuple, fields: tuple = _OPTIONAL_FIELDS) -> triton.Config:
+    """The triton.Config of a table entry (BLOCK_M, BLOCK_N, warps, stages[, FLATTEN[, SPLIT]]), or with
+    other optional `fields` (the TMA forward's WS)."""
     bm, bn, warps, stages, *optional = entry
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **dict(zip(_OPTIONAL_FIELDS, optional))},
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **dict(zip(fields, optional))},
                          num_warps=warps, num_stages=stages)
 
 
-def as_entry(config: triton.Config) -> tuple:
+def as_entry(config: triton.Config, fields: tuple = _OPTIONAL_FIELDS) -> tuple:
     """The table entry of a config: as_config's inverse."""
     kw = config.kwargs
     return (kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages,
-            *(kw[name] for name in _OPTIONAL_FIELDS if name in kw))
+            *(kw[name] for name in fields if name in kw))
 
 
-def _configs(table, interpreter_blocks):
+def _configs(table, interpreter_blocks, fields: tuple = _OPTIONAL_FIELDS):
     """Every distinct config of `table` (pruned per head dim at launch), or the one interpreter config."""
     if interpreting():
         bm, bn, *optional = interpreter_blocks
-        return [as_config((bm, bn, 1, 1, *optional))]
+        return [as_config((bm, bn, 1, 1, *optional), fields)]
     entries = dict.fromkeys(e for dim_configs in table.values() for e in dim_configs)  # distinct, in order
-    return [as_config(e) for e in entries]
+    return [as_config(e, fields) for e in entries]
 
 
 def _table_key(qk_dim: int, v_dim: int) -> int | str:
@@ -394,16 +395,37 @@ def _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs,
                             MASKED, INPUT_PRECISION)
         if MASKED:
             qk = tl.where(_visible(q_rows, k_cols, S, IS_CAUSAL), qk, float("-inf"))
-        # The scale is folded into the exponent's subtraction (one FMA per logit); it is > 0, so the
-        # max of the scaled logits is the scaled max.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, qk_scale)
         v = _load_tile(V, k_cols, stride_vs, S, D_V, V_DIM, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _softmax_step(qk, l_i, m_i, qk_scale):
+    """One key tile's online-softmax update of both forwards: (p, alpha, l_i, m_new), p in base 2. The
+    scale is folded into the exponent's subtraction (one FMA per logit); it is > 0, so the max of the
+    scaled logits is the scaled max."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _fwd_epilogue(O, ORES, LSE, acc, l_i, m_i, q_rows, b, h, H, S, stride_ob, stride_os, stride_oh,
+                  D_V: tl.constexpr, V_DIM: tl.constexpr, STORE_RES: tl.constexpr):
+    """Both forwards' stores: O = acc / l (O already advanced to (b, h), ORES, O's shape and strides,
+    not yet), with STORE_RES its rounding residual O_fp32 − O in O's dtype, and LSE₂ = m + log2 l
+    (B, H, S). Every row saw key 0 in its first tile, so m_i is finite and l_i >= 1 here (rows past S
+    included)."""
+    o = acc / l_i[:, None]
+    _store_tile(O, q_rows, stride_os, S, o, D_V, V_DIM)
+    if STORE_RES:
+        ORES += b.to(tl.int64) * stride_ob + h * stride_oh
+        _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D_V, V_DIM)
+    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, m_i + tl.math.log2(l_i), mask=q_rows < S)
 
 
 # STORE_RES in the key: the residual's stores change which configs spill (_FWD_CONFIGS), so a config timed
@@ -444,13 +466,8 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qr, K, KR, V, stride_ks, stride_krs, stride_vs, q_rows, split, end,
                                S, qk_scale, D, HEAD_DIM, D_R, ROPE_DIM, D_V, V_DIM, BLOCK_N, IS_CAUSAL, True,
                                INPUT_PRECISION)
-    # Every row saw key 0 in its first tile, so m_i is finite and l_i >= 1 here (rows past S included).
-    o = acc / l_i[:, None]
-    _store_tile(O, q_rows, stride_os, S, o, D_V, V_DIM)
-    if STORE_RES:
-        ORES += b.to(tl.int64) * stride_ob + h * stride_oh
-        _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D_V, V_DIM)
-    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, m_i + tl.math.log2(l_i), mask=q_rows < S)
+    _fwd_epilogue(O, ORES, LSE, acc, l_i, m_i, q_rows, b, h, H, S, stride_ob, stride_os, stride_oh, D_V, V_DIM,
+                  STORE_RES)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,16 +498,8 @@ _TMA_FWD_CONFIGS = {  # (BLOCK_M, BLOCK_N, warps, stages, WS)
     128: [(128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 8, 2, False), (128, 64, 8, 3, False)],
 }
 _TMA_HEAD_DIMS = tuple(_TMA_FWD_CONFIGS)
+_TMA_FIELDS = ("WS",)  # a TMA entry's field after (BLOCK_M, BLOCK_N, warps, stages)
 _INTERPRETER_TMA_FWD = (32, 16, False)
-
-
-def _tma_fwd_configs():
-    if interpreting():
-        bm, bn, ws = _INTERPRETER_TMA_FWD
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=1, num_stages=1)]
-    entries = dict.fromkeys(e for dim_configs in _TMA_FWD_CONFIGS.values() for e in dim_configs)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=w, num_stages=st)
-            for bm, bn, w, st, ws in entries]
 
 
 def _prune_tma_fwd(configs, nargs, **kwargs):
@@ -498,11 +507,12 @@ def _prune_tma_fwd(configs, nargs, **kwargs):
     if interpreting():
         return configs
     order = {entry: i for i, entry in enumerate(_TMA_FWD_CONFIGS[kwargs.get("D", nargs.get("D"))])}
-    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["WS"])  # noqa: E731
-    return sorted((c for c in configs if key(c) in order), key=lambda c: order[key(c)])
+    listed = (c for c in configs if as_entry(c, _TMA_FIELDS) in order)
+    return sorted(listed, key=lambda c: order[as_entry(c, _TMA_FIELDS)])
 
 
-@triton.autotune(configs=_tma_fwd_configs(), key=["D", "IS_CAUSAL", "STORE_RES", "seq_bucket"],
+@triton.autotune(configs=_configs(_TMA_FWD_CONFIGS, _INTERPRETER_TMA_FWD, _TMA_FIELDS),
+                 key=["D", "IS_CAUSAL", "STORE_RES", "seq_bucket"],
                  prune_configs_by={"early_config_prune": _prune_tma_fwd})
 @triton.jit
 def _attn_fwd_tma_kernel(
@@ -539,21 +549,12 @@ def _attn_fwd_tma_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision="tf32")
         if IS_CAUSAL or not EVEN_S:
             qk = tl.where(_visible(q_rows, start_n + tl.arange(0, BLOCK_N), S, IS_CAUSAL), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(qk, l_i, m_i, qk_scale)
         v = v_desc.load([b, start_n, hk * D]).reshape(BLOCK_N, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="tf32")
         m_i = m_new
-    # As in _attn_fwd_kernel: every row saw key 0, so m_i is finite and l_i >= 1.
-    o = acc / l_i[:, None]
     O += b.to(tl.int64) * stride_ob + h * stride_oh
-    _store_tile(O, q_rows, stride_os, S, o, D, D)
-    if STORE_RES:
-        ORES += b.to(tl.int64) * stride_ob + h * stride_oh
-        _store_tile(ORES, q_rows, stride_os, S, o - o.to(O.dtype.element_ty).to(tl.float32), D, D)
-    tl.store(LSE + (b * H + h).to(tl.int64) * S + q_rows, m_i + tl.math.log2(l_i), mask=q_rows < S)
+    _fwd_epilogue(O, ORES, LSE, acc, l_i, m_i, q_rows, b, h, H, S, stride_ob, stride_os, stride_oh, D, D, STORE_RES)
 
 
 # ---------------------------------------------------------------------------------------------------
