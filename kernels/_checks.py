@@ -14,12 +14,18 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
-@torch.compiler.assume_constant_result
 def autocast_available(device_type: str) -> bool:
     """torch.amp.is_autocast_available(device_type), which Dynamo before torch 2.13 cannot trace (torch
     2.11: "Attempted to call function marked as skipped", a graph break, an error under fullgraph=True).
     Marked a constant: while tracing Dynamo calls it once and keeps the result (the device is guarded)."""
     return torch.amp.is_autocast_available(device_type)
+
+
+# The mark torch.compiler.assume_constant_result sets, set without calling it: the decorator imports
+# torch._dynamo, ~2.5 s of a 2-core CPU's time at `import lwt`, for processes that never compile. It only sets
+# this attribute (torch/_dynamo/decorators.py, which marks torch's own justknobs_check the same way);
+# tests/test_compile.py checks that it still does, and that Dynamo then takes the result as a constant.
+autocast_available._dynamo_marked_constant = True
 
 
 def _dtype_names(dtypes) -> str:

@@ -779,9 +779,15 @@ class FrozenSwiGLU(nn.Module):
         """Used (forward, state_dict, LWTModel.frozen_checksum) while waiting for its block's draw: draw the
         pending buffers now (the block then skips them)."""
         if self._frozen_pending and self._own_pending():
-            self._draw_pending_now()
+            if torch.compiler.is_compiling():
+                # Eager, under torch.compile: a generator's draw has no graph. The torch.compiler.disable()d
+                # draw lives in lwt/_eager_draw.py, which Dynamo imports when it traces this line: decorating
+                # _draw_pending_now here would import Dynamo (seconds) into every `import lwt`.
+                from ._eager_draw import draw_pending_now
+                draw_pending_now(self)
+            else:
+                self._draw_pending_now()
 
-    @torch.compiler.disable  # (eager, under torch.compile: a generator's draw has no graph)
     def _draw_pending_now(self) -> None:
         """_draw_pending's draw: real values into the real buffers under a TorchDispatchMode too
         (FakeTensorMode: deferral is refused under one, so these were built without it), never into the

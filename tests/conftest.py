@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 
 import kernels._common  # noqa: E402  (imports triton: after the switch above)
 
+if kernels._common.interpreting():
+    from tests import interpreter_speedup  # noqa: E402
+
+    interpreter_speedup.install()  # skips the interpreter's repeated work at each jit-helper call
+
 
 def pytest_configure(config):
     import numpy

@@ -16,6 +16,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lwt.functional as lwtF
+from kernels._checks import autocast_available
 from lwt.diffusion import masked_diffusion_loss
 from lwt.model import LWTModel
 from tests.helpers import block_config, compare, make_block, output_and_grads
@@ -236,6 +237,18 @@ def test_linear_cross_entropy_reference_path_compiles_to_one_graph(reduction):
     assert counter.frame_count == 1
     for name, a, b in zip(["loss", "d_hidden", "d_weight"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_autocast_available_carries_what_assume_constant_result_sets():
+    """kernels._checks marks autocast_available by hand (the decorator would import Dynamo at import time):
+    the decorator must still set that attribute and nothing else."""
+    def fn():
+        return True
+    before = set(vars(fn))
+    assert torch.compiler.assume_constant_result(fn) is fn
+    added = {name: getattr(fn, name) for name in set(vars(fn)) - before}
+    assert added == {"_dynamo_marked_constant": True}
+    assert all(getattr(autocast_available, name) == value for name, value in added.items())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -1199,6 +1199,32 @@ def test_parallel_frozen_draws_nest_fail_and_check_max_workers(monkeypatch):
                 pass
 
 
+def test_a_pending_draw_under_torch_compile_runs_eagerly_outside_the_graph():
+    """A module whose draw is pending, first called under torch.compile: the draw runs outside the graph
+    (lwt/_eager_draw.py, imported only then) and gives the values it draws alone; fullgraph=True refuses it."""
+    import torch._dynamo
+
+    from lwt.layers import FrozenSwiGLU, parallel_frozen_draws
+
+    x = torch.randn(3, 16)
+    alone = FrozenSwiGLU(16, 24, seed=4)
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        with parallel_frozen_draws():
+            mlp = FrozenSwiGLU(16, 24, seed=4)
+            mlp.w_down.data.copy_(alone.w_down)
+            assert set(mlp._frozen_pending) == {"w_gate", "w_up"}
+            compiled = torch.compile(mlp, backend="eager", fullgraph=fullgraph)
+            if fullgraph:
+                with pytest.raises(Exception, match=r"torch\.compiler\.disable"):
+                    compiled(x)
+                continue
+            got = compiled(x)
+            assert mlp._frozen_pending == {}
+            assert torch.equal(mlp.w_gate, alone.w_gate) and torch.equal(mlp.w_up, alone.w_up)
+            torch.testing.assert_close(got, alone(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_parallel_frozen_draws_under_inference_mode_fake_tensors_and_a_copied_context(monkeypatch, threads):
     """The matrices are copied into their buffers by the thread that leaves the block (one draw thread, or

@@ -20,6 +20,18 @@ def test_ci_runs_the_readme_test_command():
     assert "\n".join(commands) in readme, "README.md must show exactly the commands .ci/run runs"
 
 
+def test_importing_lwt_does_not_import_dynamo():
+    """torch._dynamo takes ~2.5 s of a 2-core CPU to import: a process that never compiles (a trainer's
+    ranks, a script, a test's subprocess) must not pay it for importing lwt's layers, trainer and kernels."""
+    code = ("import sys; import lwt.layers, lwt.model, lwt.train_layerwise, lwt.generate, lwt.functional; "
+            "import kernels.attention, kernels.mla, kernels.rmsnorm, kernels.swiglu, kernels.cross_entropy; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_the_sdist_carries_every_tracked_file_but_the_measurements(tmp_path):
     """`setup.py sdist` (MANIFEST.in) packs the tests with their helpers, pytest.ini, config.yaml, the
     presets, the examples and the benchmarks: an unpacked sdist runs the README's commands and the suite.
