@@ -70,7 +70,8 @@ def _grid_call_marked(self, *args, **kwargs):
 
 
 def install():
-    """Idempotent. Raises AttributeError if triton's interpreter no longer has these names."""
+    """Idempotent. (A triton whose interpreter lacks _patch_lang or GridExecutor fails this module's import
+    with an AttributeError: the suite stops at conftest rather than running without the skip.)"""
     if interpreter._patch_lang is not _patch_lang_once:
         interpreter._patch_lang = _patch_lang_once
         interpreter.GridExecutor.__call__ = _grid_call_marked
