@@ -19,8 +19,9 @@ import inspect
 import triton.language as tl
 from triton.runtime import interpreter
 
-_patch_lang = interpreter._patch_lang
-_grid_call = interpreter.GridExecutor.__call__
+# (absent from another triton's interpreter: then install() leaves it as it is)
+_patch_lang = getattr(interpreter, "_patch_lang", None)
+_grid_call = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
 
 # One entry per launch in progress (a kernel does not launch kernels, so at most one): the ids of the
 # language modules swapped since it began.
@@ -69,9 +70,13 @@ def _grid_call_marked(self, *args, **kwargs):
         _launching = False
 
 
-def install():
-    """Idempotent. (A triton whose interpreter lacks _patch_lang or GridExecutor fails this module's import
-    with an AttributeError: the suite stops at conftest rather than running without the skip.)"""
+def install() -> bool:
+    """Idempotent. False, and nothing changed, where triton's interpreter lacks what this replaces or uses
+    (_patch_lang, GridExecutor, _LangPatchScope: 3.6 has them): the suite then runs as slowly as before,
+    and test_interpreter_speedup.py's first test fails to say so."""
+    if _patch_lang is None or _grid_call is None or not hasattr(interpreter, "_LangPatchScope"):
+        return False
     if interpreter._patch_lang is not _patch_lang_once:
         interpreter._patch_lang = _patch_lang_once
         interpreter.GridExecutor.__call__ = _grid_call_marked
+    return True
