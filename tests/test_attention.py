@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import triton
 
 import lwt.functional as lwtF
 from kernels import attention as attn
@@ -684,9 +683,8 @@ def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
         with torch.no_grad():
             o64, lse64 = reference.attention_with_lse(q.double(), k.double(), v.double(), causal)
             o_ref, lse_ref = reference.attention_with_lse(q, k, v, causal, None, False)
-            for bm, bn, warps, stages, ws in attn._TMA_FWD_CONFIGS[D]:
-                force_config(monkeypatch, attn._fwd_tma, triton.Config(
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "WS": ws}, num_warps=warps, num_stages=stages))
+            for entry in attn._TMA_FWD_CONFIGS[D]:
+                force_config(monkeypatch, attn._fwd_tma, attn.as_config(entry, attn._TMA_FIELDS))
                 o, lse2, o_res = attn.launch_fwd(q, k, None, v, causal, D ** -0.5, residual=True)
                 assert_close("o", o, o64, o_ref, reduced_over=S)
                 _assert_residual(o, o_res)
