@@ -6,7 +6,8 @@ where its S x S matrices fit, S <= 2048 at 16384 tokens), forward and forward+ba
     python benchmarks/bench_attention.py [--quick] [--only gqa|mla] [--plot PNG]
 
 Cases: head dim 64 and 128; H32/Hkv32 (MHA), H32/Hkv8 (GQA), H32/Hkv1 (MQA); S 1024..16384 at 16384
-tokens per batch (B = 16384 / S); causal and bidirectional. FLOPs counted (the FlashAttention papers'
+tokens per batch (B = 16384 / S), and in the full grid S 4000 (B 4: 16000 tokens), which no block size
+divides, so every pass ends on a partly masked tile (the cost of a ragged length); causal and bidirectional. FLOPs counted (the FlashAttention papers'
 convention): forward 4·B·H·S²·D (two matmuls of 2·S²·D per head), halved when causal; forward+backward
 3.5× the forward (the backward's five matmuls = 2.5× the forward). SDPA takes (B, H, S, D): the
 providers pass transposed views of the same BSHD tensors, as a user of this layout would.
@@ -14,7 +15,7 @@ Goals (issue #3), bf16, head dim 128, S 2048..8192, MHA and GQA, both masks, mea
 forward >= 1.0x SDPA-cuDNN, forward+backward >= 0.9x SDPA-cuDNN, and >= 1.5x SDPA-FLASH (FA2).
 
 MLA cases (issue #4): DeepSeek-V2 heads (Dn 128, Dr 64, Dv 128), H 32 and 128, S 2048..8192 at 16384
-tokens, both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V materialised as a user would
+tokens (and S 4000 in the full grid), both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V materialised as a user would
 (k_rope expanded to every head, concatenated to k_nope; SDPA's FLASH backend refuses Dv != Dqk).
 FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Also the peak memory a
 fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
@@ -43,6 +44,7 @@ from kernels import reference
 HEAD_DIMS = (64, 128)
 HEADS = ((32, 32), (32, 8), (32, 1))
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
+RAGGED_SEQ_LENS = (4000,)  # full grid only (GQA and MLA): 4000 = 31 * 128 + 32
 TOKENS = 16384
 QUICK = [(128, (32, 32), 2048), (128, (32, 8), 2048), (128, (32, 8), 8192)]  # the goal's span (device time is scarce)
 GOAL_SEQ = (2048, 8192)
@@ -366,8 +368,9 @@ def main(argv=None) -> list[str]:
         return H.smoke_only("attention")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         sys.exit("--plot needs matplotlib: pip install matplotlib (nothing was run)")
-    cases = QUICK if args.quick else [(d, h, s) for d in HEAD_DIMS for h in HEADS for s in SEQ_LENS]
-    mla_cases = MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in MLA_SEQ_LENS]
+    cases = QUICK if args.quick else [(d, h, s) for d in HEAD_DIMS for h in HEADS
+                                      for s in sorted(SEQ_LENS + RAGGED_SEQ_LENS)]
+    mla_cases = MLA_QUICK if args.quick else [(h, s) for h in MLA_HEADS for s in sorted(MLA_SEQ_LENS + RAGGED_SEQ_LENS)]
     cases, mla_cases = ([] if args.only == "mla" else cases), ([] if args.only == "gqa" else mla_cases)
     # Each goal line is also printed as soon as its case is measured: a run cut off by a time limit
     # (benchmarks/device_check.sh) keeps the verdicts it reached.
