@@ -5,20 +5,20 @@ where its S x S matrices fit, S <= 2048 at 16384 tokens), forward and forward+ba
 
     python benchmarks/bench_attention.py [--quick] [--only gqa|mla] [--plot PNG]
 
-Cases: head dim 64 and 128; H32/Hkv32 (MHA), H32/Hkv8 (GQA), H32/Hkv1 (MQA); S 1024..16384 at 16384
-tokens per batch (B = 16384 / S), and in the full grid S 4000 (B 4: 16000 tokens), which no block size
-divides, so every pass ends on a partly masked tile (the cost of a ragged length); causal and bidirectional. FLOPs counted (the FlashAttention papers'
-convention): forward 4·B·H·S²·D (two matmuls of 2·S²·D per head), halved when causal; forward+backward
-3.5× the forward (the backward's five matmuls = 2.5× the forward). SDPA takes (B, H, S, D): the
-providers pass transposed views of the same BSHD tensors, as a user of this layout would.
-Goals (issue #3), bf16, head dim 128, S 2048..8192, MHA and GQA, both masks, measured in this run:
-forward >= 1.0x SDPA-cuDNN, forward+backward >= 0.9x SDPA-cuDNN, and >= 1.5x SDPA-FLASH (FA2).
+Cases: head dim 64 and 128; H32/Hkv32 (MHA), H32/Hkv8 (GQA), H32/Hkv1 (MQA); S 1024..16384 at 16384 tokens
+per batch (B = 16384 / S), and in the full grid S 4000 (B 4: 16000 tokens), which no block size divides,
+so every pass ends on a partly filled tile (the cost of a ragged length); causal and bidirectional. FLOPs
+counted (the FlashAttention papers' convention): forward 4·B·H·S²·D (two matmuls of 2·S²·D per head),
+halved when causal; forward+backward 3.5× the forward (the backward's five matmuls = 2.5× the forward).
+SDPA takes (B, H, S, D): the providers pass transposed views of the same BSHD tensors, as a user of this
+layout would. Goals (issue #3), bf16, head dim 128, S 2048..8192, MHA and GQA, both masks, measured in
+this run: forward >= 1.0x SDPA-cuDNN, forward+backward >= 0.9x SDPA-cuDNN, and >= 1.5x SDPA-FLASH (FA2).
 
 MLA cases (issue #4): DeepSeek-V2 heads (Dn 128, Dr 64, Dv 128), H 32 and 128, S 2048..8192 at 16384
-tokens (and S 4000 in the full grid), both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V materialised as a user would
-(k_rope expanded to every head, concatenated to k_nope; SDPA's FLASH backend refuses Dv != Dqk).
-FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Also the peak memory a
-fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
+tokens (and S 4000 in the full grid), both masks: lwt's MLA core vs SDPA cuDNN and efficient on K/V
+materialised as a user would (k_rope expanded to every head, concatenated to k_nope; SDPA's FLASH backend
+refuses Dv != Dqk). FLOPs forward 2·B·H·S²·(Dn + Dr + Dv), halved when causal, fwd+bwd 3.5x. Also the peak
+memory a fwd+bwd step allocates on each path (the materialisation included for SDPA). Goal at H32 S2048:
 forward >= 1.0x cuDNN, fwd+bwd >= 1.3x, with less memory.
 
 For every goal case lwt's passes are also timed one by one (forward, δ, dQ, δ + dK/dV; for MLA the last
