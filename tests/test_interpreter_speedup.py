@@ -151,6 +151,7 @@ def test_install_changes_nothing_where_triton_lacks_a_piece(monkeypatch, missing
                  (interpreter.GridExecutor, "__call__", interpreter_speedup._grid_call),
                  (tl.core.tuple, "__init__", triton_init["tuple.__init__"]),
                  (tl.core.block_type, "__init__", triton_init["block_type.__init__"]),
+                 (tl.core.tuple_type, "__init__", triton_init["tuple_type.__init__"]),
                  (interpreter, "_get_np_dtype", triton_init["_get_np_dtype"])]
     for obj, name, value in originals:  # as before install() (restored after the test)
         monkeypatch.setattr(obj, name, value)
