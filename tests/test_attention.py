@@ -675,8 +675,9 @@ def test_tma_forward_keeps_batch_entries_apart(tma_launches, causal):
 def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
     """Each config of the head dim's TMA list forced in turn (the suite's LWT_AUTOTUNE=0 launches the
     first alone; an autotuned run may pick any), as a training forward launches it (O's residual
-    stored): O and the LSE against float64, the residual O's own, at a ragged S with two batch entries (EVEN_S
-    off) and at S 1024 (on)."""
+    stored): O, O + residual and the LSE against float64, the residual O's own (not zero, below half an
+    ulp of O: the O + residual check alone passes a zero one), at a ragged S with two batch entries
+    (EVEN_S off) and at S 1024 (on)."""
     for S in (1000, 1024):
         gen = torch.Generator().manual_seed(S)
         q, k, v = _make(2, S, 8, 2, D, torch.bfloat16, "contiguous", gen)
@@ -687,6 +688,7 @@ def test_tma_forward_every_listed_config(monkeypatch, tma_launches, D, causal):
                 force_config(monkeypatch, attn._fwd_tma, attn.as_config(entry, attn._TMA_FIELDS))
                 o, lse2, o_res = attn.launch_fwd(q, k, None, v, causal, D ** -0.5, residual=True)
                 assert_close("o", o, o64, o_ref, reduced_over=S)
+                assert_close("o + residual", o.double() + o_res.double(), o64, o_ref, reduced_over=S)
                 _assert_residual(o, o_res)
                 assert_close("lse", lse2 * math.log(2), lse64, lse_ref, reduced_over=S)
     assert len(tma_launches) == 2 * len(attn._TMA_FWD_CONFIGS[D])
