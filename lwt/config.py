@@ -23,6 +23,7 @@ import difflib
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -79,7 +80,8 @@ class ObjectiveConfig:
     Args:
         mask_fraction_min, mask_fraction_max: training masking rates t are drawn from
             (mask_fraction_min, mask_fraction_max]; each in (0, 1], min <= max, max >= 1.18e-38 (float32's
-            smallest normal number, so that 1/t is finite).
+            smallest normal number, so that 1/t is finite). validate warns (UserWarning) when
+            mask_fraction_max · data.seq_len < 1: most sequences would then mask no token.
         loss_weighting: "elbo" (1/t-weighted, a NELBO estimate) | "uniform" (mean CE over masked tokens).
         eval_batches: validation batches per NELBO evaluation, >= 1.
         eval_seed: seed of the evaluation's batches, t and masks (the same every evaluation); in [0, 2**64).
@@ -316,6 +318,7 @@ def validate(cfg: Config) -> Config:
     model = _check_model(model)
     _check_objective(objective)
     _check_data(data, model)
+    _warn_sparse_masks(objective, data)
     train = _check_train(train)
     # ~ in a path: a shell leaves `--set train.out_dir=~/runs` unexpanded (a directory named "~" would
     # appear in the working directory)
@@ -520,6 +523,19 @@ def _check_objective(o: ObjectiveConfig) -> None:
     _one_of("objective.loss_weighting", o.loss_weighting, LOSS_WEIGHTINGS)
     _at_least("objective", o, ("eval_batches",), 1)
     _check_seed("objective.eval_seed", o.eval_seed)
+
+
+def _warn_sparse_masks(o: ObjectiveConfig, d: DataConfig) -> None:
+    """A UserWarning (valid, but almost surely not meant) when even the largest training masking rate masks
+    fewer than one token of a sequence on average: each token is masked independently with probability t,
+    so at t · seq_len < 1 most sequences mask none, add nothing to the loss and get no gradient, and with
+    elbo weighting the few tokens that are masked count 1/t times."""
+    expected = o.mask_fraction_max * d.seq_len
+    if expected < 1:
+        warnings.warn(f"objective.mask_fraction_max={o.mask_fraction_max} with data.seq_len={d.seq_len} masks "
+                      f"{expected:.3g} tokens of a sequence on average, fewer than one: most training sequences "
+                      f"will mask no token and train on nothing; raise objective.mask_fraction_max or "
+                      f"data.seq_len", UserWarning, stacklevel=3)
 
 
 def _check_data(d: DataConfig, model: ModelConfig) -> None:

@@ -1,6 +1,7 @@
 """lwt.config: the shipped configs load, overrides resolve, dicts round-trip, and every bad value gets a
 ValueError that names the key, the value and what is allowed."""
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -320,6 +321,19 @@ def test_values_at_the_boundaries_are_accepted():
     assert load_config(None, ["d_model=512", "n_heads=2", "n_kv_heads=1"]).model.d_model == 512  # head dim 256
     mla = load_config(None, ["attn_type=mla", "mla_nope_dim=256", "mla_rope_dim=128", "mla_v_dim=256"]).model
     assert (mla.mla_nope_dim, mla.mla_rope_dim, mla.mla_v_dim) == (256, 128, 256)
+
+
+def test_a_masking_rate_that_masks_under_one_token_warns():
+    """Valid but almost surely not meant: at mask_fraction_max · seq_len < 1 most sequences mask nothing.
+    One token on average (the boundary) and the shipped configs load without a warning."""
+    with pytest.warns(UserWarning, match=r"objective\.mask_fraction_max=0\.001 with data\.seq_len=128 masks "
+                                         r"0\.128 tokens of a sequence on average, fewer than one"):
+        load_config(None, ["mask_fraction_min=0.0001", "mask_fraction_max=0.001"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["mask_fraction_min=0.0001", "mask_fraction_max=0.25", "seq_len=4"])
+        for path in SHIPPED:
+            load_config(path.values[0])
 
 
 def test_the_dataclass_defaults_are_config_yaml():
