@@ -30,6 +30,25 @@ def _float_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() > 1 else None
 
 
+def _unfoldable_linear(module: nn.Module) -> str | None:
+    """Why module(x) may differ from x @ module.weightᵀ (what folding its weight into another product
+    assumes), or None when it cannot: a bias-free nn.Linear, nn.Linear's own forward (a parametrized one's
+    too: its weight is the parametrization's output), no forward hooks of its own, a floating-point
+    weight of 16 bits or more. A wrapper that exposes its base layer's weight (a LoRA adapter, as peft's
+    do) computes more than that weight's product, and is refused like any other module."""
+    if not isinstance(module, nn.Linear):
+        return "is not an nn.Linear (a wrapper's forward, a LoRA adapter's say, may add to its weight's product)"
+    if type(module).forward is not nn.Linear.forward:
+        return "overrides nn.Linear's forward"
+    if module.bias is not None:
+        return "has a bias"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks, which the fold would skip"
+    if _float_tensor(module, "weight") is None:
+        return "has no floating-point weight of 16 bits or more"
+    return None
+
+
 def _check_x(x, d_model: int, weight: torch.Tensor | None) -> None:
     """An attention layer's input: (B, S, d_model) in its projections' dtype (that of `weight`, the first
     projection's; None: not known, not checked), unless autocast runs them (then any floating dtype:
@@ -120,14 +139,20 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}{affine}"
 
 
+def _is_int(value) -> bool:
+    """An integer as torch.nn's constructors take one: Python's or NumPy's (numbers.Integral), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """value as a Python int; ValueError naming it unless it is an integer >= 1."""
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_theta(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 1:
         raise ValueError(f"{name}: expected a finite number > 1 (the RoPE frequency base), got {value!r}")
 
 
@@ -153,7 +178,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0, device=None):
         super().__init__()
-        _positive_int(head_dim, "head_dim")
+        head_dim = _positive_int(head_dim, "head_dim")
         if head_dim % 2:
             raise ValueError(f"head_dim: expected an even number (RoPE rotates pairs of dims), got {head_dim}")
         self.head_dim = head_dim
@@ -230,8 +255,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"x: expected (batch, seq, heads, {self.head_dim}), got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        if not _is_int(offset) or offset < 0:
             raise ValueError(f"offset: expected an int >= 0, got {offset!r}")
+        offset = int(offset)
         S = x.shape[1]
         if x.dtype == torch.float64:
             angles = self._angles(offset + S, x.device)[offset:]
@@ -290,9 +316,8 @@ class GQAAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                  causal: bool = False, rope_theta: float = 10000.0, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        _positive_int(d_model, "d_model")
-        _positive_int(n_heads, "n_heads")
-        _positive_int(n_kv_heads, "n_kv_heads")
+        d_model, n_heads = _positive_int(d_model, "d_model"), _positive_int(n_heads, "n_heads")
+        n_kv_heads = _positive_int(n_kv_heads, "n_kv_heads")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads: expected a divisor of n_heads={n_heads}, got {n_kv_heads}")
         if head_dim is None:
@@ -300,7 +325,7 @@ class GQAAttention(nn.Module):
                 raise ValueError(f"n_heads: expected a divisor of d_model={d_model} when head_dim is None, "
                                  f"got {n_heads}; or pass head_dim")
             head_dim = d_model // n_heads
-        _positive_int(head_dim, "head_dim")
+        head_dim = _positive_int(head_dim, "head_dim")
         if head_dim % 2 or head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim: expected an even number <= {MAX_HEAD_DIM} (RoPE pairs dims; the kernels "
                              f"hold a head in registers), got {head_dim}")
@@ -380,7 +405,9 @@ class MLAAttention(nn.Module):
             never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and
             W_uv applied after attending over the latent, so every head attends over the same (c, k_rope)
             per token, MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank
-            (DeepSeek-V2's 512) runs the PyTorch reference, which holds the (B, H, S, S) scores.
+            (DeepSeek-V2's 512) runs the PyTorch reference, which holds the (B, H, S, S) scores. kv_up
+            must then be a bias-free nn.Linear without forward hooks (a LoRA adapter on it is refused by
+            name: folding its base weight would drop the adapter's delta).
     Config keys mla_rq and mla_rkv (config.yaml) are q_rank and kv_rank.
     """
 
@@ -388,11 +415,13 @@ class MLAAttention(nn.Module):
                  v_dim: int, causal: bool = False, rope_theta: float = 10000.0, norm_eps: float = 1e-6,
                  device=None, dtype=None):
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("kv_rank", kv_rank),
-                            ("nope_dim", nope_dim), ("rope_dim", rope_dim), ("v_dim", v_dim)):
-            _positive_int(value, name)
-        if isinstance(q_rank, bool) or not isinstance(q_rank, int) or q_rank < 0:
+        d_model, n_heads, kv_rank, nope_dim, rope_dim, v_dim = (
+            _positive_int(value, name) for name, value in (("d_model", d_model), ("n_heads", n_heads),
+                                                          ("kv_rank", kv_rank), ("nope_dim", nope_dim),
+                                                          ("rope_dim", rope_dim), ("v_dim", v_dim)))
+        if not _is_int(q_rank) or q_rank < 0:
             raise ValueError(f"q_rank: expected an int >= 0 (0: no query latent), got {q_rank!r}")
+        q_rank = int(q_rank)
         if nope_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
             raise ValueError(f"nope_dim, v_dim: expected at most {MAX_HEAD_DIM}, got {nope_dim}, {v_dim}")
         if rope_dim % 2 or rope_dim > MAX_ROPE_DIM:
@@ -461,9 +490,11 @@ class MLAAttention(nn.Module):
         if not isinstance(absorb, bool):  # (a string such as "False" would be true)
             raise ValueError(f"absorb: expected a bool, got {absorb!r}")
         if absorb:
-            if _float_tensor(self.kv_up, "weight") is None:
-                raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, a floating-point "
-                                 f"tensor; this layer's kv_up ({type(self.kv_up).__name__}) has none: use absorb=False")
+            unfoldable = _unfoldable_linear(self.kv_up)
+            if unfoldable:
+                raise ValueError(f"absorb: True folds kv_up's weight into the queries and outputs, which computes what "
+                                 f"kv_up computes only for a bias-free nn.Linear (x @ weightᵀ, weight floating-point); "
+                                 f"this layer's kv_up ({type(self.kv_up).__name__}) {unfoldable}: use absorb=False")
             if self.training and torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                                                       for p in self.parameters())):
                 # (its output carries no gradient: in a training step the layer, or what feeds x, would silently
@@ -666,10 +697,10 @@ class FrozenSwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int, seed: int, recompute: bool = False, frozen_dtype=None,
                  device=None, dtype=None):
         super().__init__()
-        _positive_int(d_model, "d_model")
-        _positive_int(d_ff, "d_ff")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        d_model, d_ff = _positive_int(d_model, "d_model"), _positive_int(d_ff, "d_ff")
+        if not _is_int(seed) or not 0 <= seed < 2**64:
             raise ValueError(f"seed: expected an int in [0, 2**64) (a torch.Generator seed), got {seed!r}")
+        seed = int(seed)
         if not isinstance(recompute, bool):
             raise ValueError(f"recompute: expected a bool, got {recompute!r}")
         if frozen_dtype is not None and frozen_dtype not in KERNEL_DTYPES + (torch.float8_e4m3fn,):
@@ -975,8 +1006,7 @@ class DecoderBlock(nn.Module):
                  mla_rope_dim: int | None = None, mla_v_dim: int | None = None, recompute: bool = False,
                  frozen_dtype=None, device=None, dtype=None):
         super().__init__()
-        _positive_int(d_model, "d_model")
-        _positive_int(n_heads, "n_heads")
+        d_model, n_heads = _positive_int(d_model, "d_model"), _positive_int(n_heads, "n_heads")
         if attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type: expected one of {', '.join(map(repr, ATTN_TYPES))}, got {attn_type!r}")
         factory = dict(device=device, dtype=dtype)
@@ -1014,8 +1044,9 @@ class DecoderBlock(nn.Module):
         Returns:
             a DecoderBlock.
         """
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+        if not _is_int(layer_idx) or layer_idx < 0:
             raise ValueError(f"layer_idx: expected an int >= 0, got {layer_idx!r}")
+        layer_idx = int(layer_idx)  # (a NumPy int would wrap in frozen_seed + layer_idx)
         c = model_cfg
         return cls(c.d_model, c.n_heads, c.d_ff, n_kv_heads=c.n_kv_heads, attn_type=c.attn_type, causal=c.causal,
                    rope_theta=c.rope_theta, frozen_seed=c.frozen_seed + layer_idx, norm_eps=c.norm_eps,

@@ -76,6 +76,45 @@ def test_rmsnorm_layer_takes_numpy_eps():
     assert RMSNorm(8, eps=np.float32(1e-5)).eps == pytest.approx(1e-5)
 
 
+def test_layers_take_numpy_sizes_seeds_and_theta():
+    """NumPy ints and floats (a sweep's hyperparameters), as torch.nn.Linear and RMSNorm take them: the
+    other constructors refused them as not "a positive int". They are stored as Python numbers, and give
+    the modules Python ones give."""
+    import numpy as np
+
+    from lwt.config import ModelConfig
+    from lwt.layers import DecoderBlock, FrozenSwiGLU
+
+    i, theta = np.int64, np.float32(500.0)
+    pairs = [
+        (lambda: RotaryEmbedding(i(8), theta), lambda: RotaryEmbedding(8, 500.0)),
+        (lambda: GQAAttention(i(32), i(4), i(2), head_dim=i(8), rope_theta=theta),
+         lambda: GQAAttention(32, 4, 2, head_dim=8, rope_theta=500.0)),
+        (lambda: MLAAttention(i(32), i(4), i(8), i(16), i(8), i(4), i(6), rope_theta=theta),
+         lambda: MLAAttention(32, 4, 8, 16, 8, 4, 6, rope_theta=500.0)),
+        (lambda: FrozenSwiGLU(i(32), i(48), i(3)), lambda: FrozenSwiGLU(32, 48, 3)),
+        (lambda: DecoderBlock(i(32), i(4), i(48), n_kv_heads=i(2), frozen_seed=i(3)),
+         lambda: DecoderBlock(32, 4, 48, n_kv_heads=2, frozen_seed=3)),
+        (lambda: DecoderBlock.from_config(ModelConfig(d_model=32, n_heads=4, d_ff=48), i(2)),
+         lambda: DecoderBlock.from_config(ModelConfig(d_model=32, n_heads=4, d_ff=48), 2)),
+    ]
+    for numpy_made, python_made in pairs:
+        torch.manual_seed(0)
+        a = numpy_made()
+        torch.manual_seed(0)
+        b = python_made()
+        assert repr(a) == repr(b)
+        for (name, t), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(t, u), name
+        for key, value in vars(a).items():
+            assert not isinstance(value, np.generic), (type(a).__name__, key, value)
+    x = torch.randn(1, 3, 2, 8)
+    torch.testing.assert_close(RotaryEmbedding(8).rotate(x, i(2)), RotaryEmbedding(8).rotate(x, 2), rtol=0, atol=0)
+    for bad in (np.int64(0), np.float64(4.0), np.bool_(True)):
+        with pytest.raises(ValueError, match=r"^d_model: expected a positive int"):
+            GQAAttention(bad, 4, 2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # RotaryEmbedding
 # ---------------------------------------------------------------------------------------------------
@@ -913,7 +952,7 @@ def test_blocks_take_projections_whose_weight_is_no_tensor(attn_type):
             setattr(block.attn, name, Wrapped(child))
     assert torch.equal(block(x), want)
     if attn_type == "mla":  # the absorbed form folds kv_up's weight tensor into the queries: named refusal
-        with pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Wrapped\) has none"):
+        with pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Wrapped\) is not an nn.Linear"):
             block.attn(x, absorb=True)
 
 
@@ -975,8 +1014,75 @@ def test_blocks_take_swapped_projections_and_mlp(attn_type):
     assert torch.isfinite(block(x)).all()
     if attn_type == "mla":  # kv_up's weight int8: no floating-point weight to fold, named refusal
         block.attn.kv_up = Int8Linear(block.attn.kv_up)
-        with torch.no_grad(), pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Int8Linear\)"):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* \(Int8Linear\) is not an nn.Linear"):
             block.attn(x, absorb=True)
+
+
+def test_mla_absorbed_form_refuses_a_kv_up_it_cannot_fold():
+    """absorb=True folds kv_up.weight and never calls kv_up. A LoRA adapter exposing its base layer's
+    weight (as peft's do), a bias, a forward of a subclass's own or a forward hook made the absorbed output
+    silently differ from the training form's (by the adapter's delta, say); each is now refused by name.
+    A parametrized nn.Linear (its weight the parametrization's output) still folds, and matches."""
+    from torch.nn.utils import parametrize
+
+    from lwt.layers import MLAAttention
+
+    class PeftStyleLoRA(torch.nn.Module):
+        def __init__(self, base, rank=2):
+            super().__init__()
+            self.base_layer = base
+            self.lora_a = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.lora_b = torch.nn.Linear(rank, base.out_features, bias=False)
+
+        @property
+        def weight(self):  # the base layer's, as peft's BaseTunerLayer.weight
+            return self.base_layer.weight
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 32, generator=gen, dtype=torch.float64)
+
+    def layer():
+        return MLAAttention(32, 4, 0, 16, 8, 4, 8, dtype=torch.float64).eval()
+
+    def biased(base):
+        lin = torch.nn.Linear(base.in_features, base.out_features, dtype=torch.float64)
+        lin.weight.data.copy_(base.weight.data)
+        return lin
+
+    def scaled(base):
+        lin = Scaled(base.in_features, base.out_features, bias=False, dtype=torch.float64)
+        lin.weight.data.copy_(base.weight.data)
+        return lin
+
+    def hooked(base):
+        base.register_forward_hook(lambda module, args, out: 2 * out)
+        return base
+
+    for swap, reason in ((lambda base: PeftStyleLoRA(base).double(), r"\(PeftStyleLoRA\) is not an nn.Linear"),
+                         (biased, r"\(Linear\) has a bias"), (scaled, r"\(Scaled\) overrides nn.Linear's forward"),
+                         (hooked, r"\(Linear\) has forward hooks")):
+        mla = layer()
+        mla.kv_up = swap(mla.kv_up)
+        with torch.no_grad():
+            plain = mla(x)
+            assert torch.isfinite(plain).all()
+            with pytest.raises(ValueError, match=r"^absorb: True folds kv_up's weight .* " + reason + r".*: use absorb=False$"):
+                mla(x, absorb=True)
+    mla = layer()
+    parametrize.register_parametrization(mla.kv_up, "weight", Double())
+    with torch.no_grad():
+        torch.testing.assert_close(mla(x, absorb=True), mla(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**64, True, 1.0])
