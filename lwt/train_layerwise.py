@@ -90,7 +90,8 @@ class TrainingDiverged(RuntimeError):
 def parse_args(argv=None):
     """The CLI. Besides --config/--set, any `--key value` pair is a config override of a key that exists
     in one section (`--max_steps 50`), and `--dummy True` selects the dummy data source: the original
-    quickstart form `--dummy True --max_steps 50` works as it did.
+    quickstart form `--dummy True --max_steps 50` works as it did (`--dummy False`, which would select
+    nothing, is refused).
 
     Args:
         argv: the arguments, without the program name; None: sys.argv[1:].
@@ -108,13 +109,17 @@ def parse_args(argv=None):
     p.add_argument("--end_to_end", action="store_true",
                    help="also train the same model end to end on the same token budget, for comparison")
     p.add_argument("--plot", action="store_true", help="write <out_dir>/curves.png (needs matplotlib)")
-    p.add_argument("--dummy", type=_parse_bool, default=None, help="True: random tokens (data.source=dummy)")
+    p.add_argument("--dummy", type=_parse_bool, default=None,
+                   help="True: random tokens (data.source=dummy); False is refused (set data.source instead)")
     p.add_argument("--stop_after", type=int, default=None, metavar="STEPS",
                    help="stop, as if preempted, after this many optimizer steps of this invocation (a "
                         "checkpoint is written first): for testing --resume")
     args, rest = p.parse_known_args(argv)
     if args.stop_after is not None and args.stop_after < 1:
         p.error(f"--stop_after: expected a number of steps >= 1, got {args.stop_after}")
+    if args.dummy is False:  # (it would override nothing: a config's data.source dummy would stay)
+        p.error("--dummy: only True is taken (it sets data.source=dummy); to choose another source, set it: "
+                "--set data.source=text (or tokens)")
     overrides = list(args.set)
     if args.dummy:
         overrides.insert(0, "data.source=dummy")
@@ -902,7 +907,8 @@ class Trainer:
 
     def train_phase(self, index: int, start_step: int) -> bool:
         """The optimizer steps of phase `index`, then its evaluation and table row, then, if a cache write
-        follows, a checkpoint at (index, total): a failure while writing the cache loses no training."""
+        or final.pt / end_to_end.pt follows, a checkpoint at (index, total): a failure while writing those
+        loses no training."""
         c, env = self.cfg, self.env
         name, k, total = self.phases[index]
         label = phase_label(name, k)
@@ -1034,8 +1040,10 @@ class Trainer:
                   f"(perplexity <= {result['ppl_bound']:.2f})", flush=True)
         self.master = None
         self.phase_wall = 0.0
-        if self.writes_cache(index):
-            self.save(None)  # position (index, total), trained and evaluated: the cache write may fail
+        if self.writes_cache(index) or self.writes_model(index):
+            # position (index, total), trained and evaluated: the cache or model file write may fail (a full
+            # disk), and a resume then redoes that write, not the phase
+            self.save(None)
         return True
 
     def check_finite(self, tensors: list[torch.Tensor], where: str, phase_name: str) -> None:
@@ -1065,6 +1073,11 @@ class Trainer:
         name, k, _ = self.phases[index]
         return name == "stage" and self.cfg.train.cache and k + 1 < self.cfg.model.n_layers
 
+    def writes_model(self, index: int) -> bool:
+        """Whether phase `index` ends by writing final.pt (the last layer-wise phase) or end_to_end.pt."""
+        name = self.phases[index][0]
+        return name == "end-to-end" or index == max(i for i, (n, _, _) in enumerate(self.phases) if n != "end-to-end")
+
     def finish_phase(self, index: int) -> None:
         """After phase `index`'s steps: stage k writes block k's cache (for stage k+1) and drops block
         k-1's; the last layer-wise phase writes final.pt, the end-to-end phase end_to_end.pt."""
@@ -1075,8 +1088,7 @@ class Trainer:
             self.write_cache(k)
             env.barrier()
             self.history[-1]["cache_s"] = time.perf_counter() - t0
-        layerwise_last = max(i for i, (n, _, _) in enumerate(self.phases) if n != "end-to-end")
-        if index == layerwise_last or name == "end-to-end":  # before the checkpoint that moves past this phase
+        if self.writes_model(index):  # before the checkpoint that moves past this phase
             self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")
         self.position = (index + 1, 0)
         self.save(None)

@@ -71,13 +71,13 @@ def test_all_phases_cache_and_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(T, "_atomic_save", recording_save)
     code, out = _run(tmp_path, "--end_to_end")
     assert code == 0
-    # A checkpoint after each phase, and one before block 0's cache is written (6 steps per stage); no
-    # phase writes two checkpoints of the same weights back to back.
-    # final.pt and end_to_end.pt come before the checkpoint that moves past their phase: a crash between
-    # the two resumes into a phase end that writes them again.
+    # A checkpoint after each phase, and one at the end of each phase's steps that a write follows:
+    # before block 0's cache (6 steps per stage), final.pt (3 joint steps) and end_to_end.pt (15 steps),
+    # so that a failed write loses no training. final.pt and end_to_end.pt come before the checkpoint that
+    # moves past their phase: a crash between the two resumes into a phase end that writes them again.
     assert saves == [("checkpoint.pt", 0, 6), ("checkpoint.pt", 1, 0), ("checkpoint.pt", 2, 0),
-                     ("final.pt", None, None), ("checkpoint.pt", 3, 0), ("end_to_end.pt", None, None),
-                     ("checkpoint.pt", 4, 0)]
+                     ("checkpoint.pt", 2, 3), ("final.pt", None, None), ("checkpoint.pt", 3, 0),
+                     ("checkpoint.pt", 3, 15), ("end_to_end.pt", None, None), ("checkpoint.pt", 4, 0)]
     text = capsys.readouterr().out
     for label in ("stage 0", "stage 1", "fused", "joint", "end-to-end"):
         assert f"{label:>11} " in text, label
@@ -1423,6 +1423,17 @@ def test_dummy_applies_before_the_set_overrides():
                                                                                         "data.source=text"]
 
 
+@pytest.mark.parametrize("value", ["False", "0", "no"])
+def test_dummy_false_is_refused(capsys, value):
+    """--dummy False was accepted and did nothing: a config whose data.source is dummy kept training on
+    random tokens. It is a usage error now, naming the key to set instead."""
+    with pytest.raises(SystemExit) as exit_info:
+        T.parse_args(["--dummy", value])
+    assert exit_info.value.code == 2
+    assert "--dummy: only True is taken (it sets data.source=dummy); to choose another source, set it: " \
+           "--set data.source=text (or tokens)" in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_says_so(tmp_path, capsys):
     """--resume of a run whose checkpoint is past its last phase trains nothing, says so and exits 0 with the
     table (it indexed a phase past the last)."""
@@ -1557,6 +1568,35 @@ def test_a_rebuild_is_checked_for_room_on_every_rank_before_it_writes(tmp_path, 
     assert _run(tmp_path, *three, "--resume")[0] == 0
     shard = T.cache_bytes(16, 16, 32, torch.float32)
     assert events == [("check", 2 * shard), ("write", "stage0"), ("write", "stage1")], events
+
+
+@pytest.mark.parametrize("extra,file_name", [((), "final.pt"), (("--end_to_end",), "end_to_end.pt")])
+def test_a_failed_model_file_write_loses_no_training(tmp_path, monkeypatch, extra, file_name):
+    """final.pt (end_to_end.pt) was written before any checkpoint of its phase's last steps: a full disk
+    there lost the whole phase since its last checkpoint. A checkpoint at the phase's end comes first now;
+    the resumed run trains nothing and writes the file the uninterrupted run wrote."""
+    want = torch.load(_run(tmp_path, *extra, name="whole")[1] / file_name, weights_only=True)
+    save_model, failed = T.Trainer.save_model, []
+
+    def full_once(self, name):
+        if name == file_name and not failed:
+            failed.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_model(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(T.Trainer, "save_model", full_once)
+        with pytest.raises(OSError, match="No space left"):
+            _run(tmp_path, *extra)
+    steps = _recording(monkeypatch, T.Trainer, "train_phase")
+    code, out = _run(tmp_path, *extra, "--resume")
+    assert code == 0 and steps == []
+    got = torch.load(out / file_name, weights_only=True)
+    assert got["model"].keys() == want["model"].keys()
+    assert all(torch.equal(got["model"][key], want["model"][key]) for key in want["model"])
+    for saved in (got, want):  # (the two runs' directories differ)
+        del saved["model"], saved["config"]["train"]["out_dir"], saved["config"]["train"]["cache_dir"]
+    assert got == want
 
 
 def test_a_cache_write_resumed_after_its_stage_is_checked_for_room(tmp_path, monkeypatch):
