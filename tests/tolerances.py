@@ -28,7 +28,7 @@ FP32_SUM_ATOL = 2.0**-22
 
 
 def assert_close(name: str, actual: torch.Tensor, expected64: torch.Tensor, same_dtype_ref: torch.Tensor,
-                 reduced_over: int = 1, scale: float | None = None):
+                 reduced_over: int = 1, scale: float | None = None, dtype: torch.dtype | None = None):
     """actual: the kernel's result; expected64: the float64 reference; same_dtype_ref: the PyTorch
     reference computed in actual's dtype; reduced_over: terms summed into each element (dw: rows);
     scale: what errors are measured against, max|expected| by default. Only for a result that is zero in
@@ -36,12 +36,14 @@ def assert_close(name: str, actual: torch.Tensor, expected64: torch.Tensor, same
     with dP = δ; cross entropy with V = 1, whose softmax is exactly 1): there max|expected| is 0, the fp32
     reference happens to be exact too (torch's softmax of one element is 1), and the roundoff to allow is
     that of the cancelling terms, not ATOL[dtype] of the unit 1.0 that max|expected| = 0 falls back to (a
-    GPU's approximate exp2 and division leave an ulp or two of those terms)."""
+    GPU's approximate exp2 and division leave an ulp or two of those terms). dtype: whose tolerances
+    apply, actual's by default; a float64 sum of 16-bit parts (attention's O + its residual) names its
+    parts' dtype, since the table has no float64 row."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     if actual.numel() == 0:
         return
     assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten outputs are NaN-poisoned)"
-    dtype = actual.dtype
+    dtype = actual.dtype if dtype is None else dtype
     if scale is None:
         scale = expected64.abs().max().item() or 1.0
     err = (actual.double() - expected64).abs().max().item()
