@@ -103,7 +103,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
         return rms_norm_triton(x, weight, eps, residual)
     check_rms_norm_args(x, weight, residual, eps, dtypes=REFERENCE_DTYPES)
     with _reference_autocast_off(x):
-        return reference.rms_norm(x, weight, eps, residual)
+        return reference.rms_norm(x, weight, float(eps), residual)  # (as the kernel: see _float_or_none)
+
+
+def _float_or_none(scale):
+    """A validated softmax_scale as a Python float, as the kernels' wrappers pass it: the checks accept any
+    finite real (a Fraction, an int too big for int64, a NumPy scalar), which torch arithmetic may not."""
+    return None if scale is None else float(scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -124,7 +130,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return attention_triton(q, k, v, causal, softmax_scale)
     check_attention_args(q, k, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
     with _reference_autocast_off(q):
-        return reference.attention(q, k, v, causal, softmax_scale)
+        return reference.attention(q, k, v, causal, _float_or_none(softmax_scale))
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor,
@@ -146,7 +152,7 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor, v
         return mla_triton(q, k_nope, k_rope, v, causal, softmax_scale)
     check_mla_args(q, k_nope, k_rope, v, causal, softmax_scale, dtypes=REFERENCE_DTYPES)
     with _reference_autocast_off(q):
-        return reference.mla_attention(q, k_nope, k_rope, v, causal, softmax_scale)
+        return reference.mla_attention(q, k_nope, k_rope, v, causal, _float_or_none(softmax_scale))
 
 
 def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, causal: bool = False,
@@ -170,7 +176,7 @@ def latent_attention(q: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor, cau
         _backend_choice()  # a bad LWT_BACKEND is an error here too, as for every op
     check_latent_args(q, c, k_rope, causal, softmax_scale, dtypes=REFERENCE_DTYPES, max_latent=None)
     with _reference_autocast_off(q):
-        return reference.latent_attention(q, c, k_rope, causal, softmax_scale)
+        return reference.latent_attention(q, c, k_rope, causal, _float_or_none(softmax_scale))
 
 
 def frozen_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

@@ -80,6 +80,26 @@ def test_eps_zero_is_accepted(monkeypatch, backend):
                  torch.nn.functional.rms_norm(x, (48,), w, 0.0))
 
 
+def test_reference_path_takes_every_real_the_checks_accept(monkeypatch):
+    """eps and softmax_scale may be any finite real (kernels/_checks.py): a Fraction or an int too big for
+    int64 passed the checks, then the reference path's tensor arithmetic raised TypeError or OverflowError
+    (the kernels' wrappers convert with float()). Each now computes as its float does."""
+    from fractions import Fraction
+
+    monkeypatch.setenv("LWT_BACKEND", "reference")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 2, 8, generator=gen) for _ in range(3))
+    q9, kn, kr, c = (torch.randn(shape, generator=gen) for shape in ((1, 4, 2, 9), (1, 4, 2, 6), (1, 4, 3), (1, 4, 6)))
+    x, w = torch.randn(3, 8, generator=gen), torch.randn(8, generator=gen)
+    for value in (Fraction(1, 3), 10**20):
+        pairs = [(F.rms_norm(x, w, value), F.rms_norm(x, w, float(value))),
+                 (F.attention(q, k, v, False, value), F.attention(q, k, v, False, float(value))),
+                 (F.mla_attention(q9, kn, kr, v, True, value), F.mla_attention(q9, kn, kr, v, True, float(value))),
+                 (F.latent_attention(q9, c, kr, False, value), F.latent_attention(q9, c, kr, False, float(value)))]
+        for got, want in pairs:
+            assert torch.equal(got, want)
+
+
 def test_forced_triton_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LWT_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
