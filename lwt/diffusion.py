@@ -329,6 +329,9 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
     _check_int(num_samples, "num_samples", 1)
     _check_int(length, "length", 1)
     _check_int(steps, "steps", 1)
+    if num_samples * length > 2**62:  # (torch's own errors here: an overflowed storage size, or a TypeError)
+        raise ValueError(f"length: expected num_samples x length at most 2**62 tokens (what one tensor can hold), "
+                         f"got {num_samples} x {length}")
     _check_generator(generator)
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")

@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: the arguments, without the program name; None: sys.argv[1:].
     Returns:
-        0. A bad flag, a missing or invalid checkpoint, a prompt or setting that sampling refuses, or
-        samples too large to allocate exit with status 2 (SystemExit) and a message.
+        0; 1 when stdout's reader closed it early (`| head`: the rest is not printed, no traceback). A bad
+        flag, a missing or invalid checkpoint, a prompt or setting that sampling refuses, or samples too
+        large to allocate exit with status 2 (SystemExit) and a message.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -217,9 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: --length {args.length} x --num_samples {args.num_samples}: sampling "
                        f"needs more memory than {device} has ({first_line(e)}); ask for fewer or shorter samples (on "
                        f"the CPU the reference attention holds num_samples x heads x length^2 scores)\n")
-    for i, ids in enumerate(out.tolist()):
-        print(f"=== sample {i} ===")
-        print(tok.decode(ids))
+    # Characters stdout's encoding lacks (a byte model's U+FFFD in a latin-1 locale) print as its
+    # replacement character, not a UnicodeEncodeError after all the sampling.
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        for i, ids in enumerate(out.tolist()):
+            print(f"=== sample {i} ===")
+            print(tok.decode(ids).encode(encoding, "replace").decode(encoding))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (| head): quietly, as Python's docs advise (SIGPIPE)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit's flush)
+        except (OSError, ValueError, AttributeError):  # a stdout without a file descriptor
+            pass
+        return 1
     return 0
 
 

@@ -171,7 +171,7 @@ class LWTModel(nn.Module):
                 may be present.
         Raises:
             ValueError, before anything is copied: a key other than a frozen buffer is missing or
-                unexpected, or a shape differs.
+                unexpected, a value is not a tensor, or a shape differs.
         """
         own = self.state_dict()
         frozen = set(self.frozen_buffer_names())
@@ -182,6 +182,10 @@ class LWTModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} (expected the keys "
                              f"of LWTModel.trainable_state_dict() for this config)")
+        not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise ValueError(f"state_dict: expected a tensor for every key, got {', '.join(not_tensors)} "
+                             f"({type(state_dict[not_tensors[0]]).__name__}, ...)")
         wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state_dict.items()
                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if wrong:

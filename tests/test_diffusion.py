@@ -2,8 +2,12 @@
 lwt.generate CLI, on tiny models on the CPU (reference path)."""
 import argparse
 import dataclasses
+import io
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ import lwt.generate as generate
 from lwt import diffusion as D
 from lwt.config import Config, DataConfig, ModelConfig
 from lwt.model import LWTModel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -613,6 +619,50 @@ def test_generate_expands_a_tilde_in_the_checkpoint_path(tmp_path, monkeypatch, 
     write_checkpoint(tmp_path / "final.pt", tiny_model(vocab_size=50, seed=4), source="dummy")
     assert generate.main(["--checkpoint=~/final.pt", "--length", "6", "--steps", "2", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("=== sample 0 ===")
+
+
+def test_generate_prints_what_stdouts_encoding_lacks_as_its_replacement(tmp_path, monkeypatch):
+    """A byte model's samples hold U+FFFD and other non-ASCII characters: on a latin-1 stdout (a locale,
+    PYTHONIOENCODING) print raised UnicodeEncodeError after the sampling. They print as '?' now."""
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    monkeypatch.setattr(generate, "sample", lambda *args, **kwargs: torch.tensor([[72, 0xE9, 0xFF, 0xE2, 0x82, 0xAC]]))
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1", errors="strict"))
+    assert generate.main(["--checkpoint", str(path), "--length", "6", "--steps", "2", "--device", "cpu"]) == 0
+    sys.stdout.flush()
+    # H, then the invalid bytes 0xE9 0xFF (each U+FFFD, not in latin-1: '?'), then the euro sign (not in it)
+    assert raw.getvalue() == b"=== sample 0 ===\nH???\n"
+
+
+def test_generate_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`python -m lwt.generate ... | head -1`: a BrokenPipeError traceback once head had exited; now exit
+    code 1 and nothing on stderr."""
+    model = tiny_model(vocab_size=256, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model)
+    cmd = [sys.executable, "-m", "lwt.generate", "--checkpoint", str(path), "--length", "64", "--steps", "1",
+           "--num_samples", "2000", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away after one line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_generate_refuses_a_sample_larger_than_a_tensor(tmp_path, capsys):
+    """--length 2**62 x 4 samples (or a length past int64) overflowed torch's size arithmetic: a
+    RuntimeError or TypeError traceback. Now the usage error naming --length, as for any refused value."""
+    model = tiny_model(vocab_size=50, seed=4)
+    path = tmp_path / "final.pt"
+    write_checkpoint(path, model, source="dummy")
+    for length in (2**62, 2**63):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--checkpoint", str(path), "--length", str(length), "--num_samples", "4", "--device", "cpu"])
+        assert exit_info.value.code == 2
+        assert (f"error: --length: expected num_samples x length at most 2**62 tokens (what one tensor can hold), "
+                f"got 4 x {length}") in capsys.readouterr().err
 
 
 def test_generate_loads_the_trained_weights(tmp_path):

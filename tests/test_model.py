@@ -262,6 +262,9 @@ def test_load_trainable_state_dict_round_trip_and_errors():
     with pytest.raises(ValueError, match=r"shape mismatch for norm.weight: \(3,\) \(expected \(32,\)\)"):
         b.load_trainable_state_dict({**sd, "norm.weight": torch.ones(3)})
     assert torch.equal(b.embed.weight, before)  # nothing was copied
+    with pytest.raises(ValueError, match=r"^state_dict: expected a tensor for every key, got embed.weight \(int, "):
+        b.load_trainable_state_dict({**sd, "embed.weight": 5})  # (an AttributeError on .shape before)
+    assert torch.equal(b.embed.weight, before)
 
 
 def test_load_trainable_state_dict_takes_an_fp8_models_full_state_dict():
