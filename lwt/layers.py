@@ -405,9 +405,9 @@ class MLAAttention(nn.Module):
             never decompress K/V. W_uk is folded into the query (q_nope·k_nope = (W_ukᵀ q_nope)·c) and
             W_uv applied after attending over the latent, so every head attends over the same (c, k_rope)
             per token, MQA-style. The Triton kernel takes latents of up to 256; a wider kv_rank
-            (DeepSeek-V2's 512) runs the PyTorch reference, which holds the (B, H, S, S) scores. kv_up
-            must then be a bias-free nn.Linear without forward hooks (a LoRA adapter on it is refused by
-            name: folding its base weight would drop the adapter's delta).
+            (DeepSeek-V2's 512) runs the PyTorch reference, which holds the (B, H, S, S) scores. The fold
+            needs kv_up to be a bias-free nn.Linear without forward hooks (a LoRA adapter on it is refused
+            by name: folding its base weight would drop the adapter's delta).
     Config keys mla_rq and mla_rkv (config.yaml) are q_rank and kv_rank.
     """
 
