@@ -315,7 +315,7 @@ def sample(model, num_samples: int, length: int, steps: int, *, order: str = "ra
 
     Args:
         model: an LWTModel (uses forward(), head_weight(), mask_id, vocab_size).
-        num_samples, length, steps: >= 1; length counts the prompt.
+        num_samples, length, steps: >= 1, num_samples · length <= 2**62; length counts the prompt.
         order: "random" (default) | "confidence".
         prompt: optional 1-D int64 or int32 tensor of ids in [0, vocab_size), len <= length, kept at the start.
         temperature: >= 0; 0 is greedy (argmax, confidence = its log-probability).
