@@ -232,10 +232,22 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def _parse_yaml(text: str, where: str):
+    """text as YAML (_Loader); ValueError naming `where` (the file, or the override's section.key), on one
+    line, for invalid YAML and for a tagged value PyYAML's converters refuse with a plain Python error
+    (`!!int` with no digits: an IndexError; `!!bool maybe`: a KeyError; `!!int 1e3`: a ValueError)."""
     try:
         return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = "; ".join(part for part in (e.context, e.problem) if part) or type(e).__name__
+        raise ValueError(f"{where}: not valid YAML: {problem}{at}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML: {e}") from None
+        raise ValueError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        detail = " ".join(str(e).split())
+        raise ValueError(f"{where}: not valid YAML: a value its tag cannot convert (an explicit !!tag?): "
+                         f"{type(e).__name__}{': ' + detail if detail else ''}") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -274,7 +286,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """The config as {section: {key: value}} of plain builtins; config_from_dict() gives it back exactly.
+    """The config as {section: {key: value}} of plain builtins; config_from_dict() gives a validated
+    config back exactly (an unvalidated one comes back validated: its None defaults filled in).
 
     Args:
         cfg: a Config (not validated here).

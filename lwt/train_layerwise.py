@@ -135,11 +135,12 @@ def parse_args(argv=None):
         if "=" in item:
             overrides.append(item[2:])
             i += 1
-        elif i + 1 < len(rest):
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
             overrides.append(f"{item[2:]}={rest[i + 1]}")
             i += 2
-        else:
-            p.error(f"{item}: expected a value")
+        else:  # (a value that starts with -- is given as --key=--value, as argparse asks of its own options)
+            p.error(f"{item}: expected a value" + (f", got the flag {rest[i + 1]!r} (a value starting with -- goes "
+                                                   f"as {item}=VALUE)" if i + 1 < len(rest) else ""))
     args.overrides = overrides  # --key value flags apply after the --set ones
     return args
 

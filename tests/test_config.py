@@ -323,6 +323,29 @@ def test_values_at_the_boundaries_are_accepted():
     assert (mla.mla_nope_dim, mla.mla_rope_dim, mla.mla_v_dim) == (256, 128, 256)
 
 
+@pytest.mark.parametrize("value,detail", [
+    ("!!int", r"a value its tag cannot convert \(an explicit !!tag\?\): IndexError"),
+    ("!!bool maybe", r"a value its tag cannot convert \(an explicit !!tag\?\): KeyError: 'maybe'"),
+    ("!!int 1e3", r"a value its tag cannot convert \(an explicit !!tag\?\): ValueError: invalid literal"),
+    ("[1, 2", r"while parsing a flow sequence; expected ',' or '\]', but got '<stream end>' \(line 1, column 6\)$"),
+])
+def test_yaml_a_value_cannot_be_read_from_is_one_named_line(tmp_path, value, detail):
+    """An explicit tag PyYAML's converters refuse raised its plain IndexError, KeyError or ValueError (a
+    traceback from the CLI, or a message naming neither file nor key); YAML's own errors spanned several
+    lines. Each is now a one-line ValueError naming the override's key or the file."""
+    with pytest.raises(ValueError, match=r"^train\.max_steps: not valid YAML: " + detail) as info:
+        load_config(None, [f"train.max_steps={value}"])
+    assert "\n" not in str(info.value)
+    path = tmp_path / "tagged.yaml"
+    path.write_text(f"train:\n  max_steps: {value}\n")
+    with pytest.raises(ValueError, match=r"^" + re.escape(str(path)) + r": not valid YAML: ") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    path.write_text("train:\n  lr: 1\n  lr: 2\n")
+    with pytest.raises(ValueError, match=r": not valid YAML: duplicate key 'lr' \(line 3, column 3\)$"):
+        load_config(path)
+
+
 def test_a_masking_rate_that_masks_under_one_token_warns():
     """Valid but almost surely not meant: at mask_fraction_max · seq_len < 1 most sequences mask nothing.
     One token on average (the boundary) and the shipped configs load without a warning."""

@@ -56,6 +56,10 @@ def test_dummy_grows_for_a_small_split(seq_len, fraction):
     assert min(d.num_tokens("train"), d.num_tokens("val")) >= seq_len + 1
     with pytest.raises(ValueError, match=r"^data.val_fraction=1e-06 / data.seq_len=1024: a dummy corpus"):
         build_data(_cfg(source="dummy", seq_len=1024, val_fraction=1e-6), vocab_size=7)
+    # a denormal fraction: (seq_len + 1) / fraction is inf, which ceil() refused with an OverflowError
+    with pytest.raises(ValueError, match=r"^data.val_fraction=1e-310 / data.seq_len=128: a dummy corpus with one "
+                                         r"window in each split needs inf tokens, more than the 134217728"):
+        build_data(_cfg(source="dummy", seq_len=128, val_fraction=1e-310), vocab_size=7)
 
 
 def test_default_text_is_real_english(text_data):

@@ -1423,6 +1423,17 @@ def test_dummy_applies_before_the_set_overrides():
                                                                                         "data.source=text"]
 
 
+def test_a_flag_followed_by_a_flag_has_no_value(capsys):
+    """`--out_dir --max_steps=5` took '--max_steps=5' as the output directory and dropped the step count,
+    silently. A value that starts with -- goes as --key=value (as argparse asks of its own options)."""
+    with pytest.raises(SystemExit) as exit_info:
+        T.parse_args(["--out_dir", "--max_steps=5"])
+    assert exit_info.value.code == 2
+    assert ("--out_dir: expected a value, got the flag '--max_steps=5' (a value starting with -- goes as "
+            "--out_dir=VALUE)") in capsys.readouterr().err
+    assert T.parse_args(["--out_dir=--odd", "--lr", "-1e-3"]).overrides == ["out_dir=--odd", "lr=-1e-3"]
+
+
 @pytest.mark.parametrize("value", ["False", "0", "no"])
 def test_dummy_false_is_refused(capsys, value):
     """--dummy False was accepted and did nothing: a config whose data.source is dummy kept training on
