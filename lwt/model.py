@@ -186,8 +186,11 @@ class LWTModel(nn.Module):
         if not_tensors:
             raise ValueError(f"state_dict: expected a tensor for every key, got {', '.join(not_tensors)} "
                              f"({type(state_dict[not_tensors[0]]).__name__}, ...)")
-        wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state_dict.items()
-                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        # each key's shape; an FP8 checkpoint's scale, loaded into a full-precision model (which has no such
+        # key), one per row of its matrix (a wrong one failed inside load_state_dict, after earlier copies)
+        expected = {k: own[k].shape if k in own else own[k[:-len("_scale")]].shape[:1] for k in state_dict}
+        wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(expected[k])})" for k, v in state_dict.items()
+                 if tuple(v.shape) != tuple(expected[k])]
         if wrong:
             raise ValueError(f"state_dict: shape mismatch for {', '.join(wrong)}")
         self.load_state_dict(state_dict, strict=False)

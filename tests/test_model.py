@@ -1,6 +1,7 @@
 """DecoderBlock (lwt.layers) and LWTModel (lwt.model): shapes, where gradients go, the [MASK] row kept out
 of the head, checkpoint state dicts, and the Triton path against the reference through a whole model."""
 import copy
+import re
 
 import pytest
 import torch
@@ -280,6 +281,17 @@ def test_load_trainable_state_dict_takes_an_fp8_models_full_state_dict():
     assert trainable.frozen_checksum() == strict.frozen_checksum()
     tokens = random_tokens(cfg)
     assert torch.equal(trainable(tokens), strict(tokens))
+    # a scale of the wrong shape: broadcast silently (one per matrix, leaving the raw FP8 values up to
+    # 448) or failed inside load_state_dict after earlier keys were copied; named, nothing copied, now
+    key = next(k for k in sd if k.endswith("w_gate_scale"))
+    before = {k: v.clone() for k, v in trainable.state_dict().items()}
+    for bad in (torch.ones(1), torch.ones(cfg.d_ff + 1)):
+        with pytest.raises(ValueError, match=rf"^state_dict: shape mismatch for {re.escape(key)}: "
+                                             rf"\({bad.numel()},\) \(expected \({cfg.d_ff},\)\)"):
+            LWTModel(cfg).load_trainable_state_dict({**sd, key: bad})
+        with pytest.raises(ValueError, match=r"^state_dict: shape mismatch"):
+            trainable.load_trainable_state_dict({**sd, key: bad})
+        assert all(torch.equal(v, before[k]) for k, v in trainable.state_dict().items())
 
 
 def test_load_trainable_state_dict_takes_an_fp8_state_dict_cast_to_float():
