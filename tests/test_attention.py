@@ -193,6 +193,17 @@ def _assert_residual(o, o_res):
     assert (o_res.float().abs() <= ulp / 2).all()
 
 
+def _assert_residual_recovers(o, o_res, o64):
+    """O + residual is closer to float64 than O, on average over the elements: with F the fp32 accumulator
+    (error a against float64) and O = F + r its rounding, a correct residual is -r and leaves |a|, where O
+    has |a + r|, larger on average for an independent r (through the interpreter in fp16, about 0.6 of
+    it). A zero residual leaves O's error exactly (_assert_residual refuses it too); a sign-flipped one,
+    which passes _assert_residual and an O + residual check at O's tolerance, gives |a + 2r|, larger still."""
+    err_o = (o.double() - o64).abs().mean().item()
+    err_sum = (o.double() + o_res.double() - o64).abs().mean().item()
+    assert err_sum < 0.9 * err_o, f"O + residual: mean error {err_sum:.3e}, not below 0.9 x O's {err_o:.3e}"
+
+
 def test_delta_reads_o_before_its_rounding(monkeypatch):
     """δ = rowsum(dO ∘ O) from O + R (R = O_fp32 − O, kept by the forward), not from the fp16 O: with
     values and keys that share a large common part (O ≈ every v_j, so dP − δ is small), an error in δ
@@ -686,6 +697,7 @@ def _every_listed_tma_config(monkeypatch, tma_launches, D, causal, dtype, seq_le
                 assert_close("o", o, o64, o_ref, reduced_over=S)
                 assert_close("o + residual", o.double() + o_res.double(), o64, o_ref, reduced_over=S, dtype=dtype)
                 _assert_residual(o, o_res)
+                _assert_residual_recovers(o, o_res, o64)
                 assert_close("lse", lse2 * math.log(2), lse64, lse_ref, reduced_over=S)
     assert len(tma_launches) == len(seq_lens) * len(attn._TMA_FWD_CONFIGS[D])
     assert all(kw["STORE_RES"] for kw in tma_launches)

@@ -103,7 +103,7 @@ def test_layers_take_numpy_sizes_seeds_and_theta():
         a = numpy_made()
         torch.manual_seed(0)
         b = python_made()
-        assert repr(a) == repr(b)
+        assert repr(a) == repr(b) and a.state_dict().keys() == b.state_dict().keys()
         for (name, t), (_, u) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(t, u), name
         for key, value in vars(a).items():
