@@ -341,7 +341,7 @@ class CacheWriter:
                              f"entries this shard was created for")
         if B == 0:
             return
-        tokens = tokens.detach().to("cpu")
+        tokens = tokens.detach().to("cpu", torch.int64)  # (torch has no min/max of uint16, uint32, uint64)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > np.iinfo(np.int32).max):
             raise ValueError(f"tokens: ids must lie in [0, 2**31), got [{int(tokens.min())}, {int(tokens.max())}]")
 
@@ -518,6 +518,7 @@ class ActivationCache:
             FileNotFoundError: the manifest or a data file is missing (the stage never finished writing).
             ValueError: an `expect` item differs, or the manifest or a file is corrupt.
         """
+        rank = _int_at_least("rank", rank, 0)  # (a "0" from the environment would name rank 0's file)
         directory = os.path.abspath(os.fspath(directory))
         manifest_path = os.path.join(directory, _file_name(rank, "manifest"))
         rerun = (f"delete the cache directory {directory} and continue the run with --resume (the trainer "
@@ -648,7 +649,7 @@ class ActivationCache:
             RuntimeError: the cache was closed.
         """
         index = torch.as_tensor(index)
-        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise ValueError(f"index: expected a 1-D integer tensor, got {index.dtype} of shape {tuple(index.shape)}")
         self._check_mapped()
         idx = index.to("cpu", torch.int64).numpy()

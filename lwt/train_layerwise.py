@@ -41,6 +41,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -792,10 +793,31 @@ class Trainer:
                              f"each of the {self.cache_sharers} rank(s) writing to it")
             error = None
         except DiskSpaceError as e:
-            error = str(e)
-        errors = [message for message in self.env.gather(error) if message is not None]
-        if errors:
-            raise DiskSpaceError(error or f"another rank: {errors[0]}")
+            error = e
+        self.fail_together(error)
+
+    def fail_together(self, error: Exception | None) -> None:
+        """A collective: every rank passes the error it met (None: none). If any rank met one, every rank
+        raises: its own, or the first rank's type and message after "another rank: ". An error met on one
+        rank alone must not leave the others waiting for it in their next collective (gloo reports
+        "Connection closed by peer", NCCL waits until its timeout)."""
+        kind = None if error is None else type(error)
+        try:
+            pickle.dumps(kind)
+        except Exception:  # noqa: BLE001  (a class pickle cannot name, e.g. one made inside a function)
+            kind = RuntimeError
+        reports = self.env.gather(None if error is None else (kind, str(error)))
+        first = next((report for report in reports if report is not None), None)
+        if first is None:
+            return
+        if error is not None:
+            raise error
+        kind, message = first
+        try:
+            other = kind(f"another rank: {message}")
+        except TypeError:  # a type that takes other arguments than a message
+            other = RuntimeError(f"another rank: {kind.__name__}: {message}")
+        raise other
 
     def open_input(self, index: int) -> ActivationCache | None:
         """Phase `index`'s input cache (block k-1's, for stage k > 0 with caches; else None), held in
@@ -807,17 +829,27 @@ class Trainer:
         cached = self.cfg.train.cache and name == "stage" and k > 0
         cache = None
         if cached:
+            error = None
             try:
                 cache = ActivationCache.open(self._stage_dir(k - 1), self.env.rank, self._cache_expect(k - 1))
             except FileNotFoundError:  # rebuilt below, once the disk is checked
                 pass
+            except ValueError as e:  # corrupt, or another run's: every rank stops with it
+                error = e
+            self.fail_together(error)
         rebuild = cached and self.env.any(cache is None)
         writes = self.writes_cache(index)
         shards = (2 if k > 1 or writes else 1) if rebuild else int(writes)
         if shards:
             self.check_cache_room(shards)
-        if cached and cache is None:
-            cache = self.open_cache(k - 1)
+        if rebuild:  # only some ranks rebuild; what fails there (a corrupt older shard) stops every rank
+            error = None
+            if cache is None:
+                try:
+                    cache = self.open_cache(k - 1)
+                except Exception as e:  # noqa: BLE001  (raised again, on every rank)
+                    error = e
+            self.fail_together(error)
         self._input_cache = (k - 1, cache) if cached else (None, None)
         return cache
 
@@ -1086,8 +1118,12 @@ class Trainer:
         name, k, _ = self.phases[index]
         if self.writes_cache(index):
             t0 = time.perf_counter()
-            self.write_cache(k)
-            env.barrier()
+            error = None
+            try:
+                self.write_cache(k)
+            except Exception as e:  # noqa: BLE001  (the disk filled up since the room was checked, ...)
+                error = e
+            self.fail_together(error)  # (the barrier: every rank's shard written, or every rank stops)
             self.history[-1]["cache_s"] = time.perf_counter() - t0
         if self.writes_model(index):  # before the checkpoint that moves past this phase
             self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")

@@ -694,10 +694,45 @@ def test_manifest_checksum_algorithm_is_honoured(tmp_path):
 
 
 def test_boolean_index_is_refused(tmp_path):
-    """A bool mask is not an index: read as 0/1 it would return rows 0 and 1 instead of the masked ones."""
+    """A bool mask is not an index: read as 0/1 it would return rows 0 and 1 instead of the masked ones.
+    Nor is a complex tensor: its cast to int64 would drop the imaginary part and truncate the real one."""
     _write(tmp_path, 0, 3, torch.float32)
     with pytest.raises(ValueError, match="1-D integer"):
         ActivationCache.open(tmp_path, 0, {}).batch(torch.tensor([False, True, True]))
+    with pytest.raises(ValueError, match="1-D integer tensor, got torch.complex64"):
+        ActivationCache.open(tmp_path, 0, {}).batch(torch.tensor([2.7 + 0j]))
+
+
+def test_open_names_a_rank_that_is_not_an_int(tmp_path):
+    """A rank read from the environment ("0") named rank 0's manifest, then called that valid shard corrupt
+    and advised deleting it; it is refused by name, as CacheWriter refuses it. NumPy ints are ranks."""
+    _write(tmp_path, 0, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"^rank: expected an int >= 0, got '0'$"):
+        ActivationCache.open(tmp_path, "0", {})
+    assert len(ActivationCache.open(tmp_path, np.int64(0), {})) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int16])
+def test_unsigned_token_ids_are_stored(tmp_path, dtype):
+    """Token ids of any integer dtype, the unsigned ones too (uint16 is the usual dtype of a token file),
+    whose min and max torch does not implement on the CPU for uint16..uint64."""
+    hidden, tokens, mask, t = _rows(2, torch.float32)
+    tokens = tokens % 200
+    with CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {}) as w:
+        w.append(hidden, tokens.to(dtype), mask, t)
+        w.finish()
+    _assert_rows(ActivationCache.open(tmp_path, 0, {}).batch(torch.arange(2)), (hidden, tokens, mask, t))
+
+
+def test_an_unsigned_token_id_beyond_int32_is_refused(tmp_path):
+    hidden, tokens, mask, t = _rows(2, torch.float32)
+    w = CacheWriter(tmp_path, 0, 2, S, D, torch.float32, {})
+    for dtype, big in ((torch.uint32, 2**31), (torch.uint64, 2**40)):
+        wide = tokens.to(dtype)
+        wide[1, 2] = big
+        with pytest.raises(ValueError, match=r"tokens: ids must lie in \[0, 2\*\*31\)"):
+            w.append(hidden, wide, mask, t)
+    w.abort()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")

@@ -928,6 +928,82 @@ def test_a_dir_one_rank_cannot_make_stops_every_rank(tmp_path):
     assert "Connection closed" not in proc.stderr, proc.stderr[-3000:]
 
 
+class _RankZeroOfTwoScripted:
+    """Rank 0 of a 2-rank run (no process group) whose rank 1 answers each collective from `script`, in
+    order (what it gathers, or its flag for any; None once the script is used up). Logs what rank 0 sent."""
+    world, rank, main, device = 2, 0, True, torch.device("cpu")
+
+    def __init__(self, *script):
+        self.script, self.sent = list(script), []
+
+    def _rank1(self):
+        return self.script.pop(0) if self.script else None
+
+    def gather(self, obj):
+        self.sent.append(obj)
+        return [obj, self._rank1()]
+
+    def any(self, flag):
+        self.sent.append(flag)
+        return bool(flag or self._rank1())
+
+    def barrier(self):
+        pass
+
+
+def test_an_input_cache_error_on_one_rank_stops_every_rank(tmp_path):
+    """Block 0's cache, stage 1's input, fails to open on one rank only (a damaged shard on one node's
+    disk, or another run's): every rank stops with that rank's ValueError, the others after "another
+    rank: ". The failing rank raised it alone, before the collective every rank calls next, where the
+    others then died on gloo's "Connection closed by peer" (NCCL would wait); a failed rebuild of one
+    rank's missing shard did the same."""
+    out = tmp_path / "run"
+    assert _run(tmp_path, "--stop_after", "7")[0] == 0  # stopped in stage 1: block 0's cache written
+    trainer = _trainer(out, "--resume")
+    trainer.resume()
+    stage1 = next(i for i, (name, k, _) in enumerate(trainer.phases) if (name, k) == ("stage", 1))
+    corrupt = "activation cache file rank1.hidden.bin is corrupt"
+    # rank 1's shard is damaged, rank 0's intact
+    trainer.env = _RankZeroOfTwoScripted((ValueError, corrupt))
+    with pytest.raises(ValueError, match=f"^another rank: {corrupt}$"):
+        trainer.open_input(stage1)
+    # rank 1's shard is missing and rebuilding it fails; rank 0 waits with it instead of going on
+    trainer.env = _RankZeroOfTwoScripted(None, True, None, (T.DiskSpaceError, "no room on rank 1's disk"))
+    with pytest.raises(T.DiskSpaceError, match="^another rank: no room on rank 1's disk$"):
+        trainer.open_input(stage1)
+    # rank 0's own shard is damaged: it raises its error in the first collective, as rank 1 does there
+    hidden = out / "cache" / "stage0" / "rank0.hidden.bin"
+    data = bytearray(hidden.read_bytes())
+    data[0] ^= 1
+    hidden.write_bytes(bytes(data))
+    trainer.env = _RankZeroOfTwoScripted()
+    with pytest.raises(ValueError, match=r"rank0\.hidden\.bin is corrupt"):
+        trainer.open_input(stage1)
+    (sent,) = trainer.env.sent
+    assert sent[0] is ValueError and "rank0.hidden.bin is corrupt" in sent[1]
+
+
+def test_a_cache_write_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatch):
+    """A rank whose cache write fails (its disk filled up after the collective check) stops every rank with
+    its error: it raised alone, and the others waited for it in the barrier after the write."""
+    trainer = _trainer(tmp_path / "run", "--set", "train.max_steps=1")
+    assert trainer.train_phase(0, 0)
+    trainer.env = _RankZeroOfTwoScripted((T.DiskSpaceError, "rank 1's disk filled up"))
+    with pytest.raises(T.DiskSpaceError, match="^another rank: rank 1's disk filled up$"):
+        trainer.finish_phase(0)
+    assert ActivationCache.open(trainer._stage_dir(0), 0, trainer._cache_expect(0)) is not None  # rank 0's
+    assert trainer.position == (0, 1)  # no checkpoint moved past the phase
+
+    def full(*args):
+        raise T.DiskSpaceError("rank 0's disk filled up")
+
+    monkeypatch.setattr(T, "CacheWriter", full)
+    trainer.env = _RankZeroOfTwoScripted()
+    with pytest.raises(T.DiskSpaceError, match="^rank 0's disk filled up$"):
+        trainer.finish_phase(0)
+    assert trainer.env.sent == [(T.DiskSpaceError, "rank 0's disk filled up")]
+
+
 def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
     """While a run holds out_dir (or its cache_dir), another run on it stops before touching
     anything there; once the holder ends, the directory is free again."""
@@ -1635,7 +1711,7 @@ def test_a_cache_write_resumed_after_its_stage_is_checked_for_room(tmp_path, mon
 def test_a_disk_check_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatch):
     """check_cache_room is a collective: a rank whose disk has room still raises when another's has none."""
     trainer = _trainer(tmp_path / "run")
-    trainer.env = types.SimpleNamespace(gather=lambda message: [message, "not enough disk space on rank 1"])
+    trainer.env = _RankZeroOfTwoScripted((T.DiskSpaceError, "not enough disk space on rank 1"))
     monkeypatch.setattr(T, "check_disk_space", lambda *args: None)
     with pytest.raises(T.DiskSpaceError, match="^another rank: not enough disk space on rank 1$"):
         trainer.check_cache_room()
