@@ -514,9 +514,10 @@ class Trainer:
         rng = {"data": self.data_gen.get_state(), "mask": self.mask_gen.get_state(), "torch": torch.get_rng_state()}
         all_rng = self.env.gather(rng)
         self.saved_at = self.position  # (every rank knows what rank 0 writes)
-        if not self.env.main:
-            return
-        state = {
+        self.main_writes(lambda: _atomic_save(self._checkpoint_state(optimizer, all_rng), self.ckpt_path))
+
+    def _checkpoint_state(self, optimizer, all_rng) -> dict:
+        return {
             "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.cfg),
             "end_to_end": self.args.end_to_end,
@@ -532,7 +533,17 @@ class Trainer:
             "phase_wall": self.phase_wall,
             "data": self.data_identity,
         }
-        _atomic_save(state, self.ckpt_path)
+
+    def main_writes(self, write) -> None:
+        """write() on rank 0 only. A collective: where it fails (a full disk), every rank raises (fail_together),
+        instead of the others going on into their next collective without rank 0."""
+        error = None
+        if self.env.main:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001  (raised again, on every rank)
+                error = e
+        self.fail_together(error)
 
     def resume(self) -> None:
         """Load <out_dir>/checkpoint.pt (weights_only: a checkpoint never runs code) and continue where it
@@ -633,13 +644,13 @@ class Trainer:
                   f"run of this config needs them)", flush=True)
 
     def save_model(self, file_name: str) -> None:
-        """<out_dir>/<file_name>: the config and weights (what lwt.generate reads), written atomically."""
-        if not self.env.main:
-            return
-        state = {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg),
-                 "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
-                 "frozen_checksum": self.frozen_checksum}
-        _atomic_save(state, os.path.join(self.out_dir, file_name))
+        """<out_dir>/<file_name>: the config and weights (what lwt.generate reads), written atomically (by
+        rank 0: a collective, see main_writes)."""
+        self.main_writes(lambda: _atomic_save(
+            {"format": CHECKPOINT_FORMAT, "config": config_to_dict(self.cfg),
+             "model": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
+             "frozen_checksum": self.frozen_checksum},
+            os.path.join(self.out_dir, file_name)))
 
     # -- batches ---------------------------------------------------------------------------------------
 

@@ -928,24 +928,26 @@ def test_a_dir_one_rank_cannot_make_stops_every_rank(tmp_path):
     assert "Connection closed" not in proc.stderr, proc.stderr[-3000:]
 
 
-class _RankZeroOfTwoScripted:
-    """Rank 0 of a 2-rank run (no process group) whose rank 1 answers each collective from `script`, in
-    order (what it gathers, or its flag for any; None once the script is used up). Logs what rank 0 sent."""
-    world, rank, main, device = 2, 0, True, torch.device("cpu")
+class _OneOfTwoRanks:
+    """Rank `rank` of a 2-rank run (no process group) whose other rank answers each collective from `script`,
+    in order (what it gathers, or its flag for any; None once the script is used up). Logs what this rank
+    sent."""
+    world, device = 2, torch.device("cpu")
 
-    def __init__(self, *script):
+    def __init__(self, *script, rank=0):
+        self.rank, self.main = rank, rank == 0
         self.script, self.sent = list(script), []
 
-    def _rank1(self):
+    def _other(self):
         return self.script.pop(0) if self.script else None
 
     def gather(self, obj):
         self.sent.append(obj)
-        return [obj, self._rank1()]
+        return [obj, self._other()][::1 if self.rank == 0 else -1]
 
     def any(self, flag):
         self.sent.append(flag)
-        return bool(flag or self._rank1())
+        return bool(flag or self._other())
 
     def barrier(self):
         pass
@@ -964,11 +966,11 @@ def test_an_input_cache_error_on_one_rank_stops_every_rank(tmp_path):
     stage1 = next(i for i, (name, k, _) in enumerate(trainer.phases) if (name, k) == ("stage", 1))
     corrupt = "activation cache file rank1.hidden.bin is corrupt"
     # rank 1's shard is damaged, rank 0's intact
-    trainer.env = _RankZeroOfTwoScripted((ValueError, corrupt))
+    trainer.env = _OneOfTwoRanks((ValueError, corrupt))
     with pytest.raises(ValueError, match=f"^another rank: {corrupt}$"):
         trainer.open_input(stage1)
     # rank 1's shard is missing and rebuilding it fails; rank 0 waits with it instead of going on
-    trainer.env = _RankZeroOfTwoScripted(None, True, None, (T.DiskSpaceError, "no room on rank 1's disk"))
+    trainer.env = _OneOfTwoRanks(None, True, None, (T.DiskSpaceError, "no room on rank 1's disk"))
     with pytest.raises(T.DiskSpaceError, match="^another rank: no room on rank 1's disk$"):
         trainer.open_input(stage1)
     # rank 0's own shard is damaged: it raises its error in the first collective, as rank 1 does there
@@ -976,7 +978,7 @@ def test_an_input_cache_error_on_one_rank_stops_every_rank(tmp_path):
     data = bytearray(hidden.read_bytes())
     data[0] ^= 1
     hidden.write_bytes(bytes(data))
-    trainer.env = _RankZeroOfTwoScripted()
+    trainer.env = _OneOfTwoRanks()
     with pytest.raises(ValueError, match=r"rank0\.hidden\.bin is corrupt"):
         trainer.open_input(stage1)
     (sent,) = trainer.env.sent
@@ -988,7 +990,7 @@ def test_a_cache_write_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatc
     its error: it raised alone, and the others waited for it in the barrier after the write."""
     trainer = _trainer(tmp_path / "run", "--set", "train.max_steps=1")
     assert trainer.train_phase(0, 0)
-    trainer.env = _RankZeroOfTwoScripted((T.DiskSpaceError, "rank 1's disk filled up"))
+    trainer.env = _OneOfTwoRanks((T.DiskSpaceError, "rank 1's disk filled up"))
     with pytest.raises(T.DiskSpaceError, match="^another rank: rank 1's disk filled up$"):
         trainer.finish_phase(0)
     assert ActivationCache.open(trainer._stage_dir(0), 0, trainer._cache_expect(0)) is not None  # rank 0's
@@ -998,10 +1000,34 @@ def test_a_cache_write_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatc
         raise T.DiskSpaceError("rank 0's disk filled up")
 
     monkeypatch.setattr(T, "CacheWriter", full)
-    trainer.env = _RankZeroOfTwoScripted()
+    trainer.env = _OneOfTwoRanks()
     with pytest.raises(T.DiskSpaceError, match="^rank 0's disk filled up$"):
         trainer.finish_phase(0)
     assert trainer.env.sent == [(T.DiskSpaceError, "rank 0's disk filled up")]
+
+
+def test_a_checkpoint_write_failing_on_rank_0_stops_every_rank(tmp_path, monkeypatch):
+    """Rank 0 alone writes checkpoint.pt and final.pt: where that fails (a full disk), every rank raises, the
+    others with rank 0's error after "another rank: ", instead of going on into the next collective alone."""
+    trainer = _trainer(tmp_path / "run")
+    full = "[Errno 28] No space left on device: checkpoint.pt"
+    trainer.env = _OneOfTwoRanks(None, (OSError, full), rank=1)  # rank 0 answers the rng gather, then fails
+    with pytest.raises(OSError, match=re.escape(f"another rank: {full}")):
+        trainer.save(None)
+    trainer.env = _OneOfTwoRanks((OSError, full), rank=1)
+    with pytest.raises(OSError, match=re.escape(f"another rank: {full}")):
+        trainer.save_model("final.pt")
+
+    def no_room(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(T, "_atomic_save", no_room)
+    for write in (lambda: trainer.save(None), lambda: trainer.save_model("final.pt")):
+        trainer.env = _OneOfTwoRanks()
+        with pytest.raises(OSError, match="No space left on device"):
+            write()
+        assert trainer.env.sent[-1][0] is OSError and "No space left on device" in trainer.env.sent[-1][1]
+    assert not os.path.exists(trainer.ckpt_path)
 
 
 def test_a_second_run_on_the_same_dirs_is_refused(tmp_path):
@@ -1711,7 +1737,7 @@ def test_a_cache_write_resumed_after_its_stage_is_checked_for_room(tmp_path, mon
 def test_a_disk_check_failing_on_one_rank_stops_every_rank(tmp_path, monkeypatch):
     """check_cache_room is a collective: a rank whose disk has room still raises when another's has none."""
     trainer = _trainer(tmp_path / "run")
-    trainer.env = _RankZeroOfTwoScripted((T.DiskSpaceError, "not enough disk space on rank 1"))
+    trainer.env = _OneOfTwoRanks((T.DiskSpaceError, "not enough disk space on rank 1"))
     monkeypatch.setattr(T, "check_disk_space", lambda *args: None)
     with pytest.raises(T.DiskSpaceError, match="^another rank: not enough disk space on rank 1$"):
         trainer.check_cache_room()
