@@ -400,10 +400,14 @@ def first_order_only(backward):
                                "(LWT_BACKEND=reference)") from None
         # autocast off, as in the forward (whose launchers allocate their outputs in the inputs' dtypes):
         # a backward() called inside an autocast region would otherwise round the torch GEMMs of a
-        # backward (SwiGLU's dh and dW_down, cross entropy's recomputed chunks) to 16 bits
+        # backward (SwiGLU's dh and dW_down, cross entropy's recomputed chunks) to 16 bits. Eager only: Dynamo
+        # traces this backward while it traces the forward, and the switched-off state leaked into the rest
+        # of the forward's trace (an autocast projection after the op looked fp32 to it, and the casts that
+        # depend on its dtype went wrong); the compiled backward matches eager's without the switch
+        # (tests/test_compile.py, test_a_triton_block_compiled_under_autocast_is_eager).
         device = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
         with torch.no_grad():
-            if autocast_available(device) and torch.is_autocast_enabled(device):
+            if not torch.compiler.is_compiling() and autocast_available(device) and torch.is_autocast_enabled(device):
                 with torch.autocast(device, enabled=False):
                     return backward(ctx, *grads)
             return backward(ctx, *grads)

@@ -274,3 +274,43 @@ def test_autocast_availability_is_not_traced(monkeypatch, backend):
             want = block(x)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         got.sum().backward()
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_triton_block_compiled_under_autocast_is_eager(monkeypatch, attn_type):
+    """A Triton-path block (and the tied head's cross entropy after it) compiled under torch.autocast gives
+    eager's output and gradients, bit for bit, with backward() outside autocast and inside it. Dynamo, tracing
+    the Triton backwards' autocast switch while it traced the forward, carried the switched-off state into
+    the rest of the forward's trace: an autocast projection after an lwt op looked fp32 to it, so RoPE's
+    cast back to the activations' dtype was dropped, the attention kernel got fp32 q and k beside 16-bit
+    v (the forward was 2e-4 off) and its backward raised "Both operands must be same dtype". fp16 here:
+    the interpreter computes bf16 tl.dot wrongly."""
+    from kernels._common import interpreting
+
+    if not interpreting():
+        pytest.skip("runs the Triton path on CPU tensors: needs the interpreter (the CPU suite)")
+    monkeypatch.setenv("LWT_BACKEND", "triton")
+    block = make_block(attn_type)
+    head = torch.randn(40, 64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    target = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(3))
+
+    def loss(x):
+        return lwtF.linear_cross_entropy(block(x), head, target)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    for inside in (False, True):
+        runs = []
+        for fn in (loss, compiled):
+            block.zero_grad(set_to_none=True)
+            head.grad = None
+            leaf = x.clone().requires_grad_()
+            with torch.autocast("cpu", torch.float16):
+                value = fn(leaf)
+                if inside:
+                    value.backward()
+            if not inside:
+                value.backward()
+            runs.append([value.detach(), leaf.grad, head.grad] + [p.grad for p in block.parameters()])
+        for want, got in zip(*runs):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
