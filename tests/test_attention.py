@@ -110,6 +110,37 @@ def _check(shape, dtype, causal, layout="contiguous", seed=0):
     assert_close("lse", lse, lse64, lse_ref, reduced_over=S)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_reference_maps_query_heads_to_kv_heads_as_documented(causal):
+    """Query head h reads K/V head h // (H / Hkv) (consecutive query heads share one: LLaMA's layout, SDPA's
+    enable_gqa). Every kernel test takes the reference's mapping as the truth, so a mistake made in both
+    (h % Hkv) passed them all: here the reference is held to the formula written out head by head."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 6, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 9, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    visible = torch.ones(9, 9, dtype=torch.bool).tril() if causal else torch.ones(9, 9, dtype=torch.bool)
+    heads = []
+    for h in range(6):
+        scores = (q[:, :, h] @ k[:, :, h // 3].mT) / math.sqrt(8)  # (B, S, S)
+        heads.append(torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v[:, :, h // 3])
+    torch.testing.assert_close(reference.attention(q, k, v, causal), torch.stack(heads, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_fp16_output_accumulates_in_fp32():
+    """O's running sum grows with the keys when V's values have a non-zero mean (a bias, or a residual
+    stream, gives them one), and 16-bit rounding of it then shows: rounding the sum to fp16 after each key
+    tile stayed within the fp16 bound for the zero-mean inputs of the other tests and gives 2.3x the bound
+    here (1.4x at S 256); the fp32 sum is at a quarter of it."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 512, 1, 32, generator=gen).to(DEVICE, torch.float16) for _ in range(3))
+    v = v + 3
+    with torch.no_grad():
+        o = attn.attention(q, k, v)
+    o64 = reference.attention(q.double(), k.double(), v.double())
+    o_ref = reference.attention_with_lse(q, k, v, False, None, False)[0]
+    assert_close("o", o, o64, o_ref, reduced_over=512)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("shape", SHAPES + CUDA_SHAPES)
@@ -545,6 +576,9 @@ def test_functional_dispatch(monkeypatch):
         assert calls == ["kernel" if backend == "triton" else "reference"]
     o64 = real_ref(q.double(), k.double(), v.double(), True)
     assert_close("o", outs["triton"], o64, outs["reference"], reduced_over=8)
+    # the reference path is the yardstick above, which a wrong one (causal dropped) only loosens: held to
+    # the table on its own
+    assert_close("o (reference path)", outs["reference"], o64, outs["reference"], reduced_over=8)
     assert lwtF.attention(q.double(), k.double(), v.double()).dtype == torch.float64
     monkeypatch.setenv("LWT_BACKEND", "triton")
     with pytest.raises(ValueError, match=r"^q: expected dtype float32, float16 or bfloat16, got torch.float64"):

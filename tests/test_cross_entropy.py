@@ -135,6 +135,15 @@ def test_many_row_chunks(monkeypatch, dtype, reduction, accum_dtype):
     _check(41, 40, V, dtype, reduction, "weighted-ignored", seed=3, accum_dtype=accum_dtype)
 
 
+def test_fp32_dw_sum_rounds_once_over_many_chunks(monkeypatch):
+    """fp16 inputs in 100 chunks of 3 rows: dW's fp32 running sum is rounded to fp16 once, at the end.
+    test_many_row_chunks's 6 chunks cannot tell that from a sum rounded to 16 bits after every chunk (3x
+    the bound here), nor from accum_dtype=None's."""
+    monkeypatch.setattr(ce, "LOGITS_CHUNK_BYTES", 3 * 48 * 2)  # 3 rows of V 33, padded to 48
+    monkeypatch.setattr(ce, "ACCUM_CHUNK_SHARE", 0.0)
+    _check(300, 16, 33, torch.float16, "sum", "plain")
+
+
 @pytest.mark.parametrize("n,budget_rows,expected", [
     (16384, 1024, 1024),  # V 128000 bf16 in 250 MiB: 16 whole chunks
     (16384, 2097, 2048),  # the fp32 sum's 512 MiB: 8 chunks of whole 128-row tiles
