@@ -343,6 +343,9 @@ def validate(cfg: Config) -> Config:
 
 # ---- the checks, one helper per kind ----
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _require(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ValueError(f"{key}: expected {expected}, got {value!r}")
@@ -577,6 +580,12 @@ def _check_train(t: TrainConfig) -> TrainConfig:
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
     for key in ("beta1", "beta2"):
         _require(0 <= getattr(t, key) < 1, f"train.{key}", getattr(t, key), "a number in [0, 1)")
+    # AdamW's first step size is lr / (1 - beta1) (its bias correction), a float32 scalar to torch: past
+    # float32's range it raised a traceback inside the optimizer, not the divergence error of a large lr
+    for key in ("lr", "joint_lr"):
+        lr = getattr(t, key)
+        _require(lr is None or lr / (1 - t.beta1) <= FLOAT32_MAX, f"train.{key}", lr,
+                 f"a number whose first AdamW step, lr / (1 - train.beta1), fits float32 (<= {FLOAT32_MAX:.4g})")
     _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
     _require(t.out_dir != "", "train.out_dir", t.out_dir, "a directory path")
     _require(t.cache_dir != "", "train.cache_dir", t.cache_dir, "a directory path, or null for <out_dir>/cache")

@@ -369,3 +369,16 @@ def test_overrides_may_be_one_string_and_values_are_stripped():
     assert load_config(None, "train.max_steps=7").train.max_steps == 7
     cfg = load_config(None, ["train.out_dir = runs/x ", "attn_type= mla"])
     assert (cfg.train.out_dir, cfg.model.attn_type) == ("runs/x", "mla")
+
+
+def test_a_learning_rate_whose_first_adamw_step_overflows_float32_is_refused(tmp_path):
+    """AdamW's first step size, lr / (1 - beta1), is a float32 scalar to torch: past its range the run
+    raised a traceback in the optimizer's step (lr 4e37 with warmup 0; joint_lr 1e38 at the joint phase,
+    after every stage had trained), not the divergence error a merely large lr gets. Refused up front,
+    naming the key; at the limit itself it is accepted."""
+    for overrides, key in ((["lr=4e37"], "train.lr"), (["joint_lr=1e38"], "train.joint_lr"),
+                           (["lr=1e28", "beta1=0.999999999999"], "train.lr")):
+        with pytest.raises(ValueError, match=rf"^{key}: expected a number whose first AdamW step"):
+            load_config(None, overrides)
+    assert load_config(None, ["lr=3.4e37", "beta1=0.9"]).train.lr == 3.4e37
+    assert load_config(None, ["lr=3.4e38", "beta1=0"]).train.lr == 3.4e38
