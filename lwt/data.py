@@ -267,12 +267,13 @@ def build_data(cfg: DataConfig, vocab_size: int) -> TokenData:
         # min(val_fraction, 1 - val_fraction); one token more absorbs the floor of the split point).
         # (compared before ceil(): a fraction of 1e-310 makes the quotient inf, which ceil() refuses)
         per_split = (cfg.seq_len + 1) / min(cfg.val_fraction, 1 - cfg.val_fraction)
-        need = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1), per_split + 1)
+        least = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1))
+        need = max(least, per_split + 1)
         if need > DUMMY_MAX_TOKENS:
             raise ValueError(f"data.val_fraction={cfg.val_fraction} / data.seq_len={cfg.seq_len}: a dummy corpus "
                              f"with one window in each split needs {need:.6g} tokens, more than the "
                              f"{DUMMY_MAX_TOKENS} it is allowed")
-        n = max(DUMMY_MIN_TOKENS, DUMMY_MIN_WINDOWS * (cfg.seq_len + 1), math.ceil(per_split) + 1)
+        n = max(least, math.ceil(per_split) + 1)
         g = torch.Generator().manual_seed(cfg.seed)
         corpus = torch.randint(0, vocab_size, (n,), generator=g, dtype=torch.long)        # (N,)
         description = f"dummy: {n} uniform random ids in [0, {vocab_size}), seed {cfg.seed}"

@@ -535,15 +535,21 @@ class Trainer:
         }
 
     def main_writes(self, write) -> None:
-        """write() on rank 0 only. A collective: where it fails (a full disk), every rank raises (fail_together),
-        instead of the others going on into their next collective without rank 0."""
-        error = None
-        if self.env.main:
+        """write() on rank 0 only. A collective: where it fails (a full disk), every rank raises, instead of
+        the others going on into their next collective without rank 0."""
+        self.run_together(write if self.env.main else None)
+
+    def run_together(self, work):
+        """work() on this rank (None: nothing to do here), then fail_together with what it raised; its result.
+        A collective."""
+        error = result = None
+        if work is not None:
             try:
-                write()
+                result = work()
             except Exception as e:  # noqa: BLE001  (raised again, on every rank)
                 error = e
         self.fail_together(error)
+        return result
 
     def resume(self) -> None:
         """Load <out_dir>/checkpoint.pt (weights_only: a checkpoint never runs code) and continue where it
@@ -840,27 +846,18 @@ class Trainer:
         cached = self.cfg.train.cache and name == "stage" and k > 0
         cache = None
         if cached:
-            error = None
-            try:
-                cache = ActivationCache.open(self._stage_dir(k - 1), self.env.rank, self._cache_expect(k - 1))
-            except FileNotFoundError:  # rebuilt below, once the disk is checked
-                pass
-            except ValueError as e:  # corrupt, or another run's: every rank stops with it
-                error = e
-            self.fail_together(error)
+            def existing():  # None where it is missing: rebuilt below, once the disk is checked
+                with contextlib.suppress(FileNotFoundError):
+                    return ActivationCache.open(self._stage_dir(k - 1), self.env.rank, self._cache_expect(k - 1))
+
+            cache = self.run_together(existing)  # a corrupt one (or another run's) stops every rank
         rebuild = cached and self.env.any(cache is None)
         writes = self.writes_cache(index)
         shards = (2 if k > 1 or writes else 1) if rebuild else int(writes)
         if shards:
             self.check_cache_room(shards)
         if rebuild:  # only some ranks rebuild; what fails there (a corrupt older shard) stops every rank
-            error = None
-            if cache is None:
-                try:
-                    cache = self.open_cache(k - 1)
-                except Exception as e:  # noqa: BLE001  (raised again, on every rank)
-                    error = e
-            self.fail_together(error)
+            cache = self.run_together(lambda: cache if cache is not None else self.open_cache(k - 1))
         self._input_cache = (k - 1, cache) if cached else (None, None)
         return cache
 
@@ -1129,12 +1126,9 @@ class Trainer:
         name, k, _ = self.phases[index]
         if self.writes_cache(index):
             t0 = time.perf_counter()
-            error = None
-            try:
-                self.write_cache(k)
-            except Exception as e:  # noqa: BLE001  (the disk filled up since the room was checked, ...)
-                error = e
-            self.fail_together(error)  # (the barrier: every rank's shard written, or every rank stops)
+            # (the barrier too: every rank's shard written, or every rank stops; a disk may fill up since the
+            # room was checked)
+            self.run_together(lambda: self.write_cache(k))
             self.history[-1]["cache_s"] = time.perf_counter() - t0
         if self.writes_model(index):  # before the checkpoint that moves past this phase
             self.save_model("final.pt" if name != "end-to-end" else "end_to_end.pt")
